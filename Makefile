@@ -1,0 +1,41 @@
+# promptfleet — the two commands of the Quick start, and their helpers.
+#   make start   install (first time) and start promptfleet on a local Ray cluster
+#   make test    install what the tests need and run lint, types and the whole suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: start stop status test lint unit bench
+
+start: $(VENV)/.installed
+	$(BIN)/promptfleet start
+
+stop: $(VENV)/.installed
+	$(BIN)/promptfleet stop --ray
+
+status: $(VENV)/.installed
+	$(BIN)/promptfleet status
+
+test: $(VENV)/.installed-test lint
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check deployments jobs cluster tests
+	$(BIN)/mypy
+
+unit: $(VENV)/.installed-test
+	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed-test
+	$(BIN)/python -m jobs.bench_gateway $(BENCH_ARGS)
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# llama-cpp-python compiles from source the first time (~5 min on 2 cores); pip caches the wheel.
+	$(BIN)/python -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@

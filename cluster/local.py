@@ -1,0 +1,143 @@
+"""Bringing promptfleet up on a Ray cluster: start Ray if needed, deploy the Serve config, wait.
+
+Deployment goes through the same REST API as ``serve deploy`` (the dashboard's
+``/api/serve/applications/``), so what ``promptfleet start`` deploys is exactly
+what ``serve deploy configs/serve.yaml`` would, plus two things the file must
+not hold: upstream API keys (copied from this shell into ``runtime_env`` by
+the variable names the models give) and ``PROMPTFLEET_*`` settings.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deployments.config import AppArgs
+
+DEFAULT_CONFIG = Path("configs/serve.yaml")
+DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
+ENV_PREFIX = "PROMPTFLEET_"
+
+# Read by Ray Serve when the cluster starts, so they must be in the environment of `ray start`
+# (ray/serve/_private/constants.py). Throughput-optimized mode: gRPC between replicas, no
+# separate user-code thread, GC frozen after start-up.
+RAY_START_ENV = {
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    # Direct ingress makes each ingress replica open its own port besides the proxy's :8000;
+    # promptfleet keeps the single stable proxy address (see README "Performance").
+    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
+}
+
+
+class StartError(RuntimeError):
+    """Bring-up failed; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    api: str
+    dashboard: str
+
+
+def load_serve_config(path: Path) -> dict[str, Any]:
+    try:
+        config = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise StartError(f"{path}: no such file (run from the promptfleet checkout or pass --config)") from None
+    if not isinstance(config, dict) or not config.get("applications"):
+        raise StartError(f"{path}: not a Serve config (no `applications:`)")
+    return config
+
+
+def with_secrets(config: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """Copy of ``config`` whose applications' runtime_env carries keys and PROMPTFLEET_* from ``environ``."""
+    config = copy.deepcopy(config)
+    for app in config["applications"]:
+        args = AppArgs.model_validate(app.get("args") or {})
+        wanted = {name for name in environ if name.startswith(ENV_PREFIX)}
+        for model in args.models:
+            key_env = getattr(model, "api_key_env", None)
+            if key_env:
+                if key_env not in environ:
+                    raise StartError(
+                        f"model {model.name!r} reads its API key from ${key_env}, which is not set in this shell"
+                    )
+                wanted.add(key_env)
+        env_vars = app.setdefault("runtime_env", {}).setdefault("env_vars", {}) or {}
+        env_vars.update({name: environ[name] for name in sorted(wanted)})
+        app["runtime_env"]["env_vars"] = env_vars
+    return config
+
+
+def ray_is_running(address: str | None) -> bool:
+    cmd = [_ray(), "status"] + (["--address", address] if address else [])
+    return subprocess.run(cmd, capture_output=True, timeout=60).returncode == 0
+
+
+def start_ray(num_cpus: int | None, dashboard_port: int) -> None:
+    cmd = [
+        _ray(), "start", "--head",
+        "--node-ip-address", "127.0.0.1",
+        "--dashboard-host", "127.0.0.1",
+        "--dashboard-port", str(dashboard_port),
+        "--disable-usage-stats",
+    ]
+    if num_cpus is not None:
+        cmd += ["--num-cpus", str(num_cpus)]
+    env = {**os.environ, **RAY_START_ENV}
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    if result.returncode != 0:
+        raise StartError(f"`ray start` failed:\n{result.stdout}\n{result.stderr}")
+
+
+def deploy(config: dict[str, Any], dashboard: str) -> None:
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    ServeSubmissionClient(dashboard).deploy_applications(config)
+
+
+def wait_until_running(dashboard: str, app_names: list[str], timeout_s: float, echo: bool = True) -> None:
+    """Poll Serve until every app is RUNNING; fail fast with Serve's own message on DEPLOY_FAILED."""
+    from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+    client = ServeSubmissionClient(dashboard)
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while time.monotonic() < deadline:
+        details = client.get_serve_details()
+        apps = details.get("applications", {})
+        statuses = {name: apps.get(name, {}).get("status", "NOT_STARTED") for name in app_names}
+        summary = ", ".join(f"{n}: {s}" for n, s in statuses.items())
+        if echo and summary != last:
+            print(f"  {summary}", file=sys.stderr)
+            last = summary
+        for name, status in statuses.items():
+            if status == "DEPLOY_FAILED":
+                message = apps[name].get("message", "")
+                raise StartError(f"application {name!r} failed to deploy:\n{message}")
+        if all(s == "RUNNING" for s in statuses.values()):
+            return
+        time.sleep(1.0)
+    raise StartError(f"not running after {timeout_s:.0f}s ({last}); see `serve status` and the dashboard")
+
+
+def endpoints(config: dict[str, Any], dashboard: str) -> Endpoints:
+    http = config.get("http_options") or {}
+    host, port = http.get("host", "127.0.0.1"), http.get("port", 8000)
+    return Endpoints(api=f"http://{host}:{port}/v1", dashboard=dashboard)
+
+
+def _ray() -> str:
+    # The `ray` next to this interpreter, so a venv's Ray is used even when the venv is not activated.
+    candidate = Path(sys.executable).with_name("ray")
+    return str(candidate) if candidate.exists() else (shutil.which("ray") or "ray")

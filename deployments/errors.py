@@ -1,0 +1,188 @@
+"""The promptfleet exception tree, and its one mapping to HTTP.
+
+Every error a client can see is one of these classes. Each carries the HTTP
+``status_code``, the OpenAI error ``type`` and a stable ``code``; the Gateway
+renders them as ``{"error": {"message", "type", "param", "code"}}``, the body
+openai-python's ``APIStatusError`` parses. Anything else that escapes (a bug,
+another process's exception) becomes a bare 500 whose text never reaches the
+client.
+
+    PromptfleetError                    500 internal_error
+    ├── InvalidRequest                  400 invalid_request      (param names the field)
+    │   └── RequestTooLarge             413 request_too_large
+    ├── AuthenticationFailed            401 invalid_api_key
+    ├── PermissionDenied                403 permission_denied
+    ├── NotFound                        404 not_found
+    │   ├── ModelNotFound               404 model_not_found
+    │   ├── TaskNotFound                404 task_not_found
+    │   └── RunNotFound                 404 run_not_found
+    ├── Conflict                        409 conflict             (idempotency key reuse, …)
+    ├── TaskFailed                      422 task_failed          (output never validated)
+    ├── RateLimited                     429 rate_limited         (Retry-After)
+    │   └── UpstreamRateLimited         429 upstream_rate_limited
+    ├── UpstreamError                   502 upstream_error
+    ├── Overloaded                      503 overloaded           (Retry-After)
+    │   └── CircuitOpen                 503 circuit_open
+    └── UpstreamTimeout                 504 upstream_timeout
+
+These cross Ray process boundaries (worker → gateway), so every class must
+survive ``pickle``: all state lives in ``__init__`` keyword arguments that
+``__reduce__`` hands back. ``tests/unit/test_errors.py`` round-trips each one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+
+class PromptfleetError(Exception):
+    """Base of every error promptfleet reports to a client."""
+
+    status_code = 500
+    type = "internal_error"
+    code = "internal_error"
+
+    def __init__(
+        self,
+        message: str = "Internal error.",
+        *,
+        param: str | None = None,
+        retry_after: float | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.retry_after = retry_after
+        # Extra, client-safe data added to the error body (e.g. a task's last raw output).
+        self.details = details
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (
+            _rebuild,
+            (type(self), self.message, self.param, self.retry_after, self.details),
+        )
+
+    def to_body(self) -> dict[str, Any]:
+        error: dict[str, Any] = {
+            "message": self.message,
+            "type": self.type,
+            "param": self.param,
+            "code": self.code,
+        }
+        if self.details:
+            error.update(self.details)
+        return {"error": error}
+
+    def headers(self) -> dict[str, str]:
+        if self.retry_after is None:
+            return {}
+        # Retry-After is whole seconds (RFC 9110); round up so clients never retry early.
+        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+
+
+def _rebuild(
+    cls: type[PromptfleetError],
+    message: str,
+    param: str | None,
+    retry_after: float | None,
+    details: dict[str, Any] | None,
+) -> PromptfleetError:
+    return cls(message, param=param, retry_after=retry_after, details=details)
+
+
+class InvalidRequest(PromptfleetError):
+    status_code = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class RequestTooLarge(InvalidRequest):
+    status_code = 413
+    code = "request_too_large"
+
+
+class AuthenticationFailed(PromptfleetError):
+    status_code = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class PermissionDenied(PromptfleetError):
+    status_code = 403
+    type = "permission_error"
+    code = "permission_denied"
+
+
+class NotFound(PromptfleetError):
+    status_code = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class TaskNotFound(NotFound):
+    code = "task_not_found"
+
+
+class RunNotFound(NotFound):
+    code = "run_not_found"
+
+
+class Conflict(PromptfleetError):
+    status_code = 409
+    type = "invalid_request_error"
+    code = "conflict"
+
+
+class TaskFailed(PromptfleetError):
+    status_code = 422
+    type = "task_error"
+    code = "task_failed"
+
+
+class RateLimited(PromptfleetError):
+    status_code = 429
+    type = "rate_limit_error"
+    code = "rate_limited"
+
+
+class UpstreamRateLimited(RateLimited):
+    code = "upstream_rate_limited"
+
+
+class UpstreamError(PromptfleetError):
+    status_code = 502
+    type = "upstream_error"
+    code = "upstream_error"
+
+
+class Overloaded(PromptfleetError):
+    status_code = 503
+    type = "overloaded_error"
+    code = "overloaded"
+
+
+class CircuitOpen(Overloaded):
+    code = "circuit_open"
+
+
+class UpstreamTimeout(PromptfleetError):
+    status_code = 504
+    type = "timeout_error"
+    code = "upstream_timeout"
+
+
+def all_error_classes() -> list[type[PromptfleetError]]:
+    """Every class in the tree, for tests and docs."""
+    seen: list[type[PromptfleetError]] = []
+    stack: list[type[PromptfleetError]] = [PromptfleetError]
+    while stack:
+        cls = stack.pop()
+        seen.append(cls)
+        stack.extend(reversed(cls.__subclasses__()))
+    return seen

@@ -1,0 +1,57 @@
+"""Providers: what a worker holds to produce completions.
+
+A provider turns an OpenAI-shaped chat body into a completion dict or a stream
+of chunk dicts, and raises only ``deployments.errors`` exceptions.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Mapping
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+from pathlib import Path
+
+from deployments.config import LlamaCppModel, ModelConfig, embedded_model_path
+
+
+class Provider(Protocol):
+    async def chat(self, body: dict[str, Any]) -> dict[str, Any]: ...
+
+    def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]: ...
+
+    async def close(self) -> None: ...
+
+
+def build_provider(config: ModelConfig, environ: Mapping[str, str] | None = None) -> Provider:
+    """Build the provider a model's config asks for.
+
+    The upstream key is resolved here, once, from the variable the config names;
+    ``environ`` defaults to this process's environment (replicas get theirs from
+    the Serve config's runtime_env).
+    """
+    if isinstance(config, LlamaCppModel):
+        from deployments.providers.llamacpp import LlamaCppProvider
+
+        path = config.model_path or embedded_model_path()
+        return LlamaCppProvider(config, model_path=Path(path))
+
+    from deployments.providers.openai_compat import OpenAIProvider
+
+    env = os.environ if environ is None else environ
+    allowed = env.get("PROMPTFLEET_UPSTREAM_HOSTS")
+    if allowed:
+        # Egress allow-list (the test suite sets it to loopback so nothing reaches a real provider).
+        host = urlsplit(config.base_url).hostname or ""
+        if host not in {h.strip() for h in allowed.split(",")}:
+            raise RuntimeError(
+                f"model {config.name!r}: upstream host {host!r} is not in PROMPTFLEET_UPSTREAM_HOSTS={allowed}"
+            )
+    api_key = env.get(config.api_key_env) if config.api_key_env else None
+    if config.api_key_env and not api_key:
+        raise RuntimeError(
+            f"model {config.name!r}: environment variable {config.api_key_env} is not set "
+            "(add it to runtime_env.env_vars in configs/serve.yaml or the environment of `ray start`)"
+        )
+    return OpenAIProvider(config, api_key=api_key)

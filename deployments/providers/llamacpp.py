@@ -1,0 +1,164 @@
+"""Provider for a local GGUF model run by llama-cpp-python.
+
+A llama.cpp context is not thread-safe and generation is CPU-bound, so every
+generation runs on one dedicated thread (a single-worker executor): requests
+queue in arrival order and the event loop stays free. Streaming hands tokens
+from that thread to the loop through an asyncio queue; when the consumer goes
+away (client disconnected, generator closed) a flag stops generation at the
+next token, so an abandoned stream does not keep the CPU busy.
+
+``response_format`` ``json_object`` / ``json_schema`` become a llama.cpp
+grammar (llama-cpp-python compiles the JSON Schema), so the output parses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from deployments.config import LlamaCppModel
+from deployments.errors import InvalidRequest, PromptfleetError
+
+_DONE = object()
+
+# Request fields llama.cpp's create_chat_completion understands; others are ignored
+# after the Gateway has rejected the ones we cannot honour.
+_SAMPLING_FIELDS = ("temperature", "top_p", "stop", "seed", "presence_penalty", "frequency_penalty")
+
+
+def _text_content(content: Any) -> str:
+    if content is None or isinstance(content, str):
+        return content or ""
+    parts = [p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"]
+    if len(parts) != len(content):
+        raise InvalidRequest("Only text content parts are supported by local models.", param="messages")
+    return "".join(parts)
+
+
+class LlamaCppProvider:
+    def __init__(self, config: LlamaCppModel, model_path: Path) -> None:
+        from llama_cpp import Llama  # heavy import, only in worker replicas
+
+        self.config = config
+        self.llm = Llama(
+            model_path=str(model_path),
+            n_ctx=config.n_ctx,
+            n_threads=config.n_threads,
+            n_threads_batch=config.n_threads,
+            seed=config.seed,
+            verbose=False,
+        )
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{config.name}")
+
+    def _kwargs(self, body: dict[str, Any]) -> dict[str, Any]:
+        messages = [
+            {"role": "system" if m["role"] == "developer" else m["role"], "content": _text_content(m.get("content"))}
+            for m in body["messages"]
+        ]
+        kwargs: dict[str, Any] = {
+            "messages": messages,
+            "max_tokens": body.get("max_completion_tokens") or body.get("max_tokens") or self.config.default_max_tokens,
+        }
+        for name in _SAMPLING_FIELDS:
+            if body.get(name) is not None:
+                kwargs[name] = body[name]
+        kwargs.setdefault("seed", self.config.seed)
+        response_format = body.get("response_format") or {}
+        if response_format.get("type") == "json_object":
+            kwargs["response_format"] = {"type": "json_object"}
+        elif response_format.get("type") == "json_schema":
+            schema = response_format["json_schema"]["schema"]
+            kwargs["response_format"] = {"type": "json_object", "schema": schema}
+        return kwargs
+
+    def _check_context(self, kwargs: dict[str, Any]) -> None:
+        # llama.cpp raises a ValueError deep inside generation when the prompt does not fit;
+        # count first so the client gets a 400 naming `messages`.
+        text = "".join(str(m["content"]) for m in kwargs["messages"])
+        n_prompt = len(self.llm.tokenize(text.encode(), add_bos=False, special=True))
+        if n_prompt + 16 > self.config.n_ctx:
+            raise InvalidRequest(
+                f"The messages are about {n_prompt} tokens; model '{self.config.name}' has a "
+                f"context of {self.config.n_ctx} tokens.",
+                param="messages",
+            )
+
+    def _generate(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        self._check_context(kwargs)
+        try:
+            result: dict[str, Any] = self.llm.create_chat_completion(**kwargs)  # type: ignore[assignment]
+        except ValueError as exc:
+            raise InvalidRequest(f"The request does not fit model '{self.config.name}': {exc}", param="messages") from None
+        return result
+
+    async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
+        kwargs = self._kwargs(body)
+        loop = asyncio.get_running_loop()
+        result = await loop.run_in_executor(self.executor, self._generate, kwargs)
+        result["model"] = self.config.name
+        return result
+
+    async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        kwargs = {**self._kwargs(body), "stream": True}
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        stop = threading.Event()
+        completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+
+        def produce() -> None:
+            try:
+                self._check_context(kwargs)
+                n_prompt = self.llm.n_tokens  # before generation; overwritten below
+                chunks: Iterator[dict[str, Any]] = self.llm.create_chat_completion(**kwargs)  # type: ignore[assignment]
+                n_completion = 0
+                for chunk in chunks:
+                    if stop.is_set():
+                        break
+                    delta = chunk["choices"][0].get("delta", {}) if chunk.get("choices") else {}
+                    if delta.get("content"):
+                        n_completion += 1  # llama.cpp streams one token per content chunk
+                    loop.call_soon_threadsafe(queue.put_nowait, chunk)
+                n_prompt = max(self.llm.n_tokens - n_completion, 0)
+                usage = {"prompt_tokens": n_prompt, "completion_tokens": n_completion,
+                         "total_tokens": n_prompt + n_completion}
+                loop.call_soon_threadsafe(queue.put_nowait, ("usage", usage))
+            except PromptfleetError as exc:
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            except ValueError as exc:
+                loop.call_soon_threadsafe(
+                    queue.put_nowait,
+                    InvalidRequest(f"The request does not fit model '{self.config.name}': {exc}", param="messages"),
+                )
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, _DONE)
+
+        future = loop.run_in_executor(self.executor, produce)
+        try:
+            while True:
+                item = await queue.get()
+                if item is _DONE:
+                    break
+                if isinstance(item, PromptfleetError):
+                    raise item
+                if isinstance(item, tuple):
+                    if include_usage:
+                        yield {"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                               "model": self.config.name, "choices": [], "usage": item[1]}
+                    continue
+                item["id"], item["created"], item["model"] = completion_id, created, self.config.name
+                yield item
+        finally:
+            stop.set()
+            if not future.done():
+                future.cancel()  # still queued behind another generation: never starts
+
+    async def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,176 @@
+"""Provider for any OpenAI-compatible upstream, through the official AsyncOpenAI client.
+
+This module is the one place where upstream failures become promptfleet errors,
+and it owns the one retry layer of this call path: the client is built with
+``max_retries=0`` and ``_call_with_retries`` retries 429/5xx/connection errors
+with jittered exponential backoff (Retry-After wins), all inside the model's
+total deadline ``timeout_s``. An upstream that accepts and never answers
+therefore yields ``UpstreamTimeout`` (504) after ``timeout_s``, not a hang.
+
+Bodies pass through untouched except ``model`` (rewritten to the upstream's
+name): fields promptfleet does not know reach the upstream as the client sent
+them. ``client.post(..., cast_to=object)`` skips building typed response
+objects we would only turn back into dicts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import httpx
+import openai
+from openai import AsyncOpenAI, AsyncStream
+
+from deployments.config import OpenAIModel
+from deployments.errors import (
+    InvalidRequest,
+    PromptfleetError,
+    UpstreamError,
+    UpstreamRateLimited,
+    UpstreamTimeout,
+)
+from deployments.providers.retry import BackoffPolicy, parse_retry_after
+
+T = TypeVar("T")
+
+_RETRYABLE = (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError)
+
+
+def translate_upstream_error(exc: Exception, model: str) -> PromptfleetError:
+    """Map an openai/httpx exception to the error the client should see.
+
+    The upstream's own message is passed on only for 4xx answers about the
+    client's request (they help the caller fix it); for everything else the
+    client gets our own wording, never the exception text.
+    """
+    if isinstance(exc, PromptfleetError):
+        return exc
+    if isinstance(exc, (openai.APITimeoutError, httpx.TimeoutException, TimeoutError)):
+        return UpstreamTimeout(f"The upstream for model '{model}' did not answer in time.")
+    if isinstance(exc, openai.RateLimitError):
+        retry_after = parse_retry_after(exc.response.headers.get("retry-after"))
+        return UpstreamRateLimited(
+            f"The upstream for model '{model}' is rate limiting; retry later.",
+            retry_after=retry_after if retry_after is not None else 1.0,
+        )
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        if status in (400, 413, 422):
+            body = exc.body if isinstance(exc.body, dict) else {}
+            param = body.get("param") if isinstance(body.get("param"), str) else None
+            message = body.get("message") if isinstance(body.get("message"), str) else None
+            return InvalidRequest(
+                f"The upstream for model '{model}' rejected the request: {message or 'invalid request'}",
+                param=param,
+            )
+        if status == 408:
+            return UpstreamTimeout(f"The upstream for model '{model}' timed out.")
+        return UpstreamError(f"The upstream for model '{model}' failed (HTTP {status}).")
+    if isinstance(exc, (openai.APIConnectionError, httpx.TransportError)):
+        return UpstreamError(f"Could not reach the upstream for model '{model}'.")
+    if isinstance(exc, openai.APIError):
+        # Raised by the SSE decoder when an event carries an `error` object.
+        return UpstreamError(f"The upstream for model '{model}' reported an error mid-stream.")
+    return UpstreamError(f"The upstream for model '{model}' failed.")
+
+
+class OpenAIProvider:
+    """Calls one upstream model. Safe for many concurrent calls from one event loop."""
+
+    def __init__(
+        self,
+        config: OpenAIModel,
+        api_key: str | None,
+        *,
+        http_client: httpx.AsyncClient | None = None,
+        backoff: BackoffPolicy | None = None,
+    ) -> None:
+        self.config = config
+        self.upstream_model = config.upstream_model or config.name
+        self.backoff = backoff or BackoffPolicy()
+        limits = httpx.Limits(
+            max_connections=config.max_concurrency,
+            max_keepalive_connections=config.max_concurrency,
+        )
+        self.client = AsyncOpenAI(
+            base_url=config.base_url,
+            # The SDK insists on a key; "unused" is what local servers (vLLM, Ollama) accept.
+            api_key=api_key or "unused",
+            max_retries=0,  # the retry layer is _call_with_retries
+            timeout=httpx.Timeout(config.timeout_s, connect=config.connect_timeout_s),
+            http_client=http_client or httpx.AsyncClient(limits=limits),
+        )
+
+    async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
+        payload = {**body, "model": self.upstream_model, "stream": False}
+
+        async def attempt(timeout: float) -> dict[str, Any]:
+            result = await self.client.post(
+                "/chat/completions",
+                cast_to=object,
+                body=payload,
+                options={"timeout": self._timeout(timeout)},
+            )
+            if not isinstance(result, dict):
+                raise UpstreamError(f"The upstream for model '{self.config.name}' sent a non-JSON answer.")
+            return result
+
+        result = await self._call_with_retries(attempt)
+        result["model"] = self.config.name
+        return result
+
+    async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        payload = {**body, "model": self.upstream_model, "stream": True}
+
+        async def open_stream(timeout: float) -> AsyncStream[object]:
+            return await self.client.post(
+                "/chat/completions",
+                cast_to=object,
+                body=payload,
+                options={"timeout": self._timeout(timeout)},
+                stream=True,
+                stream_cls=AsyncStream[object],
+            )
+
+        # Retries cover opening the stream only: once a chunk went out, a retry would duplicate text.
+        upstream = await self._call_with_retries(open_stream)
+        try:
+            async for chunk in upstream:
+                if isinstance(chunk, dict):
+                    chunk["model"] = self.config.name
+                    yield chunk
+        except Exception as exc:
+            raise translate_upstream_error(exc, self.config.name) from None
+        finally:
+            # Closing the response stops the upstream generation when our client went away.
+            await upstream.close()
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    def _timeout(self, remaining: float) -> httpx.Timeout:
+        return httpx.Timeout(max(remaining, 0.001), connect=min(self.config.connect_timeout_s, remaining))
+
+    async def _call_with_retries(self, call: Callable[[float], Awaitable[T]]) -> T:
+        deadline = time.monotonic() + self.config.timeout_s
+        attempt = 0
+        while True:
+            attempt += 1
+            remaining = deadline - time.monotonic()
+            try:
+                # asyncio.timeout backs up httpx's per-phase timeouts with a hard total deadline.
+                async with asyncio.timeout(max(remaining, 0.001)):
+                    return await call(remaining)
+            except _RETRYABLE as exc:
+                error = translate_upstream_error(exc, self.config.name)
+                if attempt > self.config.max_retries or isinstance(exc, openai.APITimeoutError):
+                    raise error from None
+                delay = self.backoff.delay(attempt, error.retry_after)
+                if time.monotonic() + delay >= deadline:
+                    raise error from None
+                await asyncio.sleep(delay)
+            except Exception as exc:
+                raise translate_upstream_error(exc, self.config.name) from None

@@ -1,0 +1,173 @@
+"""Benchmark: chat completions through promptfleet vs. a single-process gateway vs. the upstream itself.
+
+    python -m jobs.bench_gateway [--concurrency 16,64,256] [--duration 15] [--repeat 2] [--latency-ms 0]
+
+Starts a fake OpenAI upstream (``jobs.fake_upstream``) and the no-Ray baseline
+(``jobs.baseline_proxy``) as subprocesses, a private Ray cluster running
+``configs/serve.yaml`` with one upstream model ``fake`` pointed at the fake
+upstream, then drives closed-loop load at each concurrency against all three,
+interleaved (target A, B, C at each level, ``--repeat`` times) so a noisy
+machine hurts them alike. Prints req/s medians, latency percentiles, and the
+ratio promptfleet / baseline. With ``--url`` it measures an already running
+promptfleet instead of starting one (its config must route ``--model`` to an
+upstream; ``--upstream-url`` then names that upstream).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from jobs.loadtest import LoadResult, run_load
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_http(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not come up in {timeout}s")
+
+
+@contextlib.contextmanager
+def _process(args: list[str], ready_url: str) -> Iterator[None]:
+    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO)
+    try:
+        _wait_http(ready_url)
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@contextlib.contextmanager
+def _promptfleet(upstream_base: str) -> Iterator[str]:
+    """A private Ray cluster running configs/serve.yaml plus the model `fake`; yields the API base URL."""
+    import ray
+    from ray import serve
+
+    from cluster import local
+
+    os.environ.update(local.RAY_START_ENV)
+    dashboard_port, http_port = _free_port(), _free_port()
+    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
+             _node_ip_address="127.0.0.1", log_to_driver=False)
+    try:
+        config = local.load_serve_config(REPO / "configs" / "serve.yaml")
+        config["http_options"]["port"] = http_port
+        app = config["applications"][0]
+        # Only the upstream model: the benchmark measures the request path, not llama.cpp.
+        app["args"]["models"] = [{"name": "fake", "provider": "openai", "base_url": upstream_base,
+                                  "upstream_model": "fake-model", "max_concurrency": 1000}]
+        app["deployments"] = [d for d in app["deployments"] if d["name"] == "Gateway"]
+        dashboard = f"http://127.0.0.1:{dashboard_port}"
+        local.deploy(config, dashboard)
+        local.wait_until_running(dashboard, [app["name"]], timeout_s=300, echo=False)
+        yield f"http://127.0.0.1:{http_port}/v1"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _measure(url: str, model: str, concurrency: int, duration: float) -> LoadResult:
+    import asyncio
+
+    return asyncio.run(run_load(url, model, concurrency, duration, warmup=1.0))
+
+
+def _percentiles(results: list[LoadResult]) -> tuple[float, float, float]:
+    latencies = sorted(x for r in results for x in r.latencies_ms)
+    if not latencies:
+        return (float("nan"),) * 3  # type: ignore[return-value]
+    q = statistics.quantiles(latencies, n=100, method="inclusive")
+    return q[49], q[89], q[98]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.bench_gateway", description=__doc__.splitlines()[0])
+    parser.add_argument("--concurrency", default="16,64,256", help="comma-separated levels (default: %(default)s)")
+    parser.add_argument("--duration", type=float, default=15, help="seconds per run (default: %(default)s)")
+    parser.add_argument("--repeat", type=int, default=2, help="runs per level and target (default: %(default)s)")
+    parser.add_argument("--latency-ms", type=float, default=0, help="fake upstream latency (default: 0)")
+    parser.add_argument("--url", help="measure this running promptfleet (…/v1) instead of starting one")
+    parser.add_argument("--upstream-url", help="with --url: that deployment's upstream base URL (…/v1)")
+    parser.add_argument("--model", default="fake", help="model to request (default: %(default)s)")
+    parser.add_argument("--json", action="store_true", help="print a JSON summary at the end")
+    args = parser.parse_args(argv)
+    levels = [int(x) for x in args.concurrency.split(",")]
+
+    with contextlib.ExitStack() as stack:
+        if args.url:
+            if not args.upstream_url:
+                parser.error("--url needs --upstream-url")
+            upstream_base, promptfleet_url = args.upstream_url, args.url
+        else:
+            port = _free_port()
+            upstream_base = f"http://127.0.0.1:{port}/v1"
+            stack.enter_context(_process(
+                ["jobs.fake_upstream", "--port", str(port), "--latency-ms", str(args.latency_ms)],
+                f"{upstream_base}/models"))
+            promptfleet_url = stack.enter_context(_promptfleet(upstream_base))
+        baseline_port = _free_port()
+        baseline_url = f"http://127.0.0.1:{baseline_port}/v1"
+        stack.enter_context(_process(
+            ["jobs.baseline_proxy", "--upstream", upstream_base, "--port", str(baseline_port)],
+            f"http://127.0.0.1:{baseline_port}/docs"))
+
+        targets = {"upstream (direct)": upstream_base, "baseline FastAPI": baseline_url,
+                   "promptfleet": promptfleet_url}
+        summary: dict[str, Any] = {"latency_ms": args.latency_ms, "levels": {}}
+        print(f"fake upstream latency {args.latency_ms} ms, {args.duration:.0f} s runs, median of {args.repeat}")
+        print(f"{'target':<20} {'conc':>5} {'req/s':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} errors")
+        for level in levels:
+            runs: dict[str, list[LoadResult]] = {name: [] for name in targets}
+            for _ in range(args.repeat):
+                for name, url in targets.items():
+                    runs[name].append(_measure(url, args.model, level, args.duration))
+            row: dict[str, Any] = {}
+            for name, results in runs.items():
+                rps = statistics.median(r.ok / r.duration_s for r in results)
+                p50, p90, p99 = _percentiles(results)
+                errors: dict[str, int] = {}
+                for r in results:
+                    for key, count in r.errors.items():
+                        errors[key] = errors.get(key, 0) + count
+                row[name] = {"rps": round(rps, 1), "p50_ms": round(p50, 1), "p90_ms": round(p90, 1),
+                             "p99_ms": round(p99, 1), "errors": errors}
+                print(f"{name:<20} {level:>5} {rps:>8.1f} {p50:>8.1f} {p90:>8.1f} {p99:>8.1f} {errors or ''}")
+            ratio = row["promptfleet"]["rps"] / max(row["baseline FastAPI"]["rps"], 1e-9)
+            row["promptfleet_vs_baseline"] = round(ratio, 2)
+            print(f"{'promptfleet / baseline':<26} {ratio:.2f}x\n")
+            summary["levels"][level] = row
+        if args.json:
+            print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,162 @@
+"""The OpenAI-compatible surface, through the official client, on the real app."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import jsonschema
+import openai
+import pytest
+
+from tests.serve.conftest import ServeApp
+
+pytestmark = pytest.mark.serve
+
+HELLO = [{"role": "user", "content": "Say hello in three words."}]
+
+
+def test_completion_from_embedded_model(app: ServeApp) -> None:
+    reply = app.client().chat.completions.create(model="smollm2", messages=HELLO, max_tokens=16)
+    assert reply.object == "chat.completion"
+    assert reply.model == "smollm2"
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].message.content and reply.choices[0].message.content.strip()
+    assert reply.usage is not None and reply.usage.completion_tokens > 0
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+
+
+def test_stream_from_embedded_model(app: ServeApp) -> None:
+    stream = app.client().chat.completions.create(
+        model="smollm2",
+        messages=HELLO,
+        max_tokens=16,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text.strip()
+    assert len({c.id for c in chunks}) == 1
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens > 0
+    assert chunks[-1].usage.prompt_tokens > 0
+
+
+def test_stream_wire_format_ends_with_done(app: ServeApp) -> None:
+    body = {"model": "smollm2", "messages": HELLO, "max_tokens": 8, "stream": True}
+    with httpx.stream("POST", f"{app.base_url}/chat/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    assert all(json.loads(e[6:])["object"] == "chat.completion.chunk" for e in events[:-1])
+
+
+def test_json_schema_output_from_embedded_model(app: ServeApp) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string"}, "country": {"type": "string"}},
+        "required": ["city", "country"],
+        "additionalProperties": False,
+    }
+    reply = app.client().chat.completions.create(
+        model="smollm2",
+        messages=[{"role": "user", "content": "Name a big city and its country as JSON."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "place", "schema": schema}},
+        max_tokens=64,
+    )
+    jsonschema.validate(json.loads(reply.choices[0].message.content or ""), schema)
+
+
+def test_json_object_output_from_embedded_model(app: ServeApp) -> None:
+    reply = app.client().chat.completions.create(
+        model="smollm2",
+        messages=[{"role": "user", "content": "Give a JSON object describing a cat."}],
+        response_format={"type": "json_object"},
+        max_tokens=64,
+    )
+    assert isinstance(json.loads(reply.choices[0].message.content or ""), dict)
+
+
+def test_models_list(app: ServeApp) -> None:
+    models = {m.id: m for m in app.client().models.list()}
+    assert {"smollm2", "fake", "fake-retry", "fake-short"} <= set(models)
+    assert models["smollm2"].owned_by == "promptfleet:llamacpp"
+    assert app.client().models.retrieve("fake").id == "fake"
+
+
+def test_unknown_model_is_not_found(app: ServeApp) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        app.client().chat.completions.create(model="no-such-model", messages=HELLO)
+    error = caught.value.body
+    assert isinstance(error, dict)
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "fake"}, "messages"),
+        ({"messages": HELLO}, "model"),
+        ({"model": "fake", "messages": []}, "messages"),
+        ({"model": "fake", "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+        ({"model": "fake", "messages": HELLO, "temperature": 7}, "temperature"),
+        ({"model": "fake", "messages": HELLO, "n": 3}, "n"),
+        ({"model": "fake", "messages": HELLO, "max_tokens": 0}, "max_tokens"),
+        ({"model": "fake", "messages": HELLO, "stream_options": {"include_usage": True}}, "stream_options"),
+        ({"model": "fake", "messages": HELLO, "response_format": {"type": "json_schema"}}, "response_format"),
+    ],
+)
+def test_bad_body_names_the_field(app: ServeApp, body: dict[str, object], param: str) -> None:
+    response = httpx.post(f"{app.base_url}/chat/completions", json=body, timeout=30)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == param
+    assert error["type"] == "invalid_request_error"
+    assert set(error) == {"message", "type", "param", "code"}
+
+
+def test_bad_body_through_openai_client(app: ServeApp) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        app.client().chat.completions.create(model="fake", messages=HELLO, n=2)
+    assert isinstance(caught.value.body, dict) and caught.value.body["param"] == "n"
+
+
+def test_not_json_is_a_clear_400(app: ServeApp) -> None:
+    response = httpx.post(
+        f"{app.base_url}/chat/completions",
+        content=b"{not json",
+        headers={"content-type": "application/json"},
+        timeout=30,
+    )
+    assert response.status_code == 400
+    assert "not valid JSON" in response.json()["error"]["message"]
+
+
+def test_oversized_body_is_413(app: ServeApp) -> None:
+    big = "x" * 1_100_000
+    response = httpx.post(
+        f"{app.base_url}/chat/completions",
+        json={"model": "fake", "messages": [{"role": "user", "content": big}]},
+        timeout=30,
+    )
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
+
+
+def test_prompt_longer_than_context_is_400(app: ServeApp) -> None:
+    long_text = "word " * 5000
+    with pytest.raises(openai.BadRequestError) as caught:
+        app.client().chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": long_text}], max_tokens=8
+        )
+    assert isinstance(caught.value.body, dict) and caught.value.body["param"] == "messages"
+
+
+def test_healthz_and_docs(app: ServeApp) -> None:
+    health = httpx.get(f"{app.url}/healthz", timeout=10).json()
+    assert health["status"] == "ok" and "smollm2" in health["models"]
+    spec = httpx.get(f"{app.url}/openapi.json", timeout=10).json()
+    assert "/v1/chat/completions" in spec["paths"]
+    assert httpx.get(f"{app.url}/docs", timeout=10).status_code == 200

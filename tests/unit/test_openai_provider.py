@@ -1,0 +1,121 @@
+"""The upstream provider in-process, with httpx.MockTransport as the upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from collections.abc import Callable
+
+import httpx
+import pytest
+
+from deployments import errors
+from deployments.config import OpenAIModel
+from deployments.providers.openai_compat import OpenAIProvider
+from deployments.providers.retry import BackoffPolicy
+
+Handler = Callable[[httpx.Request], httpx.Response]
+OK = {"id": "x", "object": "chat.completion", "model": "up", "choices": [
+    {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}]}
+BODY = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
+
+
+def provider(handler: Handler, **config: object) -> OpenAIProvider:
+    settings: dict[str, object] = {"name": "m", "provider": "openai", "base_url": "http://127.0.0.1:1/v1",
+                                   "upstream_model": "up", "timeout_s": 5, "max_retries": 2}
+    settings.update(config)
+    return OpenAIProvider(
+        OpenAIModel.model_validate(settings),
+        api_key="k",
+        http_client=httpx.AsyncClient(transport=httpx.MockTransport(handler)),
+        backoff=BackoffPolicy(base_s=0.01, cap_s=0.02, rng=random.Random(0)),
+    )
+
+
+def run(p: OpenAIProvider) -> dict[str, object]:
+    async def go() -> dict[str, object]:
+        try:
+            return await p.chat(dict(BODY))
+        finally:
+            await p.close()
+    return asyncio.run(go())
+
+
+def test_body_passes_through_with_upstream_model_name() -> None:
+    seen: list[dict[str, object]] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(json.loads(request.content))
+        assert request.headers["authorization"] == "Bearer k"
+        return httpx.Response(200, json=OK)
+
+    result = run(provider(handler))
+    assert seen[0]["model"] == "up" and seen[0]["messages"] == BODY["messages"]
+    assert result["model"] == "m"
+
+
+def test_rate_limit_carries_retry_after_after_retries() -> None:
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        return httpx.Response(429, headers={"retry-after": "0.01"}, json={"error": {"message": "slow down"}})
+
+    with pytest.raises(errors.UpstreamRateLimited) as caught:
+        run(provider(handler))
+    assert len(calls) == 3  # 1 + max_retries, never more
+    assert caught.value.retry_after == pytest.approx(0.01)
+
+
+def test_retry_after_beyond_the_deadline_is_not_waited_for() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(429, headers={"retry-after": "60"}, json={})
+
+    started = time.monotonic()
+    with pytest.raises(errors.UpstreamRateLimited):
+        run(provider(handler, timeout_s=2))
+    assert time.monotonic() - started < 1.5
+
+
+def test_server_errors_are_retried_then_succeed() -> None:
+    answers = iter([httpx.Response(500, json={}), httpx.Response(503, json={}), httpx.Response(200, json=OK)])
+    result = run(provider(lambda request: next(answers)))
+    assert result["choices"]
+
+
+def test_client_errors_pass_the_upstream_message_and_are_not_retried() -> None:
+    calls = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        calls.append(1)
+        return httpx.Response(400, json={"error": {"message": "max_tokens too large", "param": "max_tokens"}})
+
+    with pytest.raises(errors.InvalidRequest) as caught:
+        run(provider(handler))
+    assert caught.value.param == "max_tokens" and "max_tokens too large" in caught.value.message
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("status", [401, 403, 404])
+def test_upstream_auth_and_routing_failures_are_502(status: int) -> None:
+    with pytest.raises(errors.UpstreamError) as caught:
+        run(provider(lambda request: httpx.Response(status, json={"error": {"message": "secret detail"}})))
+    assert "secret detail" not in caught.value.message
+
+
+def test_connection_errors_become_502() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused")
+
+    with pytest.raises(errors.UpstreamError):
+        run(provider(handler, max_retries=1))
+
+
+def test_read_timeout_becomes_504() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("slow")
+
+    with pytest.raises(errors.UpstreamTimeout):
+        run(provider(handler))
