@@ -9,8 +9,8 @@ own config (an upstream model's ``max_concurrency`` is its replicas'
 model added to ``args`` without a ``deployments:`` entry still behaves.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: Serve reads build_app's annotation at run time
+# to validate `args` into AppArgs.
 from typing import Any
 
 from ray import serve

@@ -72,10 +72,13 @@ def test_json_schema_output_from_embedded_model(app: ServeApp) -> None:
 def test_json_object_output_from_embedded_model(app: ServeApp) -> None:
     reply = app.client().chat.completions.create(
         model="smollm2",
-        messages=[{"role": "user", "content": "Give a JSON object describing a cat."}],
+        messages=[{"role": "user", "content": "Reply with a JSON object with the keys name and age of a cat."}],
         response_format={"type": "json_object"},
-        max_tokens=64,
+        max_tokens=200,
+        temperature=0,
     )
+    # A grammar guarantees JSON only if generation is not cut off by max_tokens.
+    assert reply.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(reply.choices[0].message.content or ""), dict)
 
 
