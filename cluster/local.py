@@ -132,8 +132,12 @@ def wait_until_running(dashboard: str, app_names: list[str], timeout_s: float, e
 
 
 def endpoints(config: dict[str, Any], dashboard: str) -> Endpoints:
-    http = config.get("http_options") or {}
-    host, port = http.get("host", "127.0.0.1"), http.get("port", 8000)
+    gateway = AppArgs.model_validate(config["applications"][0].get("args") or {}).gateway
+    if gateway.listen_port is not None:
+        host, port = gateway.listen_host, gateway.listen_port
+    else:
+        http = config.get("http_options") or {}
+        host, port = http.get("host", "127.0.0.1"), http.get("port", 8000)
     return Endpoints(api=f"http://{host}:{port}/v1", dashboard=dashboard)
 
 

@@ -101,6 +101,18 @@ ModelConfig = Annotated[Union[LlamaCppModel, OpenAIModel], Field(discriminator="
 class GatewayConfig(_Strict):
     """Settings of the HTTP ingress."""
 
+    listen_host: str = Field(
+        default="127.0.0.1",
+        description="Address the Gateway replicas serve the API on (loopback unless told otherwise).",
+    )
+    listen_port: int | None = Field(
+        default=8000,
+        ge=1,
+        le=65535,
+        description="Port every Gateway replica binds with SO_REUSEPORT: one stable address per node, "
+        "without Serve's proxy hop. Empty: serve only through Serve's HTTP proxy (`http_options`).",
+    )
+
     max_body_bytes: int = Field(
         default=1_000_000,
         ge=1024,

@@ -13,6 +13,7 @@ comes from the exception class, never from exception text.
 from __future__ import annotations
 
 import json
+from contextlib import asynccontextmanager
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -33,6 +34,7 @@ from deployments.errors import (
     PromptfleetError,
     RequestTooLarge,
 )
+from deployments.listener import Listener
 from deployments.schemas import ChatCompletionRequest, Health, ModelCard, ModelList
 
 logger = logging.getLogger("ray.serve")
@@ -100,6 +102,7 @@ class Gateway:
         self.workers = workers
         self.stream_workers = {name: h.options(stream=True) for name, h in workers.items()}
         self.started = int(time.time())
+        self.asgi_app = BodySizeLimit(self.build_api(), limit=args.gateway.max_body_bytes)
         self.model_cards = ModelList(
             data=[
                 ModelCard(id=m.name, created=self.started, owned_by=f"promptfleet:{m.provider}")
@@ -108,13 +111,28 @@ class Gateway:
         )
 
     def __serve_build_asgi_app__(self) -> ASGIApp:
-        return BodySizeLimit(self.build_api(), limit=self.args.gateway.max_body_bytes)
+        return self.asgi_app
+
+    @asynccontextmanager
+    async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
+        """Serve runs the app's lifespan in the replica: start and stop the own listener with it."""
+        gateway = self.args.gateway
+        listener = None
+        if gateway.listen_port is not None:
+            listener = Listener(self.asgi_app, gateway.listen_host, gateway.listen_port)
+            listener.start()
+        try:
+            yield
+        finally:
+            if listener is not None:
+                await listener.stop()
 
     def build_api(self) -> FastAPI:
         api = FastAPI(
             title="promptfleet",
             summary="OpenAI-compatible LLM gateway on Ray Serve.",
             version="0.1.0",
+            lifespan=self.lifespan,
         )
 
         @api.exception_handler(PromptfleetError)

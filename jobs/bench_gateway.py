@@ -66,15 +66,19 @@ def _process(args: list[str], ready_url: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _promptfleet(upstream_base: str) -> Iterator[str]:
-    """A private Ray cluster running configs/serve.yaml plus the model `fake`; yields the API base URL."""
+def _promptfleet(upstream_base: str) -> Iterator[tuple[str, str]]:
+    """A private Ray cluster running configs/serve.yaml with the model `fake`.
+
+    Yields the API base URLs of the Gateway's own listener and of Serve's HTTP proxy.
+    """
     import ray
     from ray import serve
 
     from cluster import local
 
-    os.environ.update(local.RAY_START_ENV)
-    dashboard_port, http_port = _free_port(), _free_port()
+    for name, value in local.RAY_START_ENV.items():
+        os.environ.setdefault(name, value)  # the shell may override, to compare Serve modes
+    dashboard_port, http_port, listen_port = _free_port(), _free_port(), _free_port()
     ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
              _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
@@ -84,11 +88,12 @@ def _promptfleet(upstream_base: str) -> Iterator[str]:
         # Only the upstream model: the benchmark measures the request path, not llama.cpp.
         app["args"]["models"] = [{"name": "fake", "provider": "openai", "base_url": upstream_base,
                                   "upstream_model": "fake-model", "max_concurrency": 1000}]
+        app["args"]["gateway"]["listen_port"] = listen_port
         app["deployments"] = [d for d in app["deployments"] if d["name"] == "Gateway"]
         dashboard = f"http://127.0.0.1:{dashboard_port}"
         local.deploy(config, dashboard)
         local.wait_until_running(dashboard, [app["name"]], timeout_s=300, echo=False)
-        yield f"http://127.0.0.1:{http_port}/v1"
+        yield f"http://127.0.0.1:{listen_port}/v1", f"http://127.0.0.1:{http_port}/v1"
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -117,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", help="measure this running promptfleet (…/v1) instead of starting one")
     parser.add_argument("--upstream-url", help="with --url: that deployment's upstream base URL (…/v1)")
     parser.add_argument("--model", default="fake", help="model to request (default: %(default)s)")
+    parser.add_argument("--with-serve-proxy", action="store_true",
+                        help="also measure the same app through Serve's HTTP proxy")
     parser.add_argument("--json", action="store_true", help="print a JSON summary at the end")
     args = parser.parse_args(argv)
     levels = [int(x) for x in args.concurrency.split(",")]
@@ -125,14 +132,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.url:
             if not args.upstream_url:
                 parser.error("--url needs --upstream-url")
-            upstream_base, promptfleet_url = args.upstream_url, args.url
+            upstream_base, promptfleet_url, proxy_url = args.upstream_url, args.url, None
         else:
             port = _free_port()
             upstream_base = f"http://127.0.0.1:{port}/v1"
             stack.enter_context(_process(
                 ["jobs.fake_upstream", "--port", str(port), "--latency-ms", str(args.latency_ms)],
                 f"{upstream_base}/models"))
-            promptfleet_url = stack.enter_context(_promptfleet(upstream_base))
+            promptfleet_url, proxy_url = stack.enter_context(_promptfleet(upstream_base))
         baseline_port = _free_port()
         baseline_url = f"http://127.0.0.1:{baseline_port}/v1"
         stack.enter_context(_process(
@@ -141,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
 
         targets = {"upstream (direct)": upstream_base, "baseline FastAPI": baseline_url,
                    "promptfleet": promptfleet_url}
+        if proxy_url and args.with_serve_proxy:
+            targets["via Serve proxy"] = proxy_url
         summary: dict[str, Any] = {"latency_ms": args.latency_ms, "levels": {}}
         print(f"fake upstream latency {args.latency_ms} ms, {args.duration:.0f} s runs, median of {args.repeat}")
         print(f"{'target':<20} {'conc':>5} {'req/s':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} errors")

@@ -35,7 +35,8 @@ def free_port() -> int:
 
 @dataclass
 class ServeApp:
-    url: str  # http://127.0.0.1:PORT
+    url: str  # the Gateway's own listener: http://127.0.0.1:PORT
+    proxy_url: str  # the same app through Serve's HTTP proxy
     dashboard: str
     upstream: FakeUpstream
 
@@ -59,10 +60,11 @@ def upstream_models(base_url: str) -> list[dict[str, Any]]:
     ]
 
 
-def test_config(http_port: int, upstream_base_url: str) -> dict[str, Any]:
+def test_config(http_port: int, listen_port: int, upstream_base_url: str) -> dict[str, Any]:
     config = copy.deepcopy(local.load_serve_config(REPO / "configs" / "serve.yaml"))
     config["http_options"]["port"] = http_port
     app = config["applications"][0]
+    app["args"]["gateway"]["listen_port"] = listen_port
     app["args"]["models"] += upstream_models(upstream_base_url)
     app["runtime_env"] = {"env_vars": {"PROMPTFLEET_UPSTREAM_HOSTS": "127.0.0.1"}}
     for deployment in app["deployments"]:
@@ -95,12 +97,17 @@ def serve_app(upstream: FakeUpstream) -> Iterator[ServeApp]:
         log_to_driver=False,
     )
     dashboard = f"http://127.0.0.1:{dashboard_port}"
-    http_port = free_port()
-    config = test_config(http_port, upstream.base_url)
+    http_port, listen_port = free_port(), free_port()
+    config = test_config(http_port, listen_port, upstream.base_url)
     try:
         local.deploy(config, dashboard)
         local.wait_until_running(dashboard, ["promptfleet"], timeout_s=300, echo=False)
-        yield ServeApp(url=f"http://127.0.0.1:{http_port}", dashboard=dashboard, upstream=upstream)
+        yield ServeApp(
+            url=f"http://127.0.0.1:{listen_port}",
+            proxy_url=f"http://127.0.0.1:{http_port}",
+            dashboard=dashboard,
+            upstream=upstream,
+        )
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -163,3 +163,9 @@ def test_healthz_and_docs(app: ServeApp) -> None:
     spec = httpx.get(f"{app.url}/openapi.json", timeout=10).json()
     assert "/v1/chat/completions" in spec["paths"]
     assert httpx.get(f"{app.url}/docs", timeout=10).status_code == 200
+
+
+def test_same_api_through_serve_proxy(app: ServeApp) -> None:
+    client = openai.OpenAI(base_url=f"{app.proxy_url}/v1", api_key="unused", max_retries=0, timeout=30)
+    reply = client.chat.completions.create(model="fake", messages=HELLO)
+    assert reply.choices[0].message.content == "echo: Say hello in three words."
