@@ -18,9 +18,15 @@ from ray.serve import Application
 
 from deployments.config import AppArgs, LlamaCppModel, ModelConfig, worker_deployment_name
 from deployments.gateway import Gateway
+from deployments.runner import TaskRunner
+from deployments.store_actor import TaskStoreService
+from deployments.taskdefs import load_task_definitions, validate_models
 from deployments.worker import ModelWorker
 
 GATEWAY_DEPLOYMENT = "Gateway"
+STORE_DEPLOYMENT = "TaskStore"
+RUNNER_DEPLOYMENT = "TaskRunner"
+DEPLOYMENT_NAMES = (GATEWAY_DEPLOYMENT, STORE_DEPLOYMENT, RUNNER_DEPLOYMENT)
 
 
 def worker_defaults(model: ModelConfig) -> dict[str, Any]:
@@ -41,15 +47,25 @@ def worker_defaults(model: ModelConfig) -> dict[str, Any]:
 
 
 def build_app(args: AppArgs) -> Application:
+    # Loaded here so a broken task file fails the deploy, naming the file and field.
+    tasks = load_task_definitions(args.tasks.definitions_path())
+    validate_models(tasks, {m.name for m in args.models})
     workers = {
         model.name: serve.deployment(ModelWorker)
         .options(name=worker_deployment_name(model.name), **worker_defaults(model))
         .bind(model)
         for model in args.models
     }
-    gateway = serve.deployment(serve.ingress()(Gateway)).options(
-        name=GATEWAY_DEPLOYMENT,
-        max_ongoing_requests=1000,
-        ray_actor_options={"num_cpus": 0},
+    store = (
+        serve.deployment(TaskStoreService)
+        # One owner of the SQLite file, ever: never two replicas, even during a rolling update.
+        .options(name=STORE_DEPLOYMENT, num_replicas=1, max_ongoing_requests=10000)
+        .bind(args.tasks)
     )
-    return gateway.bind(args, workers)
+    runner = (
+        serve.deployment(TaskRunner)
+        .options(name=RUNNER_DEPLOYMENT, max_ongoing_requests=1000)
+        .bind(tasks, workers, store, args.tasks)
+    )
+    gateway = serve.deployment(serve.ingress()(Gateway)).options(name=GATEWAY_DEPLOYMENT)
+    return gateway.bind(args, workers, tasks, store, runner)

@@ -121,6 +121,41 @@ class GatewayConfig(_Strict):
     )
 
 
+class TasksConfig(_Strict):
+    """Prompt tasks and the durable run queue."""
+
+    definitions_dir: str = Field(
+        default="configs/tasks",
+        description="Directory of task definition YAML files; a relative path is taken from the "
+        "promptfleet checkout (the directory holding `deployments/`).",
+    )
+    state_dir: str = Field(
+        default="~/.promptfleet/state",
+        description="Directory of the SQLite run store, on the node running the TaskStore replica.",
+    )
+    lease_s: float = Field(
+        default=15.0,
+        ge=1,
+        le=3600,
+        description="A running run's lease; a runner that stops renewing it for this long (replica or "
+        "node died) loses the run, which is queued again.",
+    )
+    max_run_starts: int = Field(
+        default=5, ge=1, le=100, description="Starts per run (lease losses, retried upstream failures) "
+        "before it fails instead of being queued again."
+    )
+    max_queued_runs: int = Field(
+        default=10000, ge=1, description="Bound of the queue; submits beyond it get 503 with Retry-After."
+    )
+    runner_concurrency: int = Field(
+        default=64, ge=1, le=10000, description="Runs one TaskRunner replica executes at once."
+    )
+
+    def definitions_path(self) -> Path:
+        path = Path(self.definitions_dir).expanduser()
+        return path if path.is_absolute() else Path(__file__).resolve().parents[1] / path
+
+
 class AppArgs(_Strict):
     """The `args` of the promptfleet application in configs/serve.yaml."""
 
@@ -128,6 +163,7 @@ class AppArgs(_Strict):
         min_length=1, description="Models served; each becomes one worker deployment."
     )
     gateway: GatewayConfig = Field(default_factory=GatewayConfig, description="HTTP ingress settings.")
+    tasks: TasksConfig = Field(default_factory=TasksConfig, description="Prompt tasks and the run queue.")
 
     @model_validator(mode="after")
     def _unique_names(self) -> AppArgs:

@@ -35,6 +35,8 @@ from deployments.errors import (
     RequestTooLarge,
 )
 from deployments.listener import Listener
+from deployments.task_routes import build_task_router
+from deployments.taskdefs import TaskDefinition
 from deployments.schemas import ChatCompletionRequest, Health, ModelCard, ModelList
 
 logger = logging.getLogger("ray.serve")
@@ -47,7 +49,10 @@ def render_error(error: PromptfleetError) -> JSONResponse:
 def validation_error(exc: RequestValidationError) -> InvalidRequest:
     """The first pydantic error as a 400 whose ``param`` is the dotted field path."""
     first = exc.errors()[0] if exc.errors() else {}
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    # FastAPI prefixes the location ("body", "query", …); the param is the field itself.
+    loc = [str(part) for part in first.get("loc", ())]
+    if loc and loc[0] in ("body", "query", "path", "header"):
+        loc = loc[1:]
     param = ".".join(loc) or None
     message = str(first.get("msg", "Invalid request body."))
     if first.get("type") == "json_invalid":
@@ -97,9 +102,17 @@ class BodySizeLimit:
 
 
 class Gateway:
-    def __init__(self, args: AppArgs, workers: dict[str, DeploymentHandle]) -> None:
+    def __init__(
+        self,
+        args: AppArgs,
+        workers: dict[str, DeploymentHandle],
+        tasks: dict[str, TaskDefinition],
+        store: DeploymentHandle,
+        runner: DeploymentHandle,
+    ) -> None:
         self.args = args
         self.workers = workers
+        self.task_router = build_task_router(tasks, store, runner)
         self.stream_workers = {name: h.options(stream=True) for name, h in workers.items()}
         self.started = int(time.time())
         self.asgi_app = BodySizeLimit(self.build_api(), limit=args.gateway.max_body_bytes)
@@ -148,6 +161,8 @@ class Gateway:
             # The full story goes to the replica log; the client learns nothing internal.
             logger.exception("unhandled error in gateway")
             return render_error(PromptfleetError("Internal error."))
+
+        api.include_router(self.task_router)
 
         @api.get("/healthz", response_model=Health)
         async def healthz() -> Health:

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+from collections.abc import Iterator
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -26,9 +27,12 @@ logger = logging.getLogger("ray.serve")
 
 
 class _EmbeddedServer(uvicorn.Server):
-    def install_signal_handlers(self) -> None:
-        # The Ray replica process owns signals; uvicorn must not replace its handlers.
-        pass
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        # The Ray replica process owns its signals. With RAY_SERVE_THROUGHPUT_OPTIMIZED user code
+        # runs on the main thread, where uvicorn would otherwise replace Ray's handlers and
+        # re-raise SIGTERM after its own shutdown.
+        yield
 
 
 def reuseport_socket(host: str, port: int) -> socket.socket:

@@ -112,3 +112,70 @@ class Health(BaseModel):
 
     status: Literal["ok"] = "ok"
     models: list[str] = Field(description="Models this gateway routes to.")
+
+
+# -- tasks and runs ------------------------------------------------------------------------
+
+
+class _Ours(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TaskInfo(_Ours):
+    name: str = Field(description="Task name, used in /v1/tasks/{name}/run and /submit.")
+    description: str = Field(description="What the task does.")
+    model: str = Field(description="Model that runs it.")
+    fallback_models: list[str] = Field(description="Models tried, in order, when the model fails.")
+    input_schema: dict[str, Any] = Field(description="JSON Schema of `input`.")
+    output_schema: dict[str, Any] = Field(description="JSON Schema the validated `output` satisfies.")
+
+
+class TaskList(_Ours):
+    object: Literal["list"] = "list"
+    data: list[TaskInfo]
+
+
+class TaskRunRequest(_Ours):
+    """Body of POST /v1/tasks/{name}/run and /submit."""
+
+    input: dict[str, Any] = Field(description="The task's input, matching its `input_schema`.")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class TaskResult(_Ours):
+    """A task's validated result (synchronous run, or `result` of a succeeded run)."""
+
+    task: str = Field(description="Task name.")
+    output: Any = Field(description="The model's output, valid against the task's output schema.")
+    model: str = Field(description="Model that produced it (a fallback model if the primary failed).")
+    attempts: int = Field(description="Model calls it took (the repair loop retries invalid output).")
+    usage: Usage = Field(description="Tokens used by all attempts.")
+
+
+class RunView(_Ours):
+    """An asynchronous run of a task, as its owner sees it."""
+
+    id: str = Field(description="Run id.")
+    object: Literal["task.run"] = "task.run"
+    task: str = Field(description="Task name.")
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"] = Field(
+        description="`queued` → `running` → `succeeded` | `failed`; `cancelled` by the owner."
+    )
+    attempt: int = Field(description="Times a runner has started it (more than 1 after a lost lease).")
+    created_at: float = Field(description="Unix time it was accepted.")
+    started_at: float | None = Field(description="Unix time it first started.")
+    finished_at: float | None = Field(description="Unix time it reached a final status.")
+    result: dict[str, Any] | None = Field(description="`{task, output, model, attempts}` once succeeded.")
+    error: dict[str, Any] | None = Field(description="The error object (OpenAI shape) once failed.")
+    usage: Usage | None = Field(description="Tokens used, when known.")
+
+
+class RunList(_Ours):
+    object: Literal["list"] = "list"
+    data: list[RunView]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; empty on the last.")

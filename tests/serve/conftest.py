@@ -60,11 +60,51 @@ def upstream_models(base_url: str) -> list[dict[str, Any]]:
     ]
 
 
-def test_config(http_port: int, listen_port: int, upstream_base_url: str) -> dict[str, Any]:
+# Tasks on the upstream models, next to the shipped ones (which run on the embedded model).
+TEST_TASKS = {
+    "label_fake": {
+        "name": "label_fake",
+        "description": "Label a text (runs on the fake upstream).",
+        "model": "fake",
+        "input_schema": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},
+        "output_schema": {
+            "type": "object",
+            "properties": {"label": {"type": "string", "enum": ["a", "b"]}},
+            "required": ["label"],
+        },
+        "prompt": "Label this: {{ text }}",
+    },
+    "label_fallback": {
+        "name": "label_fallback",
+        "description": "Same, on a model that times out fast, falling back to `fake`.",
+        "model": "fake-short",
+        "fallback_models": ["fake"],
+        "input_schema": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},
+        "output_schema": {"type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"]},
+        "prompt": "Label this: {{ text }}",
+    },
+}
+
+
+def make_tasks_dir(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for shipped in (REPO / "configs" / "tasks").glob("*.yaml"):
+        (directory / shipped.name).write_text(shipped.read_text())
+    for name, definition in TEST_TASKS.items():
+        (directory / f"{name}.yaml").write_text(yaml.safe_dump(definition))
+    return directory
+
+
+def make_config(http_port: int, listen_port: int, upstream_base_url: str, state: Path) -> dict[str, Any]:
     config = copy.deepcopy(local.load_serve_config(REPO / "configs" / "serve.yaml"))
     config["http_options"]["port"] = http_port
     app = config["applications"][0]
     app["args"]["gateway"]["listen_port"] = listen_port
+    app["args"]["tasks"].update(
+        definitions_dir=str(make_tasks_dir(state / "tasks")),
+        state_dir=str(state / "db"),
+        lease_s=3,  # short, so the fault tests see lost leases requeued quickly
+    )
     app["args"]["models"] += upstream_models(upstream_base_url)
     app["runtime_env"] = {"env_vars": {"PROMPTFLEET_UPSTREAM_HOSTS": "127.0.0.1"}}
     for deployment in app["deployments"]:
@@ -81,7 +121,7 @@ def upstream() -> Iterator[FakeUpstream]:
 
 
 @pytest.fixture(scope="session")
-def serve_app(upstream: FakeUpstream) -> Iterator[ServeApp]:
+def serve_app(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeApp]:
     import ray
     from ray import serve
 
@@ -98,7 +138,7 @@ def serve_app(upstream: FakeUpstream) -> Iterator[ServeApp]:
     )
     dashboard = f"http://127.0.0.1:{dashboard_port}"
     http_port, listen_port = free_port(), free_port()
-    config = test_config(http_port, listen_port, upstream.base_url)
+    config = make_config(http_port, listen_port, upstream.base_url, tmp_path_factory.mktemp("state"))
     try:
         local.deploy(config, dashboard)
         local.wait_until_running(dashboard, ["promptfleet"], timeout_s=300, echo=False)

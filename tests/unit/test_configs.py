@@ -10,7 +10,7 @@ import yaml
 from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
-from deployments.app import GATEWAY_DEPLOYMENT
+from deployments.app import DEPLOYMENT_NAMES
 from deployments.config import AppArgs, OpenAIModel, worker_deployment_name
 from deployments.taskdefs import load_task_definitions, validate_models
 
@@ -40,7 +40,7 @@ def test_app_args_are_valid(serve_config: dict[str, Any]) -> None:
 def test_deployment_entries_name_real_deployments(serve_config: dict[str, Any]) -> None:
     for app in serve_config["applications"]:
         args = AppArgs.model_validate(app["args"])
-        names = {GATEWAY_DEPLOYMENT} | {worker_deployment_name(m.name) for m in args.models}
+        names = set(DEPLOYMENT_NAMES) | {worker_deployment_name(m.name) for m in args.models}
         listed = {d["name"] for d in app.get("deployments", [])}
         assert listed <= names, f"unknown deployments in serve.yaml: {listed - names}"
 

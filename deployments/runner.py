@@ -1,0 +1,213 @@
+"""TaskRunner: executes prompt tasks — synchronously for the Gateway, and from the durable queue.
+
+Serves: ``run(task, input)`` (the synchronous API; nothing is stored), and, in
+the background of every replica, a loop that leases queued runs from the
+TaskStore and executes them.
+Calls: ``ModelWorker`` handles (the task's model, then its fallbacks) and the
+``TaskStoreService`` handle.
+Owns: only the runs it currently holds a lease on. A replica that dies simply
+stops renewing; its leases expire and the runs are queued again (at-least-once
+model calls; the store accepts one result per run, from the current lease).
+
+Executing a task: validate the input, render the messages, ask the model for
+JSON matching ``output_schema`` (json_schema response_format — a grammar on
+llama.cpp), validate, and feed validation errors back for another try, up to
+the task's ``max_attempts`` (``deployments.output.run_with_repair``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from typing import Any
+
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from deployments.config import TasksConfig
+from deployments.errors import (
+    InvalidRequest,
+    Overloaded,
+    PromptfleetError,
+    RateLimited,
+    TaskNotFound,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from deployments.output import run_with_repair
+from deployments.prompting import render_messages, response_format_for, validate_input
+from deployments.providers.retry import BackoffPolicy
+from deployments.store import RunRecord
+from deployments.taskdefs import TaskDefinition
+
+logger = logging.getLogger("ray.serve")
+
+# Failures of the model side rather than of the task: try the next fallback model, and
+# for queued runs, try again later rather than failing the run.
+TRANSIENT = (UpstreamError, UpstreamTimeout, RateLimited, Overloaded)
+
+
+class TaskExecutor:
+    """Runs one task once (with its repair loop and fallback models). Plain class: tested with fakes."""
+
+    def __init__(self, tasks: dict[str, TaskDefinition], workers: dict[str, DeploymentHandle]) -> None:
+        self.tasks = tasks
+        self.workers = workers
+
+    def definition(self, name: str) -> TaskDefinition:
+        defn = self.tasks.get(name)
+        if defn is None:
+            raise TaskNotFound(f"The task '{name}' does not exist.", param="task")
+        return defn
+
+    async def execute(self, name: str, task_input: dict[str, Any]) -> dict[str, Any]:
+        defn = self.definition(name)
+        validate_input(defn, task_input)
+        messages = render_messages(defn, task_input)
+        served_by: list[str] = []
+
+        async def call(conversation: list[dict[str, str]]) -> tuple[str, dict[str, Any]]:
+            body = {
+                "messages": conversation,
+                "response_format": response_format_for(defn),
+                "temperature": defn.temperature,
+                "max_tokens": defn.max_tokens,
+            }
+            models = [defn.model, *defn.fallback_models]
+            for index, model in enumerate(models):
+                try:
+                    result = await self._chat(model, body)
+                except TRANSIENT:
+                    if index == len(models) - 1:
+                        raise
+                    logger.warning("task %s: model %s failed; falling back to %s", name, model, models[index + 1])
+                    continue
+                served_by.append(model)
+                choice = result["choices"][0]
+                return choice["message"].get("content") or "", result.get("usage") or {}
+            raise AssertionError("unreachable")
+
+        try:
+            async with asyncio.timeout(defn.timeout_s):
+                repaired = await run_with_repair(call, messages, defn.output_schema, defn.max_attempts)
+        except TimeoutError:
+            raise UpstreamTimeout(f"The task '{name}' did not finish within {defn.timeout_s:g}s.") from None
+        return {
+            "task": name,
+            "output": repaired.output,
+            "model": served_by[-1],
+            "attempts": repaired.attempts,
+            "usage": repaired.usage,
+        }
+
+    async def _chat(self, model: str, body: dict[str, Any]) -> dict[str, Any]:
+        try:
+            result = await self.workers[model].chat.remote(body)
+        except BackPressureError:
+            raise Overloaded(f"Model '{model}' is at capacity.", retry_after=1) from None
+        if isinstance(result, PromptfleetError):
+            raise result
+        return dict(result)
+
+
+class TaskRunner:
+    # async: Serve runs an async constructor on the replica's event loop, which the claim loop needs.
+    async def __init__(
+        self,
+        tasks: dict[str, TaskDefinition],
+        workers: dict[str, DeploymentHandle],
+        store: DeploymentHandle,
+        config: TasksConfig,
+    ) -> None:
+        self.executor = TaskExecutor(tasks, workers)
+        self.store = store
+        self.config = config
+        self.worker_id = f"runner-{uuid.uuid4().hex[:12]}"
+        self.active: dict[str, asyncio.Task[None]] = {}
+        self.slot_free = asyncio.Event()
+        self.backoff = BackoffPolicy(base_s=1.0, cap_s=30.0)
+        self.loop_task = asyncio.get_running_loop().create_task(self._claim_loop())
+
+    async def run(self, name: str, task_input: dict[str, Any]) -> dict[str, Any] | PromptfleetError:
+        """The synchronous path: execute now, return the result or the error (as a value)."""
+        try:
+            return await self.executor.execute(name, task_input)
+        except PromptfleetError as exc:
+            return exc
+
+    async def _claim_loop(self) -> None:
+        while True:
+            try:
+                free = self.config.runner_concurrency - len(self.active)
+                if free <= 0:
+                    self.slot_free.clear()
+                    await self.slot_free.wait()
+                    continue
+                runs: list[RunRecord] = await self.store.claim.remote(self.worker_id, free, 10.0)
+                for run in runs:
+                    self.active[run.id] = asyncio.create_task(self._execute(run))
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # The store is restarting or unreachable: keep trying, gently.
+                logger.exception("claim failed; retrying")
+                await asyncio.sleep(1.0)
+
+    async def _execute(self, run: RunRecord) -> None:
+        assert run.lease_token is not None
+        token = run.lease_token
+        work = asyncio.create_task(self.executor.execute(run.task, run.input))
+        renewer = asyncio.create_task(self._renew(run.id, token, work))
+        try:
+            try:
+                result = await work
+            except asyncio.CancelledError:
+                return  # lease lost or run cancelled: whoever holds it now finishes it
+            except TRANSIENT as exc:
+                if run.attempt < self.config.max_run_starts:
+                    await asyncio.sleep(self.backoff.delay(run.attempt, exc.retry_after))
+                    await self.store.release.remote(run.id, token)
+                else:
+                    await self.store.fail.remote(run.id, token, exc.to_body()["error"], None)
+                return
+            except PromptfleetError as exc:
+                await self.store.fail.remote(run.id, token, exc.to_body()["error"], None)
+                return
+            except Exception:
+                logger.exception("run %s failed unexpectedly", run.id)
+                error = PromptfleetError("Internal error while running the task.").to_body()["error"]
+                await self.store.fail.remote(run.id, token, error, None)
+                return
+            usage = result.pop("usage")
+            await self.store.complete.remote(run.id, token, result, usage)
+        finally:
+            renewer.cancel()
+            self.active.pop(run.id, None)
+            self.slot_free.set()
+
+    async def _renew(self, run_id: str, token: str, work: asyncio.Task[Any]) -> None:
+        while not work.done():
+            await asyncio.sleep(self.config.lease_s / 3)
+            with contextlib.suppress(Exception):
+                if not await self.store.renew.remote(run_id, token):
+                    # Cancelled by its owner, or the lease was lost to another runner.
+                    work.cancel()
+                    return
+
+    async def __del__(self) -> None:
+        self.loop_task.cancel()
+        for task in list(self.active.values()):
+            task.cancel()
+
+
+def check_input(tasks: dict[str, TaskDefinition], name: str, task_input: Any) -> TaskDefinition:
+    """The Gateway's check before accepting a run: 404 for an unknown task, 400 naming the field."""
+    defn = tasks.get(name)
+    if defn is None:
+        raise TaskNotFound(f"The task '{name}' does not exist.", param="task")
+    if not isinstance(task_input, dict):
+        raise InvalidRequest("input: must be an object", param="input")
+    validate_input(defn, task_input)
+    return defn

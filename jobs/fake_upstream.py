@@ -1,0 +1,559 @@
+"""A real, fast, fault-injectable fake of an OpenAI-compatible upstream.
+
+Serves, over real HTTP (raw ASGI under uvicorn; httptools + uvloop when installed):
+
+    POST /v1/chat/completions  OpenAI chat completion; ``"stream": true`` answers SSE chunks and
+                               ``stream_options.include_usage`` adds a usage chunk before [DONE]
+    GET  /v1/models[/<id>]     ``fake-model`` (a requested id is echoed back)
+    POST /_control/config      ``{"mode": ..., **params}`` replaces the fault config (400 if bad)
+    POST /_control/reset       back to the start-up config (mode ``ok``), zeroed stats
+    GET  /_control/stats       ``{"calls", "calls_by_mode", "in_flight", "max_in_flight",
+                                 "call_times", "last_authorization"}``
+
+Answers are deterministic: ``"echo: " + <last user message>`` cut to 200 characters, or with
+``response_format`` ``json_object`` / ``json_schema`` a JSON document (for a schema, the instance
+built by :func:`minimal_instance`).
+
+Fault modes (:class:`FaultConfig`): ``ok`` (optional ``latency_ms``), ``rate_limit`` (429 with
+``Retry-After``), ``error`` (500), ``slow`` (``delay_s``, then normal), ``hang`` (no answer until
+the client leaves or the server stops), ``drop_stream`` (two SSE chunks, then the connection is
+closed; a non-streaming call gets the 500 of ``error``). ``fail_first_n`` limits the fault to the
+first N chat calls after configuring. ``api_key`` makes ``/v1`` calls without
+``Authorization: Bearer <api_key>`` answer 401. Error bodies have the OpenAI shape. Every chat
+call, 401s included, is counted in the stats (401s under the mode ``unauthorized``).
+
+State: one :class:`_Control` (fault config + stats) per server, touched by the server's event loop
+and by the controlling thread, behind a lock that is never held across an ``await``.
+
+In-process: :class:`FakeUpstream` serves from a daemon thread (the uvicorn-in-a-thread pattern of
+encode/httpx's ``tests/conftest.py``). As a program: ``python -m jobs.fake_upstream --port 9100``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import dataclasses
+import http.client
+import json
+import logging
+import signal
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from types import FrameType, TracebackType
+from typing import Any
+
+import uvicorn
+
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+Headers = list[tuple[bytes, bytes]]
+
+MODES = ("ok", "rate_limit", "error", "slow", "hang", "drop_stream")
+MAX_CALL_TIMES = 100_000
+_JSON: Headers = [(b"content-type", b"application/json")]
+_SSE: Headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+
+
+@dataclasses.dataclass(frozen=True)
+class FaultConfig:
+    """The whole fault configuration: each ``configure`` replaces it, unset fields default."""
+
+    mode: str = "ok"
+    latency_ms: float = 0.0  # sleep before answering (mode "ok")
+    retry_after: float = 2  # Retry-After header, seconds (mode "rate_limit")
+    delay_s: float = 1.0  # sleep before answering normally (mode "slow")
+    fail_first_n: int | None = None  # only the first N chat calls get the fault, then "ok"
+    api_key: str | None = None  # if set, /v1 calls need "Authorization: Bearer <api_key>"
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"unknown mode {self.mode!r}; expected one of {', '.join(MODES)}")
+        for name in ("latency_ms", "retry_after", "delay_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name} must be a number >= 0")
+        n = self.fail_first_n
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
+            raise ValueError("fail_first_n must be an integer >= 0")
+        if self.api_key is not None and not isinstance(self.api_key, str):
+            raise ValueError("api_key must be a string")
+
+
+_FORMATS = {"date-time": "1970-01-01T00:00:00Z", "date": "1970-01-01", "email": "x@example.com",
+            "uri": "http://example.com", "uuid": "00000000-0000-0000-0000-000000000000"}
+
+
+def minimal_instance(schema: Any, root: Any = None, depth: int = 0) -> Any:
+    """Return a small JSON value valid against ``schema`` when the schema is simple.
+
+    Handles what structured-output schemas use: local ``$ref`` (``#/$defs/...``), ``const``,
+    ``enum`` (first value), ``anyOf``/``oneOf`` (first branch), ``allOf`` (merged objects), objects
+    (required properties only), strings ("x", a sample for common ``format``s, padded to
+    ``minLength``), numbers 0 (moved into ``minimum``/``maximum``), booleans true, arrays of
+    ``minItems`` items, null. Not honoured: ``pattern``, ``multipleOf``, ``uniqueItems``, ...
+    """
+    root = schema if root is None else root
+    if not isinstance(schema, dict) or depth > 32:
+        return None
+    if "$ref" in schema:
+        target: Any = root
+        for part in str(schema["$ref"]).removeprefix("#").strip("/").split("/"):
+            if part and isinstance(target, dict):
+                target = target.get(part.replace("~1", "/").replace("~0", "~"), {})
+        return minimal_instance(target, root, depth + 1)
+    if "const" in schema:
+        return schema["const"]
+    if schema.get("enum"):
+        return schema["enum"][0]
+    for key in ("anyOf", "oneOf"):
+        if schema.get(key):
+            return minimal_instance(schema[key][0], root, depth + 1)
+    if schema.get("allOf"):
+        parts = [minimal_instance(s, root, depth + 1) for s in schema["allOf"]]
+        if all(isinstance(p, dict) for p in parts):
+            return {k: v for p in parts for k, v in p.items()}
+        return parts[0]
+    kind = schema.get("type", "object" if "properties" in schema else None)
+    if isinstance(kind, list):  # e.g. ["string", "null"]: the non-null type says more
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object":
+        props = schema.get("properties", {})
+        required = schema.get("required", [])
+        return {k: minimal_instance(props.get(k, {}), root, depth + 1) for k in required}
+    if kind == "array":
+        return [minimal_instance(schema.get("items", {}), root, depth + 1)] * int(
+            schema.get("minItems", 0))
+    if kind == "string":
+        text = _FORMATS.get(schema.get("format", ""), "x")
+        return text + "x" * max(0, int(schema.get("minLength", 0)) - len(text))
+    if kind in ("integer", "number"):
+        value: float = 0
+        if "minimum" in schema and value < schema["minimum"]:
+            value = schema["minimum"]
+        elif "exclusiveMinimum" in schema and value <= schema["exclusiveMinimum"]:
+            value = schema["exclusiveMinimum"] + 1
+        elif "maximum" in schema and value > schema["maximum"]:
+            value = schema["maximum"]
+        elif "exclusiveMaximum" in schema and value >= schema["exclusiveMaximum"]:
+            value = schema["exclusiveMaximum"] - 1
+        return int(value) if kind == "integer" else value
+    return True if kind == "boolean" else None
+
+
+class _Control:
+    """Fault config and call statistics, shared by the server loop and other threads."""
+
+    def __init__(self, config: FaultConfig) -> None:
+        self._lock = threading.Lock()
+        self._initial = config
+        self.config = config  # replaced, never mutated: reading it needs no lock
+        self._faults_left = config.fail_first_n
+        self._zero()
+
+    def _zero(self) -> None:
+        self.calls = self.in_flight = self.max_in_flight = 0
+        self.calls_by_mode: collections.Counter[str] = collections.Counter()
+        self.call_times: collections.deque[float] = collections.deque(maxlen=MAX_CALL_TIMES)
+        self.last_authorization: str | None = None
+
+    def configure(self, config: FaultConfig) -> None:
+        with self._lock:
+            self.config, self._faults_left = config, config.fail_first_n
+
+    def reset(self) -> None:
+        with self._lock:
+            self.config, self._faults_left = self._initial, self._initial.fail_first_n
+            self._zero()
+
+    def begin_call(self, authorization: str | None, authorized: bool) -> FaultConfig:
+        """Count a chat call; return the config it runs under ("ok" once faults ran out)."""
+        with self._lock:
+            config = self.config
+            if config.mode != "ok" and self._faults_left is not None:
+                if self._faults_left > 0:
+                    self._faults_left -= 1
+                else:
+                    config = dataclasses.replace(config, mode="ok")
+            self.calls += 1
+            self.calls_by_mode[config.mode if authorized else "unauthorized"] += 1
+            self.call_times.append(time.time())
+            self.last_authorization = authorization
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            return config
+
+    def end_call(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {"calls": self.calls, "calls_by_mode": dict(self.calls_by_mode),
+                    "in_flight": self.in_flight, "max_in_flight": self.max_in_flight,
+                    "call_times": list(self.call_times),
+                    "last_authorization": self.last_authorization}
+
+
+class FakeUpstreamApp:
+    """The raw ASGI application (routing by hand: no framework on the hot path)."""
+
+    def __init__(self, control: _Control) -> None:
+        self.control = control
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing: asyncio.Event | None = None
+
+    def begin_close(self) -> None:
+        """Make ``hang``/``slow`` calls answer 503 now, so the server can stop; any thread."""
+        if self._loop is not None and self._closing is not None:
+            self._loop.call_soon_threadsafe(self._closing.set)
+
+    async def __call__(self, scope: Message, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                self._loop, self._closing = asyncio.get_running_loop(), asyncio.Event()
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        if scope["type"] != "http":
+            return
+        method, path = scope["method"], scope["path"].rstrip("/")
+        if path.startswith("/v1/"):
+            authorization = next(
+                (v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
+            key = self.control.config.api_key
+            authorized = key is None or authorization == f"Bearer {key}"
+            if method == "POST" and path == "/v1/chat/completions":
+                await self._chat(receive, send, authorization, authorized)
+            elif not authorized:
+                await _error(send, 401, "Incorrect API key provided.", "invalid_request_error",
+                             "invalid_api_key")
+            elif method == "GET" and path == "/v1/models":
+                await _respond(send, 200, {"object": "list", "data": [_model("fake-model")]})
+            elif method == "GET" and path.startswith("/v1/models/"):
+                await _respond(send, 200, _model(path.removeprefix("/v1/models/")))
+            else:
+                await _error(send, 404, f"No route {method} {path}", "invalid_request_error",
+                             "not_found")
+        elif method == "POST" and path in ("/_control/config", "/_control/reset"):
+            try:
+                if path == "/_control/reset":
+                    self.control.reset()
+                else:
+                    params = json.loads(await _read_body(receive) or b"{}")
+                    self.control.configure(FaultConfig(**params))
+            except (ValueError, TypeError) as exc:  # our own validation messages
+                await _error(send, 400, str(exc), "invalid_request_error", "invalid_config")
+                return
+            await _respond(send, 200, dataclasses.asdict(self.control.config))
+        elif method == "GET" and path == "/_control/stats":
+            await _respond(send, 200, self.control.snapshot())
+        else:
+            await _error(send, 404, f"No route {method} {path}", "invalid_request_error",
+                         "not_found")
+
+    async def _chat(
+        self, receive: Receive, send: Send, authorization: str | None, authorized: bool
+    ) -> None:
+        body = await _read_body(receive)
+        config = self.control.begin_call(authorization, authorized)
+        try:
+            if not authorized:
+                await _error(send, 401, "Incorrect API key provided.", "invalid_request_error",
+                             "invalid_api_key")
+                return
+            try:
+                request = json.loads(body)
+            except ValueError:
+                request = None
+            if not isinstance(request, dict):
+                await _error(send, 400, "The body is not a JSON object.", "invalid_request_error",
+                             "invalid_json")
+                return
+            stream, mode = bool(request.get("stream")), config.mode
+            if mode == "rate_limit":
+                await _error(send, 429, "Rate limit reached (injected by the fake upstream).",
+                             "rate_limit_error", "rate_limit_exceeded",
+                             [(b"retry-after", str(config.retry_after).encode())])
+            elif mode == "error" or (mode == "drop_stream" and not stream):
+                await _error(send, 500, "The server had an error (injected by the fake upstream).",
+                             "server_error", "internal_error")
+            elif mode in ("hang", "slow") and await self._wait(
+                    receive, None if mode == "hang" else config.delay_s):
+                await _error(send, 503, "The fake upstream is stopping.", "server_error",
+                             "shutting_down")
+            else:
+                if mode == "ok" and config.latency_ms > 0:
+                    await asyncio.sleep(config.latency_ms / 1000)
+                if stream:
+                    await _stream(send, request, drop=mode == "drop_stream")
+                else:
+                    await _complete(send, request)
+        finally:
+            self.control.end_call()
+
+    async def _wait(self, receive: Receive, seconds: float | None) -> bool:
+        """Sleep ``seconds`` (None: forever); True if cut short by a disconnect or by stopping."""
+        assert self._closing is not None, "lifespan startup has run"
+        # Once the body is read, uvicorn's receive() only returns on client disconnect.
+        waiters = {asyncio.ensure_future(receive()), asyncio.ensure_future(self._closing.wait())}
+        try:
+            done, _ = await asyncio.wait(waiters, timeout=seconds,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            return bool(done)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+
+def _model(model_id: str) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "promptfleet-fake"}
+
+
+async def _read_body(receive: Receive) -> bytes:
+    chunks = []
+    while True:
+        message = await receive()
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            return b"".join(chunks)
+
+
+async def _respond(send: Send, status: int, body: Any, headers: Headers | None = None) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": _JSON + headers if headers else _JSON})
+    await send({"type": "http.response.body", "body": json.dumps(body).encode()})
+
+
+async def _error(send: Send, status: int, message: str, type_: str, code: str,
+                 headers: Headers | None = None) -> None:
+    error = {"message": message, "type": type_, "param": None, "code": code}
+    await _respond(send, status, {"error": error}, headers)
+
+
+def _answer(request: dict[str, Any]) -> str:
+    text = ""
+    for message in reversed(request.get("messages") or []):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, list):  # content parts: keep the text ones
+                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            text = str(content or "")
+            break
+    response_format = request.get("response_format") or {}
+    if response_format.get("type") == "json_schema":
+        return json.dumps(minimal_instance(
+            (response_format.get("json_schema") or {}).get("schema") or {}))
+    if response_format.get("type") == "json_object":
+        return json.dumps({"echo": text[:200]})
+    return ("echo: " + text)[:200]
+
+
+def _usage(request: dict[str, Any], content: str) -> dict[str, int]:
+    # Whitespace words stand in for tokens: deterministic and cheap.
+    prompt = sum(len(str(m.get("content", "")).split()) + 4
+                 for m in request.get("messages") or [] if isinstance(m, dict))
+    completion = len(content.split())
+    return {"prompt_tokens": prompt, "completion_tokens": completion,
+            "total_tokens": prompt + completion}
+
+
+def _head(request: dict[str, Any], obj: str) -> dict[str, Any]:
+    return {"id": f"chatcmpl-fake{time.monotonic_ns():x}", "object": obj,
+            "created": int(time.time()), "model": request.get("model", "fake-model")}
+
+
+async def _complete(send: Send, request: dict[str, Any]) -> None:
+    content = _answer(request)
+    message = {"role": "assistant", "content": content}
+    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
+    await _respond(send, 200, {**_head(request, "chat.completion"), "choices": [choice],
+                               "usage": _usage(request, content)})
+
+
+async def _stream(send: Send, request: dict[str, Any], drop: bool) -> None:
+    content = _answer(request)
+    include_usage = bool((request.get("stream_options") or {}).get("include_usage"))
+    head = _head(request, "chat.completion.chunk")
+    if include_usage:
+        head["usage"] = None  # as OpenAI does: null on every chunk but the last
+
+    def event(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return b"data: " + json.dumps({**head, "choices": [choice]}).encode() + b"\n\n"
+
+    step = max(1, -(-len(content) // 4))  # ceil: at most 4 content pieces
+    events = [event({"role": "assistant", "content": ""})]
+    events += [event({"content": content[i:i + step]}) for i in range(0, len(content), step)]
+    events.append(event({}, "stop"))
+    if include_usage:
+        last = {**head, "choices": [], "usage": _usage(request, content)}
+        events.append(b"data: " + json.dumps(last).encode() + b"\n\n")
+    events.append(b"data: [DONE]\n\n")
+    await send({"type": "http.response.start", "status": 200, "headers": _SSE})
+    for data in events[:2] if drop else events:
+        await send({"type": "http.response.body", "body": data, "more_body": True})
+    if not drop:  # returning mid-body makes uvicorn close the connection: a truncated stream
+        await send({"type": "http.response.body", "body": b""})
+
+
+class _QuietDrop(logging.Filter):
+    """Drops the error uvicorn logs for the truncated responses ``drop_stream`` makes on purpose."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "returned without completing response" not in record.getMessage()
+
+
+_QUIET_DROP = _QuietDrop()
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that wakes ``hang``/``slow`` calls on exit and can print its URL.
+
+    No ``install_signal_handlers`` override (encode/httpx's conftest has one): uvicorn >= 0.29
+    only captures signals when it runs in the main thread.
+    """
+
+    def __init__(self, config: uvicorn.Config, app: FakeUpstreamApp, announce: bool) -> None:
+        super().__init__(config)
+        self.app, self.announce = app, announce
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.app.begin_close()
+        super().handle_exit(sig, frame)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self.announce:
+            print(f"http://{self.config.host}:{self.config.port}", flush=True)
+
+
+class FakeUpstream:
+    """The fake upstream as an object: ``with FakeUpstream() as fake: use(fake.base_url)``.
+
+    ``port=0`` picks a free port. :meth:`configure`, :meth:`reset` and :meth:`stats` are
+    thread-safe and do what the ``/_control`` endpoints do.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, latency_ms: float = 0.0) -> None:
+        self.control = _Control(FaultConfig(latency_ms=latency_ms))
+        self.app = FakeUpstreamApp(self.control)
+        self.host, self.port = host, port
+        self._server: _Server | None = None
+        self._socket: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        """``http://HOST:PORT``, the port being the bound one once started."""
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI client's ``base_url``: :attr:`url` + ``/v1``."""
+        return self.url + "/v1"
+
+    def configure(self, mode: str = "ok", **params: Any) -> None:
+        """Replace the fault config (see :class:`FaultConfig`); ValueError/TypeError if invalid."""
+        self.control.configure(FaultConfig(mode=mode, **params))
+
+    def reset(self) -> None:
+        """Back to the config given at construction (mode ``ok``, its ``latency_ms``); zero stats."""
+        self.control.reset()
+
+    def stats(self) -> dict[str, Any]:
+        """The document ``GET /_control/stats`` answers."""
+        return self.control.snapshot()
+
+    def _build(self, announce: bool) -> _Server:
+        # Binding here, not in uvicorn, is what makes port 0 usable: we learn the port first.
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind((self.host, self.port))
+        self.port = self._socket.getsockname()[1]
+        config = uvicorn.Config(self.app, host=self.host, port=self.port, loop="auto", http="auto",
+                                lifespan="on", access_log=False, log_level="warning",
+                                timeout_graceful_shutdown=2)
+        logging.getLogger("uvicorn.error").addFilter(_QUIET_DROP)  # after Config set up logging
+        self._server = _Server(config, self.app, announce)
+        return self._server
+
+    def serve_forever(self) -> None:
+        """Serve from the calling (main) thread until SIGINT/SIGTERM; print the URL when ready."""
+        server = self._build(announce=True)
+        try:
+            server.run(sockets=[self._socket] if self._socket else None)
+        finally:
+            self._close_socket()
+
+    def start(self, timeout: float = 10.0) -> FakeUpstream:
+        """Serve from a daemon thread; return once a real HTTP request has been answered."""
+        if self._thread is not None:
+            raise RuntimeError("FakeUpstream already started")
+        server = self._build(announce=False)
+        self._thread = threading.Thread(target=server.run, kwargs={"sockets": [self._socket]},
+                                        name=f"fake-upstream-{self.port}", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError("the fake upstream did not start")
+            time.sleep(0.005)
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        try:
+            conn.request("GET", "/_control/stats")
+            conn.getresponse().read()
+        finally:
+            conn.close()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop serving (in-flight ``hang``/``slow`` calls get 503) and join the thread."""
+        if self._server is not None:
+            self.app.begin_close()
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        self._server = None
+        self._close_socket()
+
+    def _close_socket(self) -> None:
+        if self._socket is not None:
+            self._socket.close()  # usually closed already by uvicorn; closing twice is harmless
+            self._socket = None
+
+    def __enter__(self) -> FakeUpstream:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve until SIGINT/SIGTERM; print the URL on one line once listening."""
+    parser = argparse.ArgumentParser(prog="python -m jobs.fake_upstream",
+                                     description="A fake OpenAI-compatible upstream.")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=9100,
+                        help="0 picks a free port (default: %(default)s)")
+    parser.add_argument("--latency-ms", type=float, default=0.0,
+                        help="latency of mode ok, in ms (default: %(default)s)")
+    args = parser.parse_args(argv)
+    # uvicorn re-raises the signal it caught once it has shut down, under the handlers that were
+    # in place before it ran; with these no-ops the program then returns 0 instead of dying of it.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda _sig, _frame: None)
+    FakeUpstream(args.host, args.port, args.latency_ms).serve_forever()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,446 @@
+"""TaskStore: durability, idempotency, leases, first-completion-wins, owner scoping, paging."""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+import sqlite3
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from deployments.errors import Conflict, InvalidRequest, RunNotFound
+from deployments.runstate import RunStatus
+from deployments.store import RunRecord, TaskStore
+
+LEASE = 30.0
+
+
+@pytest.fixture
+def store() -> Iterator[TaskStore]:
+    with TaskStore(":memory:") as s:
+        yield s
+
+
+def new_run(
+    store: TaskStore, n: int = 0, *, owner: str = "alice", now: float = 100.0, **kw: Any
+) -> RunRecord:
+    run, created = store.create_run(
+        task="classify", input={"text": f"t{n}"}, owner=owner, idempotency_key=kw.get("key"), now=now
+    )
+    assert created or kw.get("key")
+    return run
+
+
+def claim_one(store: TaskStore, now: float, worker: str = "w1") -> RunRecord:
+    (run,) = store.claim(worker_id=worker, lease_s=LEASE, now=now)
+    return run
+
+
+def test_create_run_record(store: TaskStore) -> None:
+    run = new_run(store, now=100.0)
+    assert run.id.startswith("run_") and len(run.id) == 4 + 24
+    assert int(run.id[4:], 16) >= 0
+    assert (run.task, run.owner, run.status, run.input) == (
+        "classify",
+        "alice",
+        RunStatus.QUEUED,
+        {"text": "t0"},
+    )
+    assert (run.attempt, run.created_at, run.updated_at) == (0, 100.0, 100.0)
+    assert all(v is None for v in (run.result, run.error, run.usage, run.started_at, run.lease_token))
+    assert pickle.loads(pickle.dumps(run)) == run
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        run.status = RunStatus.RUNNING  # type: ignore[misc]
+
+
+def test_idempotency_same_body_returns_existing(store: TaskStore) -> None:
+    first, created = store.create_run(
+        task="t", input={"a": 1, "b": 2}, owner="alice", idempotency_key="k", now=1
+    )
+    assert created
+    # Key order does not matter: the hash is of canonical JSON.
+    again, created = store.create_run(
+        task="t", input={"b": 2, "a": 1}, owner="alice", idempotency_key="k", now=2
+    )
+    assert not created and again == first
+    assert store.count_queued() == 1
+
+
+def test_idempotency_different_body_conflicts(store: TaskStore) -> None:
+    store.create_run(task="t", input={"a": 1}, owner="alice", idempotency_key="k", now=1)
+    for task, body in [("t", {"a": 2}), ("other", {"a": 1})]:
+        with pytest.raises(Conflict) as info:
+            store.create_run(task=task, input=body, owner="alice", idempotency_key="k", now=2)
+        assert info.value.param == "Idempotency-Key" and info.value.status_code == 409
+
+
+def test_idempotency_is_scoped_per_owner(store: TaskStore) -> None:
+    a, _ = store.create_run(task="t", input={"a": 1}, owner="alice", idempotency_key="k", now=1)
+    b, created = store.create_run(task="t", input={"a": 2}, owner="bob", idempotency_key="k", now=1)
+    assert created and a.id != b.id
+
+
+def test_non_json_input_is_invalid_request(store: TaskStore) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        store.create_run(task="t", input={"x": float("nan")}, owner="a", idempotency_key=None, now=1)
+    assert info.value.param == "input"
+    assert store.count_queued() == 0
+
+
+def test_claim_is_fifo_and_sets_lease(store: TaskStore) -> None:
+    # Same created_at for all: order must still be creation order, not id order.
+    ids = [new_run(store, n, now=100.0).id for n in range(5)]
+    got = store.claim(worker_id="w1", lease_s=LEASE, now=110.0, limit=2)
+    got += store.claim(worker_id="w2", lease_s=LEASE, now=111.0, limit=10)
+    assert [r.id for r in got] == ids
+    first = got[0]
+    assert (first.status, first.attempt, first.worker_id) == (RunStatus.RUNNING, 1, "w1")
+    assert (first.started_at, first.lease_expires_at) == (110.0, 110.0 + LEASE)
+    assert first.lease_token and len({r.lease_token for r in got}) == 5
+    assert store.claim(worker_id="w3", lease_s=LEASE, now=112.0) == []
+    assert store.count_queued() == 0
+
+
+def test_claim_rejects_bad_arguments(store: TaskStore) -> None:
+    with pytest.raises(ValueError):
+        store.claim(worker_id="w", lease_s=0, now=1)
+    with pytest.raises(ValueError):
+        store.claim(worker_id="w", lease_s=1, now=1, limit=0)
+
+
+def test_expired_lease_is_requeued_and_reclaimed_with_next_attempt(store: TaskStore) -> None:
+    run = new_run(store)
+    first = claim_one(store, now=100.0, worker="w1")
+    assert store.claim(worker_id="w2", lease_s=LEASE, now=100.0 + LEASE - 0.001) == []  # not yet
+    second = claim_one(store, now=100.0 + LEASE, worker="w2")
+    assert second.id == run.id
+    assert (second.attempt, second.worker_id, second.started_at) == (2, "w2", 100.0)
+    assert second.lease_token != first.lease_token
+    assert first.lease_token is not None and second.lease_token is not None
+    # The first worker is now stale: nothing it does is visible.
+    assert not store.renew(run.id, first.lease_token, LEASE, now=131.0)
+    assert not store.complete(run.id, first.lease_token, result={"stale": True}, usage={}, now=131.0)
+    assert not store.fail(run.id, first.lease_token, error={"code": "x"}, now=131.0)
+    assert not store.release(run.id, first.lease_token, now=131.0)
+    assert store.get(run.id, "alice") == second
+    assert store.complete(run.id, second.lease_token, result={"ok": 1}, usage={"total_tokens": 3}, now=132.0)
+    done = store.get(run.id, "alice")
+    assert (done.status, done.result, done.usage, done.finished_at) == (
+        RunStatus.SUCCEEDED,
+        {"ok": 1},
+        {"total_tokens": 3},
+        132.0,
+    )
+    assert done.lease_token is None and done.lease_expires_at is None
+
+
+def test_first_completion_wins(store: TaskStore) -> None:
+    run = new_run(store)
+    token = claim_one(store, now=100.0).lease_token
+    assert token is not None
+    assert store.complete(run.id, token, result="first", usage={}, now=101.0)
+    assert not store.complete(run.id, token, result="second", usage={}, now=102.0)
+    assert not store.fail(run.id, token, error={"code": "late"}, now=102.0)
+    assert not store.release(run.id, token, now=102.0)
+    assert not store.renew(run.id, token, LEASE, now=102.0)
+    final = store.get(run.id, "alice")
+    assert (final.status, final.result, final.error, final.updated_at) == (
+        RunStatus.SUCCEEDED,
+        "first",
+        None,
+        101.0,
+    )
+
+
+def test_unknown_run_or_token_writes_nothing(store: TaskStore) -> None:
+    assert not store.complete("run_nope", "t", result=1, usage={}, now=1)
+    run = new_run(store)
+    assert not store.complete(run.id, "not-a-token", result=1, usage={}, now=1)  # still queued
+    claim_one(store, now=100.0)
+    assert not store.complete(run.id, "not-a-token", result=1, usage={}, now=101)
+    assert store.get(run.id, "alice").status is RunStatus.RUNNING
+
+
+def test_renew_extends_the_lease_even_after_expiry_if_not_reclaimed(store: TaskStore) -> None:
+    run = new_run(store)
+    token = claim_one(store, now=100.0).lease_token
+    assert token is not None
+    assert store.renew(run.id, token, LEASE, now=120.0)
+    assert store.get(run.id, "alice").lease_expires_at == 150.0
+    assert store.claim(worker_id="w2", lease_s=LEASE, now=140.0) == []
+    assert store.renew(run.id, token, LEASE, now=160.0)  # expired at 150, but nobody took it
+    assert store.get(run.id, "alice").lease_expires_at == 190.0
+
+
+def test_fail_and_release(store: TaskStore) -> None:
+    a, b = new_run(store, 1), new_run(store, 2)
+    ta, tb = (claim_one(store, now=100.0).lease_token for _ in range(2))
+    assert ta is not None and tb is not None
+    error = {"message": "bad output", "type": "task_error", "param": None, "code": "task_failed"}
+    assert store.fail(a.id, ta, error=error, usage={"total_tokens": 9}, now=101.0)
+    failed = store.get(a.id, "alice")
+    assert (failed.status, failed.error, failed.usage, failed.finished_at) == (
+        RunStatus.FAILED,
+        error,
+        {"total_tokens": 9},
+        101.0,
+    )
+    assert store.release(b.id, tb, now=102.0)
+    released = store.get(b.id, "alice")
+    assert (released.status, released.attempt, released.lease_token, released.finished_at) == (
+        RunStatus.QUEUED,
+        1,
+        None,
+        None,
+    )
+    assert claim_one(store, now=103.0).attempt == 2
+
+
+def test_lease_expiry_beyond_max_attempts_fails_the_run() -> None:
+    with TaskStore(":memory:", max_attempts_total=2) as store:
+        run = new_run(store)
+        assert claim_one(store, now=100.0).attempt == 1
+        assert claim_one(store, now=200.0).attempt == 2
+        assert store.claim(worker_id="w", lease_s=LEASE, now=300.0) == []
+        failed = store.get(run.id, "alice")
+        assert failed.status is RunStatus.FAILED
+        assert failed.error is not None and failed.error["code"] == "lease_expired"
+        assert failed.error["type"] == "task_error" and "2 times" in failed.error["message"]
+        assert (failed.attempt, failed.finished_at, failed.lease_token) == (2, 300.0, None)
+
+
+def test_cancel(store: TaskStore) -> None:
+    done, running, queued = new_run(store, 1), new_run(store, 2), new_run(store, 3)
+    token3 = claim_one(store, now=100.0).lease_token  # claims are FIFO: `done` first
+    token = claim_one(store, now=100.0).lease_token
+    assert token is not None and token3 is not None
+    assert store.complete(done.id, token3, result=1, usage={}, now=101.0)
+    c1 = store.cancel(queued.id, "alice", now=102.0)
+    c2 = store.cancel(running.id, "alice", now=102.0)
+    assert (c1.status, c2.status, c2.finished_at, c2.lease_token) == (
+        RunStatus.CANCELLED,
+        RunStatus.CANCELLED,
+        102.0,
+        None,
+    )
+    # The cancelled run's worker learns it through renew/complete returning False.
+    assert not store.renew(running.id, token, LEASE, now=103.0)
+    assert not store.complete(running.id, token, result=1, usage={}, now=103.0)
+    assert store.cancel(done.id, "alice", now=104.0) == store.get(done.id, "alice")
+    assert store.get(done.id, "alice").status is RunStatus.SUCCEEDED
+    assert store.cancel(queued.id, "alice", now=105.0) == c1  # idempotent
+
+
+def test_owner_scoping_hides_other_owners_runs(store: TaskStore) -> None:
+    run = new_run(store, owner="alice")
+    calls: list[Callable[[], RunRecord]] = [
+        lambda: store.get(run.id, "bob"),
+        lambda: store.cancel(run.id, "bob", now=1.0),
+        lambda: store.get("run_" + "0" * 24, "alice"),
+        lambda: store.cancel("run_missing", "alice", now=1.0),
+    ]
+    for call in calls:
+        with pytest.raises(RunNotFound) as info:
+            call()
+        assert info.value.status_code == 404
+    assert store.get(run.id, "alice").status is RunStatus.QUEUED
+    assert store.list_runs("bob") == ([], None)
+
+
+def test_pagination_covers_every_row_exactly_once(store: TaskStore) -> None:
+    # Ties on created_at (several runs per instant) must not lose or repeat rows.
+    for n in range(23):
+        new_run(store, n, now=float(n // 3))
+    new_run(store, 99, owner="bob", now=5.0)
+    seen: list[RunRecord] = []
+    cursor: str | None = None
+    while True:
+        page, cursor = store.list_runs("alice", limit=5, cursor=cursor)
+        assert len(page) <= 5
+        seen.extend(page)
+        if cursor is None:
+            break
+    assert len(seen) == 23 and len({r.id for r in seen}) == 23
+    keys = [(r.created_at, r.id) for r in seen]
+    assert keys == sorted(keys, reverse=True)
+    assert {r.owner for r in seen} == {"alice"}
+
+
+def test_list_filters_and_validation(store: TaskStore) -> None:
+    a = new_run(store, 1, now=1.0)
+    store.create_run(task="summarize", input={}, owner="alice", idempotency_key=None, now=2.0)
+    claim_one(store, now=3.0)
+    assert [r.id for r in store.list_runs("alice", status="running")[0]] == [a.id]
+    assert [r.task for r in store.list_runs("alice", task="summarize")[0]] == ["summarize"]
+    assert store.list_runs("alice", status="queued", task="classify") == ([], None)
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"limit": 0}, "limit"),
+        ({"limit": 1001}, "limit"),
+        ({"status": "sleeping"}, "status"),
+        ({"cursor": "garbage!"}, "cursor"),
+        ({"cursor": "bnVsbA"}, "cursor"),  # base64 of "null"
+    ]
+    for kwargs, param in cases:
+        with pytest.raises(InvalidRequest) as info:
+            store.list_runs("alice", **kwargs)
+        assert info.value.param == param
+
+
+def test_requeue_all_running_after_cluster_restart(tmp_path: Path) -> None:
+    db = tmp_path / "state" / "tasks.db"
+    with TaskStore(db, max_attempts_total=2) as store:
+        ids = [new_run(store, n).id for n in range(3)]
+        claim_one(store, now=100.0)  # ids[0]: attempt 1
+        claim_one(store, now=100.0)  # ids[1]: attempt 1
+        token = claim_one(store, now=100.0).lease_token  # ids[2]
+        assert token is not None
+        assert store.release(ids[2], token, now=100.5)
+        claim_one(store, now=101.0)  # ids[2]: attempt 2, the limit
+    with TaskStore(db, max_attempts_total=2) as store:  # the whole cluster restarted
+        assert store.requeue_all_running(now=500.0) == 2
+        runs = {i: store.get(i, "alice") for i in ids}
+        assert [(runs[i].status, runs[i].attempt) for i in ids] == [
+            (RunStatus.QUEUED, 1),
+            (RunStatus.QUEUED, 1),
+            (RunStatus.FAILED, 2),
+        ]
+        assert runs[ids[0]].lease_token is None
+        assert [r.id for r in store.claim(worker_id="w", lease_s=LEASE, now=501.0, limit=5)] == ids[:2]
+
+
+def test_file_database_persists_across_reopen(tmp_path: Path) -> None:
+    db = tmp_path / "tasks.db"
+    with TaskStore(db) as store:
+        run, _ = store.create_run(task="t", input={"x": "ü"}, owner="alice", idempotency_key="k", now=1.0)
+    with TaskStore(db) as store:
+        assert store.get(run.id, "alice") == run
+        again, created = store.create_run(
+            task="t", input={"x": "ü"}, owner="alice", idempotency_key="k", now=2
+        )
+        assert not created and again == run
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+    finally:
+        conn.close()
+
+
+def test_synchronous_full(store: TaskStore) -> None:
+    assert store._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_newer_schema_version_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "tasks.db"
+    TaskStore(db).close()
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE schema_version SET version = 99")
+    conn.commit()
+    conn.close()
+    with pytest.raises(RuntimeError, match="schema version 99"):
+        TaskStore(db)
+
+
+class LeaseRaces(RuleBasedStateMachine):
+    """Random interleavings of create/claim/expire/renew/complete/fail/release/cancel.
+
+    A model tracks, per run, the only lease token that may write. Checked: a write succeeds
+    exactly when it holds that token; each run gets at most one visible outcome, which never
+    changes once written; attempts never decrease; claims are FIFO.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.store = TaskStore(":memory:", max_attempts_total=3)
+        self.now = 1000.0
+        self.order: list[str] = []  # creation order
+        self.current: dict[str, str | None] = {}  # run id -> token allowed to write
+        self.tokens: list[tuple[str, str]] = []  # every (run id, token) ever handed out
+        self.outcome: dict[str, RunRecord] = {}  # first terminal record per run
+        self.attempts: dict[str, int] = {}
+
+    def teardown(self) -> None:
+        self.store.close()
+
+    @rule()
+    def create(self) -> None:
+        run = new_run(self.store, len(self.order), now=self.now)
+        self.order.append(run.id)
+        self.current[run.id] = None
+
+    @rule(dt=st.sampled_from([0.0, 1.0, 10.0, LEASE]))
+    def tick(self, dt: float) -> None:
+        self.now += dt
+
+    @rule(limit=st.integers(1, 3))
+    def claim(self, limit: int) -> None:
+        before = {i: self.store.get(i, "alice") for i in self.order}
+        claimed = self.store.claim(worker_id="w", lease_s=LEASE, now=self.now, limit=limit)
+        for run in claimed:
+            self.current[run.id] = run.lease_token
+            assert run.lease_token is not None
+            self.tokens.append((run.id, run.lease_token))
+        # FIFO: claimed runs are the oldest ones that were queued (or expired) before the claim.
+        eligible = [
+            i
+            for i in self.order
+            if before[i].status is RunStatus.QUEUED
+            or (
+                before[i].status is RunStatus.RUNNING
+                and (before[i].lease_expires_at or 0) <= self.now
+                and before[i].attempt < 3
+            )
+        ]
+        assert [r.id for r in claimed] == eligible[:limit]
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data(), action=st.sampled_from(["complete", "fail", "release", "renew"]))
+    def write(self, data: st.DataObject, action: str) -> None:
+        run_id, token = data.draw(st.sampled_from(self.tokens))
+        before = self.store.get(run_id, "alice")
+        may = before.status is RunStatus.RUNNING and self.current[run_id] == token
+        if action == "complete":
+            ok = self.store.complete(run_id, token, result={"token": token}, usage={}, now=self.now)
+        elif action == "fail":
+            ok = self.store.fail(run_id, token, error={"token": token}, now=self.now)
+        elif action == "release":
+            ok = self.store.release(run_id, token, now=self.now)
+        else:
+            ok = self.store.renew(run_id, token, LEASE, now=self.now)
+        assert ok == may
+        if not ok:
+            assert self.store.get(run_id, "alice") == before, "a refused write changed the run"
+
+    @precondition(lambda self: self.order)
+    @rule(data=st.data())
+    def cancel(self, data: st.DataObject) -> None:
+        self.store.cancel(data.draw(st.sampled_from(self.order)), "alice", now=self.now)
+
+    @invariant()
+    def outcomes_are_final_and_single(self) -> None:
+        for run_id in self.order:
+            run = self.store.get(run_id, "alice")
+            assert run.attempt >= self.attempts.get(run_id, 0)
+            self.attempts[run_id] = run.attempt
+            if run_id in self.outcome:
+                assert run == self.outcome[run_id], "a finished run changed"
+            elif run.terminal:
+                self.outcome[run_id] = run
+            # A result exists only for succeeded runs, and it came from the winning token.
+            assert (run.result is not None) == (run.status is RunStatus.SUCCEEDED)
+            if run.status is RunStatus.SUCCEEDED:
+                assert (run_id, run.result["token"]) in self.tokens
+            if run.status is not RunStatus.RUNNING:
+                assert run.lease_token is None
+
+
+TestLeaseRaces = LeaseRaces.TestCase
+TestLeaseRaces.settings = settings(
+    max_examples=40, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
