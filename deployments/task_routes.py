@@ -17,19 +17,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, Path, Query
+from fastapi import APIRouter, Depends, Header, Path, Query
 from fastapi.responses import JSONResponse
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from deployments.caller import Caller, get_caller
 from deployments.errors import InvalidRequest, Overloaded, PromptfleetError
 from deployments.runner import check_input
 from deployments.schemas import RunList, RunView, TaskInfo, TaskList, TaskResult, TaskRunRequest
 from deployments.store import RunRecord
 from deployments.taskdefs import TaskDefinition
 
-# Until API keys exist every caller is the same tenant; the store already scopes by owner.
-ANONYMOUS = "anonymous"
 MAX_WAIT_S = 60.0
 
 
@@ -85,10 +84,11 @@ def build_task_router(
     async def submit_task(
         name: str,
         body: TaskRunRequest,
+        caller: Annotated[Caller, Depends(get_caller)],
         idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
     ) -> JSONResponse:
         check_input(tasks, name, body.input)
-        run, created = await store.create_run.remote(name, body.input, ANONYMOUS, idempotency_key)
+        run, created = await store.create_run.remote(name, body.input, caller.owner, idempotency_key)
         view = run_view(run)
         return JSONResponse(
             view.model_dump(mode="json"),
@@ -99,16 +99,20 @@ def build_task_router(
     @router.get("/runs/{run_id}", response_model=RunView)
     async def get_run(
         run_id: Annotated[str, Path(max_length=64)],
+        caller: Annotated[Caller, Depends(get_caller)],
         wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S, description="Seconds to long-poll.")] = 0,
     ) -> RunView:
-        return run_view(await store.get.remote(run_id, ANONYMOUS, wait))
+        return run_view(await store.get.remote(run_id, caller.owner, wait))
 
     @router.post("/runs/{run_id}/cancel", response_model=RunView)
-    async def cancel_run(run_id: Annotated[str, Path(max_length=64)]) -> RunView:
-        return run_view(await store.cancel.remote(run_id, ANONYMOUS))
+    async def cancel_run(
+        run_id: Annotated[str, Path(max_length=64)], caller: Annotated[Caller, Depends(get_caller)]
+    ) -> RunView:
+        return run_view(await store.cancel.remote(run_id, caller.owner))
 
     @router.get("/runs", response_model=RunList)
     async def list_runs(
+        caller: Annotated[Caller, Depends(get_caller)],
         status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
         task: str | None = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 20,
@@ -116,7 +120,7 @@ def build_task_router(
     ) -> RunList:
         if task is not None and task not in tasks:
             raise InvalidRequest(f"task: no task named '{task}'", param="task")
-        runs, next_cursor = await store.list_runs.remote(ANONYMOUS, status, task, limit, cursor)
+        runs, next_cursor = await store.list_runs.remote(caller.owner, status, task, limit, cursor)
         return RunList(data=[run_view(r) for r in runs], next_cursor=next_cursor)
 
     return router

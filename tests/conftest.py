@@ -52,3 +52,7 @@ def _only_loopback() -> Iterator[None]:
     yield
     socket.socket.connect = _real_connect  # type: ignore[method-assign]
     socket.socket.connect_ex = _real_connect_ex  # type: ignore[method-assign]
+
+
+# The session's Ray cluster, Serve app and fake upstream (started only if a test asks for them).
+pytest_plugins = ["tests.fixtures"]

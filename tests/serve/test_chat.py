@@ -9,7 +9,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.serve.conftest import ServeApp
+from tests.fixtures import ServeApp
 
 pytestmark = pytest.mark.serve
 

@@ -10,7 +10,7 @@ import httpx
 import jsonschema
 import pytest
 
-from tests.serve.conftest import ServeApp
+from tests.fixtures import ServeApp
 
 pytestmark = pytest.mark.serve
 

@@ -8,7 +8,7 @@ import time
 import openai
 import pytest
 
-from tests.serve.conftest import ServeApp
+from tests.fixtures import ServeApp
 
 pytestmark = pytest.mark.serve
 

@@ -1,4 +1,4 @@
-"""One real Ray cluster and one real Serve app for the whole serve tier.
+"""One real Ray cluster and one real Serve app, shared by the serve, jobs and cluster tiers.
 
 The app is deployed the way users deploy it — ``configs/serve.yaml`` through
 the dashboard's REST API (what ``serve deploy`` and ``promptfleet start`` do) —
@@ -24,7 +24,7 @@ import yaml
 from cluster import local
 from jobs.fake_upstream import FakeUpstream
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:

@@ -1,0 +1,27 @@
+"""Who is calling: the identity every owner-scoped route works with.
+
+The Gateway's authentication step puts a ``Caller`` on ``request.state.caller``;
+routes receive it with ``Depends(get_caller)``. With authentication off (a local
+single-user start) every request is the same anonymous caller.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Request
+
+
+@dataclass(frozen=True)
+class Caller:
+    owner: str  # the tenant runs/batches/files belong to: the key's id, or "anonymous"
+    key_id: str | None = None
+    is_admin: bool = False
+
+
+ANONYMOUS = Caller(owner="anonymous")
+
+
+def get_caller(request: Request) -> Caller:
+    caller = getattr(request.state, "caller", None)
+    return caller if isinstance(caller, Caller) else ANONYMOUS
