@@ -16,8 +16,10 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
-from deployments.config import AppArgs, LlamaCppModel, ModelConfig, worker_deployment_name
+from deployments.batch_service import BatchService
+from deployments.config import AppArgs, LlamaCppModel, ModelConfig, OpenAIModel, worker_deployment_name
 from deployments.gateway import Gateway
+from deployments.limiter import RateLimiter
 from deployments.runner import TaskRunner
 from deployments.store_actor import TaskStoreService
 from deployments.taskdefs import load_task_definitions, validate_models
@@ -26,7 +28,11 @@ from deployments.worker import ModelWorker
 GATEWAY_DEPLOYMENT = "Gateway"
 STORE_DEPLOYMENT = "TaskStore"
 RUNNER_DEPLOYMENT = "TaskRunner"
-DEPLOYMENT_NAMES = (GATEWAY_DEPLOYMENT, STORE_DEPLOYMENT, RUNNER_DEPLOYMENT)
+LIMITER_DEPLOYMENT = "RateLimiter"
+BATCHES_DEPLOYMENT = "BatchService"
+DEPLOYMENT_NAMES = (
+    GATEWAY_DEPLOYMENT, STORE_DEPLOYMENT, RUNNER_DEPLOYMENT, LIMITER_DEPLOYMENT, BATCHES_DEPLOYMENT
+)
 
 
 def worker_defaults(model: ModelConfig) -> dict[str, Any]:
@@ -50,10 +56,16 @@ def build_app(args: AppArgs) -> Application:
     # Loaded here so a broken task file fails the deploy, naming the file and field.
     tasks = load_task_definitions(args.tasks.definitions_path())
     validate_models(tasks, {m.name for m in args.models})
+    limiter = (
+        serve.deployment(RateLimiter)
+        # Budgets live in one place; waiting acquires and pause watchers each hold a request slot.
+        .options(name=LIMITER_DEPLOYMENT, num_replicas=1, max_ongoing_requests=100_000)
+        .bind()
+    )
     workers = {
         model.name: serve.deployment(ModelWorker)
         .options(name=worker_deployment_name(model.name), **worker_defaults(model))
-        .bind(model)
+        .bind(model, limiter if isinstance(model, OpenAIModel) else None)
         for model in args.models
     }
     store = (
@@ -67,5 +79,11 @@ def build_app(args: AppArgs) -> Application:
         .options(name=RUNNER_DEPLOYMENT, max_ongoing_requests=1000)
         .bind(tasks, workers, store, args.tasks)
     )
+    batches = (
+        serve.deployment(BatchService)
+        # One owner of the batch directory, like the TaskStore.
+        .options(name=BATCHES_DEPLOYMENT, num_replicas=1, max_ongoing_requests=1000)
+        .bind(args.tasks)
+    )
     gateway = serve.deployment(serve.ingress()(Gateway)).options(name=GATEWAY_DEPLOYMENT)
-    return gateway.bind(args, workers, tasks, store, runner)
+    return gateway.bind(args, workers, tasks, store, runner, limiter, batches)

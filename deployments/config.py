@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -25,7 +25,15 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class LlamaCppModel(_Strict):
+class _ModelBase(_Strict):
+    fallback_models: list[str] = Field(
+        default_factory=list,
+        description="Models tried in order when this one fails with a rate limit, an upstream error, "
+        "a timeout or an open circuit; the response's `model` names the one that answered.",
+    )
+
+
+class LlamaCppModel(_ModelBase):
     """A GGUF model run in-process by llama.cpp (CPU-bound; one generation at a time per replica)."""
 
     provider: Literal["llamacpp"] = Field(description="Run a local GGUF file with llama-cpp-python.")
@@ -48,7 +56,7 @@ class LlamaCppModel(_Strict):
     seed: int = Field(default=0, description="Sampling seed used when a request does not set one.")
 
 
-class OpenAIModel(_Strict):
+class OpenAIModel(_ModelBase):
     """Any OpenAI-compatible upstream (OpenAI, vLLM, Ollama, Ray Serve LLM, …), called with AsyncOpenAI."""
 
     provider: Literal["openai"] = Field(description="Call an OpenAI-compatible HTTP API.")
@@ -87,6 +95,27 @@ class OpenAIModel(_Strict):
         "`max_ongoing_requests` unless serve.yaml overrides it.",
     )
 
+    rpm: int | None = Field(
+        default=None,
+        ge=1,
+        description="Requests per minute allowed upstream, shared by every replica on every node "
+        "(the RateLimiter deployment); calls wait for their slot within `timeout_s`.",
+    )
+    tpm: int | None = Field(
+        default=None,
+        ge=1,
+        description="Tokens per minute allowed upstream (estimated before the call, settled with the real usage).",
+    )
+    breaker_threshold: int = Field(
+        default=5,
+        ge=1,
+        description="Consecutive upstream failures (5xx, timeouts, connection errors) after which a "
+        "replica stops calling for `breaker_cooldown_s` and answers 503 with Retry-After.",
+    )
+    breaker_cooldown_s: float = Field(
+        default=10.0, gt=0, description="How long an open circuit fails fast before one probe call is let through."
+    )
+
     @field_validator("base_url")
     @classmethod
     def _http_url(cls, value: str) -> str:
@@ -95,7 +124,7 @@ class OpenAIModel(_Strict):
         return value.rstrip("/")
 
 
-ModelConfig = Annotated[Union[LlamaCppModel, OpenAIModel], Field(discriminator="provider")]
+ModelConfig = Annotated[LlamaCppModel | OpenAIModel, Field(discriminator="provider")]
 
 
 class GatewayConfig(_Strict):
@@ -118,6 +147,25 @@ class GatewayConfig(_Strict):
         ge=1024,
         le=100_000_000,
         description="Largest request body accepted; larger bodies get 413 before they are read whole.",
+    )
+
+
+class AuthConfig(_Strict):
+    """API keys. Off for a local single-user start; on for anything shared."""
+
+    enabled: bool = Field(
+        default=False, description="Require `Authorization: Bearer <key>` on every /v1 request."
+    )
+    admin_key_env: str = Field(
+        default="PROMPTFLEET_ADMIN_KEY",
+        pattern=r"^[A-Z_][A-Z0-9_]*$",
+        description="Environment variable holding the admin key (manages keys via /v1/admin/keys).",
+    )
+    cache_ttl_s: float = Field(
+        default=5.0,
+        ge=0,
+        le=300,
+        description="How long a Gateway replica trusts a key lookup; a revoked key stops working within it.",
     )
 
 
@@ -164,14 +212,19 @@ class AppArgs(_Strict):
     )
     gateway: GatewayConfig = Field(default_factory=GatewayConfig, description="HTTP ingress settings.")
     tasks: TasksConfig = Field(default_factory=TasksConfig, description="Prompt tasks and the run queue.")
+    auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys and per-key limits.")
 
     @model_validator(mode="after")
-    def _unique_names(self) -> AppArgs:
+    def _consistent_models(self) -> AppArgs:
         seen: set[str] = set()
         for model in self.models:
             if model.name in seen:
                 raise ValueError(f"models: duplicate model name {model.name!r}")
             seen.add(model.name)
+        for model in self.models:
+            unknown = [f for f in model.fallback_models if f not in seen or f == model.name]
+            if unknown:
+                raise ValueError(f"models: {model.name}: fallback_models: unknown or self: {unknown}")
         return self
 
     def model(self, name: str) -> ModelConfig | None:

@@ -1,10 +1,13 @@
 """Gateway: the FastAPI ingress of promptfleet.
 
-Serves: ``/v1/chat/completions`` (JSON and SSE), ``/v1/models``, ``/healthz``,
-and the OpenAPI page at ``/docs``.
-Calls: one ``ModelWorker`` deployment per model, through ``DeploymentHandle``s
-chosen by the request's ``model``.
-Owns: no state beyond its handles and config; any number of replicas can run.
+Serves: the OpenAI-compatible routes (``chat_routes``), tasks and runs
+(``task_routes``), keys and usage (``admin_routes``), ``/healthz`` and the
+OpenAPI page at ``/docs`` — on its own listener (``listener``) and through
+Serve's proxy.
+Calls: ``ModelWorker`` deployments (by model name), ``TaskRunner``,
+``TaskStore`` and ``RateLimiter``, through ``DeploymentHandle``s.
+Owns: a short cache of API-key lookups and unflushed usage counts
+(``auth.Authenticator``); any number of replicas can run.
 
 Every error leaves through ``render_error`` in the OpenAI shape; the status
 comes from the exception class, never from exception text.
@@ -12,32 +15,28 @@ comes from the exception class, never from exception text.
 
 from __future__ import annotations
 
-import json
-from contextlib import asynccontextmanager
 import logging
-import time
+import os
 from collections.abc import AsyncIterator
-from typing import Any
+from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from ray.serve.exceptions import BackPressureError
+from fastapi.responses import JSONResponse
 from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from deployments.admin_routes import build_admin_router
+from deployments.auth import Authenticator
+from deployments.batch_routes import FILES_PATH, build_batch_router
+from deployments.batchstore import MAX_FILE_BYTES
+from deployments.chat_routes import ChatRoutes
 from deployments.config import AppArgs
-from deployments.errors import (
-    InvalidRequest,
-    ModelNotFound,
-    Overloaded,
-    PromptfleetError,
-    RequestTooLarge,
-)
+from deployments.errors import InvalidRequest, PromptfleetError, RequestTooLarge
 from deployments.listener import Listener
+from deployments.schemas import Health
 from deployments.task_routes import build_task_router
 from deployments.taskdefs import TaskDefinition
-from deployments.schemas import ChatCompletionRequest, Health, ModelCard, ModelList
 
 logger = logging.getLogger("ray.serve")
 
@@ -69,19 +68,21 @@ class BodySizeLimit:
     body is counted as it arrives and cut off at the limit.
     """
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    def __init__(self, app: ASGIApp, limit: int, path_limits: dict[str, int] | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.path_limits = path_limits or {}  # exact paths with a limit of their own (file uploads)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.path_limits.get(scope.get("path", ""), self.limit)
         too_large = RequestTooLarge(
-            f"The request body is larger than the limit of {self.limit} bytes.", param=None
+            f"The request body is larger than the limit of {limit} bytes.", param=None
         )
         for name, value in scope.get("headers", []):
-            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+            if name == b"content-length" and value.isdigit() and int(value) > limit:
                 await render_error(too_large)(scope, receive, send)
                 return
         received = 0
@@ -91,7 +92,7 @@ class BodySizeLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.limit:
+                if received > limit:
                     raise too_large
             return message
 
@@ -109,18 +110,24 @@ class Gateway:
         tasks: dict[str, TaskDefinition],
         store: DeploymentHandle,
         runner: DeploymentHandle,
+        limiter: DeploymentHandle,
+        batches: DeploymentHandle | None = None,
     ) -> None:
         self.args = args
         self.workers = workers
-        self.task_router = build_task_router(tasks, store, runner)
-        self.stream_workers = {name: h.options(stream=True) for name, h in workers.items()}
-        self.started = int(time.time())
-        self.asgi_app = BodySizeLimit(self.build_api(), limit=args.gateway.max_body_bytes)
-        self.model_cards = ModelList(
-            data=[
-                ModelCard(id=m.name, created=self.started, owned_by=f"promptfleet:{m.provider}")
-                for m in args.models
-            ]
+        # The admin key is read once, here, from the variable the config names.
+        admin_key = os.environ.get(args.auth.admin_key_env) or None
+        if args.auth.enabled and admin_key is None:
+            logger.warning("auth is enabled but $%s is not set: no admin key", args.auth.admin_key_env)
+        self.auth = Authenticator(args.auth, store, limiter, admin_key)
+        self.routers = [
+            ChatRoutes(args.models, workers, self.auth).router(),
+            build_task_router(tasks, store, runner, self.auth),
+            build_admin_router(store, self.auth),
+            *([build_batch_router(batches)] if batches is not None else []),
+        ]
+        self.asgi_app = BodySizeLimit(
+            self.build_api(), limit=args.gateway.max_body_bytes, path_limits={FILES_PATH: MAX_FILE_BYTES}
         )
 
     def __serve_build_asgi_app__(self) -> ASGIApp:
@@ -139,6 +146,7 @@ class Gateway:
         finally:
             if listener is not None:
                 await listener.stop()
+            await self.auth.close()
 
     def build_api(self) -> FastAPI:
         api = FastAPI(
@@ -162,83 +170,13 @@ class Gateway:
             logger.exception("unhandled error in gateway")
             return render_error(PromptfleetError("Internal error."))
 
-        api.include_router(self.task_router)
+        # Every /v1 route runs authentication first; it sets request.state.caller.
+        authenticated = [Depends(self.auth.authenticate)]
+        for router in self.routers:
+            api.include_router(router, dependencies=authenticated)
 
         @api.get("/healthz", response_model=Health)
         async def healthz() -> Health:
             return Health(models=sorted(self.workers))
 
-        @api.get("/v1/models", response_model=ModelList)
-        async def list_models() -> ModelList:
-            return self.model_cards
-
-        @api.get("/v1/models/{model_id}", response_model=ModelCard)
-        async def get_model(model_id: str) -> ModelCard:
-            for card in self.model_cards.data:
-                if card.id == model_id:
-                    return card
-            raise ModelNotFound(f"The model '{model_id}' does not exist.", param="model")
-
-        @api.post("/v1/chat/completions", response_model=None)
-        async def chat_completions(request: ChatCompletionRequest) -> Response:
-            handle = self._worker(request.model)
-            body = request.model_dump(exclude_unset=True, exclude_none=True)
-            if request.stream:
-                return await self._stream(request.model, body)
-            try:
-                result = await handle.chat.remote(body)
-            except BackPressureError:
-                raise overloaded(request.model) from None
-            if isinstance(result, PromptfleetError):
-                raise result
-            return JSONResponse(result)
-
         return api
-
-    def _worker(self, model: str) -> DeploymentHandle:
-        handle = self.workers.get(model)
-        if handle is None:
-            raise ModelNotFound(f"The model '{model}' does not exist.", param="model")
-        return handle
-
-    async def _stream(self, model: str, body: dict[str, Any]) -> Response:
-        chunks = self.stream_workers[model].chat_stream.remote(body)
-        # Pull the first item before answering 200, so errors that happen before any
-        # token (bad request, upstream 429) still get their proper status code.
-        try:
-            first = await chunks.__anext__()
-        except StopAsyncIteration:
-            first = None
-        except BackPressureError:
-            raise overloaded(model) from None
-        if isinstance(first, PromptfleetError):
-            raise first
-
-        async def events() -> AsyncIterator[str]:
-            try:
-                if first is not None:
-                    yield sse(first)
-                async for chunk in chunks:
-                    yield sse(chunk)
-                    if isinstance(chunk, PromptfleetError):
-                        return  # the error event ends the stream; no [DONE]
-                yield "data: [DONE]\n\n"
-            finally:
-                # Client went away or we finished: cancel the worker's generator, which
-                # stops the local generation or closes the upstream stream.
-                chunks.cancel()
-
-        return StreamingResponse(
-            events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-        )
-
-
-def sse(item: dict[str, Any] | PromptfleetError) -> str:
-    # An error after the 200 went out travels as an SSE event with an `error` object,
-    # which openai-python raises as APIError.
-    payload = item.to_body() if isinstance(item, PromptfleetError) else item
-    return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
-
-
-def overloaded(model: str) -> Overloaded:
-    return Overloaded(f"Model '{model}' is at capacity; retry shortly.", retry_after=1)

@@ -3,7 +3,8 @@
 Serves: the Gateway (create, get, long-poll, list, cancel runs) and the TaskRunner
 replicas (claim under a lease, renew, complete, fail, release), through handles.
 Calls: nothing but its SQLite file.
-Owns: ``deployments.store.TaskStore`` — the file lives under ``tasks.state_dir`` on
+Owns: ``deployments.store.TaskStore`` and ``deployments.keystore.KeyStore`` (API keys,
+usage) — one file, which lives under ``tasks.state_dir`` on
 the node this replica runs on (pin it to the head node in serve.yaml so a
 restarted replica finds its file again).
 
@@ -25,6 +26,7 @@ from typing import Any, TypeVar
 
 from deployments.config import TasksConfig
 from deployments.errors import Overloaded
+from deployments.keystore import ApiKey, KeyStore
 from deployments.store import RunRecord, TaskStore
 
 logger = logging.getLogger("ray.serve")
@@ -36,6 +38,7 @@ class TaskStoreService:
         self.config = config
         path = Path(config.state_dir).expanduser() / "tasks.sqlite3"
         self.store = store or TaskStore(path, max_attempts_total=config.max_run_starts)
+        self.keys = KeyStore(path)
         self.db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskstore")
         self.work_available = asyncio.Event()
         self.finished: dict[str, asyncio.Event] = {}
@@ -136,3 +139,25 @@ class TaskStoreService:
 
     async def check_health(self) -> None:
         await self._db(self.store.count_queued)
+
+    # -- API keys and usage (the Gateway's authentication) --------------------------------
+
+    async def create_key(
+        self, name: str, rpm: int | None, tpm: int | None, token_budget: int | None
+    ) -> tuple[ApiKey, str]:
+        return await self._db(self.keys.create, name, rpm=rpm, tpm=tpm, token_budget=token_budget)
+
+    async def lookup_key(self, key_hash: str) -> ApiKey | None:
+        return await self._db(self.keys.lookup, key_hash)
+
+    async def list_keys(self) -> list[ApiKey]:
+        return await self._db(self.keys.list)
+
+    async def revoke_key(self, key_id: str) -> ApiKey:
+        return await self._db(self.keys.revoke, key_id)
+
+    async def record_usage(self, rows: list[tuple[str, str, int, int, int]]) -> None:
+        await self._db(self.keys.record_usage, rows)
+
+    async def usage(self, key_id: str | None) -> list[dict[str, Any]]:
+        return await self._db(self.keys.usage, key_id)

@@ -15,6 +15,7 @@ id of someone else's run answers 404, exactly like an unknown id.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Path, Query
@@ -22,6 +23,7 @@ from fastapi.responses import JSONResponse
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from deployments.auth import Authenticator
 from deployments.caller import Caller, get_caller
 from deployments.errors import InvalidRequest, Overloaded, PromptfleetError
 from deployments.runner import check_input
@@ -47,8 +49,13 @@ def run_view(run: RunRecord) -> RunView:
     )
 
 
+def task_cost(defn: TaskDefinition, task_input: dict[str, Any]) -> int:
+    """Token estimate for per-key limits: the input, and every attempt's completion budget."""
+    return len(json.dumps(task_input)) // 4 + defn.max_tokens * defn.max_attempts
+
+
 def build_task_router(
-    tasks: dict[str, TaskDefinition], store: DeploymentHandle, runner: DeploymentHandle
+    tasks: dict[str, TaskDefinition], store: DeploymentHandle, runner: DeploymentHandle, auth: Authenticator
 ) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["tasks"])
     catalogue = TaskList(
@@ -70,14 +77,17 @@ def build_task_router(
         return catalogue
 
     @router.post("/tasks/{name}/run", response_model=TaskResult)
-    async def run_task(name: str, body: TaskRunRequest) -> Any:
-        check_input(tasks, name, body.input)
+    async def run_task(name: str, body: TaskRunRequest, caller: Annotated[Caller, Depends(get_caller)]) -> Any:
+        defn = check_input(tasks, name, body.input)
+        estimated = task_cost(defn, body.input)
+        await auth.admit(caller, estimated)
         try:
             result = await runner.run.remote(name, body.input)
         except BackPressureError:
             raise Overloaded("The task runners are at capacity; retry shortly.", retry_after=1) from None
         if isinstance(result, PromptfleetError):
             raise result
+        auth.record(caller, result["model"], result["usage"], estimated)
         return result
 
     @router.post("/tasks/{name}/submit", status_code=202, response_model=RunView)
@@ -87,7 +97,8 @@ def build_task_router(
         caller: Annotated[Caller, Depends(get_caller)],
         idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
     ) -> JSONResponse:
-        check_input(tasks, name, body.input)
+        defn = check_input(tasks, name, body.input)
+        await auth.admit(caller, task_cost(defn, body.input))
         run, created = await store.create_run.remote(name, body.input, caller.owner, idempotency_key)
         view = run_view(run)
         return JSONResponse(

@@ -2,7 +2,8 @@
 
 Serves: ``chat(body)`` and ``chat_stream(body)`` (a streaming handle method),
 called by the Gateway (and by batch jobs) through a ``DeploymentHandle``.
-Calls: its provider — a loaded llama.cpp model or an AsyncOpenAI client.
+Calls: its provider — a loaded llama.cpp model or an AsyncOpenAI client — and,
+for upstream models, the RateLimiter (shared budgets and 429 pauses).
 Owns: the provider, i.e. the loaded weights or the upstream connection pool.
 
 Expected failures (a 429 upstream, a bad request) come back as *values*: the
@@ -19,6 +20,8 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+from ray.serve.handle import DeploymentHandle
+
 from deployments.config import ModelConfig
 from deployments.errors import PromptfleetError
 from deployments.providers import Provider, build_provider
@@ -29,9 +32,11 @@ WorkerResult = dict[str, Any] | PromptfleetError
 
 
 class ModelWorker:
-    def __init__(self, model: ModelConfig, provider: Provider | None = None) -> None:
+    def __init__(
+        self, model: ModelConfig, limiter: DeploymentHandle | None = None, provider: Provider | None = None
+    ) -> None:
         self.model = model
-        self.provider = provider or build_provider(model)
+        self.provider = provider or build_provider(model, limiter=limiter)
         logger.info("worker for model %r ready (provider %s)", model.name, model.provider)
 
     async def chat(self, body: dict[str, Any]) -> WorkerResult:

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from pathlib import Path
+from ray.serve.handle import DeploymentHandle
 
 from deployments.config import LlamaCppModel, ModelConfig, embedded_model_path
 
@@ -24,7 +25,11 @@ class Provider(Protocol):
     async def close(self) -> None: ...
 
 
-def build_provider(config: ModelConfig, environ: Mapping[str, str] | None = None) -> Provider:
+def build_provider(
+    config: ModelConfig,
+    environ: Mapping[str, str] | None = None,
+    limiter: DeploymentHandle | None = None,
+) -> Provider:
     """Build the provider a model's config asks for.
 
     The upstream key is resolved here, once, from the variable the config names;
@@ -37,6 +42,9 @@ def build_provider(config: ModelConfig, environ: Mapping[str, str] | None = None
         path = config.model_path or embedded_model_path()
         return LlamaCppProvider(config, model_path=Path(path))
 
+    from deployments.limiter import Budget
+    from deployments.limits import CircuitBreaker
+    from deployments.providers.admission import UpstreamGuard
     from deployments.providers.openai_compat import OpenAIProvider
 
     env = os.environ if environ is None else environ
@@ -54,4 +62,10 @@ def build_provider(config: ModelConfig, environ: Mapping[str, str] | None = None
             f"model {config.name!r}: environment variable {config.api_key_env} is not set "
             "(add it to runtime_env.env_vars in configs/serve.yaml or the environment of `ray start`)"
         )
-    return OpenAIProvider(config, api_key=api_key)
+    guard = UpstreamGuard(
+        config.name,
+        budget=Budget(rpm=config.rpm, tpm=config.tpm),
+        limiter=limiter,
+        breaker=CircuitBreaker(threshold=config.breaker_threshold, cooldown_s=config.breaker_cooldown_s),
+    )
+    return OpenAIProvider(config, api_key=api_key, guard=guard)

@@ -14,6 +14,7 @@ grammar (llama-cpp-python compiles the JSON Schema), so the output parses.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 import uuid
@@ -24,6 +25,8 @@ from typing import Any
 
 from deployments.config import LlamaCppModel
 from deployments.errors import InvalidRequest, PromptfleetError
+
+logger = logging.getLogger("ray.serve")
 
 _DONE = object()
 
@@ -94,7 +97,11 @@ class LlamaCppProvider:
         try:
             result: dict[str, Any] = self.llm.create_chat_completion(**kwargs)  # type: ignore[assignment]
         except ValueError as exc:
-            raise InvalidRequest(f"The request does not fit model '{self.config.name}': {exc}", param="messages") from None
+            # llama.cpp's ValueErrors are about the prompt not fitting; its text stays in our logs.
+            logger.info("llama.cpp rejected a request: %s", exc)
+            raise InvalidRequest(
+                f"The request does not fit the context of model '{self.config.name}'.", param="messages"
+            ) from None
         return result
 
     async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -133,10 +140,11 @@ class LlamaCppProvider:
             except PromptfleetError as exc:
                 loop.call_soon_threadsafe(queue.put_nowait, exc)
             except ValueError as exc:
-                loop.call_soon_threadsafe(
-                    queue.put_nowait,
-                    InvalidRequest(f"The request does not fit model '{self.config.name}': {exc}", param="messages"),
+                logger.info("llama.cpp rejected a request: %s", exc)
+                error = InvalidRequest(
+                    f"The request does not fit the context of model '{self.config.name}'.", param="messages"
                 )
+                loop.call_soon_threadsafe(queue.put_nowait, error)
             finally:
                 loop.call_soon_threadsafe(queue.put_nowait, _DONE)
 

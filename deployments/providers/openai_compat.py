@@ -32,6 +32,7 @@ from deployments.errors import (
     UpstreamRateLimited,
     UpstreamTimeout,
 )
+from deployments.providers.admission import UpstreamGuard, estimate_tokens
 from deployments.providers.retry import BackoffPolicy, parse_retry_after
 
 T = TypeVar("T")
@@ -87,8 +88,10 @@ class OpenAIProvider:
         *,
         http_client: httpx.AsyncClient | None = None,
         backoff: BackoffPolicy | None = None,
+        guard: UpstreamGuard | None = None,
     ) -> None:
         self.config = config
+        self.guard = guard or UpstreamGuard(config.name, budget=None, limiter=None)
         self.upstream_model = config.upstream_model or config.name
         self.backoff = backoff or BackoffPolicy()
         limits = httpx.Limits(
@@ -107,40 +110,45 @@ class OpenAIProvider:
     async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
         payload = {**body, "model": self.upstream_model, "stream": False}
 
-        async def attempt(timeout: float) -> dict[str, Any]:
+        async def attempt(remaining_s: float) -> dict[str, Any]:
             result = await self.client.post(
                 "/chat/completions",
                 cast_to=object,
                 body=payload,
-                options={"timeout": self._timeout(timeout)},
+                options={"timeout": self._timeout(remaining_s)},
             )
             if not isinstance(result, dict):
                 raise UpstreamError(f"The upstream for model '{self.config.name}' sent a non-JSON answer.")
             return result
 
-        result = await self._call_with_retries(attempt)
+        tokens = estimate_tokens(body)
+        result = await self._call_with_retries(attempt, tokens)
+        self.guard.settle(tokens, result.get("usage"))
         result["model"] = self.config.name
         return result
 
     async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         payload = {**body, "model": self.upstream_model, "stream": True}
 
-        async def open_stream(timeout: float) -> AsyncStream[object]:
+        async def open_stream(remaining_s: float) -> AsyncStream[object]:
             return await self.client.post(
                 "/chat/completions",
                 cast_to=object,
                 body=payload,
-                options={"timeout": self._timeout(timeout)},
+                options={"timeout": self._timeout(remaining_s)},
                 stream=True,
                 stream_cls=AsyncStream[object],
             )
 
         # Retries cover opening the stream only: once a chunk went out, a retry would duplicate text.
-        upstream = await self._call_with_retries(open_stream)
+        tokens = estimate_tokens(body)
+        upstream = await self._call_with_retries(open_stream, tokens)
         try:
             async for chunk in upstream:
                 if isinstance(chunk, dict):
                     chunk["model"] = self.config.name
+                    if chunk.get("usage"):
+                        self.guard.settle(tokens, chunk["usage"])
                     yield chunk
         except Exception as exc:
             raise translate_upstream_error(exc, self.config.name) from None
@@ -149,23 +157,30 @@ class OpenAIProvider:
             await upstream.close()
 
     async def close(self) -> None:
+        await self.guard.close()
         await self.client.close()
 
     def _timeout(self, remaining: float) -> httpx.Timeout:
         return httpx.Timeout(max(remaining, 0.001), connect=min(self.config.connect_timeout_s, remaining))
 
-    async def _call_with_retries(self, call: Callable[[float], Awaitable[T]]) -> T:
+    async def _call_with_retries(self, call: Callable[[float], Awaitable[T]], tokens: int) -> T:
         deadline = time.monotonic() + self.config.timeout_s
         attempt = 0
         while True:
             attempt += 1
+            await self.guard.admit(tokens, deadline)
             remaining = deadline - time.monotonic()
             try:
                 # asyncio.timeout backs up httpx's per-phase timeouts with a hard total deadline.
                 async with asyncio.timeout(max(remaining, 0.001)):
-                    return await call(remaining)
+                    result = await call(remaining)
             except _RETRYABLE as exc:
                 error = translate_upstream_error(exc, self.config.name)
+                if isinstance(exc, openai.RateLimitError):
+                    # Not a failure of the upstream: pause every replica, do not trip the breaker.
+                    self.guard.rate_limited(error.retry_after or 1.0)
+                else:
+                    self.guard.breaker.failure()
                 if attempt > self.config.max_retries or isinstance(exc, openai.APITimeoutError):
                     raise error from None
                 delay = self.backoff.delay(attempt, error.retry_after)
@@ -173,4 +188,10 @@ class OpenAIProvider:
                     raise error from None
                 await asyncio.sleep(delay)
             except Exception as exc:
-                raise translate_upstream_error(exc, self.config.name) from None
+                error = translate_upstream_error(exc, self.config.name)
+                if not isinstance(error, InvalidRequest):
+                    self.guard.breaker.failure()
+                raise error from None
+            else:
+                self.guard.breaker.success()
+                return result

@@ -1,0 +1,61 @@
+"""Key management and usage routes of the Gateway.
+
+    POST   /v1/admin/keys          create a key (admin); the plain key is in this response only
+    GET    /v1/admin/keys          list keys (admin)
+    DELETE /v1/admin/keys/{id}     revoke a key (admin)
+    GET    /v1/usage               the caller's token usage per model and day (admin: every key,
+                                   or ?key_id=)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Path
+from ray.serve.handle import DeploymentHandle
+
+from deployments.auth import Authenticator, require_admin
+from deployments.caller import Caller, get_caller
+from deployments.keystore import ApiKey
+from deployments.schemas import KeyCreate, KeyCreated, KeyList, KeyView, UsageList, UsageRow
+
+
+def key_view(key: ApiKey) -> KeyView:
+    return KeyView(**dataclasses.asdict(key))
+
+
+def build_admin_router(store: DeploymentHandle, auth: Authenticator) -> APIRouter:
+    router = APIRouter(prefix="/v1", tags=["keys"])
+    enabled = auth.config.enabled
+
+    @router.post("/admin/keys", status_code=201, response_model=KeyCreated)
+    async def create_key(body: KeyCreate, caller: Annotated[Caller, Depends(get_caller)]) -> KeyCreated:
+        require_admin(caller, enabled)
+        key, plain = await store.create_key.remote(body.name, body.rpm, body.tpm, body.token_budget)
+        return KeyCreated(**dataclasses.asdict(key), key=plain)
+
+    @router.get("/admin/keys", response_model=KeyList)
+    async def list_keys(caller: Annotated[Caller, Depends(get_caller)]) -> KeyList:
+        require_admin(caller, enabled)
+        return KeyList(data=[key_view(k) for k in await store.list_keys.remote()])
+
+    @router.delete("/admin/keys/{key_id}", response_model=KeyView)
+    async def revoke_key(
+        key_id: Annotated[str, Path(max_length=64)], caller: Annotated[Caller, Depends(get_caller)]
+    ) -> KeyView:
+        require_admin(caller, enabled)
+        key = await store.revoke_key.remote(key_id)
+        auth.forget(key_id)
+        return key_view(key)
+
+    @router.get("/usage", response_model=UsageList)
+    async def usage(caller: Annotated[Caller, Depends(get_caller)], key_id: str | None = None) -> UsageList:
+        await auth.flush()  # include this replica's last second
+        if caller.is_admin or not enabled:
+            rows = await store.usage.remote(key_id)
+        else:
+            rows = await store.usage.remote(caller.owner)
+        return UsageList(data=[UsageRow(**row) for row in rows])
+
+    return router

@@ -1,0 +1,125 @@
+"""Admission control for one upstream model, as seen from one worker replica.
+
+Before each upstream call: the replica's circuit breaker (fail fast while the
+upstream is failing), the model-wide pause (an upstream 429 with Retry-After,
+shared by every replica through the RateLimiter), and, if the model has
+``rpm``/``tpm`` limits, a booking on the shared budget. After the call: the
+breaker learns the outcome and the token estimate is settled with real usage.
+
+The pause is known locally: a background long-poll (``watch_pause``) keeps it
+current, so a model without limits pays no limiter round trip per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from typing import Any
+
+from ray.serve.handle import DeploymentHandle
+
+from deployments.errors import CircuitOpen, Overloaded, UpstreamRateLimited
+from deployments.limiter import Budget
+from deployments.limits import CircuitBreaker
+
+logger = logging.getLogger("ray.serve")
+
+DEFAULT_COMPLETION_ESTIMATE = 256
+
+
+def estimate_tokens(body: dict[str, Any]) -> int:
+    """Prompt (~4 characters per token) plus the completion budget; settled with real usage later."""
+    prompt = len(json.dumps(body.get("messages", []), ensure_ascii=False)) // 4
+    completion = body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_COMPLETION_ESTIMATE
+    return int(prompt + completion)
+
+
+class UpstreamGuard:
+    def __init__(
+        self,
+        name: str,
+        *,
+        budget: Budget | None,
+        limiter: DeploymentHandle | None,
+        breaker: CircuitBreaker | None = None,
+    ) -> None:
+        self.name = name
+        self.budget_name = f"model:{name}"
+        self.budget = budget if budget and (budget.rpm or budget.tpm) else None
+        self.limiter = limiter
+        self.breaker = breaker or CircuitBreaker()
+        self.paused_until = 0.0  # monotonic
+        self.watcher: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        if self.limiter is not None and self.watcher is None:
+            self.watcher = asyncio.get_running_loop().create_task(self._watch())
+
+    async def close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self.watcher
+
+    async def _watch(self) -> None:
+        assert self.limiter is not None
+        while True:
+            try:
+                known = max(0.0, self.paused_until - time.monotonic())
+                remaining = await self.limiter.watch_pause.remote(self.budget_name, known)
+                self.paused_until = max(self.paused_until, time.monotonic() + remaining)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                await asyncio.sleep(1.0)  # limiter restarting
+
+    async def admit(self, tokens: int, deadline: float) -> None:
+        """Return when the call may go; raise CircuitOpen / UpstreamRateLimited / Overloaded otherwise."""
+        if self.watcher is None:
+            self.start()  # lazily: constructors of replicas may run outside the event loop
+        wait = self.breaker.allow()
+        if wait is not None:
+            raise CircuitOpen(
+                f"The upstream for model '{self.name}' is failing; not calling it for now.", retry_after=wait
+            )
+        pause = self.paused_until - time.monotonic()
+        if pause > 0:
+            if time.monotonic() + pause >= deadline:
+                raise UpstreamRateLimited(
+                    f"The upstream for model '{self.name}' asked us to slow down.", retry_after=pause
+                )
+            await asyncio.sleep(pause)
+        if self.budget is None or self.limiter is None:
+            return
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                retry_after = await self.limiter.acquire.remote(
+                    self.budget_name, self.budget, 1, tokens if self.budget.tpm else 0, max(remaining, 0.0)
+                )
+                break
+            except Exception:
+                # Limiter restarting: fail closed (never call unmetered), retry within the deadline.
+                if remaining < 1.0:
+                    raise Overloaded("The rate limiter is unavailable; retry shortly.", retry_after=1) from None
+                await asyncio.sleep(0.5)
+        if retry_after is not None:
+            raise UpstreamRateLimited(
+                f"Model '{self.name}' is at its configured rate limit.", retry_after=retry_after
+            )
+
+    def rate_limited(self, retry_after: float) -> None:
+        """An upstream 429: pause this model here at once and, through the limiter, everywhere."""
+        self.paused_until = max(self.paused_until, time.monotonic() + retry_after)
+        if self.limiter is not None:
+            self.limiter.pause.remote(self.budget_name, retry_after)
+
+    def settle(self, estimated: int, usage: dict[str, Any] | None) -> None:
+        if self.budget is None or self.budget.tpm is None or self.limiter is None or not usage:
+            return
+        actual = int(usage.get("total_tokens") or 0)
+        if actual:
+            self.limiter.settle.remote(self.budget_name, actual - estimated)

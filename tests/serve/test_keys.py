@@ -1,0 +1,132 @@
+"""API keys and tenants on the application with authentication on (tests/fixtures.py: auth_app)."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.fixtures import ADMIN_KEY, ServeApp
+
+pytestmark = pytest.mark.serve
+
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+def admin(app: ServeApp, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    return httpx.request(method, f"{app.auth_base_url}{path}", headers=headers, timeout=30, **kwargs)
+
+
+def new_key(app: ServeApp, **limits: Any) -> dict[str, Any]:
+    response = admin(app, "POST", "/admin/keys", json={"name": "test", **limits})
+    assert response.status_code == 201, response.text
+    return dict(response.json())
+
+
+def client(app: ServeApp, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=app.auth_base_url, api_key=key, max_retries=0, timeout=30)
+
+
+@pytest.mark.parametrize("key", [None, "pf-wrong", "Basic abc"])
+def test_missing_or_wrong_key_is_401(app: ServeApp, key: str | None) -> None:
+    headers = {"Authorization": key if key and " " in key else f"Bearer {key}"} if key else {}
+    response = httpx.post(
+        f"{app.auth_base_url}/chat/completions", json={"model": "fake", "messages": HELLO}, headers=headers
+    )
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_openai_client_raises_authentication_error(app: ServeApp) -> None:
+    with pytest.raises(openai.AuthenticationError):
+        client(app, "pf-nope").models.list()
+
+
+def test_key_works_and_revoked_key_stops(app: ServeApp) -> None:
+    created = new_key(app)
+    assert created["key"].startswith("pf-") and created["hint"] == created["key"][-4:]
+    reply = client(app, created["key"]).chat.completions.create(model="fake", messages=HELLO)
+    assert reply.choices[0].message.content == "echo: hello"
+    revoked = admin(app, "DELETE", f"/admin/keys/{created['id']}").json()
+    assert revoked["revoked_at"] is not None
+    time.sleep(1.2)  # cache_ttl_s: 1 for every Gateway replica
+    with pytest.raises(openai.AuthenticationError):
+        client(app, created["key"]).chat.completions.create(model="fake", messages=HELLO)
+
+
+def test_only_admin_manages_keys(app: ServeApp) -> None:
+    key = new_key(app)["key"]
+    response = httpx.get(f"{app.auth_base_url}/admin/keys", headers={"Authorization": f"Bearer {key}"})
+    assert response.status_code == 403
+    listed = admin(app, "GET", "/admin/keys").json()["data"]
+    assert all("key" not in k for k in listed)  # plain keys are shown once, at creation
+
+
+def test_per_key_rpm_is_enforced(app: ServeApp) -> None:
+    key = new_key(app, rpm=3)["key"]
+    statuses = []
+    for _ in range(8):
+        response = httpx.post(
+            f"{app.auth_base_url}/chat/completions",
+            json={"model": "fake", "messages": HELLO},
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=30,
+        )
+        statuses.append(response.status_code)
+        if response.status_code == 429:
+            assert int(response.headers["retry-after"]) >= 1
+            assert response.json()["error"]["type"] == "rate_limit_error"
+    assert statuses.count(200) <= 3 and 429 in statuses
+
+
+def test_exhausted_budget_is_403_and_usage_is_recorded(app: ServeApp) -> None:
+    key = new_key(app, token_budget=30)["key"]
+    chat = client(app, key)
+    # The fake upstream reports ~10 tokens per call: a few calls spend the budget.
+    for _ in range(3):
+        chat.chat.completions.create(model="fake", messages=HELLO)
+    time.sleep(1.5)  # usage reaches the store about once a second
+    with pytest.raises(openai.PermissionDeniedError):
+        for _ in range(5):
+            chat.chat.completions.create(model="fake", messages=HELLO)
+    usage = httpx.get(f"{app.auth_base_url}/usage", headers={"Authorization": f"Bearer {key}"}).json()["data"]
+    assert usage and usage[0]["model"] == "fake" and usage[0]["requests"] >= 3
+    assert usage[0]["total_tokens"] >= 30
+
+
+def test_tenants_cannot_see_each_others_runs(app: ServeApp) -> None:
+    alice, bob = new_key(app)["key"], new_key(app)["key"]
+
+    def as_(key: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key}"}
+
+    run = httpx.post(
+        f"{app.auth_base_url}/tasks/label_fake/submit", json={"input": {"text": "x"}}, headers=as_(alice)
+    ).json()
+    assert httpx.get(f"{app.auth_base_url}/runs/{run['id']}", headers=as_(alice)).status_code == 200
+    for response in (
+        httpx.get(f"{app.auth_base_url}/runs/{run['id']}", headers=as_(bob)),
+        httpx.post(f"{app.auth_base_url}/runs/{run['id']}/cancel", headers=as_(bob)),
+    ):
+        assert response.status_code == 404  # never 403: ids cannot be probed
+    assert httpx.get(f"{app.auth_base_url}/runs", headers=as_(bob)).json()["data"] == []
+    # Bob's cancel did nothing to Alice's run.
+    status = httpx.get(f"{app.auth_base_url}/runs/{run['id']}", headers=as_(alice)).json()["status"]
+    assert status != "cancelled"
+
+
+def test_database_holds_no_plain_keys(app: ServeApp) -> None:
+    created = new_key(app)
+    assert app.state_dir is not None
+    database = app.state_dir.parent / "auth-db" / "tasks.sqlite3"
+    raw = database.read_bytes() + (database.with_name("tasks.sqlite3-wal").read_bytes()
+                                   if database.with_name("tasks.sqlite3-wal").exists() else b"")
+    assert created["key"].encode() not in raw
+    with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as conn:
+        hashes = [row[0] for row in conn.execute("SELECT key_hash FROM api_keys")]
+    assert all(len(h) == 64 for h in hashes)
