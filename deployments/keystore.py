@@ -138,7 +138,7 @@ class KeyStore:
                 raise NotFound(f"No API key with id '{key_id[:64]}'.", param="key_id")
             return self._key(row)
 
-    def list(self) -> list[ApiKey]:
+    def list_keys(self) -> list[ApiKey]:
         with self._lock:
             rows = self._conn.execute("SELECT * FROM api_keys ORDER BY created_at").fetchall()
             return [self._key(row) for row in rows]

@@ -58,7 +58,11 @@ class RateLimiterCore:
         """Book the call; return its start time, or raise ``WaitTooLong`` (nothing booked) if > max_wait."""
         booked: list[tuple[Pacer, float]] = []
         start = max(now, self.paused_until.get(name, 0.0))
-        for unit, limit, amount in (("requests", budget.rpm, requests), ("tokens", budget.tpm, tokens)):
+        units: tuple[tuple[str, int | None, float], ...] = (
+            ("requests", budget.rpm, requests),
+            ("tokens", budget.tpm, tokens),
+        )
+        for unit, limit, amount in units:
             if limit is None or amount <= 0:
                 continue
             pacer = self._pacer(name, unit, limit, now)

@@ -114,7 +114,7 @@ class TaskExecutor:
 
 class TaskRunner:
     # async: Serve runs an async constructor on the replica's event loop, which the claim loop needs.
-    async def __init__(
+    async def __init__(  # type: ignore[misc]  # Serve awaits async constructors
         self,
         tasks: dict[str, TaskDefinition],
         workers: dict[str, DeploymentHandle],

@@ -151,7 +151,7 @@ class TaskStoreService:
         return await self._db(self.keys.lookup, key_hash)
 
     async def list_keys(self) -> list[ApiKey]:
-        return await self._db(self.keys.list)
+        return await self._db(self.keys.list_keys)
 
     async def revoke_key(self, key_id: str) -> ApiKey:
         return await self._db(self.keys.revoke, key_id)

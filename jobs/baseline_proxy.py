@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import httpx
+import httpx2
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -24,7 +24,7 @@ def create_app(upstream: str) -> FastAPI:
         base_url=upstream,
         api_key="unused",
         max_retries=0,
-        http_client=httpx.AsyncClient(limits=httpx.Limits(max_connections=1000, max_keepalive_connections=1000)),
+        http_client=httpx2.AsyncClient(limits=httpx2.Limits(max_connections=1000, max_keepalive_connections=1000)),
     )
     app = FastAPI()
 

@@ -108,7 +108,7 @@ def _measure(url: str, model: str, concurrency: int, duration: float) -> LoadRes
 def _percentiles(results: list[LoadResult]) -> tuple[float, float, float]:
     latencies = sorted(x for r in results for x in r.latencies_ms)
     if not latencies:
-        return (float("nan"),) * 3  # type: ignore[return-value]
+        return float("nan"), float("nan"), float("nan")
     q = statistics.quantiles(latencies, n=100, method="inclusive")
     return q[49], q[89], q[98]
 

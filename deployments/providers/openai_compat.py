@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
-import httpx
+import httpx2
 import openai
 from openai import AsyncOpenAI, AsyncStream
 
@@ -34,6 +34,9 @@ from deployments.errors import (
 )
 from deployments.providers.admission import UpstreamGuard, estimate_tokens
 from deployments.providers.retry import BackoffPolicy, parse_retry_after
+
+# openai >= 3 runs on httpx2 (the successor of httpx, same API): clients, timeouts and the
+# transport errors we translate all come from it.
 
 T = TypeVar("T")
 
@@ -49,7 +52,7 @@ def translate_upstream_error(exc: Exception, model: str) -> PromptfleetError:
     """
     if isinstance(exc, PromptfleetError):
         return exc
-    if isinstance(exc, (openai.APITimeoutError, httpx.TimeoutException, TimeoutError)):
+    if isinstance(exc, (openai.APITimeoutError, httpx2.TimeoutException, TimeoutError)):
         return UpstreamTimeout(f"The upstream for model '{model}' did not answer in time.")
     if isinstance(exc, openai.RateLimitError):
         retry_after = parse_retry_after(exc.response.headers.get("retry-after"))
@@ -70,7 +73,7 @@ def translate_upstream_error(exc: Exception, model: str) -> PromptfleetError:
         if status == 408:
             return UpstreamTimeout(f"The upstream for model '{model}' timed out.")
         return UpstreamError(f"The upstream for model '{model}' failed (HTTP {status}).")
-    if isinstance(exc, (openai.APIConnectionError, httpx.TransportError)):
+    if isinstance(exc, (openai.APIConnectionError, httpx2.TransportError)):
         return UpstreamError(f"Could not reach the upstream for model '{model}'.")
     if isinstance(exc, openai.APIError):
         # Raised by the SSE decoder when an event carries an `error` object.
@@ -86,7 +89,7 @@ class OpenAIProvider:
         config: OpenAIModel,
         api_key: str | None,
         *,
-        http_client: httpx.AsyncClient | None = None,
+        http_client: httpx2.AsyncClient | None = None,
         backoff: BackoffPolicy | None = None,
         guard: UpstreamGuard | None = None,
     ) -> None:
@@ -94,7 +97,7 @@ class OpenAIProvider:
         self.guard = guard or UpstreamGuard(config.name, budget=None, limiter=None)
         self.upstream_model = config.upstream_model or config.name
         self.backoff = backoff or BackoffPolicy()
-        limits = httpx.Limits(
+        limits = httpx2.Limits(
             max_connections=config.max_concurrency,
             max_keepalive_connections=config.max_concurrency,
         )
@@ -103,8 +106,8 @@ class OpenAIProvider:
             # The SDK insists on a key; "unused" is what local servers (vLLM, Ollama) accept.
             api_key=api_key or "unused",
             max_retries=0,  # the retry layer is _call_with_retries
-            timeout=httpx.Timeout(config.timeout_s, connect=config.connect_timeout_s),
-            http_client=http_client or httpx.AsyncClient(limits=limits),
+            timeout=httpx2.Timeout(config.timeout_s, connect=config.connect_timeout_s),
+            http_client=http_client or httpx2.AsyncClient(limits=limits),
         )
 
     async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -160,8 +163,8 @@ class OpenAIProvider:
         await self.guard.close()
         await self.client.close()
 
-    def _timeout(self, remaining: float) -> httpx.Timeout:
-        return httpx.Timeout(max(remaining, 0.001), connect=min(self.config.connect_timeout_s, remaining))
+    def _timeout(self, remaining: float) -> httpx2.Timeout:
+        return httpx2.Timeout(max(remaining, 0.001), connect=min(self.config.connect_timeout_s, remaining))
 
     async def _call_with_retries(self, call: Callable[[float], Awaitable[T]], tokens: int) -> T:
         deadline = time.monotonic() + self.config.timeout_s

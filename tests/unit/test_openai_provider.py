@@ -1,4 +1,4 @@
-"""The upstream provider in-process, with httpx.MockTransport as the upstream."""
+"""The upstream provider in-process, with httpx2.MockTransport as the upstream."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import random
 import time
 from collections.abc import Callable
 
-import httpx
+import httpx2
 import pytest
 
 from deployments import errors
@@ -16,7 +16,7 @@ from deployments.config import OpenAIModel
 from deployments.providers.openai_compat import OpenAIProvider
 from deployments.providers.retry import BackoffPolicy
 
-Handler = Callable[[httpx.Request], httpx.Response]
+Handler = Callable[[httpx2.Request], httpx2.Response]
 OK = {"id": "x", "object": "chat.completion", "model": "up", "choices": [
     {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}]}
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
@@ -29,7 +29,7 @@ def provider(handler: Handler, **config: object) -> OpenAIProvider:
     return OpenAIProvider(
         OpenAIModel.model_validate(settings),
         api_key="k",
-        http_client=httpx.AsyncClient(transport=httpx.MockTransport(handler)),
+        http_client=httpx2.AsyncClient(transport=httpx2.MockTransport(handler)),
         backoff=BackoffPolicy(base_s=0.01, cap_s=0.02, rng=random.Random(0)),
     )
 
@@ -46,10 +46,10 @@ def run(p: OpenAIProvider) -> dict[str, object]:
 def test_body_passes_through_with_upstream_model_name() -> None:
     seen: list[dict[str, object]] = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: httpx2.Request) -> httpx2.Response:
         seen.append(json.loads(request.content))
         assert request.headers["authorization"] == "Bearer k"
-        return httpx.Response(200, json=OK)
+        return httpx2.Response(200, json=OK)
 
     result = run(provider(handler))
     assert seen[0]["model"] == "up" and seen[0]["messages"] == BODY["messages"]
@@ -59,9 +59,9 @@ def test_body_passes_through_with_upstream_model_name() -> None:
 def test_rate_limit_carries_retry_after_after_retries() -> None:
     calls = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: httpx2.Request) -> httpx2.Response:
         calls.append(1)
-        return httpx.Response(429, headers={"retry-after": "0.01"}, json={"error": {"message": "slow down"}})
+        return httpx2.Response(429, headers={"retry-after": "0.01"}, json={"error": {"message": "slow down"}})
 
     with pytest.raises(errors.UpstreamRateLimited) as caught:
         run(provider(handler))
@@ -70,8 +70,8 @@ def test_rate_limit_carries_retry_after_after_retries() -> None:
 
 
 def test_retry_after_beyond_the_deadline_is_not_waited_for() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(429, headers={"retry-after": "60"}, json={})
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        return httpx2.Response(429, headers={"retry-after": "60"}, json={})
 
     started = time.monotonic()
     with pytest.raises(errors.UpstreamRateLimited):
@@ -80,7 +80,7 @@ def test_retry_after_beyond_the_deadline_is_not_waited_for() -> None:
 
 
 def test_server_errors_are_retried_then_succeed() -> None:
-    answers = iter([httpx.Response(500, json={}), httpx.Response(503, json={}), httpx.Response(200, json=OK)])
+    answers = iter([httpx2.Response(500, json={}), httpx2.Response(503, json={}), httpx2.Response(200, json=OK)])
     result = run(provider(lambda request: next(answers)))
     assert result["choices"]
 
@@ -88,9 +88,9 @@ def test_server_errors_are_retried_then_succeed() -> None:
 def test_client_errors_pass_the_upstream_message_and_are_not_retried() -> None:
     calls = []
 
-    def handler(request: httpx.Request) -> httpx.Response:
+    def handler(request: httpx2.Request) -> httpx2.Response:
         calls.append(1)
-        return httpx.Response(400, json={"error": {"message": "max_tokens too large", "param": "max_tokens"}})
+        return httpx2.Response(400, json={"error": {"message": "max_tokens too large", "param": "max_tokens"}})
 
     with pytest.raises(errors.InvalidRequest) as caught:
         run(provider(handler))
@@ -101,21 +101,21 @@ def test_client_errors_pass_the_upstream_message_and_are_not_retried() -> None:
 @pytest.mark.parametrize("status", [401, 403, 404])
 def test_upstream_auth_and_routing_failures_are_502(status: int) -> None:
     with pytest.raises(errors.UpstreamError) as caught:
-        run(provider(lambda request: httpx.Response(status, json={"error": {"message": "secret detail"}})))
+        run(provider(lambda request: httpx2.Response(status, json={"error": {"message": "secret detail"}})))
     assert "secret detail" not in caught.value.message
 
 
 def test_connection_errors_become_502() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("refused")
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        raise httpx2.ConnectError("refused")
 
     with pytest.raises(errors.UpstreamError):
         run(provider(handler, max_retries=1))
 
 
 def test_read_timeout_becomes_504() -> None:
-    def handler(request: httpx.Request) -> httpx.Response:
-        raise httpx.ReadTimeout("slow")
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        raise httpx2.ReadTimeout("slow")
 
     with pytest.raises(errors.UpstreamTimeout):
         run(provider(handler))

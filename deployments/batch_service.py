@@ -1,0 +1,242 @@
+"""BatchService: the one owner of batch files and batch records (a single-replica Serve deployment).
+
+Serves: the Gateway's Files and Batches routes (``batch_routes``), through a handle.
+Calls: the Ray Jobs API (``JobSubmissionClient``): a batch is a Ray job running ``jobs.batch``,
+visible in the dashboard's Jobs tab with the batch id in its metadata.
+Owns: ``deployments.batchstore.BatchStore`` — a directory under ``tasks.state_dir`` on the
+node of this replica (pin it to the head node in serve.yaml, like the TaskStore). Each batch
+job is pinned to this same node (a node-id label selector), because it reads the input file
+and writes its output and progress files there directly.
+
+Status is pulled, not pushed: reading a batch asks the Jobs API for its job's status and reads
+the job's progress file; when the job has ended, its output and error files are registered as
+files of the batch's owner. A batch whose job vanished (the cluster restarted) is resubmitted
+and resumes from its output.
+
+Disk and Jobs API calls (blocking HTTP) run on one dedicated thread, in order. Expected errors
+come back as values (``PromptfleetError``), not raised, as in ``deployments.worker``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from deployments.batchstore import BatchRecord, BatchStore, JobState, advance
+from deployments.config import TasksConfig
+from deployments.errors import Conflict, PromptfleetError
+from deployments.schemas import BatchCreate, BatchList, BatchView, FileList, FileView
+
+logger = logging.getLogger("ray.serve")
+T = TypeVar("T")
+
+# Requests a server-side batch keeps in flight (jobs.batch --concurrency). Per-model limits
+# (max_ongoing_requests, upstream rpm) still apply on top.
+BATCH_CONCURRENCY = 64
+
+
+class Jobs(Protocol):
+    def submit(self, submission_id: str, entrypoint: str, metadata: dict[str, str]) -> None: ...
+
+    def status(self, submission_id: str) -> JobState | None: ...
+
+    def stop(self, submission_id: str) -> None: ...
+
+
+class RayJobs:
+    """The Ray Jobs API of the cluster this replica runs in; jobs are pinned to this node."""
+
+    def __init__(self) -> None:
+        self._client: Any = None
+        self._node_id: str | None = None
+
+    def client(self) -> Any:
+        if self._client is None:
+            import ray
+            from ray.job_submission import JobSubmissionClient
+
+            context = ray.get_runtime_context()
+            # The GCS address names this cluster; the client looks the dashboard up from it.
+            self._client = JobSubmissionClient(context.gcs_address)
+            self._node_id = context.get_node_id()
+        return self._client
+
+    def submit(self, submission_id: str, entrypoint: str, metadata: dict[str, str]) -> None:
+        client = self.client()
+        client.submit_job(
+            entrypoint=entrypoint,
+            submission_id=submission_id,
+            metadata=metadata,
+            entrypoint_label_selector={"ray.io/node-id": self._node_id},
+        )
+
+    def status(self, submission_id: str) -> JobState | None:
+        client = self.client()
+        try:
+            info = client.get_job_info(submission_id)
+        except RuntimeError:
+            # The SDK raises RuntimeError for "no such job" and for a failing request alike:
+            # tell them apart by listing (raises again if the dashboard is really failing).
+            if any(job.submission_id == submission_id for job in client.list_jobs()):
+                raise
+            return None
+        return JobState(status=str(info.status.value), exit_code=getattr(info, "driver_exit_code", None))
+
+    def stop(self, submission_id: str) -> None:
+        self.client().stop_job(submission_id)
+
+
+class BatchService:
+    def __init__(
+        self,
+        config: TasksConfig,
+        app_name: str | None = None,
+        jobs: Jobs | None = None,
+        store: BatchStore | None = None,
+    ) -> None:
+        self.store = store or BatchStore(Path(config.state_dir).expanduser() / "batches")
+        self.jobs = jobs or RayJobs()
+        self._app_name = app_name
+        self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches")
+        logger.info("batch store at %s", self.store.root)
+
+    @property
+    def app_name(self) -> str:
+        if self._app_name is None:
+            from ray import serve
+
+            self._app_name = serve.get_replica_context().app_name
+        return self._app_name
+
+    async def _io(self, fn: Callable[..., T], *args: Any) -> T | PromptfleetError:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.io, lambda: fn(*args))
+        except PromptfleetError as exc:
+            return exc
+
+    # -- files ----------------------------------------------------------------------------------
+
+    async def begin_upload(self, owner: str, filename: str) -> str | PromptfleetError:
+        return await self._io(self.store.begin_upload, owner, filename)
+
+    async def write_upload(self, upload_id: str, chunk: bytes) -> PromptfleetError | None:
+        return await self._io(self.store.write_upload, upload_id, chunk)
+
+    async def finish_upload(self, upload_id: str) -> FileView | PromptfleetError:
+        return await self._io(lambda: self.store.finish_upload(upload_id).view())
+
+    async def abort_upload(self, upload_id: str) -> PromptfleetError | None:
+        return await self._io(self.store.abort_upload, upload_id)
+
+    async def get_file(self, owner: str, file_id: str) -> FileView | PromptfleetError:
+        return await self._io(lambda: self.store.get_file(owner, file_id).view())
+
+    async def read_file(self, owner: str, file_id: str, offset: int, size: int) -> bytes | PromptfleetError:
+        return await self._io(self.store.read_file, owner, file_id, offset, size)
+
+    async def list_files(
+        self, owner: str, purpose: str | None, limit: int, after: str | None
+    ) -> FileList | PromptfleetError:
+        def page() -> FileList:
+            records, more = self.store.list_files(owner, purpose, limit, after)
+            return FileList(data=[r.view() for r in records], has_more=more)
+
+        return await self._io(page)
+
+    async def delete_file(self, owner: str, file_id: str) -> PromptfleetError | None:
+        return await self._io(self.store.delete_file, owner, file_id)
+
+    # -- batches --------------------------------------------------------------------------------
+
+    async def create_batch(self, owner: str, body: BatchCreate) -> BatchView | PromptfleetError:
+        def create() -> BatchView:
+            batch = self.store.create_batch(
+                owner, body.input_file_id, body.endpoint, body.completion_window, body.metadata
+            )
+            self._submit(batch)
+            return batch.view()
+
+        return await self._io(create)
+
+    async def get_batch(self, owner: str, batch_id: str) -> BatchView | PromptfleetError:
+        return await self._io(lambda: self._refresh(self.store.get_batch(owner, batch_id)).view())
+
+    async def list_batches(self, owner: str, limit: int, after: str | None) -> BatchList | PromptfleetError:
+        def page() -> BatchList:
+            records, more = self.store.list_batches(owner, limit, after)
+            views = [self._refresh(b).view() for b in records]
+            return BatchList(
+                data=views,
+                first_id=views[0].id if views else None,
+                last_id=views[-1].id if views else None,
+                has_more=more,
+            )
+
+        return await self._io(page)
+
+    async def cancel_batch(self, owner: str, batch_id: str) -> BatchView | PromptfleetError:
+        def cancel() -> BatchView:
+            batch = self._refresh(self.store.get_batch(owner, batch_id))
+            if batch.status in ("cancelling", "cancelled"):
+                return batch.view()
+            if batch.terminal:
+                raise Conflict(f"The batch '{batch_id}' has already ended ({batch.status}).", param="batch_id")
+            batch.status, batch.cancelling_at = "cancelling", int(time.time())
+            self.store.save_batch(batch)
+            if batch.job_id is not None:
+                try:
+                    self.jobs.stop(batch.job_id)
+                except Exception:
+                    logger.exception("stopping job %s of batch %s failed; will show on refresh", batch.job_id, batch_id)
+            return batch.view()
+
+        return await self._io(cancel)
+
+    # -- the job --------------------------------------------------------------------------------
+
+    def _submit(self, batch: BatchRecord) -> None:
+        paths = self.store.job_paths(batch)
+        batch.job_starts += 1
+        batch.job_id = batch.id if batch.job_starts == 1 else f"{batch.id}-{batch.job_starts}"
+        entrypoint = shlex.join([
+            sys.executable, "-m", "jobs.batch",
+            "--input", str(paths["input"]), "--output", str(paths["output"]), "--errors", str(paths["errors"]),
+            "--progress-file", str(paths["progress"]), "--app", self.app_name,
+            "--concurrency", str(BATCH_CONCURRENCY), "--progress-every", "5",
+        ])
+        self.store.save_batch(batch)  # before submitting: a crash in between resubmits, never loses it
+        try:
+            self.jobs.submit(batch.job_id, entrypoint, {"promptfleet_batch": batch.id, "owner": batch.owner})
+        except Exception:
+            # The next read finds no such job and submits again (up to MAX_JOB_STARTS starts).
+            logger.exception("batch %s: submitting job %s failed", batch.id, batch.job_id)
+            return
+        logger.info("batch %s: submitted job %s", batch.id, batch.job_id)
+
+    def _refresh(self, batch: BatchRecord) -> BatchRecord:
+        if batch.terminal:
+            return batch
+        try:
+            job = self.jobs.status(batch.job_id) if batch.job_id is not None else None
+        except Exception:
+            logger.exception("batch %s: the Jobs API did not answer; showing the last known state", batch.id)
+            return batch
+        before = dataclasses.asdict(batch)
+        action = advance(batch, job, self.store.read_progress(batch), int(time.time()))
+        if action == "submit":
+            logger.warning("batch %s: job %s is gone or failed; resubmitting", batch.id, batch.job_id)
+            self._submit(batch)
+        elif action == "finalize":
+            self.store.finalize(batch)
+        elif dataclasses.asdict(batch) != before:
+            self.store.save_batch(batch)
+        return batch
+
