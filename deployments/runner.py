@@ -181,7 +181,7 @@ class TaskRunner:
                 await self.store.fail.remote(run.id, token, error, None)
                 return
             usage = result.pop("usage")
-            await self.store.complete.remote(run.id, token, result, usage)
+            await self.store.complete.remote(run.id, token, result, usage, run.owner)
         finally:
             renewer.cancel()
             self.active.pop(run.id, None)

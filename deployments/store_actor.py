@@ -119,9 +119,16 @@ class TaskStoreService:
     async def renew(self, run_id: str, lease_token: str) -> bool:
         return await self._db(self.store.renew, run_id, lease_token, self.config.lease_s)
 
-    async def complete(self, run_id: str, lease_token: str, result: Any, usage: dict[str, Any]) -> bool:
+    async def complete(
+        self, run_id: str, lease_token: str, result: Any, usage: dict[str, Any], owner: str | None = None
+    ) -> bool:
         won = await self._db(self.store.complete, run_id, lease_token, result=result, usage=usage)
         self._notify_finished(run_id)
+        if won and owner is not None and owner.startswith("key_"):
+            # Async runs are billed to their key when their result lands (once: only the winner).
+            row = (owner, str(result.get("model", "")), 1, int(usage.get("prompt_tokens", 0)),
+                   int(usage.get("completion_tokens", 0)))
+            await self._db(self.keys.record_usage, [row])
         return won
 
     async def fail(

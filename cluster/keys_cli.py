@@ -1,0 +1,66 @@
+"""`promptfleet keys`: create, list and revoke API keys through the admin API.
+
+Uses the admin key from $PROMPTFLEET_ADMIN_KEY (the variable the Gateway reads
+by default) against the API at --url.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+import httpx
+
+DEFAULT_URL = "http://127.0.0.1:8000/v1"
+
+
+def add_parser(sub: Any) -> None:
+    keys = sub.add_parser("keys", help="manage API keys (needs $PROMPTFLEET_ADMIN_KEY)")
+    keys.add_argument("--url", default=DEFAULT_URL, help="API base URL (default: %(default)s)")
+    actions = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = actions.add_parser("create", help="create a key; prints it once")
+    create.add_argument("name", help="who or what the key is for")
+    create.add_argument("--rpm", type=int, help="requests per minute")
+    create.add_argument("--tpm", type=int, help="tokens per minute")
+    create.add_argument("--token-budget", type=int, help="total tokens the key may use")
+    actions.add_parser("list", help="list keys (never the keys themselves)")
+    revoke = actions.add_parser("revoke", help="revoke a key by id")
+    revoke.add_argument("key_id", help="the key's id (key_…)")
+
+
+def run(args: argparse.Namespace) -> int:
+    admin_key = os.environ.get("PROMPTFLEET_ADMIN_KEY")
+    if not admin_key:
+        print("promptfleet: set PROMPTFLEET_ADMIN_KEY to the admin key", file=sys.stderr)
+        return 2
+    headers = {"Authorization": f"Bearer {admin_key}"}
+    base = args.url.rstrip("/")
+    try:
+        if args.action == "create":
+            body = {"name": args.name, "rpm": args.rpm, "tpm": args.tpm, "token_budget": args.token_budget}
+            response = httpx.post(f"{base}/admin/keys", json=body, headers=headers, timeout=30)
+        elif args.action == "list":
+            response = httpx.get(f"{base}/admin/keys", headers=headers, timeout=30)
+        else:
+            response = httpx.delete(f"{base}/admin/keys/{args.key_id}", headers=headers, timeout=30)
+    except httpx.HTTPError as exc:
+        print(f"promptfleet: cannot reach {base}: {exc}", file=sys.stderr)
+        return 1
+    if response.status_code >= 400:
+        message = response.json().get("error", {}).get("message", response.text)
+        print(f"promptfleet: {response.status_code}: {message}", file=sys.stderr)
+        return 1
+    data = response.json()
+    if args.action == "create":
+        print(f"Created {data['id']} ({data['name']}). The key is shown only once:\n\n  {data['key']}\n")
+    elif args.action == "list":
+        for key in data["data"]:
+            state = "revoked" if key["revoked_at"] else "active"
+            limits = ", ".join(f"{k}={key[k]}" for k in ("rpm", "tpm", "token_budget") if key[k])
+            print(f"{key['id']}  …{key['hint']}  {state:<7}  {key['name']}  used={key['tokens_used']}  {limits}")
+    else:
+        print(json.dumps(data, indent=2))
+    return 0
