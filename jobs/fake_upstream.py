@@ -17,7 +17,8 @@ built by :func:`minimal_instance`).
 Fault modes (:class:`FaultConfig`): ``ok`` (optional ``latency_ms``), ``rate_limit`` (429 with
 ``Retry-After``), ``error`` (500), ``slow`` (``delay_s``, then normal), ``hang`` (no answer until
 the client leaves or the server stops), ``drop_stream`` (two SSE chunks, then the connection is
-closed; a non-streaming call gets the 500 of ``error``). ``fail_first_n`` limits the fault to the
+closed; a non-streaming call gets the 500 of ``error``), ``stall_stream`` (two SSE chunks, then
+silence until the client hangs up). ``fail_first_n`` limits the fault to the
 first N chat calls after configuring. ``api_key`` makes ``/v1`` calls without
 ``Authorization: Bearer <api_key>`` answer 401. Error bodies have the OpenAI shape. Every chat
 call, 401s included, is counted in the stats (401s under the mode ``unauthorized``).
@@ -53,7 +54,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 Headers = list[tuple[bytes, bytes]]
 
-MODES = ("ok", "rate_limit", "error", "slow", "hang", "drop_stream")
+MODES = ("ok", "rate_limit", "error", "slow", "hang", "drop_stream", "stall_stream")
 MAX_CALL_TIMES = 100_000
 _JSON: Headers = [(b"content-type", b"application/json")]
 _SSE: Headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
@@ -279,7 +280,7 @@ class FakeUpstreamApp:
                 await _error(send, 429, "Rate limit reached (injected by the fake upstream).",
                              "rate_limit_error", "rate_limit_exceeded",
                              [(b"retry-after", str(config.retry_after).encode())])
-            elif mode == "error" or (mode == "drop_stream" and not stream):
+            elif mode == "error" or (mode in ("drop_stream", "stall_stream") and not stream):
                 await _error(send, 500, "The server had an error (injected by the fake upstream).",
                              "server_error", "internal_error")
             elif mode in ("hang", "slow") and await self._wait(
@@ -290,7 +291,10 @@ class FakeUpstreamApp:
                 if mode == "ok" and config.latency_ms > 0:
                     await asyncio.sleep(config.latency_ms / 1000)
                 if stream:
-                    await _stream(send, request, drop=mode == "drop_stream")
+                    await _stream(send, request, drop=mode in ("drop_stream", "stall_stream"))
+                    if mode == "stall_stream":
+                        # Two chunks, then nothing until the client hangs up (counted in in_flight).
+                        await self._wait(receive, None)
                 else:
                     await _complete(send, request)
         finally:

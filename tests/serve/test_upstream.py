@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import httpx
 import openai
 import pytest
 
@@ -109,3 +110,18 @@ def test_64_concurrent_requests_all_succeed(app: ServeApp) -> None:
     contents = asyncio.run(run())
     assert sorted(contents) == sorted(f"echo: n{i}" for i in range(64))
     assert app.upstream.stats()["calls"] == 64
+
+
+def test_client_disconnect_closes_the_upstream_stream(app: ServeApp) -> None:
+    app.upstream.configure(mode="stall_stream")
+    body = {"model": "fake", "messages": HELLO, "stream": True}
+    with httpx.stream("POST", f"{app.base_url}/chat/completions", json=body, timeout=30) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                break  # one chunk read; now hang up mid-stream
+    assert app.upstream.stats()["calls"] == 1
+    deadline = time.monotonic() + 15
+    while app.upstream.stats()["in_flight"] and time.monotonic() < deadline:
+        time.sleep(0.2)
+    # The gateway cancelled the worker's generator, which closed the upstream connection.
+    assert app.upstream.stats()["in_flight"] == 0
