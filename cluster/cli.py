@@ -3,6 +3,7 @@
     promptfleet start    start Ray (or join $RAY_ADDRESS), deploy configs/serve.yaml, wait, print URLs
     promptfleet status   what Serve is running, and where
     promptfleet keys     create, list and revoke API keys
+    promptfleet batch    run a JSONL batch as a Ray job (resumable), print how to follow it
     promptfleet stop     remove the application; with --ray also stop the local Ray we started
 """
 
@@ -15,7 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cluster import keys_cli, local
+from cluster import batch_cli, keys_cli, local
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print Serve's details as JSON")
 
     keys_cli.add_parser(sub)
+    batch_cli.add_parser(sub)
 
     stop = sub.add_parser("stop", help="shut down the Serve application(s)")
     stop.add_argument("--dashboard", default=local.DEFAULT_DASHBOARD, help="dashboard URL (default: %(default)s)")
@@ -118,7 +120,9 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"start": cmd_start, "status": cmd_status, "stop": cmd_stop, "keys": keys_cli.run}
+    handlers = {
+        "start": cmd_start, "status": cmd_status, "stop": cmd_stop, "keys": keys_cli.run, "batch": batch_cli.run,
+    }
     try:
         return handlers[args.command](args)
     except local.StartError as exc:

@@ -50,6 +50,8 @@ class Jobs(Protocol):
 
     def stop(self, submission_id: str) -> None: ...
 
+    def cluster_address(self) -> str | None: ...
+
 
 class RayJobs:
     """The Ray Jobs API of the cluster this replica runs in; jobs are pinned to this node."""
@@ -92,6 +94,11 @@ class RayJobs:
 
     def stop(self, submission_id: str) -> None:
         self.client().stop_job(submission_id)
+
+    def cluster_address(self) -> str | None:
+        import ray
+
+        return str(ray.get_runtime_context().gcs_address)
 
 
 class BatchService:
@@ -211,7 +218,7 @@ class BatchService:
             "--input", str(paths["input"]), "--output", str(paths["output"]), "--errors", str(paths["errors"]),
             "--progress-file", str(paths["progress"]), "--app", self.app_name,
             "--concurrency", str(BATCH_CONCURRENCY), "--progress-every", "5",
-        ])
+        ] + (["--ray-address", address] if (address := self.jobs.cluster_address()) else []))
         self.store.save_batch(batch)  # before submitting: a crash in between resubmits, never loses it
         try:
             self.jobs.submit(batch.job_id, entrypoint, {"promptfleet_batch": batch.id, "owner": batch.owner})

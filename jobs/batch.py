@@ -1,0 +1,379 @@
+"""Batch job: JSONL in, JSONL out, through the running promptfleet Serve application.
+
+    ray job submit --working-dir . -- python -m jobs.batch --input in.jsonl --output out.jsonl \\
+        [--errors err.jsonl] [--app promptfleet] [--concurrency 32] [--task NAME]
+
+(or ``promptfleet batch …``, which submits the same job). Paths are on the node the job's driver
+runs on (the head node by default), so give absolute paths when submitting to a remote cluster.
+
+Each input line is a chat request in the OpenAI batch format or a task line (see
+``jobs.batchlines``). Chat lines go to the model's ``ModelWorker`` deployment, task lines to the
+``TaskRunner``, through ``DeploymentHandle``s of the running app: the same replicas and the same
+global limits as HTTP traffic. Nothing runs in this process but the bookkeeping.
+
+Contract:
+
+- One output line per input line, written and flushed as each request finishes, so the output is
+  in **completion order**, not input order (match lines by ``custom_id``). With ``--errors``,
+  failures go to that file and successes to ``--output``; without it, both go to ``--output``.
+- A malformed line, a duplicate ``custom_id`` or an unknown model gives an error line naming the
+  line number and field; it never stops the batch.
+- 429 and 503 (rate limited, overloaded, no replica free) are retried with backoff (``Retry-After``
+  honoured) up to ``--max-attempts`` times; other failures are written as they are.
+- Re-running with the same output (and errors) files resumes: lines already answered are skipped.
+  A request in flight when the job was stopped has no line yet and runs again (at-least-once
+  model calls; exactly one output line per ``custom_id``).
+- The input is streamed; at most ``--concurrency`` requests are in flight.
+- Progress is printed every ``--progress-every`` seconds (``ray job logs -f`` shows it), then a
+  summary line with counts, tokens and time. ``--progress-file`` also keeps a JSON snapshot
+  (``schemas.BatchProgress``), which the Batches API reads for ``request_counts``.
+- ``SIGTERM``/``SIGINT`` (``ray job stop``) stops promptly: nothing new starts, requests in flight
+  are abandoned, the summary is printed. Exit status: 0 done (even with failed lines), 3 could
+  not start (no input, no app), 130 stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+from deployments.config import worker_deployment_name
+from deployments.errors import Overloaded, PromptfleetError, RateLimited
+from deployments.providers.retry import BackoffPolicy
+from deployments.schemas import BatchChatLine, BatchTaskLine
+from jobs.batchlines import (
+    BatchItem,
+    Done,
+    LineError,
+    OutputWriter,
+    Progress,
+    count_lines,
+    error_line,
+    iter_lines,
+    parse_line,
+    response_line,
+    scan_done,
+    write_atomically,
+)
+
+logger = logging.getLogger("promptfleet.batch")
+
+RUNNER_DEPLOYMENT = "TaskRunner"  # deployments.app.RUNNER_DEPLOYMENT (not imported: it pulls in FastAPI)
+RETRYABLE = (RateLimited, Overloaded)
+MAX_RETRY_WAIT_S = 60.0
+# 1 is what Python exits with on an uncaught exception; a setup error has a code of its own.
+EXIT_OK, EXIT_SETUP, EXIT_STOPPED = 0, 3, 130
+
+Result = dict[str, Any] | PromptfleetError
+
+
+class SetupError(RuntimeError):
+    """The batch cannot start (no input file, no such app); the message says why."""
+
+
+class Backend(Protocol):
+    """Where requests go: the Serve app's handles (``ServeBackend``), or a fake in tests."""
+
+    def has_model(self, model: str) -> bool: ...
+
+    def chat(self, model: str, body: dict[str, Any]) -> Awaitable[Result]: ...
+
+    def run_task(self, task: str, task_input: dict[str, Any]) -> Awaitable[Result]: ...
+
+
+class ServeBackend:
+    """Handles of the running application ``app_name``; transport failures become retryable errors."""
+
+    def __init__(self, app_name: str, wait_s: float = 30.0) -> None:
+        from ray import serve
+
+        # serve.status() answers "no applications" while the controller cannot be reached
+        # (seen on a loaded 2-core machine right after the driver connects): look again a while.
+        deadline = time.monotonic() + wait_s
+        while (app := serve.status().applications.get(app_name)) is None:
+            if time.monotonic() > deadline:
+                raise SetupError(f"no Serve application named {app_name!r} is running on this cluster")
+            time.sleep(1.0)
+        self.app_name = app_name
+        self.deployments = set(app.deployments)
+        self.handles: dict[str, Any] = {}
+
+    def _handle(self, deployment: str) -> Any:
+        from ray import serve
+
+        if deployment not in self.handles:
+            self.handles[deployment] = serve.get_deployment_handle(deployment, self.app_name)
+        return self.handles[deployment]
+
+    def has_model(self, model: str) -> bool:
+        return worker_deployment_name(model) in self.deployments
+
+    async def chat(self, model: str, body: dict[str, Any]) -> Result:
+        return await self._call(lambda: self._handle(worker_deployment_name(model)).chat.remote(body))
+
+    async def run_task(self, task: str, task_input: dict[str, Any]) -> Result:
+        return await self._call(lambda: self._handle(RUNNER_DEPLOYMENT).run.remote(task, task_input))
+
+    @staticmethod
+    async def _call(send: Callable[[], Any]) -> Result:
+        from ray.exceptions import RayActorError
+        from ray.serve.exceptions import BackPressureError
+
+        try:
+            result = await send()
+        except BackPressureError:
+            return Overloaded("The deployment is at capacity.")
+        except RayActorError:
+            # The replica died mid-request; Serve routes the retry to a live one.
+            return Overloaded("The replica serving the request died.")
+        if isinstance(result, (dict, PromptfleetError)):
+            return result
+        return PromptfleetError("Unexpected result from the deployment.")
+
+
+@dataclass(frozen=True)
+class Options:
+    input: Path
+    output: Path
+    errors: Path | None = None
+    app: str = "promptfleet"
+    concurrency: int = 32
+    task: str | None = None
+    max_attempts: int = 4
+    progress_every: float = 10.0
+    progress_file: Path | None = None
+
+
+class BatchRun:
+    """One pass over the input: skip what is done, run the rest with bounded concurrency."""
+
+    def __init__(
+        self,
+        options: Options,
+        backend: Backend,
+        out: IO[str] | None = None,
+        backoff: BackoffPolicy | None = None,
+    ) -> None:
+        self.options = options
+        self.backend = backend
+        self.out = out or sys.stdout
+        self.backoff = backoff or BackoffPolicy(base_s=0.5, cap_s=20.0)
+        self.stopping = asyncio.Event()
+        self.progress: Progress | None = None
+
+    def stop(self) -> None:
+        """Start nothing new and abandon requests in flight (what SIGTERM does)."""
+        self.stopping.set()
+
+    def say(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    async def run(self) -> int:
+        opts = self.options
+        if not opts.input.is_file():
+            raise SetupError(f"input file {opts.input} does not exist")
+        done = Done()
+        scan_done(opts.output, done)
+        if opts.errors is not None and opts.errors.resolve() != opts.output.resolve():
+            scan_done(opts.errors, done)
+        progress = self.progress = Progress(total=count_lines(opts.input), done_before=done)
+        if done.ids or done.lines:
+            self.say(f"batch: resuming; {len(done.ids) + len(done.lines)} lines already done in {opts.output}")
+        self.say(f"batch: {progress.total} lines from {opts.input}, concurrency {opts.concurrency}")
+        writer = OutputWriter(opts.output, opts.errors)
+        ticker = asyncio.create_task(self._tick(progress))
+        try:
+            await self._feed(progress, done, writer)
+        finally:
+            ticker.cancel()
+            writer.close()
+        interrupted = self.stopping.is_set()
+        self._report(progress, finished=not interrupted)
+        self.say(progress.summary(interrupted))
+        return EXIT_STOPPED if interrupted else EXIT_OK
+
+    async def _feed(self, progress: Progress, done: Done, writer: OutputWriter) -> None:
+        slots = asyncio.Semaphore(self.options.concurrency)
+        in_flight: set[asyncio.Task[None]] = set()
+        seen: set[str] = set()
+        stop_wait = asyncio.create_task(self.stopping.wait())
+        try:
+            with self.options.input.open("rb") as f:
+                for count, (number, raw) in enumerate(iter_lines(f)):
+                    if self.stopping.is_set():
+                        break
+                    if count % 500 == 0:
+                        await asyncio.sleep(0)  # let the progress ticker run through long skips
+                    item = parse_line(raw, number, self.options.task)
+                    custom_id = item.custom_id
+                    if number in done.lines or (custom_id in done.ids and custom_id not in seen):
+                        if custom_id is not None:
+                            seen.add(custom_id)
+                        progress.skipped += 1
+                        continue
+                    if custom_id is not None and custom_id in seen:
+                        item = LineError(number, "duplicate_custom_id", f"Line {number}: custom_id "
+                                         f"{custom_id!r} appears on an earlier line.", "custom_id", custom_id)
+                    elif custom_id is not None:
+                        seen.add(custom_id)
+                    if isinstance(item, BatchChatLine) and not self.backend.has_model(item.body.model):
+                        item = LineError(number, "model_not_found", f"Line {number}: body.model: the model "
+                                         f"{item.body.model!r} does not exist.", "body.model", custom_id)
+                    if isinstance(item, LineError):
+                        writer.write(error_line(item), ok=False)
+                        progress.failed += 1
+                        continue
+                    acquire = asyncio.create_task(slots.acquire())
+                    await asyncio.wait({acquire, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+                    if not acquire.done() or self.stopping.is_set():
+                        acquire.cancel()
+                        break
+                    task = asyncio.create_task(self._process(item, progress, writer, slots))
+                    in_flight.add(task)
+                    task.add_done_callback(in_flight.discard)
+            while in_flight and not self.stopping.is_set():
+                await asyncio.wait({*in_flight, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop_wait.cancel()
+            for task in in_flight:
+                task.cancel()
+            await asyncio.gather(*in_flight, return_exceptions=True)
+
+    async def _process(
+        self, item: BatchItem, progress: Progress, writer: OutputWriter, slots: asyncio.Semaphore
+    ) -> None:
+        try:
+            result = await self._call_with_retries(item)
+            if isinstance(result, PromptfleetError):
+                writer.write(response_line(item.custom_id, result.status_code, result.to_body()), ok=False)
+                progress.failed += 1
+            else:
+                progress.add_usage(result.get("usage"))
+                request_id = result.get("id") if isinstance(result.get("id"), str) else None
+                writer.write(response_line(item.custom_id, 200, result, request_id), ok=True)
+                progress.completed += 1
+        finally:
+            slots.release()
+
+    async def _call_with_retries(self, item: BatchItem) -> Result:
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                if isinstance(item, BatchTaskLine):
+                    result = await self.backend.run_task(item.task, item.input)
+                else:
+                    body = item.body.model_dump(exclude_unset=True, exclude_none=True)
+                    result = await self.backend.chat(item.body.model, body)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                # Another process's failure: its text stays in this log, never in the output.
+                logger.exception("request %r failed unexpectedly", item.custom_id)
+                return PromptfleetError("Internal error.")
+            if not isinstance(result, RETRYABLE) or attempt >= self.options.max_attempts:
+                return result
+            await asyncio.sleep(min(MAX_RETRY_WAIT_S, self.backoff.delay(attempt, result.retry_after)))
+
+    async def _tick(self, progress: Progress) -> None:
+        while True:
+            await asyncio.sleep(self.options.progress_every)
+            self.say(progress.line())
+            self._report(progress, finished=False)
+
+    def _report(self, progress: Progress, finished: bool) -> None:
+        if self.options.progress_file is not None:
+            write_atomically(self.options.progress_file, progress.snapshot(finished).model_dump_json())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m jobs.batch",
+        description="Run a JSONL batch (OpenAI batch lines or task lines) through the running promptfleet app.",
+    )
+    parser.add_argument("--input", type=Path, required=True, help="input JSONL file")
+    parser.add_argument("--output", type=Path, required=True, help="output JSONL file (appended; resumes)")
+    parser.add_argument("--errors", type=Path, default=None, help="error lines go here (default: --output)")
+    parser.add_argument("--app", default="promptfleet", help="Serve application name (default: %(default)s)")
+    parser.add_argument("--concurrency", type=int, default=32, help="requests in flight (default: %(default)s)")
+    parser.add_argument("--task", default=None, help="task for lines that name none (`{custom_id, input}` lines)")
+    parser.add_argument("--max-attempts", type=int, default=4, help="tries per line on 429/503 (default: %(default)s)")
+    parser.add_argument("--progress-every", type=float, default=10.0, help="seconds between progress lines")
+    parser.add_argument("--progress-file", type=Path, default=None, help="JSON progress snapshot to keep")
+    parser.add_argument("--ray-address", default=None, help="GCS address of the cluster (default: the job's "
+                        "RAY_ADDRESS, else the local cluster)")
+    return parser
+
+
+def options_from(args: argparse.Namespace) -> Options:
+    if args.concurrency < 1 or args.max_attempts < 1 or args.progress_every <= 0:
+        raise SetupError("--concurrency and --max-attempts must be >= 1, --progress-every > 0")
+    return Options(
+        input=args.input, output=args.output, errors=args.errors, app=args.app,
+        concurrency=args.concurrency, task=args.task, max_attempts=args.max_attempts,
+        progress_every=args.progress_every, progress_file=args.progress_file,
+    )
+
+
+def main(argv: list[str] | None = None, backend: Backend | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    started_ray = False
+    try:
+        options = options_from(args)
+        if backend is None:
+            import ray
+
+            if not ray.is_initialized():
+                address = "auto"  # inside `ray job submit`: the RAY_ADDRESS the job was given
+                if args.ray_address:
+                    # Ray sets a job's RAY_ADDRESS from the machine's most recently started
+                    # cluster (/tmp/ray/ray_current_cluster), which is not always the job's own
+                    # when several clusters share a machine; and RAY_ADDRESS beats ray.init's
+                    # argument. An explicit address wins here.
+                    os.environ.pop("RAY_ADDRESS", None)
+                    address = args.ray_address
+                ray.init(address=address, log_to_driver=False)
+                started_ray = True
+            backend = ServeBackend(options.app)
+        return asyncio.run(_run(BatchRun(options, backend)))
+    except SetupError as exc:
+        print(f"batch: {exc}", file=sys.stderr, flush=True)
+        return EXIT_SETUP
+    finally:
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+
+
+async def _run(batch: BatchRun) -> int:
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    # Signal handlers can only be set from the main thread (tests may run main() elsewhere).
+    handled = threading.current_thread() is threading.main_thread()
+    if handled:
+        for sig in signals:
+            loop.add_signal_handler(sig, batch.stop)
+    try:
+        return await batch.run()
+    finally:
+        if handled:
+            for sig in signals:
+                with contextlib.suppress(Exception):
+                    loop.remove_signal_handler(sig)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sys.exit(main())
