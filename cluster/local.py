@@ -10,6 +10,7 @@ the variable names the models give) and ``PROMPTFLEET_*`` settings.
 from __future__ import annotations
 
 import copy
+import re
 import os
 import shutil
 import subprocess
@@ -120,15 +121,22 @@ def wait_until_running(dashboard: str, app_names: list[str], timeout_s: float, e
         summary = ", ".join(f"{n}: {s}" for n, s in statuses.items())
         if echo and summary != last:
             print(f"  {summary}", file=sys.stderr)
-            last = summary
+        last = summary
         for name, status in statuses.items():
             if status == "DEPLOY_FAILED":
                 message = apps[name].get("message", "")
-                raise StartError(f"application {name!r} failed to deploy:\n{message}")
+                raise StartError(f"application {name!r} failed to deploy:\n{_last_exception(message)}")
         if all(s == "RUNNING" for s in statuses.values()):
             return
         time.sleep(1.0)
     raise StartError(f"not running after {timeout_s:.0f}s ({last}); see `serve status` and the dashboard")
+
+
+def _last_exception(message: str) -> str:
+    """The last exception of a Serve deploy failure, without Ray's traceback frames around it."""
+    lines = message.rstrip().splitlines()
+    starts = [i for i, line in enumerate(lines) if re.match(r"^[\w.]+(Error|Exception): ", line)]
+    return "\n".join(lines[starts[-1]:]) if starts else message
 
 
 def endpoints(config: dict[str, Any], dashboard: str) -> Endpoints:

@@ -23,6 +23,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -89,6 +90,8 @@ def _promptfleet(upstream_base: str) -> Iterator[tuple[str, str]]:
         app["args"]["models"] = [{"name": "fake", "provider": "openai", "base_url": upstream_base,
                                   "upstream_model": "fake-model", "max_concurrency": 1000}]
         app["args"]["gateway"]["listen_port"] = listen_port
+        scratch = tempfile.mkdtemp(prefix="pf-bench-")  # no tasks; a throwaway run store
+        app["args"]["tasks"].update(definitions_dir=scratch, state_dir=scratch)
         app["deployments"] = [d for d in app["deployments"] if d["name"] == "Gateway"]
         dashboard = f"http://127.0.0.1:{dashboard_port}"
         local.deploy(config, dashboard)
