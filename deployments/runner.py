@@ -23,6 +23,7 @@ import logging
 import uuid
 from typing import Any
 
+from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
@@ -107,6 +108,12 @@ class TaskExecutor:
             result = await self.workers[model].chat.remote(body)
         except BackPressureError:
             raise Overloaded(f"Model '{model}' is at capacity.", retry_after=1) from None
+        except (RayActorError, WorkerCrashedError, NodeDiedError):
+            # The worker replica (or its node) died with this call in flight; Serve replaces it.
+            # That says nothing about the task: report it as transient, so the next fallback
+            # model is tried and a queued run goes back to the queue instead of failing for good
+            # (found by tests/serve/test_task_faults.py killing the worker replica).
+            raise Overloaded(f"Model '{model}' is temporarily unavailable.", retry_after=1) from None
         if isinstance(result, PromptfleetError):
             raise result
         return dict(result)
@@ -125,6 +132,10 @@ class TaskRunner:
         self.store = store
         self.config = config
         self.worker_id = f"runner-{uuid.uuid4().hex[:12]}"
+        # Keyed by lease token, not run id: a run whose lease this replica lost (e.g. its event
+        # loop stalled past the lease) can be claimed again by this same replica while the old
+        # attempt is still winding down; both must count against runner_concurrency, and the old
+        # attempt's cleanup must not drop the new attempt's entry.
         self.active: dict[str, asyncio.Task[None]] = {}
         self.slot_free = asyncio.Event()
         self.backoff = BackoffPolicy(base_s=1.0, cap_s=30.0)
@@ -147,7 +158,8 @@ class TaskRunner:
                     continue
                 runs: list[RunRecord] = await self.store.claim.remote(self.worker_id, free, 10.0)
                 for run in runs:
-                    self.active[run.id] = asyncio.create_task(self._execute(run))
+                    assert run.lease_token is not None
+                    self.active[run.lease_token] = asyncio.create_task(self._execute(run))
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -184,7 +196,7 @@ class TaskRunner:
             await self.store.complete.remote(run.id, token, result, usage, run.owner)
         finally:
             renewer.cancel()
-            self.active.pop(run.id, None)
+            self.active.pop(token, None)
             self.slot_free.set()
 
     async def _renew(self, run_id: str, token: str, work: asyncio.Task[Any]) -> None:

@@ -5,15 +5,21 @@ the dashboard's REST API (what ``serve deploy`` and ``promptfleet start`` do) â€
 with three changes for the test machine: a free HTTP port, the local model
 pinned to one replica, and extra ``openai``-provider models pointed at a real
 fake upstream (an HTTP server in this process).
+
+``start_cluster(config)`` is also what ``tests.cluster_process`` runs in a child
+process, for tests that stop and start a whole cluster of their own.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
+import signal
 import socket
+import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +29,7 @@ import yaml
 
 from cluster import local
 from jobs.fake_upstream import FakeUpstream
+from tests.cluster_process import alive, descendants
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,8 +44,10 @@ def free_port() -> int:
 class ServeApp:
     url: str  # the Gateway's own listener: http://127.0.0.1:PORT
     proxy_url: str  # the same app through Serve's HTTP proxy
-    dashboard: str
+    dashboard: str  # changes when the cluster is restarted (restart_cluster)
     upstream: FakeUpstream
+    config: dict[str, Any] = field(default_factory=dict)  # the Serve config deployed
+    state_dir: Path | None = None  # tasks.state_dir: the TaskStore's SQLite file lives here
 
     @property
     def base_url(self) -> str:
@@ -47,17 +56,35 @@ class ServeApp:
     def client(self, **kwargs: Any) -> openai.OpenAI:
         kwargs.setdefault("max_retries", 0)
         kwargs.setdefault("timeout", 60)
-        return openai.OpenAI(base_url=self.base_url, api_key="unused", **kwargs)
+        kwargs.setdefault("api_key", "unused")
+        return openai.OpenAI(base_url=self.base_url, **kwargs)
+
+    @property
+    def auth_base_url(self) -> str:
+        """The second application, with API keys required (see ``auth_app``)."""
+        port = self.config["applications"][1]["args"]["gateway"]["listen_port"]
+        return f"http://127.0.0.1:{port}/v1"
 
 
 def upstream_models(base_url: str) -> list[dict[str, Any]]:
     """Upstream models for the fault tests: each with its own timeout/retry settings."""
-    common = {"provider": "openai", "base_url": base_url, "upstream_model": "fake-model"}
+    # A high breaker threshold keeps one test's injected failures from opening the circuit for the next.
+    common = {"provider": "openai", "base_url": base_url, "upstream_model": "fake-model", "breaker_threshold": 1000}
     return [
         {**common, "name": "fake", "timeout_s": 10, "max_retries": 0, "max_concurrency": 256},
         {**common, "name": "fake-retry", "timeout_s": 10, "max_retries": 2},
         {**common, "name": "fake-short", "timeout_s": 2, "max_retries": 0},
+        # Shared limits (issue 4): 4 replicas share one budget of 300 requests per minute.
+        {**common, "name": "fake-limited", "timeout_s": 30, "max_retries": 3, "rpm": LIMITED_RPM},
+        {**common, "name": "fake-breaker", "timeout_s": 5, "max_retries": 0, "breaker_threshold": 3,
+         "breaker_cooldown_s": 2},
+        # An upstream that refuses connections, falling back to `fake`.
+        {**common, "name": "fake-dead", "base_url": "http://127.0.0.1:9/v1", "timeout_s": 5, "max_retries": 0,
+         "fallback_models": ["fake"]},
     ]
+
+
+LIMITED_RPM = 300
 
 
 # Tasks on the upstream models, next to the shipped ones (which run on the embedded model).
@@ -111,7 +138,32 @@ def make_config(http_port: int, listen_port: int, upstream_base_url: str, state:
         if deployment["name"] == "worker-smollm2":
             deployment.pop("autoscaling_config", None)
             deployment["num_replicas"] = 1
+    app["deployments"].append({"name": "worker-fake-limited", "num_replicas": 4})
+    config["applications"].append(auth_app(app, upstream_base_url, state))
     return config
+
+
+ADMIN_KEY = "pf-test-admin-key"
+
+
+def auth_app(main: dict[str, Any], upstream_base_url: str, state: Path) -> dict[str, Any]:
+    """A second, small application with API keys on: only the `fake` model, its own store."""
+    tasks_dir = state / "auth-tasks"
+    tasks_dir.mkdir(parents=True, exist_ok=True)
+    (tasks_dir / "label_fake.yaml").write_text(yaml.safe_dump(TEST_TASKS["label_fake"]))
+    return {
+        "name": "promptfleet-auth",
+        "route_prefix": "/auth",
+        "import_path": main["import_path"],
+        "runtime_env": {"env_vars": {"PROMPTFLEET_UPSTREAM_HOSTS": "127.0.0.1", "PROMPTFLEET_ADMIN_KEY": ADMIN_KEY}},
+        "args": {
+            "gateway": {"listen_host": "127.0.0.1", "listen_port": free_port()},
+            "auth": {"enabled": True, "cache_ttl_s": 1},
+            "tasks": {"definitions_dir": str(tasks_dir), "state_dir": str(state / "auth-db"), "lease_s": 3},
+            "models": [m for m in upstream_models(upstream_base_url) if m["name"] == "fake"],
+        },
+        "deployments": [d for d in main["deployments"] if d["name"] in ("Gateway", "TaskStore", "TaskRunner")],
+    }
 
 
 @pytest.fixture(scope="session")
@@ -120,33 +172,71 @@ def upstream() -> Iterator[FakeUpstream]:
         yield fake
 
 
+def start_cluster(config: dict[str, Any]) -> str:
+    """Start a local Ray cluster in this process, deploy ``config``, wait; return the dashboard URL."""
+    import ray
+
+    os.environ.update(local.RAY_START_ENV)
+    dashboard_port = free_port()
+    for attempt in range(2):
+        before = descendants(os.getpid())
+        try:
+            ray.init(
+                num_cpus=4,
+                include_dashboard=True,
+                dashboard_host="127.0.0.1",
+                dashboard_port=dashboard_port,
+                _node_ip_address="127.0.0.1",
+                runtime_env={"working_dir": None},
+                log_to_driver=False,
+            )
+            break
+        except Exception as exc:
+            # Ray gives a new raylet a fixed 30 s to register with the GCS (ray/_private/node.py);
+            # on two busy cores, with another cluster starting next door, that is sometimes too
+            # little. The failed attempt's processes are left running by Ray: end them (they are
+            # this process's children, ended by pid), then try once more.
+            if attempt or "timed out during startup" not in str(exc):
+                raise
+            _end(descendants(os.getpid()) - before, grace_s=5)
+    dashboard = f"http://127.0.0.1:{dashboard_port}"
+    local.deploy(config, dashboard)
+    names = [application["name"] for application in config["applications"]]
+    local.wait_until_running(dashboard, names, timeout_s=300, echo=False)
+    return dashboard
+
+
+def _end(pids: set[int], grace_s: float) -> None:
+    """SIGTERM ``pids`` (processes of our own failed cluster start), SIGKILL what is left after ``grace_s``."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for pid in pids:
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with contextlib.suppress(ProcessLookupError):
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
 @pytest.fixture(scope="session")
 def serve_app(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeApp]:
     import ray
     from ray import serve
 
-    os.environ.update(local.RAY_START_ENV)
-    dashboard_port = free_port()
-    ray.init(
-        num_cpus=4,
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        dashboard_port=dashboard_port,
-        _node_ip_address="127.0.0.1",
-        runtime_env={"working_dir": None},
-        log_to_driver=False,
-    )
-    dashboard = f"http://127.0.0.1:{dashboard_port}"
     http_port, listen_port = free_port(), free_port()
-    config = make_config(http_port, listen_port, upstream.base_url, tmp_path_factory.mktemp("state"))
+    state = tmp_path_factory.mktemp("state")
+    config = make_config(http_port, listen_port, upstream.base_url, state)
     try:
-        local.deploy(config, dashboard)
-        local.wait_until_running(dashboard, ["promptfleet"], timeout_s=300, echo=False)
+        dashboard = start_cluster(config)
         yield ServeApp(
             url=f"http://127.0.0.1:{listen_port}",
             proxy_url=f"http://127.0.0.1:{http_port}",
             dashboard=dashboard,
             upstream=upstream,
+            config=config,
+            state_dir=state / "db",
         )
     finally:
         serve.shutdown()

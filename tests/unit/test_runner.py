@@ -1,0 +1,108 @@
+"""TaskRunner's bookkeeping of the runs it holds, against a scripted store (no Ray)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+import pytest
+from ray.exceptions import ActorUnavailableError
+
+from deployments.config import TasksConfig
+from deployments.errors import Overloaded
+from deployments.runner import TRANSIENT, TaskExecutor, TaskRunner
+from deployments.store import RunRecord, TaskStore
+
+
+class _Method:
+    """Stands in for a DeploymentHandle method: ``.remote(...)`` returns an awaitable."""
+
+    def __init__(self, fn: Any) -> None:
+        self._fn = fn
+
+    def remote(self, *args: Any) -> Any:
+        return self._fn(*args)
+
+
+class ScriptedStore:
+    """Leases the same run twice to the runner: first as ``t1``, whose lease is then lost, then as ``t2``."""
+
+    def __init__(self, run: RunRecord) -> None:
+        self.claims = [[dataclasses.replace(run, lease_token="t1")],
+                       [dataclasses.replace(run, lease_token="t2", attempt=2)]]
+        self.completed: list[str] = []
+        self.claim, self.renew, self.complete = _Method(self._claim), _Method(self._renew), _Method(self._complete)
+
+    async def _claim(self, worker_id: str, limit: int, wait_s: float) -> list[RunRecord]:
+        if self.claims:
+            return self.claims.pop(0)
+        await asyncio.sleep(wait_s)  # nothing queued: the long-poll
+        return []
+
+    async def _renew(self, run_id: str, token: str) -> bool:
+        return token == "t2"  # t1's lease expired and the run was claimed again
+
+    async def _complete(self, run_id: str, token: str, result: Any, usage: Any, *rest: Any) -> bool:
+        self.completed.append(token)
+        return token == "t2"
+
+
+class GatedExecutor:
+    def __init__(self) -> None:
+        self.gate = asyncio.Event()
+
+    async def execute(self, name: str, task_input: dict[str, Any]) -> dict[str, Any]:
+        await self.gate.wait()
+        return {"task": name, "output": {"label": "a"}, "model": "m", "attempts": 1, "usage": {}}
+
+
+class _Runner(TaskRunner):
+    # Serve awaits the async ``__del__`` at shutdown (the test does so explicitly); the garbage
+    # collector would only create a never-awaited coroutine.
+    def __del__(self) -> None:
+        pass
+
+
+def queued_run() -> RunRecord:
+    with TaskStore(":memory:") as store:
+        store.create_run(task="t", input={"text": "x"}, owner="alice", idempotency_key=None)
+        (run,) = store.claim(worker_id="w", lease_s=30)
+        return run
+
+
+def test_a_run_claimed_again_by_the_same_replica_keeps_its_slot() -> None:
+    async def scenario() -> None:
+        store = ScriptedStore(queued_run())
+        runner = object.__new__(_Runner)
+        # Serve awaits TaskRunner's async constructor; so does this test.
+        await TaskRunner.__init__(runner, {}, {}, store, TasksConfig(lease_s=1, runner_concurrency=2))
+        runner.executor = GatedExecutor()  # type: ignore[assignment]
+        # Both attempts start; t1's first renewal (after lease_s / 3) finds its lease lost and stops it.
+        await asyncio.sleep(0.7)
+        # The stale attempt's cleanup must not drop the live attempt: it still holds a slot.
+        assert list(runner.active) == ["t2"]
+        runner.executor.gate.set()  # type: ignore[attr-defined]
+        await asyncio.sleep(0.1)
+        assert store.completed == ["t2"] and runner.active == {}
+        await TaskRunner.__del__(runner)
+
+    asyncio.run(scenario())
+
+
+class _DeadWorker:
+    """A worker handle whose replica died with the call in flight."""
+
+    def __init__(self) -> None:
+        self.chat = _Method(self._chat)
+
+    async def _chat(self, body: dict[str, Any]) -> Any:
+        raise ActorUnavailableError("Actor is unavailable.", None)
+
+
+def test_a_worker_replica_dying_mid_call_is_transient_not_a_task_failure() -> None:
+    executor = TaskExecutor({}, {"m": _DeadWorker()})  # type: ignore[dict-item]
+    with pytest.raises(Overloaded) as info:
+        asyncio.run(executor._chat("m", {"messages": []}))
+    assert isinstance(info.value, TRANSIENT)  # so a queued run is released, not failed
+    assert info.value.retry_after == 1
