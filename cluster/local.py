@@ -10,8 +10,8 @@ the variable names the models give) and ``PROMPTFLEET_*`` settings.
 from __future__ import annotations
 
 import copy
-import re
 import os
+import re
 import shutil
 import subprocess
 import sys
