@@ -18,6 +18,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
@@ -48,6 +49,13 @@ def sse(item: dict[str, Any] | PromptfleetError) -> str:
 
 def overloaded(model: str) -> Overloaded:
     return Overloaded(f"Model '{model}' is at capacity; retry shortly.", retry_after=1)
+
+
+def unavailable(model: str) -> Overloaded:
+    return Overloaded(f"Model '{model}' is temporarily unavailable; retry shortly.", retry_after=1)
+
+
+WORKER_GONE = (RayActorError, WorkerCrashedError, NodeDiedError)
 
 
 class ChatRoutes:
@@ -105,6 +113,9 @@ class ChatRoutes:
                 result = await self.workers[model].chat.remote(body)
             except BackPressureError:
                 result = overloaded(model)
+            except WORKER_GONE:
+                # The replica (or its node) died with the call in flight; Serve replaces it.
+                result = unavailable(model)
             if not isinstance(result, PromptfleetError):
                 return dict(result)
             if index == len(chain) - 1 or not isinstance(result, FALLBACK_ON):
@@ -151,6 +162,8 @@ class ChatRoutes:
                 return chunks, None
             except BackPressureError:
                 first = overloaded(model)
+            except WORKER_GONE:
+                first = unavailable(model)
             if not isinstance(first, PromptfleetError):
                 return chunks, first
             chunks.cancel()
