@@ -87,8 +87,10 @@ def _promptfleet(upstream_base: str) -> Iterator[tuple[str, str]]:
         config["http_options"]["port"] = http_port
         app = config["applications"][0]
         # Only the upstream model: the benchmark measures the request path, not llama.cpp.
-        app["args"]["models"] = [{"name": "fake", "provider": "openai", "base_url": upstream_base,
-                                  "upstream_model": "fake-model", "max_concurrency": 1000}]
+        fake = {"name": "fake", "provider": "openai", "base_url": upstream_base,
+                "upstream_model": "fake-model", "max_concurrency": 1000}
+        # Same upstream behind an rpm limit too high to throttle: measures the limiter's cost per request.
+        app["args"]["models"] = [fake, {**fake, "name": "fake-rpm", "rpm": 10_000_000}]
         app["args"]["gateway"]["listen_port"] = listen_port
         scratch = tempfile.mkdtemp(prefix="pf-bench-")  # no tasks; a throwaway run store
         app["args"]["tasks"].update(definitions_dir=scratch, state_dir=scratch)
@@ -125,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--url", help="measure this running promptfleet (…/v1) instead of starting one")
     parser.add_argument("--upstream-url", help="with --url: that deployment's upstream base URL (…/v1)")
     parser.add_argument("--model", default="fake", help="model to request (default: %(default)s)")
+    parser.add_argument("--with-rpm-limit", action="store_true",
+                        help="also measure a model behind a (never reached) rpm limit: the limiter's cost")
     parser.add_argument("--with-serve-proxy", action="store_true",
                         help="also measure the same app through Serve's HTTP proxy")
     parser.add_argument("--json", action="store_true", help="print a JSON summary at the end")
@@ -149,18 +153,21 @@ def main(argv: list[str] | None = None) -> int:
             ["jobs.baseline_proxy", "--upstream", upstream_base, "--port", str(baseline_port)],
             f"http://127.0.0.1:{baseline_port}/docs"))
 
-        targets = {"upstream (direct)": upstream_base, "baseline FastAPI": baseline_url,
-                   "promptfleet": promptfleet_url}
+        model = args.model
+        targets = {"upstream (direct)": (upstream_base, model), "baseline FastAPI": (baseline_url, model),
+                   "promptfleet": (promptfleet_url, model)}
         if proxy_url and args.with_serve_proxy:
-            targets["via Serve proxy"] = proxy_url
+            targets["via Serve proxy"] = (proxy_url, model)
+        if not args.url and args.with_rpm_limit:
+            targets["promptfleet + rpm"] = (promptfleet_url, "fake-rpm")
         summary: dict[str, Any] = {"latency_ms": args.latency_ms, "levels": {}}
         print(f"fake upstream latency {args.latency_ms} ms, {args.duration:.0f} s runs, median of {args.repeat}")
         print(f"{'target':<20} {'conc':>5} {'req/s':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} errors")
         for level in levels:
             runs: dict[str, list[LoadResult]] = {name: [] for name in targets}
             for _ in range(args.repeat):
-                for name, url in targets.items():
-                    runs[name].append(_measure(url, args.model, level, args.duration))
+                for name, (url, target_model) in targets.items():
+                    runs[name].append(_measure(url, target_model, level, args.duration))
             row: dict[str, Any] = {}
             for name, results in runs.items():
                 rps = statistics.median(r.ok / r.duration_s for r in results)
