@@ -94,10 +94,10 @@ def _promptfleet(upstream_base: str) -> Iterator[tuple[str, str]]:
         app["args"]["gateway"]["listen_port"] = listen_port
         scratch = tempfile.mkdtemp(prefix="pf-bench-")  # no tasks; a throwaway run store
         app["args"]["tasks"].update(definitions_dir=scratch, state_dir=scratch)
-        app["deployments"] = [d for d in app["deployments"] if d["name"] == "Gateway"]
+        app["deployments"] = [d for d in app["deployments"] if not d["name"].startswith("worker-")]
         dashboard = f"http://127.0.0.1:{dashboard_port}"
         local.deploy(config, dashboard)
-        local.wait_until_running(dashboard, [app["name"]], timeout_s=300, echo=False)
+        local.wait_until_running(dashboard, [app["name"]], timeout_s=300)
         yield f"http://127.0.0.1:{listen_port}/v1", f"http://127.0.0.1:{http_port}/v1"
     finally:
         serve.shutdown()
