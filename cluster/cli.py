@@ -95,9 +95,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("Ray is running; no Serve application is deployed.")
         return 0
     http = details.get("http_options") or {}
-    print(f"HTTP: http://{http.get('host')}:{http.get('port')}   dashboard: {args.dashboard}")
+    print(f"Serve proxy: http://{http.get('host')}:{http.get('port')}   dashboard: {args.dashboard}")
     for name, app in apps.items():
-        print(f"{name}: {app.get('status')} (route {app.get('route_prefix')})")
+        gateway = ((app.get("deployed_app_config") or {}).get("args") or {}).get("gateway") or {}
+        api = f"http://{gateway.get('listen_host', '127.0.0.1')}:{gateway.get('listen_port', 8000)}/v1"
+        print(f"{name}: {app.get('status')}   API: {api}")
         for dep_name, dep in (app.get("deployments") or {}).items():
             replicas = dep.get("replicas") or []
             running = sum(1 for r in replicas if r.get("state") == "RUNNING")
@@ -120,6 +122,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    local.use_cluster_token()
     handlers = {
         "start": cmd_start, "status": cmd_status, "stop": cmd_stop, "keys": keys_cli.run, "batch": batch_cli.run,
     }

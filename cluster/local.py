@@ -80,6 +80,18 @@ def with_secrets(config: dict[str, Any], environ: Mapping[str, str]) -> dict[str
     return config
 
 
+def use_cluster_token() -> None:
+    """Send the cluster's auth token with dashboard requests.
+
+    `ray start` turns token authentication on and writes ~/.ray/auth_token, but a process that
+    did not start Ray only sends the token when RAY_AUTH_MODE=token; without it the dashboard
+    answers 401 to deploy/status calls.
+    """
+    token_file = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser()
+    if "RAY_AUTH_MODE" not in os.environ and (token_file.exists() or "RAY_AUTH_TOKEN" in os.environ):
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
 def ray_is_running(address: str | None) -> bool:
     cmd = [_ray(), "status"] + (["--address", address] if address else [])
     return subprocess.run(cmd, capture_output=True, timeout=60).returncode == 0

@@ -53,7 +53,8 @@ def validation_error(exc: RequestValidationError) -> InvalidRequest:
     if loc and loc[0] in ("body", "query", "path", "header"):
         loc = loc[1:]
     param = ".".join(loc) or None
-    message = str(first.get("msg", "Invalid request body."))
+    # pydantic prefixes messages of custom validators with "Value error, "; clients need only the reason.
+    message = str(first.get("msg", "Invalid request body.")).removeprefix("Value error, ")
     if first.get("type") == "json_invalid":
         return InvalidRequest("The request body is not valid JSON.", param=None)
     if first.get("type") == "missing":
