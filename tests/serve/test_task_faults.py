@@ -370,7 +370,9 @@ def test_whole_cluster_restart_resumes_every_run(
     upstream.reset()
     with ClusterProcess(config, tmp_path / "cluster.log") as cluster:
         audit = install_audit(tmp_path / "db" / "tasks.sqlite3")
-        upstream.configure(mode="slow", delay_s=2.0)
+        # Calls slower than the kill takes (leftover replica processes are SIGKILLed within ~3 s),
+        # so runs in flight at the kill cannot still finish on the dying cluster.
+        upstream.configure(mode="slow", delay_s=6.0)
         ids = submit_many(base_url, 150, "restart-")  # 64 run at once (runner_concurrency): three waves
 
         def moves() -> collections.Counter[str]:
