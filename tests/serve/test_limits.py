@@ -112,3 +112,28 @@ def test_fallback_model_serves_and_says_so(app: ServeApp) -> None:
     assert reply.choices[0].message.content == "echo: hello"
     chunks = list(app.client().chat.completions.create(model="fake-dead", messages=HELLO, stream=True))
     assert {c.model for c in chunks} == {"fake"}
+
+
+def test_rpm_holds_when_the_limiter_is_killed_mid_run(app: ServeApp) -> None:
+    """The RateLimiter replica dies mid-run: workers fail closed until Serve replaces it, and the
+    replacement starts with empty buckets, so no window goes over the budget."""
+    import threading
+
+    from tests.serve.test_task_faults import kill_replica
+
+    rate = LIMITED_RPM / 60
+    app.upstream.configure(mode="ok", latency_ms=20)
+    started = time.time()
+    killer = threading.Timer(4.0, kill_replica, args=(app, "RateLimiter"))
+    killer.start()
+    try:
+        ok, errors = asyncio.run(closed_loop(app, "fake-limited", concurrency=16, seconds=20))
+    finally:
+        killer.join()
+    calls = [t for t in app.upstream.stats()["call_times"] if t >= started]
+    assert ok > 0
+    capacity = window_capacity(LIMITED_RPM)
+    for window in (1.0, 5.0, 10.0):
+        assert max_in_window(calls, window) <= capacity + rate * window + 1, window
+    # While no limiter answers, callers get a clear 503 (or wait it out) — never an unmetered call.
+    assert set(errors) <= {"503"}
