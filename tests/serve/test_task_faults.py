@@ -226,6 +226,16 @@ def report(record_property: Callable[[str, object], None], name: str, **values: 
         record_property(f"{name}.{key}", value)
 
 
+def wait_for_calls_in_flight(app: ServeApp, count: int = 15) -> None:
+    """Wait until ``count`` model calls are in flight upstream: then a kill interrupts real calls.
+
+    Not higher: on a loaded machine the runner and worker hand calls out slowly, so the in-flight
+    count may peak in the thirties for well under a second — a 0.1 s poll can miss that peak
+    (seen after the limit tests: max_in_flight 37, never observed at 30 or more).
+    """
+    wait_until(lambda: app.upstream.stats()["in_flight"] >= count, 30, f"{count} model calls in flight upstream")
+
+
 # -- the tests --------------------------------------------------------------------------------
 
 
@@ -236,7 +246,7 @@ def test_runner_replica_killed_mid_flight_loses_nothing_and_writes_once(
     app.upstream.configure(mode="slow", delay_s=1.5)
     ids = submit_many(app.base_url, 100, "kill-runner-")
     # Kill while many model calls are in flight (the runner holds their leases).
-    wait_until(lambda: app.upstream.stats()["in_flight"] >= 30, 30, "runs in flight upstream")
+    wait_for_calls_in_flight(app)
     old_runner, killed_at = kill_replica(app, "TaskRunner")
     replaced_at = wait_for_new_replica(app, "TaskRunner", old_runner, timeout=60)
 
@@ -244,7 +254,9 @@ def test_runner_replica_killed_mid_flight_loses_nothing_and_writes_once(
     done_at = time.time()
     rerun = check_exactly_once(ids, runs, audit(ids))
     assert rerun, "the kill interrupted no run; nothing was tested"
-    assert app.upstream.stats()["calls"] >= len(ids) + len(rerun)  # at-least-once model calls
+    # At-least-once model calls: every run called once, and some calls of the killed runner's runs
+    # happened again (not every re-run did: a run claimed but not yet calling out had made none).
+    assert app.upstream.stats()["calls"] > len(ids)
     first_rerun_done = min(runs[i]["finished_at"] for i in rerun)
     report(
         record_property,
@@ -265,7 +277,7 @@ def test_model_worker_replica_killed_mid_call_requeues_its_runs(
     """The model's worker replica dies with the calls of 64 runs in flight: they run again."""
     app.upstream.configure(mode="slow", delay_s=1.5)
     ids = submit_many(app.base_url, 100, "kill-worker-")
-    wait_until(lambda: app.upstream.stats()["in_flight"] >= 30, 30, "runs in flight upstream")
+    wait_for_calls_in_flight(app)
     old_worker, killed_at = kill_replica(app, "worker-fake")
     replaced_at = wait_for_new_replica(app, "worker-fake", old_worker, timeout=60)
 
