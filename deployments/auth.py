@@ -28,6 +28,7 @@ from typing import Any
 from fastapi import Request
 from ray.serve.handle import DeploymentHandle
 
+from deployments.budget_client import BudgetClient
 from deployments.caller import ANONYMOUS, Caller
 from deployments.config import AuthConfig
 from deployments.errors import AuthenticationFailed, PermissionDenied, RateLimited
@@ -57,7 +58,7 @@ class Authenticator:
     ) -> None:
         self.config = config
         self.store = store
-        self.limiter = limiter
+        self.budgets = BudgetClient(limiter.reserve.remote)
         self.admin_key = admin_key
         self.cache: dict[str, _Cached] = {}
         self.pending: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
@@ -120,8 +121,9 @@ class Authenticator:
             )
         if key.rpm is None and key.tpm is None:
             return
-        retry_after = await self.limiter.acquire.remote(
-            f"key:{key.id}", Budget(rpm=key.rpm, tpm=key.tpm), 1, tokens if key.tpm else 0, 0.0
+        # Deadline "now": a client's limit never queues, over it answers 429 at once.
+        retry_after = await self.budgets.acquire(
+            f"key:{key.id}", Budget(rpm=key.rpm, tpm=key.tpm), 1, tokens if key.tpm else 0, time.monotonic()
         )
         if retry_after is not None:
             raise RateLimited("This API key is over its rate limit.", retry_after=retry_after)
@@ -153,7 +155,7 @@ class Authenticator:
                 cached.tokens_since_fetch += prompt + completion
         key = self._cached_key(caller.key_id)
         if key is not None and key.tpm is not None and estimated:
-            self.limiter.settle.remote(f"key:{key.id}", prompt + completion - estimated)
+            self.budgets.settle(f"key:{key.id}", Budget(rpm=key.rpm, tpm=key.tpm), prompt + completion - estimated)
         if self.flusher is None or self.flusher.done():
             self.flusher = asyncio.get_running_loop().create_task(self._flush_soon())
 
@@ -182,6 +184,7 @@ class Authenticator:
             with contextlib.suppress(asyncio.CancelledError):
                 await self.flusher
         await self.flush()
+        await self.budgets.close()
 
 
 def require_admin(caller: Caller, auth_enabled: bool) -> None:

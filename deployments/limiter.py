@@ -1,21 +1,22 @@
 """RateLimiter: request and token budgets shared by every replica on every node (a one-replica deployment).
 
-Serves: ``acquire`` (book requests/tokens on a budget and return when the call
-may start), ``settle`` (correct a token estimate with the real usage), ``pause``
-(an upstream said 429 + Retry-After) and ``watch_pause`` (a long-poll that wakes
-every worker replica of a model when a pause starts). Budgets are named by the
-caller — ``model:<name>`` for upstream limits, ``key:<id>`` for API keys — and
-carry their limits with each call, so the limiter needs no config of its own.
+Serves: ``reserve`` (book calls on a budget, say when each may start, and
+correct earlier token estimates with real usage), ``pause`` (an upstream said
+429 + Retry-After) and ``watch_pause`` (a long-poll that wakes every worker
+replica of a model when a pause starts). Budgets are named by the caller —
+``model:<name>`` for upstream limits, ``key:<id>`` for API keys — and carry
+their limits with each call, so the limiter needs no config of its own.
 Calls: nothing.
 Owns: one ``Pacer`` per budget and per unit (requests, tokens), in memory.
 
 If this replica dies, Serve starts a new one whose pacers start *empty*: calls
-are paced from the first one on, never burst past the limit. Workers waiting in
-``acquire`` when it died get an error and retry against the new replica within
-their own deadline (they fail closed, never open).
+are paced from the first one on, never burst past the limit. Callers whose
+bookings fail meanwhile retry against the new replica within their own deadline
+(they fail closed, never open).
 
-Cost: one actor call per limited request (waiting, when needed, happens inside
-the limiter on its event loop, so no polling). Unlimited models never call it.
+Cost: callers go through ``deployments.budget_client.BudgetClient``, which puts
+all of a replica's concurrent bookings into one call, answered at once (the
+waiting happens on the caller's side). Unlimited models never call it.
 """
 
 from __future__ import annotations
@@ -101,26 +102,26 @@ class RateLimiter:
         self.core = RateLimiterCore()
         self.pause_changed: dict[str, asyncio.Event] = {}
 
-    async def acquire(
-        self, name: str, budget: Budget, requests: int, tokens: int, max_wait_s: float
-    ) -> float | None:
-        """Wait until the call may start and return None; or return the seconds a client
-        should wait (Retry-After) when that is more than ``max_wait_s`` (nothing is booked)."""
-        now = time.monotonic()
-        try:
-            start = self.core.reserve(name, budget, requests, tokens, now, max_wait_s)
-        except WaitTooLong as exc:
-            return exc.wait_s
-        if start > now:
-            await asyncio.sleep(start - now)
-        # A pause that began while we waited still applies to us.
-        # (Pauses only ever extend, so re-checking after each sleep terminates.)
-        while (paused := self.core.paused_until.get(name, 0.0)) > time.monotonic():  # noqa: ASYNC110
-            await asyncio.sleep(paused - time.monotonic())
-        return None
+    async def reserve(
+        self, name: str, budget: Budget, asks: list[tuple[int, int, float]], token_delta: int = 0
+    ) -> list[tuple[bool, float]]:
+        """Book several calls on one budget at once (a replica's coalesced bookings).
 
-    async def settle(self, name: str, token_delta: int) -> None:
-        self.core.settle(name, token_delta, time.monotonic())
+        ``asks`` are ``(requests, tokens, max_wait_s)``; each answer is ``(True, delay_s)`` — start
+        after ``delay_s`` — or ``(False, retry_after_s)`` when the wait would exceed ``max_wait_s``
+        (nothing booked). ``token_delta`` first settles earlier estimates with real usage.
+        Answers at once: the callers wait on their own side, holding no request here.
+        """
+        now = time.monotonic()
+        if token_delta:
+            self.core.settle(name, token_delta, now)
+        answers: list[tuple[bool, float]] = []
+        for requests, tokens, max_wait_s in asks:
+            try:
+                answers.append((True, self.core.reserve(name, budget, requests, tokens, now, max_wait_s) - now))
+            except WaitTooLong as exc:
+                answers.append((False, exc.wait_s))
+        return answers
 
     async def pause(self, name: str, seconds: float) -> None:
         # Durations, not timestamps, cross the wire: nodes' clocks differ.

@@ -3,7 +3,8 @@
 Before each upstream call: the replica's circuit breaker (fail fast while the
 upstream is failing), the model-wide pause (an upstream 429 with Retry-After,
 shared by every replica through the RateLimiter), and, if the model has
-``rpm``/``tpm`` limits, a booking on the shared budget. After the call: the
+``rpm``/``tpm`` limits, a booking on the shared budget (coalesced with the
+replica's other bookings by ``BudgetClient``). After the call: the
 breaker learns the outcome and the token estimate is settled with real usage.
 
 The pause is known locally: a background long-poll (``watch_pause``) keeps it
@@ -21,7 +22,8 @@ from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
-from deployments.errors import CircuitOpen, Overloaded, UpstreamRateLimited
+from deployments.budget_client import BudgetClient
+from deployments.errors import CircuitOpen, UpstreamRateLimited
 from deployments.limiter import Budget
 from deployments.limits import CircuitBreaker
 
@@ -50,6 +52,7 @@ class UpstreamGuard:
         self.budget_name = f"model:{name}"
         self.budget = budget if budget and (budget.rpm or budget.tpm) else None
         self.limiter = limiter
+        self.budgets = BudgetClient(limiter.reserve.remote) if limiter is not None and self.budget else None
         self.breaker = breaker or CircuitBreaker()
         self.paused_until = 0.0  # monotonic
         self.watcher: asyncio.Task[None] | None = None
@@ -59,6 +62,8 @@ class UpstreamGuard:
             self.watcher = asyncio.get_running_loop().create_task(self._watch())
 
     async def close(self) -> None:
+        if self.budgets is not None:
+            await self.budgets.close()
         if self.watcher is not None:
             self.watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -85,31 +90,25 @@ class UpstreamGuard:
             raise CircuitOpen(
                 f"The upstream for model '{self.name}' is failing; not calling it for now.", retry_after=wait
             )
-        pause = self.paused_until - time.monotonic()
-        if pause > 0:
+        await self._wait_out_pause(deadline)
+        if self.budget is None or self.budgets is None:
+            return
+        tokens = tokens if self.budget.tpm else 0
+        retry_after = await self.budgets.acquire(self.budget_name, self.budget, 1, tokens, deadline)
+        if retry_after is not None:
+            raise UpstreamRateLimited(
+                f"Model '{self.name}' is at its configured rate limit.", retry_after=retry_after
+            )
+        await self._wait_out_pause(deadline)  # a pause that began while we waited for our slot
+
+    async def _wait_out_pause(self, deadline: float) -> None:
+        # Pauses only ever extend, so this loop ends.
+        while (pause := self.paused_until - time.monotonic()) > 0:
             if time.monotonic() + pause >= deadline:
                 raise UpstreamRateLimited(
                     f"The upstream for model '{self.name}' asked us to slow down.", retry_after=pause
                 )
             await asyncio.sleep(pause)
-        if self.budget is None or self.limiter is None:
-            return
-        while True:
-            remaining = deadline - time.monotonic()
-            try:
-                retry_after = await self.limiter.acquire.remote(
-                    self.budget_name, self.budget, 1, tokens if self.budget.tpm else 0, max(remaining, 0.0)
-                )
-                break
-            except Exception:
-                # Limiter restarting: fail closed (never call unmetered), retry within the deadline.
-                if remaining < 1.0:
-                    raise Overloaded("The rate limiter is unavailable; retry shortly.", retry_after=1) from None
-                await asyncio.sleep(0.5)
-        if retry_after is not None:
-            raise UpstreamRateLimited(
-                f"Model '{self.name}' is at its configured rate limit.", retry_after=retry_after
-            )
 
     def rate_limited(self, retry_after: float) -> None:
         """An upstream 429: pause this model here at once and, through the limiter, everywhere."""
@@ -118,8 +117,8 @@ class UpstreamGuard:
             self.limiter.pause.remote(self.budget_name, retry_after)
 
     def settle(self, estimated: int, usage: dict[str, Any] | None) -> None:
-        if self.budget is None or self.budget.tpm is None or self.limiter is None or not usage:
+        if self.budget is None or self.budget.tpm is None or self.budgets is None or not usage:
             return
         actual = int(usage.get("total_tokens") or 0)
         if actual:
-            self.limiter.settle.remote(self.budget_name, actual - estimated)
+            self.budgets.settle(self.budget_name, self.budget, actual - estimated)

@@ -1,0 +1,161 @@
+"""BudgetClient: a replica's bookings coalesced into few limiter calls, paced, failing closed.
+
+The limiter here is the real ``RateLimiter`` class, called in-process (its ``reserve`` is what
+the Serve handle calls remotely); only the transport is left out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+
+from deployments.budget_client import RETRY_INTERVAL_S, BudgetClient
+from deployments.errors import Overloaded
+from deployments.limiter import Budget, RateLimiter
+from deployments.limits import window_capacity
+
+
+class CountingLimiter:
+    """The real limiter, counting calls and able to be 'down' for a while."""
+
+    def __init__(self, down_for_calls: int = 0) -> None:
+        self.limiter = RateLimiter()
+        self.calls: list[tuple[int, int]] = []  # (number of bookings, token delta) per call
+        self.down_for_calls = down_for_calls
+
+    async def reserve(
+        self, name: str, budget: Budget, asks: list[tuple[int, int, float]], token_delta: int
+    ) -> list[tuple[bool, float]]:
+        self.calls.append((len(asks), token_delta))
+        if len(self.calls) <= self.down_for_calls:
+            raise ConnectionError("limiter replica is restarting")
+        return await self.limiter.reserve(name, budget, asks, token_delta)
+
+
+def max_in_window(times: list[float], window: float) -> int:
+    times = sorted(times)
+    best, lo = 0, 0
+    for hi, t in enumerate(times):
+        while t - times[lo] >= window:
+            lo += 1
+        best = max(best, hi - lo + 1)
+    return best
+
+
+async def start_times(client: BudgetClient, budget: Budget, n: int, deadline_s: float = 30.0) -> list[Any]:
+    async def one() -> float | None:
+        retry_after = await client.acquire("model:m", budget, 1, 0, time.monotonic() + deadline_s)
+        return time.monotonic() if retry_after is None else None
+
+    return list(await asyncio.gather(*(one() for _ in range(n))))
+
+
+def test_concurrent_bookings_share_one_limiter_call_and_are_paced() -> None:
+    limiter = CountingLimiter()
+    client = BudgetClient(limiter.reserve)
+    budget = Budget(rpm=6000)  # 100/s, capacity 30
+
+    started = asyncio.run(start_times(client, budget, 80))
+
+    assert limiter.calls == [(80, 0)]  # 80 bookings, one call
+    assert all(t is not None for t in started)
+    rate, capacity = 100.0, window_capacity(6000)
+    for window in (0.05, 0.2, 0.4):
+        assert max_in_window(started, window) <= capacity + rate * window + 1, window
+
+
+def test_bookings_arriving_while_a_call_is_out_leave_together_in_the_next() -> None:
+    limiter = CountingLimiter()
+    client = BudgetClient(limiter.reserve)
+    budget = Budget(rpm=600_000)
+
+    async def main() -> None:
+        first = asyncio.ensure_future(client.acquire("model:m", budget, 1, 0, time.monotonic() + 5))
+        await asyncio.sleep(0)  # the first call is now out
+        rest = [client.acquire("model:m", budget, 1, 0, time.monotonic() + 5) for _ in range(20)]
+        assert await asyncio.gather(first, *rest) == [None] * 21
+
+    asyncio.run(main())
+    assert [n for n, _ in limiter.calls] == [1, 20]
+
+
+def test_over_the_deadline_answers_retry_after_and_books_nothing() -> None:
+    limiter = CountingLimiter()
+    client = BudgetClient(limiter.reserve)
+    budget = Budget(rpm=60)  # 1/s, capacity 1: a new budget starts empty, so the first waits ~1 s
+
+    async def main() -> None:
+        retry_after = await client.acquire("key:k", budget, 1, 0, time.monotonic())
+        assert retry_after is not None and 0.5 < retry_after <= 1.0
+        # Nothing was booked: the next caller that may wait gets the same slot, not a later one.
+        begun = time.monotonic()
+        assert await client.acquire("key:k", budget, 1, 0, time.monotonic() + 5) is None
+        assert time.monotonic() - begun <= 1.0 + 0.2
+
+    asyncio.run(main())
+
+
+def test_settle_rides_along_with_the_next_booking() -> None:
+    limiter = CountingLimiter()
+    client = BudgetClient(limiter.reserve)
+    budget = Budget(tpm=600_000)
+
+    async def main() -> None:
+        client.settle("model:m", budget, -40)
+        client.settle("model:m", budget, 15)
+        assert await client.acquire("model:m", budget, 1, 100, time.monotonic() + 5) is None
+
+    asyncio.run(main())
+    assert limiter.calls == [(1, -25)]
+
+
+def test_a_lone_settle_is_sent_too() -> None:
+    limiter = CountingLimiter()
+    client = BudgetClient(limiter.reserve)
+
+    async def main() -> None:
+        client.settle("model:m", Budget(tpm=1000), 7)
+        while client.senders:
+            await asyncio.sleep(0.01)
+
+    asyncio.run(main())
+    assert limiter.calls == [(0, 7)]
+
+
+def test_limiter_down_fails_closed_then_recovers() -> None:
+    """Bookings retry while the limiter is down; those whose deadline comes first get Overloaded."""
+    limiter = CountingLimiter(down_for_calls=2)
+    client = BudgetClient(limiter.reserve)
+    budget = Budget(rpm=600_000)
+
+    async def main() -> None:
+        now = time.monotonic()
+        patient = asyncio.ensure_future(client.acquire("model:m", budget, 1, 0, now + 10))
+        hasty = asyncio.ensure_future(client.acquire("model:m", budget, 1, 0, now + RETRY_INTERVAL_S / 2))
+        with pytest.raises(Overloaded):
+            await hasty
+        assert await patient is None
+        assert time.monotonic() - now >= 2 * RETRY_INTERVAL_S * 0.9  # it waited out both failures
+
+    asyncio.run(main())
+    assert [n for n, _ in limiter.calls] == [2, 1, 1]
+
+
+def test_a_cancelled_caller_does_not_stall_the_others() -> None:
+    limiter = CountingLimiter()
+    client = BudgetClient(limiter.reserve)
+    budget = Budget(rpm=60)  # slots 1 s apart
+
+    async def main() -> None:
+        deadline = time.monotonic() + 10
+        waiting = asyncio.ensure_future(client.acquire("model:m", budget, 1, 0, deadline))
+        await asyncio.sleep(0.1)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert await asyncio.wait_for(client.acquire("model:m", budget, 1, 0, deadline), 5) is None
+
+    asyncio.run(main())
