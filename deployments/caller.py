@@ -22,6 +22,7 @@ class Caller:
 ANONYMOUS = Caller(owner="anonymous")
 
 
-def get_caller(request: Request) -> Caller:
+async def get_caller(request: Request) -> Caller:
+    # async: FastAPI runs a plain `def` dependency on a worker thread — a thread hop per request.
     caller = getattr(request.state, "caller", None)
     return caller if isinstance(caller, Caller) else ANONYMOUS
