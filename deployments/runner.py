@@ -137,6 +137,7 @@ class TaskRunner:
         # attempt is still winding down; both must count against runner_concurrency, and the old
         # attempt's cleanup must not drop the new attempt's entry.
         self.active: dict[str, asyncio.Task[None]] = {}
+        self.held: dict[str, str] = {}  # lease token -> run id, of the runs in ``active``
         self.slot_free = asyncio.Event()
         self.backoff = BackoffPolicy(base_s=1.0, cap_s=30.0)
         self.loop_task = asyncio.get_running_loop().create_task(self._claim_loop())
@@ -159,6 +160,7 @@ class TaskRunner:
                 runs: list[RunRecord] = await self.store.claim.remote(self.worker_id, free, 10.0)
                 for run in runs:
                     assert run.lease_token is not None
+                    self.held[run.lease_token] = run.id
                     self.active[run.lease_token] = asyncio.create_task(self._execute(run))
             except asyncio.CancelledError:
                 raise
@@ -197,6 +199,7 @@ class TaskRunner:
         finally:
             renewer.cancel()
             self.active.pop(token, None)
+            self.held.pop(token, None)
             self.slot_free.set()
 
     async def _renew(self, run_id: str, token: str, work: asyncio.Task[Any]) -> None:
@@ -209,9 +212,16 @@ class TaskRunner:
                     return
 
     async def __del__(self) -> None:
+        """Serve stops this replica (scale-down, redeploy, shutdown): hand its runs back at once,
+        instead of leaving them to wait out their leases (``lease_s``) on a runner that is gone."""
         self.loop_task.cancel()
+        held = list(self.held.items())
         for task in list(self.active.values()):
             task.cancel()
+        # A run that finished meanwhile is no longer ours to release: the store ignores the token.
+        await asyncio.gather(
+            *(self.store.release.remote(run_id, token) for token, run_id in held), return_exceptions=True
+        )
 
 
 def check_input(tasks: dict[str, TaskDefinition], name: str, task_input: Any) -> TaskDefinition:

@@ -118,8 +118,7 @@ def test_a_lone_settle_is_sent_too() -> None:
 
     async def main() -> None:
         client.settle("model:m", Budget(tpm=1000), 7)
-        while client.senders:
-            await asyncio.sleep(0.01)
+        await asyncio.wait_for(client.senders["model:m"], 2)
 
     asyncio.run(main())
     assert limiter.calls == [(0, 7)]

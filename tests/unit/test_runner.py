@@ -106,3 +106,47 @@ def test_a_worker_replica_dying_mid_call_is_transient_not_a_task_failure() -> No
         asyncio.run(executor._chat("m", {"messages": []}))
     assert isinstance(info.value, TRANSIENT)  # so a queued run is released, not failed
     assert info.value.retry_after == 1
+
+
+class StoreMethods:
+    """A real (in-memory SQLite) TaskStore behind the handle-method shape the runner calls."""
+
+    def __init__(self, store: TaskStore, lease_s: float) -> None:
+        async def claim(worker_id: str, limit: int, wait_s: float) -> list[RunRecord]:
+            runs = store.claim(worker_id=worker_id, lease_s=lease_s, limit=limit)
+            if not runs:
+                await asyncio.sleep(min(wait_s, 0.05))
+            return runs
+
+        async def renew(run_id: str, token: str) -> bool:
+            return store.renew(run_id, token, lease_s)
+
+        async def release(run_id: str, token: str) -> bool:
+            return store.release(run_id, token)
+
+        self.claim, self.renew, self.release = _Method(claim), _Method(renew), _Method(release)
+
+
+def test_a_stopping_runner_hands_its_runs_back_at_once() -> None:
+    """Serve stops the replica gracefully: its runs are queued again now, not after the lease."""
+
+    async def scenario() -> None:
+        with TaskStore(":memory:") as store:
+            ids = [store.create_run(task="t", input={"i": i}, owner="alice", idempotency_key=None)[0].id
+                   for i in range(3)]
+            runner = object.__new__(_Runner)
+            await TaskRunner.__init__(runner, {}, {}, StoreMethods(store, lease_s=600), TasksConfig())
+            runner.executor = GatedExecutor()  # type: ignore[assignment]  # never finishes
+            for _ in range(100):
+                if len(runner.active) == 3:
+                    break
+                await asyncio.sleep(0.01)
+            assert {store.get(i, "alice").status for i in ids} == {"running"}
+
+            await TaskRunner.__del__(runner)
+
+            runs = [store.get(i, "alice") for i in ids]
+            assert {r.status for r in runs} == {"queued"}  # with a 600 s lease: only a release does that
+            assert {r.attempt for r in runs} == {1}  # a hand-back is not a failed start
+
+    asyncio.run(scenario())
