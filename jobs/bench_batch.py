@@ -19,88 +19,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 
 from jobs import batch
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextlib.contextmanager
-def _upstream(latency_ms: float) -> Iterator[str]:
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "jobs.fake_upstream", "--port", str(port), "--latency-ms", str(latency_ms)],
-        cwd=REPO, stdout=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/_control/stats", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise RuntimeError("the fake upstream did not start")
-            time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-@contextlib.contextmanager
-def _cluster(upstream: str, rpm: int | None, state: Path) -> Iterator[str]:
-    """A private Ray cluster in this process with the app; yields the app name."""
-    import ray
-    from ray import serve
-
-    from cluster import local
-
-    for name, value in local.RAY_START_ENV.items():
-        os.environ.setdefault(name, value)
-    dashboard_port = _free_port()
-    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
-             _node_ip_address="127.0.0.1", log_to_driver=False)
-    try:
-        config = local.load_serve_config(REPO / "configs" / "serve.yaml")
-        config["http_options"]["port"] = _free_port()
-        app = config["applications"][0]
-        model: dict[str, Any] = {"name": "fake", "provider": "openai", "base_url": f"{upstream}/v1",
-                                 "upstream_model": "fake-model", "max_concurrency": 1000, "timeout_s": 600}
-        if rpm:
-            model["rpm"] = rpm
-        (state / "tasks").mkdir(parents=True, exist_ok=True)
-        app["args"]["models"] = [model]
-        app["args"]["gateway"]["listen_port"] = _free_port()
-        app["args"]["tasks"].update(definitions_dir=str(state / "tasks"), state_dir=str(state / "db"))
-        app["deployments"] = [d for d in app["deployments"] if not d["name"].startswith("worker-")]
-        dashboard = f"http://127.0.0.1:{dashboard_port}"
-        local.deploy(config, dashboard)
-        local.wait_until_running(dashboard, [app["name"]], timeout_s=300, echo=False)
-        yield str(app["name"])
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+from jobs.benchkit import fake_model, fake_upstream, private_cluster
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,7 +47,12 @@ def main(argv: list[str] | None = None) -> int:
                 f.write(json.dumps({"custom_id": f"b-{i}", "method": "POST", "url": "/v1/chat/completions",
                                     "body": {"model": "fake", "max_tokens": 16,
                                              "messages": [{"role": "user", "content": f"line {i}"}]}}) + "\n")
-        with _upstream(args.latency_ms) as upstream, _cluster(upstream, args.rpm or None, work) as app_name:
+        limit = {"rpm": args.rpm} if args.rpm else {}
+        with contextlib.ExitStack() as stack:
+            upstream_api = stack.enter_context(fake_upstream(args.latency_ms))
+            model = fake_model("fake", upstream_api, timeout_s=600, **limit)
+            app_name = stack.enter_context(private_cluster([model], work / "state")).app_name
+            upstream = upstream_api.removesuffix("/v1")
             started = time.monotonic()
             code = batch.main(["--input", str(work / "in.jsonl"), "--output", str(work / "out.jsonl"),
                                "--app", app_name, "--concurrency", str(args.concurrency),

@@ -18,90 +18,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
-
+from jobs.benchkit import child_process, fake_model, fake_upstream, free_port, private_cluster
 from jobs.loadtest import LoadResult, run_load
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_http(url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(url, timeout=2).status_code < 500:
-                return
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} did not come up in {timeout}s")
-
-
-@contextlib.contextmanager
-def _process(args: list[str], ready_url: str) -> Iterator[None]:
-    proc = subprocess.Popen([sys.executable, "-m", *args], cwd=REPO)
-    try:
-        _wait_http(ready_url)
-        yield
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-@contextlib.contextmanager
-def _promptfleet(upstream_base: str) -> Iterator[tuple[str, str]]:
-    """A private Ray cluster running configs/serve.yaml with the model `fake`.
-
-    Yields the API base URLs of the Gateway's own listener and of Serve's HTTP proxy.
-    """
-    import ray
-    from ray import serve
-
-    from cluster import local
-
-    for name, value in local.RAY_START_ENV.items():
-        os.environ.setdefault(name, value)  # the shell may override, to compare Serve modes
-    dashboard_port, http_port, listen_port = _free_port(), _free_port(), _free_port()
-    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
-             _node_ip_address="127.0.0.1", log_to_driver=False)
-    try:
-        config = local.load_serve_config(REPO / "configs" / "serve.yaml")
-        config["http_options"]["port"] = http_port
-        app = config["applications"][0]
-        # Only the upstream model: the benchmark measures the request path, not llama.cpp.
-        fake = {"name": "fake", "provider": "openai", "base_url": upstream_base,
-                "upstream_model": "fake-model", "max_concurrency": 1000}
-        # Same upstream behind an rpm limit too high to throttle: measures the limiter's cost per request.
-        app["args"]["models"] = [fake, {**fake, "name": "fake-rpm", "rpm": 10_000_000}]
-        app["args"]["gateway"]["listen_port"] = listen_port
-        scratch = tempfile.mkdtemp(prefix="pf-bench-")  # no tasks; a throwaway run store
-        app["args"]["tasks"].update(definitions_dir=scratch, state_dir=scratch)
-        app["deployments"] = [d for d in app["deployments"] if not d["name"].startswith("worker-")]
-        dashboard = f"http://127.0.0.1:{dashboard_port}"
-        local.deploy(config, dashboard)
-        local.wait_until_running(dashboard, [app["name"]], timeout_s=300)
-        yield f"http://127.0.0.1:{listen_port}/v1", f"http://127.0.0.1:{http_port}/v1"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def _measure(url: str, model: str, concurrency: int, duration: float) -> LoadResult:
@@ -141,15 +64,15 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error("--url needs --upstream-url")
             upstream_base, promptfleet_url, proxy_url = args.upstream_url, args.url, None
         else:
-            port = _free_port()
-            upstream_base = f"http://127.0.0.1:{port}/v1"
-            stack.enter_context(_process(
-                ["jobs.fake_upstream", "--port", str(port), "--latency-ms", str(args.latency_ms)],
-                f"{upstream_base}/models"))
-            promptfleet_url, proxy_url = stack.enter_context(_promptfleet(upstream_base))
-        baseline_port = _free_port()
+            upstream_base = stack.enter_context(fake_upstream(args.latency_ms))
+            # The same upstream again behind an rpm limit too high to throttle: the limiter's cost.
+            models = [fake_model("fake", upstream_base), fake_model("fake-rpm", upstream_base, rpm=10_000_000)]
+            state = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pf-bench-")))
+            cluster = stack.enter_context(private_cluster(models, state))
+            promptfleet_url, proxy_url = cluster.api, cluster.proxy_api
+        baseline_port = free_port()
         baseline_url = f"http://127.0.0.1:{baseline_port}/v1"
-        stack.enter_context(_process(
+        stack.enter_context(child_process(
             ["jobs.baseline_proxy", "--upstream", upstream_base, "--port", str(baseline_port)],
             f"http://127.0.0.1:{baseline_port}/docs"))
 

@@ -30,12 +30,10 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import sqlite3
 import statistics
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,9 +42,8 @@ import aiohttp
 import httpx
 import yaml
 
-from jobs.bench_gateway import _free_port, _process
+from jobs.benchkit import REPO, BenchCluster, fake_model, fake_upstream, private_cluster
 
-REPO = Path(__file__).resolve().parents[1]
 APP = "promptfleet"
 TASK = "bench_label"
 TASK_DEFINITION = {
@@ -64,13 +61,6 @@ TASK_DEFINITION = {
 
 
 @dataclass
-class Cluster:
-    api: str  # the Gateway's base URL, …/v1
-    dashboard: str
-    db: Path  # the TaskStore's SQLite file
-
-
-@dataclass
 class Throughput:
     runs: int
     accepted_per_s: float
@@ -78,42 +68,11 @@ class Throughput:
     refused: dict[str, int]
 
 
-@contextlib.contextmanager
-def _promptfleet(upstream_base: str, state: Path, lease_s: float | None) -> Iterator[Cluster]:
-    """A private Ray cluster running configs/serve.yaml with the model `fake` and the task."""
-    import ray
-    from ray import serve
-
-    from cluster import local
-
-    for name, value in local.RAY_START_ENV.items():
-        os.environ.setdefault(name, value)
+def _write_task(state: Path) -> Path:
     tasks_dir = state / "tasks"
     tasks_dir.mkdir()
     (tasks_dir / f"{TASK}.yaml").write_text(yaml.safe_dump(TASK_DEFINITION))
-    dashboard_port, http_port, listen_port = _free_port(), _free_port(), _free_port()
-    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
-             _node_ip_address="127.0.0.1", log_to_driver=False)
-    try:
-        config = local.load_serve_config(REPO / "configs" / "serve.yaml")
-        config["http_options"]["port"] = http_port
-        app = config["applications"][0]
-        models = [{"name": "fake", "provider": "openai", "base_url": upstream_base,
-                   "upstream_model": "fake-model", "max_concurrency": 1000, "max_retries": 0}]
-        app["args"]["models"] = models
-        app["args"]["gateway"]["listen_port"] = listen_port
-        app["args"]["tasks"].update(definitions_dir=str(tasks_dir), state_dir=str(state / "db"))
-        if lease_s is not None:
-            app["args"]["tasks"]["lease_s"] = lease_s
-        # Only the benchmark's model: no embedded model competing for the two cores.
-        app["deployments"] = [d for d in app["deployments"] if not d["name"].startswith("worker-")]
-        dashboard = f"http://127.0.0.1:{dashboard_port}"
-        local.deploy(config, dashboard)
-        local.wait_until_running(dashboard, [app["name"]], timeout_s=300, echo=False)
-        yield Cluster(f"http://127.0.0.1:{listen_port}/v1", dashboard, state / "db" / "tasks.sqlite3")
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    return tasks_dir
 
 
 def _configure_upstream(upstream_base: str, **config: Any) -> None:
@@ -182,7 +141,7 @@ async def _submit(api: str, runs: int, concurrency: int, label: str) -> tuple[li
     return ids, elapsed, refused
 
 
-def _throughput(cluster: Cluster, runs: int, concurrency: int, label: str, timeout: float) -> Throughput:
+def _throughput(cluster: BenchCluster, runs: int, concurrency: int, label: str, timeout: float) -> Throughput:
     ids, elapsed, refused = asyncio.run(_submit(cluster.api, runs, concurrency, label))
     rows = _wait_done(cluster.db, ids, timeout)
     failed = [r for r in rows if r[1] != "succeeded"]
@@ -200,7 +159,7 @@ def _runner_replicas(dashboard: str) -> list[Any]:
     return replicas
 
 
-def _recovery(cluster: Cluster, runs: int, label: str, timeout: float) -> dict[str, float]:
+def _recovery(cluster: BenchCluster, runs: int, label: str, timeout: float) -> dict[str, float]:
     """Kill the TaskRunner replica with runs in flight; seconds from the kill to recovery marks."""
     import ray
 
@@ -255,11 +214,11 @@ def main(argv: list[str] | None = None) -> int:
 
     summary: dict[str, Any] = {"runs": args.runs, "concurrency": args.concurrency, "latency": {}}
     with contextlib.ExitStack() as stack:
-        port = _free_port()
-        upstream = f"http://127.0.0.1:{port}/v1"
-        stack.enter_context(_process(["jobs.fake_upstream", "--port", str(port)], f"{upstream}/models"))
+        upstream = stack.enter_context(fake_upstream())
         state = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-tasks-")))
-        cluster = stack.enter_context(_promptfleet(upstream, state, args.lease_s))
+        lease = {"lease_s": args.lease_s} if args.lease_s is not None else {}
+        cluster = stack.enter_context(private_cluster(
+            [fake_model("fake", upstream, max_retries=0)], state, tasks_dir=_write_task(state), **lease))
         shipped = yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())["applications"][0]["args"]
         summary["lease_s"] = args.lease_s or shipped["tasks"]["lease_s"]
         print(f"{args.runs} runs per measurement, {args.concurrency} submitters, median of {args.repeat}")

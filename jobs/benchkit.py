@@ -1,0 +1,121 @@
+"""What every benchmark script needs: free ports, child processes, a fake upstream, a private cluster.
+
+``private_cluster`` starts a Ray cluster in the calling process and deploys ``configs/serve.yaml``
+with the benchmark's models only (no embedded model competing for the cores), a throwaway state
+directory and fresh ports, the same way ``promptfleet start`` deploys it; it yields the URLs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_http(url: str, timeout: float = 60) -> None:
+    """Return once ``url`` answers below 500."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not come up in {timeout}s")
+
+
+@contextlib.contextmanager
+def child_process(module_args: list[str], ready_url: str) -> Iterator[None]:
+    """``python -m <module_args>`` from the repository, up once ``ready_url`` answers; stopped after."""
+    proc = subprocess.Popen([sys.executable, "-m", *module_args], cwd=REPO, stdout=subprocess.DEVNULL)
+    try:
+        wait_http(ready_url)
+        yield
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@contextlib.contextmanager
+def fake_upstream(latency_ms: float = 0) -> Iterator[str]:
+    """A ``jobs.fake_upstream`` server in a child process; yields its API base URL (…/v1)."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}/v1"
+    with child_process(["jobs.fake_upstream", "--port", str(port), "--latency-ms", str(latency_ms)],
+                       f"{base}/models"):
+        yield base
+
+
+def fake_model(name: str, upstream_base: str, **settings: Any) -> dict[str, Any]:
+    """A model entry for the fake upstream (``settings`` override, e.g. rpm, timeout_s)."""
+    return {"name": name, "provider": "openai", "base_url": upstream_base, "upstream_model": "fake-model",
+            "max_concurrency": 1000, **settings}
+
+
+@dataclass
+class BenchCluster:
+    api: str  # the Gateway's own listener, …/v1
+    proxy_api: str  # the same app through Serve's HTTP proxy, …/v1
+    dashboard: str
+    app_name: str
+    db: Path  # the TaskStore's SQLite file
+
+
+@contextlib.contextmanager
+def private_cluster(
+    models: list[dict[str, Any]], state: Path, *, tasks_dir: Path | None = None, **tasks: Any
+) -> Iterator[BenchCluster]:
+    """A Ray cluster in this process running configs/serve.yaml with ``models`` only.
+
+    ``state`` holds the run store; ``tasks_dir`` the task definitions (none if omitted);
+    ``tasks`` override other ``args.tasks`` settings (e.g. ``lease_s``).
+    """
+    import ray
+    from ray import serve
+
+    from cluster import local
+
+    for name, value in local.RAY_START_ENV.items():
+        os.environ.setdefault(name, value)  # the shell may override, to compare Serve modes
+    if tasks_dir is None:
+        tasks_dir = state / "tasks"
+        tasks_dir.mkdir(parents=True, exist_ok=True)
+    dashboard_port, http_port, listen_port = free_port(), free_port(), free_port()
+    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
+             _node_ip_address="127.0.0.1", log_to_driver=False)
+    try:
+        config = local.load_serve_config(REPO / "configs" / "serve.yaml")
+        config["http_options"]["port"] = http_port
+        app = config["applications"][0]
+        app["args"]["models"] = models
+        app["args"]["gateway"]["listen_port"] = listen_port
+        app["args"]["tasks"].update(definitions_dir=str(tasks_dir), state_dir=str(state / "db"), **tasks)
+        # Only the benchmark's models: no embedded model competing for the cores.
+        app["deployments"] = [d for d in app["deployments"] if not d["name"].startswith("worker-")]
+        dashboard = f"http://127.0.0.1:{dashboard_port}"
+        local.deploy(config, dashboard)
+        local.wait_until_running(dashboard, [app["name"]], timeout_s=300, echo=False)
+        yield BenchCluster(f"http://127.0.0.1:{listen_port}/v1", f"http://127.0.0.1:{http_port}/v1",
+                           dashboard, str(app["name"]), state / "db" / "tasks.sqlite3")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
