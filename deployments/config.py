@@ -13,12 +13,20 @@ the Serve config's ``runtime_env``.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
+DATABASE_URL_ENV = "PROMPTFLEET_DATABASE_URL"
+# libpq takes both spellings of the scheme; postgres:// is what many hosting providers hand out.
+_POSTGRES_URL = re.compile(r"^postgres(?:ql)?://", re.IGNORECASE)
+
+
+def is_postgres_url(value: str) -> bool:
+    return bool(_POSTGRES_URL.match(value))
 
 
 class _Strict(BaseModel):
@@ -179,7 +187,16 @@ class TasksConfig(_Strict):
     )
     state_dir: str = Field(
         default="~/.promptfleet/state",
-        description="Directory of the SQLite run store, on the node running the TaskStore replica.",
+        description="Directory of the SQLite run store (unless `database_url` is set) and of batch files, "
+        "on the node running the TaskStore and BatchService replicas.",
+    )
+    database_url: str | None = Field(
+        default=None,
+        repr=False,
+        description="Keep runs, API keys and usage in PostgreSQL instead: a `postgresql://user@host:5432/db` "
+        f"URL (libpq syntax). Empty: the environment variable `{DATABASE_URL_ENV}` if set (the place for "
+        "a URL that carries a password; `promptfleet start` passes it to the replicas), else SQLite under "
+        "`state_dir`.",
     )
     lease_s: float = Field(
         default=15.0,
@@ -198,6 +215,26 @@ class TasksConfig(_Strict):
     runner_concurrency: int = Field(
         default=64, ge=1, le=10000, description="Runs one TaskRunner replica executes at once."
     )
+
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_url(cls, value: str | None) -> str | None:
+        if value is not None and not is_postgres_url(value):
+            raise ValueError("must be a postgresql:// URL (leave it out for SQLite under state_dir)")
+        return value
+
+    def store_location(self, environ: Mapping[str, str]) -> str | Path:
+        """Where the run store lives: a PostgreSQL URL (``database_url``, else ``environ``'s
+        ``PROMPTFLEET_DATABASE_URL``), or the SQLite file under ``state_dir``."""
+        from_env = environ.get(DATABASE_URL_ENV) or None
+        if from_env is not None and self.database_url is not None and from_env != self.database_url:
+            raise ValueError(f"tasks.database_url and {DATABASE_URL_ENV} are both set and differ: set one")
+        url = self.database_url or from_env
+        if url is None:
+            return Path(self.state_dir).expanduser() / "tasks.sqlite3"
+        if not is_postgres_url(url):
+            raise ValueError(f"{DATABASE_URL_ENV} must be a postgresql:// URL (unset it for SQLite)")
+        return url
 
     def definitions_path(self) -> Path:
         path = Path(self.definitions_dir).expanduser()

@@ -2,32 +2,33 @@
 
 Serves: the Gateway (create, get, long-poll, list, cancel runs) and the TaskRunner
 replicas (claim under a lease, renew, complete, fail, release), through handles.
-Calls: nothing but its SQLite file.
+Calls: nothing but its database.
 Owns: ``deployments.store.TaskStore`` and ``deployments.keystore.KeyStore`` (API keys,
-usage) — one file, which lives under ``tasks.state_dir`` on
-the node this replica runs on (pin it to the head node in serve.yaml so a
-restarted replica finds its file again).
+usage), on one ``Database`` chosen by ``TasksConfig.store_location``: by default a
+SQLite file under ``tasks.state_dir`` on the node this replica runs on (pin it to the
+head node in serve.yaml so a restarted replica finds its file again); with
+``tasks.database_url`` or ``PROMPTFLEET_DATABASE_URL``, a PostgreSQL database.
 
-It is a thin async shell: every SQLite call runs on one dedicated thread (they
-fsync, and must not block the event loop; one thread keeps them in order), and
-two kinds of waiters are woken from the loop — runners long-polling ``claim``
-for work, and clients long-polling a run until it ends.
+It is a thin async shell: every database call runs on one dedicated thread (they
+block on fsync or the network, and must not block the event loop; one thread keeps
+them in order), and two kinds of waiters are woken from the loop — runners
+long-polling ``claim`` for work, and clients long-polling a run until it ends.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, TypeVar
 
 from deployments.config import TasksConfig
 from deployments.errors import Overloaded
 from deployments.keystore import ApiKey, KeyStore
-from deployments.store import RunRecord, TaskStore
+from deployments.store import RunRecord, TaskStore, open_database
 
 logger = logging.getLogger("ray.serve")
 T = TypeVar("T")
@@ -36,13 +37,14 @@ T = TypeVar("T")
 class TaskStoreService:
     def __init__(self, config: TasksConfig, store: TaskStore | None = None) -> None:
         self.config = config
-        path = Path(config.state_dir).expanduser() / "tasks.sqlite3"
-        self.store = store or TaskStore(path, max_attempts_total=config.max_run_starts)
-        self.keys = KeyStore(path)
+        # The replica's environment is where a database URL with a password may come from.
+        self.database = open_database(config.store_location(os.environ))
+        self.store = store or TaskStore(self.database, max_attempts_total=config.max_run_starts)
+        self.keys = KeyStore(self.database)
         self.db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskstore")
         self.work_available = asyncio.Event()
         self.finished: dict[str, asyncio.Event] = {}
-        logger.info("task store at %s", path)
+        logger.info("task store at %s", self.database.location)
 
     async def _db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.db, lambda: fn(*args, **kwargs))

@@ -54,5 +54,6 @@ def _only_loopback() -> Iterator[None]:
     socket.socket.connect_ex = _real_connect_ex  # type: ignore[method-assign]
 
 
-# The session's Ray cluster, Serve app and fake upstream (started only if a test asks for them).
-pytest_plugins = ["tests.fixtures"]
+# The session's Ray cluster, Serve app and fake upstream, and a throwaway PostgreSQL server
+# (each started only if a test asks for it).
+pytest_plugins = ["tests.fixtures", "tests.postgres"]

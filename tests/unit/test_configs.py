@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
 from deployments.app import DEPLOYMENT_NAMES
-from deployments.config import AppArgs, OpenAIModel, worker_deployment_name
+from deployments.config import DATABASE_URL_ENV, AppArgs, OpenAIModel, TasksConfig, worker_deployment_name
 from deployments.taskdefs import load_task_definitions, validate_models
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -68,6 +68,8 @@ def test_every_yaml_file_is_covered() -> None:
          "api_key_env"),
         ({"models": [{"name": "a", "provider": "llamacpp"}, {"name": "a", "provider": "llamacpp"}]}, "duplicate"),
         ({"models": [{"name": "a", "provider": "llamacpp", "threads": 2}]}, "threads"),
+        ({"models": [{"name": "a", "provider": "llamacpp"}], "tasks": {"database_url": "mysql://h/db"}},
+         "tasks.database_url"),
     ],
 )
 def test_bad_app_args_fail_naming_the_field(args: dict[str, Any], field: str) -> None:
@@ -79,3 +81,25 @@ def test_bad_app_args_fail_naming_the_field(args: dict[str, Any], field: str) ->
 def test_api_key_is_named_not_stored() -> None:
     fields = OpenAIModel.model_fields
     assert "api_key_env" in fields and "api_key" not in fields
+
+
+def test_store_location_sqlite_by_default_postgresql_by_url(tmp_path: Path) -> None:
+    url = "postgresql://pf:secret@db.internal:5432/promptfleet"
+    assert TasksConfig(state_dir=str(tmp_path)).store_location({}) == tmp_path / "tasks.sqlite3"
+    assert TasksConfig(database_url=url).store_location({}) == url
+    assert TasksConfig().store_location({DATABASE_URL_ENV: url}) == url
+    assert TasksConfig(database_url=url).store_location({DATABASE_URL_ENV: url}) == url
+    assert TasksConfig().store_location({DATABASE_URL_ENV: ""}) == TasksConfig().store_location({})
+    assert "secret" not in repr(TasksConfig(database_url=url))  # config reprs reach logs
+
+
+@pytest.mark.parametrize(
+    ("config", "environ", "message"),
+    [
+        ({}, {DATABASE_URL_ENV: "sqlite:///x.db"}, DATABASE_URL_ENV),
+        ({"database_url": "postgresql://a/b"}, {DATABASE_URL_ENV: "postgresql://c/d"}, "both set"),
+    ],
+)
+def test_bad_store_location_is_a_clear_error(config: dict[str, str], environ: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TasksConfig.model_validate(config).store_location(environ)

@@ -1,40 +1,100 @@
-"""API keys: hashed at rest, shown once, revocable; usage per key, model and day."""
+"""API keys: hashed at rest, shown once, revocable; usage per key, model and day.
+
+Each test runs on both backends (``fresh_location`` in conftest.py) unless its name says SQLite.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
+
+from deployments.errors import InvalidRequest, NotFound
 from deployments.keystore import KeyStore, hash_key
+from deployments.store import TaskStore, open_database
 
 
-def test_key_is_stored_only_as_its_hash(tmp_path: Path) -> None:
-    path = tmp_path / "db.sqlite3"
-    store = KeyStore(path)
+@pytest.fixture
+def location(fresh_location: Callable[[], str]) -> str:
+    return fresh_location()
+
+
+@pytest.fixture
+def store(location: str) -> Iterator[KeyStore]:
+    with KeyStore(location) as keys:
+        yield keys
+
+
+def test_key_is_stored_only_as_its_hash(store: KeyStore) -> None:
+    _, plain = store.create("ci", rpm=10)
+    assert plain.startswith("pf-") and len(plain) > 40
+    with store.database.autocommit() as tx:
+        stored = repr(tx.rows("SELECT * FROM api_keys"))
+    assert plain not in stored and plain[:-4] not in stored
+    assert hash_key(plain) in stored
+
+
+def test_sqlite_file_holds_no_plain_key(tmp_path: Path) -> None:
+    store = KeyStore(tmp_path / "db.sqlite3")
     _, plain = store.create("ci", rpm=10)
     store.close()
-    assert plain.startswith("pf-") and len(plain) > 40
-    data = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+    data = b"".join(p.read_bytes() for p in tmp_path.iterdir())  # the WAL too
     assert plain.encode() not in data
     assert hash_key(plain).encode() in data
 
 
-def test_lookup_and_revoke(tmp_path: Path) -> None:
-    store = KeyStore(tmp_path / "db.sqlite3")
-    key, plain = store.create("ci", rpm=10, tpm=100, token_budget=1000)
+def test_lookup_and_revoke(store: KeyStore) -> None:
+    key, plain = store.create("ci", rpm=10, tpm=100, token_budget=10**12)  # budgets beyond 32 bits
     found = store.lookup(hash_key(plain))
-    assert found is not None and found.id == key.id and found.rpm == 10 and found.token_budget == 1000
+    assert found is not None and found.id == key.id and found.rpm == 10 and found.token_budget == 10**12
     assert store.lookup(hash_key(plain + "x")) is None
-    store.revoke(key.id)
+    assert store.lookup("not a digest\x00") is None
+    store.revoke(key.id, now=0.0)  # revoked at the epoch is still revoked
     assert store.lookup(hash_key(plain)) is None
-    assert store.get(key.id).revoked_at is not None
+    assert store.get(key.id).revoked_at == 0.0
+    assert store.revoke(key.id, now=5.0).revoked_at == 0.0  # the first revocation stands
 
 
-def test_usage_accumulates_per_key_model_and_day(tmp_path: Path) -> None:
-    store = KeyStore(tmp_path / "db.sqlite3")
-    a, _ = store.create("a")
-    b, _ = store.create("b")
+def test_unknown_or_malformed_key_ids_are_not_found(store: KeyStore) -> None:
+    for key_id in ["key_0000000000000000", "nope", "key_\x00"]:
+        with pytest.raises(NotFound) as info:
+            store.get(key_id)
+        assert info.value.param == "key_id"
+        with pytest.raises(NotFound):
+            store.revoke(key_id)
+        assert store.usage(key_id) == []
+    with pytest.raises(InvalidRequest) as bad_name:
+        store.create("a\x00b")
+    assert bad_name.value.param == "name"
+
+
+def test_usage_accumulates_per_key_model_and_day(store: KeyStore) -> None:
+    a, _ = store.create("a", now=1.0)
+    b, _ = store.create("b", now=2.0)
     store.record_usage([(a.id, "m1", 1, 10, 5), (a.id, "m1", 2, 1, 1), (b.id, "m2", 1, 3, 3)], now=0)
+    store.record_usage([(a.id, "M0", 1, 1, 0)], now=86400)
     rows = store.usage(a.id)
-    assert len(rows) == 1 and rows[0]["requests"] == 3 and rows[0]["total_tokens"] == 17
+    assert [(r["day"], r["model"], r["requests"], r["total_tokens"]) for r in rows] == [
+        ("1970-01-02", "M0", 1, 1),
+        ("1970-01-01", "m1", 3, 17),
+    ]
+    assert set(rows[0]) == {"key_id", "model", "day", "requests", "prompt_tokens", "completion_tokens",
+                            "total_tokens"}
     assert {r["key_id"] for r in store.usage()} == {a.id, b.id}
-    assert store.get(a.id).tokens_used == 17
+    assert store.usage("") == store.usage()  # no key id: every key's usage (admin)
+    assert store.get(a.id).tokens_used == 18
+    assert [(k.id, k.tokens_used) for k in store.list_keys()] == [(a.id, 18), (b.id, 6)]
+
+
+def test_key_store_shares_the_run_store_database(location: str) -> None:
+    database = open_database(location)
+    try:
+        runs, keys = TaskStore(database), KeyStore(database)
+        key, _ = keys.create("k")
+        runs.create_run(task="t", input={}, owner=key.id, idempotency_key=None, now=1)
+        runs.close()  # a shared database stays open for the other store
+        keys.close()
+        assert keys.get(key.id).name == "k"
+    finally:
+        database.close()

@@ -1,10 +1,16 @@
-"""TaskStore: durability, idempotency, leases, first-completion-wins, owner scoping, paging."""
+"""TaskStore: durability, idempotency, leases, first-completion-wins, owner scoping, paging.
+
+Every test that takes ``store`` or ``open_store`` runs once per backend (SQLite, PostgreSQL;
+see ``fresh_location`` in conftest.py): the two must behave the same.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import pickle
+import random
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,19 +18,35 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
 from deployments.errors import Conflict, InvalidRequest, RunNotFound
 from deployments.runstate import RunStatus
-from deployments.store import RunRecord, TaskStore
+from deployments.store import RunRecord, TaskStore, open_database
+from deployments.store.records import encode_cursor
+from deployments.store.sqlite import SqliteDatabase
 
 LEASE = 30.0
+OpenStore = Callable[..., TaskStore]
 
 
 @pytest.fixture
-def store() -> Iterator[TaskStore]:
-    with TaskStore(":memory:") as s:
-        yield s
+def open_store(fresh_location: Callable[[], str]) -> Iterator[OpenStore]:
+    """Opens a TaskStore on a new database (or on ``location``, to reopen one); closes them all."""
+    stores: list[TaskStore] = []
+
+    def open_(location: str | None = None, **kwargs: Any) -> TaskStore:
+        stores.append(TaskStore(location or fresh_location(), **kwargs))
+        return stores[-1]
+
+    yield open_
+    for opened in stores:
+        opened.close()
+
+
+@pytest.fixture
+def store(open_store: OpenStore) -> TaskStore:
+    return open_store()
 
 
 def new_run(
@@ -202,17 +224,17 @@ def test_fail_and_release(store: TaskStore) -> None:
     assert claim_one(store, now=103.0).attempt == 2
 
 
-def test_lease_expiry_beyond_max_attempts_fails_the_run() -> None:
-    with TaskStore(":memory:", max_attempts_total=2) as store:
-        run = new_run(store)
-        assert claim_one(store, now=100.0).attempt == 1
-        assert claim_one(store, now=200.0).attempt == 2
-        assert store.claim(worker_id="w", lease_s=LEASE, now=300.0) == []
-        failed = store.get(run.id, "alice")
-        assert failed.status is RunStatus.FAILED
-        assert failed.error is not None and failed.error["code"] == "lease_expired"
-        assert failed.error["type"] == "task_error" and "2 times" in failed.error["message"]
-        assert (failed.attempt, failed.finished_at, failed.lease_token) == (2, 300.0, None)
+def test_lease_expiry_beyond_max_attempts_fails_the_run(open_store: OpenStore) -> None:
+    store = open_store(max_attempts_total=2)
+    run = new_run(store)
+    assert claim_one(store, now=100.0).attempt == 1
+    assert claim_one(store, now=200.0).attempt == 2
+    assert store.claim(worker_id="w", lease_s=LEASE, now=300.0) == []
+    failed = store.get(run.id, "alice")
+    assert failed.status is RunStatus.FAILED
+    assert failed.error is not None and failed.error["code"] == "lease_expired"
+    assert failed.error["type"] == "task_error" and "2 times" in failed.error["message"]
+    assert (failed.attempt, failed.finished_at, failed.lease_token) == (2, 300.0, None)
 
 
 def test_cancel(store: TaskStore) -> None:
@@ -244,6 +266,9 @@ def test_owner_scoping_hides_other_owners_runs(store: TaskStore) -> None:
         lambda: store.cancel(run.id, "bob", now=1.0),
         lambda: store.get("run_" + "0" * 24, "alice"),
         lambda: store.cancel("run_missing", "alice", now=1.0),
+        # Not even an id (PostgreSQL text cannot hold NUL): the same 404, not a database error.
+        lambda: store.get("run_\x00", "alice"),
+        lambda: store.cancel(run.id + "\x00", "alice", now=1.0),
     ]
     for call in calls:
         with pytest.raises(RunNotFound) as info:
@@ -285,6 +310,10 @@ def test_list_filters_and_validation(store: TaskStore) -> None:
         ({"status": "sleeping"}, "status"),
         ({"cursor": "garbage!"}, "cursor"),
         ({"cursor": "bnVsbA"}, "cursor"),  # base64 of "null"
+        # NaN sorts below everything in SQLite and above everything in PostgreSQL: refused.
+        ({"cursor": encode_cursor(float("nan"), a.id)}, "cursor"),
+        ({"cursor": encode_cursor(1.0, "run_\x00")}, "cursor"),
+        ({"task": "a\x00b"}, "task"),
     ]
     for kwargs, param in cases:
         with pytest.raises(InvalidRequest) as info:
@@ -292,8 +321,8 @@ def test_list_filters_and_validation(store: TaskStore) -> None:
         assert info.value.param == param
 
 
-def test_requeue_all_running_after_cluster_restart(tmp_path: Path) -> None:
-    db = tmp_path / "state" / "tasks.db"
+def test_requeue_all_running_after_cluster_restart(fresh_location: Callable[[], str]) -> None:
+    db = fresh_location()
     with TaskStore(db, max_attempts_total=2) as store:
         ids = [new_run(store, n).id for n in range(3)]
         claim_one(store, now=100.0)  # ids[0]: attempt 1
@@ -314,8 +343,8 @@ def test_requeue_all_running_after_cluster_restart(tmp_path: Path) -> None:
         assert [r.id for r in store.claim(worker_id="w", lease_s=LEASE, now=501.0, limit=5)] == ids[:2]
 
 
-def test_file_database_persists_across_reopen(tmp_path: Path) -> None:
-    db = tmp_path / "tasks.db"
+def test_database_persists_across_reopen(fresh_location: Callable[[], str]) -> None:
+    db = fresh_location()
     with TaskStore(db) as store:
         run, _ = store.create_run(task="t", input={"x": "ü"}, owner="alice", idempotency_key="k", now=1.0)
     with TaskStore(db) as store:
@@ -324,27 +353,130 @@ def test_file_database_persists_across_reopen(tmp_path: Path) -> None:
             task="t", input={"x": "ü"}, owner="alice", idempotency_key="k", now=2
         )
         assert not created and again == run
-    conn = sqlite3.connect(db)
+    database = open_database(db)
     try:
-        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert conn.execute("SELECT version FROM schema_version").fetchall() == [(1,)]
+        with database.autocommit() as tx:
+            assert tx.rows("SELECT version FROM schema_version") == [{"version": 1}]
+    finally:
+        database.close()
+
+
+def test_sqlite_file_is_wal_with_synchronous_full(tmp_path: Path) -> None:
+    with TaskStore(tmp_path / "tasks.db") as store:
+        assert isinstance(store.database, SqliteDatabase)
+        assert store.database.pragma("journal_mode") == "wal"
+        assert store.database.pragma("synchronous") == 2  # FULL
+    conn = sqlite3.connect(tmp_path / "tasks.db")
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"  # a property of the file
     finally:
         conn.close()
 
 
-def test_synchronous_full(store: TaskStore) -> None:
-    assert store._conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
-
-
-def test_newer_schema_version_is_refused(tmp_path: Path) -> None:
-    db = tmp_path / "tasks.db"
+def test_newer_schema_version_is_refused(fresh_location: Callable[[], str]) -> None:
+    db = fresh_location()
     TaskStore(db).close()
-    conn = sqlite3.connect(db)
-    conn.execute("UPDATE schema_version SET version = 99")
-    conn.commit()
-    conn.close()
+    database = open_database(db)
+    with database.autocommit() as tx:
+        tx.run("UPDATE schema_version SET version = 99")
+    database.close()
     with pytest.raises(RuntimeError, match="schema version 99"):
         TaskStore(db)
+
+
+def test_text_a_database_cannot_hold_is_invalid_request(store: TaskStore) -> None:
+    for kwargs, param in [
+        ({"idempotency_key": "k\x00"}, "Idempotency-Key"),
+        ({"idempotency_key": "\ud800"}, "Idempotency-Key"),  # a lone surrogate is not UTF-8
+        ({"task": "t\x00"}, "task"),
+        ({"input": {"x": "\ud800"}}, "input"),
+    ]:
+        with pytest.raises(InvalidRequest) as info:
+            store.create_run(**{"task": "t", "input": {}, "owner": "a", "idempotency_key": None, **kwargs})
+        assert info.value.param == param
+    # Control characters are fine inside JSON (escaped), NUL included.
+    run, _ = store.create_run(task="t", input={"x": "a\x00b"}, owner="a", idempotency_key=None, now=1)
+    assert store.get(run.id, "a").input == {"x": "a\x00b"}
+    assert store.count_queued() == 1
+
+
+def two_stores_on_one_database(open_store: OpenStore, fresh_location: Callable[[], str]) -> list[TaskStore]:
+    """Two store owners (two connections, or pools) on the same database."""
+    db = fresh_location()
+    return [open_store(db), open_store(db)]
+
+
+def test_concurrent_idempotent_creates_make_one_run(
+    open_store: OpenStore, fresh_location: Callable[[], str]
+) -> None:
+    """Owners of one database racing on one key: one run is created, every caller gets it."""
+    stores = two_stores_on_one_database(open_store, fresh_location)
+    results: list[tuple[RunRecord, bool]] = []
+    barrier = threading.Barrier(8)
+
+    def create(n: int) -> None:
+        barrier.wait()
+        results.append(
+            stores[n % 2].create_run(task="t", input={"a": 1}, owner="alice", idempotency_key="same", now=1)
+        )
+
+    run_threads(create, 8)
+    assert sum(created for _, created in results) == 1
+    assert len({run.id for run, _ in results}) == 1 and len(results) == 8
+    assert stores[1].count_queued() == 1
+
+
+def test_two_stores_claiming_concurrently_never_hand_out_a_run_twice(
+    open_store: OpenStore, fresh_location: Callable[[], str]
+) -> None:
+    """Several store owners on one database, many threads each: every run claimed exactly once.
+
+    On PostgreSQL this is what ``FOR UPDATE SKIP LOCKED`` is for (without row locks, two
+    READ COMMITTED claims select the same queued rows and both win); on SQLite ``BEGIN
+    IMMEDIATE`` serializes the two connections.
+    """
+    stores = two_stores_on_one_database(open_store, fresh_location)
+    first = stores[0]
+    total = 300
+    for n in range(total):
+        new_run(first, n, now=1.0)
+    claimed: list[RunRecord] = []
+    lock = threading.Lock()
+
+    def worker(n: int) -> None:
+        store, rng = stores[n % 2], random.Random(n)
+        while True:
+            got = store.claim(worker_id=f"w{n}", lease_s=LEASE, now=2.0, limit=rng.randint(1, 5))
+            with lock:
+                claimed.extend(got)
+            # Empty while others hold the rest locked is not the end: stop when none is queued.
+            if not got and store.count_queued() == 0:
+                return
+
+    run_threads(worker, 12)
+    ids = [run.id for run in claimed]
+    assert len(ids) == total and len(set(ids)) == total, f"{len(ids) - len(set(ids))} runs handed out twice"
+    assert len({run.lease_token for run in claimed}) == total
+    assert all(run.attempt == 1 for run in claimed)
+    assert len(first.list_runs("alice", status="running", limit=1000)[0]) == total
+
+
+def run_threads(target: Callable[[int], None], count: int) -> None:
+    errors: list[BaseException] = []
+
+    def guarded(n: int) -> None:
+        try:
+            target(n)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(n,)) for n in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    if errors:
+        raise errors[0]
 
 
 class LeaseRaces(RuleBasedStateMachine):
@@ -355,9 +487,9 @@ class LeaseRaces(RuleBasedStateMachine):
     changes once written; attempts never decrease; claims are FIFO.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, store: TaskStore) -> None:
         super().__init__()
-        self.store = TaskStore(":memory:", max_attempts_total=3)
+        self.store = store  # a new, empty database, with max_attempts_total=3
         self.now = 1000.0
         self.order: list[str] = []  # creation order
         self.current: dict[str, str | None] = {}  # run id -> token allowed to write
@@ -440,7 +572,10 @@ class LeaseRaces(RuleBasedStateMachine):
                 assert run.lease_token is None
 
 
-TestLeaseRaces = LeaseRaces.TestCase
-TestLeaseRaces.settings = settings(
-    max_examples=40, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
-)
+def test_lease_races(open_store: OpenStore) -> None:
+    run_state_machine_as_test(
+        lambda: LeaseRaces(open_store(max_attempts_total=3)),
+        settings=settings(
+            max_examples=40, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+        ),
+    )

@@ -1,0 +1,373 @@
+"""TaskStore: the durable record of async task runs, in SQLite (default) or PostgreSQL.
+
+Serves the TaskStore deployment (``store_actor.TaskStoreService``, a thin shell around this
+class). The Gateway creates, reads, lists and cancels runs through it; workers claim runs under
+a lease, renew the lease, and complete, fail or release them. Calls nothing; owns the ``runs``
+and ``schema_version`` tables of its ``Database``.
+
+Durability contract (DESIGN.md): ``create_run`` has committed durably (SQLite: WAL fsynced with
+``synchronous=FULL``; PostgreSQL: the server's WAL flush) before it returns, so the 202 the
+Gateway sends afterwards is never a lie. Work runs under a lease; an expired lease puts the run
+back in the queue at the next ``claim``. The model call is at-least-once; the visible result is
+exactly-once: only the holder of the current ``lease_token`` of a ``running`` run can write a
+result, and the first write ends the lease. On PostgreSQL several stores may share one
+database: each read-then-write locks its rows, and ``claim`` skips rows another claim holds.
+
+Every status change goes through ``runstate.transition``. All times are ``now`` arguments
+(seconds since the epoch, default ``time.time()``) so tests drive the clock. Methods are
+synchronous and block on the database: call them from a thread, not an event loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import secrets
+from typing import Any
+
+from deployments.errors import Conflict, InvalidRequest
+from deployments.runstate import RunEvent, RunState, RunStatus, transition
+from deployments.store.database import Database, DatabaseBacked, Dialect, Location, Tx
+from deployments.store.records import (
+    COLUMNS,
+    JSON_COLUMNS,
+    STATUSES,
+    RunRecord,
+    check_text,
+    decode_cursor,
+    dumps,
+    encode_cursor,
+    is_run_id,
+    new_run_id,
+    now_or,
+    record,
+    run_not_found,
+)
+
+__all__ = ["MAX_LIST_LIMIT", "SCHEMA_VERSION", "TaskStore"]
+
+SCHEMA_VERSION = 1
+MAX_LIST_LIMIT = 1000
+
+
+def schema(d: Dialect) -> list[str]:
+    # DOUBLE PRECISION: an exact Python float in both engines (SQLite reads it as REAL).
+    return [
+        "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
+        f"""CREATE TABLE IF NOT EXISTS runs (
+            seq              {d.serial_key},  -- queue order (ids are random)
+            id               {d.text} NOT NULL UNIQUE,
+            task             {d.text} NOT NULL,
+            owner            {d.text} NOT NULL,
+            status           {d.text} NOT NULL CHECK (status IN
+                                 ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
+            input            {d.text} NOT NULL,   -- JSON
+            request_hash     {d.text} NOT NULL,   -- sha256 of canonical JSON of (task, input)
+            idempotency_key  {d.text},
+            result           {d.text},            -- JSON
+            error            {d.text},            -- JSON: the client-safe error object
+            usage            {d.text},            -- JSON
+            attempt          INTEGER NOT NULL DEFAULT 0,
+            created_at       DOUBLE PRECISION NOT NULL,
+            started_at       DOUBLE PRECISION,
+            finished_at      DOUBLE PRECISION,
+            updated_at       DOUBLE PRECISION NOT NULL,
+            lease_token      {d.text},
+            lease_expires_at DOUBLE PRECISION,
+            worker_id        {d.text}
+        )""",
+        "CREATE UNIQUE INDEX IF NOT EXISTS runs_idempotency ON runs (owner, idempotency_key)"
+        " WHERE idempotency_key IS NOT NULL",
+        "CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status, seq)",
+        "CREATE INDEX IF NOT EXISTS runs_by_owner ON runs (owner, created_at, id)",
+    ]
+
+
+class TaskStore(DatabaseBacked):
+    """Durable run records in the database at ``location`` (a SQLite path or a PostgreSQL URL),
+    or in a ``Database`` shared with the ``KeyStore``.
+
+    ``max_attempts_total`` bounds starts per run: a run whose lease is lost (expiry, or a whole
+    cluster restart) after that many starts is failed with code ``lease_expired`` instead of
+    being requeued, so a run that kills its worker cannot loop forever.
+    """
+
+    def __init__(self, location: Location | Database, *, max_attempts_total: int = 5) -> None:
+        if max_attempts_total < 1:
+            raise ValueError("max_attempts_total must be >= 1")
+        self.max_attempts_total = max_attempts_total
+        super().__init__(location, schema)
+        dialect = self._db.dialect
+        self._lock_rows, self._claim_rows = dialect.lock_rows, dialect.claim_rows
+
+    def _check_schema(self, tx: Tx) -> None:
+        row = tx.one("SELECT MAX(version) AS version FROM schema_version")
+        version = None if row is None else row["version"]
+        if version is None:
+            tx.run("INSERT INTO schema_version (version) VALUES (?)", SCHEMA_VERSION)
+        elif version > SCHEMA_VERSION:
+            raise RuntimeError(f"{self._db.location}: schema version {version} is newer than {SCHEMA_VERSION}")
+        # version < SCHEMA_VERSION: migrations go here once there is a version 2.
+
+    def _load(self, tx: Tx, run_id: str, owner: str | None = None, *, lock: bool = False) -> RunRecord:
+        sql, args = f"SELECT {COLUMNS} FROM runs WHERE id = ?", [run_id]
+        if owner is not None:
+            sql, args = sql + " AND owner = ?", [run_id, owner]
+        row = tx.one(sql + (self._lock_rows if lock else ""), *args)
+        if row is None:
+            raise run_not_found(run_id)
+        return record(row)
+
+    @staticmethod
+    def _move(tx: Tx, run: RunRecord, event: RunEvent, now: float, **changes: Any) -> RunRecord:
+        """Apply ``event`` to ``run`` (checked by the state machine), write ``changes`` too, and
+        return the record as written (JSON values as given)."""
+        new = transition(RunState(run.status, run.attempt), event)
+        changes.update(status=new.status, attempt=new.attempt, updated_at=now)
+        if new.status is not RunStatus.RUNNING:  # a lease only exists while running
+            changes.update(lease_token=None, lease_expires_at=None)
+        if new.terminal:
+            changes["finished_at"] = now
+        columns = {
+            column: dumps(value) if column in JSON_COLUMNS and value is not None else value
+            for column, value in changes.items()
+        }
+        columns["status"] = new.status.value
+        # Column names come from this module only, never from callers' data.
+        assignments = ", ".join(f"{column} = ?" for column in columns)
+        tx.run(f"UPDATE runs SET {assignments} WHERE id = ?", *columns.values(), run.id)
+        return dataclasses.replace(run, **changes)
+
+    # -- the Gateway's side ---------------------------------------------------------------
+
+    def create_run(
+        self,
+        *,
+        task: str,
+        input: dict[str, Any],
+        owner: str,
+        idempotency_key: str | None,
+        now: float | None = None,
+    ) -> tuple[RunRecord, bool]:
+        """Queue a new run, committed durably before returning; returns ``(run, created)``.
+
+        With an ``idempotency_key`` (scoped per owner, kept forever), a repeat of the same
+        (task, input) returns the existing run with ``created=False``; a different body raises
+        ``Conflict(param="Idempotency-Key")``.
+        """
+        now = now_or(now)
+        check_text(task, "task")
+        if idempotency_key is not None:
+            check_text(idempotency_key, "Idempotency-Key")
+        try:
+            input_json = dumps(input)
+            request_hash = hashlib.sha256(dumps([task, input]).encode()).hexdigest()
+        except (TypeError, ValueError):  # UnicodeEncodeError (lone surrogates) is a ValueError
+            raise InvalidRequest("Task input must be JSON (no NaN or Infinity).", param="input") from None
+        run_id = new_run_id()
+        with self._db.transaction() as tx:
+            # Insert first: of two concurrent creates with one key, the unique index lets one
+            # in and makes the other (PostgreSQL: after waiting for it) insert nothing.
+            inserted = tx.run(
+                "INSERT INTO runs (id, task, owner, status, input, request_hash, idempotency_key,"
+                " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
+                run_id, task, owner, RunStatus.QUEUED.value, input_json, request_hash, idempotency_key, now, now,
+            )
+            if inserted:
+                return self._load(tx, run_id), True
+            existing = tx.one(
+                "SELECT id, request_hash FROM runs WHERE owner = ? AND idempotency_key = ?", owner, idempotency_key
+            )
+            assert existing is not None, "insert conflicted with no row"
+            if existing["request_hash"] != request_hash:
+                raise Conflict(
+                    "This Idempotency-Key was already used with a different request.", param="Idempotency-Key"
+                )
+            return self._load(tx, existing["id"]), False
+
+    def get(self, run_id: str, owner: str) -> RunRecord:
+        """The run, if ``owner`` owns it; otherwise ``RunNotFound``."""
+        if not is_run_id(run_id):
+            raise run_not_found(run_id)
+        with self._db.autocommit() as tx:
+            return self._load(tx, run_id, owner)
+
+    def cancel(self, run_id: str, owner: str, now: float | None = None) -> RunRecord:
+        """Cancel a queued or running run; a finished run is returned unchanged.
+
+        A running run loses its lease at once, so its worker's ``renew`` and ``complete``
+        return False from now on (that is how the worker learns to stop).
+        """
+        now = now_or(now)
+        if not is_run_id(run_id):
+            raise run_not_found(run_id)
+        with self._db.transaction() as tx:
+            run = self._load(tx, run_id, owner, lock=True)
+            if run.terminal:
+                return run
+            return self._move(tx, run, RunEvent.CANCEL, now)
+
+    def list_runs(
+        self,
+        owner: str,
+        status: str | None = None,
+        task: str | None = None,
+        limit: int = 20,
+        cursor: str | None = None,
+    ) -> tuple[list[RunRecord], str | None]:
+        """``owner``'s runs, newest first, and the cursor of the next page (None at the end).
+
+        Keyset pagination on (created_at, id): runs created while paging never shift a page.
+        """
+        if not 1 <= limit <= MAX_LIST_LIMIT:
+            raise InvalidRequest(f"limit must be between 1 and {MAX_LIST_LIMIT}.", param="limit")
+        where: list[str] = ["owner = ?"]
+        args: list[Any] = [owner]
+        if status is not None:
+            if status not in STATUSES:
+                raise InvalidRequest(f"Unknown run status '{status[:50]}'.", param="status")
+            where.append("status = ?")
+            args.append(status)
+        if task is not None:
+            where.append("task = ?")
+            args.append(check_text(task, "task"))
+        if cursor is not None:
+            where.append("(created_at, id) < (?, ?)")
+            args.extend(decode_cursor(cursor))
+        sql = (
+            f"SELECT {COLUMNS} FROM runs WHERE {' AND '.join(where)}"
+            " ORDER BY created_at DESC, id DESC LIMIT ?"
+        )
+        with self._db.autocommit() as tx:
+            rows = tx.rows(sql, *args, limit + 1)
+        records = [record(r) for r in rows[:limit]]
+        more = len(rows) > limit
+        return records, (encode_cursor(records[-1].created_at, records[-1].id) if more else None)
+
+    def count_queued(self) -> int:
+        """Runs waiting for a worker (the Gateway's backpressure signal)."""
+        with self._db.autocommit() as tx:
+            row = tx.one("SELECT COUNT(*) AS n FROM runs WHERE status = 'queued'")
+        assert row is not None
+        return int(row["n"])
+
+    # -- the workers' side ----------------------------------------------------------------
+
+    def _interrupt(self, tx: Tx, run: RunRecord, now: float) -> bool:
+        """``run`` lost its worker: requeue it (True), or fail it (False) if out of starts."""
+        if run.attempt < self.max_attempts_total:
+            self._move(tx, run, RunEvent.REQUEUE, now)
+            return True
+        error = {
+            "message": f"The run was interrupted {run.attempt} times (worker lost or timed out) "
+            "and will not be retried.",
+            "type": "task_error",
+            "param": None,
+            "code": "lease_expired",
+        }
+        self._move(tx, run, RunEvent.FAIL, now, error=error)
+        return False
+
+    def _running(self, tx: Tx, lock: str, condition: str = "", *args: Any) -> list[RunRecord]:
+        sql = f"SELECT {COLUMNS} FROM runs WHERE status = 'running' {condition} ORDER BY seq{lock}"
+        return [record(row) for row in tx.rows(sql, *args)]
+
+    def claim(
+        self, *, worker_id: str, lease_s: float, now: float | None = None, limit: int = 1
+    ) -> list[RunRecord]:
+        """Lease up to ``limit`` of the oldest queued runs to ``worker_id`` for ``lease_s``.
+
+        First requeues (or fails, see the class docstring) running runs whose lease expired.
+        Each claimed run is ``running`` with ``attempt + 1`` and a fresh ``lease_token`` that
+        the worker must present to ``renew``/``complete``/``fail``/``release``. Concurrent
+        claims (PostgreSQL) each take different runs; one may get fewer than are queued while
+        another holds the rest.
+        """
+        if lease_s <= 0 or limit < 1:
+            raise ValueError("lease_s must be > 0 and limit >= 1")
+        now = now_or(now)
+        with self._db.transaction() as tx:
+            for run in self._running(tx, self._claim_rows, "AND lease_expires_at <= ?", now):
+                self._interrupt(tx, run, now)
+            queued = tx.rows(
+                f"SELECT {COLUMNS} FROM runs WHERE status = 'queued' ORDER BY seq LIMIT ?{self._claim_rows}", limit
+            )
+            return [
+                self._move(
+                    tx,
+                    run,
+                    RunEvent.START,
+                    now,
+                    lease_token=secrets.token_hex(16),
+                    lease_expires_at=now + lease_s,
+                    worker_id=worker_id,
+                    started_at=run.started_at if run.started_at is not None else now,
+                )
+                for run in map(record, queued)
+            ]
+
+    def renew(self, run_id: str, lease_token: str, lease_s: float, now: float | None = None) -> bool:
+        """Extend the lease; False if it is no longer ours (requeued, cancelled, finished).
+
+        A lease past its expiry that nobody has reclaimed yet is still ours: no one else can
+        have started the run, so continuing is safe and saves a duplicate call.
+        """
+        now = now_or(now)
+        if not is_run_id(run_id):
+            return False
+        with self._db.autocommit() as tx:
+            changed = tx.run(
+                "UPDATE runs SET lease_expires_at = ?, updated_at = ?"
+                " WHERE id = ? AND status = 'running' AND lease_token = ?",
+                now + lease_s, now, run_id, lease_token,
+            )
+        return changed == 1
+
+    def _finish(self, run_id: str, lease_token: str, event: RunEvent, now: float, **changes: Any) -> bool:
+        if not is_run_id(run_id):
+            return False
+        with self._db.transaction() as tx:
+            row = tx.one(f"SELECT {COLUMNS} FROM runs WHERE id = ?{self._lock_rows}", run_id)
+            if row is None:
+                return False
+            run = record(row)
+            # Only the current lease holder of a running run writes: stale attempts (requeued,
+            # reclaimed by someone else, cancelled, already finished) change nothing.
+            if run.status is not RunStatus.RUNNING or run.lease_token != lease_token:
+                return False
+            self._move(tx, run, event, now, **changes)
+            return True
+
+    def complete(
+        self, run_id: str, lease_token: str, *, result: Any, usage: dict[str, Any], now: float | None = None
+    ) -> bool:
+        """Store the validated result: True if this call won, False if the lease was stale."""
+        return self._finish(run_id, lease_token, RunEvent.SUCCEED, now_or(now), result=result, usage=usage)
+
+    def fail(
+        self,
+        run_id: str,
+        lease_token: str,
+        *,
+        error: dict[str, Any],
+        usage: dict[str, Any] | None = None,
+        now: float | None = None,
+    ) -> bool:
+        """Fail the run with a client-safe ``error`` object ({message, type, param, code, …})."""
+        return self._finish(run_id, lease_token, RunEvent.FAIL, now_or(now), error=error, usage=usage)
+
+    def release(self, run_id: str, lease_token: str, now: float | None = None) -> bool:
+        """Give the run back to the queue (graceful shutdown, retryable failure); keeps attempt."""
+        return self._finish(run_id, lease_token, RunEvent.REQUEUE, now_or(now))
+
+    def requeue_all_running(self, now: float | None = None) -> int:
+        """At startup after a whole-cluster restart: requeue every ``running`` run.
+
+        Their workers are gone. Attempts are kept; a run already at ``max_attempts_total``
+        starts is failed with ``lease_expired`` instead. Returns how many were requeued.
+        Only for a store that is the database's one owner: it ends every lease, live or not.
+        """
+        now = now_or(now)
+        with self._db.transaction() as tx:
+            return sum(self._interrupt(tx, run, now) for run in self._running(tx, self._lock_rows))

@@ -1,0 +1,95 @@
+"""SQLite backend of the stores: one file (WAL, ``synchronous=FULL``), one connection, one lock.
+
+The default: nothing to run, and the file lives on the node of its one owner (the TaskStore
+replica, pinned to the head node). ``":memory:"`` gives a private in-memory database (tests).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any
+
+from deployments.store.database import Database, Dialect, Location, Row
+
+__all__ = ["SQLITE", "SqliteDatabase"]
+
+SQLITE = Dialect(
+    name="sqlite",
+    serial_key="INTEGER PRIMARY KEY AUTOINCREMENT",
+    text="TEXT",  # SQLite's default BINARY collation already compares bytes
+    # BEGIN IMMEDIATE has locked the whole database: no row locks to ask for.
+    lock_rows="",
+    claim_rows="",
+)
+
+
+def _dict_row(cursor: sqlite3.Cursor, row: tuple[Any, ...]) -> Row:
+    return {column[0]: value for column, value in zip(cursor.description, row, strict=True)}
+
+
+class _SqliteTx:
+    def __init__(self, conn: sqlite3.Connection) -> None:
+        self._conn = conn
+
+    def rows(self, sql: str, *args: Any) -> list[Row]:
+        return self._conn.execute(sql, args).fetchall()
+
+    def one(self, sql: str, *args: Any) -> Row | None:
+        row: Row | None = self._conn.execute(sql, args).fetchone()
+        return row
+
+    def run(self, sql: str, *args: Any) -> int:
+        return self._conn.execute(sql, args).rowcount
+
+
+class SqliteDatabase(Database):
+    dialect = SQLITE
+
+    def __init__(self, path: Location) -> None:
+        self.location = str(path)
+        if self.location != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: we issue BEGIN IMMEDIATE/COMMIT ourselves. check_same_thread off
+        # so an actor may call from a worker thread; the lock serializes all access.
+        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._conn.row_factory = _dict_row
+        self._lock = threading.RLock()
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        # NORMAL may lose the last commits on power loss; FULL fsyncs the WAL at every commit,
+        # which is what "in the store before the client hears 202" needs.
+        self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("PRAGMA busy_timeout=5000")
+
+    @contextmanager
+    def transaction(self) -> Iterator[_SqliteTx]:
+        # IMMEDIATE takes the write lock up front, so read-then-write is atomic.
+        with self._lock:
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield _SqliteTx(self._conn)
+                self._conn.execute("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
+
+    @contextmanager
+    def autocommit(self) -> Iterator[_SqliteTx]:
+        with self._lock:
+            yield _SqliteTx(self._conn)
+
+    def schema_transaction(self) -> AbstractContextManager[_SqliteTx]:
+        return self.transaction()  # BEGIN IMMEDIATE already excludes every other writer
+
+    def pragma(self, name: str) -> Any:
+        """The value of ``PRAGMA name`` (tests check the durability settings)."""
+        with self._lock:
+            return next(iter(self._conn.execute(f"PRAGMA {name}").fetchone().values()))
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
