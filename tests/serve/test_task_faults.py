@@ -239,60 +239,52 @@ def wait_for_calls_in_flight(app: ServeApp, count: int = 15) -> None:
 # -- the tests --------------------------------------------------------------------------------
 
 
-@pytest.mark.timeout(SESSION_START_S + 200)
-def test_runner_replica_killed_mid_flight_loses_nothing_and_writes_once(
-    app: ServeApp, audit: Audit, record_property: Any
-) -> None:
+def kill_mid_flight(
+    app: ServeApp, audit: Audit, record_property: Any, deployment: str, name: str
+) -> tuple[list[str], list[str]]:
+    """Put 100 runs in flight against a slow upstream, kill ``deployment``'s replica while model
+    calls are out, and wait for every run to end; check exactly-once and report the recovery.
+    Returns the run ids and those that ran again."""
     app.upstream.configure(mode="slow", delay_s=1.5)
-    ids = submit_many(app.base_url, 100, "kill-runner-")
-    # Kill while many model calls are in flight (the runner holds their leases).
+    ids = submit_many(app.base_url, 100, f"{name}-")
     wait_for_calls_in_flight(app)
-    old_runner, killed_at = kill_replica(app, "TaskRunner")
-    replaced_at = wait_for_new_replica(app, "TaskRunner", old_runner, timeout=60)
+    old_replica, killed_at = kill_replica(app, deployment)
+    replaced_at = wait_for_new_replica(app, deployment, old_replica, timeout=60)
 
     runs = wait_all_terminal(app.base_url, ids, timeout=90)
     done_at = time.time()
     rerun = check_exactly_once(ids, runs, audit(ids))
     assert rerun, "the kill interrupted no run; nothing was tested"
-    # At-least-once model calls: every run called once, and some calls of the killed runner's runs
-    # happened again (not every re-run did: a run claimed but not yet calling out had made none).
-    assert app.upstream.stats()["calls"] > len(ids)
-    first_rerun_done = min(runs[i]["finished_at"] for i in rerun)
     report(
         record_property,
-        "runner_kill",
+        name,
         runs=len(ids),
         rerun=len(rerun),
         replica_replaced_s=replaced_at - killed_at,
-        first_rerun_done_s=first_rerun_done - killed_at,
+        first_rerun_done_s=min(runs[i]["finished_at"] for i in rerun) - killed_at,
         all_done_s=max(r["finished_at"] for r in runs.values()) - killed_at,
         observed_done_s=done_at - killed_at,
     )
+    return ids, rerun
+
+
+@pytest.mark.timeout(SESSION_START_S + 200)
+def test_runner_replica_killed_mid_flight_loses_nothing_and_writes_once(
+    app: ServeApp, audit: Audit, record_property: Any
+) -> None:
+    """The TaskRunner dies holding the leases of its runs: they expire and the runs run again."""
+    ids, _ = kill_mid_flight(app, audit, record_property, "TaskRunner", "runner_kill")
+    # At-least-once model calls: every run called once, and some calls of the killed runner's runs
+    # happened again (not every re-run did: a run claimed but not yet calling out had made none).
+    assert app.upstream.stats()["calls"] > len(ids)
 
 
 @pytest.mark.timeout(SESSION_START_S + 200)
 def test_model_worker_replica_killed_mid_call_requeues_its_runs(
     app: ServeApp, audit: Audit, record_property: Any
 ) -> None:
-    """The model's worker replica dies with the calls of 64 runs in flight: they run again."""
-    app.upstream.configure(mode="slow", delay_s=1.5)
-    ids = submit_many(app.base_url, 100, "kill-worker-")
-    wait_for_calls_in_flight(app)
-    old_worker, killed_at = kill_replica(app, "worker-fake")
-    replaced_at = wait_for_new_replica(app, "worker-fake", old_worker, timeout=60)
-
-    runs = wait_all_terminal(app.base_url, ids, timeout=90)
-    rerun = check_exactly_once(ids, runs, audit(ids))
-    assert rerun, "the kill interrupted no run; nothing was tested"
-    report(
-        record_property,
-        "worker_kill",
-        runs=len(ids),
-        rerun=len(rerun),
-        replica_replaced_s=replaced_at - killed_at,
-        first_rerun_done_s=min(runs[i]["finished_at"] for i in rerun) - killed_at,
-        all_done_s=max(r["finished_at"] for r in runs.values()) - killed_at,
-    )
+    """The model's worker replica dies with model calls in flight: their runs run again."""
+    kill_mid_flight(app, audit, record_property, "worker-fake", "worker_kill")
 
 
 @pytest.mark.timeout(SESSION_START_S + 200)
