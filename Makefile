@@ -20,14 +20,14 @@ test: $(VENV)/.installed-test lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check deployments jobs cluster tests
+	$(BIN)/ruff check deployments jobs cluster bench tests
 	$(BIN)/mypy
 
 unit: $(VENV)/.installed-test
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
 
 bench: $(VENV)/.installed-test
-	$(BIN)/python -m jobs.bench_gateway $(BENCH_ARGS)
+	$(BIN)/python -m bench.gateway $(BENCH_ARGS)
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -18,12 +18,12 @@ from ray.serve import Application
 
 from deployments.batch_service import BatchService
 from deployments.config import AppArgs, LlamaCppModel, ModelConfig, OpenAIModel, worker_deployment_name
-from deployments.gateway import Gateway
-from deployments.limiter import RateLimiter
-from deployments.runner import TaskRunner
-from deployments.store_actor import TaskStoreService
-from deployments.taskdefs import load_task_definitions, validate_models
-from deployments.worker import ModelWorker
+from deployments.core.taskdefs import load_task_definitions, validate_models
+from deployments.gateway.ingress import Gateway
+from deployments.model_worker import ModelWorker
+from deployments.rate_limiter import RateLimiter
+from deployments.task_runner import TaskRunner
+from deployments.task_store import TaskStoreService
 
 GATEWAY_DEPLOYMENT = "Gateway"
 STORE_DEPLOYMENT = "TaskStore"

@@ -3,7 +3,7 @@
 Serves: the Gateway's Files and Batches routes (``batch_routes``), through a handle.
 Calls: the Ray Jobs API (``JobSubmissionClient``): a batch is a Ray job running ``jobs.batch``,
 visible in the dashboard's Jobs tab with the batch id in its metadata.
-Owns: ``deployments.batchstore.BatchStore`` — a directory under ``tasks.state_dir`` on the
+Owns: ``deployments.store.batches.BatchStore`` — a directory under ``tasks.state_dir`` on the
 node of this replica (pin it to the head node in serve.yaml, like the TaskStore). Each batch
 job is pinned to this same node (a node-id label selector), because it reads the input file
 and writes its output and progress files there directly.
@@ -14,7 +14,7 @@ files of the batch's owner. A batch whose job vanished (the cluster restarted) i
 and resumes from its output.
 
 Disk and Jobs API calls (blocking HTTP) run on one dedicated thread, in order. Expected errors
-come back as values (``PromptfleetError``), not raised, as in ``deployments.worker``.
+come back as values (``PromptfleetError``), not raised, as in ``deployments.model_worker``.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from deployments.batchstore import BatchRecord, BatchStore, JobState, advance
 from deployments.config import TasksConfig
 from deployments.errors import Conflict, PromptfleetError
 from deployments.schemas import BatchCreate, BatchList, BatchView, FileList, FileView
+from deployments.store.batches import BatchRecord, BatchStore, JobState, advance
 
 logger = logging.getLogger("ray.serve")
 T = TypeVar("T")

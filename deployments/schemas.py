@@ -232,7 +232,7 @@ class UsageList(_Ours):
 
 # -- batches -------------------------------------------------------------------------------
 # JSONL lines of a batch (what `jobs.batch` reads and writes), and the OpenAI Files and Batches
-# API bodies (`deployments.batch_routes`). Output lines and views follow the OpenAI shapes, so
+# API bodies (`deployments.gateway.batch_routes`). Output lines and views follow the OpenAI shapes, so
 # the openai client parses them unchanged.
 
 BATCH_CHAT_URL = "/v1/chat/completions"

@@ -49,8 +49,8 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 from deployments.config import worker_deployment_name
+from deployments.core.retry import BackoffPolicy
 from deployments.errors import Overloaded, PromptfleetError, RateLimited
-from deployments.providers.retry import BackoffPolicy
 from deployments.schemas import BatchChatLine, BatchTaskLine
 from jobs.batchlines import (
     BatchItem,

@@ -28,8 +28,8 @@ import pytest
 import yaml
 
 from cluster import local
-from jobs.fake_upstream import FakeUpstream
 from tests.cluster_process import alive, descendants
+from tests.fakes.upstream import FakeUpstream
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -22,10 +22,10 @@ from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
-from deployments.budget_client import BudgetClient
+from deployments.core.booking import BudgetClient
+from deployments.core.limits import CircuitBreaker
 from deployments.errors import CircuitOpen, UpstreamRateLimited
-from deployments.limiter import Budget
-from deployments.limits import CircuitBreaker
+from deployments.rate_limiter import Budget
 
 logger = logging.getLogger("ray.serve")
 

@@ -25,6 +25,7 @@ import openai
 from openai import AsyncOpenAI, AsyncStream, DefaultAioHttpClient
 
 from deployments.config import OpenAIModel
+from deployments.core.retry import BackoffPolicy, parse_retry_after
 from deployments.errors import (
     InvalidRequest,
     PromptfleetError,
@@ -33,7 +34,6 @@ from deployments.errors import (
     UpstreamTimeout,
 )
 from deployments.providers.admission import UpstreamGuard, estimate_tokens
-from deployments.providers.retry import BackoffPolicy, parse_retry_after
 
 # openai >= 3 runs on httpx2 (the successor of httpx, same API): clients, timeouts and the
 # transport errors we translate all come from it.

@@ -6,7 +6,7 @@
     sqlite.py     SQLite backend (one file, WAL, synchronous=FULL)
     postgres.py   PostgreSQL backend (psycopg 3 pool; imported only when a URL asks for it)
 
-``deployments.keystore.KeyStore`` (API keys, usage) sits on the same ``Database``.
+``deployments.store.keys.KeyStore`` (API keys, usage) sits on the same ``Database``.
 """
 
 from deployments.store.database import Database, Location, open_database

@@ -17,8 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from deployments.core.runstate import TERMINAL, RunStatus
 from deployments.errors import InvalidRequest, RunNotFound
-from deployments.runstate import TERMINAL, RunStatus
 
 __all__ = [
     "COLUMNS",

@@ -25,8 +25,8 @@ import hashlib
 import secrets
 from typing import Any
 
+from deployments.core.runstate import RunEvent, RunState, RunStatus, transition
 from deployments.errors import Conflict, InvalidRequest
-from deployments.runstate import RunEvent, RunState, RunStatus, transition
 from deployments.store.database import Database, DatabaseBacked, Dialect, Location, Tx
 from deployments.store.records import (
     COLUMNS,

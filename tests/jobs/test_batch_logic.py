@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from deployments.batchstore import MAX_JOB_STARTS, BatchStore, JobState, advance
 from deployments.errors import InvalidRequest, NotFound, RateLimited, RequestTooLarge, UpstreamError
 from deployments.schemas import BatchChatLine, BatchProgress, BatchTaskLine
+from deployments.store.batches import MAX_JOB_STARTS, BatchStore, JobState, advance
 from jobs import batch
 from jobs.batchlines import LineError, parse_line
 

@@ -9,7 +9,7 @@ import time
 import openai
 import pytest
 
-from deployments.limits import window_capacity
+from deployments.core.limits import window_capacity
 from tests.fixtures import LIMITED_RPM, ServeApp
 
 pytestmark = pytest.mark.serve

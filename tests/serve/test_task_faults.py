@@ -35,8 +35,8 @@ import httpx
 import pytest
 import yaml
 
-from jobs.fake_upstream import FakeUpstream
 from tests.cluster_process import ClusterProcess
+from tests.fakes.upstream import FakeUpstream
 from tests.fixtures import TEST_TASKS, ServeApp, free_port, make_config
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from deployments.budget_client import RETRY_INTERVAL_S, BudgetClient
+from deployments.core.booking import RETRY_INTERVAL_S, BudgetClient
+from deployments.core.limits import window_capacity
 from deployments.errors import Overloaded
-from deployments.limiter import Budget, RateLimiter
-from deployments.limits import window_capacity
+from deployments.rate_limiter import Budget, RateLimiter
 
 
 class CountingLimiter:

@@ -12,7 +12,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from deployments.app import DEPLOYMENT_NAMES
 from deployments.config import DATABASE_URL_ENV, AppArgs, OpenAIModel, TasksConfig, worker_deployment_name
-from deployments.taskdefs import load_task_definitions, validate_models
+from deployments.core.taskdefs import load_task_definitions, validate_models
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 

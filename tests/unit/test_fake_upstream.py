@@ -22,9 +22,9 @@ import openai
 import pydantic
 import pytest
 
-from jobs import loadtest
-from jobs.fake_upstream import FakeUpstream, minimal_instance
-from jobs.loadtest import run_load
+from bench import loadtest
+from bench.loadtest import run_load
+from tests.fakes.upstream import FakeUpstream, minimal_instance
 
 REPO = Path(__file__).resolve().parents[2]
 HELLO = [{"role": "user", "content": "hello"}]
@@ -353,7 +353,7 @@ def test_loadtest_main_compares_and_prints_json(
 
 
 def test_fake_upstream_program_prints_url_and_stops_on_sigterm() -> None:
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.fake_upstream", "--port", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "tests.fakes.upstream", "--port", "0"],
                             cwd=REPO, stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONWARNINGS": "error"})
     try:

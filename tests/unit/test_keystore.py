@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from deployments.errors import InvalidRequest, NotFound
-from deployments.keystore import KeyStore, hash_key
 from deployments.store import TaskStore, open_database
+from deployments.store.keys import KeyStore, hash_key
 
 
 @pytest.fixture

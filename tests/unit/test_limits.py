@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deployments.limiter import Budget, RateLimiterCore, WaitTooLong
-from deployments.limits import BreakerState, CircuitBreaker, Pacer, window_capacity
+from deployments.core.limits import BreakerState, CircuitBreaker, Pacer, window_capacity
+from deployments.rate_limiter import Budget, RateLimiterCore, WaitTooLong
 
 
 def most_in_window(starts: list[float], window: float) -> int:

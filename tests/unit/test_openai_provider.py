@@ -13,8 +13,8 @@ import pytest
 
 from deployments import errors
 from deployments.config import OpenAIModel
+from deployments.core.retry import BackoffPolicy
 from deployments.providers.openai_compat import OpenAIProvider
-from deployments.providers.retry import BackoffPolicy
 
 Handler = Callable[[httpx2.Request], httpx2.Response]
 OK = {"id": "x", "object": "chat.completion", "model": "up", "choices": [

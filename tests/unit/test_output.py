@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
+from deployments.core.output import OutputInvalid, RepairResult, parse_output, run_with_repair
 from deployments.errors import TaskFailed, UpstreamError
-from deployments.output import OutputInvalid, RepairResult, parse_output, run_with_repair
 
 SCHEMA: dict[str, Any] = {
     "type": "object",

@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
+from deployments.core.prompting import render_messages, response_format_for, validate_input
+from deployments.core.taskdefs import TaskDefinition, load_task_definitions
 from deployments.errors import InvalidRequest
-from deployments.prompting import render_messages, response_format_for, validate_input
-from deployments.taskdefs import TaskDefinition, load_task_definitions
 
 INPUT_SCHEMA: dict[str, Any] = {
     "type": "object",

@@ -5,7 +5,7 @@ import random
 from hypothesis import given
 from hypothesis import strategies as st
 
-from deployments.providers.retry import BackoffPolicy, parse_retry_after
+from deployments.core.retry import BackoffPolicy, parse_retry_after
 
 
 @given(attempt=st.integers(1, 30), seed=st.integers(0, 1000))

@@ -11,8 +11,8 @@ from ray.exceptions import ActorUnavailableError
 
 from deployments.config import TasksConfig
 from deployments.errors import Overloaded
-from deployments.runner import TRANSIENT, TaskExecutor, TaskRunner
 from deployments.store import RunRecord, TaskStore
+from deployments.task_runner import TRANSIENT, TaskExecutor, TaskRunner
 
 
 class _Method:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deployments.runstate import (
+from deployments.core.runstate import (
     TERMINAL,
     InvalidTransition,
     RunEvent,

@@ -20,8 +20,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
+from deployments.core.runstate import RunStatus
 from deployments.errors import Conflict, InvalidRequest, RunNotFound
-from deployments.runstate import RunStatus
 from deployments.store import RunRecord, TaskStore, open_database
 from deployments.store.records import encode_cursor
 from deployments.store.sqlite import SqliteDatabase

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from deployments.config import DATABASE_URL_ENV, TasksConfig
-from deployments.runstate import RunStatus
+from deployments.core.runstate import RunStatus
 from deployments.store.postgres import PostgresDatabase
 from deployments.store.sqlite import SqliteDatabase
-from deployments.store_actor import TaskStoreService
+from deployments.task_store import TaskStoreService
 from tests.postgres import PostgresServer
 
 

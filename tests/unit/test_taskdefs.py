@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import yaml
 
-from deployments.taskdefs import TaskConfigError, TaskDefinition, load_task_definitions, validate_models
+from deployments.core.taskdefs import TaskConfigError, TaskDefinition, load_task_definitions, validate_models
 
 VALID: dict[str, Any] = {
     "name": "classify",

@@ -1,10 +1,10 @@
 """The baseline promptfleet is measured against: one process, FastAPI + AsyncOpenAI, no Ray.
 
-    python -m jobs.baseline_proxy --upstream http://127.0.0.1:9100/v1 --port 9200
+    python -m bench.baseline_proxy --upstream http://127.0.0.1:9100/v1 --port 9200
 
 It forwards /v1/chat/completions to one upstream, the way a hand-written
 single-process gateway would (DESIGN.md's first row of the performance table).
-Not part of the product; used by ``jobs.bench_gateway``.
+Not part of the product; used by ``bench.gateway``.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def create_app(upstream: str) -> FastAPI:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.baseline_proxy", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.baseline_proxy", description=__doc__.splitlines()[0])
     parser.add_argument("--upstream", required=True, help="upstream base URL (…/v1)")
     parser.add_argument("--port", type=int, default=9200)
     args = parser.parse_args(argv)

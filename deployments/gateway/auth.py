@@ -28,12 +28,12 @@ from typing import Any
 from fastapi import Request
 from ray.serve.handle import DeploymentHandle
 
-from deployments.budget_client import BudgetClient
-from deployments.caller import ANONYMOUS, Caller
 from deployments.config import AuthConfig
+from deployments.core.booking import BudgetClient
 from deployments.errors import AuthenticationFailed, PermissionDenied, RateLimited
-from deployments.keystore import ApiKey, hash_key
-from deployments.limiter import Budget
+from deployments.gateway.caller import ANONYMOUS, Caller
+from deployments.rate_limiter import Budget
+from deployments.store.keys import ApiKey, hash_key
 
 logger = logging.getLogger("ray.serve")
 

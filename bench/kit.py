@@ -57,10 +57,10 @@ def child_process(module_args: list[str], ready_url: str) -> Iterator[None]:
 
 @contextlib.contextmanager
 def fake_upstream(latency_ms: float = 0) -> Iterator[str]:
-    """A ``jobs.fake_upstream`` server in a child process; yields its API base URL (…/v1)."""
+    """A ``tests.fakes.upstream`` server in a child process; yields its API base URL (…/v1)."""
     port = free_port()
     base = f"http://127.0.0.1:{port}/v1"
-    with child_process(["jobs.fake_upstream", "--port", str(port), "--latency-ms", str(latency_ms)],
+    with child_process(["tests.fakes.upstream", "--port", str(port), "--latency-ms", str(latency_ms)],
                        f"{base}/models"):
         yield base
 

@@ -27,8 +27,8 @@ from fastapi import APIRouter, Depends, File, Form, Path, Query, UploadFile
 from fastapi.responses import StreamingResponse
 from ray.serve.handle import DeploymentHandle
 
-from deployments.caller import Caller, get_caller
 from deployments.errors import PromptfleetError
+from deployments.gateway.caller import Caller, get_caller
 from deployments.schemas import BatchCreate, BatchList, BatchView, FileDeleted, FileList, FileView
 
 FILES_PATH = "/v1/files"  # the one route whose body may exceed gateway.max_body_bytes

@@ -25,7 +25,7 @@ from jsonschema.exceptions import ValidationError, best_match
 from deployments.errors import InvalidRequest
 
 if TYPE_CHECKING:  # taskdefs imports this module for template_environment(); avoid the cycle.
-    from deployments.taskdefs import TaskDefinition
+    from deployments.core.taskdefs import TaskDefinition
 
 __all__ = [
     "format_json_path",

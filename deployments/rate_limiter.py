@@ -14,7 +14,7 @@ are paced from the first one on, never burst past the limit. Callers whose
 bookings fail meanwhile retry against the new replica within their own deadline
 (they fail closed, never open).
 
-Cost: callers go through ``deployments.budget_client.BudgetClient``, which puts
+Cost: callers go through ``deployments.core.booking.BudgetClient``, which puts
 all of a replica's concurrent bookings into one call, answered at once (the
 waiting happens on the caller's side). Unlimited models never call it.
 """
@@ -25,7 +25,7 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-from deployments.limits import Pacer, window_capacity
+from deployments.core.limits import Pacer, window_capacity
 
 WATCH_TIMEOUT_S = 30.0
 

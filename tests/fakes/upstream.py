@@ -27,7 +27,7 @@ State: one :class:`_Control` (fault config + stats) per server, touched by the s
 and by the controlling thread, behind a lock that is never held across an ``await``.
 
 In-process: :class:`FakeUpstream` serves from a daemon thread (the uvicorn-in-a-thread pattern of
-encode/httpx's ``tests/conftest.py``). As a program: ``python -m jobs.fake_upstream --port 9100``.
+encode/httpx's ``tests/conftest.py``). As a program: ``python -m tests.fakes.upstream --port 9100``.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from typing import Any
 
 import uvicorn
 
-from jobs.fake_json import minimal_instance
+from tests.fakes.json_instances import minimal_instance
 
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -483,7 +483,7 @@ class FakeUpstream:
 
 def main(argv: list[str] | None = None) -> int:
     """Serve until SIGINT/SIGTERM; print the URL on one line once listening."""
-    parser = argparse.ArgumentParser(prog="python -m jobs.fake_upstream",
+    parser = argparse.ArgumentParser(prog="python -m tests.fakes.upstream",
                                      description="A fake OpenAI-compatible upstream.")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind (default: %(default)s)")

@@ -1,9 +1,9 @@
 """Benchmark: durable task runs — accepted/s, completed/s, and recovery after a TaskRunner kill.
 
-    python -m jobs.bench_tasks [--runs 2000] [--concurrency 32] [--latency-ms 0,500] [--repeat 2]
+    python -m bench.tasks [--runs 2000] [--concurrency 32] [--latency-ms 0,500] [--repeat 2]
                                [--kill-repeat 2] [--kill-runs 300] [--lease-s 15]
 
-Starts a fake OpenAI upstream (``jobs.fake_upstream``) as a subprocess and a private Ray
+Starts a fake OpenAI upstream (``tests.fakes.upstream``) as a subprocess and a private Ray
 cluster running ``configs/serve.yaml`` with one upstream model ``fake`` pointed at it, one task
 on that model (in a temporary definitions dir) and a temporary ``state_dir``; everything else
 (replicas, ``runner_concurrency``, the lease unless ``--lease-s`` is given) is the shipped config.
@@ -42,7 +42,7 @@ import aiohttp
 import httpx
 import yaml
 
-from jobs.benchkit import REPO, BenchCluster, fake_model, fake_upstream, private_cluster
+from bench.kit import REPO, BenchCluster, fake_model, fake_upstream, private_cluster
 
 APP = "promptfleet"
 TASK = "bench_label"
@@ -199,7 +199,7 @@ def _latency_list(text: str) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.bench_tasks", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.tasks", description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=2000, help="runs per measurement (default: %(default)s)")
     parser.add_argument("--concurrency", type=int, default=32, help="concurrent submitters (default: %(default)s)")
     parser.add_argument("--latency-ms", type=_latency_list, default=[0.0, 500.0],

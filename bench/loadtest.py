@@ -7,7 +7,7 @@ been fully read. Only requests that *finish* inside the measurement window (afte
 After the window, in-flight requests get ``grace`` seconds to finish (so the next run starts on an
 idle server) and are then cancelled: a run always ends within warmup + duration + grace seconds.
 
-    python -m jobs.loadtest --url http://127.0.0.1:8000/v1 --model fake-model \\
+    python -m bench.loadtest --url http://127.0.0.1:8000/v1 --model fake-model \\
         --concurrency 16,64,256 --duration 15 --repeat 2 --compare-url http://127.0.0.1:9100/v1
 
 With ``--compare-url`` the same load runs against a second base URL, interleaved (A then B at
@@ -199,7 +199,7 @@ def _concurrency_list(text: str) -> list[int]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m jobs.loadtest",
+    parser = argparse.ArgumentParser(prog="python -m bench.loadtest",
                                      description="Closed-loop load on /chat/completions.")
     parser.add_argument("--url", required=True,
                         help="OpenAI base URL (A), e.g. http://127.0.0.1:8000/v1")

@@ -26,17 +26,17 @@ from fastapi.responses import JSONResponse
 from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from deployments.admin_routes import build_admin_router
-from deployments.auth import Authenticator
-from deployments.batch_routes import FILES_PATH, build_batch_router
-from deployments.batchstore import MAX_FILE_BYTES
-from deployments.chat_routes import ChatRoutes
 from deployments.config import AppArgs
+from deployments.core.taskdefs import TaskDefinition
 from deployments.errors import InvalidRequest, PromptfleetError, RequestTooLarge
-from deployments.listener import Listener
+from deployments.gateway.admin_routes import build_admin_router
+from deployments.gateway.auth import Authenticator
+from deployments.gateway.batch_routes import FILES_PATH, build_batch_router
+from deployments.gateway.chat_routes import ChatRoutes
+from deployments.gateway.listener import Listener
+from deployments.gateway.task_routes import build_task_router
 from deployments.schemas import Health
-from deployments.task_routes import build_task_router
-from deployments.taskdefs import TaskDefinition
+from deployments.store.batches import MAX_FILE_BYTES
 
 logger = logging.getLogger("ray.serve")
 

@@ -23,13 +23,13 @@ from fastapi.responses import JSONResponse
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from deployments.auth import Authenticator
-from deployments.caller import Caller, get_caller
+from deployments.core.taskdefs import TaskDefinition
 from deployments.errors import InvalidRequest, Overloaded, PromptfleetError
-from deployments.runner import check_input
+from deployments.gateway.auth import Authenticator
+from deployments.gateway.caller import Caller, get_caller
 from deployments.schemas import RunList, RunView, TaskInfo, TaskList, TaskResult, TaskRunRequest
 from deployments.store import RunRecord
-from deployments.taskdefs import TaskDefinition
+from deployments.task_runner import check_input
 
 MAX_WAIT_S = 60.0
 

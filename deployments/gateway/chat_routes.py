@@ -22,8 +22,6 @@ from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 
-from deployments.auth import Authenticator
-from deployments.caller import Caller, get_caller
 from deployments.config import ModelConfig
 from deployments.errors import (
     ModelNotFound,
@@ -33,6 +31,8 @@ from deployments.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from deployments.gateway.auth import Authenticator
+from deployments.gateway.caller import Caller, get_caller
 from deployments.providers.admission import estimate_tokens
 from deployments.schemas import ChatCompletionRequest, ModelCard, ModelList
 

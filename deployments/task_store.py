@@ -3,7 +3,7 @@
 Serves: the Gateway (create, get, long-poll, list, cancel runs) and the TaskRunner
 replicas (claim under a lease, renew, complete, fail, release), through handles.
 Calls: nothing but its database.
-Owns: ``deployments.store.TaskStore`` and ``deployments.keystore.KeyStore`` (API keys,
+Owns: ``deployments.store.TaskStore`` and ``deployments.store.keys.KeyStore`` (API keys,
 usage), on one ``Database`` chosen by ``TasksConfig.store_location``: by default a
 SQLite file under ``tasks.state_dir`` on the node this replica runs on (pin it to the
 head node in serve.yaml so a restarted replica finds its file again); with
@@ -27,8 +27,8 @@ from typing import Any, TypeVar
 
 from deployments.config import TasksConfig
 from deployments.errors import Overloaded
-from deployments.keystore import ApiKey, KeyStore
 from deployments.store import RunRecord, TaskStore, open_database
+from deployments.store.keys import ApiKey, KeyStore
 
 logger = logging.getLogger("ray.serve")
 T = TypeVar("T")

@@ -1,9 +1,9 @@
 """Benchmark: chat completions through promptfleet vs. a single-process gateway vs. the upstream itself.
 
-    python -m jobs.bench_gateway [--concurrency 16,64,256] [--duration 15] [--repeat 2] [--latency-ms 0]
+    python -m bench.gateway [--concurrency 16,64,256] [--duration 15] [--repeat 2] [--latency-ms 0]
 
-Starts a fake OpenAI upstream (``jobs.fake_upstream``) and the no-Ray baseline
-(``jobs.baseline_proxy``) as subprocesses, a private Ray cluster running
+Starts a fake OpenAI upstream (``tests.fakes.upstream``) and the no-Ray baseline
+(``bench.baseline_proxy``) as subprocesses, a private Ray cluster running
 ``configs/serve.yaml`` with one upstream model ``fake`` pointed at the fake
 upstream, then drives closed-loop load at each concurrency against all three,
 interleaved (target A, B, C at each level, ``--repeat`` times) so a noisy
@@ -23,8 +23,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from jobs.benchkit import child_process, fake_model, fake_upstream, free_port, private_cluster
-from jobs.loadtest import LoadResult, run_load
+from bench.kit import child_process, fake_model, fake_upstream, free_port, private_cluster
+from bench.loadtest import LoadResult, run_load
 
 
 def _measure(url: str, model: str, concurrency: int, duration: float) -> LoadResult:
@@ -42,7 +42,7 @@ def _percentiles(results: list[LoadResult]) -> tuple[float, float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.bench_gateway", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.gateway", description=__doc__.splitlines()[0])
     parser.add_argument("--concurrency", default="16,64,256", help="comma-separated levels (default: %(default)s)")
     parser.add_argument("--duration", type=float, default=15, help="seconds per run (default: %(default)s)")
     parser.add_argument("--repeat", type=int, default=2, help="runs per level and target (default: %(default)s)")
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         baseline_port = free_port()
         baseline_url = f"http://127.0.0.1:{baseline_port}/v1"
         stack.enter_context(child_process(
-            ["jobs.baseline_proxy", "--upstream", upstream_base, "--port", str(baseline_port)],
+            ["bench.baseline_proxy", "--upstream", upstream_base, "--port", str(baseline_port)],
             f"http://127.0.0.1:{baseline_port}/docs"))
 
         model = args.model

@@ -22,7 +22,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
-from deployments.prompting import format_json_path, template_environment
+from deployments.core.prompting import format_json_path, template_environment
 
 __all__ = ["TaskConfigError", "TaskDefinition", "load_task_definitions", "validate_models"]
 

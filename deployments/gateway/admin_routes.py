@@ -15,10 +15,10 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path
 from ray.serve.handle import DeploymentHandle
 
-from deployments.auth import Authenticator, require_admin
-from deployments.caller import Caller, get_caller
-from deployments.keystore import ApiKey
+from deployments.gateway.auth import Authenticator, require_admin
+from deployments.gateway.caller import Caller, get_caller
 from deployments.schemas import KeyCreate, KeyCreated, KeyList, KeyView, UsageList, UsageRow
+from deployments.store.keys import ApiKey
 
 
 def key_view(key: ApiKey) -> KeyView:

@@ -12,7 +12,7 @@ model calls; the store accepts one result per run, from the current lease).
 Executing a task: validate the input, render the messages, ask the model for
 JSON matching ``output_schema`` (json_schema response_format — a grammar on
 llama.cpp), validate, and feed validation errors back for another try, up to
-the task's ``max_attempts`` (``deployments.output.run_with_repair``).
+the task's ``max_attempts`` (``deployments.core.output.run_with_repair``).
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from deployments.config import TasksConfig
+from deployments.core.output import run_with_repair
+from deployments.core.prompting import render_messages, response_format_for, validate_input
+from deployments.core.retry import BackoffPolicy
+from deployments.core.taskdefs import TaskDefinition
 from deployments.errors import (
     InvalidRequest,
     Overloaded,
@@ -37,11 +41,7 @@ from deployments.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from deployments.output import run_with_repair
-from deployments.prompting import render_messages, response_format_for, validate_input
-from deployments.providers.retry import BackoffPolicy
 from deployments.store import RunRecord
-from deployments.taskdefs import TaskDefinition
 
 logger = logging.getLogger("ray.serve")
 

@@ -1,8 +1,8 @@
 """Benchmark: a batch of chat lines through promptfleet against a slow, rate-limited upstream.
 
-    python -m jobs.bench_batch [--lines 10000] [--latency-ms 500] [--rpm 3000] [--concurrency 128]
+    python -m bench.batch [--lines 10000] [--latency-ms 500] [--rpm 3000] [--concurrency 128]
 
-Starts the fake OpenAI upstream (``jobs.fake_upstream``, a subprocess) answering after
+Starts the fake OpenAI upstream (``tests.fakes.upstream``, a subprocess) answering after
 ``--latency-ms``, and a private Ray cluster running ``configs/serve.yaml`` with one upstream model
 ``fake`` (``rpm`` set on it when ``--rpm`` > 0; that limit is shared by every replica through the
 RateLimiter). Then runs ``jobs.batch`` in this process (the driver of a ``ray job submit`` does the
@@ -26,12 +26,12 @@ from pathlib import Path
 
 import httpx
 
+from bench.kit import fake_model, fake_upstream, private_cluster
 from jobs import batch
-from jobs.benchkit import fake_model, fake_upstream, private_cluster
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.bench_batch", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m bench.batch", description=__doc__.split("\n")[0])
     parser.add_argument("--lines", type=int, default=10_000, help="lines in the batch (default: %(default)s)")
     parser.add_argument("--latency-ms", type=float, default=500, help="upstream latency (default: %(default)s)")
     parser.add_argument("--rpm", type=int, default=3000, help="upstream requests/minute limit; 0: none "

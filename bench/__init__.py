@@ -1,0 +1,1 @@
+"""Benchmarks against peers (run from a checkout: `python -m bench.gateway`; not installed)."""

@@ -1,0 +1,1 @@
+"""The Gateway's HTTP layer: ingress, routes, authentication, the own listener."""

@@ -1,0 +1,1 @@
+"""Real fakes for tests and benchmarks: an OpenAI-compatible upstream that injects faults."""
