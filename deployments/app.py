@@ -16,23 +16,15 @@ from typing import Any
 from ray import serve
 from ray.serve import Application
 
+from deployments import names
 from deployments.batch_service import BatchService
-from deployments.config import AppArgs, LlamaCppModel, ModelConfig, OpenAIModel, worker_deployment_name
+from deployments.config import AppArgs, LlamaCppModel, ModelConfig, OpenAIModel
 from deployments.core.taskdefs import load_task_definitions, validate_models
 from deployments.gateway.ingress import Gateway
 from deployments.model_worker import ModelWorker
 from deployments.rate_limiter import RateLimiter
 from deployments.task_runner import TaskRunner
-from deployments.task_store import TaskStoreService
-
-GATEWAY_DEPLOYMENT = "Gateway"
-STORE_DEPLOYMENT = "TaskStore"
-RUNNER_DEPLOYMENT = "TaskRunner"
-LIMITER_DEPLOYMENT = "RateLimiter"
-BATCHES_DEPLOYMENT = "BatchService"
-DEPLOYMENT_NAMES = (
-    GATEWAY_DEPLOYMENT, STORE_DEPLOYMENT, RUNNER_DEPLOYMENT, LIMITER_DEPLOYMENT, BATCHES_DEPLOYMENT
-)
+from deployments.task_store import TaskStore
 
 
 def worker_defaults(model: ModelConfig) -> dict[str, Any]:
@@ -59,31 +51,31 @@ def build_app(args: AppArgs) -> Application:
     limiter = (
         serve.deployment(RateLimiter)
         # Budgets live in one place; waiting acquires and pause watchers each hold a request slot.
-        .options(name=LIMITER_DEPLOYMENT, num_replicas=1, max_ongoing_requests=100_000)
+        .options(name=names.RATE_LIMITER, num_replicas=1, max_ongoing_requests=100_000)
         .bind()
     )
     workers = {
         model.name: serve.deployment(ModelWorker)
-        .options(name=worker_deployment_name(model.name), **worker_defaults(model))
+        .options(name=names.worker(model.name), **worker_defaults(model))
         .bind(model, limiter if isinstance(model, OpenAIModel) else None)
         for model in args.models
     }
     store = (
-        serve.deployment(TaskStoreService)
+        serve.deployment(TaskStore)
         # One owner of the SQLite file, ever: never two replicas, even during a rolling update.
-        .options(name=STORE_DEPLOYMENT, num_replicas=1, max_ongoing_requests=10000)
+        .options(name=names.TASK_STORE, num_replicas=1, max_ongoing_requests=10000)
         .bind(args.tasks)
     )
     runner = (
         serve.deployment(TaskRunner)
-        .options(name=RUNNER_DEPLOYMENT, max_ongoing_requests=1000)
+        .options(name=names.TASK_RUNNER, max_ongoing_requests=1000)
         .bind(tasks, workers, store, args.tasks)
     )
     batches = (
         serve.deployment(BatchService)
         # One owner of the batch directory, like the TaskStore.
-        .options(name=BATCHES_DEPLOYMENT, num_replicas=1, max_ongoing_requests=1000)
+        .options(name=names.BATCH_SERVICE, num_replicas=1, max_ongoing_requests=1000)
         .bind(args.tasks)
     )
-    gateway = serve.deployment(serve.ingress()(Gateway)).options(name=GATEWAY_DEPLOYMENT)
+    gateway = serve.deployment(serve.ingress()(Gateway)).options(name=names.GATEWAY)
     return gateway.bind(args, workers, tasks, store, runner, limiter, batches)

@@ -23,78 +23,10 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
 
-from deployments.core.limits import Pacer, window_capacity
+from deployments.core.limits import Budget, RateLimiterCore, WaitTooLong
 
 WATCH_TIMEOUT_S = 30.0
-
-
-@dataclass(frozen=True)
-class Budget:
-    """Limits of one budget; either may be None (unlimited)."""
-
-    rpm: int | None = None
-    tpm: int | None = None
-
-
-class RateLimiterCore:
-    """The limiter's logic on an injectable clock (the deployment is a thin async shell)."""
-
-    def __init__(self) -> None:
-        self.pacers: dict[tuple[str, str], Pacer] = {}
-        self.paused_until: dict[str, float] = {}
-
-    def _pacer(self, name: str, unit: str, per_minute: int, now: float) -> Pacer:
-        pacer = self.pacers.get((name, unit))
-        rate = per_minute / 60.0
-        if pacer is None or pacer.rate != rate:
-            # New budget, or its limit changed: start empty (never a burst).
-            pacer = Pacer(rate, window_capacity(per_minute), now)
-            pacer.pause(self.paused_until.get(name, 0.0))
-            self.pacers[(name, unit)] = pacer
-        return pacer
-
-    def reserve(self, name: str, budget: Budget, requests: int, tokens: int, now: float, max_wait_s: float) -> float:
-        """Book the call; return its start time, or raise ``WaitTooLong`` (nothing booked) if > max_wait."""
-        booked: list[tuple[Pacer, float]] = []
-        start = max(now, self.paused_until.get(name, 0.0))
-        units: tuple[tuple[str, int | None, float], ...] = (
-            ("requests", budget.rpm, requests),
-            ("tokens", budget.tpm, tokens),
-        )
-        for unit, limit, amount in units:
-            if limit is None or amount <= 0:
-                continue
-            pacer = self._pacer(name, unit, limit, now)
-            start = max(start, pacer.reserve(amount, now))
-            booked.append((pacer, amount))
-        if start - now > max_wait_s:
-            for pacer, amount in booked:
-                pacer.unreserve(amount)
-            raise WaitTooLong(start - now)
-        return start
-
-    def settle(self, name: str, token_delta: int, now: float) -> None:
-        pacer = self.pacers.get((name, "tokens"))
-        if pacer is not None and token_delta:
-            pacer.settle(token_delta, now)
-
-    def pause(self, name: str, until: float) -> bool:
-        """Returns True if this extends the pause (so watchers must be told)."""
-        if until <= self.paused_until.get(name, 0.0):
-            return False
-        self.paused_until[name] = until
-        for (budget_name, _), pacer in self.pacers.items():
-            if budget_name == name:
-                pacer.pause(until)
-        return True
-
-
-class WaitTooLong(Exception):
-    def __init__(self, wait_s: float) -> None:
-        super().__init__(wait_s)
-        self.wait_s = wait_s
 
 
 class RateLimiter:

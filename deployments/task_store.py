@@ -1,9 +1,9 @@
-"""TaskStoreService: the one owner of the durable run records (a single-replica Serve deployment).
+"""TaskStore: the one owner of the durable run records (a single-replica Serve deployment).
 
 Serves: the Gateway (create, get, long-poll, list, cancel runs) and the TaskRunner
 replicas (claim under a lease, renew, complete, fail, release), through handles.
 Calls: nothing but its database.
-Owns: ``deployments.store.TaskStore`` and ``deployments.store.keys.KeyStore`` (API keys,
+Owns: ``deployments.store.RunStore`` and ``deployments.store.keys.KeyStore`` (API keys,
 usage), on one ``Database`` chosen by ``TasksConfig.store_location``: by default a
 SQLite file under ``tasks.state_dir`` on the node this replica runs on (pin it to the
 head node in serve.yaml so a restarted replica finds its file again); with
@@ -27,19 +27,19 @@ from typing import Any, TypeVar
 
 from deployments.config import TasksConfig
 from deployments.errors import Overloaded
-from deployments.store import RunRecord, TaskStore, open_database
+from deployments.store import RunRecord, RunStore, open_database
 from deployments.store.keys import ApiKey, KeyStore
 
 logger = logging.getLogger("ray.serve")
 T = TypeVar("T")
 
 
-class TaskStoreService:
-    def __init__(self, config: TasksConfig, store: TaskStore | None = None) -> None:
+class TaskStore:
+    def __init__(self, config: TasksConfig, store: RunStore | None = None) -> None:
         self.config = config
         # The replica's environment is where a database URL with a password may come from.
         self.database = open_database(config.store_location(os.environ))
-        self.store = store or TaskStore(self.database, max_attempts_total=config.max_run_starts)
+        self.store = store or RunStore(self.database, max_attempts_total=config.max_run_starts)
         self.keys = KeyStore(self.database)
         self.db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskstore")
         self.work_available = asyncio.Event()

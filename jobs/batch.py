@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from deployments.config import worker_deployment_name
+from deployments import names
 from deployments.core.retry import BackoffPolicy
 from deployments.errors import Overloaded, PromptfleetError, RateLimited
 from deployments.schemas import BatchChatLine, BatchTaskLine
@@ -69,7 +69,6 @@ from jobs.batchlines import (
 
 logger = logging.getLogger("promptfleet.batch")
 
-RUNNER_DEPLOYMENT = "TaskRunner"  # deployments.app.RUNNER_DEPLOYMENT (not imported: it pulls in FastAPI)
 RETRYABLE = (RateLimited, Overloaded)
 MAX_RETRY_WAIT_S = 60.0
 # 1 is what Python exits with on an uncaught exception; a setup error has a code of its own.
@@ -117,13 +116,13 @@ class ServeBackend:
         return self.handles[deployment]
 
     def has_model(self, model: str) -> bool:
-        return worker_deployment_name(model) in self.deployments
+        return names.worker(model) in self.deployments
 
     async def chat(self, model: str, body: dict[str, Any]) -> Result:
-        return await self._call(lambda: self._handle(worker_deployment_name(model)).chat.remote(body))
+        return await self._call(lambda: self._handle(names.worker(model)).chat.remote(body))
 
     async def run_task(self, task: str, task_input: dict[str, Any]) -> Result:
-        return await self._call(lambda: self._handle(RUNNER_DEPLOYMENT).run.remote(task, task_input))
+        return await self._call(lambda: self._handle(names.TASK_RUNNER).run.remote(task, task_input))
 
     @staticmethod
     async def _call(send: Callable[[], Any]) -> Result:

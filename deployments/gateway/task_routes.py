@@ -25,11 +25,11 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.core.taskdefs import TaskDefinition
 from deployments.errors import InvalidRequest, Overloaded, PromptfleetError
-from deployments.gateway.auth import Authenticator
 from deployments.gateway.caller import Caller, get_caller
+from deployments.gateway.metering import Meter
 from deployments.schemas import RunList, RunView, TaskInfo, TaskList, TaskResult, TaskRunRequest
 from deployments.store import RunRecord
-from deployments.task_runner import check_input
+from deployments.task_executor import check_input
 
 MAX_WAIT_S = 60.0
 
@@ -55,7 +55,7 @@ def task_cost(defn: TaskDefinition, task_input: dict[str, Any]) -> int:
 
 
 def build_task_router(
-    tasks: dict[str, TaskDefinition], store: DeploymentHandle, runner: DeploymentHandle, auth: Authenticator
+    tasks: dict[str, TaskDefinition], store: DeploymentHandle, runner: DeploymentHandle, meter: Meter
 ) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["tasks"])
     catalogue = TaskList(
@@ -80,14 +80,14 @@ def build_task_router(
     async def run_task(name: str, body: TaskRunRequest, caller: Annotated[Caller, Depends(get_caller)]) -> Any:
         defn = check_input(tasks, name, body.input)
         estimated = task_cost(defn, body.input)
-        await auth.admit(caller, estimated)
+        await meter.admit(caller, estimated)
         try:
             result = await runner.run.remote(name, body.input)
         except BackPressureError:
             raise Overloaded("The task runners are at capacity; retry shortly.", retry_after=1) from None
         if isinstance(result, PromptfleetError):
             raise result
-        auth.record(caller, result["model"], result["usage"], estimated)
+        meter.record(caller, result["model"], result["usage"], estimated)
         return result
 
     @router.post("/tasks/{name}/submit", status_code=202, response_model=RunView)
@@ -98,7 +98,7 @@ def build_task_router(
         idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
     ) -> JSONResponse:
         defn = check_input(tasks, name, body.input)
-        await auth.admit(caller, task_cost(defn, body.input))
+        await meter.admit(caller, task_cost(defn, body.input))
         run, created = await store.create_run.remote(name, body.input, caller.owner, idempotency_key)
         view = run_view(run)
         return JSONResponse(

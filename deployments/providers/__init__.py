@@ -42,10 +42,9 @@ def build_provider(
         path = config.model_path or embedded_model_path()
         return LlamaCppProvider(config, model_path=Path(path))
 
-    from deployments.core.limits import CircuitBreaker
+    from deployments.core.limits import Budget, CircuitBreaker
     from deployments.providers.admission import UpstreamGuard
     from deployments.providers.openai_compat import OpenAIProvider
-    from deployments.rate_limiter import Budget
 
     env = os.environ if environ is None else environ
     allowed = env.get("PROMPTFLEET_UPSTREAM_HOSTS")

@@ -23,9 +23,8 @@ from typing import Any
 from ray.serve.handle import DeploymentHandle
 
 from deployments.core.booking import BudgetClient
-from deployments.core.limits import CircuitBreaker
+from deployments.core.limits import Budget, CircuitBreaker
 from deployments.errors import CircuitOpen, UpstreamRateLimited
-from deployments.rate_limiter import Budget
 
 logger = logging.getLogger("ray.serve")
 

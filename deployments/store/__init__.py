@@ -1,7 +1,9 @@
-"""The durable store of runs (``TaskStore``), over SQLite by default or PostgreSQL by URL.
+"""The durable store of runs (``RunStore``, behind the TaskStore deployment), keys and batch files.
+
+Runs and keys live in SQLite by default or PostgreSQL by URL.
 
     records.py    RunRecord, its row mapping, cursors, input checks (pure; shared)
-    runs.py       TaskStore: the run queue's logic, written once against ``Database``
+    runs.py       RunStore: the run queue's logic, written once against ``Database``
     database.py   the ``Database`` seam, ``open_database(location)``, the stores' base class
     sqlite.py     SQLite backend (one file, WAL, synchronous=FULL)
     postgres.py   PostgreSQL backend (psycopg 3 pool; imported only when a URL asks for it)
@@ -11,6 +13,6 @@
 
 from deployments.store.database import Database, Location, open_database
 from deployments.store.records import RunRecord
-from deployments.store.runs import MAX_LIST_LIMIT, SCHEMA_VERSION, TaskStore
+from deployments.store.runs import MAX_LIST_LIMIT, SCHEMA_VERSION, RunStore
 
-__all__ = ["MAX_LIST_LIMIT", "SCHEMA_VERSION", "Database", "Location", "RunRecord", "TaskStore", "open_database"]
+__all__ = ["MAX_LIST_LIMIT", "SCHEMA_VERSION", "Database", "Location", "RunRecord", "RunStore", "open_database"]

@@ -1,6 +1,6 @@
-"""TaskStore: the durable record of async task runs, in SQLite (default) or PostgreSQL.
+"""RunStore: the durable record of async task runs, in SQLite (default) or PostgreSQL.
 
-Serves the TaskStore deployment (``store_actor.TaskStoreService``, a thin shell around this
+Serves the TaskStore deployment (``task_store.TaskStore``, a thin shell around this
 class). The Gateway creates, reads, lists and cancels runs through it; workers claim runs under
 a lease, renew the lease, and complete, fail or release them. Calls nothing; owns the ``runs``
 and ``schema_version`` tables of its ``Database``.
@@ -44,7 +44,7 @@ from deployments.store.records import (
     run_not_found,
 )
 
-__all__ = ["MAX_LIST_LIMIT", "SCHEMA_VERSION", "TaskStore"]
+__all__ = ["MAX_LIST_LIMIT", "SCHEMA_VERSION", "RunStore"]
 
 SCHEMA_VERSION = 1
 MAX_LIST_LIMIT = 1000
@@ -83,7 +83,7 @@ def schema(d: Dialect) -> list[str]:
     ]
 
 
-class TaskStore(DatabaseBacked):
+class RunStore(DatabaseBacked):
     """Durable run records in the database at ``location`` (a SQLite path or a PostgreSQL URL),
     or in a ``Database`` shared with the ``KeyStore``.
 

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 
 from deployments.core.booking import RETRY_INTERVAL_S, BudgetClient
-from deployments.core.limits import window_capacity
+from deployments.core.limits import Budget, window_capacity
 from deployments.errors import Overloaded
-from deployments.rate_limiter import Budget, RateLimiter
+from deployments.rate_limiter import RateLimiter
 
 
 class CountingLimiter:

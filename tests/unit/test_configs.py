@@ -10,8 +10,8 @@ import yaml
 from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
-from deployments.app import DEPLOYMENT_NAMES
-from deployments.config import DATABASE_URL_ENV, AppArgs, OpenAIModel, TasksConfig, worker_deployment_name
+from deployments import names
+from deployments.config import DATABASE_URL_ENV, AppArgs, OpenAIModel, TasksConfig
 from deployments.core.taskdefs import load_task_definitions, validate_models
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -40,9 +40,9 @@ def test_app_args_are_valid(serve_config: dict[str, Any]) -> None:
 def test_deployment_entries_name_real_deployments(serve_config: dict[str, Any]) -> None:
     for app in serve_config["applications"]:
         args = AppArgs.model_validate(app["args"])
-        names = set(DEPLOYMENT_NAMES) | {worker_deployment_name(m.name) for m in args.models}
+        known = set(names.ALL) | {names.worker(m.name) for m in args.models}
         listed = {d["name"] for d in app.get("deployments", [])}
-        assert listed <= names, f"unknown deployments in serve.yaml: {listed - names}"
+        assert listed <= known, f"unknown deployments in serve.yaml: {listed - known}"
 
 
 def test_task_definitions_are_valid_and_use_configured_models(serve_config: dict[str, Any]) -> None:

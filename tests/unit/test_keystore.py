@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from deployments.errors import InvalidRequest, NotFound
-from deployments.store import TaskStore, open_database
+from deployments.store import RunStore, open_database
 from deployments.store.keys import KeyStore, hash_key
 
 
@@ -90,7 +90,7 @@ def test_usage_accumulates_per_key_model_and_day(store: KeyStore) -> None:
 def test_key_store_shares_the_run_store_database(location: str) -> None:
     database = open_database(location)
     try:
-        runs, keys = TaskStore(database), KeyStore(database)
+        runs, keys = RunStore(database), KeyStore(database)
         key, _ = keys.create("k")
         runs.create_run(task="t", input={}, owner=key.id, idempotency_key=None, now=1)
         runs.close()  # a shared database stays open for the other store

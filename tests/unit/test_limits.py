@@ -9,8 +9,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deployments.core.limits import BreakerState, CircuitBreaker, Pacer, window_capacity
-from deployments.rate_limiter import Budget, RateLimiterCore, WaitTooLong
+from deployments.core.limits import (
+    BreakerState,
+    Budget,
+    CircuitBreaker,
+    Pacer,
+    RateLimiterCore,
+    WaitTooLong,
+    window_capacity,
+)
 
 
 def most_in_window(starts: list[float], window: float) -> int:

@@ -11,8 +11,9 @@ from ray.exceptions import ActorUnavailableError
 
 from deployments.config import TasksConfig
 from deployments.errors import Overloaded
-from deployments.store import RunRecord, TaskStore
-from deployments.task_runner import TRANSIENT, TaskExecutor, TaskRunner
+from deployments.store import RunRecord, RunStore
+from deployments.task_executor import TRANSIENT, TaskExecutor
+from deployments.task_runner import TaskRunner
 
 
 class _Method:
@@ -65,7 +66,7 @@ class _Runner(TaskRunner):
 
 
 def queued_run() -> RunRecord:
-    with TaskStore(":memory:") as store:
+    with RunStore(":memory:") as store:
         store.create_run(task="t", input={"text": "x"}, owner="alice", idempotency_key=None)
         (run,) = store.claim(worker_id="w", lease_s=30)
         return run
@@ -109,9 +110,9 @@ def test_a_worker_replica_dying_mid_call_is_transient_not_a_task_failure() -> No
 
 
 class StoreMethods:
-    """A real (in-memory SQLite) TaskStore behind the handle-method shape the runner calls."""
+    """A real (in-memory SQLite) RunStore behind the handle-method shape the runner calls."""
 
-    def __init__(self, store: TaskStore, lease_s: float) -> None:
+    def __init__(self, store: RunStore, lease_s: float) -> None:
         async def claim(worker_id: str, limit: int, wait_s: float) -> list[RunRecord]:
             runs = store.claim(worker_id=worker_id, lease_s=lease_s, limit=limit)
             if not runs:
@@ -131,7 +132,7 @@ def test_a_stopping_runner_hands_its_runs_back_at_once() -> None:
     """Serve stops the replica gracefully: its runs are queued again now, not after the lease."""
 
     async def scenario() -> None:
-        with TaskStore(":memory:") as store:
+        with RunStore(":memory:") as store:
             ids = [store.create_run(task="t", input={"i": i}, owner="alice", idempotency_key=None)[0].id
                    for i in range(3)]
             runner = object.__new__(_Runner)

@@ -1,4 +1,4 @@
-"""TaskStore: durability, idempotency, leases, first-completion-wins, owner scoping, paging.
+"""RunStore: durability, idempotency, leases, first-completion-wins, owner scoping, paging.
 
 Every test that takes ``store`` or ``open_store`` runs once per backend (SQLite, PostgreSQL;
 see ``fresh_location`` in conftest.py): the two must behave the same.
@@ -22,21 +22,21 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from deployments.core.runstate import RunStatus
 from deployments.errors import Conflict, InvalidRequest, RunNotFound
-from deployments.store import RunRecord, TaskStore, open_database
+from deployments.store import RunRecord, RunStore, open_database
 from deployments.store.records import encode_cursor
 from deployments.store.sqlite import SqliteDatabase
 
 LEASE = 30.0
-OpenStore = Callable[..., TaskStore]
+OpenStore = Callable[..., RunStore]
 
 
 @pytest.fixture
 def open_store(fresh_location: Callable[[], str]) -> Iterator[OpenStore]:
-    """Opens a TaskStore on a new database (or on ``location``, to reopen one); closes them all."""
-    stores: list[TaskStore] = []
+    """Opens a RunStore on a new database (or on ``location``, to reopen one); closes them all."""
+    stores: list[RunStore] = []
 
-    def open_(location: str | None = None, **kwargs: Any) -> TaskStore:
-        stores.append(TaskStore(location or fresh_location(), **kwargs))
+    def open_(location: str | None = None, **kwargs: Any) -> RunStore:
+        stores.append(RunStore(location or fresh_location(), **kwargs))
         return stores[-1]
 
     yield open_
@@ -45,12 +45,12 @@ def open_store(fresh_location: Callable[[], str]) -> Iterator[OpenStore]:
 
 
 @pytest.fixture
-def store(open_store: OpenStore) -> TaskStore:
+def store(open_store: OpenStore) -> RunStore:
     return open_store()
 
 
 def new_run(
-    store: TaskStore, n: int = 0, *, owner: str = "alice", now: float = 100.0, **kw: Any
+    store: RunStore, n: int = 0, *, owner: str = "alice", now: float = 100.0, **kw: Any
 ) -> RunRecord:
     run, created = store.create_run(
         task="classify", input={"text": f"t{n}"}, owner=owner, idempotency_key=kw.get("key"), now=now
@@ -59,12 +59,12 @@ def new_run(
     return run
 
 
-def claim_one(store: TaskStore, now: float, worker: str = "w1") -> RunRecord:
+def claim_one(store: RunStore, now: float, worker: str = "w1") -> RunRecord:
     (run,) = store.claim(worker_id=worker, lease_s=LEASE, now=now)
     return run
 
 
-def test_create_run_record(store: TaskStore) -> None:
+def test_create_run_record(store: RunStore) -> None:
     run = new_run(store, now=100.0)
     assert run.id.startswith("run_") and len(run.id) == 4 + 24
     assert int(run.id[4:], 16) >= 0
@@ -81,7 +81,7 @@ def test_create_run_record(store: TaskStore) -> None:
         run.status = RunStatus.RUNNING  # type: ignore[misc]
 
 
-def test_idempotency_same_body_returns_existing(store: TaskStore) -> None:
+def test_idempotency_same_body_returns_existing(store: RunStore) -> None:
     first, created = store.create_run(
         task="t", input={"a": 1, "b": 2}, owner="alice", idempotency_key="k", now=1
     )
@@ -94,7 +94,7 @@ def test_idempotency_same_body_returns_existing(store: TaskStore) -> None:
     assert store.count_queued() == 1
 
 
-def test_idempotency_different_body_conflicts(store: TaskStore) -> None:
+def test_idempotency_different_body_conflicts(store: RunStore) -> None:
     store.create_run(task="t", input={"a": 1}, owner="alice", idempotency_key="k", now=1)
     for task, body in [("t", {"a": 2}), ("other", {"a": 1})]:
         with pytest.raises(Conflict) as info:
@@ -102,20 +102,20 @@ def test_idempotency_different_body_conflicts(store: TaskStore) -> None:
         assert info.value.param == "Idempotency-Key" and info.value.status_code == 409
 
 
-def test_idempotency_is_scoped_per_owner(store: TaskStore) -> None:
+def test_idempotency_is_scoped_per_owner(store: RunStore) -> None:
     a, _ = store.create_run(task="t", input={"a": 1}, owner="alice", idempotency_key="k", now=1)
     b, created = store.create_run(task="t", input={"a": 2}, owner="bob", idempotency_key="k", now=1)
     assert created and a.id != b.id
 
 
-def test_non_json_input_is_invalid_request(store: TaskStore) -> None:
+def test_non_json_input_is_invalid_request(store: RunStore) -> None:
     with pytest.raises(InvalidRequest) as info:
         store.create_run(task="t", input={"x": float("nan")}, owner="a", idempotency_key=None, now=1)
     assert info.value.param == "input"
     assert store.count_queued() == 0
 
 
-def test_claim_is_fifo_and_sets_lease(store: TaskStore) -> None:
+def test_claim_is_fifo_and_sets_lease(store: RunStore) -> None:
     # Same created_at for all: order must still be creation order, not id order.
     ids = [new_run(store, n, now=100.0).id for n in range(5)]
     got = store.claim(worker_id="w1", lease_s=LEASE, now=110.0, limit=2)
@@ -129,14 +129,14 @@ def test_claim_is_fifo_and_sets_lease(store: TaskStore) -> None:
     assert store.count_queued() == 0
 
 
-def test_claim_rejects_bad_arguments(store: TaskStore) -> None:
+def test_claim_rejects_bad_arguments(store: RunStore) -> None:
     with pytest.raises(ValueError):
         store.claim(worker_id="w", lease_s=0, now=1)
     with pytest.raises(ValueError):
         store.claim(worker_id="w", lease_s=1, now=1, limit=0)
 
 
-def test_expired_lease_is_requeued_and_reclaimed_with_next_attempt(store: TaskStore) -> None:
+def test_expired_lease_is_requeued_and_reclaimed_with_next_attempt(store: RunStore) -> None:
     run = new_run(store)
     first = claim_one(store, now=100.0, worker="w1")
     assert store.claim(worker_id="w2", lease_s=LEASE, now=100.0 + LEASE - 0.001) == []  # not yet
@@ -162,7 +162,7 @@ def test_expired_lease_is_requeued_and_reclaimed_with_next_attempt(store: TaskSt
     assert done.lease_token is None and done.lease_expires_at is None
 
 
-def test_first_completion_wins(store: TaskStore) -> None:
+def test_first_completion_wins(store: RunStore) -> None:
     run = new_run(store)
     token = claim_one(store, now=100.0).lease_token
     assert token is not None
@@ -180,7 +180,7 @@ def test_first_completion_wins(store: TaskStore) -> None:
     )
 
 
-def test_unknown_run_or_token_writes_nothing(store: TaskStore) -> None:
+def test_unknown_run_or_token_writes_nothing(store: RunStore) -> None:
     assert not store.complete("run_nope", "t", result=1, usage={}, now=1)
     run = new_run(store)
     assert not store.complete(run.id, "not-a-token", result=1, usage={}, now=1)  # still queued
@@ -189,7 +189,7 @@ def test_unknown_run_or_token_writes_nothing(store: TaskStore) -> None:
     assert store.get(run.id, "alice").status is RunStatus.RUNNING
 
 
-def test_renew_extends_the_lease_even_after_expiry_if_not_reclaimed(store: TaskStore) -> None:
+def test_renew_extends_the_lease_even_after_expiry_if_not_reclaimed(store: RunStore) -> None:
     run = new_run(store)
     token = claim_one(store, now=100.0).lease_token
     assert token is not None
@@ -200,7 +200,7 @@ def test_renew_extends_the_lease_even_after_expiry_if_not_reclaimed(store: TaskS
     assert store.get(run.id, "alice").lease_expires_at == 190.0
 
 
-def test_fail_and_release(store: TaskStore) -> None:
+def test_fail_and_release(store: RunStore) -> None:
     a, b = new_run(store, 1), new_run(store, 2)
     ta, tb = (claim_one(store, now=100.0).lease_token for _ in range(2))
     assert ta is not None and tb is not None
@@ -237,7 +237,7 @@ def test_lease_expiry_beyond_max_attempts_fails_the_run(open_store: OpenStore) -
     assert (failed.attempt, failed.finished_at, failed.lease_token) == (2, 300.0, None)
 
 
-def test_cancel(store: TaskStore) -> None:
+def test_cancel(store: RunStore) -> None:
     done, running, queued = new_run(store, 1), new_run(store, 2), new_run(store, 3)
     token3 = claim_one(store, now=100.0).lease_token  # claims are FIFO: `done` first
     token = claim_one(store, now=100.0).lease_token
@@ -259,7 +259,7 @@ def test_cancel(store: TaskStore) -> None:
     assert store.cancel(queued.id, "alice", now=105.0) == c1  # idempotent
 
 
-def test_owner_scoping_hides_other_owners_runs(store: TaskStore) -> None:
+def test_owner_scoping_hides_other_owners_runs(store: RunStore) -> None:
     run = new_run(store, owner="alice")
     calls: list[Callable[[], RunRecord]] = [
         lambda: store.get(run.id, "bob"),
@@ -278,7 +278,7 @@ def test_owner_scoping_hides_other_owners_runs(store: TaskStore) -> None:
     assert store.list_runs("bob") == ([], None)
 
 
-def test_pagination_covers_every_row_exactly_once(store: TaskStore) -> None:
+def test_pagination_covers_every_row_exactly_once(store: RunStore) -> None:
     # Ties on created_at (several runs per instant) must not lose or repeat rows.
     for n in range(23):
         new_run(store, n, now=float(n // 3))
@@ -297,7 +297,7 @@ def test_pagination_covers_every_row_exactly_once(store: TaskStore) -> None:
     assert {r.owner for r in seen} == {"alice"}
 
 
-def test_list_filters_and_validation(store: TaskStore) -> None:
+def test_list_filters_and_validation(store: RunStore) -> None:
     a = new_run(store, 1, now=1.0)
     store.create_run(task="summarize", input={}, owner="alice", idempotency_key=None, now=2.0)
     claim_one(store, now=3.0)
@@ -323,7 +323,7 @@ def test_list_filters_and_validation(store: TaskStore) -> None:
 
 def test_requeue_all_running_after_cluster_restart(fresh_location: Callable[[], str]) -> None:
     db = fresh_location()
-    with TaskStore(db, max_attempts_total=2) as store:
+    with RunStore(db, max_attempts_total=2) as store:
         ids = [new_run(store, n).id for n in range(3)]
         claim_one(store, now=100.0)  # ids[0]: attempt 1
         claim_one(store, now=100.0)  # ids[1]: attempt 1
@@ -331,7 +331,7 @@ def test_requeue_all_running_after_cluster_restart(fresh_location: Callable[[], 
         assert token is not None
         assert store.release(ids[2], token, now=100.5)
         claim_one(store, now=101.0)  # ids[2]: attempt 2, the limit
-    with TaskStore(db, max_attempts_total=2) as store:  # the whole cluster restarted
+    with RunStore(db, max_attempts_total=2) as store:  # the whole cluster restarted
         assert store.requeue_all_running(now=500.0) == 2
         runs = {i: store.get(i, "alice") for i in ids}
         assert [(runs[i].status, runs[i].attempt) for i in ids] == [
@@ -345,9 +345,9 @@ def test_requeue_all_running_after_cluster_restart(fresh_location: Callable[[], 
 
 def test_database_persists_across_reopen(fresh_location: Callable[[], str]) -> None:
     db = fresh_location()
-    with TaskStore(db) as store:
+    with RunStore(db) as store:
         run, _ = store.create_run(task="t", input={"x": "ü"}, owner="alice", idempotency_key="k", now=1.0)
-    with TaskStore(db) as store:
+    with RunStore(db) as store:
         assert store.get(run.id, "alice") == run
         again, created = store.create_run(
             task="t", input={"x": "ü"}, owner="alice", idempotency_key="k", now=2
@@ -362,7 +362,7 @@ def test_database_persists_across_reopen(fresh_location: Callable[[], str]) -> N
 
 
 def test_sqlite_file_is_wal_with_synchronous_full(tmp_path: Path) -> None:
-    with TaskStore(tmp_path / "tasks.db") as store:
+    with RunStore(tmp_path / "tasks.db") as store:
         assert isinstance(store.database, SqliteDatabase)
         assert store.database.pragma("journal_mode") == "wal"
         assert store.database.pragma("synchronous") == 2  # FULL
@@ -375,16 +375,16 @@ def test_sqlite_file_is_wal_with_synchronous_full(tmp_path: Path) -> None:
 
 def test_newer_schema_version_is_refused(fresh_location: Callable[[], str]) -> None:
     db = fresh_location()
-    TaskStore(db).close()
+    RunStore(db).close()
     database = open_database(db)
     with database.autocommit() as tx:
         tx.run("UPDATE schema_version SET version = 99")
     database.close()
     with pytest.raises(RuntimeError, match="schema version 99"):
-        TaskStore(db)
+        RunStore(db)
 
 
-def test_text_a_database_cannot_hold_is_invalid_request(store: TaskStore) -> None:
+def test_text_a_database_cannot_hold_is_invalid_request(store: RunStore) -> None:
     for kwargs, param in [
         ({"idempotency_key": "k\x00"}, "Idempotency-Key"),
         ({"idempotency_key": "\ud800"}, "Idempotency-Key"),  # a lone surrogate is not UTF-8
@@ -400,7 +400,7 @@ def test_text_a_database_cannot_hold_is_invalid_request(store: TaskStore) -> Non
     assert store.count_queued() == 1
 
 
-def two_stores_on_one_database(open_store: OpenStore, fresh_location: Callable[[], str]) -> list[TaskStore]:
+def two_stores_on_one_database(open_store: OpenStore, fresh_location: Callable[[], str]) -> list[RunStore]:
     """Two store owners (two connections, or pools) on the same database."""
     db = fresh_location()
     return [open_store(db), open_store(db)]
@@ -487,7 +487,7 @@ class LeaseRaces(RuleBasedStateMachine):
     changes once written; attempts never decrease; claims are FIFO.
     """
 
-    def __init__(self, store: TaskStore) -> None:
+    def __init__(self, store: RunStore) -> None:
         super().__init__()
         self.store = store  # a new, empty database, with max_attempts_total=3
         self.now = 1000.0

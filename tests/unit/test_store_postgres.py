@@ -8,7 +8,7 @@ import psycopg
 import pytest
 
 from deployments.errors import Overloaded
-from deployments.store import TaskStore
+from deployments.store import RunStore
 from deployments.store import postgres as backend
 from deployments.store.postgres import PostgresDatabase, masked
 from tests.postgres import PostgresServer
@@ -32,7 +32,7 @@ def test_unreachable_server_fails_at_start_with_the_reason_and_no_password() -> 
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]  # nothing listens here once the probe is closed
     with pytest.raises(RuntimeError) as info:
-        TaskStore(f"postgresql://pf:s3cret@127.0.0.1:{port}/app")
+        RunStore(f"postgresql://pf:s3cret@127.0.0.1:{port}/app")
     message = str(info.value)
     assert "cannot connect to PostgreSQL at postgresql://pf:***@127.0.0.1" in message
     assert "s3cret" not in message
@@ -52,7 +52,7 @@ def test_a_bad_url_is_a_value_error_naming_no_password(url: str, reason: str) ->
 
 
 def test_a_killed_connection_is_replaced_before_use(postgres_server: PostgresServer) -> None:
-    with TaskStore(postgres_server.fresh_url()) as store:
+    with RunStore(postgres_server.fresh_url()) as store:
         store.create_run(task="t", input={}, owner="a", idempotency_key=None, now=1)
         with psycopg.connect(postgres_server.url(), autocommit=True) as admin:
             killed = admin.execute(

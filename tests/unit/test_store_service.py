@@ -1,4 +1,4 @@
-"""TaskStoreService (the TaskStore deployment's class) on each backend, without Ray.
+"""TaskStore (the TaskStore deployment's class) on each backend, without Ray.
 
 The class is plain Python under the Serve decorator that ``deployments/app.py`` applies, so a
 test builds it directly and awaits its methods on one event loop.
@@ -16,7 +16,7 @@ from deployments.config import DATABASE_URL_ENV, TasksConfig
 from deployments.core.runstate import RunStatus
 from deployments.store.postgres import PostgresDatabase
 from deployments.store.sqlite import SqliteDatabase
-from deployments.task_store import TaskStoreService
+from deployments.task_store import TaskStore
 from tests.postgres import PostgresServer
 
 
@@ -30,7 +30,7 @@ def test_create_claim_complete_get(fresh_location: Callable[[], str], tmp_path: 
     config = service_config(fresh_location(), tmp_path)
 
     async def scenario() -> None:
-        service = TaskStoreService(config)
+        service = TaskStore(config)
         try:
             key, _ = await service.create_key("ci", None, None, None)
             run, created = await service.create_run("classify", {"text": "hi"}, key.id, "idem-1")
@@ -63,7 +63,7 @@ def test_create_claim_complete_get(fresh_location: Callable[[], str], tmp_path: 
 
 def test_the_backend_follows_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(DATABASE_URL_ENV, raising=False)
-    service = TaskStoreService(TasksConfig(state_dir=str(tmp_path)))
+    service = TaskStore(TasksConfig(state_dir=str(tmp_path)))
     assert isinstance(service.database, SqliteDatabase)
     assert service.database.location == str(tmp_path / "tasks.sqlite3")
     service.database.close()
@@ -75,7 +75,7 @@ def test_the_database_url_can_come_from_the_environment(
 ) -> None:
     url = postgres_server.fresh_url()
     monkeypatch.setenv(DATABASE_URL_ENV, url)
-    service = TaskStoreService(TasksConfig(state_dir=str(tmp_path)))
+    service = TaskStore(TasksConfig(state_dir=str(tmp_path)))
     try:
         assert isinstance(service.database, PostgresDatabase)
         assert "***" in service.database.location  # logged: the password is masked
