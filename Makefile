@@ -4,6 +4,12 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+# llama.cpp's default build enables every instruction set of the build machine, AMX included, and
+# its AMX kernels crash (SIGSEGV in ggml_backend_amx_mul_mat) on the Sapphire Rapids VMs we run on.
+# A portable x86-64 build (AVX2/FMA/F16C: every x86 server CPU since 2015) has no AMX kernels.
+# pip caches the wheel it builds: a wheel cached before this setting must be removed to take effect
+# (`pip cache remove llama_cpp_python`).
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
 .PHONY: start stop status test lint unit bench
 
@@ -33,7 +39,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# llama-cpp-python compiles from source the first time (~5 min on 2 cores); pip caches the wheel.
-	$(BIN)/python -m pip install -q -e .
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install -q -e .
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
