@@ -9,10 +9,16 @@ SQLite file under ``tasks.state_dir`` on the node this replica runs on (pin it t
 head node in serve.yaml so a restarted replica finds its file again); with
 ``tasks.database_url`` or ``PROMPTFLEET_DATABASE_URL``, a PostgreSQL database.
 
-It is a thin async shell: every database call runs on one dedicated thread (they
-block on fsync or the network, and must not block the event loop; one thread keeps
-them in order), and two kinds of waiters are woken from the loop — runners
-long-polling ``claim`` for work, and clients long-polling a run until it ends.
+It is a thin async shell. Database calls block (fsync, the network), so they run off the
+event loop, on two lanes of one thread each: the *lease lane* for the runners' calls (claim,
+renew, complete, fail, release) and the *user lane* for everything the Gateway asks (runs,
+long-poll reads, keys, usage). However much user traffic queues up, a lease renewal waits for
+at most the one user statement in flight, never for the queue behind it — renewals cannot be
+starved past the lease (tests/serve/test_flood.py). Two kinds of waiters are woken from the
+loop: runners long-polling ``claim`` for work, and clients long-polling a run until it ends.
+
+Expected errors (404, 409, 503) are returned as values, never raised
+(``deployments.core.replies``); what the Gateway gets is a ``RunView``, never a lease token.
 """
 
 from __future__ import annotations
@@ -26,9 +32,12 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from deployments.config import TasksConfig
+from deployments.core.replies import Reply, replying
 from deployments.errors import Overloaded
+from deployments.schemas import RunList, RunView
 from deployments.store import RunRecord, RunStore, open_database
-from deployments.store.keys import ApiKey, KeyStore
+from deployments.store.keys import ApiKey, KeySnapshot, KeyStore
+from deployments.store.records import UsageRecord
 
 logger = logging.getLogger("ray.serve")
 T = TypeVar("T")
@@ -41,41 +50,63 @@ class TaskStore:
         self.database = open_database(config.store_location(os.environ))
         self.store = store or RunStore(self.database, max_attempts_total=config.max_run_starts)
         self.keys = KeyStore(self.database)
-        self.db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskstore")
+        # One thread per lane keeps each lane's calls in order (see the module docstring).
+        self.lease_lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskstore-lease")
+        self.user_lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskstore-user")
         self.work_available = asyncio.Event()
         self.finished: dict[str, asyncio.Event] = {}
         logger.info("task store at %s", self.database.location)
 
-    async def _db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.db, lambda: fn(*args, **kwargs))
+    async def _lease(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.lease_lane, lambda: fn(*args, **kwargs))
+
+    async def _user(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.user_lane, lambda: fn(*args, **kwargs))
+
+    def close(self) -> None:
+        """Stop both lanes and close the database (tests; Serve simply ends the process)."""
+        self.lease_lane.shutdown(wait=True)
+        self.user_lane.shutdown(wait=True)
+        self.database.close()
 
     def _notify_finished(self, run_id: str) -> None:
         event = self.finished.pop(run_id, None)
         if event is not None:
             event.set()
 
+
     # -- the Gateway's side --------------------------------------------------------------
 
     async def create_run(
         self, task: str, task_input: dict[str, Any], owner: str, idempotency_key: str | None
-    ) -> tuple[RunRecord, bool]:
-        queued = await self._db(self.store.count_queued)
+    ) -> Reply[tuple[RunView, bool]]:
+        """Queue a run (durably, before answering): ``(view, created)``; an idempotent repeat
+        gives the existing run with ``created`` False."""
+        return await replying(self._create_run(task, task_input, owner, idempotency_key))
+
+    async def _create_run(
+        self, task: str, task_input: dict[str, Any], owner: str, idempotency_key: str | None
+    ) -> tuple[RunView, bool]:
+        queued = await self._user(self.store.count_queued)
         if queued >= self.config.max_queued_runs:
             # Checked before the insert: an idempotent repeat of an accepted run still fails
             # fast here, which is safe (the client retries after Retry-After and gets its id).
             raise Overloaded(
                 f"The task queue is full ({queued} runs waiting); retry later.", retry_after=5
             )
-        run, created = await self._db(
+        run, created = await self._user(
             self.store.create_run, task=task, input=task_input, owner=owner, idempotency_key=idempotency_key
         )
         if created:
             self.work_available.set()
-        return run, created
+        return run.view(), created
 
-    async def get(self, run_id: str, owner: str, wait_s: float = 0.0) -> RunRecord:
+    async def get(self, run_id: str, owner: str, wait_s: float = 0.0) -> Reply[RunView]:
         """The run; with ``wait_s`` > 0, block until it is terminal or ``wait_s`` passes."""
-        run = await self._db(self.store.get, run_id, owner)
+        return await replying(self._get(run_id, owner, wait_s))
+
+    async def _get(self, run_id: str, owner: str, wait_s: float) -> RunView:
+        run = await self._user(self.store.get, run_id, owner)
         deadline = time.monotonic() + wait_s
         while not run.terminal and (remaining := deadline - time.monotonic()) > 0:
             event = self.finished.setdefault(run_id, asyncio.Event())
@@ -83,28 +114,42 @@ class TaskStore:
                 await asyncio.wait_for(event.wait(), timeout=min(remaining, 5.0))
             except TimeoutError:
                 pass  # re-read: a lease expiry or a write we were not told about
-            run = await self._db(self.store.get, run_id, owner)
-        return run
+            run = await self._user(self.store.get, run_id, owner)
+        return run.view()
 
     async def list_runs(
         self, owner: str, status: str | None, task: str | None, limit: int, cursor: str | None
-    ) -> tuple[list[RunRecord], str | None]:
-        return await self._db(self.store.list_runs, owner, status=status, task=task, limit=limit, cursor=cursor)
+    ) -> Reply[RunList]:
+        return await replying(self._list_runs(owner, status, task, limit, cursor))
 
-    async def cancel(self, run_id: str, owner: str) -> RunRecord:
-        run = await self._db(self.store.cancel, run_id, owner)
+    async def _list_runs(
+        self, owner: str, status: str | None, task: str | None, limit: int, cursor: str | None
+    ) -> RunList:
+        runs, next_cursor = await self._user(
+            self.store.list_runs, owner, status=status, task=task, limit=limit, cursor=cursor
+        )
+        return RunList(data=[run.view() for run in runs], next_cursor=next_cursor)
+
+    async def cancel(self, run_id: str, owner: str) -> Reply[RunView]:
+        return await replying(self._cancel(run_id, owner))
+
+    async def _cancel(self, run_id: str, owner: str) -> RunView:
+        run = await self._user(self.store.cancel, run_id, owner)
         if run.terminal:
             self._notify_finished(run_id)
-        return run
+        return run.view()
 
-    # -- the runners' side ---------------------------------------------------------------
+    # -- the runners' side (the lease lane) ----------------------------------------------
 
-    async def claim(self, worker_id: str, limit: int, wait_s: float) -> list[RunRecord]:
-        """Lease up to ``limit`` runs; if none is queued, wait up to ``wait_s`` for one."""
+    async def claim(self, worker_id: str, limit: int, wait_s: float) -> Reply[list[RunRecord]]:
+        """Lease up to ``limit`` runs; if none is claimable, wait up to ``wait_s`` for one."""
+        return await replying(self._claim(worker_id, limit, wait_s))
+
+    async def _claim(self, worker_id: str, limit: int, wait_s: float) -> list[RunRecord]:
         deadline = time.monotonic() + wait_s
         while True:
             self.work_available.clear()
-            runs = await self._db(
+            runs = await self._lease(
                 self.store.claim, worker_id=worker_id, lease_s=self.config.lease_s, limit=limit
             )
             remaining = deadline - time.monotonic()
@@ -118,55 +163,72 @@ class TaskStore:
             except TimeoutError:
                 pass
 
-    async def renew(self, run_id: str, lease_token: str) -> bool:
-        return await self._db(self.store.renew, run_id, lease_token, self.config.lease_s)
+    async def renew(self, run_id: str, lease_token: str) -> Reply[bool]:
+        return await replying(self._lease(self.store.renew, run_id, lease_token, self.config.lease_s))
 
     async def complete(
-        self, run_id: str, lease_token: str, result: Any, usage: dict[str, Any], owner: str | None = None
+        self, run_id: str, lease_token: str, result: dict[str, Any], usage: dict[str, Any], owner: str | None = None
+    ) -> Reply[bool]:
+        return await replying(self._complete(run_id, lease_token, result, usage, owner))
+
+    async def _complete(
+        self, run_id: str, lease_token: str, result: dict[str, Any], usage: dict[str, Any], owner: str | None
     ) -> bool:
-        won = await self._db(self.store.complete, run_id, lease_token, result=result, usage=usage)
+        won = await self._lease(self.store.complete, run_id, lease_token, result=result, usage=usage)
         self._notify_finished(run_id)
         if won and owner is not None and owner.startswith("key_"):
             # Async runs are billed to their key when their result lands (once: only the winner).
-            row = (owner, str(result.get("model", "")), 1, int(usage.get("prompt_tokens", 0)),
-                   int(usage.get("completion_tokens", 0)))
-            await self._db(self.keys.record_usage, [row])
+            row = UsageRecord(
+                key_id=owner,
+                model=str(result.get("model", "")),
+                requests=1,
+                prompt_tokens=int(usage.get("prompt_tokens", 0)),
+                completion_tokens=int(usage.get("completion_tokens", 0)),
+            )
+            await self._lease(self.keys.record_usage, [row])
         return won
 
-    async def fail(
-        self, run_id: str, lease_token: str, error: dict[str, Any], usage: dict[str, Any] | None
-    ) -> bool:
-        won = await self._db(self.store.fail, run_id, lease_token, error=error, usage=usage)
+    async def fail(self, run_id: str, lease_token: str, error: dict[str, Any]) -> Reply[bool]:
+        return await replying(self._fail(run_id, lease_token, error))
+
+    async def _fail(self, run_id: str, lease_token: str, error: dict[str, Any]) -> bool:
+        won = await self._lease(self.store.fail, run_id, lease_token, error=error)
         self._notify_finished(run_id)
         return won
 
-    async def release(self, run_id: str, lease_token: str) -> bool:
-        released = await self._db(self.store.release, run_id, lease_token)
+    async def release(self, run_id: str, lease_token: str, delay_s: float = 0.0) -> Reply[bool]:
+        """Back to the queue; with ``delay_s``, not claimed again before that many seconds."""
+        return await replying(self._release(run_id, lease_token, delay_s))
+
+    async def _release(self, run_id: str, lease_token: str, delay_s: float) -> bool:
+        released = await self._lease(self.store.release, run_id, lease_token, delay_s=delay_s)
         if released:
-            self.work_available.set()
+            # A run released with a delay wakes the claim long-polls when it becomes claimable.
+            asyncio.get_running_loop().call_later(delay_s, self.work_available.set)
         return released
 
     async def check_health(self) -> None:
-        await self._db(self.store.count_queued)
+        await self._lease(self.store.count_queued)
 
     # -- API keys and usage (the Gateway's authentication) --------------------------------
 
     async def create_key(
         self, name: str, rpm: int | None, tpm: int | None, token_budget: int | None
-    ) -> tuple[ApiKey, str]:
-        return await self._db(self.keys.create, name, rpm=rpm, tpm=tpm, token_budget=token_budget)
+    ) -> Reply[tuple[ApiKey, str]]:
+        return await replying(self._user(self.keys.create, name, rpm=rpm, tpm=tpm, token_budget=token_budget))
 
-    async def lookup_key(self, key_hash: str) -> ApiKey | None:
-        return await self._db(self.keys.lookup, key_hash)
+    async def key_snapshot(self, known_version: int | None, with_usage: bool = True) -> Reply[KeySnapshot]:
+        """What a Gateway replica's key index polls for (``KeyStore.snapshot``)."""
+        return await replying(self._user(self.keys.snapshot, known_version, with_usage=with_usage))
 
-    async def list_keys(self) -> list[ApiKey]:
-        return await self._db(self.keys.list_keys)
+    async def list_keys(self) -> Reply[list[ApiKey]]:
+        return await replying(self._user(self.keys.list_keys))
 
-    async def revoke_key(self, key_id: str) -> ApiKey:
-        return await self._db(self.keys.revoke, key_id)
+    async def revoke_key(self, key_id: str) -> Reply[ApiKey]:
+        return await replying(self._user(self.keys.revoke, key_id))
 
-    async def record_usage(self, rows: list[tuple[str, str, int, int, int]]) -> None:
-        await self._db(self.keys.record_usage, rows)
+    async def record_usage(self, rows: list[UsageRecord]) -> Reply[None]:
+        return await replying(self._user(self.keys.record_usage, rows))
 
-    async def usage(self, key_id: str | None) -> list[dict[str, Any]]:
-        return await self._db(self.keys.usage, key_id)
+    async def usage(self, key_id: str | None) -> Reply[list[dict[str, Any]]]:
+        return await replying(self._user(self.keys.usage, key_id))

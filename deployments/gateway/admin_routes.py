@@ -15,6 +15,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Path
 from ray.serve.handle import DeploymentHandle
 
+from deployments.core.replies import unwrap
 from deployments.gateway.auth import Authenticator, require_admin
 from deployments.gateway.caller import Caller, get_caller
 from deployments.gateway.metering import Meter
@@ -33,20 +34,21 @@ def build_admin_router(store: DeploymentHandle, auth: Authenticator, meter: Mete
     @router.post("/admin/keys", status_code=201, response_model=KeyCreated)
     async def create_key(body: KeyCreate, caller: Annotated[Caller, Depends(get_caller)]) -> KeyCreated:
         require_admin(caller, enabled)
-        key, plain = await store.create_key.remote(body.name, body.rpm, body.tpm, body.token_budget)
+        key, plain = unwrap(await store.create_key.remote(body.name, body.rpm, body.tpm, body.token_budget))
+        auth.keys_changed()
         return KeyCreated(**dataclasses.asdict(key), key=plain)
 
     @router.get("/admin/keys", response_model=KeyList)
     async def list_keys(caller: Annotated[Caller, Depends(get_caller)]) -> KeyList:
         require_admin(caller, enabled)
-        return KeyList(data=[key_view(k) for k in await store.list_keys.remote()])
+        return KeyList(data=[key_view(k) for k in unwrap(await store.list_keys.remote())])
 
     @router.delete("/admin/keys/{key_id}", response_model=KeyView)
     async def revoke_key(
         key_id: Annotated[str, Path(max_length=64)], caller: Annotated[Caller, Depends(get_caller)]
     ) -> KeyView:
         require_admin(caller, enabled)
-        key = await store.revoke_key.remote(key_id)
+        key = unwrap(await store.revoke_key.remote(key_id))
         auth.forget(key_id)
         return key_view(key)
 
@@ -54,9 +56,9 @@ def build_admin_router(store: DeploymentHandle, auth: Authenticator, meter: Mete
     async def usage(caller: Annotated[Caller, Depends(get_caller)], key_id: str | None = None) -> UsageList:
         await meter.flush()  # include this replica's last second
         if caller.is_admin or not enabled:
-            rows = await store.usage.remote(key_id)
+            rows = unwrap(await store.usage.remote(key_id))
         else:
-            rows = await store.usage.remote(caller.owner)
+            rows = unwrap(await store.usage.remote(caller.owner))
         return UsageList(data=[UsageRow(**row) for row in rows])
 
     return router

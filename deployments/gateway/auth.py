@@ -2,37 +2,99 @@
 
 With ``auth.enabled`` every /v1 request needs ``Authorization: Bearer <key>``.
 The admin key comes from the environment variable ``auth.admin_key_env``;
-other keys live hashed in the TaskStore. A Gateway replica caches a key's
-record for ``auth.cache_ttl_s`` (a revoked key stops working within that time)
-so a request costs no store round trip. What a key may spend is
+other keys live hashed in the TaskStore. What a key may spend is
 ``deployments.gateway.metering``'s business.
+
+Each Gateway replica keeps an index of every *active* key, by digest (``KeyIndex``),
+so authenticating a request is a hash and a dict lookup — no store round trip, and
+in particular none per distinct bogus key: a flood of made-up keys costs the store
+nothing, however many different keys it tries. The index is refreshed from the store
+(``TaskStore.key_snapshot``: one primary-key read of the keys' version, the key list
+only when it changed, and every key's token count):
+
+- when it is older than ``auth.cache_ttl_s`` (so a key revoked through another replica
+  stops working, and budgets see other replicas' usage, within that time);
+- on a miss, if the last check is older than ``MISS_RECHECK_S`` (a key created moments
+  ago through another replica works at once) — misses share one refresh, so even a
+  flood of bogus keys causes at most one store call per ``MISS_RECHECK_S``;
+- at once after a create or revoke through this replica.
+
+Concurrent refreshes are one call (single flight). If the store cannot be reached the
+last index stays in use; before the first one has loaded, requests get 503.
 """
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import hmac
+import logging
 import time
+from collections.abc import Callable
 
 from fastapi import Request
 from ray.serve.handle import DeploymentHandle
 
 from deployments.config import AuthConfig
-from deployments.errors import AuthenticationFailed, PermissionDenied
+from deployments.core.replies import unwrap
+from deployments.errors import AuthenticationFailed, Overloaded, PermissionDenied
 from deployments.gateway.caller import ANONYMOUS, Caller, KeyEntry
-from deployments.store.keys import ApiKey, hash_key
+from deployments.store.keys import KeySnapshot, hash_key
+
+logger = logging.getLogger("ray.serve")
 
 ADMIN = Caller(owner="admin", key_id=None, is_admin=True)
-MAX_CACHED_KEYS = 100_000  # bounded: garbage keys must not grow memory forever
+MISS_RECHECK_S = 0.5
+
+
+class KeyIndex:
+    """The active keys of one Gateway replica, by digest (pure; fed ``KeySnapshot``s)."""
+
+    def __init__(self) -> None:
+        self.version: int | None = None
+        self.entries: dict[str, KeyEntry] = {}  # digest -> entry
+        self.digests: dict[str, str] = {}  # key id -> digest
+
+    @property
+    def loaded(self) -> bool:
+        return self.version is not None
+
+    def get(self, digest: str) -> KeyEntry | None:
+        return self.entries.get(digest)
+
+    def apply(self, snapshot: KeySnapshot, now: float) -> None:
+        """Take a snapshot: its key list if it has one (the list changed), its token counts if any."""
+        keys = snapshot.keys if snapshot.keys is not None else {d: e.key for d, e in self.entries.items()}
+        if snapshot.tokens_used is not None:
+            tokens = snapshot.tokens_used
+            keys = {d: dataclasses.replace(k, tokens_used=tokens.get(k.id, 0)) for d, k in keys.items()}
+        self.entries = {digest: KeyEntry(key=key, fetched_at=now) for digest, key in keys.items()}
+        self.digests = {key.id: digest for digest, key in keys.items()}
+        self.version = snapshot.version
+
+    def forget(self, key_id: str) -> None:
+        digest = self.digests.pop(key_id, None)
+        if digest is not None:
+            self.entries.pop(digest, None)
 
 
 class Authenticator:
-    def __init__(self, config: AuthConfig, store: DeploymentHandle, admin_key: str | None) -> None:
+    """Finds the ``Caller`` of a request (see the module docstring). ``clock`` is monotonic seconds."""
+
+    def __init__(
+        self,
+        config: AuthConfig,
+        store: DeploymentHandle,
+        admin_key: str | None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config
         self.store = store
         self.admin_key = admin_key
-        # digest -> (entry or None for "no such key", fetched_at); by_id finds a key's entry.
-        self.cache: dict[str, tuple[KeyEntry | None, float]] = {}
-        self.by_id: dict[str, str] = {}
+        self.clock = clock
+        self.index = KeyIndex()
+        self.checked_at: float | None = None  # when the index last asked the store
+        self.refreshing: asyncio.Task[None] | None = None
 
     async def authenticate(self, request: Request) -> Caller:
         """The caller of ``request``; stored on ``request.state.caller`` for the routes."""
@@ -49,33 +111,52 @@ class Authenticator:
         if self.admin_key and hmac.compare_digest(token.encode(), self.admin_key.encode()):
             request.state.caller = ADMIN
             return ADMIN
-        entry = await self._lookup(hash_key(token))
+        entry = await self.lookup(hash_key(token))
         if entry is None:
             raise AuthenticationFailed("Invalid or revoked API key.", param="Authorization")
         caller = Caller(owner=entry.key.id, key_id=entry.key.id, entry=entry)
         request.state.caller = caller
         return caller
 
-    async def _lookup(self, digest: str) -> KeyEntry | None:
-        now = time.monotonic()
-        cached = self.cache.get(digest)
-        if cached is not None and now - cached[1] <= self.config.cache_ttl_s:
-            return cached[0]
-        key: ApiKey | None = await self.store.lookup_key.remote(digest)
-        entry = KeyEntry(key=key, fetched_at=now) if key is not None else None
-        if len(self.cache) >= MAX_CACHED_KEYS:
-            self.cache.clear()
-            self.by_id.clear()
-        self.cache[digest] = (entry, now)
-        if key is not None:
-            self.by_id[key.id] = digest
+    async def lookup(self, digest: str) -> KeyEntry | None:
+        """The active key with this digest, from the index (refreshed as the module doc says)."""
+        await self._refresh_if_older(self.config.cache_ttl_s)
+        entry = self.index.get(digest)
+        if entry is None:
+            await self._refresh_if_older(MISS_RECHECK_S)
+            entry = self.index.get(digest)
         return entry
 
+    def keys_changed(self) -> None:
+        """A key was created through this replica: check the store at the next lookup."""
+        self.checked_at = None
+
     def forget(self, key_id: str) -> None:
-        """Drop a key from this replica's cache (after a revoke through this replica)."""
-        digest = self.by_id.pop(key_id, None)
-        if digest is not None:
-            self.cache.pop(digest, None)
+        """A key was revoked through this replica: it stops working here at once."""
+        self.index.forget(key_id)
+        self.checked_at = None
+
+    async def _refresh_if_older(self, max_age_s: float) -> None:
+        if self.checked_at is not None and self.clock() - self.checked_at < max_age_s:
+            return
+        if self.refreshing is None or self.refreshing.done():
+            self.refreshing = asyncio.get_running_loop().create_task(self._refresh())
+        # shield: a caller that goes away must not cancel the refresh the others wait for.
+        await asyncio.shield(self.refreshing)
+        if not self.index.loaded:
+            raise Overloaded("Authentication is unavailable; retry shortly.", retry_after=1)
+
+    async def _refresh(self) -> None:
+        started = self.clock()
+        try:
+            snapshot: KeySnapshot = unwrap(await self.store.key_snapshot.remote(self.index.version, True))
+        except Exception:
+            # Keep the last index (a store restart must not lock every tenant out), and do not
+            # ask again before the next period: a down store is not hammered by every request.
+            logger.warning("could not refresh the key index; keeping the last one", exc_info=True)
+        else:
+            self.index.apply(snapshot, started)
+        self.checked_at = started
 
 
 def require_admin(caller: Caller, auth_enabled: bool) -> None:

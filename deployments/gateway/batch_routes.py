@@ -21,30 +21,22 @@ process holds a whole file in memory.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, File, Form, Path, Query, UploadFile
 from fastapi.responses import StreamingResponse
 from ray.serve.handle import DeploymentHandle
 
-from deployments.errors import PromptfleetError
+from deployments.core.replies import unwrap
 from deployments.gateway.caller import Caller, get_caller
 from deployments.schemas import BatchCreate, BatchList, BatchView, FileDeleted, FileList, FileView
 
 FILES_PATH = "/v1/files"  # the one route whose body may exceed gateway.max_body_bytes
 CHUNK_BYTES = 4 * 1024 * 1024
-T = TypeVar("T")
 
 FileId = Annotated[str, Path(max_length=64, description="A file id (`file-…`).")]
 BatchId = Annotated[str, Path(max_length=64, description="A batch id (`batch_…`).")]
 Owner = Annotated[Caller, Depends(get_caller)]
-
-
-def unwrap(result: T | PromptfleetError) -> T:
-    """The BatchService returns expected errors as values; raise them here, where they become HTTP."""
-    if isinstance(result, PromptfleetError):
-        raise result
-    return result
 
 
 def clean_filename(name: str | None) -> str:

@@ -21,8 +21,10 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.core.booking import BudgetClient
 from deployments.core.limits import Budget
+from deployments.core.replies import unwrap
 from deployments.errors import PermissionDenied, RateLimited
 from deployments.gateway.caller import Caller
+from deployments.store.records import UsageRecord
 
 logger = logging.getLogger("ray.serve")
 
@@ -81,17 +83,17 @@ class Meter:
     async def flush(self) -> None:
         if not self.pending:
             return
-        rows = [(key_id, model, r[0], r[1], r[2]) for (key_id, model), r in self.pending.items()]
+        rows = [UsageRecord(key_id, model, *r) for (key_id, model), r in self.pending.items()]
         self.pending.clear()
         try:
-            await self.store.record_usage.remote(rows)
+            unwrap(await self.store.record_usage.remote(rows))
         except Exception:
             logger.exception("could not record usage; %d rows kept for the next flush", len(rows))
-            for key_id, model, requests, prompt, completion in rows:
-                row = self.pending[(key_id, model)]
-                row[0] += requests
-                row[1] += prompt
-                row[2] += completion
+            for usage in rows:
+                row = self.pending[(usage.key_id, usage.model)]
+                row[0] += usage.requests
+                row[1] += usage.prompt_tokens
+                row[2] += usage.completion_tokens
 
     async def close(self) -> None:
         if self.flusher is not None:

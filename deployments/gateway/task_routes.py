@@ -23,30 +23,15 @@ from fastapi.responses import JSONResponse
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from deployments.core.replies import unwrap
 from deployments.core.taskdefs import TaskDefinition
-from deployments.errors import InvalidRequest, Overloaded, PromptfleetError
+from deployments.errors import InvalidRequest, Overloaded
 from deployments.gateway.caller import Caller, get_caller
 from deployments.gateway.metering import Meter
 from deployments.schemas import RunList, RunView, TaskInfo, TaskList, TaskResult, TaskRunRequest
-from deployments.store import RunRecord
 from deployments.task_executor import check_input
 
 MAX_WAIT_S = 60.0
-
-
-def run_view(run: RunRecord) -> RunView:
-    return RunView(
-        id=run.id,
-        task=run.task,
-        status=run.status.value,
-        attempt=run.attempt,
-        created_at=run.created_at,
-        started_at=run.started_at,
-        finished_at=run.finished_at,
-        result=run.result,
-        error=run.error,
-        usage=run.usage,
-    )
 
 
 def task_cost(defn: TaskDefinition, task_input: dict[str, Any]) -> int:
@@ -85,8 +70,7 @@ def build_task_router(
             result = await runner.run.remote(name, body.input)
         except BackPressureError:
             raise Overloaded("The task runners are at capacity; retry shortly.", retry_after=1) from None
-        if isinstance(result, PromptfleetError):
-            raise result
+        result = unwrap(result)
         meter.record(caller, result["model"], result["usage"], estimated)
         return result
 
@@ -99,12 +83,11 @@ def build_task_router(
     ) -> JSONResponse:
         defn = check_input(tasks, name, body.input)
         await meter.admit(caller, task_cost(defn, body.input))
-        run, created = await store.create_run.remote(name, body.input, caller.owner, idempotency_key)
-        view = run_view(run)
+        view, created = unwrap(await store.create_run.remote(name, body.input, caller.owner, idempotency_key))
         return JSONResponse(
             view.model_dump(mode="json"),
             status_code=202 if created else 200,
-            headers={"Location": f"/v1/runs/{run.id}"},
+            headers={"Location": f"/v1/runs/{view.id}"},
         )
 
     @router.get("/runs/{run_id}", response_model=RunView)
@@ -113,13 +96,15 @@ def build_task_router(
         caller: Annotated[Caller, Depends(get_caller)],
         wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S, description="Seconds to long-poll.")] = 0,
     ) -> RunView:
-        return run_view(await store.get.remote(run_id, caller.owner, wait))
+        view: RunView = unwrap(await store.get.remote(run_id, caller.owner, wait))
+        return view
 
     @router.post("/runs/{run_id}/cancel", response_model=RunView)
     async def cancel_run(
         run_id: Annotated[str, Path(max_length=64)], caller: Annotated[Caller, Depends(get_caller)]
     ) -> RunView:
-        return run_view(await store.cancel.remote(run_id, caller.owner))
+        view: RunView = unwrap(await store.cancel.remote(run_id, caller.owner))
+        return view
 
     @router.get("/runs", response_model=RunList)
     async def list_runs(
@@ -131,7 +116,7 @@ def build_task_router(
     ) -> RunList:
         if task is not None and task not in tasks:
             raise InvalidRequest(f"task: no task named '{task}'", param="task")
-        runs, next_cursor = await store.list_runs.remote(caller.owner, status, task, limit, cursor)
-        return RunList(data=[run_view(r) for r in runs], next_cursor=next_cursor)
+        runs: RunList = unwrap(await store.list_runs.remote(caller.owner, status, task, limit, cursor))
+        return runs
 
     return router

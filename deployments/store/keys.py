@@ -11,6 +11,7 @@ Usage is kept per key, per model, per UTC day: requests and tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import re
@@ -20,8 +21,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from deployments.errors import NotFound
-from deployments.store.database import Database, DatabaseBacked, Dialect, Location, Row
-from deployments.store.records import check_text
+from deployments.store.database import Database, DatabaseBacked, Dialect, Location, Row, Tx
+from deployments.store.records import UsageRecord, check_text
 
 KEY_PREFIX = "pf-"
 _KEY_ID = re.compile(r"key_[0-9a-f]{16}")
@@ -51,6 +52,12 @@ def schema(d: Dialect) -> list[str]:
             total_tokens       BIGINT NOT NULL DEFAULT 0,
             PRIMARY KEY (key_id, model, day)
         )""",
+        # One row: bumped by every create and revoke, so a Gateway replica's key index asks
+        # "did anything change?" with one primary-key read.
+        """CREATE TABLE IF NOT EXISTS key_version (
+            id       INTEGER PRIMARY KEY CHECK (id = 1),
+            version  BIGINT NOT NULL
+        )""",
     ]
 
 
@@ -61,6 +68,19 @@ _SELECT_KEY = (
     " FROM api_keys k"
 )
 _USAGE_COLUMNS = "key_id, model, day, requests, prompt_tokens, completion_tokens, total_tokens"
+
+
+@dataclass(frozen=True)
+class KeySnapshot:
+    """What a Gateway replica's key index needs from the store (``KeyStore.snapshot``).
+
+    ``keys`` (digest → active key) is None when the caller already has ``version``;
+    ``tokens_used`` (key id → tokens recorded) is None when not asked for.
+    """
+
+    version: int
+    keys: dict[str, ApiKey] | None
+    tokens_used: dict[str, int] | None
 
 
 @dataclass(frozen=True)
@@ -103,6 +123,13 @@ class KeyStore(DatabaseBacked):
     def __init__(self, location: Location | Database) -> None:
         super().__init__(location, schema)
 
+    def _check_schema(self, tx: Tx) -> None:
+        tx.run("INSERT INTO key_version (id, version) VALUES (1, 0) ON CONFLICT (id) DO NOTHING")
+
+    @staticmethod
+    def _bump(tx: Tx) -> None:
+        tx.run("UPDATE key_version SET version = version + 1 WHERE id = 1")
+
     def create(
         self, name: str, *, rpm: int | None = None, tpm: int | None = None, token_budget: int | None = None,
         now: float | None = None,
@@ -118,6 +145,7 @@ class KeyStore(DatabaseBacked):
                 key_id, name, hash_key(plain), plain[-4:], time.time() if now is None else now, rpm, tpm,
                 token_budget,
             )
+            self._bump(tx)
             row = tx.one(f"{_SELECT_KEY} WHERE k.id = ?", key_id)
         assert row is not None
         return _api_key(row), plain
@@ -148,19 +176,49 @@ class KeyStore(DatabaseBacked):
     def revoke(self, key_id: str, now: float | None = None) -> ApiKey:
         if _KEY_ID.fullmatch(key_id) is None:
             raise _key_not_found(key_id)
-        with self._db.autocommit() as tx:
-            tx.run(
-                "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?",
+        with self._db.transaction() as tx:
+            if tx.run(
+                "UPDATE api_keys SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ? AND revoked_at IS NULL",
                 time.time() if now is None else now, key_id,
-            )
+            ):
+                self._bump(tx)
         return self.get(key_id)
 
-    def record_usage(self, rows: list[tuple[str, str, int, int, int]], now: float | None = None) -> None:
-        """Add ``(key_id, model, requests, prompt_tokens, completion_tokens)`` rows to today's usage."""
+    def version(self) -> int:
+        """Changes with every create and revoke (never goes back)."""
+        with self._db.autocommit() as tx:
+            row = tx.one("SELECT version FROM key_version WHERE id = 1")
+        assert row is not None
+        return int(row["version"])
+
+    def snapshot(self, known_version: int | None = None, *, with_usage: bool = True) -> KeySnapshot:
+        """The active keys by digest unless the caller has ``known_version`` already, and (with
+        ``with_usage``) every key's recorded tokens: what a Gateway's key index polls for."""
+        with self._db.transaction() as tx:  # one consistent read of version and keys
+            row = tx.one("SELECT version FROM key_version WHERE id = 1")
+            assert row is not None
+            version = int(row["version"])
+            keys = None
+            if version != known_version:
+                rows = tx.rows(
+                    "SELECT id, name, key_hash, hint, created_at, revoked_at, rpm, tpm, token_budget,"
+                    " 0 AS tokens_used FROM api_keys WHERE revoked_at IS NULL"
+                )
+                keys = {r["key_hash"]: _api_key(r) for r in rows}
+            tokens = None
+            if with_usage:
+                usage = tx.rows("SELECT key_id, SUM(total_tokens) AS n FROM usage GROUP BY key_id")
+                tokens = {r["key_id"]: int(r["n"]) for r in usage}
+        if keys is not None and tokens is not None:
+            keys = {digest: dataclasses.replace(k, tokens_used=tokens.get(k.id, 0)) for digest, k in keys.items()}
+        return KeySnapshot(version=version, keys=keys, tokens_used=tokens)
+
+    def record_usage(self, rows: list[UsageRecord], now: float | None = None) -> None:
+        """Add ``rows`` to today's usage."""
         day = time.strftime("%Y-%m-%d", time.gmtime(time.time() if now is None else now))
         with self._db.transaction() as tx:
             # Sorted, so two concurrent batches lock their rows in the same order (no deadlock).
-            for key_id, model, requests, prompt, completion in sorted(rows):
+            for r in sorted(rows, key=lambda r: (r.key_id, r.model)):
                 tx.run(
                     "INSERT INTO usage (key_id, model, day, requests, prompt_tokens, completion_tokens,"
                     " total_tokens) VALUES (?, ?, ?, ?, ?, ?, ?)"
@@ -169,7 +227,7 @@ class KeyStore(DatabaseBacked):
                     " prompt_tokens = usage.prompt_tokens + excluded.prompt_tokens,"
                     " completion_tokens = usage.completion_tokens + excluded.completion_tokens,"
                     " total_tokens = usage.total_tokens + excluded.total_tokens",
-                    key_id, model, day, requests, prompt, completion, prompt + completion,
+                    r.key_id, r.model, day, r.requests, r.prompt_tokens, r.completion_tokens, r.total_tokens,
                 )
 
     def usage(self, key_id: str | None = None) -> list[dict[str, Any]]:

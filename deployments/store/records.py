@@ -19,12 +19,14 @@ from typing import Any
 
 from deployments.core.runstate import TERMINAL, RunStatus
 from deployments.errors import InvalidRequest, RunNotFound
+from deployments.schemas import RunView
 
 __all__ = [
     "COLUMNS",
     "JSON_COLUMNS",
     "STATUSES",
     "RunRecord",
+    "UsageRecord",
     "check_text",
     "decode_cursor",
     "dumps",
@@ -38,7 +40,7 @@ __all__ = [
 
 COLUMNS = (
     "id, task, owner, status, input, result, error, usage, attempt, created_at, started_at,"
-    " finished_at, updated_at, lease_token, lease_expires_at, idempotency_key, worker_id"
+    " finished_at, updated_at, lease_token, lease_expires_at, idempotency_key, worker_id, available_at"
 )
 JSON_COLUMNS = frozenset({"input", "result", "error", "usage"})
 STATUSES = frozenset(s.value for s in RunStatus)
@@ -66,10 +68,41 @@ class RunRecord:
     lease_expires_at: float | None
     idempotency_key: str | None
     worker_id: str | None
+    available_at: float | None = None  # a queued run is not claimed before this (a backoff)
 
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL
+
+    def view(self) -> RunView:
+        """What a client may see of the run (no lease token, worker or input)."""
+        return RunView(
+            id=self.id,
+            task=self.task,
+            status=self.status.value,
+            attempt=self.attempt,
+            created_at=self.created_at,
+            started_at=self.started_at,
+            finished_at=self.finished_at,
+            result=self.result,
+            error=self.error,
+            usage=self.usage,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """Tokens one key spent on one model, to add to today's usage (``KeyStore.record_usage``)."""
+
+    key_id: str
+    model: str
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
 
 
 def record(row: dict[str, Any]) -> RunRecord:

@@ -46,7 +46,12 @@ from deployments.store.records import (
 
 __all__ = ["MAX_LIST_LIMIT", "SCHEMA_VERSION", "RunStore"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Statements that bring a database of version N - 1 to version N (index N - 2).
+MIGRATIONS: list[list[str]] = [
+    # 2: a released run's "not before" time (a retryable failure backs off in the queue).
+    ["ALTER TABLE runs ADD COLUMN available_at DOUBLE PRECISION"],
+]
 MAX_LIST_LIMIT = 1000
 
 
@@ -74,7 +79,8 @@ def schema(d: Dialect) -> list[str]:
             updated_at       DOUBLE PRECISION NOT NULL,
             lease_token      {d.text},
             lease_expires_at DOUBLE PRECISION,
-            worker_id        {d.text}
+            worker_id        {d.text},
+            available_at     DOUBLE PRECISION     -- a queued run is not claimed before this time
         )""",
         "CREATE UNIQUE INDEX IF NOT EXISTS runs_idempotency ON runs (owner, idempotency_key)"
         " WHERE idempotency_key IS NOT NULL",
@@ -107,7 +113,11 @@ class RunStore(DatabaseBacked):
             tx.run("INSERT INTO schema_version (version) VALUES (?)", SCHEMA_VERSION)
         elif version > SCHEMA_VERSION:
             raise RuntimeError(f"{self._db.location}: schema version {version} is newer than {SCHEMA_VERSION}")
-        # version < SCHEMA_VERSION: migrations go here once there is a version 2.
+        elif version < SCHEMA_VERSION:
+            for statements in MIGRATIONS[version - 1 :]:
+                for statement in statements:
+                    tx.run(statement)
+            tx.run("UPDATE schema_version SET version = ?", SCHEMA_VERSION)
 
     def _load(self, tx: Tx, run_id: str, owner: str | None = None, *, lock: bool = False) -> RunRecord:
         sql, args = f"SELECT {COLUMNS} FROM runs WHERE id = ?", [run_id]
@@ -278,6 +288,8 @@ class RunStore(DatabaseBacked):
     ) -> list[RunRecord]:
         """Lease up to ``limit`` of the oldest queued runs to ``worker_id`` for ``lease_s``.
 
+        A run released with a delay is not claimed before its ``available_at``.
+
         First requeues (or fails, see the class docstring) running runs whose lease expired.
         Each claimed run is ``running`` with ``attempt + 1`` and a fresh ``lease_token`` that
         the worker must present to ``renew``/``complete``/``fail``/``release``. Concurrent
@@ -291,7 +303,10 @@ class RunStore(DatabaseBacked):
             for run in self._running(tx, self._claim_rows, "AND lease_expires_at <= ?", now):
                 self._interrupt(tx, run, now)
             queued = tx.rows(
-                f"SELECT {COLUMNS} FROM runs WHERE status = 'queued' ORDER BY seq LIMIT ?{self._claim_rows}", limit
+                f"SELECT {COLUMNS} FROM runs WHERE status = 'queued'"
+                " AND (available_at IS NULL OR available_at <= ?)"
+                f" ORDER BY seq LIMIT ?{self._claim_rows}",
+                now, limit,
             )
             return [
                 self._move(
@@ -303,6 +318,7 @@ class RunStore(DatabaseBacked):
                     lease_expires_at=now + lease_s,
                     worker_id=worker_id,
                     started_at=run.started_at if run.started_at is not None else now,
+                    available_at=None,
                 )
                 for run in map(record, queued)
             ]
@@ -357,9 +373,20 @@ class RunStore(DatabaseBacked):
         """Fail the run with a client-safe ``error`` object ({message, type, param, code, …})."""
         return self._finish(run_id, lease_token, RunEvent.FAIL, now_or(now), error=error, usage=usage)
 
-    def release(self, run_id: str, lease_token: str, now: float | None = None) -> bool:
-        """Give the run back to the queue (graceful shutdown, retryable failure); keeps attempt."""
-        return self._finish(run_id, lease_token, RunEvent.REQUEUE, now_or(now))
+    def release(
+        self, run_id: str, lease_token: str, *, delay_s: float = 0.0, now: float | None = None
+    ) -> bool:
+        """Give the run back to the queue (graceful shutdown, retryable failure); keeps attempt.
+
+        With ``delay_s`` > 0 no ``claim`` takes it before ``now + delay_s``: a runner backs off
+        a transient failure in the queue, never by sleeping on a lease it no longer renews.
+        """
+        if not (0 <= delay_s < float("inf")):
+            raise ValueError("delay_s must be a finite number >= 0")
+        now = now_or(now)
+        return self._finish(
+            run_id, lease_token, RunEvent.REQUEUE, now, available_at=now + delay_s if delay_s > 0 else None
+        )
 
     def requeue_all_running(self, now: float | None = None) -> int:
         """At startup after a whole-cluster restart: requeue every ``running`` run.

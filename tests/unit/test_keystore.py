@@ -13,6 +13,7 @@ import pytest
 from deployments.errors import InvalidRequest, NotFound
 from deployments.store import RunStore, open_database
 from deployments.store.keys import KeyStore, hash_key
+from deployments.store.records import UsageRecord
 
 
 @pytest.fixture
@@ -72,8 +73,11 @@ def test_unknown_or_malformed_key_ids_are_not_found(store: KeyStore) -> None:
 def test_usage_accumulates_per_key_model_and_day(store: KeyStore) -> None:
     a, _ = store.create("a", now=1.0)
     b, _ = store.create("b", now=2.0)
-    store.record_usage([(a.id, "m1", 1, 10, 5), (a.id, "m1", 2, 1, 1), (b.id, "m2", 1, 3, 3)], now=0)
-    store.record_usage([(a.id, "M0", 1, 1, 0)], now=86400)
+    store.record_usage(
+        [UsageRecord(a.id, "m1", 1, 10, 5), UsageRecord(a.id, "m1", 2, 1, 1), UsageRecord(b.id, "m2", 1, 3, 3)],
+        now=0,
+    )
+    store.record_usage([UsageRecord(a.id, "M0", 1, 1, 0)], now=86400)
     rows = store.usage(a.id)
     assert [(r["day"], r["model"], r["requests"], r["total_tokens"]) for r in rows] == [
         ("1970-01-02", "M0", 1, 1),
@@ -98,3 +102,41 @@ def test_key_store_shares_the_run_store_database(location: str) -> None:
         assert keys.get(key.id).name == "k"
     finally:
         database.close()
+
+
+def test_snapshot_has_the_active_keys_by_digest_and_a_version_that_moves_on_change(store: KeyStore) -> None:
+    empty = store.snapshot(None)
+    assert (empty.keys, empty.tokens_used) == ({}, {})
+    a, plain_a = store.create("a")
+    b, plain_b = store.create("b", rpm=5)
+    store.record_usage([UsageRecord(a.id, "m", 1, 4, 3)])
+    snap = store.snapshot(empty.version)
+    assert snap.version > empty.version and snap.keys is not None
+    assert set(snap.keys) == {hash_key(plain_a), hash_key(plain_b)}
+    assert snap.keys[hash_key(plain_b)].rpm == 5
+    assert snap.keys[hash_key(plain_a)].tokens_used == 7
+    assert snap.tokens_used == {a.id: 7}
+
+    # Unchanged: no key list, only the token counts (or nothing at all).
+    same = store.snapshot(snap.version)
+    assert (same.version, same.keys, same.tokens_used) == (snap.version, None, {a.id: 7})
+    assert store.snapshot(snap.version, with_usage=False).tokens_used is None
+    store.record_usage([UsageRecord(a.id, "m", 1, 1, 0)])
+    assert store.snapshot(snap.version).keys is None  # usage is not a key change
+
+    store.revoke(b.id)
+    after = store.snapshot(snap.version)
+    assert after.version > snap.version and after.keys is not None
+    assert set(after.keys) == {hash_key(plain_a)}
+    store.revoke(b.id)  # revoking again changes nothing
+    assert store.version() == after.version
+
+
+def test_key_version_survives_reopen(location: str) -> None:
+    with KeyStore(location) as keys:
+        keys.create("a")
+        version = keys.version()
+    with KeyStore(location) as keys:
+        assert keys.version() == version  # a replica that kept its index stays current
+        keys.create("b")
+        assert keys.version() == version + 1

@@ -1,29 +1,26 @@
-"""TaskRunner's bookkeeping of the runs it holds, against a scripted store (no Ray)."""
+"""The TaskRunner's run loop and lease keeper (``deployments.core.runloop``), without Ray.
+
+The loop is built directly with its dependencies: a queue (a scripted one, or a real in-memory
+``RunStore`` behind the queue's methods), an executor and a clock.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from typing import Any
 
 import pytest
 from ray.exceptions import ActorUnavailableError
 
-from deployments.config import TasksConfig
-from deployments.errors import Overloaded
+from deployments.core.runloop import LeaseKeeper, RunLoop
+from deployments.core.runstate import RunStatus
+from deployments.errors import Overloaded, TaskFailed
 from deployments.store import RunRecord, RunStore
 from deployments.task_executor import TRANSIENT, TaskExecutor
-from deployments.task_runner import TaskRunner
-
-
-class _Method:
-    """Stands in for a DeploymentHandle method: ``.remote(...)`` returns an awaitable."""
-
-    def __init__(self, fn: Any) -> None:
-        self._fn = fn
-
-    def remote(self, *args: Any) -> Any:
-        return self._fn(*args)
+from deployments.task_runner import is_transient
+from tests.waiting import ManualClock, until
 
 
 class ScriptedStore:
@@ -33,36 +30,86 @@ class ScriptedStore:
         self.claims = [[dataclasses.replace(run, lease_token="t1")],
                        [dataclasses.replace(run, lease_token="t2", attempt=2)]]
         self.completed: list[str] = []
-        self.claim, self.renew, self.complete = _Method(self._claim), _Method(self._renew), _Method(self._complete)
+        self.nothing_queued = asyncio.Event()  # never set: the long-poll of an empty queue
 
-    async def _claim(self, worker_id: str, limit: int, wait_s: float) -> list[RunRecord]:
+    async def claim(self, worker_id: str, limit: int, wait_s: float) -> list[RunRecord]:
         if self.claims:
             return self.claims.pop(0)
-        await asyncio.sleep(wait_s)  # nothing queued: the long-poll
+        await self.nothing_queued.wait()
         return []
 
-    async def _renew(self, run_id: str, token: str) -> bool:
+    async def renew(self, run_id: str, token: str) -> bool:
         return token == "t2"  # t1's lease expired and the run was claimed again
 
-    async def _complete(self, run_id: str, token: str, result: Any, usage: Any, *rest: Any) -> bool:
+    async def complete(self, run_id: str, token: str, result: Any, usage: Any, owner: str) -> bool:
         self.completed.append(token)
         return token == "t2"
+
+    async def fail(self, run_id: str, token: str, error: dict[str, Any]) -> bool:
+        raise AssertionError("nothing fails here")
+
+    async def release(self, run_id: str, token: str, delay_s: float) -> bool:
+        return False
 
 
 class GatedExecutor:
     def __init__(self) -> None:
         self.gate = asyncio.Event()
+        self.calls = 0
 
     async def execute(self, name: str, task_input: dict[str, Any]) -> dict[str, Any]:
+        self.calls += 1
         await self.gate.wait()
         return {"task": name, "output": {"label": "a"}, "model": "m", "attempts": 1, "usage": {}}
 
 
-class _Runner(TaskRunner):
-    # Serve awaits the async ``__del__`` at shutdown (the test does so explicitly); the garbage
-    # collector would only create a never-awaited coroutine.
-    def __del__(self) -> None:
-        pass
+class ScriptedExecutor:
+    """Raises the scripted errors in turn, then succeeds; records when it was called."""
+
+    def __init__(self, *errors: Exception) -> None:
+        self.errors = list(errors)
+        self.called_at: list[float] = []
+
+    async def execute(self, name: str, task_input: dict[str, Any]) -> dict[str, Any]:
+        self.called_at.append(time.time())
+        if self.errors:
+            raise self.errors.pop(0)
+        usage = {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}
+        return {"task": name, "output": {"label": "a"}, "model": "m", "attempts": 1, "usage": usage}
+
+
+class StoreQueue:
+    """A real (in-memory SQLite) RunStore behind the queue methods the loop calls."""
+
+    def __init__(self, store: RunStore, lease_s: float) -> None:
+        self.store = store
+        self.lease_s = lease_s
+        self.renewals = 0
+
+    async def claim(self, worker_id: str, limit: int, wait_s: float) -> list[RunRecord]:
+        runs = self.store.claim(worker_id=worker_id, lease_s=self.lease_s, limit=limit)
+        if not runs:
+            await asyncio.sleep(0.01)  # the store's long-poll, shortened
+        return runs
+
+    async def renew(self, run_id: str, token: str) -> bool:
+        self.renewals += 1
+        return self.store.renew(run_id, token, self.lease_s)
+
+    async def complete(self, run_id: str, token: str, result: Any, usage: Any, owner: str) -> bool:
+        return self.store.complete(run_id, token, result=result, usage=usage)
+
+    async def fail(self, run_id: str, token: str, error: dict[str, Any]) -> bool:
+        return self.store.fail(run_id, token, error=error)
+
+    async def release(self, run_id: str, token: str, delay_s: float) -> bool:
+        return self.store.release(run_id, token, delay_s=delay_s)
+
+
+def new_loop(queue: Any, executor: Any, **kwargs: Any) -> RunLoop:
+    options: dict[str, Any] = {"worker_id": "w", "slots": 2, "lease_s": 600.0, "max_starts": 5,
+                               "transient": is_transient, **kwargs}
+    return RunLoop(queue, executor, **options)
 
 
 def queued_run() -> RunRecord:
@@ -72,21 +119,26 @@ def queued_run() -> RunRecord:
         return run
 
 
+def submit(store: RunStore, n: int = 1) -> list[str]:
+    return [store.create_run(task="t", input={"i": i}, owner="alice", idempotency_key=None)[0].id
+            for i in range(n)]
+
+
 def test_a_run_claimed_again_by_the_same_replica_keeps_its_slot() -> None:
     async def scenario() -> None:
         store = ScriptedStore(queued_run())
-        runner = object.__new__(_Runner)
-        # Serve awaits TaskRunner's async constructor; so does this test.
-        await TaskRunner.__init__(runner, {}, {}, store, TasksConfig(lease_s=1, runner_concurrency=2))
-        runner.executor = GatedExecutor()  # type: ignore[assignment]
-        # Both attempts start; t1's first renewal (after lease_s / 3) finds its lease lost and stops it.
-        await asyncio.sleep(0.7)
+        clock = ManualClock()
+        loop = new_loop(store, GatedExecutor(), lease_s=3.0, clock=clock)
+        loop.start()
+        await until(lambda: len(loop.tasks) == 2 and clock.waiting == 2)  # both attempts run
+        clock.advance(1.0)  # lease_s / 3: each keeper renews; t1's lease turns out to be lost
+        await until(lambda: "t1" not in loop.tasks)
         # The stale attempt's cleanup must not drop the live attempt: it still holds a slot.
-        assert list(runner.active) == ["t2"]
-        runner.executor.gate.set()  # type: ignore[attr-defined]
-        await asyncio.sleep(0.1)
-        assert store.completed == ["t2"] and runner.active == {}
-        await TaskRunner.__del__(runner)
+        assert list(loop.tasks) == ["t2"]
+        loop.executor.gate.set()  # type: ignore[attr-defined]
+        await until(lambda: not loop.tasks)
+        assert store.completed == ["t2"] and loop.tasks == {}
+        await loop.stop()
 
     asyncio.run(scenario())
 
@@ -94,11 +146,11 @@ def test_a_run_claimed_again_by_the_same_replica_keeps_its_slot() -> None:
 class _DeadWorker:
     """A worker handle whose replica died with the call in flight."""
 
-    def __init__(self) -> None:
-        self.chat = _Method(self._chat)
+    class _Chat:
+        async def remote(self, body: dict[str, Any]) -> Any:
+            raise ActorUnavailableError("Actor is unavailable.", None)
 
-    async def _chat(self, body: dict[str, Any]) -> Any:
-        raise ActorUnavailableError("Actor is unavailable.", None)
+    chat = _Chat()
 
 
 def test_a_worker_replica_dying_mid_call_is_transient_not_a_task_failure() -> None:
@@ -106,26 +158,8 @@ def test_a_worker_replica_dying_mid_call_is_transient_not_a_task_failure() -> No
     with pytest.raises(Overloaded) as info:
         asyncio.run(executor._chat("m", {"messages": []}))
     assert isinstance(info.value, TRANSIENT)  # so a queued run is released, not failed
+    assert is_transient(info.value)
     assert info.value.retry_after == 1
-
-
-class StoreMethods:
-    """A real (in-memory SQLite) RunStore behind the handle-method shape the runner calls."""
-
-    def __init__(self, store: RunStore, lease_s: float) -> None:
-        async def claim(worker_id: str, limit: int, wait_s: float) -> list[RunRecord]:
-            runs = store.claim(worker_id=worker_id, lease_s=lease_s, limit=limit)
-            if not runs:
-                await asyncio.sleep(min(wait_s, 0.05))
-            return runs
-
-        async def renew(run_id: str, token: str) -> bool:
-            return store.renew(run_id, token, lease_s)
-
-        async def release(run_id: str, token: str) -> bool:
-            return store.release(run_id, token)
-
-        self.claim, self.renew, self.release = _Method(claim), _Method(renew), _Method(release)
 
 
 def test_a_stopping_runner_hands_its_runs_back_at_once() -> None:
@@ -133,21 +167,163 @@ def test_a_stopping_runner_hands_its_runs_back_at_once() -> None:
 
     async def scenario() -> None:
         with RunStore(":memory:") as store:
-            ids = [store.create_run(task="t", input={"i": i}, owner="alice", idempotency_key=None)[0].id
-                   for i in range(3)]
-            runner = object.__new__(_Runner)
-            await TaskRunner.__init__(runner, {}, {}, StoreMethods(store, lease_s=600), TasksConfig())
-            runner.executor = GatedExecutor()  # type: ignore[assignment]  # never finishes
-            for _ in range(100):
-                if len(runner.active) == 3:
-                    break
-                await asyncio.sleep(0.01)
+            ids = submit(store, 3)
+            loop = new_loop(StoreQueue(store, lease_s=600), GatedExecutor(), slots=64)  # never finishes
+            loop.start()
+            await until(lambda: len(loop.tasks) == 3)
             assert {store.get(i, "alice").status for i in ids} == {"running"}
 
-            await TaskRunner.__del__(runner)
+            await loop.stop()
 
             runs = [store.get(i, "alice") for i in ids]
             assert {r.status for r in runs} == {"queued"}  # with a 600 s lease: only a release does that
             assert {r.attempt for r in runs} == {1}  # a hand-back is not a failed start
+            assert {r.available_at for r in runs} == {None}  # and may be claimed again at once
 
     asyncio.run(scenario())
+
+
+def test_a_transient_failure_backs_off_in_the_queue_not_on_a_lease() -> None:
+    """Issue 10 item 3: the run goes back to the queue with a "not before" time; no slot waits."""
+
+    async def scenario() -> None:
+        with RunStore(":memory:") as store:
+            (run_id,) = submit(store)
+            executor = ScriptedExecutor(Overloaded("busy", retry_after=1.0))
+            loop = new_loop(StoreQueue(store, lease_s=600), executor, slots=1)
+            loop.start()
+            released = await until(lambda: (r := store.get(run_id, "alice")).status == "queued" and r.attempt and r)
+            failed_at = executor.called_at[0]
+            # Released at once, not after the backoff, holding no lease and no slot meanwhile.
+            assert released.lease_token is None and released.attempt == 1
+            assert released.available_at is not None
+            assert failed_at + 0.9 <= released.available_at <= time.time() + 1.0
+            assert loop.free_slots == 1 and loop.tasks == {}
+
+            done = await until(lambda: (r := store.get(run_id, "alice")).terminal and r, timeout_s=10)
+            assert (done.status, done.attempt) == (RunStatus.SUCCEEDED, 2)
+            assert executor.called_at[1] - failed_at >= 0.95  # not claimed before its time
+            await loop.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_transient_failure_of_the_last_start_fails_the_run() -> None:
+    async def scenario() -> None:
+        with RunStore(":memory:") as store:
+            (run_id,) = submit(store)
+            loop = new_loop(StoreQueue(store, lease_s=600), ScriptedExecutor(Overloaded("busy")), max_starts=1)
+            loop.start()
+            run = await until(lambda: (r := store.get(run_id, "alice")).terminal and r)
+            assert run.status is RunStatus.FAILED and run.attempt == 1
+            assert run.error is not None and run.error["code"] == "overloaded"
+            await loop.stop()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "message"),
+    [
+        (TaskFailed("The output never validated."), "task_failed", "The output never validated."),
+        # A bug: the client learns nothing internal.
+        (RuntimeError("secret internals"), "internal_error", "Internal error while running the task."),
+    ],
+)
+def test_a_task_error_fails_the_run_without_retry(error: Exception, code: str, message: str) -> None:
+    async def scenario() -> None:
+        with RunStore(":memory:") as store:
+            (run_id,) = submit(store)
+            executor = ScriptedExecutor(error)
+            loop = new_loop(StoreQueue(store, lease_s=600), executor)
+            loop.start()
+            run = await until(lambda: (r := store.get(run_id, "alice")).terminal and r)
+            assert run.status is RunStatus.FAILED and run.attempt == 1 and len(executor.called_at) == 1
+            assert run.error is not None and (run.error["code"], run.error["message"]) == (code, message)
+            await loop.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_finished_run_is_completed_with_its_usage() -> None:
+    async def scenario() -> None:
+        with RunStore(":memory:") as store:
+            (run_id,) = submit(store)
+            loop = new_loop(StoreQueue(store, lease_s=600), ScriptedExecutor())
+            loop.start()
+            run = await until(lambda: (r := store.get(run_id, "alice")).terminal and r)
+            assert run.status is RunStatus.SUCCEEDED
+            assert run.result == {"task": "t", "output": {"label": "a"}, "model": "m", "attempts": 1}
+            assert run.usage == {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}
+            await loop.stop()
+
+    asyncio.run(scenario())
+
+
+def test_the_lease_keeper_renews_and_stops_work_whose_lease_is_gone() -> None:
+    async def scenario() -> None:
+        with RunStore(":memory:") as store:
+            (run_id,) = submit(store)
+            (run,) = store.claim(worker_id="w", lease_s=30, now=1000.0)
+            assert run.lease_token is not None and run.lease_expires_at == 1030.0
+            clock = ManualClock()
+            queue = StoreQueue(store, lease_s=30)
+            keeper = LeaseKeeper(queue, run_id, run.lease_token, interval_s=10, clock=clock)
+            work = asyncio.create_task(asyncio.Event().wait())
+            keeping = asyncio.create_task(keeper.keep(work))
+
+            await until(lambda: clock.waiting == 1)
+            assert queue.renewals == 0  # nothing before the interval
+            clock.advance(10)
+            await until(lambda: keeper.renewals == 1 and clock.waiting == 1)
+            lease = store.get(run_id, "alice").lease_expires_at
+            assert lease is not None and lease > time.time() + 25  # renewed for another lease_s
+            assert not work.done()
+
+            store.cancel(run_id, "alice")  # the owner cancels: the next renewal finds no lease
+            clock.advance(10)
+            await until(lambda: work.done())
+            assert work.cancelled() and keeping.done() and keeper.renewals == 2
+            assert store.get(run_id, "alice").status is RunStatus.CANCELLED
+
+    asyncio.run(scenario())
+
+
+def test_a_failed_renewal_is_retried_not_taken_as_a_lost_lease() -> None:
+    class FlakyQueue(StoreQueue):
+        calls = 0
+
+        async def renew(self, run_id: str, token: str) -> bool:
+            self.calls += 1
+            if self.calls == 1:
+                raise ConnectionError("store restarting")
+            return await super().renew(run_id, token)
+
+    async def scenario() -> None:
+        with RunStore(":memory:") as store:
+            (run_id,) = submit(store)
+            (run,) = store.claim(worker_id="w", lease_s=30)
+            assert run.lease_token is not None
+            clock = ManualClock()
+            queue = FlakyQueue(store, lease_s=30)
+            keeper = LeaseKeeper(queue, run_id, run.lease_token, interval_s=10, clock=clock)
+            work = asyncio.create_task(asyncio.Event().wait())
+            keeping = asyncio.create_task(keeper.keep(work))
+            for expected in (1, 2):
+                await until(lambda: clock.waiting == 1)
+                clock.advance(10)
+                await until(lambda: queue.calls == expected)  # noqa: B023  (awaited in the iteration)
+            await until(lambda: keeper.renewals == 1 and clock.waiting == 1)  # the second call succeeded
+            assert not work.done()
+            work.cancel()
+            clock.advance(10)
+            await until(lambda: keeping.done())
+
+    asyncio.run(scenario())
+
+
+def test_run_loop_rejects_nonsense_settings() -> None:
+    with pytest.raises(ValueError):
+        new_loop(None, None, slots=0)
+    with pytest.raises(ValueError):
+        new_loop(None, None, lease_s=0)

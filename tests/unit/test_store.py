@@ -22,7 +22,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from deployments.core.runstate import RunStatus
 from deployments.errors import Conflict, InvalidRequest, RunNotFound
-from deployments.store import RunRecord, RunStore, open_database
+from deployments.store import SCHEMA_VERSION, RunRecord, RunStore, open_database
 from deployments.store.records import encode_cursor
 from deployments.store.sqlite import SqliteDatabase
 
@@ -224,6 +224,34 @@ def test_fail_and_release(store: RunStore) -> None:
     assert claim_one(store, now=103.0).attempt == 2
 
 
+def test_release_with_a_delay_is_not_claimed_before_its_time(store: RunStore) -> None:
+    """Issue 10 item 3: a runner backs off a transient failure in the queue, holding no lease."""
+    early, late = new_run(store, 1), new_run(store, 2)
+    token = claim_one(store, now=100.0).lease_token  # the oldest run: ``early``
+    assert token is not None
+    assert store.release(early.id, token, delay_s=30.0, now=101.0)
+    held_back = store.get(early.id, "alice")
+    assert (held_back.status, held_back.attempt, held_back.lease_token, held_back.available_at) == (
+        RunStatus.QUEUED, 1, None, 131.0,
+    )
+    assert store.count_queued() == 2  # still waiting, so still counted against the queue bound
+    # Before its time the younger run is claimed past it; the held-back one is not.
+    assert [r.id for r in store.claim(worker_id="w2", lease_s=LEASE, now=102.0, limit=5)] == [late.id]
+    assert store.claim(worker_id="w2", lease_s=LEASE, now=130.999) == []
+    again = claim_one(store, now=131.0, worker="w3")
+    assert (again.id, again.attempt, again.available_at) == (early.id, 2, None)
+
+
+def test_release_delay_must_be_finite_and_not_negative(store: RunStore) -> None:
+    run = new_run(store)
+    token = claim_one(store, now=100.0).lease_token
+    assert token is not None
+    for bad in (-1.0, float("inf"), float("nan")):
+        with pytest.raises(ValueError):
+            store.release(run.id, token, delay_s=bad, now=101.0)
+    assert store.get(run.id, "alice").status is RunStatus.RUNNING  # nothing written
+
+
 def test_lease_expiry_beyond_max_attempts_fails_the_run(open_store: OpenStore) -> None:
     store = open_store(max_attempts_total=2)
     run = new_run(store)
@@ -356,9 +384,27 @@ def test_database_persists_across_reopen(fresh_location: Callable[[], str]) -> N
     database = open_database(db)
     try:
         with database.autocommit() as tx:
-            assert tx.rows("SELECT version FROM schema_version") == [{"version": 1}]
+            assert tx.rows("SELECT version FROM schema_version") == [{"version": SCHEMA_VERSION}]
     finally:
         database.close()
+
+
+def test_a_version_1_database_is_migrated(fresh_location: Callable[[], str]) -> None:
+    db = fresh_location()
+    with RunStore(db) as store:
+        run = new_run(store)
+    database = open_database(db)
+    with database.transaction() as tx:  # what version 1 looked like: no available_at
+        tx.run("ALTER TABLE runs DROP COLUMN available_at")
+        tx.run("UPDATE schema_version SET version = 1")
+    database.close()
+    with RunStore(db) as store:
+        assert store.get(run.id, "alice") == run
+        token = claim_one(store, now=200.0).lease_token
+        assert token is not None and store.release(run.id, token, delay_s=5, now=201.0)
+        assert store.get(run.id, "alice").available_at == 206.0
+        with store.database.autocommit() as tx:
+            assert tx.rows("SELECT version FROM schema_version") == [{"version": SCHEMA_VERSION}]
 
 
 def test_sqlite_file_is_wal_with_synchronous_full(tmp_path: Path) -> None:
