@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 import yaml
@@ -30,6 +31,7 @@ import yaml
 from cluster import local
 from tests.cluster_process import alive, descendants
 from tests.fakes.upstream import FakeUpstream
+from tests.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -245,10 +247,53 @@ def serve_app(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.fixture
 def app(serve_app: ServeApp) -> Iterator[ServeApp]:
-    """The session's app with the fake upstream reset before and after each test."""
+    """The session's app, left by each test as the next one expects it (see ``settle``)."""
     serve_app.upstream.reset()
     yield serve_app
-    serve_app.upstream.reset()
+    settle(serve_app)
+
+
+UNFINISHED = ("queued", "running")
+
+
+def settle(app: ServeApp, timeout_s: float = 60) -> None:
+    """Undo what a test can leave behind for the next one, waiting on conditions:
+
+    - unfinished runs (they would call the upstream during the next test): cancelled, and their
+      upstream calls ended (a cancelled run's runner notices at its next lease renewal);
+    - the fake upstream's faults and counters: reset;
+    - open circuit breakers and model-wide 429 pauses: every upstream model of both apps answers
+      a request again (a probe closes a breaker after its cooldown; a pause is waited out).
+    """
+    with httpx.Client(base_url=app.base_url, timeout=30) as client:
+        for status in UNFINISHED:
+            for run in list_runs(client, status):
+                client.post(f"/runs/{run}/cancel")
+        wait_for(lambda: app.upstream.stats()["in_flight"] == 0, timeout_s, message="upstream calls to end")
+        app.upstream.reset()
+        for model in (m["name"] for m in upstream_models(app.upstream.base_url)):
+            wait_for(lambda: answers(client, model), timeout_s, interval_s=0.2, message=f"model {model} to answer")  # noqa: B023
+    with httpx.Client(
+        base_url=app.auth_base_url, timeout=30, headers={"Authorization": f"Bearer {ADMIN_KEY}"}
+    ) as admin:
+        wait_for(lambda: answers(admin, "fake"), timeout_s, interval_s=0.2, message="the auth app's model")
+    app.upstream.reset()
+
+
+def list_runs(client: httpx.Client, status: str) -> list[str]:
+    ids: list[str] = []
+    cursor = None
+    while True:
+        params: dict[str, Any] = {"status": status, "limit": 1000, **({"cursor": cursor} if cursor else {})}
+        page = client.get("/runs", params=params).json()
+        ids += [run["id"] for run in page["data"]]
+        if not (cursor := page["next_cursor"]):
+            return ids
+
+
+def answers(client: httpx.Client, model: str) -> bool:
+    body = {"model": model, "messages": [{"role": "user", "content": "settle"}], "max_tokens": 4}
+    return client.post("/chat/completions", json=body).status_code == 200
 
 
 @pytest.fixture(scope="session")

@@ -16,25 +16,32 @@ from typing import TypeVar
 T = TypeVar("T")
 
 
-def wait_for(predicate: Callable[[], T], timeout_s: float = 30.0, interval_s: float = 0.05, message: str = "") -> T:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
+class _Deadline:
+    def __init__(self, timeout_s: float, what: object) -> None:
+        self.timeout_s, self.what = timeout_s, what
+        self.at = time.monotonic() + timeout_s
+
+    def met(self, value: object) -> bool:
         if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s:g}s: {message or predicate}")
+            return True
+        if time.monotonic() > self.at:
+            raise AssertionError(f"condition not met within {self.timeout_s:g}s: {self.what}")
+        return False
+
+
+def wait_for(predicate: Callable[[], T], timeout_s: float = 30.0, interval_s: float = 0.05, message: str = "") -> T:
+    deadline = _Deadline(timeout_s, message or predicate)
+    while not deadline.met(value := predicate()):
         time.sleep(interval_s)
+    return value
 
 
 async def until(predicate: Callable[[], T], timeout_s: float = 10.0, message: str = "") -> T:
-    deadline = time.monotonic() + timeout_s
+    # Polled, not an Event: the condition is state of objects the test does not instrument.
+    deadline = _Deadline(timeout_s, message or predicate)
     while True:
-        value = predicate()
-        if value:
+        if deadline.met(value := predicate()):
             return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout_s:g}s: {message or predicate}")
         await asyncio.sleep(0.005)
 
 

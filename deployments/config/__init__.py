@@ -238,7 +238,8 @@ class TasksConfig(_Strict):
 
     def definitions_path(self) -> Path:
         path = Path(self.definitions_dir).expanduser()
-        return path if path.is_absolute() else Path(__file__).resolve().parents[1] / path
+        # deployments/config/__init__.py: the checkout is two levels up.
+        return path if path.is_absolute() else Path(__file__).resolve().parents[2] / path
 
 
 class AppArgs(_Strict):

@@ -110,7 +110,9 @@ class _Control:
     def reset(self) -> None:
         with self._lock:
             self.config, self._faults_left = self._initial, self._initial.fail_first_n
+            in_flight = self.in_flight  # calls still running are still in flight after a reset
             self._zero()
+            self.in_flight = self.max_in_flight = in_flight
 
     def begin_call(self, authorization: str | None, authorized: bool) -> FaultConfig:
         """Count a chat call; return the config it runs under ("ok" once faults ran out)."""

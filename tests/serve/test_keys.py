@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import sqlite3
-import time
 from typing import Any
 
 import httpx
@@ -11,6 +10,7 @@ import openai
 import pytest
 
 from tests.fixtures import ADMIN_KEY, ServeApp
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.serve
 
@@ -54,7 +54,15 @@ def test_key_works_and_revoked_key_stops(app: ServeApp) -> None:
     assert reply.choices[0].message.content == "echo: hello"
     revoked = admin(app, "DELETE", f"/admin/keys/{created['id']}").json()
     assert revoked["revoked_at"] is not None
-    time.sleep(1.2)  # cache_ttl_s: 1 for every Gateway replica
+
+    def refused() -> bool:  # at once on the replica that revoked it; within cache_ttl_s: 1 on others
+        try:
+            client(app, created["key"]).chat.completions.create(model="fake", messages=HELLO)
+        except openai.AuthenticationError:
+            return True
+        return False
+
+    wait_for(refused, timeout_s=10, message="the revoked key to be refused")
     with pytest.raises(openai.AuthenticationError):
         client(app, created["key"]).chat.completions.create(model="fake", messages=HELLO)
 
@@ -90,10 +98,17 @@ def test_exhausted_budget_is_403_and_usage_is_recorded(app: ServeApp) -> None:
     # The fake upstream reports ~10 tokens per call: a few calls spend the budget.
     for _ in range(3):
         chat.chat.completions.create(model="fake", messages=HELLO)
-    time.sleep(1.5)  # usage reaches the store about once a second
-    with pytest.raises(openai.PermissionDeniedError):
-        for _ in range(5):
+
+    def spent() -> bool:  # usage reaches the store about once a second, the key index after that
+        try:
             chat.chat.completions.create(model="fake", messages=HELLO)
+        except openai.PermissionDeniedError:
+            return True
+        return False
+
+    wait_for(spent, timeout_s=15, interval_s=0.2, message="the budget to be exhausted")
+    with pytest.raises(openai.PermissionDeniedError):
+        chat.chat.completions.create(model="fake", messages=HELLO)
     usage = httpx.get(f"{app.auth_base_url}/usage", headers={"Authorization": f"Bearer {key}"}).json()["data"]
     assert usage and usage[0]["model"] == "fake" and usage[0]["requests"] >= 3
     assert usage[0]["total_tokens"] >= 30

@@ -11,6 +11,7 @@ import pytest
 
 from deployments.core.limits import window_capacity
 from tests.fixtures import LIMITED_RPM, ServeApp
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.serve
 
@@ -85,7 +86,7 @@ def test_429_storm_gives_clients_a_clear_answer_not_a_hang(app: ServeApp) -> Non
     with pytest.raises(openai.RateLimitError):
         client.chat.completions.create(model="fake-short", messages=HELLO)
     assert time.monotonic() - started < 5
-    time.sleep(3)  # let the model-wide pause end before the next test
+    # The model-wide pause is the fixture's to wait out (tests/fixtures.py settle).
 
 
 def test_circuit_opens_after_failures_and_probes_later(app: ServeApp) -> None:
@@ -102,7 +103,15 @@ def test_circuit_opens_after_failures_and_probes_later(app: ServeApp) -> None:
     assert "retry-after" in caught.value.response.headers
     assert app.upstream.stats()["calls"] == calls  # failed fast: the upstream was not called
     app.upstream.configure(mode="ok")
-    time.sleep(2.2)  # cooldown_s: 2 → one probe goes through and closes the circuit
+
+    def probe() -> bool:  # cooldown_s: 2 → then one probe goes through and closes the circuit
+        try:
+            return bool(client.chat.completions.create(model="fake-breaker", messages=HELLO).choices)
+        except openai.APIStatusError as exc:
+            assert exc.status_code == 503 and app.upstream.stats()["calls"] == calls  # still failing fast
+            return False
+
+    wait_for(probe, timeout_s=15, interval_s=0.2, message="the circuit to close")
     assert client.chat.completions.create(model="fake-breaker", messages=HELLO).choices
 
 

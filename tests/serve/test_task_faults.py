@@ -38,6 +38,7 @@ import yaml
 from tests.cluster_process import ClusterProcess
 from tests.fakes.upstream import FakeUpstream
 from tests.fixtures import TEST_TASKS, ServeApp, free_port, make_config
+from tests.waiting import wait_for
 
 pytestmark = [pytest.mark.serve, pytest.mark.slow]
 
@@ -150,11 +151,7 @@ def wait_all_terminal(base_url: str, ids: list[str], timeout: float) -> dict[str
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(0.1)
+    wait_for(condition, timeout_s=timeout, interval_s=0.1, message=what)
 
 
 # -- Ray helpers ------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import httpx
 import jsonschema
 import pytest
 
+from tests import waiting
 from tests.fixtures import ServeApp
 
 pytestmark = pytest.mark.serve
@@ -102,8 +103,11 @@ def test_cancel_a_running_run_keeps_it_cancelled(app: ServeApp) -> None:
     wait_for(app, run["id"], {"running"})
     cancelled = post(app, f"/runs/{run['id']}/cancel").json()
     assert cancelled["status"] == "cancelled"
-    time.sleep(4)  # the upstream call finishes meanwhile; its result must not land
-    assert get(app, f"/runs/{run['id']}").json()["status"] == "cancelled"
+    # The upstream call ends meanwhile (its 3 s, or sooner: the runner stops it at its next
+    # renewal); its result must not land.
+    waiting.wait_for(lambda: app.upstream.stats()["in_flight"] == 0, timeout_s=30)
+    assert app.upstream.stats()["calls"] == 1
+    assert get(app, f"/runs/{run['id']}", params={"wait": 1}).json()["status"] == "cancelled"
 
 
 def test_idempotent_submits_make_one_run_and_one_call(app: ServeApp) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from deployments import names
 from deployments.config import DATABASE_URL_ENV, AppArgs, OpenAIModel, TasksConfig
+from deployments.config import docs as config_docs
 from deployments.core.taskdefs import load_task_definitions, validate_models
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -103,3 +105,79 @@ def test_store_location_sqlite_by_default_postgresql_by_url(tmp_path: Path) -> N
 def test_bad_store_location_is_a_clear_error(config: dict[str, str], environ: dict[str, str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         TasksConfig.model_validate(config).store_location(environ)
+
+
+# -- single-replica deployments (deployments.names.SINGLE_REPLICA) --------------------------------
+
+
+def single_replica_violations(config: dict[str, Any]) -> list[str]:
+    """Entries of a Serve config that would scale a single-replica deployment past one replica."""
+    found = []
+    for app in config["applications"]:
+        for entry in app.get("deployments", []):
+            if entry["name"] not in names.SINGLE_REPLICA:
+                continue
+            if entry.get("num_replicas", 1) != 1:
+                found.append(f"{app['name']}/{entry['name']}: num_replicas {entry['num_replicas']}")
+            autoscaling = entry.get("autoscaling_config") or {}
+            if max(autoscaling.get("max_replicas", 1), autoscaling.get("min_replicas", 1)) > 1:
+                found.append(f"{app['name']}/{entry['name']}: autoscaling_config {autoscaling}")
+    return found
+
+
+def test_serve_yaml_keeps_single_replica_deployments_single(serve_config: dict[str, Any]) -> None:
+    assert single_replica_violations(serve_config) == []
+
+
+@pytest.mark.parametrize("name", sorted(names.SINGLE_REPLICA))
+@pytest.mark.parametrize(
+    "scaling", [{"num_replicas": 2}, {"num_replicas": "auto"}, {"autoscaling_config": {"max_replicas": 3}}]
+)
+def test_the_single_replica_check_catches_scaling(
+    serve_config: dict[str, Any], name: str, scaling: dict[str, Any]
+) -> None:
+    config = copy.deepcopy(serve_config)
+    entries = config["applications"][0]["deployments"]
+    entry = next((e for e in entries if e["name"] == name), None)
+    if entry is None:
+        entries.append(entry := {"name": name})
+    entry.update(scaling)
+    assert len(single_replica_violations(config)) == 1
+
+
+def bound_deployments(app: Any) -> dict[str, Any]:
+    """Every deployment of a built (not deployed) application, by name: no Ray needed."""
+    from ray.serve import Application
+
+    found: dict[str, Any] = {}
+    stack: list[Any] = [app]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Application):
+            deployment = item._bound_deployment
+            if deployment.name not in found:
+                found[deployment.name] = deployment
+                stack += [*deployment.init_args, *deployment.init_kwargs.values()]
+        elif isinstance(item, dict):
+            stack += item.values()
+        elif isinstance(item, list | tuple):
+            stack += item
+    return found
+
+
+def test_build_app_pins_single_replica_deployments_to_one(serve_config: dict[str, Any]) -> None:
+    from deployments.app import build_app
+
+    args = AppArgs.model_validate(serve_config["applications"][0]["args"])
+    deployments = bound_deployments(build_app(args))
+    assert set(names.ALL) | {names.worker(m.name) for m in args.models} == set(deployments)
+    for name in names.SINGLE_REPLICA:
+        assert deployments[name].num_replicas == 1, name
+        assert deployments[name]._deployment_config.autoscaling_config is None, name
+
+
+def test_relative_paths_are_taken_from_the_checkout() -> None:
+    # Found broken after the move of deployments/config.py into a package: it resolved
+    # `configs/tasks` under deployments/, so `promptfleet start` could not find the shipped tasks.
+    assert TasksConfig().definitions_path() == CONFIGS / "tasks"
+    assert config_docs.README == CONFIGS.parent / "README.md"

@@ -208,18 +208,26 @@ def test_a_transient_failure_backs_off_in_the_queue_not_on_a_lease() -> None:
     asyncio.run(scenario())
 
 
-def test_a_transient_failure_of_the_last_start_fails_the_run() -> None:
-    async def scenario() -> None:
+def run_one(executor: ScriptedExecutor, **loop_options: Any) -> RunRecord:
+    """Submit one run to a fresh store, let a loop run it to its end; the run as it ended."""
+
+    async def scenario() -> RunRecord:
         with RunStore(":memory:") as store:
             (run_id,) = submit(store)
-            loop = new_loop(StoreQueue(store, lease_s=600), ScriptedExecutor(Overloaded("busy")), max_starts=1)
+            loop = new_loop(StoreQueue(store, lease_s=600), executor, **loop_options)
             loop.start()
-            run = await until(lambda: (r := store.get(run_id, "alice")).terminal and r)
-            assert run.status is RunStatus.FAILED and run.attempt == 1
-            assert run.error is not None and run.error["code"] == "overloaded"
-            await loop.stop()
+            try:
+                return await until(lambda: (r := store.get(run_id, "alice")).terminal and r)
+            finally:
+                await loop.stop()
 
-    asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+def test_a_transient_failure_of_the_last_start_fails_the_run() -> None:
+    run = run_one(ScriptedExecutor(Overloaded("busy")), max_starts=1)
+    assert run.status is RunStatus.FAILED and run.attempt == 1
+    assert run.error is not None and run.error["code"] == "overloaded"
 
 
 @pytest.mark.parametrize(
@@ -231,33 +239,17 @@ def test_a_transient_failure_of_the_last_start_fails_the_run() -> None:
     ],
 )
 def test_a_task_error_fails_the_run_without_retry(error: Exception, code: str, message: str) -> None:
-    async def scenario() -> None:
-        with RunStore(":memory:") as store:
-            (run_id,) = submit(store)
-            executor = ScriptedExecutor(error)
-            loop = new_loop(StoreQueue(store, lease_s=600), executor)
-            loop.start()
-            run = await until(lambda: (r := store.get(run_id, "alice")).terminal and r)
-            assert run.status is RunStatus.FAILED and run.attempt == 1 and len(executor.called_at) == 1
-            assert run.error is not None and (run.error["code"], run.error["message"]) == (code, message)
-            await loop.stop()
-
-    asyncio.run(scenario())
+    executor = ScriptedExecutor(error)
+    run = run_one(executor)
+    assert run.status is RunStatus.FAILED and run.attempt == 1 and len(executor.called_at) == 1
+    assert run.error is not None and (run.error["code"], run.error["message"]) == (code, message)
 
 
 def test_a_finished_run_is_completed_with_its_usage() -> None:
-    async def scenario() -> None:
-        with RunStore(":memory:") as store:
-            (run_id,) = submit(store)
-            loop = new_loop(StoreQueue(store, lease_s=600), ScriptedExecutor())
-            loop.start()
-            run = await until(lambda: (r := store.get(run_id, "alice")).terminal and r)
-            assert run.status is RunStatus.SUCCEEDED
-            assert run.result == {"task": "t", "output": {"label": "a"}, "model": "m", "attempts": 1}
-            assert run.usage == {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}
-            await loop.stop()
-
-    asyncio.run(scenario())
+    run = run_one(ScriptedExecutor())
+    assert run.status is RunStatus.SUCCEEDED
+    assert run.result == {"task": "t", "output": {"label": "a"}, "model": "m", "attempts": 1}
+    assert run.usage == {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}
 
 
 def test_the_lease_keeper_renews_and_stops_work_whose_lease_is_gone() -> None:

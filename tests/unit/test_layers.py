@@ -1,0 +1,150 @@
+"""The layering the tree promises (DESIGN.md "Layout"), checked on the source with ``ast``.
+
+- No import cycles among the modules of ``deployments``, ``jobs`` and ``cluster`` (module-level
+  imports: what runs when a module is loaded; an import inside a function is a deliberate lazy
+  one, e.g. the PostgreSQL driver).
+- The Gateway's HTTP layer (``deployments/gateway``) imports no deployment shell module: it talks
+  to the shells through handles and the schema/record types, never their classes.
+- Pure logic (``deployments/core``) imports neither Ray nor a shell nor the HTTP layer.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGES = ("deployments", "jobs", "cluster")
+SHELLS = frozenset(
+    f"deployments.{name}" for name in ("model_worker", "task_runner", "task_store", "rate_limiter", "batch_service")
+)
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(REPO).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def all_modules() -> dict[str, Path]:
+    return {module_name(p): p for package in PACKAGES for p in sorted((REPO / package).rglob("*.py"))}
+
+
+MODULES = all_modules()
+
+
+def _statements(tree: ast.Module, *, top_level: bool) -> Iterator[ast.stmt]:
+    """Import statements; with ``top_level``, only those run when the module loads (not inside a
+    function, and not under ``if TYPE_CHECKING:``)."""
+    stack: list[ast.AST] = list(tree.body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            yield node
+        elif top_level and isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            continue
+        elif top_level and isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            stack.extend(node.orelse)
+        else:
+            stack.extend(ast.iter_child_nodes(node))
+
+
+def imports(name: str, *, top_level: bool) -> set[str]:
+    """The project modules ``name`` imports."""
+    path = MODULES[name]
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in _statements(ast.parse(path.read_text(), str(path)), top_level=top_level):
+        if isinstance(node, ast.Import):
+            targets = [alias.name for alias in node.names]
+        else:
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, *([base] if base else [])])
+            # `from a.b import c`: a.b, and a.b.c when c is a module.
+            targets = [base, *(f"{base}.{alias.name}" for alias in node.names)]
+        found.update(t for t in targets if t in MODULES and t != name)
+    return found
+
+
+def graph(*, top_level: bool = True) -> dict[str, set[str]]:
+    return {name: imports(name, top_level=top_level) for name in MODULES}
+
+
+def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(edges.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(edges):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_the_graph_is_read_from_the_sources() -> None:
+    edges = graph()
+    assert len(MODULES) > 40
+    assert "deployments.core.runloop" in edges["deployments.task_runner"]
+    assert "deployments.store.records" in edges["deployments.store.runs"]
+    # Lazy imports are not load-time edges (the PostgreSQL driver is loaded only for a URL).
+    assert "deployments.store.postgres" not in edges["deployments.store.database"]
+    assert "deployments.store.postgres" in graph(top_level=False)["deployments.store.database"]
+
+
+def test_the_cycle_finder_finds_cycles() -> None:
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycles() -> None:
+    assert cycles(graph()) == []
+
+
+def test_the_http_layer_imports_no_deployment_shell() -> None:
+    edges = graph(top_level=False)  # not even lazily
+    offenders = {
+        name: sorted(edges[name] & SHELLS) for name in MODULES if name.startswith("deployments.gateway")
+    }
+    assert {name: shells for name, shells in offenders.items() if shells} == {}
+
+
+@pytest.mark.parametrize("name", sorted(n for n in MODULES if n.startswith("deployments.core")))
+def test_pure_logic_imports_no_ray_shell_or_http_layer(name: str) -> None:
+    tree = ast.parse(MODULES[name].read_text())
+    external = {
+        (node.module or "") if isinstance(node, ast.ImportFrom) else alias.name
+        for node in _statements(tree, top_level=False)
+        for alias in node.names
+    }
+    assert not {m for m in external if m == "ray" or m.startswith(("ray.", "fastapi", "starlette"))}
+    assert not imports(name, top_level=False) & (SHELLS | {n for n in MODULES if n.startswith("deployments.gateway")})
