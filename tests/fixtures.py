@@ -184,6 +184,10 @@ def start_cluster(config: dict[str, Any]) -> str:
         before = descendants(os.getpid())
         try:
             ray.init(
+                # "local": always a cluster of our own. Without it ray.init joins any cluster it
+                # finds on this machine (RAY_ADDRESS, /tmp/ray/ray_current_cluster, a running GCS)
+                # — another user's `ray start` — and fails ("num_cpus must not be provided").
+                address="local",
                 num_cpus=4,
                 include_dashboard=True,
                 dashboard_host="127.0.0.1",

@@ -173,7 +173,8 @@ class AuthConfig(_Strict):
         default=5.0,
         ge=0,
         le=300,
-        description="How long a Gateway replica trusts a key lookup; a revoked key stops working within it.",
+        description="How often a Gateway replica refreshes its index of active API keys and their token "
+        "counts; a key revoked through another replica stops working within it.",
     )
 
 

@@ -6,7 +6,7 @@ OpenAPI page at ``/docs`` — on its own listener (``listener``) and through
 Serve's proxy.
 Calls: ``ModelWorker`` deployments (by model name), ``TaskRunner``,
 ``TaskStore`` and ``RateLimiter``, through ``DeploymentHandle``s.
-Owns: a short cache of API-key lookups and unflushed usage counts
+Owns: an index of the active API keys and unflushed usage counts
 (``auth.Authenticator``, ``metering.Meter``); any number of replicas can run.
 
 Every error leaves through ``render_error`` in the OpenAI shape; the status

@@ -15,6 +15,7 @@ from deployments.schemas import BatchChatLine, BatchProgress, BatchTaskLine
 from deployments.store.batches import MAX_JOB_STARTS, BatchStore, JobState, advance
 from jobs import batch
 from jobs.batchlines import LineError, parse_line
+from tests.waiting import until
 
 
 def chat(custom_id: str, model: str = "fake", text: str = "hi") -> dict[str, Any]:
@@ -194,7 +195,7 @@ def test_stop_abandons_in_flight_and_a_rerun_finishes(tmp_path: Path) -> None:
 
     async def stop_soon() -> int:
         task = asyncio.create_task(run_.run())
-        await asyncio.sleep(0.18)
+        await until(lambda: len(backend.calls) - backend.in_flight >= 10)  # some lines answered
         run_.stop()
         return await task
 

@@ -25,6 +25,7 @@ import pytest
 from bench import loadtest
 from bench.loadtest import run_load
 from tests.fakes.upstream import FakeUpstream, minimal_instance
+from tests.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 HELLO = [{"role": "user", "content": "hello"}]
@@ -49,12 +50,7 @@ def client(fake: FakeUpstream) -> Iterator[openai.OpenAI]:
 
 
 def wait_until(predicate: Any, timeout: float = 3.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
+    return bool(wait_for(predicate, timeout_s=timeout, interval_s=0.01))
 
 
 def test_completion_has_the_openai_shape(fake: FakeUpstream, client: openai.OpenAI) -> None:
