@@ -85,9 +85,9 @@ class LeaseKeeper:
     """Renews one run's lease every ``interval_s`` while ``work`` runs.
 
     A renewal answered False means the lease is no longer ours (the owner cancelled the run, or
-    it expired and another runner claimed it): the work is cancelled. A renewal that fails (the
-    store is briefly unreachable) is retried at the next interval; the store honours a late
-    renewal as long as nobody has reclaimed the run.
+    it expired and another runner claimed it): the work is cancelled. A renewal that fails or
+    takes longer than ``interval_s`` (the store is briefly unreachable or stuck) is retried at the
+    next interval; the store honours a late renewal as long as nobody has reclaimed the run.
     """
 
     queue: RunQueue
@@ -103,7 +103,8 @@ class LeaseKeeper:
             if work.done():
                 return
             try:
-                kept = await self.queue.renew(self.run_id, self.lease_token)
+                # Bounded: a renewal stuck on a hung store must not stop the next ones.
+                kept = await asyncio.wait_for(self.queue.renew(self.run_id, self.lease_token), self.interval_s)
             except asyncio.CancelledError:
                 raise
             except Exception:
