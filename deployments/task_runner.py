@@ -3,8 +3,10 @@
 Serves: ``run(task, input)`` (the synchronous API; nothing is stored), and, in
 the background of every replica, a loop that leases queued runs from the
 TaskStore and executes them.
-Calls: ``ModelWorker`` handles (the task's model, then its fallbacks) and the
-``TaskStore`` handle.
+Calls: ``ModelWorker`` handles (the task's model, then its fallbacks) through the
+one model call path (``deployments.model_calls``), metered to the run's key (the
+``RateLimiter`` for its rpm/tpm, the ``TaskStore`` for its budget and usage), and
+the ``TaskStore`` handle.
 Owns: only the runs it currently holds a lease on. A replica that dies simply
 stops renewing; its leases expire and the runs are queued again (at-least-once
 model calls; the store accepts one result per run, from the current lease).
@@ -22,12 +24,14 @@ from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
-from deployments.config import TasksConfig
+from deployments.config import ModelConfig, TasksConfig
 from deployments.core.retry import BackoffPolicy
 from deployments.core.taskdefs import TaskDefinition
-from deployments.errors import PromptfleetError
+from deployments.errors import TRANSIENT, PromptfleetError
+from deployments.gateway.metering import Meter
+from deployments.model_calls import HandleTransport, ModelCalls
 from deployments.store import RunRecord
-from deployments.task_executor import TRANSIENT, TaskExecutor
+from deployments.task_executor import TaskExecutor
 
 logger = logging.getLogger("ray.serve")
 
@@ -40,8 +44,11 @@ class TaskRunner:
         workers: dict[str, DeploymentHandle],
         store: DeploymentHandle,
         config: TasksConfig,
+        models: list[ModelConfig] | None = None,
+        limiter: DeploymentHandle | None = None,
     ) -> None:
-        self.executor = TaskExecutor(tasks, workers)
+        self.meter = Meter(store, limiter) if limiter is not None else None
+        self.executor = TaskExecutor(tasks, ModelCalls(models or [], HandleTransport(workers), self.meter))
         self.store = store
         self.config = config
         self.worker_id = f"runner-{uuid.uuid4().hex[:12]}"
@@ -55,10 +62,13 @@ class TaskRunner:
         self.backoff = BackoffPolicy(base_s=1.0, cap_s=30.0)
         self.loop_task = asyncio.get_running_loop().create_task(self._claim_loop())
 
-    async def run(self, name: str, task_input: dict[str, Any]) -> dict[str, Any] | PromptfleetError:
-        """The synchronous path: execute now, return the result or the error (as a value)."""
+    async def run(
+        self, name: str, task_input: dict[str, Any], payer: str | None = None
+    ) -> dict[str, Any] | PromptfleetError:
+        """The synchronous path: execute now, billed to the key ``payer``; return the result or the
+        error (as a value)."""
         try:
-            return await self.executor.execute(name, task_input)
+            return await self.executor.execute(name, task_input, payer)
         except PromptfleetError as exc:
             return exc
 
@@ -85,7 +95,7 @@ class TaskRunner:
     async def _execute(self, run: RunRecord) -> None:
         assert run.lease_token is not None
         token = run.lease_token
-        work = asyncio.create_task(self.executor.execute(run.task, run.input))
+        work = asyncio.create_task(self.executor.execute(run.task, run.input, run.owner, True))
         renewer = asyncio.create_task(self._renew(run.id, token, work))
         try:
             try:
@@ -135,3 +145,5 @@ class TaskRunner:
         await asyncio.gather(
             *(self.store.release.remote(run_id, token) for token, run_id in held), return_exceptions=True
         )
+        if self.meter is not None:
+            await self.meter.close()  # the usage of the calls made so far

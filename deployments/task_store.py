@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from deployments.config import TasksConfig
-from deployments.errors import Overloaded
+from deployments.errors import NotFound, Overloaded
 from deployments.store import RunRecord, RunStore, open_database
 from deployments.store.keys import ApiKey, KeyStore
 
@@ -124,13 +124,10 @@ class TaskStore:
     async def complete(
         self, run_id: str, lease_token: str, result: Any, usage: dict[str, Any], owner: str | None = None
     ) -> bool:
+        # Usage is not billed here: every model call of the run was metered to its key as it
+        # was made (``deployments.model_calls``), the calls of a lost attempt included.
         won = await self._db(self.store.complete, run_id, lease_token, result=result, usage=usage)
         self._notify_finished(run_id)
-        if won and owner is not None and owner.startswith("key_"):
-            # Async runs are billed to their key when their result lands (once: only the winner).
-            row = (owner, str(result.get("model", "")), 1, int(usage.get("prompt_tokens", 0)),
-                   int(usage.get("completion_tokens", 0)))
-            await self._db(self.keys.record_usage, [row])
         return won
 
     async def fail(
@@ -158,6 +155,13 @@ class TaskStore:
 
     async def lookup_key(self, key_hash: str) -> ApiKey | None:
         return await self._db(self.keys.lookup, key_hash)
+
+    async def get_key(self, key_id: str) -> ApiKey | None:
+        """The key ``key_id`` (revoked ones too), or None: for metering work billed to a key."""
+        try:
+            return await self._db(self.keys.get, key_id)
+        except NotFound:
+            return None
 
     async def list_keys(self) -> list[ApiKey]:
         return await self._db(self.keys.list_keys)

@@ -52,8 +52,10 @@ def test_create_claim_complete_get(fresh_location: Callable[[], str], tmp_path: 
             assert (done.status, done.result, done.usage) == (RunStatus.SUCCEEDED, result, usage)
             assert (await service.get(run.id, key.id)) == done
             assert await service.claim("runner-1", limit=1, wait_s=0) == []
-            (row,) = await service.usage(key.id)
-            assert (row["model"], row["requests"], row["total_tokens"]) == ("m", 1, 5)
+            # A run's usage is billed call by call by the model call path, not again on completion.
+            assert await service.usage(key.id) == []
+            assert await service.get_key(key.id) == key
+            assert await service.get_key("key_0000000000000000") is None
         finally:
             service.db.shutdown(wait=True)
             service.database.close()
