@@ -91,9 +91,15 @@ class Meter:
         if key.rpm is None and key.tpm is None:
             return 0
         booked = tokens if key.tpm else 0
-        retry_after = await self.budgets.acquire(
-            f"key:{key.id}", Budget(rpm=key.rpm, tpm=key.tpm), 1, booked, time.monotonic() + wait_s
-        )
+        try:
+            retry_after = await self.budgets.acquire(
+                f"key:{key.id}", Budget(rpm=key.rpm, tpm=key.tpm), 1, booked, time.monotonic() + wait_s
+            )
+        except asyncio.CancelledError:
+            # Cancelled while waiting for the slot: the booking may already stand. Give it back (if it
+            # never went out, the limiter bounds the refund to one burst, so it mints nothing more).
+            self.refund(entry, booked)
+            raise
         if retry_after is not None:
             raise RateLimited("This API key is over its rate limit.", retry_after=retry_after)
         return booked
