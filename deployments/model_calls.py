@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncGenerator, Awaitable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
@@ -174,15 +174,31 @@ class ModelCalls:
     async def _first_answer(
         self, chain: list[str], request: ChatCompletionRequest, call_id: str
     ) -> tuple[ChatReply, str]:
+        async def attempt(model: str, call: ModelCall) -> tuple[bool, Any]:
+            result = await self.transport.chat(model, call)
+            return isinstance(result, ChatReply), result
+
+        reply, model = await self._along(chain, request, call_id, attempt)
+        return reply, model
+
+    async def _along(
+        self,
+        chain: list[str],
+        request: ChatCompletionRequest,
+        call_id: str,
+        attempt: Callable[[str, ModelCall], Awaitable[tuple[bool, Any]]],
+    ) -> tuple[Any, str]:
+        """Try ``attempt`` on each model of ``chain`` until one answers (``(True, answer)``); go on
+        after an error whose class is transient, raise any other (and the last model's)."""
         for index, model in enumerate(chain):
             call = ModelCall(request=_for_model(request, model), request_id=call_id)
             try:
-                result = await self.transport.chat(model, call)
+                answered, result = await attempt(model, call)
             except BackPressureError:
-                result = overloaded(model)
+                answered, result = False, overloaded(model)
             except WORKER_GONE:
-                result = unavailable(model)
-            if isinstance(result, ChatReply):
+                answered, result = False, unavailable(model)
+            if answered:
                 return result, model
             if not isinstance(result, PromptfleetError):
                 result = unexpected(model, result)
@@ -218,26 +234,24 @@ class ModelCalls:
     async def _open(
         self, chain: list[str], request: ChatCompletionRequest, call_id: str
     ) -> tuple[WorkerStream, Any, str]:
-        """Start the stream on the first model of ``chain`` that yields a first item."""
-        for index, model in enumerate(chain):
-            chunks = self.transport.stream(model, ModelCall(request=_for_model(request, model), request_id=call_id))
+        """Start the stream on the first model of ``chain`` whose first item is not an error."""
+
+        async def attempt(model: str, call: ModelCall) -> tuple[bool, Any]:
+            chunks = self.transport.stream(model, call)
             try:
                 first: Any = await chunks.__anext__()
             except StopAsyncIteration:
-                first = unexpected(model, None)
-            except BackPressureError:
-                first = overloaded(model)
-            except WORKER_GONE:
-                first = unavailable(model)
+                first = None
+            except BaseException:
+                chunks.cancel()
+                raise
             if isinstance(first, (dict, StreamEnd)):
-                return chunks, first, model
+                return True, (chunks, first)
             chunks.cancel()
-            if not isinstance(first, PromptfleetError):
-                first = unexpected(model, first)
-            if index == len(chain) - 1 or not first.transient:
-                raise first
-            logger.warning("model %s failed (%s); falling back to %s", model, first.code, chain[index + 1])
-        raise AssertionError("unreachable")
+            return False, first
+
+        (chunks, first), model = await self._along(chain, request, call_id, attempt)
+        return chunks, first, model
 
     async def _relay(
         self,

@@ -205,6 +205,14 @@ class Metered:
                                              limits.get("token_budget"))
         return KeyEntry(key=key, fetched_at=time.monotonic())
 
+    async def booked(self, key: KeyEntry) -> int:
+        """Tokens booked on the key's tpm, once a booking reached the limiter."""
+        for _ in range(100):
+            if self.limiter.net:
+                break
+            await asyncio.sleep(0.01)
+        return self.limiter.net[f"key:{key.key.id}"]
+
     async def settled(self, key: KeyEntry) -> int:
         """Tokens left booked on the key's tpm once corrections went out."""
         for _ in range(100):
@@ -252,12 +260,8 @@ def test_the_estimate_is_bounded_by_the_models_output_limit(tmp_path: Path) -> N
         key = await m.key(tpm=1_000_000)
         calls = ModelCalls(MODELS, FakeWorkers({"small": ["hang"]}), m.meter)
         task = asyncio.create_task(calls.complete(request("small"), key, wait_s=1))
-        for _ in range(100):
-            if m.limiter.net:
-                break
-            await asyncio.sleep(0.01)
         # No max_tokens asked: the default estimate, cut to the model's 100-token limit.
-        assert m.limiter.net[f"key:{key.key.id}"] == calls.estimate(request("small")) <= 100 + 20
+        assert await m.booked(key) == calls.estimate(request("small")) <= 100 + 20
         task.cancel()
 
     metered(tmp_path, scenario)
@@ -282,11 +286,7 @@ def test_a_cancelled_call_gives_its_booking_back(tmp_path: Path) -> None:
         key = await m.key(tpm=100_000)
         calls = ModelCalls(MODELS, FakeWorkers({"b": ["hang"]}), m.meter)
         task = asyncio.create_task(calls.complete(request("b"), key, wait_s=1))
-        for _ in range(100):
-            if m.limiter.net:
-                break
-            await asyncio.sleep(0.01)
-        assert m.limiter.net[f"key:{key.key.id}"] > 0
+        assert await m.booked(key) > 0
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
