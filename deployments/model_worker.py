@@ -39,7 +39,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.config import ModelConfig
 from deployments.errors import PromptfleetError
 from deployments.providers import Provider, build_provider
-from deployments.schemas import ChatReply, ModelCall, StreamEnd, Usage
+from deployments.schemas import ChatReply, ModelCall, StreamEnd
 
 logger = logging.getLogger("ray.serve")
 
@@ -68,7 +68,7 @@ class ModelWorker:
             completion = await self.provider.chat(self.body(call))
         except PromptfleetError as exc:
             return exc
-        return ChatReply(completion=completion, usage=Usage.of(completion.get("usage")))
+        return ChatReply.of(completion)
 
     async def chat_stream(self, call: ModelCall) -> AsyncIterator[StreamItem]:
         try:

@@ -11,9 +11,14 @@ Bodies pass through untouched except ``model`` (rewritten to the upstream's
 name) and, on streams, ``stream_options.include_usage`` (always asked for, so a
 stream is billed by the upstream's own count; the usage chunk reaches the client
 only if it asked): fields promptfleet does not know reach the upstream as the
-client sent them. A ``Retry-After`` is parsed strictly and capped at the model's
-``max_retry_after_s``. ``client.post(..., cast_to=object)`` skips building typed response
-objects we would only turn back into dicts.
+client sent them. ``client.post(..., cast_to=object)`` skips building typed
+response objects we would only turn back into dicts. A ``Retry-After`` is parsed
+strictly and capped at the model's ``max_retry_after_s``.
+
+The token estimate booked on the model's ``tpm`` before each try is settled with the real
+usage, given back when the upstream refused or was never reached (429, 5xx, 4xx, connection
+errors), and kept for a try that timed out or was cancelled in flight (the upstream may have
+generated it anyway). A stream without usage is settled with the tokens counted as relayed.
 """
 
 from __future__ import annotations

@@ -57,7 +57,8 @@ def test_chat_takes_a_model_call_and_answers_a_chat_reply() -> None:
     assert isinstance(reply, ChatReply) and reply.usage == Usage(prompt_tokens=2, completion_tokens=1, total_tokens=3)
     # Only what the client set reaches the provider.
     assert provider.bodies[0] == {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.5}
-    assert pickle.loads(pickle.dumps(call())) == call()  # what crosses the handle pickles
+    crossed = pickle.loads(pickle.dumps(call()))  # what crosses the handle pickles, and is validated again
+    assert (crossed.request, crossed.request_id, crossed.body()) == (call().request, "req-1", call().body())
 
 
 def test_expected_errors_come_back_as_values() -> None:
@@ -84,3 +85,11 @@ def test_max_tokens_above_the_models_limit_is_lowered_for_a_fallback() -> None:
     asyncio.run(Worker(CONFIG, provider=provider).chat(call(max_tokens=5000, max_completion_tokens=7000)))
     assert provider.bodies[0]["max_tokens"] == 100 and provider.bodies[0]["max_completion_tokens"] == 100
     assert asyncio.run(Worker(CONFIG, provider=provider).describe()) == CONFIG
+
+
+def test_replies_cross_the_handle_as_plain_data_and_arrive_equal() -> None:
+    with_usage = ChatReply.of({"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 1}})
+    without = ChatReply.of({"choices": []})
+    for reply in (with_usage, without):
+        assert pickle.loads(pickle.dumps(reply)) == reply
+    assert without.usage is None and with_usage.usage == Usage(prompt_tokens=2, completion_tokens=1, total_tokens=3)
