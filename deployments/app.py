@@ -69,7 +69,7 @@ def build_app(args: AppArgs) -> Application:
     runner = (
         serve.deployment(TaskRunner)
         .options(name=names.TASK_RUNNER, max_ongoing_requests=1000)
-        .bind(tasks, workers, store, args.tasks)
+        .bind(tasks, workers, store, args.tasks, args.models, limiter)
     )
     batches = (
         serve.deployment(BatchService)

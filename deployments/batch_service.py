@@ -218,7 +218,9 @@ class BatchService:
             "--input", str(paths["input"]), "--output", str(paths["output"]), "--errors", str(paths["errors"]),
             "--progress-file", str(paths["progress"]), "--app", self.app_name,
             "--concurrency", str(BATCH_CONCURRENCY), "--progress-every", "5",
-        ] + (["--ray-address", address] if (address := self.jobs.cluster_address()) else []))
+        ] + (["--ray-address", address] if (address := self.jobs.cluster_address()) else [])
+          # Lines are billed to, and limited as, the owner's key (its id; the key never leaves the store).
+          + (["--key-id", batch.owner] if batch.owner.startswith("key_") else []))
         self.store.save_batch(batch)  # before submitting: a crash in between resubmits, never loses it
         try:
             self.jobs.submit(batch.job_id, entrypoint, {"promptfleet_batch": batch.id, "owner": batch.owner})

@@ -18,12 +18,23 @@ client.
     │   └── RunNotFound                 404 run_not_found
     ├── Conflict                        409 conflict             (idempotency key reuse, …)
     ├── TaskFailed                      422 task_failed          (output never validated)
-    ├── RateLimited                     429 rate_limited         (Retry-After)
-    │   └── UpstreamRateLimited         429 upstream_rate_limited
-    ├── UpstreamError                   502 upstream_error
-    ├── Overloaded                      503 overloaded           (Retry-After)
-    │   └── CircuitOpen                 503 circuit_open
-    └── UpstreamTimeout                 504 upstream_timeout
+    ├── RateLimited                     429 rate_limited         (Retry-After; a key's rpm/tpm)  R
+    │   ├── ModelRateLimited            429 model_rate_limited   (a model's rpm/tpm or pause)  T R
+    │   └── UpstreamRateLimited         429 upstream_rate_limited (the upstream said 429)      T
+    ├── UpstreamError                   502 upstream_error                                     T
+    ├── Overloaded                      503 overloaded           (Retry-After)                 T R
+    │   └── CircuitOpen                 503 circuit_open                                       T R
+    └── UpstreamTimeout                 504 upstream_timeout                                   T
+
+Two class attributes say what a caller may do about an error, so no module keeps its own list:
+
+- ``transient`` (T): the failure belongs to the model side and may pass — the model call path
+  (``deployments.model_calls``) falls back to the next model, a queued run goes back to the
+  queue instead of failing. ``TRANSIENT`` is the tuple of these classes, for ``except``.
+- ``before_upstream`` (R): a refusal of our own that happened before any upstream call (a
+  key's or model's budget, backpressure, an open circuit), so trying again later costs no
+  upstream call. The batch job re-tries only these: the provider's ``max_retries`` is the one
+  layer that re-calls an upstream.
 
 These cross Ray process boundaries (worker → gateway), so every class must
 survive ``pickle``: all state lives in ``__init__`` keyword arguments that
@@ -42,6 +53,8 @@ class PromptfleetError(Exception):
     status_code = 500
     type = "internal_error"
     code = "internal_error"
+    transient = False
+    before_upstream = False
 
     def __init__(
         self,
@@ -146,25 +159,43 @@ class TaskFailed(PromptfleetError):
 
 
 class RateLimited(PromptfleetError):
+    """Over a key's rpm/tpm: the key's own limit, so another model would not help."""
+
     status_code = 429
     type = "rate_limit_error"
     code = "rate_limited"
+    before_upstream = True
+
+
+class ModelRateLimited(RateLimited):
+    """The model's configured rpm/tpm, or the model-wide pause after an upstream 429, would not
+    let the call start within its deadline; nothing was sent upstream."""
+
+    code = "model_rate_limited"
+    transient = True
 
 
 class UpstreamRateLimited(RateLimited):
+    """The upstream answered 429 (after the provider's own retries)."""
+
     code = "upstream_rate_limited"
+    transient = True
+    before_upstream = False
 
 
 class UpstreamError(PromptfleetError):
     status_code = 502
     type = "upstream_error"
     code = "upstream_error"
+    transient = True
 
 
 class Overloaded(PromptfleetError):
     status_code = 503
     type = "overloaded_error"
     code = "overloaded"
+    transient = True
+    before_upstream = True
 
 
 class CircuitOpen(Overloaded):
@@ -175,6 +206,7 @@ class UpstreamTimeout(PromptfleetError):
     status_code = 504
     type = "timeout_error"
     code = "upstream_timeout"
+    transient = True
 
 
 def all_error_classes() -> list[type[PromptfleetError]]:
@@ -186,3 +218,6 @@ def all_error_classes() -> list[type[PromptfleetError]]:
         seen.append(cls)
         stack.extend(reversed(cls.__subclasses__()))
     return seen
+
+
+TRANSIENT: tuple[type[PromptfleetError], ...] = tuple(c for c in all_error_classes() if c.transient)

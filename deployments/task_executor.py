@@ -1,7 +1,9 @@
-"""TaskExecutor: runs one task once — input check, prompt, model call with fallbacks, repair loop.
+"""TaskExecutor: runs one task once — input check, prompt, model calls, repair loop.
 
 Used by the TaskRunner deployment for synchronous runs and for runs leased from the durable
-queue. Calls the task's model (then its fallbacks) through ``ModelWorker`` handles. Owns nothing.
+queue. Calls the task's model (then the task's fallbacks) through the one model call path,
+``deployments.model_calls.ModelCalls``, which meters every call to the payer's key: the
+caller of a synchronous run, the owner of a queued run. Owns nothing.
 
 Executing a task: validate the input, render the messages, ask the model for JSON matching
 ``output_schema`` (json_schema response_format — a grammar on llama.cpp), validate, and feed
@@ -12,39 +14,24 @@ validation errors back for another try, up to the task's ``max_attempts``
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Any
-
-from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
-from ray.serve.exceptions import BackPressureError
-from ray.serve.handle import DeploymentHandle
 
 from deployments.core.output import run_with_repair
 from deployments.core.prompting import render_messages, response_format_for, validate_input
 from deployments.core.taskdefs import TaskDefinition
-from deployments.errors import (
-    InvalidRequest,
-    Overloaded,
-    PromptfleetError,
-    RateLimited,
-    TaskNotFound,
-    UpstreamError,
-    UpstreamTimeout,
-)
+from deployments.errors import TRANSIENT, InvalidRequest, TaskNotFound, UpstreamTimeout
+from deployments.model_calls import ModelCalls
+from deployments.schemas import ChatCompletionRequest
 
-logger = logging.getLogger("ray.serve")
-
-# Failures of the model side rather than of the task: try the next fallback model, and
-# for queued runs, try again later rather than failing the run.
-TRANSIENT = (UpstreamError, UpstreamTimeout, RateLimited, Overloaded)
+__all__ = ["TRANSIENT", "TaskExecutor", "check_input"]
 
 
 class TaskExecutor:
     """Runs one task once (with its repair loop and fallback models). Plain class: tested with fakes."""
 
-    def __init__(self, tasks: dict[str, TaskDefinition], workers: dict[str, DeploymentHandle]) -> None:
+    def __init__(self, tasks: dict[str, TaskDefinition], calls: ModelCalls) -> None:
         self.tasks = tasks
-        self.workers = workers
+        self.calls = calls
 
     def definition(self, name: str) -> TaskDefinition:
         defn = self.tasks.get(name)
@@ -52,32 +39,33 @@ class TaskExecutor:
             raise TaskNotFound(f"The task '{name}' does not exist.", param="task")
         return defn
 
-    async def execute(self, name: str, task_input: dict[str, Any]) -> dict[str, Any]:
+    async def execute(
+        self, name: str, task_input: dict[str, Any], payer: str | None = None, wait: bool = False
+    ) -> dict[str, Any]:
+        """Run the task; its model calls are billed to the key ``payer`` (None: unmetered).
+
+        ``wait``: the payer's rpm/tpm may delay the calls (within the task's ``timeout_s``) instead
+        of refusing them with 429 — for queued runs, which nobody waits on."""
         defn = self.definition(name)
         validate_input(defn, task_input)
         messages = render_messages(defn, task_input)
+        meter = self.calls.meter
+        account = await meter.account(payer) if meter is not None else None
+        wait_s = defn.timeout_s if wait else 0.0
         served_by: list[str] = []
 
         async def call(conversation: list[dict[str, str]]) -> tuple[str, dict[str, Any]]:
-            body = {
+            request = ChatCompletionRequest.model_validate({
+                "model": defn.model,
                 "messages": conversation,
                 "response_format": response_format_for(defn),
                 "temperature": defn.temperature,
                 "max_tokens": defn.max_tokens,
-            }
-            models = [defn.model, *defn.fallback_models]
-            for index, model in enumerate(models):
-                try:
-                    result = await self._chat(model, body)
-                except TRANSIENT:
-                    if index == len(models) - 1:
-                        raise
-                    logger.warning("task %s: model %s failed; falling back to %s", name, model, models[index + 1])
-                    continue
-                served_by.append(model)
-                choice = result["choices"][0]
-                return choice["message"].get("content") or "", result.get("usage") or {}
-            raise AssertionError("unreachable")
+            })
+            result = await self.calls.complete(request, account, wait_s=wait_s, fallbacks=defn.fallback_models)
+            served_by.append(str(result.get("model", defn.model)))
+            choice = result["choices"][0]
+            return choice["message"].get("content") or "", result.get("usage") or {}
 
         try:
             async with asyncio.timeout(defn.timeout_s):
@@ -91,21 +79,6 @@ class TaskExecutor:
             "attempts": repaired.attempts,
             "usage": repaired.usage,
         }
-
-    async def _chat(self, model: str, body: dict[str, Any]) -> dict[str, Any]:
-        try:
-            result = await self.workers[model].chat.remote(body)
-        except BackPressureError:
-            raise Overloaded(f"Model '{model}' is at capacity.", retry_after=1) from None
-        except (RayActorError, WorkerCrashedError, NodeDiedError):
-            # The worker replica (or its node) died with this call in flight; Serve replaces it.
-            # That says nothing about the task: report it as transient, so the next fallback
-            # model is tried and a queued run goes back to the queue instead of failing for good
-            # (found by tests/serve/test_task_faults.py killing the worker replica).
-            raise Overloaded(f"Model '{model}' is temporarily unavailable.", retry_after=1) from None
-        if isinstance(result, PromptfleetError):
-            raise result
-        return dict(result)
 
 
 def check_input(tasks: dict[str, TaskDefinition], name: str, task_input: Any) -> TaskDefinition:

@@ -3,8 +3,10 @@
 Serves: ``run(task, input)`` (the synchronous API; nothing is stored), and, in
 the background of every replica, a ``RunLoop`` that leases queued runs from the
 TaskStore and executes them.
-Calls: ``ModelWorker`` handles (the task's model, then its fallbacks) and the
-``TaskStore`` handle.
+Calls: ``ModelWorker`` handles (the task's model, then its fallbacks) through the
+one model call path (``deployments.model_calls``), metered to the run's key (the
+``RateLimiter`` for its rpm/tpm, the ``TaskStore`` for its budget and usage), and
+the ``TaskStore`` handle.
 Owns: only the runs it currently holds a lease on. A replica that dies simply
 stops renewing; its leases expire and the runs are queued again (at-least-once
 model calls; the store accepts one result per run, from the current lease).
@@ -22,12 +24,15 @@ from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
-from deployments.config import TasksConfig
+from deployments.config import ModelConfig, TasksConfig
 from deployments.core.replies import Reply, replying, unwrap
 from deployments.core.runloop import RunLoop
 from deployments.core.taskdefs import TaskDefinition
+from deployments.errors import PromptfleetError
+from deployments.gateway.metering import Meter
+from deployments.model_calls import HandleTransport, ModelCalls
 from deployments.store import RunRecord
-from deployments.task_executor import TRANSIENT, TaskExecutor
+from deployments.task_executor import TaskExecutor
 
 logger = logging.getLogger("ray.serve")
 
@@ -59,7 +64,7 @@ class StoreQueue:
 
 def is_transient(exc: BaseException) -> bool:
     """A failure of the model side rather than of the task: retry the run later."""
-    return isinstance(exc, TRANSIENT)
+    return isinstance(exc, PromptfleetError) and exc.transient
 
 
 class TaskRunner:
@@ -70,8 +75,11 @@ class TaskRunner:
         workers: dict[str, DeploymentHandle],
         store: DeploymentHandle,
         config: TasksConfig,
+        models: list[ModelConfig] | None = None,
+        limiter: DeploymentHandle | None = None,
     ) -> None:
-        self.executor = TaskExecutor(tasks, workers)
+        self.meter = Meter(store, limiter) if limiter is not None else None
+        self.executor = TaskExecutor(tasks, ModelCalls(models or [], HandleTransport(workers), self.meter))
         self.loop = RunLoop(
             StoreQueue(store),
             self.executor,
@@ -83,11 +91,14 @@ class TaskRunner:
         )
         self.loop.start()
 
-    async def run(self, name: str, task_input: dict[str, Any]) -> Reply[dict[str, Any]]:
-        """The synchronous path: execute now, return the result or the error (as a value)."""
-        return await replying(self.executor.execute(name, task_input))
+    async def run(self, name: str, task_input: dict[str, Any], payer: str | None = None) -> Reply[dict[str, Any]]:
+        """The synchronous path: execute now, billed to the key ``payer``; return the result or the
+        error (as a value)."""
+        return await replying(self.executor.execute(name, task_input, payer))
 
     async def __del__(self) -> None:
         """Serve stops this replica (scale-down, redeploy, shutdown): hand its runs back at once,
         instead of leaving them to wait out their leases (``lease_s``) on a runner that is gone."""
         await self.loop.stop()
+        if self.meter is not None:
+            await self.meter.close()  # the usage of the calls made so far

@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 
 from deployments.config import TasksConfig
 from deployments.core.replies import Reply, replying
-from deployments.errors import Overloaded
+from deployments.errors import NotFound, Overloaded
 from deployments.schemas import RunList, RunView
 from deployments.store import RunRecord, RunStore, open_database
 from deployments.store.keys import ApiKey, KeySnapshot, KeyStore
@@ -174,18 +174,10 @@ class TaskStore:
     async def _complete(
         self, run_id: str, lease_token: str, result: dict[str, Any], usage: dict[str, Any], owner: str | None
     ) -> bool:
+        # Usage is not billed here: every model call of the run was metered to its key as it
+        # was made (``deployments.model_calls``), the calls of a lost attempt included.
         won = await self._lease(self.store.complete, run_id, lease_token, result=result, usage=usage)
         self._notify_finished(run_id)
-        if won and owner is not None and owner.startswith("key_"):
-            # Async runs are billed to their key when their result lands (once: only the winner).
-            row = UsageRecord(
-                key_id=owner,
-                model=str(result.get("model", "")),
-                requests=1,
-                prompt_tokens=int(usage.get("prompt_tokens", 0)),
-                completion_tokens=int(usage.get("completion_tokens", 0)),
-            )
-            await self._lease(self.keys.record_usage, [row])
         return won
 
     async def fail(self, run_id: str, lease_token: str, error: dict[str, Any]) -> Reply[bool]:
@@ -220,6 +212,17 @@ class TaskStore:
     async def key_snapshot(self, known_version: int | None, with_usage: bool = True) -> Reply[KeySnapshot]:
         """What a Gateway replica's key index polls for (``KeyStore.snapshot``)."""
         return await replying(self._user(self.keys.snapshot, known_version, with_usage=with_usage))
+
+    async def get_key(self, key_id: str) -> Reply[ApiKey | None]:
+        """The key ``key_id`` (revoked ones too), or None: for metering work billed to a key."""
+        return await replying(self._get_key(key_id))
+
+    async def _get_key(self, key_id: str) -> ApiKey | None:
+        try:
+            key: ApiKey = await self._user(self.keys.get, key_id)
+        except NotFound:
+            return None
+        return key
 
     async def list_keys(self) -> Reply[list[ApiKey]]:
         return await replying(self._user(self.keys.list_keys))

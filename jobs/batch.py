@@ -1,15 +1,24 @@
 """Batch job: JSONL in, JSONL out, through the running promptfleet Serve application.
 
     ray job submit --working-dir . -- python -m jobs.batch --input in.jsonl --output out.jsonl \\
-        [--errors err.jsonl] [--app promptfleet] [--concurrency 32] [--task NAME]
+        [--errors err.jsonl] [--app promptfleet] [--concurrency 32] [--task NAME] [--key-id key_…]
 
 (or ``promptfleet batch …``, which submits the same job). Paths are on the node the job's driver
 runs on (the head node by default), so give absolute paths when submitting to a remote cluster.
 
 Each input line is a chat request in the OpenAI batch format or a task line (see
-``jobs.batchlines``). Chat lines go to the model's ``ModelWorker`` deployment, task lines to the
-``TaskRunner``, through ``DeploymentHandle``s of the running app: the same replicas and the same
-global limits as HTTP traffic. Nothing runs in this process but the bookkeeping.
+``jobs.batchlines``). Chat lines go through the same model call path as HTTP chat
+(``deployments.model_calls``: the model's fallbacks, its output limit, Ray failures → 503) to
+the ``ModelWorker`` deployments, task lines to the ``TaskRunner``, through ``DeploymentHandle``s
+of the running app: the same replicas and the same global limits as HTTP traffic. Nothing runs
+in this process but the bookkeeping and the metering.
+
+Billing: with ``--key-id`` (the Batches API passes the batch owner's key id — never the key)
+every line is metered to that key like an HTTP request of it: a spent token budget or a revoked
+key fails the remaining lines with a 403/401 error line, the key's rpm/tpm pace the lines (a
+line waits up to ``LINE_WAIT_S`` for its slot), and the tokens land in the key's usage
+(``/v1/usage``), written through the TaskStore. Without ``--key-id`` nothing is metered: the
+job was submitted with the cluster's own credentials (``ray job submit``), i.e. by the operator.
 
 Contract:
 
@@ -18,8 +27,12 @@ Contract:
   failures go to that file and successes to ``--output``; without it, both go to ``--output``.
 - A malformed line, a duplicate ``custom_id`` or an unknown model gives an error line naming the
   line number and field; it never stops the batch.
-- 429 and 503 (rate limited, overloaded, no replica free) are retried with backoff (``Retry-After``
-  honoured) up to ``--max-attempts`` times; other failures are written as they are.
+- Exactly one layer re-calls an upstream: the model's provider (its ``max_retries``). This job
+  re-tries only refusals that never reached an upstream — errors whose class has
+  ``before_upstream`` (our own 503 backpressure, a key's or model's rpm/tpm pacing, an open
+  circuit) — with backoff (``Retry-After`` honoured) up to ``--max-attempts`` tries; every other
+  failure (an upstream 429/5xx/timeout after the provider's retries, a bad request) is written
+  as it is.
 - Re-running with the same output (and errors) files resumes: lines already answered are skipped.
   A request in flight when the job was stopped has no line yet and runs again (at-least-once
   model calls; exactly one output line per ``custom_id``).
@@ -43,15 +56,15 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
 from deployments import names
 from deployments.core.retry import BackoffPolicy
-from deployments.errors import Overloaded, PromptfleetError, RateLimited
-from deployments.schemas import BatchChatLine, BatchTaskLine
+from deployments.errors import Overloaded, PromptfleetError
+from deployments.schemas import BatchChatLine, BatchTaskLine, ChatCompletionRequest
 from jobs.batchlines import (
     BatchItem,
     Done,
@@ -69,8 +82,8 @@ from jobs.batchlines import (
 
 logger = logging.getLogger("promptfleet.batch")
 
-RETRYABLE = (RateLimited, Overloaded)
 MAX_RETRY_WAIT_S = 60.0
+LINE_WAIT_S = 30.0  # how long a line may wait for its slot under the key's rpm/tpm
 # 1 is what Python exits with on an uncaught exception; a setup error has a code of its own.
 EXIT_OK, EXIT_SETUP, EXIT_STOPPED = 0, 3, 130
 
@@ -86,16 +99,23 @@ class Backend(Protocol):
 
     def has_model(self, model: str) -> bool: ...
 
-    def chat(self, model: str, body: dict[str, Any]) -> Awaitable[Result]: ...
+    def chat(self, request: ChatCompletionRequest) -> Awaitable[Result]: ...
 
     def run_task(self, task: str, task_input: dict[str, Any]) -> Awaitable[Result]: ...
 
+    async def close(self) -> None:
+        """Write what is still unwritten (the usage of the last lines)."""
+
 
 class ServeBackend:
-    """Handles of the running application ``app_name``; transport failures become retryable errors."""
+    """Handles of the running application ``app_name``: chat lines through ``ModelCalls``, task
+    lines through the TaskRunner, metered to ``key_id`` (None: unmetered)."""
 
-    def __init__(self, app_name: str, wait_s: float = 30.0) -> None:
+    def __init__(self, app_name: str, key_id: str | None = None, wait_s: float = 30.0) -> None:
         from ray import serve
+
+        from deployments.gateway.metering import Meter
+        from deployments.model_calls import HandleTransport, ModelCalls
 
         # serve.status() answers "no applications" while the controller cannot be reached
         # (seen on a loaded 2-core machine right after the driver connects): look again a while.
@@ -105,40 +125,52 @@ class ServeBackend:
                 raise SetupError(f"no Serve application named {app_name!r} is running on this cluster")
             time.sleep(1.0)
         self.app_name = app_name
-        self.deployments = set(app.deployments)
-        self.handles: dict[str, Any] = {}
-
-    def _handle(self, deployment: str) -> Any:
-        from ray import serve
-
-        if deployment not in self.handles:
-            self.handles[deployment] = serve.get_deployment_handle(deployment, self.app_name)
-        return self.handles[deployment]
+        self.key_id = key_id
+        workers = {
+            name.removeprefix(names.WORKER_PREFIX): serve.get_deployment_handle(name, app_name)
+            for name in app.deployments
+            if name.startswith(names.WORKER_PREFIX)
+        }
+        # The models' configs (fallbacks, output limits) from the workers themselves: this driver
+        # has no copy of the app's arguments. Not in an event loop yet, so a blocking wait is fine.
+        models = [handle.describe.remote().result(timeout_s=wait_s) for handle in workers.values()]
+        self.runner = serve.get_deployment_handle(names.TASK_RUNNER, app_name)
+        self.meter = (
+            Meter(serve.get_deployment_handle(names.TASK_STORE, app_name),
+                  serve.get_deployment_handle(names.RATE_LIMITER, app_name))
+            if key_id is not None else None
+        )
+        self.calls = ModelCalls(models, HandleTransport(workers), self.meter)
 
     def has_model(self, model: str) -> bool:
-        return names.worker(model) in self.deployments
+        return model in self.calls.models
 
-    async def chat(self, model: str, body: dict[str, Any]) -> Result:
-        return await self._call(lambda: self._handle(names.worker(model)).chat.remote(body))
+    async def chat(self, request: ChatCompletionRequest) -> Result:
+        try:
+            payer = await self.meter.account(self.key_id) if self.meter is not None else None
+            return await self.calls.complete(request, payer, wait_s=LINE_WAIT_S)
+        except PromptfleetError as exc:
+            return exc
 
     async def run_task(self, task: str, task_input: dict[str, Any]) -> Result:
-        return await self._call(lambda: self._handle(names.TASK_RUNNER).run.remote(task, task_input))
-
-    @staticmethod
-    async def _call(send: Callable[[], Any]) -> Result:
-        from ray.exceptions import RayActorError
         from ray.serve.exceptions import BackPressureError
 
+        from deployments.model_calls import WORKER_GONE
+
         try:
-            result = await send()
+            result = await self.runner.run.remote(task, task_input, self.key_id)
         except BackPressureError:
-            return Overloaded("The deployment is at capacity.")
-        except RayActorError:
-            # The replica died mid-request; Serve routes the retry to a live one.
-            return Overloaded("The replica serving the request died.")
+            return Overloaded("The task runners are at capacity.", retry_after=1)
+        except WORKER_GONE:
+            # The replica died mid-request; Serve routes the next try to a live one.
+            return Overloaded("The task runner serving the request died.", retry_after=1)
         if isinstance(result, (dict, PromptfleetError)):
             return result
-        return PromptfleetError("Unexpected result from the deployment.")
+        return PromptfleetError("Unexpected result from the task runner.")
+
+    async def close(self) -> None:
+        if self.meter is not None:
+            await self.meter.close()
 
 
 @dataclass(frozen=True)
@@ -152,6 +184,7 @@ class Options:
     max_attempts: int = 4
     progress_every: float = 10.0
     progress_file: Path | None = None
+    key_id: str | None = None
 
 
 class BatchRun:
@@ -197,6 +230,7 @@ class BatchRun:
         finally:
             ticker.cancel()
             writer.close()
+            await self.backend.close()
         interrupted = self.stopping.is_set()
         self._report(progress, finished=not interrupted)
         self.say(progress.summary(interrupted))
@@ -273,15 +307,17 @@ class BatchRun:
                 if isinstance(item, BatchTaskLine):
                     result = await self.backend.run_task(item.task, item.input)
                 else:
-                    body = item.body.model_dump(exclude_unset=True, exclude_none=True)
-                    result = await self.backend.chat(item.body.model, body)
+                    result = await self.backend.chat(item.body)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 # Another process's failure: its text stays in this log, never in the output.
                 logger.exception("request %r failed unexpectedly", item.custom_id)
                 return PromptfleetError("Internal error.")
-            if not isinstance(result, RETRYABLE) or attempt >= self.options.max_attempts:
+            # Only refusals that never reached an upstream: the provider owns upstream retries.
+            if not isinstance(result, PromptfleetError) or not result.before_upstream:
+                return result
+            if attempt >= self.options.max_attempts:
                 return result
             await asyncio.sleep(min(MAX_RETRY_WAIT_S, self.backoff.delay(attempt, result.retry_after)))
 
@@ -307,7 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--app", default="promptfleet", help="Serve application name (default: %(default)s)")
     parser.add_argument("--concurrency", type=int, default=32, help="requests in flight (default: %(default)s)")
     parser.add_argument("--task", default=None, help="task for lines that name none (`{custom_id, input}` lines)")
-    parser.add_argument("--max-attempts", type=int, default=4, help="tries per line on 429/503 (default: %(default)s)")
+    parser.add_argument("--max-attempts", type=int, default=4, help="tries per line refused before reaching "
+                        "an upstream (our own 429/503 pacing and backpressure) (default: %(default)s)")
+    parser.add_argument("--key-id", default=None, help="API key id (`key_…`) the lines are billed to and "
+                        "limited as; default: none (unmetered, the operator's own job)")
     parser.add_argument("--progress-every", type=float, default=10.0, help="seconds between progress lines")
     parser.add_argument("--progress-file", type=Path, default=None, help="JSON progress snapshot to keep")
     parser.add_argument("--ray-address", default=None, help="GCS address of the cluster (default: the job's "
@@ -318,10 +357,12 @@ def build_parser() -> argparse.ArgumentParser:
 def options_from(args: argparse.Namespace) -> Options:
     if args.concurrency < 1 or args.max_attempts < 1 or args.progress_every <= 0:
         raise SetupError("--concurrency and --max-attempts must be >= 1, --progress-every > 0")
+    if args.key_id is not None and not args.key_id.startswith("key_"):
+        raise SetupError("--key-id must be an API key id (key_…), not a key")
     return Options(
         input=args.input, output=args.output, errors=args.errors, app=args.app,
         concurrency=args.concurrency, task=args.task, max_attempts=args.max_attempts,
-        progress_every=args.progress_every, progress_file=args.progress_file,
+        progress_every=args.progress_every, progress_file=args.progress_file, key_id=args.key_id,
     )
 
 
@@ -344,7 +385,7 @@ def main(argv: list[str] | None = None, backend: Backend | None = None) -> int:
                     address = args.ray_address
                 ray.init(address=address, log_to_driver=False)
                 started_ray = True
-            backend = ServeBackend(options.app)
+            backend = ServeBackend(options.app, options.key_id)
         return asyncio.run(_run(BatchRun(options, backend)))
     except SetupError as exc:
         print(f"batch: {exc}", file=sys.stderr, flush=True)

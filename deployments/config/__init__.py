@@ -19,6 +19,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# Tokens of the context kept for the prompt when a local model's output limit is derived from n_ctx.
+LLAMACPP_PROMPT_RESERVE = 16
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
 DATABASE_URL_ENV = "PROMPTFLEET_DATABASE_URL"
 # libpq takes both spellings of the scheme; postgres:// is what many hosting providers hand out.
@@ -61,7 +63,28 @@ class LlamaCppModel(_ModelBase):
     default_max_tokens: int = Field(
         default=256, ge=1, description="`max_tokens` used when a request does not set one."
     )
-    seed: int = Field(default=0, description="Sampling seed used when a request does not set one.")
+    seed: int = Field(default=0, ge=0, le=2**32 - 1, description="Sampling seed used when a request does not set one.")
+    max_output_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        le=131072,
+        description="Longest answer a request may ask for (`max_tokens`); more is a 400 naming the field. "
+        "Empty: `n_ctx` minus a small prompt reserve (the answer must fit the context with its prompt).",
+    )
+
+    @model_validator(mode="after")
+    def _output_fits_context(self) -> LlamaCppModel:
+        if self.max_output_tokens is not None and self.max_output_tokens > self.n_ctx:
+            raise ValueError(f"max_output_tokens ({self.max_output_tokens}) exceeds n_ctx ({self.n_ctx})")
+        if self.default_max_tokens > self.output_limit:
+            raise ValueError(f"default_max_tokens ({self.default_max_tokens}) exceeds the output limit "
+                             f"({self.output_limit})")
+        return self
+
+    @property
+    def output_limit(self) -> int:
+        """The most output tokens a request may ask for."""
+        return self.max_output_tokens or max(1, self.n_ctx - LLAMACPP_PROMPT_RESERVE)
 
 
 class OpenAIModel(_ModelBase):
@@ -123,6 +146,25 @@ class OpenAIModel(_ModelBase):
     breaker_cooldown_s: float = Field(
         default=10.0, gt=0, description="How long an open circuit fails fast before one probe call is let through."
     )
+    max_output_tokens: int = Field(
+        default=16384,
+        ge=1,
+        le=1_048_576,
+        description="Longest answer a request may ask for (`max_tokens`); more is a 400 naming the field. "
+        "It also bounds the token estimate booked on `tpm` budgets before the call.",
+    )
+    max_retry_after_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="Cap on an upstream's Retry-After (seconds or HTTP date; `inf`, negative or "
+        "unparsable values count as the cap), and so on the model-wide pause a 429 starts.",
+    )
+
+    @property
+    def output_limit(self) -> int:
+        """The most output tokens a request may ask for."""
+        return self.max_output_tokens
 
     @field_validator("base_url")
     @classmethod

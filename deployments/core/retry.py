@@ -7,8 +7,11 @@ precedence, and everything bounded by the caller's total deadline.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 
 
 @dataclass(frozen=True)
@@ -25,12 +28,31 @@ class BackoffPolicy:
         return self.rng.uniform(0, ceiling)
 
 
-def parse_retry_after(value: str | None) -> float | None:
-    """``Retry-After`` in seconds (delta-seconds form; HTTP dates are rare from LLM APIs and ignored)."""
+def parse_retry_after(value: str | None, cap_s: float, now: float | None = None) -> float | None:
+    """``Retry-After`` (RFC 9110: delta-seconds or an HTTP date) in seconds, within ``[0, cap_s]``.
+
+    None when the header is absent. A value we cannot trust — ``inf``, ``nan``, negative, not a
+    number nor a date — counts as ``cap_s``: the upstream did ask us to wait, and one bad header
+    must not turn into an endless (or no) pause. Huge values are capped at ``cap_s`` too.
+    """
     if value is None:
         return None
+    text = value.strip()
     try:
-        seconds = float(value.strip())
+        seconds = float(text)
     except ValueError:
-        return None
-    return seconds if seconds >= 0 else None
+        seconds = _date_delta(text, now)
+    if not math.isfinite(seconds) or seconds < 0:
+        return cap_s
+    return min(seconds, cap_s)
+
+
+def _date_delta(text: str, now: float | None) -> float:
+    try:
+        when = parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return math.nan
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    reference = datetime.now(UTC).timestamp() if now is None else now
+    return max(0.0, when.timestamp() - reference)

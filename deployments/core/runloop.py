@@ -63,7 +63,12 @@ class RunQueue(Protocol):
 
 
 class Executor(Protocol):
-    async def execute(self, name: str, task_input: dict[str, Any]) -> dict[str, Any]: ...
+    async def execute(
+        self, name: str, task_input: dict[str, Any], payer: str | None = None, wait: bool = False
+    ) -> dict[str, Any]:
+        """Run the task once, billed to the key ``payer``; ``wait``: the payer's limits may delay
+        the model calls instead of refusing them (nobody waits on a queued run)."""
+        ...
 
 
 class Clock(Protocol):
@@ -206,7 +211,7 @@ class RunLoop:
 
     async def _execute(self, run: RunRecord, token: str) -> None:
         keeper = LeaseKeeper(self.queue, run.id, token, self.lease_s / 3, self.clock)
-        work = asyncio.create_task(self.executor.execute(run.task, run.input))
+        work = asyncio.create_task(self.executor.execute(run.task, run.input, run.owner, True))
         renewer = asyncio.create_task(keeper.keep(work))
         try:
             await self._settle(run, token, work)

@@ -29,6 +29,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.core.replies import unwrap
 from deployments.gateway.caller import Caller, get_caller
+from deployments.gateway.metering import Meter
 from deployments.schemas import BatchCreate, BatchList, BatchView, FileDeleted, FileList, FileView
 
 FILES_PATH = "/v1/files"  # the one route whose body may exceed gateway.max_body_bytes
@@ -106,6 +107,8 @@ def build_batch_router(batches: DeploymentHandle[Any]) -> APIRouter:
 
     @router.post("/batches", response_model=BatchView)
     async def create_batch(body: BatchCreate, caller: Owner) -> BatchView:
+        # A key whose budget is spent starts no new work (its lines are billed to it as they run).
+        Meter.check_budget(caller.entry)
         result: BatchView = unwrap(await batches.create_batch.remote(caller.owner, body))
         return result
 

@@ -36,6 +36,7 @@ from deployments.gateway.chat_routes import ChatRoutes
 from deployments.gateway.listener import Listener
 from deployments.gateway.metering import Meter
 from deployments.gateway.task_routes import build_task_router
+from deployments.model_calls import HandleTransport, ModelCalls
 from deployments.schemas import Health
 from deployments.store.batches import MAX_FILE_BYTES
 
@@ -124,7 +125,7 @@ class Gateway:
         self.auth = Authenticator(args.auth, store, admin_key)
         self.meter = Meter(store, limiter)
         self.routers = [
-            ChatRoutes(args.models, workers, self.meter).router(),
+            ChatRoutes(ModelCalls(args.models, HandleTransport(workers), self.meter)).router(),
             build_task_router(tasks, store, runner, self.meter),
             build_admin_router(store, self.auth, self.meter),
             *([build_batch_router(batches)] if batches is not None else []),

@@ -1,11 +1,22 @@
-"""Metering at the Gateway: per-key limits before a billable request, usage after it.
+"""Metering of API keys: a key's limits before a model call, its usage after.
 
-A key's ``rpm``/``tpm`` are budgets on the shared RateLimiter (``key:<id>``),
-so they hold across every Gateway replica; over the limit answers 429 with
-Retry-After at once (a client's limit never queues). A key's ``token_budget``
-is checked against the tokens recorded for it; usage is accumulated here and
-written to the store about once a second, so a budget can be overrun by what
-is in flight during that second.
+Used by the one model call path (``deployments.model_calls``) wherever it runs: in the Gateway
+(chat, streams), in the TaskRunner (task runs, billed to the run's owner key) and in batch jobs'
+driver processes (billed to the batch's key). It reaches the shared state only through handles,
+so it works the same in any process:
+
+- a key's ``rpm``/``tpm`` are budgets on the shared RateLimiter (``key:<id>``), so they hold
+  across every Gateway, runner and batch driver. ``admit`` books one request and the call's
+  bounded token estimate; with ``wait_s`` 0 (a client waiting on HTTP) over the limit answers
+  429 at once, otherwise (async runs, batch lines) the call waits up to ``wait_s`` for its slot;
+- a key's ``token_budget`` is checked against the tokens recorded for it: the key record as
+  this process last fetched it (the Gateway's ``Authenticator`` cache, or ``account`` here,
+  which asks the TaskStore at most every ``KEY_TTL_S``) plus what this process recorded since;
+- after the call, ``record`` adds a usage row (accumulated here, written to the TaskStore about
+  once a second) and settles the tpm booking with the real count; a call that was refused,
+  failed or was cancelled gives its booking back with ``refund``.
+
+A budget can therefore be overrun by what is in flight across processes within about a second.
 """
 
 from __future__ import annotations
@@ -15,66 +26,106 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
-from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
 from deployments.core.booking import BudgetClient
 from deployments.core.limits import Budget
 from deployments.core.replies import unwrap
-from deployments.errors import PermissionDenied, RateLimited
-from deployments.gateway.caller import Caller
+from deployments.errors import AuthenticationFailed, PermissionDenied, RateLimited
+from deployments.gateway.caller import KeyEntry
+from deployments.schemas import Usage
 from deployments.store.records import UsageRecord
 
 logger = logging.getLogger("ray.serve")
 
 FLUSH_INTERVAL_S = 1.0
+KEY_TTL_S = 5.0  # how long ``account`` trusts a key record fetched from the TaskStore
 
 
 class Meter:
-    def __init__(self, store: DeploymentHandle, limiter: DeploymentHandle) -> None:
+    def __init__(self, store: DeploymentHandle, limiter: DeploymentHandle, key_ttl_s: float = KEY_TTL_S) -> None:
         self.store = store
         self.budgets = BudgetClient(limiter.reserve.remote)
+        self.key_ttl_s = key_ttl_s
+        self.accounts: dict[str, KeyEntry] = {}
         self.pending: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
         self.flusher: asyncio.Task[None] | None = None
 
-    async def admit(self, caller: Caller, tokens: int) -> None:
-        """Enforce the caller's budget and rpm/tpm before a billable request."""
-        entry = caller.entry
+    async def account(self, key_id: str | None) -> KeyEntry | None:
+        """The key ``key_id`` as the payer of calls made outside an HTTP request (task runs, batch
+        lines); None for no key (unmetered: authentication off, the admin, anonymous runs)."""
+        if key_id is None or not key_id.startswith("key_"):
+            return None
+        now = time.monotonic()
+        entry = self.accounts.get(key_id)
+        if entry is None or now - entry.fetched_at > self.key_ttl_s:
+            key = unwrap(await self.store.get_key.remote(key_id))
+            if key is None:
+                raise AuthenticationFailed("The API key this work is billed to does not exist.")
+            # Tokens this process recorded but has not yet written are still ours to count.
+            unwritten = sum(row[1] + row[2] for (kid, _), row in self.pending.items() if kid == key_id)
+            entry = KeyEntry(key=key, fetched_at=now, tokens_since_fetch=unwritten)
+            self.accounts[key_id] = entry
+        return entry
+
+    @staticmethod
+    def check_budget(entry: KeyEntry | None) -> None:
+        """Refuse new work for a revoked key or one whose token budget is spent (403)."""
         if entry is None:
             return
         key = entry.key
+        if key.revoked_at is not None:
+            raise AuthenticationFailed("The API key this work is billed to was revoked.", param="Authorization")
         if key.token_budget is not None and entry.tokens_used >= key.token_budget:
             raise PermissionDenied(
                 f"The token budget of this API key ({key.token_budget} tokens) is exhausted.",
                 param="Authorization",
             )
+
+    async def admit(self, entry: KeyEntry | None, tokens: int, wait_s: float = 0.0) -> int:
+        """Enforce the key's budget and rpm/tpm before a model call; return the tokens booked on
+        its tpm (to pass to ``record`` or ``refund``)."""
+        self.check_budget(entry)
+        if entry is None:
+            return 0
+        key = entry.key
         if key.rpm is None and key.tpm is None:
-            return
-        # Deadline "now": a client's limit never queues, over it answers 429 at once.
-        retry_after = await self.budgets.acquire(
-            f"key:{key.id}", Budget(rpm=key.rpm, tpm=key.tpm), 1, tokens if key.tpm else 0, time.monotonic()
-        )
+            return 0
+        booked = tokens if key.tpm else 0
+        try:
+            retry_after = await self.budgets.acquire(
+                f"key:{key.id}", Budget(rpm=key.rpm, tpm=key.tpm), 1, booked, time.monotonic() + wait_s
+            )
+        except asyncio.CancelledError:
+            # Cancelled while waiting for the slot: the booking may already stand. Give it back (if it
+            # never went out, the limiter bounds the refund to one burst, so it mints nothing more).
+            self.refund(entry, booked)
+            raise
         if retry_after is not None:
             raise RateLimited("This API key is over its rate limit.", retry_after=retry_after)
+        return booked
 
-    def record(self, caller: Caller, model: str, usage: dict[str, Any] | None, estimated: int = 0) -> None:
-        """Count a finished request's tokens for the caller's key (and settle its tpm estimate)."""
-        entry = caller.entry
-        if caller.key_id is None or entry is None:
+    def record(self, entry: KeyEntry | None, model: str, usage: Usage, booked: int = 0) -> None:
+        """Count a finished call's tokens for the key (and settle its tpm booking)."""
+        if entry is None:
             return
-        prompt = int((usage or {}).get("prompt_tokens") or 0)
-        completion = int((usage or {}).get("completion_tokens") or 0)
-        row = self.pending[(caller.key_id, model)]
-        row[0] += 1
-        row[1] += prompt
-        row[2] += completion
-        entry.tokens_since_fetch += prompt + completion
         key = entry.key
-        if key.tpm is not None and estimated:
-            self.budgets.settle(f"key:{key.id}", Budget(rpm=key.rpm, tpm=key.tpm), prompt + completion - estimated)
+        row = self.pending[(key.id, model)]
+        row[0] += 1
+        row[1] += usage.prompt_tokens
+        row[2] += usage.completion_tokens
+        entry.tokens_since_fetch += usage.prompt_tokens + usage.completion_tokens
+        if booked:
+            self.budgets.settle(f"key:{key.id}", Budget(rpm=key.rpm, tpm=key.tpm), usage.total_tokens - booked)
         if self.flusher is None or self.flusher.done():
             self.flusher = asyncio.get_running_loop().create_task(self._flush_soon())
+
+    def refund(self, entry: KeyEntry | None, booked: int) -> None:
+        """Give back the tpm booking of a call that produced nothing (refused, failed, cancelled)."""
+        if entry is not None and booked:
+            key = entry.key
+            self.budgets.settle(f"key:{key.id}", Budget(rpm=key.rpm, tpm=key.tpm), -booked)
 
     async def _flush_soon(self) -> None:
         await asyncio.sleep(FLUSH_INTERVAL_S)

@@ -9,13 +9,15 @@
     GET  /v1/runs?status=&task=&limit=&cursor=   the caller's runs, newest first
 
 Input is validated here, before anything is queued, so a bad input is a 400
-naming the field and never a failed run. Every run belongs to its creator; an
+naming the field and never a failed run. A key whose token budget is spent gets
+403 here; the runs' model calls are metered to the key where they are made (the
+TaskRunner, through ``deployments.model_calls``): a synchronous run's calls are
+refused with 429 over the key's rpm/tpm, a queued run's calls wait for their slot. Every run belongs to its creator; an
 id of someone else's run answers 404, exactly like an unknown id.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Path, Query
@@ -34,9 +36,6 @@ from deployments.task_executor import check_input
 MAX_WAIT_S = 60.0
 
 
-def task_cost(defn: TaskDefinition, task_input: dict[str, Any]) -> int:
-    """Token estimate for per-key limits: the input, and every attempt's completion budget."""
-    return len(json.dumps(task_input)) // 4 + defn.max_tokens * defn.max_attempts
 
 
 def build_task_router(
@@ -63,15 +62,13 @@ def build_task_router(
 
     @router.post("/tasks/{name}/run", response_model=TaskResult)
     async def run_task(name: str, body: TaskRunRequest, caller: Annotated[Caller, Depends(get_caller)]) -> Any:
-        defn = check_input(tasks, name, body.input)
-        estimated = task_cost(defn, body.input)
-        await meter.admit(caller, estimated)
+        check_input(tasks, name, body.input)
+        meter.check_budget(caller.entry)
         try:
-            result = await runner.run.remote(name, body.input)
+            result = await runner.run.remote(name, body.input, caller.key_id)
         except BackPressureError:
             raise Overloaded("The task runners are at capacity; retry shortly.", retry_after=1) from None
         result = unwrap(result)
-        meter.record(caller, result["model"], result["usage"], estimated)
         return result
 
     @router.post("/tasks/{name}/submit", status_code=202, response_model=RunView)
@@ -81,8 +78,8 @@ def build_task_router(
         caller: Annotated[Caller, Depends(get_caller)],
         idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
     ) -> JSONResponse:
-        defn = check_input(tasks, name, body.input)
-        await meter.admit(caller, task_cost(defn, body.input))
+        check_input(tasks, name, body.input)
+        meter.check_budget(caller.entry)
         view, created = unwrap(await store.create_run.remote(name, body.input, caller.owner, idempotency_key))
         return JSONResponse(
             view.model_dump(mode="json"),

@@ -1,7 +1,10 @@
 """Providers: what a worker holds to produce completions.
 
 A provider turns an OpenAI-shaped chat body into a completion dict or a stream
-of chunk dicts, and raises only ``deployments.errors`` exceptions.
+of chunk dicts ended by one ``schemas.StreamEnd`` (the usage of the generation,
+whether or not the client asked for a usage chunk), and raises only
+``deployments.errors`` exceptions. The body's ``max_tokens`` is within the
+model's ``output_limit`` (``ModelWorker`` sees to it).
 """
 
 from __future__ import annotations
@@ -15,12 +18,13 @@ from urllib.parse import urlsplit
 from ray.serve.handle import DeploymentHandle
 
 from deployments.config import LlamaCppModel, ModelConfig, embedded_model_path
+from deployments.schemas import StreamEnd
 
 
 class Provider(Protocol):
     async def chat(self, body: dict[str, Any]) -> dict[str, Any]: ...
 
-    def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]: ...
+    def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any] | StreamEnd]: ...
 
     async def close(self) -> None: ...
 
@@ -66,5 +70,6 @@ def build_provider(
         budget=Budget(rpm=config.rpm, tpm=config.tpm),
         limiter=limiter,
         breaker=CircuitBreaker(threshold=config.breaker_threshold, cooldown_s=config.breaker_cooldown_s),
+        max_pause_s=config.max_retry_after_s,
     )
     return OpenAIProvider(config, api_key=api_key, guard=guard)

@@ -8,34 +8,30 @@ replica's other bookings by ``BudgetClient``). After the call: the
 breaker learns the outcome and the token estimate is settled with real usage.
 
 The pause is known locally: a background long-poll (``watch_pause``) keeps it
-current, so a model without limits pays no limiter round trip per request.
+current, so a model without limits pays no limiter round trip per request. A
+pause is never longer than the model's ``max_retry_after_s``, whoever asked for it.
+
+Refusals here happen before anything is sent upstream: ``ModelRateLimited``
+(budget or pause would not let the call start within its deadline) and
+``CircuitOpen``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
-from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
 from deployments.core.booking import BudgetClient
 from deployments.core.limits import Budget, CircuitBreaker
-from deployments.errors import CircuitOpen, UpstreamRateLimited
+from deployments.errors import CircuitOpen, ModelRateLimited
 
 logger = logging.getLogger("ray.serve")
 
-DEFAULT_COMPLETION_ESTIMATE = 256
-
-
-def estimate_tokens(body: dict[str, Any]) -> int:
-    """Prompt (~4 characters per token) plus the completion budget; settled with real usage later."""
-    prompt = len(json.dumps(body.get("messages", []), ensure_ascii=False)) // 4
-    completion = body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_COMPLETION_ESTIMATE
-    return int(prompt + completion)
+DEFAULT_MAX_PAUSE_S = 60.0
 
 
 class UpstreamGuard:
@@ -46,8 +42,10 @@ class UpstreamGuard:
         budget: Budget | None,
         limiter: DeploymentHandle | None,
         breaker: CircuitBreaker | None = None,
+        max_pause_s: float = DEFAULT_MAX_PAUSE_S,
     ) -> None:
         self.name = name
+        self.max_pause_s = max_pause_s
         self.budget_name = f"model:{name}"
         self.budget = budget if budget and (budget.rpm or budget.tpm) else None
         self.limiter = limiter
@@ -74,14 +72,15 @@ class UpstreamGuard:
             try:
                 known = max(0.0, self.paused_until - time.monotonic())
                 remaining = await self.limiter.watch_pause.remote(self.budget_name, known)
-                self.paused_until = max(self.paused_until, time.monotonic() + remaining)
+                # Bounded here too: a pause set by an older replica without the cap cannot park us.
+                self.paused_until = max(self.paused_until, time.monotonic() + min(remaining, self.max_pause_s))
             except asyncio.CancelledError:
                 raise
             except Exception:
                 await asyncio.sleep(1.0)  # limiter restarting
 
     async def admit(self, tokens: int, deadline: float) -> None:
-        """Return when the call may go; raise CircuitOpen / UpstreamRateLimited / Overloaded otherwise."""
+        """Return when the call may go; raise CircuitOpen / ModelRateLimited / Overloaded otherwise."""
         if self.watcher is None:
             self.start()  # lazily: constructors of replicas may run outside the event loop
         wait = self.breaker.allow()
@@ -95,7 +94,7 @@ class UpstreamGuard:
         tokens = tokens if self.budget.tpm else 0
         retry_after = await self.budgets.acquire(self.budget_name, self.budget, 1, tokens, deadline)
         if retry_after is not None:
-            raise UpstreamRateLimited(
+            raise ModelRateLimited(
                 f"Model '{self.name}' is at its configured rate limit.", retry_after=retry_after
             )
         await self._wait_out_pause(deadline)  # a pause that began while we waited for our slot
@@ -104,20 +103,21 @@ class UpstreamGuard:
         # Pauses only ever extend, so this loop ends.
         while (pause := self.paused_until - time.monotonic()) > 0:
             if time.monotonic() + pause >= deadline:
-                raise UpstreamRateLimited(
+                raise ModelRateLimited(
                     f"The upstream for model '{self.name}' asked us to slow down.", retry_after=pause
                 )
             await asyncio.sleep(pause)
 
     def rate_limited(self, retry_after: float) -> None:
-        """An upstream 429: pause this model here at once and, through the limiter, everywhere."""
+        """An upstream 429: pause this model here at once and, through the limiter, everywhere
+        (for at most ``max_pause_s``)."""
+        retry_after = min(max(retry_after, 0.0), self.max_pause_s)
         self.paused_until = max(self.paused_until, time.monotonic() + retry_after)
         if self.limiter is not None:
             self.limiter.pause.remote(self.budget_name, retry_after)
 
-    def settle(self, estimated: int, usage: dict[str, Any] | None) -> None:
-        if self.budget is None or self.budget.tpm is None or self.budgets is None or not usage:
+    def settle(self, estimated: int, actual: int) -> None:
+        """Replace a booked token estimate by what the call used (0 for a call that was refused)."""
+        if self.budget is None or self.budget.tpm is None or self.budgets is None:
             return
-        actual = int(usage.get("total_tokens") or 0)
-        if actual:
-            self.budgets.settle(self.budget_name, self.budget, actual - estimated)
+        self.budgets.settle(self.budget_name, self.budget, actual - estimated)

@@ -25,6 +25,7 @@ from typing import Any
 
 from deployments.config import LlamaCppModel
 from deployments.errors import InvalidRequest, PromptfleetError
+from deployments.schemas import StreamEnd, Usage
 
 logger = logging.getLogger("ray.serve")
 
@@ -71,7 +72,8 @@ class LlamaCppProvider:
         for name in _SAMPLING_FIELDS:
             if body.get(name) is not None:
                 kwargs[name] = body[name]
-        kwargs.setdefault("seed", self.config.seed)
+        # llama.cpp's seed is a C uint32: a 64-bit client seed is folded into its range.
+        kwargs["seed"] = kwargs["seed"] % 2**32 if "seed" in kwargs else self.config.seed
         response_format = body.get("response_format") or {}
         if response_format.get("type") == "json_object":
             kwargs["response_format"] = {"type": "json_object"}
@@ -111,7 +113,7 @@ class LlamaCppProvider:
         result["model"] = self.config.name
         return result
 
-    async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any] | StreamEnd]:
         kwargs = {**self._kwargs(body), "stream": True}
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         loop = asyncio.get_running_loop()
@@ -160,6 +162,7 @@ class LlamaCppProvider:
                     if include_usage:
                         yield {"id": completion_id, "object": "chat.completion.chunk", "created": created,
                                "model": self.config.name, "choices": [], "usage": item[1]}
+                    yield StreamEnd(usage=Usage.of(item[1]))
                     continue
                 item["id"], item["created"], item["model"] = completion_id, created, self.config.name
                 yield item

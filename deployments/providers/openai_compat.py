@@ -8,9 +8,17 @@ total deadline ``timeout_s``. An upstream that accepts and never answers
 therefore yields ``UpstreamTimeout`` (504) after ``timeout_s``, not a hang.
 
 Bodies pass through untouched except ``model`` (rewritten to the upstream's
-name): fields promptfleet does not know reach the upstream as the client sent
-them. ``client.post(..., cast_to=object)`` skips building typed response
-objects we would only turn back into dicts.
+name) and, on streams, ``stream_options.include_usage`` (always asked for, so a
+stream is billed by the upstream's own count; the usage chunk reaches the client
+only if it asked): fields promptfleet does not know reach the upstream as the
+client sent them. ``client.post(..., cast_to=object)`` skips building typed
+response objects we would only turn back into dicts. A ``Retry-After`` is parsed
+strictly and capped at the model's ``max_retry_after_s``.
+
+The token estimate booked on the model's ``tpm`` before each try is settled with the real
+usage, given back when the upstream refused or was never reached (429, 5xx, 4xx, connection
+errors), and kept for a try that timed out or was cancelled in flight (the upstream may have
+generated it anyway). A stream without usage is settled with the tokens counted as relayed.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from openai import AsyncOpenAI, AsyncStream, DefaultAioHttpClient
 
 from deployments.config import OpenAIModel
 from deployments.core.retry import BackoffPolicy, parse_retry_after
+from deployments.core.tokens import StreamCounter, completion_budget, prompt_tokens
 from deployments.errors import (
     InvalidRequest,
     PromptfleetError,
@@ -33,7 +42,8 @@ from deployments.errors import (
     UpstreamRateLimited,
     UpstreamTimeout,
 )
-from deployments.providers.admission import UpstreamGuard, estimate_tokens
+from deployments.providers.admission import UpstreamGuard
+from deployments.schemas import StreamEnd, Usage
 
 # openai >= 3 runs on httpx2 (the successor of httpx, same API): clients, timeouts and the
 # transport errors we translate all come from it.
@@ -43,7 +53,7 @@ T = TypeVar("T")
 _RETRYABLE = (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError)
 
 
-def translate_upstream_error(exc: Exception, model: str) -> PromptfleetError:
+def translate_upstream_error(exc: Exception, model: str, max_retry_after_s: float = 60.0) -> PromptfleetError:
     """Map an openai/httpx exception to the error the client should see.
 
     The upstream's own message is passed on only for 4xx answers about the
@@ -55,7 +65,7 @@ def translate_upstream_error(exc: Exception, model: str) -> PromptfleetError:
     if isinstance(exc, (openai.APITimeoutError, httpx2.TimeoutException, TimeoutError)):
         return UpstreamTimeout(f"The upstream for model '{model}' did not answer in time.")
     if isinstance(exc, openai.RateLimitError):
-        retry_after = parse_retry_after(exc.response.headers.get("retry-after"))
+        retry_after = parse_retry_after(exc.response.headers.get("retry-after"), max_retry_after_s)
         return UpstreamRateLimited(
             f"The upstream for model '{model}' is rate limiting; retry later.",
             retry_after=retry_after if retry_after is not None else 1.0,
@@ -94,7 +104,9 @@ class OpenAIProvider:
         guard: UpstreamGuard | None = None,
     ) -> None:
         self.config = config
-        self.guard = guard or UpstreamGuard(config.name, budget=None, limiter=None)
+        self.guard = guard or UpstreamGuard(
+            config.name, budget=None, limiter=None, max_pause_s=config.max_retry_after_s
+        )
         self.upstream_model = config.upstream_model or config.name
         self.backoff = backoff or BackoffPolicy()
         limits = httpx2.Limits(
@@ -126,14 +138,26 @@ class OpenAIProvider:
                 raise UpstreamError(f"The upstream for model '{self.config.name}' sent a non-JSON answer.")
             return result
 
-        tokens = estimate_tokens(body)
+        tokens = self.estimate(body)
         result = await self._call_with_retries(attempt, tokens)
-        self.guard.settle(tokens, result.get("usage"))
+        usage = Usage.of(result.get("usage"))
+        self.guard.settle(tokens, usage.total_tokens if usage is not None else tokens)
         result["model"] = self.config.name
         return result
 
-    async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        payload = {**body, "model": self.upstream_model, "stream": True}
+    def estimate(self, body: dict[str, Any]) -> int:
+        """Tokens to book on the model's tpm budget: the prompt, and the output asked for (bounded)."""
+        requested = body.get("max_completion_tokens") or body.get("max_tokens")
+        return prompt_tokens(body.get("messages", ())) + completion_budget(requested, self.config.output_limit)
+
+    async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any] | StreamEnd]:
+        client_wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        payload = {
+            **body,
+            "model": self.upstream_model,
+            "stream": True,
+            "stream_options": {**(body.get("stream_options") or {}), "include_usage": True},
+        }
 
         async def open_stream(remaining_s: float) -> AsyncStream[object]:
             return await self.client.post(
@@ -146,20 +170,29 @@ class OpenAIProvider:
             )
 
         # Retries cover opening the stream only: once a chunk went out, a retry would duplicate text.
-        tokens = estimate_tokens(body)
+        tokens = self.estimate(body)
         upstream = await self._call_with_retries(open_stream, tokens)
+        usage: Usage | None = None
+        counter = StreamCounter()
         try:
             async for chunk in upstream:
                 if isinstance(chunk, dict):
-                    chunk["model"] = self.config.name
                     if chunk.get("usage"):
-                        self.guard.settle(tokens, chunk["usage"])
+                        usage = Usage.of(chunk["usage"]) or usage
+                        if not chunk.get("choices") and not client_wants_usage:
+                            continue  # the usage chunk we asked for on our own account
+                    counter.add(chunk)
+                    chunk["model"] = self.config.name
                     yield chunk
+            yield StreamEnd(usage=usage)
         except Exception as exc:
-            raise translate_upstream_error(exc, self.config.name) from None
+            raise translate_upstream_error(exc, self.config.name, self.config.max_retry_after_s) from None
         finally:
             # Closing the response stops the upstream generation when our client went away.
             await upstream.close()
+            used = usage.total_tokens if usage is not None else (
+                prompt_tokens(body.get("messages", ())) + counter.completion_tokens)
+            self.guard.settle(tokens, used)
 
     async def close(self) -> None:
         await self.guard.close()
@@ -180,7 +213,8 @@ class OpenAIProvider:
                 async with asyncio.timeout(max(remaining, 0.001)):
                     result = await call(remaining)
             except _RETRYABLE as exc:
-                error = translate_upstream_error(exc, self.config.name)
+                error = translate_upstream_error(exc, self.config.name, self.config.max_retry_after_s)
+                self.guard.settle(tokens, 0)  # refused or never reached: nothing was generated
                 if isinstance(exc, openai.RateLimitError):
                     # Not a failure of the upstream: pause every replica, do not trip the breaker.
                     self.guard.rate_limited(error.retry_after or 1.0)
@@ -193,7 +227,9 @@ class OpenAIProvider:
                     raise error from None
                 await asyncio.sleep(delay)
             except Exception as exc:
-                error = translate_upstream_error(exc, self.config.name)
+                error = translate_upstream_error(exc, self.config.name, self.config.max_retry_after_s)
+                if not isinstance(error, UpstreamTimeout):
+                    self.guard.settle(tokens, 0)  # a timed-out call may have generated; keep its booking
                 if not isinstance(error, InvalidRequest):
                     self.guard.breaker.failure()
                 raise error from None

@@ -10,8 +10,16 @@ from typing import Any
 
 import pytest
 
-from deployments.errors import InvalidRequest, NotFound, RateLimited, RequestTooLarge, UpstreamError
-from deployments.schemas import BatchChatLine, BatchProgress, BatchTaskLine
+from deployments.errors import (
+    InvalidRequest,
+    NotFound,
+    Overloaded,
+    RateLimited,
+    RequestTooLarge,
+    UpstreamError,
+    UpstreamRateLimited,
+)
+from deployments.schemas import BatchChatLine, BatchProgress, BatchTaskLine, ChatCompletionRequest
 from deployments.store.batches import MAX_JOB_STARTS, BatchStore, JobState, advance
 from jobs import batch
 from jobs.batchlines import LineError, parse_line
@@ -61,14 +69,17 @@ class FakeBackend:
             return queued.pop(0)
         return result
 
-    async def chat(self, model: str, body: dict[str, Any]) -> Any:
-        text = body["messages"][-1]["content"]
+    async def chat(self, request: ChatCompletionRequest) -> Any:
+        model, text = request.model, str(request.messages[-1].content)
         usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
         return await self._answer(text, {"id": f"chatcmpl-{text}", "model": model, "usage": usage,
                                          "choices": [{"message": {"role": "assistant", "content": text}}]})
 
     async def run_task(self, task: str, task_input: dict[str, Any]) -> Any:
         return await self._answer(task_input.get("text", ""), {"task": task, "output": {"label": "a"}})
+
+    async def close(self) -> None:
+        self.closed = True
 
 
 def run(tmp: Path, backend: FakeBackend, *extra: str) -> int:
@@ -157,11 +168,15 @@ def test_resume_after_a_duplicate_error_still_runs_the_first_occurrence(tmp_path
 
 
 def test_transient_errors_are_retried_then_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    write_jsonl(tmp_path / "in.jsonl", [chat("a", text="flaky"), chat("b", text="down"), chat("c", text="bad")])
+    write_jsonl(tmp_path / "in.jsonl", [chat("a", text="flaky"), chat("b", text="down"), chat("c", text="bad"),
+                                        chat("d", text="upstream"), chat("e", text="busy")])
     script: dict[str, list[Any]] = {
         "flaky": [RateLimited("slow down", retry_after=0.01)] * 2,
         "down": [RateLimited("slow down", retry_after=0.01)] * 10,
         "bad": [UpstreamError("The upstream failed.")],
+        # The upstream said 429 after the provider's own retries: re-trying would call it again.
+        "upstream": [UpstreamRateLimited("The upstream is rate limiting.", retry_after=0.01)] * 10,
+        "busy": [Overloaded("At capacity.", retry_after=0.01)],
     }
     backend = FakeBackend(script=script)
     assert run(tmp_path, backend, "--max-attempts", "3") == 0
@@ -170,6 +185,9 @@ def test_transient_errors_are_retried_then_written(tmp_path: Path, monkeypatch: 
     assert lines["b"]["status_code"] == 429 and lines["b"]["body"]["error"]["code"] == "rate_limited"
     assert lines["c"]["status_code"] == 502 and lines["c"]["body"]["error"]["message"] == "The upstream failed."
     assert backend.calls.count("flaky") == 3 and backend.calls.count("down") == 3 and backend.calls.count("bad") == 1
+    # Only refusals that never reached an upstream are re-tried here (one retry layer per path).
+    assert lines["d"]["status_code"] == 429 and backend.calls.count("upstream") == 1
+    assert lines["e"]["status_code"] == 200 and backend.calls.count("busy") == 2
 
 
 def test_concurrency_is_bounded_and_progress_is_reported(tmp_path: Path) -> None:

@@ -15,6 +15,7 @@ from deployments import errors
 from deployments.config import OpenAIModel
 from deployments.core.retry import BackoffPolicy
 from deployments.providers.openai_compat import OpenAIProvider
+from deployments.schemas import StreamEnd, Usage
 
 Handler = Callable[[httpx2.Request], httpx2.Response]
 OK = {"id": "x", "object": "chat.completion", "model": "up", "choices": [
@@ -119,3 +120,78 @@ def test_read_timeout_becomes_504() -> None:
 
     with pytest.raises(errors.UpstreamTimeout):
         run(provider(handler))
+
+
+@pytest.mark.parametrize("header", ["inf", "nan", "-5", "1e400", "99999999999", "garbage"])
+def test_untrustworthy_retry_after_is_capped_and_so_is_the_pause(header: str) -> None:
+    p = provider(lambda request: httpx2.Response(429, headers={"retry-after": header}, json={}),
+                 max_retries=0, max_retry_after_s=7)
+
+    async def go() -> None:
+        try:
+            with pytest.raises(errors.UpstreamRateLimited) as caught:
+                await p.chat(dict(BODY))
+            assert caught.value.retry_after == 7 and caught.value.headers() == {"Retry-After": "7"}
+            assert 6 < p.guard.paused_until - time.monotonic() <= 7  # the model-wide pause is bounded too
+        finally:
+            await p.close()
+
+    asyncio.run(go())
+
+
+def test_a_pause_beyond_the_deadline_is_a_model_rate_limit_without_an_upstream_call() -> None:
+    calls = []
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        calls.append(1)
+        return httpx2.Response(200, json=OK)
+
+    p = provider(handler, timeout_s=2)
+
+    async def go() -> None:
+        try:
+            p.guard.rate_limited(10_000)  # capped at max_retry_after_s (60): still beyond the 2 s deadline
+            with pytest.raises(errors.ModelRateLimited) as caught:
+                await p.chat(dict(BODY))
+            assert caught.value.retry_after is not None and caught.value.retry_after <= 60
+        finally:
+            await p.close()
+
+    asyncio.run(go())
+    assert calls == []
+
+
+def sse_response(*events: dict[str, object]) -> httpx2.Response:
+    body = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+    return httpx2.Response(200, headers={"content-type": "text/event-stream"}, content=body.encode())
+
+
+CHUNK = {"id": "c", "object": "chat.completion.chunk", "model": "up",
+         "choices": [{"index": 0, "delta": {"content": "hi"}}]}
+USAGE_CHUNK = {"id": "c", "object": "chat.completion.chunk", "model": "up", "choices": [],
+               "usage": {"prompt_tokens": 5, "completion_tokens": 1, "total_tokens": 6}}
+
+
+@pytest.mark.parametrize("client_asked", [False, True])
+def test_streams_always_ask_for_usage_and_hand_it_back_at_the_end(client_asked: bool) -> None:
+    seen: list[dict[str, object]] = []
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        seen.append(json.loads(request.content))
+        return sse_response(CHUNK, USAGE_CHUNK)
+
+    p = provider(handler)
+    body = {**BODY, "stream": True, **({"stream_options": {"include_usage": True}} if client_asked else {})}
+
+    async def go() -> list[object]:
+        try:
+            return [item async for item in p.stream(body)]
+        finally:
+            await p.close()
+
+    items = asyncio.run(go())
+    assert seen[0]["stream_options"] == {"include_usage": True}
+    assert items[-1] == StreamEnd(usage=Usage(prompt_tokens=5, completion_tokens=1, total_tokens=6))
+    chunks = [i for i in items if isinstance(i, dict)]
+    assert [bool(c.get("usage")) for c in chunks] == ([False, True] if client_asked else [False])
+    assert all(c["model"] == "m" for c in chunks)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from deployments.schemas import ChatCompletionRequest
+from deployments.schemas import MAX_TOKENS_LIMIT, ChatCompletionRequest, KeyCreate, Usage
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -46,3 +46,56 @@ def test_unsupported_values_name_their_field(extra: dict[str, object], loc: tupl
     with pytest.raises(ValidationError) as caught:
         ChatCompletionRequest.model_validate({"model": "m", "messages": MESSAGES, **extra})
     assert caught.value.errors()[0]["loc"] == loc
+
+
+# -- bounds on client integers (issue 10): out of range is a 400 naming the field -----------------
+
+
+def first_error_field(body: dict[str, object]) -> str:
+    with pytest.raises(ValidationError) as caught:
+        ChatCompletionRequest.model_validate({"model": "m", "messages": MESSAGES, **body})
+    return ".".join(str(part) for part in caught.value.errors()[0]["loc"])
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"max_tokens": 1_000_000_000_000}, "max_tokens"),
+        ({"max_tokens": int("9" * 400)}, "max_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_completion_tokens": 10**20}, "max_completion_tokens"),
+        ({"seed": 2**63}, "seed"),
+        ({"seed": -(2**63) - 1}, "seed"),
+        ({"n": 2}, "n"),
+        ({"top_logprobs": 21}, "top_logprobs"),
+        ({"logit_bias": {"1": 101}}, "logit_bias"),
+        ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ],
+)
+def test_out_of_range_integers_name_their_field(body: dict[str, object], field: str) -> None:
+    assert first_error_field(body) == field
+
+
+def test_integers_in_range_pass() -> None:
+    request = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": MESSAGES, "max_tokens": MAX_TOKENS_LIMIT, "seed": -(2**63),
+         "top_logprobs": 20, "logit_bias": {"1": -100}, "stop": ["a", "b", "c", "d"]}
+    )
+    assert request.effective_max_tokens == MAX_TOKENS_LIMIT and request.max_tokens_field == "max_tokens"
+
+
+@pytest.mark.parametrize("field", ["rpm", "tpm", "token_budget"])
+def test_key_limits_are_bounded(field: str) -> None:
+    with pytest.raises(ValidationError) as caught:
+        KeyCreate.model_validate({"name": "k", field: int("9" * 400)})
+    assert caught.value.errors()[0]["loc"] == (field,)
+    with pytest.raises(ValidationError):
+        KeyCreate.model_validate({"name": "k", field: 0})
+    assert getattr(KeyCreate.model_validate({"name": "k", field: 1000}), field) == 1000
+
+
+def test_usage_of_provider_dicts() -> None:
+    assert Usage.of({"prompt_tokens": 3, "completion_tokens": 2}) == Usage(
+        prompt_tokens=3, completion_tokens=2, total_tokens=5)
+    assert Usage.of(None) is None and Usage.of({"prompt_tokens": None}) is None

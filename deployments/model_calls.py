@@ -1,0 +1,302 @@
+"""ModelCalls: the one path by which anything calls a model — chat, streams, task runs, batch lines.
+
+Used by the Gateway's chat routes, by ``TaskExecutor`` (sync and async task runs, in the
+TaskRunner replicas) and by batch jobs' driver processes (``jobs.batch``). Calls the
+``ModelWorker`` deployments through a ``Transport`` and meters keys through a ``Meter``.
+Owns nothing but per-process caches.
+
+For one call it:
+
+1. resolves the model and its fallback chain (404 ``model_not_found`` naming ``model``) and
+   checks the request against the model's output limit (400 naming ``max_tokens`` or
+   ``max_completion_tokens``);
+2. meters the payer key: ``Meter.admit`` (budget, rpm, tpm with a token estimate bounded by the
+   model's output limit) before anything is sent;
+3. sends a typed ``ModelCall`` to the first model of the chain, and to the next when the answer
+   is an error whose class is ``transient`` (``deployments.errors``), before the first byte of
+   the answer; Ray's own failures — backpressure, a replica or node that died with the call in
+   flight — become ``Overloaded`` (503 with Retry-After) for that model;
+4. records the usage for the payer; a call that was refused, failed or was cancelled settles
+   its tpm booking instead.
+
+Streams are billed whether or not the client asked for ``include_usage`` and whether or not it
+stayed to the end: the worker's ``StreamEnd`` carries the provider's count; when the stream ends
+before it (client hung up, error mid-stream), the tokens are counted here from what was relayed
+(``core.tokens.StreamCounter``: the larger of text chunks and characters / 4, plus the prompt
+estimate) — conservative, so an abandoned stream is never billed less than it plausibly used.
+
+The seam is ``Transport`` (as httpx's ``BaseTransport``): ``HandleTransport`` sends through Ray
+``DeploymentHandle``s; tests give a fake (``tests.fakes.workers.FakeWorkers``) and exercise all
+of the above without Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from typing import Any, Protocol
+
+from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from deployments.config import ModelConfig
+from deployments.core.tokens import StreamCounter, completion_budget, prompt_tokens, reply_tokens
+from deployments.errors import InvalidRequest, ModelNotFound, Overloaded, PromptfleetError
+from deployments.gateway.caller import KeyEntry
+from deployments.gateway.metering import Meter
+from deployments.schemas import ChatCompletionRequest, ChatReply, ModelCall, StreamEnd, Usage
+
+logger = logging.getLogger("ray.serve")
+
+# A replica (ActorDiedError, ActorUnavailableError are RayActorErrors), its worker process or its
+# node died with the call in flight; Serve replaces it. Nothing about the request: transient.
+WORKER_GONE = (RayActorError, WorkerCrashedError, NodeDiedError)
+
+
+class WorkerStream(Protocol):
+    """A worker's streamed answer: chunk dicts, then a ``StreamEnd``, or an error value last."""
+
+    def __anext__(self) -> Awaitable[Any]: ...
+
+    def cancel(self) -> None: ...
+
+
+class Transport(Protocol):
+    """Sends one call to a model's worker. May raise Ray's failures; ``ModelCalls`` maps them."""
+
+    def chat(self, model: str, call: ModelCall) -> Awaitable[Any]: ...
+
+    def stream(self, model: str, call: ModelCall) -> WorkerStream: ...
+
+
+class HandleTransport:
+    """The ``ModelWorker`` deployments, through their Serve handles."""
+
+    def __init__(self, workers: dict[str, DeploymentHandle]) -> None:
+        self.workers = workers
+        self.streams = {name: handle.options(stream=True) for name, handle in workers.items()}
+
+    def chat(self, model: str, call: ModelCall) -> Awaitable[Any]:
+        response: Awaitable[Any] = self.workers[model].chat.remote(call)
+        return response
+
+    def stream(self, model: str, call: ModelCall) -> WorkerStream:
+        generator: WorkerStream = self.streams[model].chat_stream.remote(call)
+        return generator
+
+
+def overloaded(model: str) -> Overloaded:
+    return Overloaded(f"Model '{model}' is at capacity; retry shortly.", retry_after=1)
+
+
+def unavailable(model: str) -> Overloaded:
+    return Overloaded(f"Model '{model}' is temporarily unavailable; retry shortly.", retry_after=1)
+
+
+def unexpected(model: str, value: Any) -> PromptfleetError:
+    logger.error("worker of model %r answered an unexpected %s", model, type(value).__name__)
+    return PromptfleetError("Internal error.")
+
+
+class ModelCalls:
+    def __init__(self, models: Sequence[ModelConfig], transport: Transport, meter: Meter | None = None) -> None:
+        self.models = {m.name: m for m in models}
+        self.transport = transport
+        self.meter = meter
+
+    # -- before the call -------------------------------------------------------------------
+
+    def chain(self, request: ChatCompletionRequest, fallbacks: Sequence[str] | None = None) -> list[str]:
+        """The models to try, in order (``fallbacks``, e.g. a task's, replace the model's own);
+        400/404 if the request cannot go to its model."""
+        config = self.models.get(request.model)
+        if config is None:
+            raise ModelNotFound(f"The model '{request.model}' does not exist.", param="model")
+        asked = request.effective_max_tokens
+        if asked is not None and asked > config.output_limit:
+            field = request.max_tokens_field
+            raise InvalidRequest(
+                f"{field}: model '{request.model}' answers with at most {config.output_limit} tokens "
+                f"({asked} asked).",
+                param=field,
+            )
+        chain = config.fallback_models if fallbacks is None else fallbacks
+        return [request.model, *(m for m in chain if m in self.models and m != request.model)]
+
+    def estimate(self, request: ChatCompletionRequest) -> int:
+        """Tokens booked on a key's tpm before the call: bounded by the model's output limit."""
+        limit = self.models[request.model].output_limit
+        return prompt_tokens(request.messages) + completion_budget(request.effective_max_tokens, limit)
+
+    async def _admit(self, payer: KeyEntry | None, tokens: int, wait_s: float) -> int:
+        if self.meter is None:
+            return 0
+        return await self.meter.admit(payer, tokens, wait_s)
+
+    def _refund(self, payer: KeyEntry | None, booked: int) -> None:
+        if self.meter is not None:
+            self.meter.refund(payer, booked)
+
+    def _record(self, payer: KeyEntry | None, model: str, usage: Usage, booked: int) -> None:
+        if self.meter is not None:
+            self.meter.record(payer, model, usage, booked)
+
+    # -- JSON ------------------------------------------------------------------------------
+
+    async def complete(
+        self,
+        request: ChatCompletionRequest,
+        payer: KeyEntry | None = None,
+        *,
+        wait_s: float = 0.0,
+        request_id: str | None = None,
+        fallbacks: Sequence[str] | None = None,
+    ) -> dict[str, Any]:
+        """The completion body (``model`` names the model that answered); raises PromptfleetError.
+
+        ``wait_s``: how long the payer's rpm/tpm may make the call wait (0: 429 at once)."""
+        chain = self.chain(request, fallbacks)
+        estimate = self.estimate(request)
+        booked = await self._admit(payer, estimate, wait_s)
+        call_id = request_id or uuid.uuid4().hex
+        try:
+            reply, model = await self._first_answer(chain, request, call_id)
+        except BaseException:
+            self._refund(payer, booked)
+            raise
+        # No count from the provider: count the answer's text ourselves.
+        usage = reply.usage or counted(request, reply_tokens(reply.completion))
+        self._record(payer, model, usage, booked)
+        return reply.completion
+
+    async def _first_answer(
+        self, chain: list[str], request: ChatCompletionRequest, call_id: str
+    ) -> tuple[ChatReply, str]:
+        async def attempt(model: str, call: ModelCall) -> tuple[bool, Any]:
+            result = await self.transport.chat(model, call)
+            return isinstance(result, ChatReply), result
+
+        reply, model = await self._along(chain, request, call_id, attempt)
+        return reply, model
+
+    async def _along(
+        self,
+        chain: list[str],
+        request: ChatCompletionRequest,
+        call_id: str,
+        attempt: Callable[[str, ModelCall], Awaitable[tuple[bool, Any]]],
+    ) -> tuple[Any, str]:
+        """Try ``attempt`` on each model of ``chain`` until one answers (``(True, answer)``); go on
+        after an error whose class is transient, raise any other (and the last model's)."""
+        for index, model in enumerate(chain):
+            call = ModelCall(request=_for_model(request, model), request_id=call_id)
+            try:
+                answered, result = await attempt(model, call)
+            except BackPressureError:
+                answered, result = False, overloaded(model)
+            except WORKER_GONE:
+                answered, result = False, unavailable(model)
+            if answered:
+                return result, model
+            if not isinstance(result, PromptfleetError):
+                result = unexpected(model, result)
+            if index == len(chain) - 1 or not result.transient:
+                raise result
+            logger.warning("model %s failed (%s); falling back to %s", model, result.code, chain[index + 1])
+        raise AssertionError("unreachable")
+
+    # -- streaming -------------------------------------------------------------------------
+
+    async def stream(
+        self,
+        request: ChatCompletionRequest,
+        payer: KeyEntry | None = None,
+        *,
+        wait_s: float = 0.0,
+        request_id: str | None = None,
+    ) -> AsyncGenerator[dict[str, Any] | PromptfleetError, None]:
+        """Open the stream; errors before its first chunk raise (so they get their status code, or
+        a fallback). Returns the chunks to relay, ending with an error value if one happens later.
+        The usage is recorded when the returned iterator ends, however it ends."""
+        chain = self.chain(request)
+        estimate = self.estimate(request)
+        booked = await self._admit(payer, estimate, wait_s)
+        call_id = request_id or uuid.uuid4().hex
+        try:
+            chunks, first, model = await self._open(chain, request, call_id)
+        except BaseException:
+            self._refund(payer, booked)
+            raise
+        return self._relay(chunks, first, model, request, payer, booked)
+
+    async def _open(
+        self, chain: list[str], request: ChatCompletionRequest, call_id: str
+    ) -> tuple[WorkerStream, Any, str]:
+        """Start the stream on the first model of ``chain`` whose first item is not an error."""
+
+        async def attempt(model: str, call: ModelCall) -> tuple[bool, Any]:
+            chunks = self.transport.stream(model, call)
+            try:
+                first: Any = await chunks.__anext__()
+            except StopAsyncIteration:
+                first = None
+            except BaseException:
+                chunks.cancel()
+                raise
+            if isinstance(first, (dict, StreamEnd)):
+                return True, (chunks, first)
+            chunks.cancel()
+            return False, first
+
+        (chunks, first), model = await self._along(chain, request, call_id, attempt)
+        return chunks, first, model
+
+    async def _relay(
+        self,
+        chunks: WorkerStream,
+        first: Any,
+        model: str,
+        request: ChatCompletionRequest,
+        payer: KeyEntry | None,
+        booked: int,
+    ) -> AsyncGenerator[dict[str, Any] | PromptfleetError, None]:
+        counter = StreamCounter()
+        usage: Usage | None = None
+        item = first
+        try:
+            while True:
+                if isinstance(item, StreamEnd):
+                    usage = item.usage
+                    return
+                if isinstance(item, PromptfleetError):
+                    yield item  # the error event ends the stream
+                    return
+                if not isinstance(item, dict):
+                    yield unexpected(model, item)
+                    return
+                counter.add(item)
+                yield item
+                try:
+                    item = await chunks.__anext__()
+                except StopAsyncIteration:
+                    return
+                except (BackPressureError, *WORKER_GONE):
+                    item = unavailable(model)
+        finally:
+            # Finished, failed, or the client went away (the consumer closed us): stop the worker's
+            # generation, then bill what was produced.
+            chunks.cancel()
+            self._record(payer, model, usage or counted(request, counter.completion_tokens), booked)
+
+
+def counted(request: ChatCompletionRequest, completion_tokens: int) -> Usage:
+    """Usage counted on our side (the provider gave none): prompt estimate plus ``completion_tokens``."""
+    prompt = prompt_tokens(request.messages)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion_tokens, total_tokens=prompt + completion_tokens)
+
+
+def _for_model(request: ChatCompletionRequest, model: str) -> ChatCompletionRequest:
+    """The request as sent to ``model`` (a fallback gets its own name)."""
+    return request if request.model == model else request.model_copy(update={"model": model})

@@ -1,0 +1,132 @@
+"""Fakes for the model call path without Ray: model workers behind the ``Transport`` seam, and
+Serve-handle-shaped wrappers around plain objects (the RateLimiter and TaskStore classes).
+
+``FakeWorkers`` answers like ``ModelWorker`` deployments reached through ``HandleTransport``:
+for each model a script of what its next calls do —
+
+- ``"ok"`` (the default once a script is used up): a ``ChatReply`` / a stream of ``chunks`` text
+  pieces ending with a ``StreamEnd`` carrying ``usage``;
+- a ``PromptfleetError`` instance: returned (or yielded, streaming) as a value, like a worker does;
+- any other exception instance (Ray's ``BackPressureError``, ``ActorDiedError``, …): raised, like
+  a handle does when the call could not be delivered or its replica died;
+- ``"hang"``: never answers (until cancelled).
+
+Every call is kept in ``calls`` (model, ModelCall); streams record whether they were cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Any
+
+from deployments.errors import PromptfleetError
+from deployments.schemas import ChatReply, ModelCall, StreamEnd, Usage
+
+USAGE = Usage(prompt_tokens=7, completion_tokens=3, total_tokens=10)
+
+
+class FakeStream:
+    def __init__(self, items: list[Any]) -> None:
+        self.items = items
+        self.cancelled = False
+        self.taken = 0
+
+    def __aiter__(self) -> FakeStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        await asyncio.sleep(0)
+        if self.cancelled or not self.items:
+            raise StopAsyncIteration
+        item = self.items.pop(0)
+        self.taken += 1
+        if item == "hang":
+            await asyncio.Event().wait()
+        if isinstance(item, BaseException) and not isinstance(item, PromptfleetError):
+            raise item
+        return item
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class FakeWorkers:
+    def __init__(
+        self,
+        script: dict[str, list[Any]] | None = None,
+        usage: Usage | None = USAGE,
+        chunks: tuple[str, ...] = ("Hel", "lo", "!"),
+    ) -> None:
+        self.script = script or {}
+        self.usage = usage
+        self.chunks = chunks
+        self.calls: list[tuple[str, ModelCall]] = []
+        self.streams: list[FakeStream] = []
+
+    def _next(self, model: str) -> Any:
+        queued = self.script.get(model)
+        return queued.pop(0) if queued else "ok"
+
+    def chat(self, model: str, call: ModelCall) -> Awaitable[Any]:
+        self.calls.append((model, call))
+        step = self._next(model)
+
+        async def answer() -> Any:
+            await asyncio.sleep(0)
+            if step == "hang":
+                await asyncio.Event().wait()
+            if isinstance(step, BaseException) and not isinstance(step, PromptfleetError):
+                raise step
+            if step != "ok":
+                return step  # an error value, or anything else a broken worker might answer
+            completion = {
+                "id": "chatcmpl-fake", "object": "chat.completion", "model": model,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(self.chunks)},
+                             "finish_reason": "stop"}],
+            }
+            if self.usage is not None:
+                completion["usage"] = self.usage.model_dump()
+            return ChatReply(completion=completion, usage=self.usage)
+
+        return answer()
+
+    def stream(self, model: str, call: ModelCall) -> FakeStream:
+        self.calls.append((model, call))
+        step = self._next(model)
+        if step == "ok":
+            items: list[Any] = [
+                {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model,
+                 "choices": [{"index": 0, "delta": {"content": text}}]}
+                for text in self.chunks
+            ]
+            items.append(StreamEnd(usage=self.usage))
+        elif isinstance(step, list):
+            items = list(step)  # a scripted stream, item by item
+        else:
+            items = [step]
+        stream = FakeStream(items)
+        self.streams.append(stream)
+        return stream
+
+    def models_called(self) -> list[str]:
+        return [model for model, _ in self.calls]
+
+
+class _Method:
+    def __init__(self, fn: Any) -> None:
+        self._fn = fn
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        return self._fn(*args, **kwargs)
+
+
+class Handle:
+    """A plain object behind the ``handle.method.remote(...)`` shape of a DeploymentHandle (same
+    event loop, no Ray): for the RateLimiter and TaskStore classes in unit tests."""
+
+    def __init__(self, target: Any) -> None:
+        self._target = target
+
+    def __getattr__(self, name: str) -> _Method:
+        return _Method(getattr(self._target, name))

@@ -1,0 +1,95 @@
+"""ModelWorker's handle convention, with a fake provider (no Ray): typed in, typed out, errors as values."""
+
+from __future__ import annotations
+
+import asyncio
+import pickle
+from collections.abc import AsyncIterator
+from typing import Any
+
+from deployments import errors
+from deployments.config import OpenAIModel
+from deployments.model_worker import ModelWorker
+from deployments.schemas import ChatCompletionRequest, ChatReply, ModelCall, StreamEnd, Usage
+
+
+class FakeProvider:
+    def __init__(self, fail: errors.PromptfleetError | None = None) -> None:
+        self.fail = fail
+        self.bodies: list[dict[str, Any]] = []
+
+    async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
+        self.bodies.append(body)
+        if self.fail is not None:
+            raise self.fail
+        return {"model": "m", "choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 1}}
+
+    async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any] | StreamEnd]:
+        self.bodies.append(body)
+        yield {"choices": [{"delta": {"content": "a"}}]}
+        if self.fail is not None:
+            raise self.fail
+        yield StreamEnd(usage=Usage(prompt_tokens=2, completion_tokens=1, total_tokens=3))
+
+    async def close(self) -> None:
+        pass
+
+
+class Worker(ModelWorker):
+    # Serve awaits the async ``__del__`` when it stops a replica; here the garbage collector
+    # would only create a never-awaited coroutine.
+    def __del__(self) -> None:
+        pass
+
+
+CONFIG = OpenAIModel(provider="openai", name="m", base_url="http://127.0.0.1:1/v1", max_output_tokens=100)
+
+
+def call(**fields: Any) -> ModelCall:
+    request = ChatCompletionRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                                                    **fields})
+    return ModelCall(request=request, request_id="req-1")
+
+
+def test_chat_takes_a_model_call_and_answers_a_chat_reply() -> None:
+    provider = FakeProvider()
+    reply = asyncio.run(Worker(CONFIG, provider=provider).chat(call(temperature=0.5)))
+    assert isinstance(reply, ChatReply) and reply.usage == Usage(prompt_tokens=2, completion_tokens=1, total_tokens=3)
+    # Only what the client set reaches the provider.
+    assert provider.bodies[0] == {"model": "m", "messages": [{"role": "user", "content": "hi"}], "temperature": 0.5}
+    crossed = pickle.loads(pickle.dumps(call()))  # what crosses the handle pickles, and is validated again
+    assert (crossed.request, crossed.request_id, crossed.body()) == (call().request, "req-1", call().body())
+
+
+def test_expected_errors_come_back_as_values() -> None:
+    error = errors.UpstreamRateLimited("429", retry_after=2)
+    worker = Worker(CONFIG, provider=FakeProvider(fail=error))
+    assert asyncio.run(worker.chat(call())) is error
+
+    async def items() -> list[Any]:
+        return [item async for item in worker.chat_stream(call(stream=True))]
+
+    streamed = asyncio.run(items())
+    assert isinstance(streamed[0], dict) and streamed[-1] is error
+
+
+def test_a_stream_ends_with_its_usage() -> None:
+    async def items() -> list[Any]:
+        return [item async for item in Worker(CONFIG, provider=FakeProvider()).chat_stream(call(stream=True))]
+
+    assert asyncio.run(items())[-1] == StreamEnd(usage=Usage(prompt_tokens=2, completion_tokens=1, total_tokens=3))
+
+
+def test_max_tokens_above_the_models_limit_is_lowered_for_a_fallback() -> None:
+    provider = FakeProvider()
+    asyncio.run(Worker(CONFIG, provider=provider).chat(call(max_tokens=5000, max_completion_tokens=7000)))
+    assert provider.bodies[0]["max_tokens"] == 100 and provider.bodies[0]["max_completion_tokens"] == 100
+    assert asyncio.run(Worker(CONFIG, provider=provider).describe()) == CONFIG
+
+
+def test_replies_cross_the_handle_as_plain_data_and_arrive_equal() -> None:
+    with_usage = ChatReply.of({"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 1}})
+    without = ChatReply.of({"choices": []})
+    for reply in (with_usage, without):
+        assert pickle.loads(pickle.dumps(reply)) == reply
+    assert without.usage is None and with_usage.usage == Usage(prompt_tokens=2, completion_tokens=1, total_tokens=3)
