@@ -5,6 +5,13 @@ second) on an upstream slower than the lease, while thousands of requests with d
 keys, long-polls of those runs and run listings hit the same Gateway and TaskStore. If a renewal
 were delayed past the lease, the run would be claimed again: its ``attempt`` would be 2 and the
 upstream would see a second call. Neither may happen.
+
+This is the end-to-end check; the two mechanisms behind it are pinned deterministically by unit
+tests that fail without them: renewals on a lane of their own
+(tests/unit/test_store_service.py::test_renewals_do_not_queue_behind_user_traffic) and no store
+call per distinct bogus key (tests/unit/test_auth.py). On a 2-core machine the flood here reaches
+some 60 refused requests per second; that was not enough to starve renewals even with a single
+database lane and a store call per unknown key (tried once as a negative control, 2026-12-02).
 """
 
 from __future__ import annotations
