@@ -23,6 +23,8 @@ from pathlib import Path
 
 from cluster import batch_cli, keys_cli, kuberay, local, nodes
 
+JOIN_ADVICE = "To add a machine, run this in its promptfleet checkout (after `make .venv/.installed`):"
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -120,10 +122,19 @@ def cmd_start(args: argparse.Namespace) -> int:
         cmd = nodes.ray_start_command(spec, port=args.port, dashboard_port=int(dashboard.rsplit(":", 1)[1]))
         head = nodes.start_node(cmd, nodes.node_env(os.environ), block=spec.block)
         join_hint = nodes.join_command(f"{spec.host}:{args.port}", token) if args.head else ""
+        if join_hint:
+            # Now, not after the deploy: replicas that need worker nodes wait for them to join.
+            print(f"Ray head node is up. {JOIN_ADVICE}\n  {join_hint}", flush=True)
     print(f"Deploying {args.config}…", file=sys.stderr)
-    local.deploy(deployable, dashboard)
-    names = [app["name"] for app in config["applications"]]
-    local.wait_until_running(dashboard, names, args.timeout)
+    try:
+        local.deploy(deployable, dashboard)
+        names = [app["name"] for app in config["applications"]]
+        local.wait_until_running(dashboard, names, args.timeout)
+    except BaseException:
+        if head is not None:  # --block: the node we started ends with this command
+            head.terminate()
+            head.wait()
+        raise
     urls = local.endpoints(config, dashboard)
     print(
         f"\npromptfleet is running.\n"
@@ -134,8 +145,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         f"Stop with `promptfleet stop --ray`."
     )
     if join_hint:
-        print(f"\nTo add a machine, run this in its promptfleet checkout (after `make .venv/.installed`):\n"
-              f"  {join_hint}", flush=True)
+        print(f"\n{JOIN_ADVICE}\n  {join_hint}", flush=True)
     return _wait_if_blocking(head)
 
 
