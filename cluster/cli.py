@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from cluster import batch_cli, keys_cli, kuberay, local, nodes
+from deployments.config import NODE_IP
 
 JOIN_ADVICE = "To add a machine, run this in its promptfleet checkout (after `make .venv/.installed`):"
 
@@ -103,6 +104,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     dashboard = args.dashboard or local.DEFAULT_DASHBOARD
     head: subprocess.Popen[str] | None = None
     join_hint = ""
+    node_host = "127.0.0.1"
     if args.address and not args.head:
         if not local.ray_is_running(args.address):
             raise local.StartError(f"no Ray cluster answers at {args.address}")
@@ -121,6 +123,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         print("Starting a Ray head node…" if args.head else "Starting a local Ray cluster…", file=sys.stderr)
         cmd = nodes.ray_start_command(spec, port=args.port, dashboard_port=int(dashboard.rsplit(":", 1)[1]))
         head = nodes.start_node(cmd, nodes.node_env(os.environ), block=spec.block)
+        node_host = spec.host or node_host
         join_hint = nodes.join_command(f"{spec.host}:{args.port}", token) if args.head else ""
         if join_hint:
             # Now, not after the deploy: replicas that need worker nodes wait for them to join.
@@ -135,7 +138,7 @@ def cmd_start(args: argparse.Namespace) -> int:
             head.terminate()
             head.wait()
         raise
-    urls = local.endpoints(config, dashboard)
+    urls = local.endpoints(config, dashboard, node_host)
     print(
         f"\npromptfleet is running.\n"
         f"  API (OpenAI-compatible): {urls.api}\n"
@@ -198,7 +201,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"Serve proxy: http://{http.get('host')}:{http.get('port')}   dashboard: {args.dashboard}")
     for name, app in apps.items():
         gateway = ((app.get("deployed_app_config") or {}).get("args") or {}).get("gateway") or {}
-        api = f"http://{gateway.get('listen_host', '127.0.0.1')}:{gateway.get('listen_port', 8000)}/v1"
+        host = gateway.get("listen_host", "127.0.0.1")
+        host = "<each node's address>" if host == NODE_IP else host
+        api = f"http://{host}:{gateway.get('listen_port', 8000)}/v1"
         print(f"{name}: {app.get('status')}   API: {api}")
         for dep_name, dep in (app.get("deployments") or {}).items():
             replicas = dep.get("replicas") or []

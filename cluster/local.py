@@ -135,10 +135,11 @@ def _last_exception(message: str) -> str:
     return "\n".join(lines[starts[-1]:]) if starts else message
 
 
-def endpoints(config: dict[str, Any], dashboard: str) -> Endpoints:
+def endpoints(config: dict[str, Any], dashboard: str, node_host: str = "127.0.0.1") -> Endpoints:
+    """The API and dashboard URLs; ``node_host`` is this node's address (for ``listen_host: node-ip``)."""
     gateway = AppArgs.model_validate(config["applications"][0].get("args") or {}).gateway
     if gateway.listen_port is not None:
-        host, port = gateway.listen_host, gateway.listen_port
+        host, port = gateway.bind_host(node_host), gateway.listen_port
     else:
         http = config.get("http_options") or {}
         host, port = http.get("host", "127.0.0.1"), http.get("port", 8000)

@@ -15,6 +15,7 @@ the node's processes are found in /proc even when one was orphaned (its parent d
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import signal
@@ -22,18 +23,23 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 import httpx
 
+from cluster import local
+from deployments.config import NODE_IP
 from tests.cluster_process import alive, descendants
+from tests.fixtures import make_tasks_dir, upstream_models
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPTFLEET = str(Path(sys.executable).with_name("promptfleet"))
 RAY = str(Path(sys.executable).with_name("ray"))
 HEAD_HOST = "127.0.0.5"
+WORKER_HOSTS = ("127.0.0.2", "127.0.0.3")
 
 
 def free_port(host: str) -> int:
@@ -49,6 +55,46 @@ def shell_env(token_path: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "VIRTUAL_ENV"))}
     return {**env, "PATH": os.pathsep.join(path), "RAY_AUTH_TOKEN_PATH": str(token_path),
             "PYTHONUNBUFFERED": "1"}
+
+
+def cluster_config(upstream_base_url: str, state: Path, listen_port: int, http_port: int,
+                   local_model: bool = True) -> dict[str, Any]:
+    """configs/serve.yaml, with each Gateway on its node's address and the workers spread out.
+
+    ``local_model=False`` leaves the embedded model out (benchmarks of the Gateway path).
+    The head starts with no CPUs, so everything that asks for CPU (the local model, 1 CPU per
+    replica; the upstream workers, a sliver each) must run on worker nodes.
+    """
+    config = copy.deepcopy(local.load_serve_config(REPO / "configs" / "serve.yaml"))
+    # One Serve proxy: proxies of several nodes on one machine would all bind the same 127.0.0.1 port.
+    config["proxy_location"] = "HeadOnly"
+    config["http_options"]["port"] = http_port
+    app = config["applications"][0]
+    app["args"]["gateway"].update(listen_host=NODE_IP, listen_port=listen_port)
+    app["args"]["tasks"].update(
+        definitions_dir=str(make_tasks_dir(state / "tasks")), state_dir=str(state / "db"), lease_s=3,
+    )
+    wanted = {"fake", "fake-limited", "fake-short"}  # fake-short: the shipped test task label_fallback
+    app["args"]["models"] += [m for m in upstream_models(upstream_base_url) if m["name"] in wanted]
+    app["runtime_env"] = {"env_vars": {"PROMPTFLEET_UPSTREAM_HOSTS": "127.0.0.1"}}
+    deployments = [d for d in app["deployments"] if d["name"] != "worker-smollm2"]
+    if local_model:
+        # A local model at 1 CPU per replica: one replica on each worker node.
+        deployments.append({"name": "worker-smollm2", "num_replicas": 2, "max_replicas_per_node": 1,
+                            "max_ongoing_requests": 4, "ray_actor_options": {"num_cpus": 1}})
+    else:
+        app["args"]["models"] = [m for m in app["args"]["models"] if m["provider"] != "llamacpp"]
+        for shipped in (REPO / "configs" / "tasks").glob("*.yaml"):  # they run on the embedded model
+            (state / "tasks" / shipped.name).unlink()
+    deployments += [
+        # Upstream workers go wherever there is room; lost ones come back on surviving nodes.
+        {"name": "worker-fake", "num_replicas": 2, "ray_actor_options": {"num_cpus": 0.1}},
+        # The shared budget's callers: one replica on each worker node.
+        {"name": "worker-fake-limited", "num_replicas": 2, "max_replicas_per_node": 1,
+         "ray_actor_options": {"num_cpus": 0.1}},
+    ]
+    app["deployments"] = deployments
+    return config
 
 
 MARKER = "PROMPTFLEET_TEST_NODE"
@@ -87,13 +133,15 @@ class Node:
     _log: IO[bytes] = field(repr=False)
 
     def wait_for_line(self, needle: str, timeout_s: float) -> str:
-        """The first line of the node's output containing ``needle``."""
+        """The first line of the node's output containing ``needle``; RuntimeError naming the log
+        (the node's processes killed) if the command exits first."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             for line in self.log.read_text(errors="replace").splitlines():
                 if needle in line:
                     return line
             if self.proc.poll() is not None:
+                self.kill()
                 raise RuntimeError(f"node {self.host} exited ({self.proc.returncode}); see {self.log}")
             time.sleep(0.5)
         raise TimeoutError(f"node {self.host}: no {needle!r} within {timeout_s:.0f}s; see {self.log}")
@@ -129,7 +177,8 @@ class Node:
 class LoopbackCluster:
     """A head and workers started with the promptfleet CLI; see the module docstring."""
 
-    def __init__(self, config: dict[str, Any], tmp: Path) -> None:
+    def __init__(self, config: dict[str, Any], tmp: Path, listen_port: int) -> None:
+        """``listen_port``: the Gateway's port in ``config`` (args.gateway.listen_port)."""
         self.tmp = tmp
         self.config_file = tmp / "serve.json"
         self.config_file.write_text(json.dumps(config))
@@ -137,10 +186,11 @@ class LoopbackCluster:
         self.env = shell_env(self.token_path)
         self.gcs_port = free_port(HEAD_HOST)
         self.dashboard = f"http://127.0.0.1:{free_port('127.0.0.1')}"
-        self.listen_port = 0  # the Gateway's port (args.gateway.listen_port), on every node's address
+        self.listen_port = listen_port  # on every node's address
         self.head: Node | None = None
         self.workers: dict[str, Node] = {}
         self.join_command = ""
+        self.spawned = 0
 
     @property
     def gcs_address(self) -> str:
@@ -151,7 +201,8 @@ class LoopbackCluster:
         return self.token_path.read_text().strip()
 
     def _spawn(self, name: str, argv: list[str], env: dict[str, str]) -> Node:
-        log = self.tmp / f"{name}.log"
+        self.spawned += 1
+        log = self.tmp / f"{name}-{self.spawned}.log"  # a node joining again writes a new log
         handle = log.open("ab")
         marker = f"{self.tmp}/{name}/{time.monotonic_ns()}"
         proc = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -159,13 +210,19 @@ class LoopbackCluster:
         return Node(host=argv[argv.index("--host") + 1], proc=proc, log=log, marker=marker, _log=handle)
 
     def start_head(self, timeout_s: float = 600) -> None:
-        """`promptfleet start --head`, as the README shows; returns once the app is RUNNING."""
-        argv = [PROMPTFLEET, "start", "--head", "--block", "--host", HEAD_HOST, "--num-cpus", "0",
-                "--port", str(self.gcs_port), "--config", str(self.config_file), "--dashboard", self.dashboard,
-                "--timeout", str(timeout_s),
-                "--", "--ray-client-server-port", str(free_port(HEAD_HOST)), *node_ports(HEAD_HOST)]
-        self.head = self._spawn("head", argv, self.env)
-        self.join_command = self.head.wait_for_line("promptfleet join", timeout_s).strip()
+        """`promptfleet start --head`, as the README shows; returns once it printed the join command."""
+
+        def attempt() -> Node:
+            self.gcs_port = free_port(HEAD_HOST)
+            argv = [PROMPTFLEET, "start", "--head", "--block", "--host", HEAD_HOST, "--num-cpus", "0",
+                    "--port", str(self.gcs_port), "--config", str(self.config_file), "--dashboard", self.dashboard,
+                    "--timeout", str(timeout_s),
+                    "--", "--ray-client-server-port", str(free_port(HEAD_HOST)), *node_ports(HEAD_HOST)]
+            node = self._spawn("head", argv, self.env)
+            self.join_command = node.wait_for_line("promptfleet join", timeout_s).strip()
+            return node
+
+        self.head = self._retrying(attempt)
 
     def join(self, host: str, num_cpus: int = 2, timeout_s: float = 300) -> Node:
         """The join command the head printed, run "on another machine" (another loopback address)."""
@@ -173,12 +230,40 @@ class LoopbackCluster:
         name, _, token = assignment.partition("=")
         assert name == "RAY_AUTH_TOKEN" and join.startswith(".venv/bin/promptfleet join "), self.join_command
         head_address = join.rsplit(" ", 1)[1]
-        argv = [PROMPTFLEET, "join", head_address, "--block", "--host", host, "--num-cpus", str(num_cpus),
-                "--", *node_ports(host)]
-        node = self._spawn(f"worker-{host}", argv, {**self.env, "RAY_AUTH_TOKEN": token})
-        node.wait_for_line(f"Joined {head_address}", timeout_s)
-        self.workers[host] = node
-        return node
+
+        def attempt() -> Node:
+            argv = [PROMPTFLEET, "join", head_address, "--block", "--host", host, "--num-cpus", str(num_cpus),
+                    "--", *node_ports(host)]
+            node = self._spawn(f"worker-{host}", argv, {**self.env, "RAY_AUTH_TOKEN": token})
+            node.wait_for_line(f"Joined {head_address}", timeout_s)
+            return node
+
+        self.workers[host] = self._retrying(attempt)
+        return self.workers[host]
+
+    @staticmethod
+    def _retrying(attempt: Callable[[], Node]) -> Node:
+        """Ray gives a new raylet a fixed 30 s to register with the GCS (ray/_private/node.py); on two
+        cores loaded by other clusters that is sometimes too little. Such a start is tried once more
+        (its processes killed first), like tests.fixtures.start_cluster does; any other failure raises."""
+        try:
+            return attempt()
+        except RuntimeError as exc:
+            log = Path(str(exc).rsplit("see ", 1)[-1])
+            if not log.exists() or "timed out during startup" not in log.read_text(errors="replace"):
+                raise
+        return attempt()
+
+    def bring_up(self, replicas: dict[str, int], timeout_s: float = 600) -> None:
+        """Head and both worker nodes, then wait for a Gateway on every node and ``replicas``
+        (deployment name → RUNNING replicas) in place."""
+        self.start_head(timeout_s)
+        for host in WORKER_HOSTS:
+            self.join(host)
+        everywhere = sorted([HEAD_HOST, *WORKER_HOSTS])
+        self.wait_until("a Gateway on every node", lambda: self.replica_hosts("Gateway") == everywhere, timeout_s)
+        self.wait_until(f"replicas {replicas}", lambda: all(
+            len(self.running_replicas(name)) == count for name, count in replicas.items()), timeout_s)
 
     # -- what the cluster says about itself (dashboard REST, with the token) -----------------
 
@@ -202,8 +287,11 @@ class LoopbackCluster:
         started = time.monotonic()
         last: Any = None
         while time.monotonic() - started < timeout_s:
-            with contextlib.suppress(httpx.HTTPError, KeyError):
+            try:
                 last = check()
+            except Exception as exc:  # e.g. a node or replica not there yet: try again, report the last
+                last = exc
+            else:
                 if last:
                     return time.monotonic() - started
             time.sleep(interval_s)

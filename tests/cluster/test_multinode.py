@@ -22,8 +22,7 @@ import openai
 import pytest
 
 from deployments.core.limits import window_capacity
-from tests.cluster.conftest import WORKER_HOSTS
-from tests.cluster.harness import HEAD_HOST, RAY, REPO, LoopbackCluster
+from tests.cluster.harness import HEAD_HOST, RAY, REPO, WORKER_HOSTS, LoopbackCluster
 from tests.fakes.upstream import FakeUpstream
 from tests.fixtures import LIMITED_RPM
 from tests.serve.test_limits import closed_loop, max_in_window
@@ -34,9 +33,12 @@ HELLO = [{"role": "user", "content": "hello"}]
 ALL_HOSTS = sorted([HEAD_HOST, *WORKER_HOSTS])
 
 
-def client(cluster: LoopbackCluster, host: str, **kwargs: Any) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{cluster.api(host)}/v1", api_key="unused", max_retries=0,
-                         timeout=kwargs.pop("timeout", 60), **kwargs)
+def chat(cluster: LoopbackCluster, host: str, model: str = "fake", timeout: float = 60, **body: Any) -> str:
+    """One chat completion through ``host``'s Gateway with the official client; the reply's text."""
+    with openai.OpenAI(base_url=f"{cluster.api(host)}/v1", api_key="unused", max_retries=0,
+                       timeout=timeout) as client:
+        reply = client.chat.completions.create(model=model, messages=HELLO, **body)
+    return str(reply.choices[0].message.content)
 
 
 def test_every_nodes_gateway_answers_on_its_own_address(loopback_cluster: LoopbackCluster,
@@ -45,8 +47,7 @@ def test_every_nodes_gateway_answers_on_its_own_address(loopback_cluster: Loopba
     assert loopback_cluster.alive_nodes() == ALL_HOSTS
     assert loopback_cluster.replica_hosts("Gateway") == ALL_HOSTS
     for host in ALL_HOSTS:
-        reply = client(loopback_cluster, host).chat.completions.create(model="fake", messages=HELLO)
-        assert reply.choices[0].message.content == "echo: hello"
+        assert chat(loopback_cluster, host) == "echo: hello"
         health = httpx.get(f"{loopback_cluster.api(host)}/healthz", timeout=30)
         assert health.status_code == 200, health.text
         body = health.json()
@@ -62,9 +63,7 @@ def test_model_workers_run_on_worker_nodes_and_serve(loopback_cluster: LoopbackC
     assert loopback_cluster.replica_hosts("worker-fake-limited") == sorted(WORKER_HOSTS)
     # State stays on the head.
     assert loopback_cluster.replica_hosts("TaskStore") == [HEAD_HOST]
-    reply = client(loopback_cluster, HEAD_HOST, timeout=120).chat.completions.create(
-        model="smollm2", messages=HELLO, max_tokens=8)
-    assert reply.choices[0].message.content
+    assert chat(loopback_cluster, HEAD_HOST, model="smollm2", timeout=120, max_tokens=8)
 
 
 class _At:
@@ -144,7 +143,7 @@ def output_lines(path: Path) -> list[dict[str, Any]]:
 
 
 def test_losing_a_worker_node_loses_no_accepted_work(loopback_cluster: LoopbackCluster, upstream: FakeUpstream,
-                                                     tmp_path: Path) -> None:
+                                                     tmp_path: Path, request: pytest.FixtureRequest) -> None:
     """Items 4 and 6: 100 async runs, 20 streaming chats and a batch job in flight; a worker node dies."""
     cluster = loopback_cluster
     upstream.reset()
@@ -155,6 +154,7 @@ def test_losing_a_worker_node_loses_no_accepted_work(loopback_cluster: LoopbackC
     job_id, out = submit_batch_job(cluster, tmp_path, lines=300)
     cluster.wait_until("the batch job answering lines", lambda: len(output_lines(out)) >= 8, 300, 0.5)
     api = httpx.Client(base_url=f"{cluster.api(HEAD_HOST)}/v1", timeout=60)
+    request.addfinalizer(api.close)
     run_ids = []
     for i in range(100):
         response = api.post("/tasks/label_fake/submit", json={"input": {"text": f"run {i}"}})
@@ -169,14 +169,14 @@ def test_losing_a_worker_node_loses_no_accepted_work(loopback_cluster: LoopbackC
 
     cluster.workers.pop(victim).kill()
     killed_at = time.monotonic()
+    upstream.configure(mode="ok")  # calls already waiting keep their delay; new ones measure recovery
     recovery_s = cluster.wait_until(
         "a new chat succeeds through a surviving Gateway",
-        lambda: client(cluster, HEAD_HOST, timeout=30).chat.completions.create(model="fake", messages=HELLO).choices,
+        lambda: chat(cluster, HEAD_HOST, timeout=30),
         180, 0.5,
     )
     print(f"\nnode {victim} killed: a new request succeeded {recovery_s:.1f}s later")
     cluster.wait_until("Ray sees the node gone", lambda: victim not in cluster.alive_nodes(), 120)
-    upstream.configure(mode="ok")
 
     for thread in streams:
         thread.join(timeout=300)
@@ -225,5 +225,4 @@ def test_node_joins_again_and_gets_replicas_back(loopback_cluster: LoopbackClust
                               and victim in cluster.replica_hosts("worker-smollm2"), 300)
     print(f"\nnode {victim} joined again: Gateway and worker replica running {time.monotonic() - started:.1f}s "
           f"after the join command ({back:.1f}s after it returned)")
-    reply = client(cluster, victim).chat.completions.create(model="fake", messages=HELLO)
-    assert reply.choices[0].message.content == "echo: hello"
+    assert chat(cluster, victim) == "echo: hello"

@@ -121,3 +121,11 @@ def test_existing_cluster_without_token_auth_is_refused_unless_allowed(
 def test_no_dashboard_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(local.StartError, match="no Ray dashboard answers"):
         nodes.refuse_insecure("http://127.0.0.1:9", allow_insecure=False)
+
+
+def test_start_prints_the_api_on_this_nodes_address_when_gateways_listen_there() -> None:
+    config = {"applications": [{"args": {"models": [{"name": "m", "provider": "llamacpp"}],
+                                         "gateway": {"listen_host": "node-ip", "listen_port": 8000}}}]}
+    assert local.endpoints(config, "http://127.0.0.1:8265", "10.0.0.5").api == "http://10.0.0.5:8000/v1"
+    config["applications"][0]["args"]["gateway"]["listen_host"] = "127.0.0.1"
+    assert local.endpoints(config, "http://127.0.0.1:8265", "10.0.0.5").api == "http://127.0.0.1:8000/v1"
