@@ -177,6 +177,10 @@ def test_losing_a_worker_node_loses_no_accepted_work(loopback_cluster: LoopbackC
     )
     print(f"\nnode {victim} killed: a new request succeeded {recovery_s:.1f}s later")
     cluster.wait_until("Ray sees the node gone", lambda: victim not in cluster.alive_nodes(), 120)
+    # Serve starts the lost upstream workers again on the nodes left (the local model's replica, one
+    # per node, waits for a node: test_node_joins_again_and_gets_replicas_back).
+    cluster.wait_until("worker-fake back to 2 replicas on surviving nodes", lambda: (
+        hosts := cluster.replica_hosts("worker-fake")) and len(hosts) == 2 and victim not in hosts, 180)
 
     for thread in streams:
         thread.join(timeout=300)
