@@ -27,7 +27,7 @@ from pathlib import Path
 
 from bench.kit import fake_upstream
 from bench.loadtest import LoadResult, run_load
-from tests.cluster.harness import HEAD_HOST, WORKER_HOSTS, LoopbackCluster, Node, cluster_config, free_port, marked
+from tests.cluster.harness import HEAD_HOST, WORKER_HOSTS, LoopbackCluster, Node, cluster_config, free_port
 
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -56,7 +56,7 @@ def pss_mib(pids: set[int]) -> float:
 
 
 def idle_cost(nodes: dict[str, Node], seconds: float) -> dict[str, dict[str, float]]:
-    pids = {host: marked(node.marker) for host, node in nodes.items()}
+    pids = {host: node.processes() for host, node in nodes.items()}
     before = {host: cpu_seconds(p) for host, p in pids.items()}
     time.sleep(seconds)
     return {

@@ -145,7 +145,8 @@ def cmd_start(args: argparse.Namespace) -> int:
         f"  Ray dashboard:           {urls.dashboard}\n\n"
         f"  curl {urls.api}/chat/completions -H 'Content-Type: application/json' \\\n"
         f"    -d '{{\"model\": \"smollm2\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n\n"
-        f"Stop with `promptfleet stop --ray`."
+        + ("Ctrl-C (or SIGTERM to this command) stops this node." if head is not None
+           else "Stop with `promptfleet stop --ray`.")
     )
     if join_hint:
         print(f"\n{JOIN_ADVICE}\n  {join_hint}", flush=True)

@@ -146,10 +146,16 @@ class Node:
             time.sleep(0.5)
         raise TimeoutError(f"node {self.host}: no {needle!r} within {timeout_s:.0f}s; see {self.log}")
 
+    def processes(self) -> set[int]:
+        """This node's live processes: its command's tree, and any that were orphaned (by marker;
+        a process that rewrote its title, as Ray workers do, may no longer show its environment)."""
+        tree = descendants(self.proc.pid) | {self.proc.pid} if self.proc.poll() is None else set()
+        return {pid for pid in tree | marked(self.marker) if alive(pid)}
+
     def kill(self) -> None:
         """SIGKILL every process of this node at once, like a machine losing power."""
         deadline = time.monotonic() + 30
-        tree = descendants(self.proc.pid) | {self.proc.pid} | marked(self.marker)
+        tree = self.processes()
         while tree and time.monotonic() < deadline:
             for pid in tree:
                 with contextlib.suppress(ProcessLookupError):
@@ -157,7 +163,7 @@ class Node:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.proc.wait(timeout=5)
             time.sleep(0.2)
-            tree = {pid for pid in tree | marked(self.marker) if alive(pid)}
+            tree = {pid for pid in tree if alive(pid)} | self.processes()
         self._log.close()
 
     def stop(self) -> None:

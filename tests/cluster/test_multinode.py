@@ -202,7 +202,7 @@ def test_losing_a_worker_node_loses_no_accepted_work(loopback_cluster: LoopbackC
     assert sorted(v["status"] for v in finished.values()) == ["succeeded"] * 100
     assert all(v["result"]["output"] == {"label": "a"} for v in finished.values())
     print(f"runs: all 100 succeeded; {sum(v['attempt'] > 1 for v in finished.values())} re-run after the kill "
-          f"(last finished {max(v['finished_at'] for v in finished.values()) - time.time():.0f}s ago, "
+          f"(the last {time.time() - max(v['finished_at'] for v in finished.values()):.0f}s before this line, "
           f"{time.monotonic() - killed_at:.0f}s after the kill)")
 
     cluster.wait_until("the batch job finished", lambda: job_status(cluster, job_id) in ("SUCCEEDED", "FAILED"),

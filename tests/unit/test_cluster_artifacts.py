@@ -82,7 +82,8 @@ def test_ray_containers_carry_the_node_environment_and_gateway_port(
     groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
     assert cluster["workerGroupSpecs"][0]["replicas"] == 3
     for group in groups:
-        assert json.loads(group["rayStartParams"]["resources"]) == {nodes.GATEWAY_RESOURCE: 1}
+        # '"{\"promptfleet_gateway\": 1}"': KubeRay hands rayStartParams to a shell, quotes included.
+        assert json.loads(json.loads(group["rayStartParams"]["resources"])) == {nodes.GATEWAY_RESOURCE: 1}
         (container,) = group["template"]["spec"]["containers"]
         env = {e["name"]: e for e in container["env"]}
         for name, value in local.RAY_START_ENV.items():
