@@ -6,6 +6,10 @@ shell whose PATH does not hold the virtualenv, with a token file of the test's o
 for everything Ray, Serve and the Gateway open. Ray replaces ``--node-ip-address 127.0.0.1`` with
 the machine's interface address, so the head is 127.0.0.5 and the workers 127.0.0.2, 127.0.0.3.
 
+Each node gets a Ray temp dir of its own (``--temp-dir``): `ray start` records the last cluster it
+started in its temp dir's ``ray_current_cluster``, and a ``ray.init()`` without an address anywhere
+on the machine connects to the cluster named in /tmp/ray's — so the default one is never touched.
+
 Stopping a node SIGKILLs exactly its processes (never ``ray stop``, which would end every Ray
 process on the machine, other people's clusters included): each node's command runs with a marker
 variable of its own in its environment, which every process Ray starts for the node inherits, so
@@ -18,10 +22,12 @@ import contextlib
 import copy
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -197,6 +203,8 @@ class LoopbackCluster:
         self.workers: dict[str, Node] = {}
         self.join_command = ""
         self.spawned = 0
+        # Short: Ray's unix socket paths live below it (108 bytes at most).
+        self.ray_tmp = Path(tempfile.mkdtemp(prefix="pfc-"))
 
     @property
     def gcs_address(self) -> str:
@@ -223,7 +231,8 @@ class LoopbackCluster:
             argv = [PROMPTFLEET, "start", "--head", "--block", "--host", HEAD_HOST, "--num-cpus", "0",
                     "--port", str(self.gcs_port), "--config", str(self.config_file), "--dashboard", self.dashboard,
                     "--timeout", str(timeout_s),
-                    "--", "--ray-client-server-port", str(free_port(HEAD_HOST)), *node_ports(HEAD_HOST)]
+                    "--", "--ray-client-server-port", str(free_port(HEAD_HOST)), *node_ports(HEAD_HOST),
+                    "--temp-dir", str(self.ray_tmp / "head")]
             node = self._spawn("head", argv, self.env)
             self.join_command = node.wait_for_line("promptfleet join", timeout_s).strip()
             return node
@@ -239,7 +248,7 @@ class LoopbackCluster:
 
         def attempt() -> Node:
             argv = [PROMPTFLEET, "join", head_address, "--block", "--host", host, "--num-cpus", str(num_cpus),
-                    "--", *node_ports(host)]
+                    "--", *node_ports(host), "--temp-dir", str(self.ray_tmp / host)]
             node = self._spawn(f"worker-{host}", argv, {**self.env, "RAY_AUTH_TOKEN": token})
             node.wait_for_line(f"Joined {head_address}", timeout_s)
             return node
@@ -317,3 +326,4 @@ class LoopbackCluster:
         if self.head is not None:
             self.head.kill()
             self.head = None
+        shutil.rmtree(self.ray_tmp, ignore_errors=True)
