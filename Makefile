@@ -1,6 +1,7 @@
 # promptfleet — the two commands of the Quick start, and their helpers.
 #   make start   install (first time) and start promptfleet on a local Ray cluster
-#   make test    install what the tests need and run lint, types and the whole suite
+#   make test    install what the tests need and run lint, types and the suite (all but the cluster tier)
+#   make test-cluster   the multi-node tier: a head and two worker nodes on loopback addresses
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -11,7 +12,7 @@ BIN    := $(VENV)/bin
 # (`pip cache remove llama_cpp_python`).
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
-.PHONY: start stop status test lint unit bench
+.PHONY: start stop status test test-cluster lint unit bench
 
 start: $(VENV)/.installed
 	$(BIN)/promptfleet start
@@ -23,7 +24,10 @@ status: $(VENV)/.installed
 	$(BIN)/promptfleet status
 
 test: $(VENV)/.installed-test lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not cluster" $(PYTEST_ARGS)
+
+test-cluster: $(VENV)/.installed-test
+	$(BIN)/python -m pytest tests/cluster -m cluster $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check deployments jobs cluster bench tests

@@ -1,22 +1,30 @@
 """The `promptfleet` command: start, status, stop.
 
-    promptfleet start    start Ray (or join $RAY_ADDRESS), deploy configs/serve.yaml, wait, print URLs
+    promptfleet start    start Ray (or use $RAY_ADDRESS), deploy configs/serve.yaml, wait, print URLs;
+                         with --head, a head node other machines join, and the command they run
+    promptfleet join     start a worker node on this machine, joined to a head node
     promptfleet status   what Serve is running, and where
     promptfleet keys     create, list and revoke API keys
     promptfleet batch    run a JSONL batch as a Ray job (resumable), print how to follow it
+    promptfleet k8s      print a KubeRay RayService generated from configs/serve.yaml
     promptfleet stop     remove the application; with --ray also stop the local Ray we started
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
-from cluster import batch_cli, keys_cli, local
+from cluster import batch_cli, keys_cli, kuberay, local, nodes
+from deployments.config import NODE_IP
+
+JOIN_ADVICE = "To add a machine, run this in its promptfleet checkout (after `make .venv/.installed`):"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,9 +41,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=os.environ.get("RAY_ADDRESS"),
         help="existing Ray cluster to use (default: $RAY_ADDRESS; none: start a local one)",
     )
-    start.add_argument("--num-cpus", type=int, default=None, help="CPUs for a new local Ray (default: all)")
+    start.add_argument("--head", action="store_true",
+                       help="start a new head node other machines can join, and print the join command")
+    start.add_argument("--port", type=int, default=nodes.DEFAULT_GCS_PORT,
+                       help="the head's GCS port, the one nodes join (default: %(default)s)")
     start.add_argument("--dashboard", default=None, help=f"dashboard URL (default: {local.DEFAULT_DASHBOARD})")
     start.add_argument("--timeout", type=float, default=600, help="seconds to wait for RUNNING (default: %(default)s)")
+    start.add_argument("--allow-insecure-cluster", action="store_true",
+                       help="use an existing cluster (--address) even if it runs without token authentication")
+    _add_node_arguments(start)
+
+    join = sub.add_parser("join", help="start a worker node on this machine and join it to a head node")
+    join.add_argument("head_address", metavar="HEAD_ADDRESS", help="the head's GCS address, HOST:PORT")
+    _add_node_arguments(join)
 
     status = sub.add_parser("status", help="show the Serve applications and their deployments")
     status.add_argument("--dashboard", default=local.DEFAULT_DASHBOARD, help="dashboard URL (default: %(default)s)")
@@ -43,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys_cli.add_parser(sub)
     batch_cli.add_parser(sub)
+    kuberay.add_parser(sub)
 
     stop = sub.add_parser("stop", help="shut down the Serve application(s)")
     stop.add_argument("--dashboard", default=local.DEFAULT_DASHBOARD, help="dashboard URL (default: %(default)s)")
@@ -50,33 +69,118 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_node_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--host", default=None, help="this node's address, the one other nodes reach it on "
+                        "(default: 127.0.0.1 for a single-node start, else the machine's own address)")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs this node offers (default: all)")
+    parser.add_argument("--no-gateway", action="store_true",
+                        help=f"do not give this node the gateway role (resource {nodes.GATEWAY_RESOURCE})")
+    parser.add_argument("--block", action="store_true",
+                        help="stay in the foreground; the node stops when this command is stopped")
+    parser.epilog = "Options after `--` go to `ray start` as they are (ports, resources, labels, …)."
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Parse ``argv``; whatever follows a ``--`` is kept apart as ``ray_args`` (for `ray start`)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    ray_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    args = build_parser().parse_args(argv[: len(argv) - len(ray_args) - 1] if "--" in argv else argv)
+    if ray_args and args.command not in ("start", "join"):
+        build_parser().error(f"`--` options are for `ray start`: not accepted by `{args.command}`")
+    args.ray_args = ray_args
+    return args
+
+
+def _node_spec(args: argparse.Namespace, default_host: str | None) -> nodes.NodeSpec:
+    return nodes.NodeSpec(
+        host=args.host or default_host, num_cpus=args.num_cpus, gateway=not args.no_gateway, block=args.block,
+        extra=list(args.ray_args),
+    )
+
+
 def cmd_start(args: argparse.Namespace) -> int:
     config = local.load_serve_config(args.config)
     deployable = local.with_secrets(config, os.environ)
     dashboard = args.dashboard or local.DEFAULT_DASHBOARD
-    if args.address:
+    head: subprocess.Popen[str] | None = None
+    join_hint = ""
+    node_host = "127.0.0.1"
+    if args.address and not args.head:
         if not local.ray_is_running(args.address):
             raise local.StartError(f"no Ray cluster answers at {args.address}")
+        nodes.refuse_insecure(dashboard, args.allow_insecure_cluster)
         print(f"Using the Ray cluster at {args.address}", file=sys.stderr)
-    elif local.ray_is_running(None):
+    elif not args.head and local.ray_is_running(None):
+        nodes.refuse_insecure(dashboard, args.allow_insecure_cluster)
         print("Using the Ray cluster already running on this machine", file=sys.stderr)
     else:
-        print("Starting a local Ray cluster…", file=sys.stderr)
-        local.start_ray(args.num_cpus, dashboard_port=int(dashboard.rsplit(":", 1)[1]))
+        # A single-node start stays on loopback; a head is reached by other machines.
+        spec = _node_spec(args, default_host=None if args.head else "127.0.0.1")
+        if args.head and spec.host is None:
+            spec = dataclasses.replace(spec, host=nodes.detect_host())
+        token = nodes.ensure_token(os.environ)
+        os.environ["RAY_AUTH_MODE"] = "token"  # this process's own dashboard calls send the token too
+        print("Starting a Ray head node…" if args.head else "Starting a local Ray cluster…", file=sys.stderr)
+        cmd = nodes.ray_start_command(spec, port=args.port, dashboard_port=int(dashboard.rsplit(":", 1)[1]))
+        head = nodes.start_node(cmd, nodes.node_env(os.environ), block=spec.block)
+        node_host = spec.host or node_host
+        join_hint = nodes.join_command(f"{spec.host}:{args.port}", token) if args.head else ""
+        if join_hint:
+            # Now, not after the deploy: replicas that need worker nodes wait for them to join.
+            print(f"Ray head node is up. {JOIN_ADVICE}\n  {join_hint}", flush=True)
     print(f"Deploying {args.config}…", file=sys.stderr)
-    local.deploy(deployable, dashboard)
-    names = [app["name"] for app in config["applications"]]
-    local.wait_until_running(dashboard, names, args.timeout)
-    urls = local.endpoints(config, dashboard)
+    try:
+        local.deploy(deployable, dashboard)
+        names = [app["name"] for app in config["applications"]]
+        local.wait_until_running(dashboard, names, args.timeout)
+    except BaseException:
+        if head is not None:  # --block: the node we started ends with this command
+            head.terminate()
+            head.wait()
+        raise
+    urls = local.endpoints(config, dashboard, node_host)
     print(
         f"\npromptfleet is running.\n"
         f"  API (OpenAI-compatible): {urls.api}\n"
         f"  Ray dashboard:           {urls.dashboard}\n\n"
         f"  curl {urls.api}/chat/completions -H 'Content-Type: application/json' \\\n"
         f"    -d '{{\"model\": \"smollm2\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n\n"
-        f"Stop with `promptfleet stop --ray`."
+        + ("Ctrl-C (or SIGTERM to this command) stops this node." if head is not None
+           else "Stop with `promptfleet stop --ray`.")
     )
-    return 0
+    if join_hint:
+        print(f"\n{JOIN_ADVICE}\n  {join_hint}", flush=True)
+    return _wait_if_blocking(head)
+
+
+def cmd_join(args: argparse.Namespace) -> int:
+    """Start a worker node joined to ``args.head_address``, with the token the join command carries."""
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    if token:
+        nodes.install_token(token, os.environ)
+    elif not nodes.token_path(os.environ).exists():
+        raise local.StartError(
+            "no cluster token: run the join command `promptfleet start --head` printed (it sets RAY_AUTH_TOKEN), "
+            f"or copy the head's token file to {nodes.token_path(os.environ)}"
+        )
+    spec = _node_spec(args, default_host=None)
+    print(f"Joining {args.head_address}…", file=sys.stderr)
+    node = nodes.start_node(nodes.ray_start_command(spec, head_address=args.head_address),
+                            nodes.node_env(os.environ), block=spec.block)
+    print(f"Joined {args.head_address}.", flush=True)
+    return _wait_if_blocking(node)
+
+
+def _wait_if_blocking(node: subprocess.Popen[str] | None) -> int:
+    """With --block, run until `ray start --block` ends (stop it with SIGTERM or Ctrl-C)."""
+    if node is None:
+        return 0
+    signal.signal(signal.SIGTERM, lambda *_: node.terminate())
+    try:
+        return node.wait()
+    except KeyboardInterrupt:
+        node.terminate()
+        return node.wait()
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -98,7 +202,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"Serve proxy: http://{http.get('host')}:{http.get('port')}   dashboard: {args.dashboard}")
     for name, app in apps.items():
         gateway = ((app.get("deployed_app_config") or {}).get("args") or {}).get("gateway") or {}
-        api = f"http://{gateway.get('listen_host', '127.0.0.1')}:{gateway.get('listen_port', 8000)}/v1"
+        host = gateway.get("listen_host", "127.0.0.1")
+        host = "<each node's address>" if host == NODE_IP else host
+        api = f"http://{host}:{gateway.get('listen_port', 8000)}/v1"
         print(f"{name}: {app.get('status')}   API: {api}")
         for dep_name, dep in (app.get("deployments") or {}).items():
             replicas = dep.get("replicas") or []
@@ -116,15 +222,16 @@ def cmd_stop(args: argparse.Namespace) -> int:
     except Exception:
         print(f"No Ray dashboard answers at {args.dashboard}.", file=sys.stderr)
     if args.ray:
-        subprocess.run([local._ray(), "stop"], check=False)
+        subprocess.run([local.ray_executable(), "stop"], check=False)
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     local.use_cluster_token()
     handlers = {
-        "start": cmd_start, "status": cmd_status, "stop": cmd_stop, "keys": keys_cli.run, "batch": batch_cli.run,
+        "start": cmd_start, "join": cmd_join, "status": cmd_status, "stop": cmd_stop,
+        "keys": keys_cli.run, "batch": batch_cli.run, "k8s": kuberay.run,
     }
     try:
         return handlers[args.command](args)

@@ -93,24 +93,8 @@ def use_cluster_token() -> None:
 
 
 def ray_is_running(address: str | None) -> bool:
-    cmd = [_ray(), "status"] + (["--address", address] if address else [])
+    cmd = [ray_executable(), "status"] + (["--address", address] if address else [])
     return subprocess.run(cmd, capture_output=True, timeout=60).returncode == 0
-
-
-def start_ray(num_cpus: int | None, dashboard_port: int) -> None:
-    cmd = [
-        _ray(), "start", "--head",
-        "--node-ip-address", "127.0.0.1",
-        "--dashboard-host", "127.0.0.1",
-        "--dashboard-port", str(dashboard_port),
-        "--disable-usage-stats",
-    ]
-    if num_cpus is not None:
-        cmd += ["--num-cpus", str(num_cpus)]
-    env = {**os.environ, **RAY_START_ENV}
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
-    if result.returncode != 0:
-        raise StartError(f"`ray start` failed:\n{result.stdout}\n{result.stderr}")
 
 
 def deploy(config: dict[str, Any], dashboard: str) -> None:
@@ -151,17 +135,18 @@ def _last_exception(message: str) -> str:
     return "\n".join(lines[starts[-1]:]) if starts else message
 
 
-def endpoints(config: dict[str, Any], dashboard: str) -> Endpoints:
+def endpoints(config: dict[str, Any], dashboard: str, node_host: str = "127.0.0.1") -> Endpoints:
+    """The API and dashboard URLs; ``node_host`` is this node's address (for ``listen_host: node-ip``)."""
     gateway = AppArgs.model_validate(config["applications"][0].get("args") or {}).gateway
     if gateway.listen_port is not None:
-        host, port = gateway.listen_host, gateway.listen_port
+        host, port = gateway.bind_host(node_host), gateway.listen_port
     else:
         http = config.get("http_options") or {}
         host, port = http.get("host", "127.0.0.1"), http.get("port", 8000)
     return Endpoints(api=f"http://{host}:{port}/v1", dashboard=dashboard)
 
 
-def _ray() -> str:
+def ray_executable() -> str:
     # The `ray` next to this interpreter, so a venv's Ray is used even when the venv is not activated.
     candidate = Path(sys.executable).with_name("ray")
     return str(candidate) if candidate.exists() else (shutil.which("ray") or "ray")

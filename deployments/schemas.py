@@ -230,10 +230,20 @@ class ModelList(BaseModel):
 
 
 class Health(BaseModel):
+    """`/healthz`: whether this node's Gateway can serve (200) or not (503), for a load balancer."""
+
     model_config = ConfigDict(extra="forbid")
 
-    status: Literal["ok"] = "ok"
+    status: Literal["ok", "unavailable"] = Field(
+        description="`ok` when the store answers and at least one model does; else `unavailable` (HTTP 503)."
+    )
     models: list[str] = Field(description="Models this gateway routes to.")
+    store: Literal["ok", "unreachable"] = Field(description="Whether the TaskStore answered its health check.")
+    ready: dict[str, bool] = Field(
+        description="Per model: whether a worker replica answered its health check in time (a model whose "
+        "replicas are all busy or gone reads false)."
+    )
+    node: str = Field(description="Address of the node this Gateway replica runs on.")
 
 
 # -- tasks and runs ------------------------------------------------------------------------

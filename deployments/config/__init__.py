@@ -23,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 LLAMACPP_PROMPT_RESERVE = 16
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
 DATABASE_URL_ENV = "PROMPTFLEET_DATABASE_URL"
+# GatewayConfig.listen_host: bind the address of the node the replica runs on.
+NODE_IP = "node-ip"
 # libpq takes both spellings of the scheme; postgres:// is what many hosting providers hand out.
 _POSTGRES_URL = re.compile(r"^postgres(?:ql)?://", re.IGNORECASE)
 
@@ -182,7 +184,10 @@ class GatewayConfig(_Strict):
 
     listen_host: str = Field(
         default="127.0.0.1",
-        description="Address the Gateway replicas serve the API on (loopback unless told otherwise).",
+        min_length=1,
+        description="Address the Gateway replicas serve the API on (loopback unless told otherwise). "
+        f"`{NODE_IP}`: each replica binds the address of the node it runs on (the node's "
+        "`--host`/`--node-ip-address`), so every node of a cluster answers on its own address.",
     )
     listen_port: int | None = Field(
         default=8000,
@@ -198,6 +203,10 @@ class GatewayConfig(_Strict):
         le=100_000_000,
         description="Largest request body accepted; larger bodies get 413 before they are read whole.",
     )
+
+    def bind_host(self, node_ip: str) -> str:
+        """The address to listen on, for a replica on the node whose address is ``node_ip``."""
+        return node_ip if self.listen_host == NODE_IP else self.listen_host
 
 
 class AuthConfig(_Strict):

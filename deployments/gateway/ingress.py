@@ -1,7 +1,7 @@
 """Gateway: the FastAPI ingress of promptfleet.
 
 Serves: the OpenAI-compatible routes (``chat_routes``), tasks and runs
-(``task_routes``), keys and usage (``admin_routes``), ``/healthz`` and the
+(``task_routes``), keys and usage (``admin_routes``), ``/healthz`` (``health``) and the
 OpenAPI page at ``/docs`` — on its own listener (``listener``) and through
 Serve's proxy.
 Calls: ``ModelWorker`` deployments (by model name), ``TaskRunner``,
@@ -24,6 +24,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray.serve.handle import DeploymentHandle
+from ray.util import get_node_ip_address
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments.config import AppArgs
@@ -33,6 +34,7 @@ from deployments.gateway.admin_routes import build_admin_router
 from deployments.gateway.auth import Authenticator
 from deployments.gateway.batch_routes import FILES_PATH, build_batch_router
 from deployments.gateway.chat_routes import ChatRoutes
+from deployments.gateway.health import HealthCheck
 from deployments.gateway.listener import Listener
 from deployments.gateway.metering import Meter
 from deployments.gateway.task_routes import build_task_router
@@ -124,6 +126,11 @@ class Gateway:
             logger.warning("auth is enabled but $%s is not set: no admin key", args.auth.admin_key_env)
         self.auth = Authenticator(args.auth, store, admin_key)
         self.meter = Meter(store, limiter)
+        self.health = HealthCheck(
+            store=store.check_health.remote,
+            models={name: handle.check_health.remote for name, handle in workers.items()},
+            node=get_node_ip_address(),
+        )
         self.routers = [
             ChatRoutes(ModelCalls(args.models, HandleTransport(workers), self.meter)).router(),
             build_task_router(tasks, store, runner, self.meter),
@@ -143,7 +150,7 @@ class Gateway:
         gateway = self.args.gateway
         listener = None
         if gateway.listen_port is not None:
-            listener = Listener(self.asgi_app, gateway.listen_host, gateway.listen_port)
+            listener = Listener(self.asgi_app, gateway.bind_host(get_node_ip_address()), gateway.listen_port)
             listener.start()
         try:
             yield
@@ -179,8 +186,9 @@ class Gateway:
         for router in self.routers:
             api.include_router(router, dependencies=authenticated)
 
-        @api.get("/healthz", response_model=Health)
-        async def healthz() -> Health:
-            return Health(models=sorted(self.workers))
+        @api.get("/healthz", response_model=Health, responses={503: {"model": Health}})
+        async def healthz() -> JSONResponse:
+            health = await self.health.check()
+            return JSONResponse(health.model_dump(), status_code=200 if health.status == "ok" else 503)
 
         return api
