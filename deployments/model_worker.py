@@ -25,6 +25,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.config import ModelConfig
 from deployments.errors import PromptfleetError
 from deployments.providers import Provider, build_provider
+from deployments.schemas import Share
 
 logger = logging.getLogger("ray.serve")
 
@@ -39,15 +40,16 @@ class ModelWorker:
         self.provider = provider or build_provider(model, limiter=limiter)
         logger.info("worker for model %r ready (provider %s)", model.name, model.provider)
 
-    async def chat(self, body: dict[str, Any]) -> WorkerResult:
+    async def chat(self, body: dict[str, Any], share: Share | None = None) -> WorkerResult:
+        """``share``: whose call it is (key, weight, priority), for the fair share of a limited model."""
         try:
-            return await self.provider.chat(body)
+            return await self.provider.chat(body, share)
         except PromptfleetError as exc:
             return exc
 
-    async def chat_stream(self, body: dict[str, Any]) -> AsyncIterator[WorkerResult]:
+    async def chat_stream(self, body: dict[str, Any], share: Share | None = None) -> AsyncIterator[WorkerResult]:
         try:
-            async for chunk in self.provider.stream(body):
+            async for chunk in self.provider.stream(body, share):
                 yield chunk
         except PromptfleetError as exc:
             yield exc

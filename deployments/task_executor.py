@@ -31,6 +31,7 @@ from deployments.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
+from deployments.schemas import Share
 
 logger = logging.getLogger("ray.serve")
 
@@ -52,7 +53,8 @@ class TaskExecutor:
             raise TaskNotFound(f"The task '{name}' does not exist.", param="task")
         return defn
 
-    async def execute(self, name: str, task_input: dict[str, Any]) -> dict[str, Any]:
+    async def execute(self, name: str, task_input: dict[str, Any], share: Share | None = None) -> dict[str, Any]:
+        """Run the task; ``share`` (whose run it is) goes with every model call, for fair share."""
         defn = self.definition(name)
         validate_input(defn, task_input)
         messages = render_messages(defn, task_input)
@@ -68,7 +70,7 @@ class TaskExecutor:
             models = [defn.model, *defn.fallback_models]
             for index, model in enumerate(models):
                 try:
-                    result = await self._chat(model, body)
+                    result = await self._chat(model, body, share)
                 except TRANSIENT:
                     if index == len(models) - 1:
                         raise
@@ -92,9 +94,9 @@ class TaskExecutor:
             "usage": repaired.usage,
         }
 
-    async def _chat(self, model: str, body: dict[str, Any]) -> dict[str, Any]:
+    async def _chat(self, model: str, body: dict[str, Any], share: Share | None = None) -> dict[str, Any]:
         try:
-            result = await self.workers[model].chat.remote(body)
+            result = await self.workers[model].chat.remote(body, share)
         except BackPressureError:
             raise Overloaded(f"Model '{model}' is at capacity.", retry_after=1) from None
         except (RayActorError, WorkerCrashedError, NodeDiedError):

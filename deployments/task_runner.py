@@ -26,6 +26,7 @@ from deployments.config import TasksConfig
 from deployments.core.retry import BackoffPolicy
 from deployments.core.taskdefs import TaskDefinition
 from deployments.errors import PromptfleetError
+from deployments.schemas import Share
 from deployments.store import RunRecord
 from deployments.task_executor import TRANSIENT, TaskExecutor
 
@@ -55,10 +56,12 @@ class TaskRunner:
         self.backoff = BackoffPolicy(base_s=1.0, cap_s=30.0)
         self.loop_task = asyncio.get_running_loop().create_task(self._claim_loop())
 
-    async def run(self, name: str, task_input: dict[str, Any]) -> dict[str, Any] | PromptfleetError:
+    async def run(
+        self, name: str, task_input: dict[str, Any], share: Share | None = None
+    ) -> dict[str, Any] | PromptfleetError:
         """The synchronous path: execute now, return the result or the error (as a value)."""
         try:
-            return await self.executor.execute(name, task_input)
+            return await self.executor.execute(name, task_input, share)
         except PromptfleetError as exc:
             return exc
 
@@ -85,7 +88,9 @@ class TaskRunner:
     async def _execute(self, run: RunRecord) -> None:
         assert run.lease_token is not None
         token = run.lease_token
-        work = asyncio.create_task(self.executor.execute(run.task, run.input))
+        # An async run counts against its owner's fair share of the model, at the background share.
+        share = Share(tenant=run.owner, weight=None, background=True)
+        work = asyncio.create_task(self.executor.execute(run.task, run.input, share))
         renewer = asyncio.create_task(self._renew(run.id, token, work))
         try:
             try:

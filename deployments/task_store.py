@@ -152,9 +152,9 @@ class TaskStore:
     # -- API keys and usage (the Gateway's authentication) --------------------------------
 
     async def create_key(
-        self, name: str, rpm: int | None, tpm: int | None, token_budget: int | None
+        self, name: str, rpm: int | None, tpm: int | None, token_budget: int | None, weight: float = 1.0
     ) -> tuple[ApiKey, str]:
-        return await self._db(self.keys.create, name, rpm=rpm, tpm=tpm, token_budget=token_budget)
+        return await self._db(self.keys.create, name, rpm=rpm, tpm=tpm, token_budget=token_budget, weight=weight)
 
     async def lookup_key(self, key_hash: str) -> ApiKey | None:
         return await self._db(self.keys.lookup, key_hash)

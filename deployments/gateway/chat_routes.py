@@ -32,9 +32,10 @@ from deployments.errors import (
     UpstreamTimeout,
 )
 from deployments.gateway.caller import Caller, get_caller
+from deployments.gateway.deadline import client_timeout
 from deployments.gateway.metering import Meter
 from deployments.providers.admission import estimate_tokens
-from deployments.schemas import ChatCompletionRequest, ModelCard, ModelList
+from deployments.schemas import ChatCompletionRequest, ModelCard, ModelList, Share
 
 # Failures of one model that another model may not share.
 FALLBACK_ON = (RateLimited, UpstreamError, UpstreamTimeout, Overloaded)
@@ -93,24 +94,28 @@ class ChatRoutes:
 
         @router.post("/chat/completions", response_model=None)
         async def chat_completions(
-            request: ChatCompletionRequest, caller: Annotated[Caller, Depends(get_caller)]
+            request: ChatCompletionRequest,
+            caller: Annotated[Caller, Depends(get_caller)],
+            client_timeout_s: Annotated[float | None, Depends(client_timeout)],
         ) -> Response:
             chain = self.chain(request.model)
             body = request.model_dump(exclude_unset=True, exclude_none=True)
             estimated = estimate_tokens(body)
-            await self.meter.admit(caller, estimated)
+            deadline = self.meter.deadline(client_timeout_s, self.models[request.model].admission_wait_s)
+            await self.meter.admit(caller, estimated, deadline)
+            share = self.meter.share(caller)
             if request.stream:
-                return await self.stream(chain, body, caller, estimated)
-            result = await self.complete(chain, body)
+                return await self.stream(chain, body, caller, estimated, share)
+            result = await self.complete(chain, body, share)
             self.meter.record(caller, result.get("model", request.model), result.get("usage"), estimated)
             return JSONResponse(result)
 
         return router
 
-    async def complete(self, chain: list[str], body: dict[str, Any]) -> dict[str, Any]:
+    async def complete(self, chain: list[str], body: dict[str, Any], share: Share | None) -> dict[str, Any]:
         for index, model in enumerate(chain):
             try:
-                result = await self.workers[model].chat.remote(body)
+                result = await self.workers[model].chat.remote(body, share)
             except BackPressureError:
                 result = overloaded(model)
             except WORKER_GONE:
@@ -122,8 +127,10 @@ class ChatRoutes:
                 raise result
         raise AssertionError("unreachable")
 
-    async def stream(self, chain: list[str], body: dict[str, Any], caller: Caller, estimated: int) -> Response:
-        chunks, first = await self.open_stream(chain, body)
+    async def stream(
+        self, chain: list[str], body: dict[str, Any], caller: Caller, estimated: int, share: Share | None
+    ) -> Response:
+        chunks, first = await self.open_stream(chain, body, share)
 
         async def events() -> AsyncIterator[str]:
             usage: dict[str, Any] | None = None
@@ -147,7 +154,7 @@ class ChatRoutes:
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     async def open_stream(
-        self, chain: list[str], body: dict[str, Any]
+        self, chain: list[str], body: dict[str, Any], share: Share | None
     ) -> tuple[DeploymentResponseGenerator, dict[str, Any] | None]:
         """Start the stream on the first model of ``chain`` that yields a first chunk.
 
@@ -155,7 +162,7 @@ class ChatRoutes:
         token (bad request, upstream 429) get their proper status code — or a fallback.
         """
         for index, model in enumerate(chain):
-            chunks = self.stream_workers[model].chat_stream.remote(body)
+            chunks = self.stream_workers[model].chat_stream.remote(body, share)
             try:
                 first: Any = await chunks.__anext__()
             except StopAsyncIteration:

@@ -122,7 +122,7 @@ class Gateway:
         if args.auth.enabled and admin_key is None:
             logger.warning("auth is enabled but $%s is not set: no admin key", args.auth.admin_key_env)
         self.auth = Authenticator(args.auth, store, admin_key)
-        self.meter = Meter(store, limiter)
+        self.meter = Meter(store, limiter, args.admission)
         self.routers = [
             ChatRoutes(args.models, workers, self.meter).router(),
             build_task_router(tasks, store, runner, self.meter),

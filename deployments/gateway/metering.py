@@ -1,8 +1,13 @@
 """Metering at the Gateway: per-key limits before a billable request, usage after it.
 
 A key's ``rpm``/``tpm`` are budgets on the shared RateLimiter (``key:<id>``),
-so they hold across every Gateway replica; over the limit answers 429 with
-Retry-After at once (a client's limit never queues). A key's ``token_budget``
+so they hold across every Gateway replica. A key may send its burst at once
+(``admission.key_burst_s`` seconds' worth of its rate, at least
+``admission.key_min_burst`` requests); beyond it requests are paced: each waits
+for its slot if the slot starts before the request's deadline
+(``gateway.deadline``), and only a request whose slot is further away gets 429,
+with Retry-After = when that slot would be free. ``share`` names the caller for
+the fair share of a limited model's budget (booked by the worker). A key's ``token_budget``
 is checked against the tokens recorded for it; usage is accumulated here and
 written to the store about once a second, so a budget can be overrun by what
 is in flight during that second.
@@ -19,25 +24,65 @@ from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
+from deployments.config import DEFAULT_ADMISSION_WAIT_S, AdmissionConfig
 from deployments.core.booking import BudgetClient
-from deployments.core.limits import Budget
 from deployments.errors import PermissionDenied, RateLimited
 from deployments.gateway.caller import Caller
+from deployments.gateway.deadline import admission_wait
+from deployments.schemas import Budget, Share
+from deployments.store.keys import ApiKey
 
 logger = logging.getLogger("ray.serve")
 
 FLUSH_INTERVAL_S = 1.0
+MAX_CACHED = 10_000  # per-key budgets and shares kept ready (a plain cache: cleared when full)
 
 
 class Meter:
-    def __init__(self, store: DeploymentHandle, limiter: DeploymentHandle) -> None:
+    def __init__(
+        self, store: DeploymentHandle, limiter: DeploymentHandle, admission: AdmissionConfig | None = None
+    ) -> None:
         self.store = store
-        self.budgets = BudgetClient(limiter.reserve.remote)
+        self.admission = admission or AdmissionConfig()
+        self.budgets = BudgetClient(limiter.options(stream=True).reserve.remote)
         self.pending: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
         self.flusher: asyncio.Task[None] | None = None
+        self.key_budgets: dict[tuple[str, int | None, int | None], Budget] = {}
+        self.shares: dict[tuple[str, float, bool], Share] = {}
 
-    async def admit(self, caller: Caller, tokens: int) -> None:
-        """Enforce the caller's budget and rpm/tpm before a billable request."""
+    def deadline(self, client_timeout_s: float | None, default_wait_s: float = DEFAULT_ADMISSION_WAIT_S) -> float:
+        """The monotonic time by which a request's slot must start (``gateway.deadline``)."""
+        return time.monotonic() + admission_wait(client_timeout_s, default_wait_s, self.admission.max_wait_s)
+
+    def share(self, caller: Caller, background: bool = False) -> Share | None:
+        """The caller's place in a model's fair queue (None: anonymous)."""
+        entry = caller.entry
+        if entry is None:
+            return None
+        key = (entry.key.id, entry.key.weight, background)
+        share = self.shares.get(key)
+        if share is None:
+            if len(self.shares) >= MAX_CACHED:
+                self.shares.clear()
+            share = self.shares[key] = Share(tenant=entry.key.id, weight=entry.key.weight, background=background)
+        return share
+
+    def _budget(self, key: ApiKey) -> Budget:
+        cache_key = (key.id, key.rpm, key.tpm)
+        budget = self.key_budgets.get(cache_key)
+        if budget is None:
+            if len(self.key_budgets) >= MAX_CACHED:
+                self.key_budgets.clear()
+            rpm_burst, tpm_burst = self.admission.key_bursts(key.rpm, key.tpm)
+            budget = self.key_budgets[cache_key] = Budget(
+                rpm=key.rpm, tpm=key.tpm, rpm_burst=rpm_burst, tpm_burst=tpm_burst
+            )
+        return budget
+
+    async def admit(self, caller: Caller, tokens: int, deadline: float | None = None) -> None:
+        """Enforce the caller's budget and rpm/tpm before a billable request: return when its slot
+        has come, or raise RateLimited if the slot is not due before ``deadline`` (monotonic;
+        None: the default wait)."""
         entry = caller.entry
         if entry is None:
             return
@@ -49,12 +94,17 @@ class Meter:
             )
         if key.rpm is None and key.tpm is None:
             return
-        # Deadline "now": a client's limit never queues, over it answers 429 at once.
+        if deadline is None:
+            deadline = self.deadline(None)
         retry_after = await self.budgets.acquire(
-            f"key:{key.id}", Budget(rpm=key.rpm, tpm=key.tpm), 1, tokens if key.tpm else 0, time.monotonic()
+            f"key:{key.id}", self._budget(key), 1, tokens if key.tpm else 0, deadline
         )
         if retry_after is not None:
-            raise RateLimited("This API key is over its rate limit.", retry_after=retry_after)
+            raise RateLimited(
+                f"This API key is over its rate limit; its next slot is {retry_after:.1f}s away, past this "
+                "request's deadline.",
+                retry_after=retry_after,
+            )
 
     def record(self, caller: Caller, model: str, usage: dict[str, Any] | None, estimated: int = 0) -> None:
         """Count a finished request's tokens for the caller's key (and settle its tpm estimate)."""
@@ -70,7 +120,7 @@ class Meter:
         entry.tokens_since_fetch += prompt + completion
         key = entry.key
         if key.tpm is not None and estimated:
-            self.budgets.settle(f"key:{key.id}", Budget(rpm=key.rpm, tpm=key.tpm), prompt + completion - estimated)
+            self.budgets.settle(f"key:{key.id}", self._budget(key), prompt + completion - estimated)
         if self.flusher is None or self.flusher.done():
             self.flusher = asyncio.get_running_loop().create_task(self._flush_soon())
 

@@ -26,6 +26,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.core.taskdefs import TaskDefinition
 from deployments.errors import InvalidRequest, Overloaded, PromptfleetError
 from deployments.gateway.caller import Caller, get_caller
+from deployments.gateway.deadline import client_timeout
 from deployments.gateway.metering import Meter
 from deployments.schemas import RunList, RunView, TaskInfo, TaskList, TaskResult, TaskRunRequest
 from deployments.store import RunRecord
@@ -77,12 +78,17 @@ def build_task_router(
         return catalogue
 
     @router.post("/tasks/{name}/run", response_model=TaskResult)
-    async def run_task(name: str, body: TaskRunRequest, caller: Annotated[Caller, Depends(get_caller)]) -> Any:
+    async def run_task(
+        name: str,
+        body: TaskRunRequest,
+        caller: Annotated[Caller, Depends(get_caller)],
+        client_timeout_s: Annotated[float | None, Depends(client_timeout)],
+    ) -> Any:
         defn = check_input(tasks, name, body.input)
         estimated = task_cost(defn, body.input)
-        await meter.admit(caller, estimated)
+        await meter.admit(caller, estimated, meter.deadline(client_timeout_s))
         try:
-            result = await runner.run.remote(name, body.input)
+            result = await runner.run.remote(name, body.input, meter.share(caller))
         except BackPressureError:
             raise Overloaded("The task runners are at capacity; retry shortly.", retry_after=1) from None
         if isinstance(result, PromptfleetError):
@@ -95,10 +101,11 @@ def build_task_router(
         name: str,
         body: TaskRunRequest,
         caller: Annotated[Caller, Depends(get_caller)],
+        client_timeout_s: Annotated[float | None, Depends(client_timeout)],
         idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
     ) -> JSONResponse:
         defn = check_input(tasks, name, body.input)
-        await meter.admit(caller, task_cost(defn, body.input))
+        await meter.admit(caller, task_cost(defn, body.input), meter.deadline(client_timeout_s))
         run, created = await store.create_run.remote(name, body.input, caller.owner, idempotency_key)
         view = run_view(run)
         return JSONResponse(

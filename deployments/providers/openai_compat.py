@@ -34,6 +34,7 @@ from deployments.errors import (
     UpstreamTimeout,
 )
 from deployments.providers.admission import UpstreamGuard, estimate_tokens
+from deployments.schemas import Share
 
 # openai >= 3 runs on httpx2 (the successor of httpx, same API): clients, timeouts and the
 # transport errors we translate all come from it.
@@ -112,7 +113,7 @@ class OpenAIProvider:
             http_client=http_client or DefaultAioHttpClient(limits=limits),
         )
 
-    async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def chat(self, body: dict[str, Any], share: Share | None = None) -> dict[str, Any]:
         payload = {**body, "model": self.upstream_model, "stream": False}
 
         async def attempt(remaining_s: float) -> dict[str, Any]:
@@ -127,12 +128,12 @@ class OpenAIProvider:
             return result
 
         tokens = estimate_tokens(body)
-        result = await self._call_with_retries(attempt, tokens)
+        result = await self._call_with_retries(attempt, tokens, share)
         self.guard.settle(tokens, result.get("usage"))
         result["model"] = self.config.name
         return result
 
-    async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    async def stream(self, body: dict[str, Any], share: Share | None = None) -> AsyncIterator[dict[str, Any]]:
         payload = {**body, "model": self.upstream_model, "stream": True}
 
         async def open_stream(remaining_s: float) -> AsyncStream[object]:
@@ -147,7 +148,7 @@ class OpenAIProvider:
 
         # Retries cover opening the stream only: once a chunk went out, a retry would duplicate text.
         tokens = estimate_tokens(body)
-        upstream = await self._call_with_retries(open_stream, tokens)
+        upstream = await self._call_with_retries(open_stream, tokens, share)
         try:
             async for chunk in upstream:
                 if isinstance(chunk, dict):
@@ -168,12 +169,14 @@ class OpenAIProvider:
     def _timeout(self, remaining: float) -> httpx2.Timeout:
         return httpx2.Timeout(max(remaining, 0.001), connect=min(self.config.connect_timeout_s, remaining))
 
-    async def _call_with_retries(self, call: Callable[[float], Awaitable[T]], tokens: int) -> T:
+    async def _call_with_retries(
+        self, call: Callable[[float], Awaitable[T]], tokens: int, share: Share | None = None
+    ) -> T:
         deadline = time.monotonic() + self.config.timeout_s
         attempt = 0
         while True:
             attempt += 1
-            await self.guard.admit(tokens, deadline)
+            await self.guard.admit(tokens, deadline, share)
             remaining = deadline - time.monotonic()
             try:
                 # asyncio.timeout backs up httpx's per-phase timeouts with a hard total deadline.

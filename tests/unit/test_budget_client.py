@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -16,23 +17,25 @@ from deployments.core.booking import RETRY_INTERVAL_S, BudgetClient
 from deployments.core.limits import Budget, window_capacity
 from deployments.errors import Overloaded
 from deployments.rate_limiter import RateLimiter
+from deployments.schemas import BookingAnswer, ReserveRequest, Share
 
 
 class CountingLimiter:
     """The real limiter, counting calls and able to be 'down' for a while."""
 
-    def __init__(self, down_for_calls: int = 0) -> None:
+    def __init__(self, down_for_calls: int = 0, started_at: float | None = None) -> None:
         self.limiter = RateLimiter()
+        if started_at is not None:
+            self.limiter.core.started_at = started_at
         self.calls: list[tuple[int, int]] = []  # (number of bookings, token delta) per call
         self.down_for_calls = down_for_calls
 
-    async def reserve(
-        self, name: str, budget: Budget, asks: list[tuple[int, int, float]], token_delta: int
-    ) -> list[tuple[bool, float]]:
-        self.calls.append((len(asks), token_delta))
+    async def reserve(self, request: ReserveRequest) -> AsyncIterator[list[BookingAnswer]]:
+        self.calls.append((len(request.asks), request.token_delta))
         if len(self.calls) <= self.down_for_calls:
             raise ConnectionError("limiter replica is restarting")
-        return await self.limiter.reserve(name, budget, asks, token_delta)
+        async for answers in self.limiter.reserve(request):
+            yield answers
 
 
 def max_in_window(times: list[float], window: float) -> int:
@@ -158,3 +161,84 @@ def test_a_cancelled_caller_does_not_stall_the_others() -> None:
         assert await asyncio.wait_for(client.acquire("model:m", budget, 1, 0, deadline), 5) is None
 
     asyncio.run(main())
+
+
+def test_queued_bookings_of_two_tenants_alternate_through_the_real_limiter() -> None:
+    """A floods with 40 bookings, B has 2 at a time: B still gets every other slot (fair queue in
+    the limiter, answers streamed back as each turn comes)."""
+    limiter = CountingLimiter()
+    client = BudgetClient(limiter.reserve)
+    budget = Budget(rpm=1200)  # 20/s
+    a, b = Share(tenant="A"), Share(tenant="B")
+
+    async def main() -> tuple[list[float], list[float]]:
+        a_starts: list[float] = []
+        b_starts: list[float] = []
+
+        async def one(share: Share, starts: list[float]) -> None:
+            assert await client.acquire("model:m", budget, 1, 0, time.monotonic() + 30, share) is None
+            starts.append(time.monotonic())
+
+        async def b_client() -> None:
+            for _ in range(10):
+                await one(b, b_starts)
+
+        flood = [asyncio.ensure_future(one(a, a_starts)) for _ in range(40)]
+        await asyncio.sleep(0.05)  # A's flood is queued first
+        await asyncio.gather(b_client(), b_client())
+        await asyncio.gather(*flood)
+        return a_starts, b_starts
+
+    a_starts, b_starts = asyncio.run(main())
+    b_done = max(b_starts)
+    a_meanwhile = sum(1 for t in a_starts if t <= b_done)
+    # B's 20 were served alternating with A, not behind A's 40: at most about as many A as B (+ the
+    # slots A got before B arrived, and one of slack per B client).
+    assert a_meanwhile <= len(b_starts) + 0.05 * 20 + 3
+    starts = sorted(a_starts + b_starts)
+    assert max_in_window(starts, 1.0) <= window_capacity(1200) + 20 + 1
+
+
+def test_a_stream_broken_while_queued_books_again() -> None:
+    """The limiter dies while bookings wait in its fair queue: they are booked again on the next
+    call (its successor), within their deadline, and none is lost or granted twice."""
+
+    class DyingLimiter(CountingLimiter):
+        async def reserve(self, request: ReserveRequest) -> AsyncIterator[list[BookingAnswer]]:
+            self.calls.append((len(request.asks), request.token_delta))
+            stream = self.limiter.reserve(request)
+            yield await anext(stream)
+            if len(self.calls) == 1:
+                await stream.aclose()  # frees the queued places, like a dead replica's
+                self.limiter = RateLimiter()  # the successor: a fresh replica
+                raise ConnectionError("replica died")
+            async for answers in stream:
+                yield answers
+
+    limiter = DyingLimiter()
+    client = BudgetClient(limiter.reserve)
+    budget = Budget(rpm=600)  # 10/s; the first one at once, the rest queued
+
+    async def main() -> list[float | None]:
+        deadline = time.monotonic() + 20
+        return list(await asyncio.gather(*(
+            client.acquire("model:m", budget, 1, 0, deadline, Share(tenant="A")) for _ in range(5)
+        )))
+
+    assert asyncio.run(main()) == [None] * 5
+    assert [n for n, _ in limiter.calls][:2] == [5, 4]  # the 4 queued ones were sent again
+
+
+def test_a_fresh_keys_burst_starts_at_once_and_the_rest_is_paced() -> None:
+    limiter = CountingLimiter(started_at=time.monotonic() - 3600)  # up for an hour: the key is fresh
+    client = BudgetClient(limiter.reserve)
+    budget = Budget(rpm=600, rpm_burst=10)
+
+    async def main() -> list[float]:
+        begun = time.monotonic()
+        results = await start_times(client, budget, 20)
+        return [t - begun for t in results]
+
+    waits = sorted(asyncio.run(main()))
+    assert waits[9] < 0.1  # the burst: no pacing
+    assert waits[19] == pytest.approx(1.0, abs=0.15)  # then 10/s

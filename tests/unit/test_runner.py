@@ -53,7 +53,7 @@ class GatedExecutor:
     def __init__(self) -> None:
         self.gate = asyncio.Event()
 
-    async def execute(self, name: str, task_input: dict[str, Any]) -> dict[str, Any]:
+    async def execute(self, name: str, task_input: dict[str, Any], share: Any = None) -> dict[str, Any]:
         await self.gate.wait()
         return {"task": name, "output": {"label": "a"}, "model": "m", "attempts": 1, "usage": {}}
 
@@ -97,7 +97,7 @@ class _DeadWorker:
     def __init__(self) -> None:
         self.chat = _Method(self._chat)
 
-    async def _chat(self, body: dict[str, Any]) -> Any:
+    async def _chat(self, body: dict[str, Any], share: Any = None) -> Any:
         raise ActorUnavailableError("Actor is unavailable.", None)
 
 
