@@ -217,7 +217,7 @@ class BatchService:
             sys.executable, "-m", "jobs.batch",
             "--input", str(paths["input"]), "--output", str(paths["output"]), "--errors", str(paths["errors"]),
             "--progress-file", str(paths["progress"]), "--app", self.app_name,
-            "--concurrency", str(BATCH_CONCURRENCY), "--progress-every", "5",
+            "--concurrency", str(BATCH_CONCURRENCY), "--progress-every", "5", "--tenant", batch.owner,
         ] + (["--ray-address", address] if (address := self.jobs.cluster_address()) else []))
         self.store.save_batch(batch)  # before submitting: a crash in between resubmits, never loses it
         try:

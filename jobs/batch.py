@@ -51,7 +51,7 @@ from typing import IO, Any, Protocol
 from deployments import names
 from deployments.core.retry import BackoffPolicy
 from deployments.errors import Overloaded, PromptfleetError, RateLimited
-from deployments.schemas import BatchChatLine, BatchTaskLine
+from deployments.schemas import BatchChatLine, BatchTaskLine, Share
 from jobs.batchlines import (
     BatchItem,
     Done,
@@ -94,7 +94,7 @@ class Backend(Protocol):
 class ServeBackend:
     """Handles of the running application ``app_name``; transport failures become retryable errors."""
 
-    def __init__(self, app_name: str, wait_s: float = 30.0) -> None:
+    def __init__(self, app_name: str, wait_s: float = 30.0, tenant: str | None = None) -> None:
         from ray import serve
 
         # serve.status() answers "no applications" while the controller cannot be reached
@@ -105,6 +105,8 @@ class ServeBackend:
                 raise SetupError(f"no Serve application named {app_name!r} is running on this cluster")
             time.sleep(1.0)
         self.app_name = app_name
+        # Batch lines count against their owner's fair share of a model, at the background share.
+        self.share = Share(tenant=tenant, weight=None, background=True) if tenant else None
         self.deployments = set(app.deployments)
         self.handles: dict[str, Any] = {}
 
@@ -119,10 +121,10 @@ class ServeBackend:
         return names.worker(model) in self.deployments
 
     async def chat(self, model: str, body: dict[str, Any]) -> Result:
-        return await self._call(lambda: self._handle(names.worker(model)).chat.remote(body))
+        return await self._call(lambda: self._handle(names.worker(model)).chat.remote(body, self.share))
 
     async def run_task(self, task: str, task_input: dict[str, Any]) -> Result:
-        return await self._call(lambda: self._handle(names.TASK_RUNNER).run.remote(task, task_input))
+        return await self._call(lambda: self._handle(names.TASK_RUNNER).run.remote(task, task_input, self.share))
 
     @staticmethod
     async def _call(send: Callable[[], Any]) -> Result:
@@ -152,6 +154,7 @@ class Options:
     max_attempts: int = 4
     progress_every: float = 10.0
     progress_file: Path | None = None
+    tenant: str | None = None
 
 
 class BatchRun:
@@ -310,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-attempts", type=int, default=4, help="tries per line on 429/503 (default: %(default)s)")
     parser.add_argument("--progress-every", type=float, default=10.0, help="seconds between progress lines")
     parser.add_argument("--progress-file", type=Path, default=None, help="JSON progress snapshot to keep")
+    parser.add_argument("--tenant", default=None, help="key id the lines count against in a busy model's fair "
+                        "share, at the background share (the batch service passes the batch's owner)")
     parser.add_argument("--ray-address", default=None, help="GCS address of the cluster (default: the job's "
                         "RAY_ADDRESS, else the local cluster)")
     return parser
@@ -321,7 +326,7 @@ def options_from(args: argparse.Namespace) -> Options:
     return Options(
         input=args.input, output=args.output, errors=args.errors, app=args.app,
         concurrency=args.concurrency, task=args.task, max_attempts=args.max_attempts,
-        progress_every=args.progress_every, progress_file=args.progress_file,
+        progress_every=args.progress_every, progress_file=args.progress_file, tenant=args.tenant,
     )
 
 
@@ -344,7 +349,7 @@ def main(argv: list[str] | None = None, backend: Backend | None = None) -> int:
                     address = args.ray_address
                 ray.init(address=address, log_to_driver=False)
                 started_ray = True
-            backend = ServeBackend(options.app)
+            backend = ServeBackend(options.app, tenant=options.tenant)
         return asyncio.run(_run(BatchRun(options, backend)))
     except SetupError as exc:
         print(f"batch: {exc}", file=sys.stderr, flush=True)

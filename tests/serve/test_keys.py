@@ -68,20 +68,33 @@ def test_only_admin_manages_keys(app: ServeApp) -> None:
 
 
 def test_per_key_rpm_is_enforced(app: ServeApp) -> None:
+    """rpm 3: the burst (3) goes at once; the next slot is 20 s away, past a 2 s deadline: 429."""
     key = new_key(app, rpm=3)["key"]
     statuses = []
     for _ in range(8):
         response = httpx.post(
             f"{app.auth_base_url}/chat/completions",
             json={"model": "fake", "messages": HELLO},
-            headers={"Authorization": f"Bearer {key}"},
+            headers={"Authorization": f"Bearer {key}", "X-Request-Timeout": "2"},
             timeout=30,
         )
         statuses.append(response.status_code)
         if response.status_code == 429:
-            assert int(response.headers["retry-after"]) >= 1
+            assert 15 <= int(response.headers["retry-after"]) <= 21  # the true wait, not a constant
             assert response.json()["error"]["type"] == "rate_limit_error"
-    assert statuses.count(200) <= 3 and 429 in statuses
+    assert statuses == [200] * 3 + [429] * 5
+
+
+def test_a_bad_deadline_header_is_a_400_naming_it(app: ServeApp) -> None:
+    key = new_key(app, rpm=3)["key"]
+    response = httpx.post(
+        f"{app.auth_base_url}/chat/completions",
+        json={"model": "fake", "messages": HELLO},
+        headers={"Authorization": f"Bearer {key}", "X-Request-Timeout": "soon"},
+        timeout=30,
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "x-request-timeout"
 
 
 def test_exhausted_budget_is_403_and_usage_is_recorded(app: ServeApp) -> None:
