@@ -153,6 +153,11 @@ class BudgetClient:
                     break
         except asyncio.CancelledError:
             await _close(stream)
+            for index in unanswered:  # this client is closing: nobody will read their answers
+                if not bookings[index].answer.done():
+                    bookings[index].answer.set_exception(
+                        Overloaded("The rate limiter is shutting down.", retry_after=1)
+                    )
             raise
         except Exception:
             await asyncio.sleep(RETRY_INTERVAL_S)  # the limiter died: book again on its successor

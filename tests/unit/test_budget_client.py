@@ -242,3 +242,23 @@ def test_a_fresh_keys_burst_starts_at_once_and_the_rest_is_paced() -> None:
     waits = sorted(asyncio.run(main()))
     assert waits[9] < 0.1  # the burst: no pacing
     assert waits[19] == pytest.approx(1.0, abs=0.15)  # then 10/s
+
+
+def test_closing_the_client_answers_its_queued_bookings() -> None:
+    limiter = CountingLimiter()
+    client = BudgetClient(limiter.reserve)
+    budget = Budget(rpm=60)  # 1/s: the second booking waits in the fair queue
+
+    async def main() -> None:
+        deadline = time.monotonic() + 30
+        first = asyncio.ensure_future(client.acquire("model:m", budget, 1, 0, deadline, Share(tenant="A")))
+        queued = asyncio.ensure_future(client.acquire("model:m", budget, 1, 0, deadline, Share(tenant="A")))
+        await asyncio.sleep(0.2)
+        assert not queued.done()
+        await client.close()
+        with pytest.raises(Overloaded):
+            await asyncio.wait_for(queued, 2)
+        first.cancel()
+
+    asyncio.run(main())
+    assert not limiter.limiter.core.queues["model:m"]  # the closed stream gave its place back
