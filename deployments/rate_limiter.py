@@ -106,6 +106,16 @@ class RateLimiter:
                 self.inboxes.pop(ticket, None)
                 self.core.cancel(name, waiter)
 
+    async def reserve_now(self, request: ReserveRequest) -> list[BookingAnswer]:
+        """``reserve`` for bookings that never queue (no ``share``: a key's own budget), as one
+        plain call: a unary handle call costs less than a stream."""
+        if any(ask.share is not None for ask in request.asks):
+            raise ValueError("reserve_now books only asks without a share (they are answered at once)")
+        answers: list[BookingAnswer] = []
+        async for batch in self.reserve(request):
+            answers += batch
+        return answers
+
     def _wake(self, name: str) -> None:
         event = self.wakeups.get(name)
         if event is not None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +36,8 @@ from deployments.errors import Overloaded
 from deployments.schemas import BookingAnswer, BookingAsk, Budget, ReserveRequest, Share
 
 Reserve = Callable[[ReserveRequest], AsyncIterator[list[BookingAnswer]]]
+
+Book = Callable[[ReserveRequest], Awaitable[list[BookingAnswer]]]
 
 RETRY_INTERVAL_S = 0.5
 SETTLE_DELAY_S = 0.1
@@ -179,6 +181,16 @@ class BudgetClient:
             else:
                 retry.append(booking)
         self.waiting[name] = retry + self.waiting.get(name, [])
+
+
+def answered_at_once(book: Book) -> Reserve:
+    """A ``Reserve`` over a plain call that answers every booking at once (``RateLimiter.reserve_now``:
+    budgets without a fair queue, such as a key's own)."""
+
+    async def reserve(request: ReserveRequest) -> AsyncIterator[list[BookingAnswer]]:
+        yield await book(request)
+
+    return reserve
 
 
 def _deliver(bookings: list[_Booking], answers: list[BookingAnswer], unanswered: set[int]) -> set[int]:

@@ -25,7 +25,7 @@ from typing import Any
 from ray.serve.handle import DeploymentHandle
 
 from deployments.config import DEFAULT_ADMISSION_WAIT_S, AdmissionConfig
-from deployments.core.booking import BudgetClient
+from deployments.core.booking import BudgetClient, answered_at_once
 from deployments.errors import PermissionDenied, RateLimited
 from deployments.gateway.caller import Caller
 from deployments.gateway.deadline import admission_wait
@@ -44,7 +44,9 @@ class Meter:
     ) -> None:
         self.store = store
         self.admission = admission or AdmissionConfig()
-        self.budgets = BudgetClient(limiter.options(stream=True).reserve.remote)
+        # A key's own budget never queues (one tenant): its bookings are answered at once, so a plain
+        # call does (cheaper than the stream a shared model budget needs).
+        self.budgets = BudgetClient(answered_at_once(limiter.reserve_now.remote))
         self.pending: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
         self.flusher: asyncio.Task[None] | None = None
         self.key_budgets: dict[tuple[str, int | None, int | None], Budget] = {}
