@@ -68,10 +68,14 @@ def test_only_admin_manages_keys(app: ServeApp) -> None:
 
 
 def test_per_key_rpm_is_enforced(app: ServeApp) -> None:
-    """rpm 3: the burst (3) goes at once; the next slot is 20 s away, past a 2 s deadline: 429."""
+    """rpm 3: at most the burst (3) goes at once; the next slot is up to 20 s away, past a 2 s
+    deadline: 429, with the wait to that slot as Retry-After. (Fewer than 3 — none in the first 20 s
+    — go at once while the limiter itself is less than a minute old: the restart rule counts every
+    budget as empty at the limiter's start. That the burst flows on a fresh key is
+    tests/serve/test_admission.py's.)"""
     key = new_key(app, rpm=3)["key"]
     statuses = []
-    first, first_done = time.monotonic(), 0.0  # the burst was booked between these two
+    refused: list[tuple[float, float, float]] = []  # (sent, answered, retry_after)
     for _ in range(8):
         sent = time.monotonic()
         response = httpx.post(
@@ -81,14 +85,17 @@ def test_per_key_rpm_is_enforced(app: ServeApp) -> None:
             timeout=30,
         )
         statuses.append(response.status_code)
-        first_done = first_done or time.monotonic()
         if response.status_code == 429:
-            # The true wait, not a constant: the 4th slot is 20 s after the burst was booked.
             retry_after = int(response.headers["retry-after-ms"]) / 1000
-            assert first + 20 - time.monotonic() - 0.5 <= retry_after <= first_done + 20 - sent + 0.5, retry_after
-            assert int(response.headers["retry-after"]) >= retry_after
+            refused.append((sent, time.monotonic(), retry_after))
+            assert 2 < retry_after <= 20.5 and int(response.headers["retry-after"]) >= retry_after
             assert response.json()["error"]["type"] == "rate_limit_error"
-    assert statuses == [200] * 3 + [429] * 5
+    served = statuses.count(200)
+    assert served <= 3 and statuses == [200] * served + [429] * (8 - served)
+    # The true wait, not a constant: every refusal points at the same next slot.
+    slot = [(sent + answered) / 2 + retry_after for sent, answered, retry_after in refused]
+    slack = max(answered - sent for sent, answered, _ in refused) + 0.5
+    assert max(slot) - min(slot) <= slack, refused
 
 
 def test_a_bad_deadline_header_is_a_400_naming_it(app: ServeApp) -> None:
