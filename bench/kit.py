@@ -82,12 +82,14 @@ class BenchCluster:
 
 @contextlib.contextmanager
 def private_cluster(
-    models: list[dict[str, Any]], state: Path, *, tasks_dir: Path | None = None, **tasks: Any
+    models: list[dict[str, Any]], state: Path, *, tasks_dir: Path | None = None,
+    app_args: dict[str, Any] | None = None, env_vars: dict[str, str] | None = None, **tasks: Any
 ) -> Iterator[BenchCluster]:
     """A Ray cluster in this process running configs/serve.yaml with ``models`` only.
 
     ``state`` holds the run store; ``tasks_dir`` the task definitions (none if omitted);
-    ``tasks`` override other ``args.tasks`` settings (e.g. ``lease_s``).
+    ``tasks`` override other ``args.tasks`` settings (e.g. ``lease_s``); ``app_args`` other
+    sections of ``args`` (e.g. ``auth``); ``env_vars`` reach the replicas (runtime_env).
     """
     import ray
     from ray import serve
@@ -109,6 +111,9 @@ def private_cluster(
         app["args"]["models"] = models
         app["args"]["gateway"]["listen_port"] = listen_port
         app["args"]["tasks"].update(definitions_dir=str(tasks_dir), state_dir=str(state / "db"), **tasks)
+        app["args"].update(app_args or {})
+        if env_vars:
+            app.setdefault("runtime_env", {}).setdefault("env_vars", {}).update(env_vars)
         # Only the benchmark's models: no embedded model competing for the cores.
         app["deployments"] = [d for d in app["deployments"] if not d["name"].startswith("worker-")]
         dashboard = f"http://127.0.0.1:{dashboard_port}"

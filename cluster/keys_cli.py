@@ -26,6 +26,8 @@ def add_parser(sub: Any) -> None:
     create.add_argument("--rpm", type=int, help="requests per minute")
     create.add_argument("--tpm", type=int, help="tokens per minute")
     create.add_argument("--token-budget", type=int, help="total tokens the key may use")
+    create.add_argument("--weight", type=float, default=1.0,
+                        help="share of a busy model's budget against other keys (default: %(default)s)")
     actions.add_parser("list", help="list keys (never the keys themselves)")
     revoke = actions.add_parser("revoke", help="revoke a key by id")
     revoke.add_argument("key_id", help="the key's id (key_…)")
@@ -40,7 +42,8 @@ def run(args: argparse.Namespace) -> int:
     base = args.url.rstrip("/")
     try:
         if args.action == "create":
-            body = {"name": args.name, "rpm": args.rpm, "tpm": args.tpm, "token_budget": args.token_budget}
+            body = {"name": args.name, "rpm": args.rpm, "tpm": args.tpm, "token_budget": args.token_budget,
+                    "weight": args.weight}
             response = httpx.post(f"{base}/admin/keys", json=body, headers=headers, timeout=30)
         elif args.action == "list":
             response = httpx.get(f"{base}/admin/keys", headers=headers, timeout=30)
@@ -59,7 +62,10 @@ def run(args: argparse.Namespace) -> int:
     elif args.action == "list":
         for key in data["data"]:
             state = "revoked" if key["revoked_at"] else "active"
-            limits = ", ".join(f"{k}={key[k]}" for k in ("rpm", "tpm", "token_budget") if key[k])
+            limits = ", ".join(
+                [f"{k}={key[k]}" for k in ("rpm", "tpm", "token_budget") if key[k]]
+                + ([f"weight={key['weight']:g}"] if key.get("weight", 1) != 1 else [])
+            )
             print(f"{key['id']}  …{key['hint']}  {state:<7}  {key['name']}  used={key['tokens_used']}  {limits}")
     else:
         print(json.dumps(data, indent=2))

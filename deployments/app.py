@@ -52,7 +52,7 @@ def build_app(args: AppArgs) -> Application:
         serve.deployment(RateLimiter)
         # Budgets live in one place; waiting acquires and pause watchers each hold a request slot.
         .options(name=names.RATE_LIMITER, num_replicas=1, max_ongoing_requests=100_000)
-        .bind()
+        .bind(args.admission)
     )
     workers = {
         model.name: serve.deployment(ModelWorker)
@@ -69,7 +69,7 @@ def build_app(args: AppArgs) -> Application:
     runner = (
         serve.deployment(TaskRunner)
         .options(name=names.TASK_RUNNER, max_ongoing_requests=1000)
-        .bind(tasks, workers, store, args.tasks, args.models, limiter)
+        .bind(tasks, workers, store, args.tasks, args.models, limiter, args.admission)
     )
     batches = (
         serve.deployment(BatchService)

@@ -91,8 +91,12 @@ class PromptfleetError(Exception):
     def headers(self) -> dict[str, str]:
         if self.retry_after is None:
             return {}
-        # Retry-After is whole seconds (RFC 9110); round up so clients never retry early.
-        return {"Retry-After": str(max(1, math.ceil(self.retry_after)))}
+        # Retry-After is whole seconds (RFC 9110); round up so clients never retry early. The openai
+        # SDKs read the precise `retry-after-ms` first (openai-python _base_client._parse_retry_after_header).
+        return {
+            "Retry-After": str(max(1, math.ceil(self.retry_after))),
+            "retry-after-ms": str(max(1, math.ceil(self.retry_after * 1000))),
+        }
 
 
 def _rebuild(

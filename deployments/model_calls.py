@@ -46,7 +46,7 @@ from deployments.core.tokens import StreamCounter, completion_budget, prompt_tok
 from deployments.errors import InvalidRequest, ModelNotFound, Overloaded, PromptfleetError
 from deployments.gateway.caller import KeyEntry
 from deployments.gateway.metering import Meter
-from deployments.schemas import ChatCompletionRequest, ChatReply, ModelCall, StreamEnd, Usage
+from deployments.schemas import ChatCompletionRequest, ChatReply, ModelCall, Share, StreamEnd, Usage
 
 logger = logging.getLogger("ray.serve")
 
@@ -125,6 +125,19 @@ class ModelCalls:
         chain = config.fallback_models if fallbacks is None else fallbacks
         return [request.model, *(m for m in chain if m in self.models and m != request.model)]
 
+    def wait_s(self, model: str, client_timeout_s: float | None) -> float:
+        """How long an HTTP request for ``model`` may wait for its key's rate-limit slot: the client's
+        timeout (``gateway.deadline``) or the model's ``admission_wait_s``, capped."""
+        if self.meter is None:
+            return 0.0
+        config = self.models.get(model)
+        if config is None:
+            return self.meter.wait_s(client_timeout_s)
+        return self.meter.wait_s(client_timeout_s, config.admission_wait_s)
+
+    def _share(self, payer: KeyEntry | None, background: bool) -> Share | None:
+        return self.meter.share(payer, background) if self.meter is not None else None
+
     def estimate(self, request: ChatCompletionRequest) -> int:
         """Tokens booked on a key's tpm before the call: bounded by the model's output limit."""
         limit = self.models[request.model].output_limit
@@ -153,16 +166,19 @@ class ModelCalls:
         wait_s: float = 0.0,
         request_id: str | None = None,
         fallbacks: Sequence[str] | None = None,
+        background: bool = False,
     ) -> dict[str, Any]:
         """The completion body (``model`` names the model that answered); raises PromptfleetError.
 
-        ``wait_s``: how long the payer's rpm/tpm may make the call wait (0: 429 at once)."""
+        ``wait_s``: how long the payer's rpm/tpm may make the call wait (0: 429 at once).
+        ``background``: an async task run or a batch line, served behind the payer's interactive
+        calls in a limited model's fair queue."""
         chain = self.chain(request, fallbacks)
         estimate = self.estimate(request)
         booked = await self._admit(payer, estimate, wait_s)
         call_id = request_id or uuid.uuid4().hex
         try:
-            reply, model = await self._first_answer(chain, request, call_id)
+            reply, model = await self._first_answer(chain, request, call_id, self._share(payer, background))
         except BaseException:
             self._refund(payer, booked)
             raise
@@ -172,13 +188,13 @@ class ModelCalls:
         return reply.completion
 
     async def _first_answer(
-        self, chain: list[str], request: ChatCompletionRequest, call_id: str
+        self, chain: list[str], request: ChatCompletionRequest, call_id: str, share: Share | None
     ) -> tuple[ChatReply, str]:
         async def attempt(model: str, call: ModelCall) -> tuple[bool, Any]:
             result = await self.transport.chat(model, call)
             return isinstance(result, ChatReply), result
 
-        reply, model = await self._along(chain, request, call_id, attempt)
+        reply, model = await self._along(chain, request, call_id, share, attempt)
         return reply, model
 
     async def _along(
@@ -186,12 +202,13 @@ class ModelCalls:
         chain: list[str],
         request: ChatCompletionRequest,
         call_id: str,
+        share: Share | None,
         attempt: Callable[[str, ModelCall], Awaitable[tuple[bool, Any]]],
     ) -> tuple[Any, str]:
         """Try ``attempt`` on each model of ``chain`` until one answers (``(True, answer)``); go on
         after an error whose class is transient, raise any other (and the last model's)."""
         for index, model in enumerate(chain):
-            call = ModelCall(request=_for_model(request, model), request_id=call_id)
+            call = ModelCall(request=_for_model(request, model), request_id=call_id, share=share)
             try:
                 answered, result = await attempt(model, call)
             except BackPressureError:
@@ -216,6 +233,7 @@ class ModelCalls:
         *,
         wait_s: float = 0.0,
         request_id: str | None = None,
+        background: bool = False,
     ) -> AsyncGenerator[dict[str, Any] | PromptfleetError, None]:
         """Open the stream; errors before its first chunk raise (so they get their status code, or
         a fallback). Returns the chunks to relay, ending with an error value if one happens later.
@@ -225,14 +243,14 @@ class ModelCalls:
         booked = await self._admit(payer, estimate, wait_s)
         call_id = request_id or uuid.uuid4().hex
         try:
-            chunks, first, model = await self._open(chain, request, call_id)
+            chunks, first, model = await self._open(chain, request, call_id, self._share(payer, background))
         except BaseException:
             self._refund(payer, booked)
             raise
         return self._relay(chunks, first, model, request, payer, booked)
 
     async def _open(
-        self, chain: list[str], request: ChatCompletionRequest, call_id: str
+        self, chain: list[str], request: ChatCompletionRequest, call_id: str, share: Share | None
     ) -> tuple[WorkerStream, Any, str]:
         """Start the stream on the first model of ``chain`` whose first item is not an error."""
 
@@ -250,7 +268,7 @@ class ModelCalls:
             chunks.cancel()
             return False, first
 
-        (chunks, first), model = await self._along(chain, request, call_id, attempt)
+        (chunks, first), model = await self._along(chain, request, call_id, share, attempt)
         return chunks, first, model
 
     async def _relay(

@@ -64,15 +64,16 @@ class ModelWorker:
         return body
 
     async def chat(self, call: ModelCall) -> ChatResult:
+        # ``call.share``: whose call it is (key, weight, priority), for the fair share of a limited model.
         try:
-            completion = await self.provider.chat(self.body(call))
+            completion = await self.provider.chat(self.body(call), call.share)
         except PromptfleetError as exc:
             return exc
         return ChatReply.of(completion)
 
     async def chat_stream(self, call: ModelCall) -> AsyncIterator[StreamItem]:
         try:
-            async for chunk in self.provider.stream(self.body(call)):
+            async for chunk in self.provider.stream(self.body(call), call.share):
                 yield chunk
         except PromptfleetError as exc:
             yield exc

@@ -1,59 +1,154 @@
 """RateLimiter: request and token budgets shared by every replica on every node (a one-replica deployment).
 
-Serves: ``reserve`` (book calls on a budget, say when each may start, and
-correct earlier token estimates with real usage), ``pause`` (an upstream said
-429 + Retry-After) and ``watch_pause`` (a long-poll that wakes every worker
-replica of a model when a pause starts). Budgets are named by the caller —
-``model:<name>`` for upstream limits, ``key:<id>`` for API keys — and carry
-their limits with each call, so the limiter needs no config of its own.
+Serves: ``reserve`` (book calls on a budget, correcting earlier token estimates
+with real usage first), ``pause`` (an upstream said 429 + Retry-After) and
+``watch_pause`` (a long-poll that wakes every worker replica of a model when a
+pause starts). Budgets are named by the caller — ``model:<name>`` for upstream
+limits, ``key:<id>`` for API keys — and carry their limits with each call
+(``schemas.ReserveRequest``), so the limiter's only config is how it queues
+(``admission`` in the app config).
 Calls: nothing.
-Owns: one ``Pacer`` per budget and per unit (requests, tokens), in memory.
+Owns: one ``Pacer`` per budget and unit (requests, tokens) and, per shared
+budget, the ``FairQueue`` of calls waiting for it — in memory.
 
-If this replica dies, Serve starts a new one whose pacers start *empty*: calls
-are paced from the first one on, never burst past the limit. Callers whose
-bookings fail meanwhile retry against the new replica within their own deadline
-(they fail closed, never open).
+``reserve`` streams its answers (a Serve streaming handle call): first every
+answer known at once — a key's own budget is always answered at once (start
+after N seconds, or refused with the true wait as Retry-After); a shared budget
+is answered at once while nobody waits for it — then, as queued calls get their
+turn in fair order, their grants. A queued call costs a deque entry here and
+nothing else: one dispatcher task per budget with calls waiting sleeps until the
+next slot or deadline (no polling), and the caller's stream stays open. A
+caller that goes away closes its stream, which frees its queued places.
+
+If this replica dies, Serve starts a new one; what it may grant is the restart
+rule of ``core.limits`` (every budget counts as empty at the restart), so no
+window sees more than the documented burst on top of the rate. Callers whose
+streams broke book again on the new replica within their own deadline (they
+fail closed, never open).
 
 Cost: callers go through ``deployments.core.booking.BudgetClient``, which puts
-all of a replica's concurrent bookings into one call, answered at once (the
-waiting happens on the caller's side). Unlimited models never call it.
+all of a replica's concurrent bookings on a budget into one call. Unlimited
+models and keys never call it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import AsyncIterator
 
-from deployments.core.limits import Budget, RateLimiterCore, WaitTooLong
+from deployments.config import AdmissionConfig
+from deployments.core.fairshare import Waiter
+from deployments.core.limits import Granted, Queued, RateLimiterCore, Refused
+from deployments.schemas import BookingAnswer, ReserveRequest
 
 WATCH_TIMEOUT_S = 30.0
 
+# (ticket, granted, start time if granted else retry-after seconds), to the stream that queued it.
+_Outcome = tuple[int, bool, float]
+
 
 class RateLimiter:
-    def __init__(self) -> None:
-        self.core = RateLimiterCore()
+    def __init__(self, config: AdmissionConfig | None = None) -> None:
+        config = config or AdmissionConfig()
+        self.core = RateLimiterCore(
+            time.monotonic(),
+            grant_ahead_s=config.grant_ahead_s,
+            max_queued_per_tenant=config.max_queued_per_key,
+            background_share=config.background_share,
+        )
         self.pause_changed: dict[str, asyncio.Event] = {}
+        self.inboxes: dict[int, asyncio.Queue[_Outcome]] = {}  # ticket -> its stream's inbox
+        self.dispatchers: dict[str, asyncio.Task[None]] = {}
+        self.wakeups: dict[str, asyncio.Event] = {}
 
-    async def reserve(
-        self, name: str, budget: Budget, asks: list[tuple[int, int, float]], token_delta: int = 0
-    ) -> list[tuple[bool, float]]:
-        """Book several calls on one budget at once (a replica's coalesced bookings).
+    async def reserve(self, request: ReserveRequest) -> AsyncIterator[list[BookingAnswer]]:
+        """Book ``request.asks``; yield answers (by index) as they are decided, the first batch at once.
 
-        ``asks`` are ``(requests, tokens, max_wait_s)``; each answer is ``(True, delay_s)`` — start
-        after ``delay_s`` — or ``(False, retry_after_s)`` when the wait would exceed ``max_wait_s``
-        (nothing booked). ``token_delta`` first settles earlier estimates with real usage.
-        Answers at once: the callers wait on their own side, holding no request here.
+        A granted answer's ``delay_s`` counts from when it is yielded; a refused one's is the
+        expected wait (Retry-After). The stream ends when every ask is answered.
         """
         now = time.monotonic()
-        if token_delta:
-            self.core.settle(name, token_delta, now)
-        answers: list[tuple[bool, float]] = []
-        for requests, tokens, max_wait_s in asks:
-            try:
-                answers.append((True, self.core.reserve(name, budget, requests, tokens, now, max_wait_s) - now))
-            except WaitTooLong as exc:
-                answers.append((False, exc.wait_s))
+        name = request.budget
+        if request.token_delta:
+            self.core.settle(name, request.token_delta, now)
+        answers: list[BookingAnswer] = []
+        queued: dict[int, tuple[int, Waiter]] = {}  # ticket -> (index, waiter)
+        inbox: asyncio.Queue[_Outcome] = asyncio.Queue()
+        for index, ask in enumerate(request.asks):
+            decision = self.core.book(name, request.limits, ask, now)
+            if isinstance(decision, Granted):
+                answers.append(BookingAnswer(index=index, granted=True, delay_s=max(0.0, decision.start - now)))
+            elif isinstance(decision, Refused):
+                answers.append(BookingAnswer(index=index, granted=False, delay_s=decision.retry_after))
+            elif isinstance(decision, Queued):
+                queued[decision.waiter.ticket] = (index, decision.waiter)
+                self.inboxes[decision.waiter.ticket] = inbox
+        if queued:
+            self._wake(name)
+        try:
+            yield answers
+            while queued:
+                outcomes = [await inbox.get()]
+                while not inbox.empty():
+                    outcomes.append(inbox.get_nowait())
+                now = time.monotonic()
+                batch = []
+                for ticket, granted, value in outcomes:
+                    index, _ = queued.pop(ticket)
+                    delay = max(0.0, value - now) if granted else value
+                    batch.append(BookingAnswer(index=index, granted=granted, delay_s=delay))
+                yield batch
+        finally:
+            # The caller went away (or the replica is stopping): its queued calls give up their places.
+            for ticket, (_, waiter) in queued.items():
+                self.inboxes.pop(ticket, None)
+                self.core.cancel(name, waiter)
+
+    async def reserve_now(self, request: ReserveRequest) -> list[BookingAnswer]:
+        """``reserve`` for bookings that never queue (no ``share``: a key's own budget), as one
+        plain call: a unary handle call costs less than a stream."""
+        if any(ask.share is not None for ask in request.asks):
+            raise ValueError("reserve_now books only asks without a share (they are answered at once)")
+        answers: list[BookingAnswer] = []
+        async for batch in self.reserve(request):
+            answers += batch
         return answers
+
+    def _wake(self, name: str) -> None:
+        event = self.wakeups.get(name)
+        if event is not None:
+            event.set()
+        if name not in self.dispatchers:
+            self.wakeups[name] = asyncio.Event()
+            self.dispatchers[name] = asyncio.get_running_loop().create_task(self._dispatch(name))
+
+    async def _dispatch(self, name: str) -> None:
+        """Hand out a shared budget's slots while calls wait for it; sleep until the next one is due."""
+        event = self.wakeups[name]
+        try:
+            while True:
+                now = time.monotonic()
+                granted, refused = self.core.dispatch(name, now)
+                for waiter, start in granted:
+                    self._answer(waiter.ticket, True, start)
+                for waiter, retry_after in refused:
+                    self._answer(waiter.ticket, False, retry_after)
+                wake = self.core.next_wake(name, now)
+                if wake is None:
+                    return
+                event.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), max(0.0, wake - time.monotonic()))
+        finally:
+            del self.dispatchers[name]
+            del self.wakeups[name]
+
+    def _answer(self, ticket: int, granted: bool, value: float) -> None:
+        inbox = self.inboxes.pop(ticket, None)
+        if inbox is not None:
+            inbox.put_nowait((ticket, granted, value))
 
     async def pause(self, name: str, seconds: float) -> None:
         # Durations, not timestamps, cross the wire: nodes' clocks differ.

@@ -169,6 +169,9 @@ class ModelCall(BaseModel):
     request: ChatCompletionRequest = Field(description="The validated chat request (`model` is the "
                                            "configured model the call is for, after fallbacks).")
     request_id: str = Field(description="Id of the request this call serves (logs, error bodies).")
+    share: Share | None = Field(
+        default=None, description="Who pays, for the fair share of a limited model's budget (None: unmetered)."
+    )
     _body: dict[str, Any] | None = PrivateAttr(default=None)
 
     def body(self) -> dict[str, Any]:
@@ -178,11 +181,11 @@ class ModelCall(BaseModel):
         return dict(self._body)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_model_call, (self.body(), self.request_id))
+        return (_model_call, (self.body(), self.request_id, self.share))
 
 
-def _model_call(body: dict[str, Any], request_id: str) -> ModelCall:
-    call = ModelCall(request=ChatCompletionRequest.model_validate(body), request_id=request_id)
+def _model_call(body: dict[str, Any], request_id: str, share: Share | None = None) -> ModelCall:
+    call = ModelCall(request=ChatCompletionRequest.model_validate(body), request_id=request_id, share=share)
     call._body = body
     return call
 
@@ -323,6 +326,11 @@ class KeyCreate(_Ours):
     token_budget: int | None = Field(
         default=None, ge=1, le=10**15, description="Total tokens this key may ever use."
     )
+    weight: float = Field(
+        default=1.0, gt=0, le=1000,
+        description="Share of a shared model budget when keys wait for it together: a key of weight 2 gets "
+        "twice the calls of a key of weight 1 while both have calls waiting.",
+    )
 
 
 class KeyView(_Ours):
@@ -335,6 +343,7 @@ class KeyView(_Ours):
     rpm: int | None = Field(description="Requests per minute, if limited.")
     tpm: int | None = Field(description="Tokens per minute, if limited.")
     token_budget: int | None = Field(description="Total tokens allowed, if limited.")
+    weight: float = Field(description="Share of a shared model budget under contention (1 unless set).")
     tokens_used: int = Field(description="Tokens recorded for this key so far.")
 
 
@@ -529,3 +538,67 @@ class BatchList(BaseModel):
     first_id: str | None = None
     last_id: str | None = None
     has_more: bool = Field(description="More batches after `last_id` (pass it as `after`).")
+
+
+# -- the RateLimiter's payloads ------------------------------------------------------------
+# What crosses the RateLimiter's handle (``deployments.rate_limiter``), booked through
+# ``deployments.core.booking.BudgetClient``.
+
+
+class Budget(_Ours):
+    """Limits of one budget, sent with every booking (the limiter keeps no config); either may be empty."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rpm: int | None = Field(default=None, ge=1, description="Requests per minute.")
+    tpm: int | None = Field(default=None, ge=1, description="Tokens per minute.")
+    rpm_burst: float | None = Field(
+        default=None, ge=1, description="Requests that may start at once; empty: 0.5 % of `rpm` (at least 1)."
+    )
+    tpm_burst: float | None = Field(
+        default=None, ge=1, description="Tokens that may start at once; empty: 0.5 % of `tpm` (at least 1)."
+    )
+
+
+class Share(_Ours):
+    """Who a call on a shared model budget is for: its tenant's place in the fair queue."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tenant: str = Field(max_length=200, description="The key id (or `anonymous`): the unit of fairness.")
+    weight: float | None = Field(
+        default=1.0, gt=0, le=1000,
+        description="The key's `weight`; empty: the weight its interactive calls last brought (1 if none).",
+    )
+    background: bool = Field(
+        default=False, description="An async task run or a batch line: served at the background share of "
+        "its tenant's turns, behind the tenant's interactive calls."
+    )
+
+
+class BookingAsk(_Ours):
+    """One call asking for its slot on a budget."""
+
+    requests: int = Field(ge=0, description="Requests the call counts (1).")
+    tokens: int = Field(ge=0, description="Estimated tokens (0 unless the budget has a `tpm`).")
+    max_wait_s: float = Field(ge=0, description="Longest the call may wait for its slot (its deadline).")
+    share: Share | None = Field(default=None, description="Its tenant, for a shared budget (fair queue); "
+                                "empty: booked in arrival order (a key's own budget).")
+
+
+class ReserveRequest(_Ours):
+    """A replica's coalesced bookings on one budget (``RateLimiter.reserve``)."""
+
+    budget: str = Field(description="`model:<name>` (upstream limits) or `key:<id>` (a key's limits).")
+    limits: Budget = Field(description="The budget's limits.")
+    asks: list[BookingAsk] = Field(description="The bookings, answered by index.")
+    token_delta: int = Field(default=0, description="Real minus estimated tokens of earlier calls, settled first.")
+
+
+class BookingAnswer(_Ours):
+    """The answer to ``asks[index]``: start after ``delay_s``, or retry after ``delay_s`` (nothing booked)."""
+
+    index: int = Field(ge=0, description="Position of the ask in its request.")
+    granted: bool = Field(description="True: the slot is booked; False: it could not start within `max_wait_s`.")
+    delay_s: float = Field(ge=0, description="Granted: seconds until the call may start. Refused: seconds until "
+                           "a slot is expected to be free (the Retry-After).")

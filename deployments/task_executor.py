@@ -40,12 +40,18 @@ class TaskExecutor:
         return defn
 
     async def execute(
-        self, name: str, task_input: dict[str, Any], payer: str | None = None, wait: bool = False
+        self,
+        name: str,
+        task_input: dict[str, Any],
+        payer: str | None = None,
+        wait: bool = False,
+        background: bool = False,
     ) -> dict[str, Any]:
         """Run the task; its model calls are billed to the key ``payer`` (None: unmetered).
 
         ``wait``: the payer's rpm/tpm may delay the calls (within the task's ``timeout_s``) instead
-        of refusing them with 429 — for queued runs, which nobody waits on."""
+        of refusing them with 429. ``background``: a queued run, served behind the payer's
+        interactive calls in a limited model's fair queue."""
         defn = self.definition(name)
         validate_input(defn, task_input)
         messages = render_messages(defn, task_input)
@@ -62,7 +68,9 @@ class TaskExecutor:
                 "temperature": defn.temperature,
                 "max_tokens": defn.max_tokens,
             })
-            result = await self.calls.complete(request, account, wait_s=wait_s, fallbacks=defn.fallback_models)
+            result = await self.calls.complete(
+                request, account, wait_s=wait_s, fallbacks=defn.fallback_models, background=background
+            )
             served_by.append(str(result.get("model", defn.model)))
             choice = result["choices"][0]
             return choice["message"].get("content") or "", result.get("usage") or {}

@@ -24,7 +24,7 @@ from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
-from deployments.config import ModelConfig, TasksConfig
+from deployments.config import AdmissionConfig, ModelConfig, TasksConfig
 from deployments.core.replies import Reply, replying, unwrap
 from deployments.core.runloop import RunLoop
 from deployments.core.taskdefs import TaskDefinition
@@ -77,8 +77,9 @@ class TaskRunner:
         config: TasksConfig,
         models: list[ModelConfig] | None = None,
         limiter: DeploymentHandle | None = None,
+        admission: AdmissionConfig | None = None,
     ) -> None:
-        self.meter = Meter(store, limiter) if limiter is not None else None
+        self.meter = Meter(store, limiter, admission) if limiter is not None else None
         self.executor = TaskExecutor(tasks, ModelCalls(models or [], HandleTransport(workers), self.meter))
         self.loop = RunLoop(
             StoreQueue(store),
@@ -91,10 +92,13 @@ class TaskRunner:
         )
         self.loop.start()
 
-    async def run(self, name: str, task_input: dict[str, Any], payer: str | None = None) -> Reply[dict[str, Any]]:
+    async def run(
+        self, name: str, task_input: dict[str, Any], payer: str | None = None, background: bool = False
+    ) -> Reply[dict[str, Any]]:
         """The synchronous path: execute now, billed to the key ``payer``; return the result or the
-        error (as a value)."""
-        return await replying(self.executor.execute(name, task_input, payer))
+        error (as a value). The payer's rate limit paces the calls within the task's timeout;
+        ``background`` (batch task lines) puts them behind the payer's interactive calls."""
+        return await replying(self.executor.execute(name, task_input, payer, True, background))
 
     async def __del__(self) -> None:
         """Serve stops this replica (scale-down, redeploy, shutdown): hand its runs back at once,

@@ -205,9 +205,11 @@ class TaskStore:
     # -- API keys and usage (the Gateway's authentication) --------------------------------
 
     async def create_key(
-        self, name: str, rpm: int | None, tpm: int | None, token_budget: int | None
+        self, name: str, rpm: int | None, tpm: int | None, token_budget: int | None, weight: float = 1.0
     ) -> Reply[tuple[ApiKey, str]]:
-        return await replying(self._user(self.keys.create, name, rpm=rpm, tpm=tpm, token_budget=token_budget))
+        return await replying(
+            self._user(self.keys.create, name, rpm=rpm, tpm=tpm, token_budget=token_budget, weight=weight)
+        )
 
     async def key_snapshot(self, known_version: int | None, with_usage: bool = True) -> Reply[KeySnapshot]:
         """What a Gateway replica's key index polls for (``KeyStore.snapshot``)."""

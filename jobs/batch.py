@@ -148,7 +148,7 @@ class ServeBackend:
     async def chat(self, request: ChatCompletionRequest) -> Result:
         try:
             payer = await self.meter.account(self.key_id) if self.meter is not None else None
-            return await self.calls.complete(request, payer, wait_s=LINE_WAIT_S)
+            return await self.calls.complete(request, payer, wait_s=LINE_WAIT_S, background=True)
         except PromptfleetError as exc:
             return exc
 
@@ -158,7 +158,7 @@ class ServeBackend:
         from deployments.model_calls import WORKER_GONE
 
         try:
-            result = await self.runner.run.remote(task, task_input, self.key_id)
+            result = await self.runner.run.remote(task, task_input, self.key_id, True)
         except BackPressureError:
             return Overloaded("The task runners are at capacity.", retry_after=1)
         except WORKER_GONE:

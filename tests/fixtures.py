@@ -91,6 +91,13 @@ def upstream_models(base_url: str) -> list[dict[str, Any]]:
 LIMITED_RPM = 300
 
 
+def shared_model(base_url: str) -> dict[str, Any]:
+    """A model of the auth app whose 300 rpm keys share (fair admission, tests/serve/test_admission.py);
+    its deadline leaves room for a 64-deep queue at 5 calls/s."""
+    return {"provider": "openai", "base_url": base_url, "upstream_model": "fake-model", "breaker_threshold": 1000,
+            "name": "fake-shared", "timeout_s": 40, "max_retries": 0, "rpm": LIMITED_RPM}
+
+
 # Tasks on the upstream models, next to the shipped ones (which run on the embedded model).
 TEST_TASKS = {
     "label_fake": {
@@ -164,7 +171,10 @@ def auth_app(main: dict[str, Any], upstream_base_url: str, state: Path) -> dict[
             "gateway": {"listen_host": "127.0.0.1", "listen_port": free_port()},
             "auth": {"enabled": True, "cache_ttl_s": 1},
             "tasks": {"definitions_dir": str(tasks_dir), "state_dir": str(state / "auth-db"), "lease_s": 3},
-            "models": [m for m in upstream_models(upstream_base_url) if m["name"] == "fake"],
+            "models": [
+                *(m for m in upstream_models(upstream_base_url) if m["name"] == "fake"),
+                shared_model(upstream_base_url),
+            ],
         },
         "deployments": [d for d in main["deployments"] if d["name"] in ("Gateway", "TaskStore", "TaskRunner")],
     }

@@ -37,11 +37,22 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+DEFAULT_ADMISSION_WAIT_S = 30.0
+
+
 class _ModelBase(_Strict):
     fallback_models: list[str] = Field(
         default_factory=list,
         description="Models tried in order when this one fails with a rate limit, an upstream error, "
         "a timeout or an open circuit; the response's `model` names the one that answered.",
+    )
+    admission_wait_s: float = Field(
+        default=DEFAULT_ADMISSION_WAIT_S,
+        ge=0,
+        le=3600,
+        description="How long a request for this model may wait for its slot under a key's `rpm`/`tpm` when "
+        "the client sends no deadline (`X-Request-Timeout` or the openai SDK's `X-Stainless-Read-Timeout`); "
+        "a request whose slot is further away gets 429 with the wait as Retry-After.",
     )
 
 
@@ -229,6 +240,57 @@ class AuthConfig(_Strict):
     )
 
 
+class AdmissionConfig(_Strict):
+    """How per-key limits pace and how keys share a model's budget (the RateLimiter)."""
+
+    key_burst_s: float = Field(
+        default=1.0,
+        ge=0,
+        le=60,
+        description="A key's burst: its `rpm`/`tpm` admits this many seconds' worth of its rate at once "
+        "(at least `key_min_burst` requests or `key_min_burst` × 1000 tokens, never more than the per-minute "
+        "limit); the rest is paced at the rate.",
+    )
+    key_min_burst: int = Field(
+        default=5, ge=1, le=10000, description="Requests a key with an `rpm` may always send at once."
+    )
+    max_wait_s: float = Field(
+        default=300.0,
+        gt=0,
+        le=3600,
+        description="Cap on the deadline a client asks for: no request waits longer than this for its slot.",
+    )
+    max_queued_per_key: int = Field(
+        default=1000,
+        ge=1,
+        le=1_000_000,
+        description="Calls of one key that may wait for a budget at once; more get 429 with Retry-After.",
+    )
+    background_share: float = Field(
+        default=0.25,
+        gt=0,
+        le=1,
+        description="Weight of a key's async task runs and batch lines against its interactive calls "
+        "when both wait for the same model: they count against the key's share, served "
+        "`background_share` as often.",
+    )
+    grant_ahead_s: float = Field(
+        default=0.1,
+        ge=0,
+        le=5,
+        description="A waiting call is told its slot this long before it starts (covers the hop to the "
+        "caller); a call arriving later can still be served first within this window, so fairness holds "
+        "to within it.",
+    )
+
+    def key_bursts(self, rpm: int | None, tpm: int | None) -> tuple[float | None, float | None]:
+        """The burst of a key's requests and tokens per the rule above (None where unlimited)."""
+        seconds = self.key_burst_s / 60
+        rpm_burst = None if rpm is None else float(min(rpm, max(self.key_min_burst, rpm * seconds)))
+        tpm_burst = None if tpm is None else float(min(tpm, max(self.key_min_burst * 1000, tpm * seconds)))
+        return rpm_burst, tpm_burst
+
+
 class TasksConfig(_Strict):
     """Prompt tasks and the durable run queue."""
 
@@ -303,6 +365,9 @@ class AppArgs(_Strict):
     gateway: GatewayConfig = Field(default_factory=GatewayConfig, description="HTTP ingress settings.")
     tasks: TasksConfig = Field(default_factory=TasksConfig, description="Prompt tasks and the run queue.")
     auth: AuthConfig = Field(default_factory=AuthConfig, description="API keys and per-key limits.")
+    admission: AdmissionConfig = Field(
+        default_factory=AdmissionConfig, description="Pacing of per-key limits and fair share of model budgets."
+    )
 
     @model_validator(mode="after")
     def _consistent_models(self) -> AppArgs:

@@ -8,9 +8,16 @@ order and are paced at exactly ``rate`` instead of retrying in a thundering
 herd. In any window of length W the amounts started never exceed
 ``capacity + rate * W``.
 
-A new ``Pacer`` starts *empty* (as if a full burst had just been spent), so a
-limiter that restarts after a crash cannot grant a burst on top of what was
-granted just before it died.
+Restart rule. A ``Pacer`` is created with what it may grant at once
+(``available``). The limiter gives a budget it has never seen the burst it
+would have refilled since the limiter itself started: ``min(capacity, rate *
+(now - started))``. A budget first seen long after the start (a fresh API key)
+so gets its full burst at once; after a restart every budget counts as empty at
+the restart, exactly as if a full burst had just been spent. Across a restart,
+any window of length W therefore starts at most ``capacity + rate * W + 1``
+units — the bound of one limiter that never died (the old limiter's grants
+within the window, plus the new one's refill). A budget whose limit changes
+starts empty.
 
 ``CircuitBreaker`` is the classic closed → open → half-open breaker (one probe
 at a time once the cool-down has passed).
@@ -18,22 +25,29 @@ at a time once the cool-down has passed).
 
 from __future__ import annotations
 
+import heapq
 import time
 from dataclasses import dataclass, field
 from enum import StrEnum
+
+from deployments.core.fairshare import FairQueue, Waiter
+from deployments.schemas import BookingAsk, Budget
+
+__all__ = ["Budget", "CircuitBreaker", "Pacer", "RateLimiterCore", "WaitTooLong", "window_capacity"]
 
 
 class Pacer:
     """Token bucket of ``capacity`` units refilled at ``rate`` units per second, in GCRA form."""
 
-    def __init__(self, rate: float, capacity: float, now: float) -> None:
+    def __init__(self, rate: float, capacity: float, now: float, available: float = 0.0) -> None:
+        """``available``: units that may start at once (0: empty, as if a full burst was just spent)."""
         if rate <= 0 or capacity < 1:
             raise ValueError("rate must be > 0 and capacity >= 1")
         self.rate = rate
         self.capacity = capacity
         self.interval = 1.0 / rate  # seconds "paid" per unit
         self.tolerance = (capacity - 1) * self.interval  # how far ahead of schedule a burst may run
-        self.tat = now + capacity * self.interval  # empty at start: restart-safe
+        self.tat = now + (capacity - min(max(available, 0.0), capacity)) * self.interval
         self.paused_until = 0.0
 
     def reserve(self, amount: float, now: float) -> float:
@@ -111,49 +125,173 @@ class CircuitBreaker:
 
 
 @dataclass(frozen=True)
-class Budget:
-    """Limits of one budget; either may be None (unlimited)."""
+class Granted:
+    start: float  # monotonic time at which the call may start
 
-    rpm: int | None = None
-    tpm: int | None = None
+
+@dataclass(frozen=True)
+class Refused:
+    retry_after: float  # seconds until a slot is expected to be free
+
+
+@dataclass(frozen=True)
+class Queued:
+    waiter: Waiter  # in the budget's fair queue; ``dispatch`` grants or refuses it later
+
+
+Decision = Granted | Refused | Queued
 
 
 class RateLimiterCore:
-    """The limiter's logic on an injectable clock (the deployment is a thin async shell)."""
+    """The limiter's logic on an injectable clock (the deployment is a thin async shell).
 
-    def __init__(self) -> None:
+    ``reserve`` books in arrival order and answers at once (a key's own budget: one tenant).
+    ``book`` is for shared budgets: it answers at once while nobody waits and the slot is at
+    most ``grant_ahead_s`` away; otherwise the call joins the budget's ``FairQueue`` and
+    ``dispatch`` (run when ``next_wake`` says) grants slots in fair order as they come within
+    ``grant_ahead_s``, and refuses calls whose deadline passed.
+    """
+
+    def __init__(
+        self,
+        started_at: float = 0.0,
+        *,
+        grant_ahead_s: float = 0.1,
+        max_queued_per_tenant: int = 1000,
+        background_share: float = 0.25,
+    ) -> None:
+        self.started_at = started_at
+        self.grant_ahead_s = grant_ahead_s
+        self.max_queued_per_tenant = max_queued_per_tenant
+        self.background_share = background_share
         self.pacers: dict[tuple[str, str], Pacer] = {}
         self.paused_until: dict[str, float] = {}
+        self.queues: dict[str, FairQueue] = {}
+        self.deadlines: dict[str, list[tuple[float, int, Waiter]]] = {}
+        self.budgets: dict[str, Budget] = {}
+        self.tickets = 0
 
-    def _pacer(self, name: str, unit: str, per_minute: int, now: float) -> Pacer:
+    def _pacer(self, name: str, unit: str, per_minute: int, burst: float | None, now: float) -> Pacer:
         pacer = self.pacers.get((name, unit))
         rate = per_minute / 60.0
-        if pacer is None or pacer.rate != rate:
-            # New budget, or its limit changed: start empty (never a burst).
-            pacer = Pacer(rate, window_capacity(per_minute), now)
+        capacity = burst if burst is not None else window_capacity(per_minute)
+        if pacer is None or pacer.rate != rate or pacer.capacity != capacity:
+            # Never seen: what it refilled since this limiter started (restart rule, module doc).
+            # Seen with another limit: empty.
+            available = min(capacity, (now - self.started_at) * rate) if pacer is None else 0.0
+            pacer = Pacer(rate, capacity, now, available)
             pacer.pause(self.paused_until.get(name, 0.0))
             self.pacers[(name, unit)] = pacer
         return pacer
 
-    def reserve(self, name: str, budget: Budget, requests: int, tokens: int, now: float, max_wait_s: float) -> float:
+    def _units(self, name: str, budget: Budget, requests: int, tokens: int, now: float) -> list[tuple[Pacer, int]]:
+        units: list[tuple[Pacer, int]] = []
+        if budget.rpm is not None and requests > 0:
+            units.append((self._pacer(name, "requests", budget.rpm, budget.rpm_burst, now), requests))
+        if budget.tpm is not None and tokens > 0:
+            units.append((self._pacer(name, "tokens", budget.tpm, budget.tpm_burst, now), tokens))
+        return units
+
+    def wait_time(self, name: str, budget: Budget, requests: int, tokens: int, now: float) -> float:
+        """Seconds a booking made now would wait (nothing booked)."""
+        wait = max(0.0, self.paused_until.get(name, 0.0) - now)
+        for pacer, amount in self._units(name, budget, requests, tokens, now):
+            wait = max(wait, pacer.wait_time(amount, now))
+        return wait
+
+    def reserve(
+        self, name: str, budget: Budget, requests: int, tokens: int, now: float, max_wait_s: float
+    ) -> float:
         """Book the call; return its start time, or raise ``WaitTooLong`` (nothing booked) if > max_wait."""
-        booked: list[tuple[Pacer, float]] = []
+        booked = self._units(name, budget, requests, tokens, now)
         start = max(now, self.paused_until.get(name, 0.0))
-        units: tuple[tuple[str, int | None, float], ...] = (
-            ("requests", budget.rpm, requests),
-            ("tokens", budget.tpm, tokens),
-        )
-        for unit, limit, amount in units:
-            if limit is None or amount <= 0:
-                continue
-            pacer = self._pacer(name, unit, limit, now)
+        for pacer, amount in booked:
             start = max(start, pacer.reserve(amount, now))
-            booked.append((pacer, amount))
         if start - now > max_wait_s:
             for pacer, amount in booked:
                 pacer.unreserve(amount)
             raise WaitTooLong(start - now)
         return start
+
+    def book(self, name: str, budget: Budget, ask: BookingAsk, now: float) -> Decision:
+        """Book ``ask`` on ``name``: at once, into the fair queue (shared budgets), or refused."""
+        if ask.share is None:
+            max_wait_s = ask.max_wait_s
+            if budget.rpm is not None:
+                # The bounded queue of a key's own budget: at most max_queued_per_tenant calls waiting.
+                max_wait_s = min(max_wait_s, self.max_queued_per_tenant * 60.0 / budget.rpm)
+            try:
+                return Granted(self.reserve(name, budget, ask.requests, ask.tokens, now, max_wait_s))
+            except WaitTooLong as exc:
+                return Refused(exc.wait_s)
+        self.budgets[name] = budget
+        queue = self.queues.get(name)
+        if queue is None:
+            queue = self.queues[name] = FairQueue(self.max_queued_per_tenant, self.background_share)
+        share = ask.share
+        if not queue and self.wait_time(name, budget, ask.requests, ask.tokens, now) <= self.grant_ahead_s:
+            return Granted(self.reserve(name, budget, ask.requests, ask.tokens, now, float("inf")))
+        expected = self._expected_wait(name, queue, share.tenant, share.weight, now)
+        if expected > ask.max_wait_s or queue.full(share.tenant):
+            return Refused(expected)
+        self.tickets += 1
+        waiter = Waiter(self.tickets, share.tenant, share.background, ask.requests, ask.tokens, now + ask.max_wait_s)
+        queue.push(waiter, share.weight)
+        heapq.heappush(self.deadlines.setdefault(name, []), (waiter.deadline, waiter.ticket, waiter))
+        return Queued(waiter)
+
+    def _expected_wait(self, name: str, queue: FairQueue, tenant: str, weight: float | None, now: float) -> float:
+        """When the tenant's next call would start: the slots ahead of it at its fair share."""
+        budget = self.budgets[name]
+        slot_s = 0.0
+        if budget.rpm is not None:
+            slot_s = 60.0 / budget.rpm
+        position = queue.queued(tenant) + 1
+        base = max(self.wait_time(name, budget, 1, 0, now), 0.0)
+        return base + position * slot_s / queue.share(tenant, weight)
+
+    def dispatch(self, name: str, now: float) -> tuple[list[tuple[Waiter, float]], list[tuple[Waiter, float]]]:
+        """Grant the queued calls whose turn has come (``(waiter, start)``) and refuse those whose
+        deadline passed (``(waiter, retry_after)``)."""
+        queue = self.queues.get(name)
+        if queue is None:
+            return [], []
+        refused: list[tuple[Waiter, float]] = []
+        deadlines = self.deadlines.get(name, [])
+        while deadlines and deadlines[0][0] <= now:
+            _, _, late = heapq.heappop(deadlines)
+            if queue.remove(late):
+                weight = queue.weight(late.tenant)
+                refused.append((late, self._expected_wait(name, queue, late.tenant, weight, now)))
+        granted: list[tuple[Waiter, float]] = []
+        budget = self.budgets[name]
+        while (waiter := queue.peek()) is not None:
+            if self.wait_time(name, budget, waiter.requests, waiter.tokens, now) > self.grant_ahead_s:
+                break
+            queue.pop()
+            granted.append((waiter, self.reserve(name, budget, waiter.requests, waiter.tokens, now, float("inf"))))
+        if not queue:
+            self.deadlines.pop(name, None)  # every entry left is stale
+        return granted, refused
+
+    def next_wake(self, name: str, now: float) -> float | None:
+        """When ``dispatch`` has something to do next for ``name`` (None: nothing waits)."""
+        queue = self.queues.get(name)
+        waiter = queue.peek() if queue is not None else None
+        if waiter is None:
+            return None
+        wait = self.wait_time(name, self.budgets[name], waiter.requests, waiter.tokens, now)
+        wake = now + max(0.0, wait - self.grant_ahead_s)
+        deadlines = self.deadlines.get(name)
+        if deadlines:
+            wake = min(wake, deadlines[0][0])
+        return wake
+
+    def cancel(self, name: str, waiter: Waiter) -> None:
+        """The caller of a queued call is gone: free its place."""
+        queue = self.queues.get(name)
+        if queue is not None:
+            queue.remove(waiter)
 
     def settle(self, name: str, token_delta: int, now: float) -> None:
         pacer = self.pacers.get((name, "tokens"))

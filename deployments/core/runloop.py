@@ -64,10 +64,16 @@ class RunQueue(Protocol):
 
 class Executor(Protocol):
     async def execute(
-        self, name: str, task_input: dict[str, Any], payer: str | None = None, wait: bool = False
+        self,
+        name: str,
+        task_input: dict[str, Any],
+        payer: str | None = None,
+        wait: bool = False,
+        background: bool = False,
     ) -> dict[str, Any]:
         """Run the task once, billed to the key ``payer``; ``wait``: the payer's limits may delay
-        the model calls instead of refusing them (nobody waits on a queued run)."""
+        the model calls instead of refusing them (nobody waits on a queued run); ``background``:
+        behind the payer's interactive calls in a limited model's fair queue."""
         ...
 
 
@@ -211,7 +217,7 @@ class RunLoop:
 
     async def _execute(self, run: RunRecord, token: str) -> None:
         keeper = LeaseKeeper(self.queue, run.id, token, self.lease_s / 3, self.clock)
-        work = asyncio.create_task(self.executor.execute(run.task, run.input, run.owner, True))
+        work = asyncio.create_task(self.executor.execute(run.task, run.input, run.owner, True, True))
         renewer = asyncio.create_task(keeper.keep(work))
         try:
             await self._settle(run, token, work)

@@ -34,7 +34,9 @@ def build_admin_router(store: DeploymentHandle, auth: Authenticator, meter: Mete
     @router.post("/admin/keys", status_code=201, response_model=KeyCreated)
     async def create_key(body: KeyCreate, caller: Annotated[Caller, Depends(get_caller)]) -> KeyCreated:
         require_admin(caller, enabled)
-        key, plain = unwrap(await store.create_key.remote(body.name, body.rpm, body.tpm, body.token_budget))
+        key, plain = unwrap(
+            await store.create_key.remote(body.name, body.rpm, body.tpm, body.token_budget, body.weight)
+        )
         auth.keys_changed()
         return KeyCreated(**dataclasses.asdict(key), key=plain)
 

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from deployments.errors import ModelNotFound, PromptfleetError
 from deployments.gateway.caller import Caller, get_caller
+from deployments.gateway.deadline import client_timeout
 from deployments.model_calls import ModelCalls
 from deployments.schemas import ChatCompletionRequest, ModelCard, ModelList
 
@@ -60,14 +61,17 @@ class ChatRoutes:
 
         @router.post("/chat/completions", response_model=None)
         async def chat_completions(
-            request: ChatCompletionRequest, caller: Annotated[Caller, Depends(get_caller)]
+            request: ChatCompletionRequest,
+            caller: Annotated[Caller, Depends(get_caller)],
+            client_timeout_s: Annotated[float | None, Depends(client_timeout)],
         ) -> Response:
+            wait_s = self.calls.wait_s(request.model, client_timeout_s)
             if request.stream:
-                chunks = await self.calls.stream(request, caller.entry)
+                chunks = await self.calls.stream(request, caller.entry, wait_s=wait_s)
                 return StreamingResponse(
                     events(chunks), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
                 )
-            return JSONResponse(await self.calls.complete(request, caller.entry))
+            return JSONResponse(await self.calls.complete(request, caller.entry, wait_s=wait_s))
 
         return router
 

@@ -125,7 +125,7 @@ class Gateway:
         if args.auth.enabled and admin_key is None:
             logger.warning("auth is enabled but $%s is not set: no admin key", args.auth.admin_key_env)
         self.auth = Authenticator(args.auth, store, admin_key)
-        self.meter = Meter(store, limiter)
+        self.meter = Meter(store, limiter, args.admission)
         self.health = HealthCheck(
             store=store.check_health.remote,
             models={name: handle.check_health.remote for name, handle in workers.items()},

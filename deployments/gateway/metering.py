@@ -6,11 +6,15 @@ driver processes (billed to the batch's key). It reaches the shared state only t
 so it works the same in any process:
 
 - a key's ``rpm``/``tpm`` are budgets on the shared RateLimiter (``key:<id>``), so they hold
-  across every Gateway, runner and batch driver. ``admit`` books one request and the call's
-  bounded token estimate; with ``wait_s`` 0 (a client waiting on HTTP) over the limit answers
-  429 at once, otherwise (async runs, batch lines) the call waits up to ``wait_s`` for its slot;
+  across every Gateway, runner and batch driver. A key may send its burst at once
+  (``admission.key_burst_s`` seconds' worth of its rate, at least ``admission.key_min_burst``
+  requests); beyond it calls are paced: ``admit`` waits for the call's slot if it starts within
+  ``wait_s`` (an HTTP client's own timeout, ``gateway.deadline``, or the model's
+  ``admission_wait_s``; a queued run's task timeout), and only a call whose slot is further away
+  gets 429, with Retry-After = when that slot would be free;
+- ``share`` names the payer for the fair share of a limited model's budget (booked by the worker);
 - a key's ``token_budget`` is checked against the tokens recorded for it: the key record as
-  this process last fetched it (the Gateway's ``Authenticator`` cache, or ``account`` here,
+  this process last fetched it (the Gateway's ``Authenticator`` index, or ``account`` here,
   which asks the TaskStore at most every ``KEY_TTL_S``) plus what this process recorded since;
 - after the call, ``record`` adds a usage row (accumulated here, written to the TaskStore about
   once a second) and settles the tpm booking with the real count; a call that was refused,
@@ -29,28 +33,42 @@ from collections import defaultdict
 
 from ray.serve.handle import DeploymentHandle
 
-from deployments.core.booking import BudgetClient
-from deployments.core.limits import Budget
+from deployments.config import DEFAULT_ADMISSION_WAIT_S, AdmissionConfig
+from deployments.core.booking import BudgetClient, answered_at_once
 from deployments.core.replies import unwrap
 from deployments.errors import AuthenticationFailed, PermissionDenied, RateLimited
 from deployments.gateway.caller import KeyEntry
-from deployments.schemas import Usage
+from deployments.gateway.deadline import admission_wait
+from deployments.schemas import Budget, Share, Usage
+from deployments.store.keys import ApiKey
 from deployments.store.records import UsageRecord
 
 logger = logging.getLogger("ray.serve")
 
 FLUSH_INTERVAL_S = 1.0
 KEY_TTL_S = 5.0  # how long ``account`` trusts a key record fetched from the TaskStore
+MAX_CACHED = 10_000  # per-key budgets and shares kept ready (a plain cache: cleared when full)
 
 
 class Meter:
-    def __init__(self, store: DeploymentHandle, limiter: DeploymentHandle, key_ttl_s: float = KEY_TTL_S) -> None:
+    def __init__(
+        self,
+        store: DeploymentHandle,
+        limiter: DeploymentHandle,
+        admission: AdmissionConfig | None = None,
+        key_ttl_s: float = KEY_TTL_S,
+    ) -> None:
         self.store = store
-        self.budgets = BudgetClient(limiter.reserve.remote)
+        self.admission = admission or AdmissionConfig()
+        # A key's own budget never queues (one tenant): its bookings are answered at once, so a plain
+        # call does (cheaper than the stream a shared model budget needs).
+        self.budgets = BudgetClient(answered_at_once(limiter.reserve_now.remote))
         self.key_ttl_s = key_ttl_s
         self.accounts: dict[str, KeyEntry] = {}
         self.pending: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
         self.flusher: asyncio.Task[None] | None = None
+        self.key_budgets: dict[tuple[str, int | None, int | None], Budget] = {}
+        self.shares: dict[tuple[str, float, bool], Share] = {}
 
     async def account(self, key_id: str | None) -> KeyEntry | None:
         """The key ``key_id`` as the payer of calls made outside an HTTP request (task runs, batch
@@ -68,6 +86,34 @@ class Meter:
             entry = KeyEntry(key=key, fetched_at=now, tokens_since_fetch=unwritten)
             self.accounts[key_id] = entry
         return entry
+
+    def wait_s(self, client_timeout_s: float | None, default_wait_s: float = DEFAULT_ADMISSION_WAIT_S) -> float:
+        """How long an HTTP request may wait for its slot (``gateway.deadline``)."""
+        return admission_wait(client_timeout_s, default_wait_s, self.admission.max_wait_s)
+
+    def share(self, entry: KeyEntry | None, background: bool = False) -> Share | None:
+        """The payer's place in a model's fair queue (None: unmetered)."""
+        if entry is None:
+            return None
+        key = (entry.key.id, entry.key.weight, background)
+        share = self.shares.get(key)
+        if share is None:
+            if len(self.shares) >= MAX_CACHED:
+                self.shares.clear()
+            share = self.shares[key] = Share(tenant=entry.key.id, weight=entry.key.weight, background=background)
+        return share
+
+    def _budget(self, key: ApiKey) -> Budget:
+        cache_key = (key.id, key.rpm, key.tpm)
+        budget = self.key_budgets.get(cache_key)
+        if budget is None:
+            if len(self.key_budgets) >= MAX_CACHED:
+                self.key_budgets.clear()
+            rpm_burst, tpm_burst = self.admission.key_bursts(key.rpm, key.tpm)
+            budget = self.key_budgets[cache_key] = Budget(
+                rpm=key.rpm, tpm=key.tpm, rpm_burst=rpm_burst, tpm_burst=tpm_burst
+            )
+        return budget
 
     @staticmethod
     def check_budget(entry: KeyEntry | None) -> None:
@@ -95,7 +141,7 @@ class Meter:
         booked = tokens if key.tpm else 0
         try:
             retry_after = await self.budgets.acquire(
-                f"key:{key.id}", Budget(rpm=key.rpm, tpm=key.tpm), 1, booked, time.monotonic() + wait_s
+                f"key:{key.id}", self._budget(key), 1, booked, time.monotonic() + wait_s
             )
         except asyncio.CancelledError:
             # Cancelled while waiting for the slot: the booking may already stand. Give it back (if it
@@ -103,7 +149,11 @@ class Meter:
             self.refund(entry, booked)
             raise
         if retry_after is not None:
-            raise RateLimited("This API key is over its rate limit.", retry_after=retry_after)
+            raise RateLimited(
+                f"This API key is over its rate limit; its next slot is {retry_after:.1f}s away, past this "
+                "request's deadline.",
+                retry_after=retry_after,
+            )
         return booked
 
     def record(self, entry: KeyEntry | None, model: str, usage: Usage, booked: int = 0) -> None:
@@ -117,7 +167,7 @@ class Meter:
         row[2] += usage.completion_tokens
         entry.tokens_since_fetch += usage.prompt_tokens + usage.completion_tokens
         if booked:
-            self.budgets.settle(f"key:{key.id}", Budget(rpm=key.rpm, tpm=key.tpm), usage.total_tokens - booked)
+            self.budgets.settle(f"key:{key.id}", self._budget(key), usage.total_tokens - booked)
         if self.flusher is None or self.flusher.done():
             self.flusher = asyncio.get_running_loop().create_task(self._flush_soon())
 
@@ -125,7 +175,7 @@ class Meter:
         """Give back the tpm booking of a call that produced nothing (refused, failed, cancelled)."""
         if entry is not None and booked:
             key = entry.key
-            self.budgets.settle(f"key:{key.id}", Budget(rpm=key.rpm, tpm=key.tpm), -booked)
+            self.budgets.settle(f"key:{key.id}", self._budget(key), -booked)
 
     async def _flush_soon(self) -> None:
         await asyncio.sleep(FLUSH_INTERVAL_S)

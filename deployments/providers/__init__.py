@@ -18,13 +18,15 @@ from urllib.parse import urlsplit
 from ray.serve.handle import DeploymentHandle
 
 from deployments.config import LlamaCppModel, ModelConfig, embedded_model_path
-from deployments.schemas import StreamEnd
+from deployments.schemas import Share, StreamEnd
 
 
 class Provider(Protocol):
-    async def chat(self, body: dict[str, Any]) -> dict[str, Any]: ...
+    """``share``: whose call it is, for the fair share of a limited model's budget (None: anonymous)."""
 
-    def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any] | StreamEnd]: ...
+    async def chat(self, body: dict[str, Any], share: Share | None = None) -> dict[str, Any]: ...
+
+    def stream(self, body: dict[str, Any], share: Share | None = None) -> AsyncIterator[dict[str, Any] | StreamEnd]: ...
 
     async def close(self) -> None: ...
 

@@ -4,7 +4,9 @@ Before each upstream call: the replica's circuit breaker (fail fast while the
 upstream is failing), the model-wide pause (an upstream 429 with Retry-After,
 shared by every replica through the RateLimiter), and, if the model has
 ``rpm``/``tpm`` limits, a booking on the shared budget (coalesced with the
-replica's other bookings by ``BudgetClient``). After the call: the
+replica's other bookings by ``BudgetClient``). The booking carries the call's
+``Share`` (its key, weight and priority), so when calls of several keys wait
+for the model the RateLimiter hands out slots by fair share, not arrival. After the call: the
 breaker learns the outcome and the token estimate is settled with real usage.
 
 The pause is known locally: a background long-poll (``watch_pause``) keeps it
@@ -28,10 +30,12 @@ from ray.serve.handle import DeploymentHandle
 from deployments.core.booking import BudgetClient
 from deployments.core.limits import Budget, CircuitBreaker
 from deployments.errors import CircuitOpen, ModelRateLimited
+from deployments.schemas import Share
 
 logger = logging.getLogger("ray.serve")
 
 DEFAULT_MAX_PAUSE_S = 60.0
+ANONYMOUS_SHARE = Share(tenant="anonymous")
 
 
 class UpstreamGuard:
@@ -49,7 +53,9 @@ class UpstreamGuard:
         self.budget_name = f"model:{name}"
         self.budget = budget if budget and (budget.rpm or budget.tpm) else None
         self.limiter = limiter
-        self.budgets = BudgetClient(limiter.reserve.remote) if limiter is not None and self.budget else None
+        self.budgets = (
+            BudgetClient(limiter.options(stream=True).reserve.remote) if limiter is not None and self.budget else None
+        )
         self.breaker = breaker or CircuitBreaker()
         self.paused_until = 0.0  # monotonic
         self.watcher: asyncio.Task[None] | None = None
@@ -79,8 +85,9 @@ class UpstreamGuard:
             except Exception:
                 await asyncio.sleep(1.0)  # limiter restarting
 
-    async def admit(self, tokens: int, deadline: float) -> None:
-        """Return when the call may go; raise CircuitOpen / ModelRateLimited / Overloaded otherwise."""
+    async def admit(self, tokens: int, deadline: float, share: Share | None = None) -> None:
+        """Return when the call may go; raise CircuitOpen / ModelRateLimited / Overloaded otherwise.
+        ``share``: whose call it is, for the fair queue of the model's budget (None: anonymous)."""
         if self.watcher is None:
             self.start()  # lazily: constructors of replicas may run outside the event loop
         wait = self.breaker.allow()
@@ -92,7 +99,9 @@ class UpstreamGuard:
         if self.budget is None or self.budgets is None:
             return
         tokens = tokens if self.budget.tpm else 0
-        retry_after = await self.budgets.acquire(self.budget_name, self.budget, 1, tokens, deadline)
+        retry_after = await self.budgets.acquire(
+            self.budget_name, self.budget, 1, tokens, deadline, share or ANONYMOUS_SHARE
+        )
         if retry_after is not None:
             raise ModelRateLimited(
                 f"Model '{self.name}' is at its configured rate limit.", retry_after=retry_after

@@ -25,7 +25,7 @@ from typing import Any
 
 from deployments.config import LlamaCppModel
 from deployments.errors import InvalidRequest, PromptfleetError
-from deployments.schemas import StreamEnd, Usage
+from deployments.schemas import Share, StreamEnd, Usage
 
 logger = logging.getLogger("ray.serve")
 
@@ -106,14 +106,17 @@ class LlamaCppProvider:
             ) from None
         return result
 
-    async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def chat(self, body: dict[str, Any], share: Share | None = None) -> dict[str, Any]:
+        # ``share`` is for shared upstream budgets; a local model has none.
         kwargs = self._kwargs(body)
         loop = asyncio.get_running_loop()
         result = await loop.run_in_executor(self.executor, self._generate, kwargs)
         result["model"] = self.config.name
         return result
 
-    async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any] | StreamEnd]:
+    async def stream(
+        self, body: dict[str, Any], share: Share | None = None
+    ) -> AsyncIterator[dict[str, Any] | StreamEnd]:
         kwargs = {**self._kwargs(body), "stream": True}
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         loop = asyncio.get_running_loop()

@@ -43,7 +43,7 @@ from deployments.errors import (
     UpstreamTimeout,
 )
 from deployments.providers.admission import UpstreamGuard
-from deployments.schemas import StreamEnd, Usage
+from deployments.schemas import Share, StreamEnd, Usage
 
 # openai >= 3 runs on httpx2 (the successor of httpx, same API): clients, timeouts and the
 # transport errors we translate all come from it.
@@ -124,7 +124,7 @@ class OpenAIProvider:
             http_client=http_client or DefaultAioHttpClient(limits=limits),
         )
 
-    async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def chat(self, body: dict[str, Any], share: Share | None = None) -> dict[str, Any]:
         payload = {**body, "model": self.upstream_model, "stream": False}
 
         async def attempt(remaining_s: float) -> dict[str, Any]:
@@ -139,7 +139,7 @@ class OpenAIProvider:
             return result
 
         tokens = self.estimate(body)
-        result = await self._call_with_retries(attempt, tokens)
+        result = await self._call_with_retries(attempt, tokens, share)
         usage = Usage.of(result.get("usage"))
         self.guard.settle(tokens, usage.total_tokens if usage is not None else tokens)
         result["model"] = self.config.name
@@ -150,7 +150,9 @@ class OpenAIProvider:
         requested = body.get("max_completion_tokens") or body.get("max_tokens")
         return prompt_tokens(body.get("messages", ())) + completion_budget(requested, self.config.output_limit)
 
-    async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any] | StreamEnd]:
+    async def stream(
+        self, body: dict[str, Any], share: Share | None = None
+    ) -> AsyncIterator[dict[str, Any] | StreamEnd]:
         client_wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         payload = {
             **body,
@@ -171,7 +173,7 @@ class OpenAIProvider:
 
         # Retries cover opening the stream only: once a chunk went out, a retry would duplicate text.
         tokens = self.estimate(body)
-        upstream = await self._call_with_retries(open_stream, tokens)
+        upstream = await self._call_with_retries(open_stream, tokens, share)
         usage: Usage | None = None
         counter = StreamCounter()
         try:
@@ -201,12 +203,14 @@ class OpenAIProvider:
     def _timeout(self, remaining: float) -> httpx2.Timeout:
         return httpx2.Timeout(max(remaining, 0.001), connect=min(self.config.connect_timeout_s, remaining))
 
-    async def _call_with_retries(self, call: Callable[[float], Awaitable[T]], tokens: int) -> T:
+    async def _call_with_retries(
+        self, call: Callable[[float], Awaitable[T]], tokens: int, share: Share | None = None
+    ) -> T:
         deadline = time.monotonic() + self.config.timeout_s
         attempt = 0
         while True:
             attempt += 1
-            await self.guard.admit(tokens, deadline)
+            await self.guard.admit(tokens, deadline, share)
             remaining = deadline - time.monotonic()
             try:
                 # asyncio.timeout backs up httpx's per-phase timeouts with a hard total deadline.

@@ -7,6 +7,10 @@ slow KDF would only cost latency. The plain key is returned once, by
 ``hmac.compare_digest`` so the comparison itself leaks no timing.
 
 Usage is kept per key, per model, per UTC day: requests and tokens.
+
+A key's ``weight`` is its share of a model budget when keys wait for it
+together (``core.fairshare``). Databases made before it existed get the column
+(default 1) when a store opens them: ``ADD COLUMN`` on both engines.
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ def schema(d: Dialect) -> list[str]:
             revoked_at    DOUBLE PRECISION,
             rpm           BIGINT,
             tpm           BIGINT,
-            token_budget  BIGINT
+            token_budget  BIGINT,
+            weight        DOUBLE PRECISION NOT NULL DEFAULT 1
         )""",
         f"""CREATE TABLE IF NOT EXISTS usage (
             key_id             {d.text} NOT NULL,
@@ -63,7 +68,7 @@ def schema(d: Dialect) -> list[str]:
 
 # SUM of a BIGINT is NUMERIC in PostgreSQL: ApiKey takes int() of it.
 _SELECT_KEY = (
-    "SELECT id, name, key_hash, hint, created_at, revoked_at, rpm, tpm, token_budget,"
+    "SELECT id, name, key_hash, hint, created_at, revoked_at, rpm, tpm, token_budget, weight,"
     " COALESCE((SELECT SUM(u.total_tokens) FROM usage u WHERE u.key_id = k.id), 0) AS tokens_used"
     " FROM api_keys k"
 )
@@ -95,6 +100,7 @@ class ApiKey:
     rpm: int | None
     tpm: int | None
     token_budget: int | None
+    weight: float = 1.0
     tokens_used: int = 0
 
     @property
@@ -109,7 +115,7 @@ def hash_key(plain: str) -> str:
 def _api_key(row: Row) -> ApiKey:
     fields = {name: row[name] for name in ("id", "name", "hint", "created_at", "revoked_at", "rpm", "tpm",
                                             "token_budget")}
-    return ApiKey(**fields, tokens_used=int(row["tokens_used"]))
+    return ApiKey(**fields, weight=float(row["weight"]), tokens_used=int(row["tokens_used"]))
 
 
 def _key_not_found(key_id: str) -> NotFound:
@@ -125,6 +131,11 @@ class KeyStore(DatabaseBacked):
 
     def _check_schema(self, tx: Tx) -> None:
         tx.run("INSERT INTO key_version (id, version) VALUES (1, 0) ON CONFLICT (id) DO NOTHING")
+        # Migration: `weight` came after the first release of the table.
+        if self._db.dialect.name == "postgresql":
+            tx.run("ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS weight DOUBLE PRECISION NOT NULL DEFAULT 1")
+        elif not any(row["name"] == "weight" for row in tx.rows("PRAGMA table_info(api_keys)")):
+            tx.run("ALTER TABLE api_keys ADD COLUMN weight DOUBLE PRECISION NOT NULL DEFAULT 1")
 
     @staticmethod
     def _bump(tx: Tx) -> None:
@@ -132,7 +143,7 @@ class KeyStore(DatabaseBacked):
 
     def create(
         self, name: str, *, rpm: int | None = None, tpm: int | None = None, token_budget: int | None = None,
-        now: float | None = None,
+        weight: float = 1.0, now: float | None = None,
     ) -> tuple[ApiKey, str]:
         """A new key; returns the record and the plain key (shown once, never stored)."""
         check_text(name, "name")
@@ -140,10 +151,10 @@ class KeyStore(DatabaseBacked):
         key_id = "key_" + secrets.token_hex(8)
         with self._db.transaction() as tx:
             tx.run(
-                "INSERT INTO api_keys (id, name, key_hash, hint, created_at, rpm, tpm, token_budget)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO api_keys (id, name, key_hash, hint, created_at, rpm, tpm, token_budget, weight)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 key_id, name, hash_key(plain), plain[-4:], time.time() if now is None else now, rpm, tpm,
-                token_budget,
+                token_budget, weight,
             )
             self._bump(tx)
             row = tx.one(f"{_SELECT_KEY} WHERE k.id = ?", key_id)
@@ -201,7 +212,7 @@ class KeyStore(DatabaseBacked):
             keys = None
             if version != known_version:
                 rows = tx.rows(
-                    "SELECT id, name, key_hash, hint, created_at, revoked_at, rpm, tpm, token_budget,"
+                    "SELECT id, name, key_hash, hint, created_at, revoked_at, rpm, tpm, token_budget, weight,"
                     " 0 AS tokens_used FROM api_keys WHERE revoked_at IS NULL"
                 )
                 keys = {r["key_hash"]: _api_key(r) for r in rows}

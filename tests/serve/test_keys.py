@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from typing import Any
 
 import httpx
@@ -76,20 +77,46 @@ def test_only_admin_manages_keys(app: ServeApp) -> None:
 
 
 def test_per_key_rpm_is_enforced(app: ServeApp) -> None:
+    """rpm 3: at most the burst (3) goes at once; the next slot is up to 20 s away, past a 2 s
+    deadline: 429, with the wait to that slot as Retry-After. (Fewer than 3 — none in the first 20 s
+    — go at once while the limiter itself is less than a minute old: the restart rule counts every
+    budget as empty at the limiter's start. That the burst flows on a fresh key is
+    tests/serve/test_admission.py's.)"""
     key = new_key(app, rpm=3)["key"]
     statuses = []
+    refused: list[tuple[float, float, float]] = []  # (sent, answered, retry_after)
     for _ in range(8):
+        sent = time.monotonic()
         response = httpx.post(
             f"{app.auth_base_url}/chat/completions",
             json={"model": "fake", "messages": HELLO},
-            headers={"Authorization": f"Bearer {key}"},
+            headers={"Authorization": f"Bearer {key}", "X-Request-Timeout": "2"},
             timeout=30,
         )
         statuses.append(response.status_code)
         if response.status_code == 429:
-            assert int(response.headers["retry-after"]) >= 1
+            retry_after = int(response.headers["retry-after-ms"]) / 1000
+            refused.append((sent, time.monotonic(), retry_after))
+            assert 2 < retry_after <= 20.5 and int(response.headers["retry-after"]) >= retry_after
             assert response.json()["error"]["type"] == "rate_limit_error"
-    assert statuses.count(200) <= 3 and 429 in statuses
+    served = statuses.count(200)
+    assert served <= 3 and statuses == [200] * served + [429] * (8 - served)
+    # The true wait, not a constant: every refusal points at the same next slot.
+    slot = [(sent + answered) / 2 + retry_after for sent, answered, retry_after in refused]
+    slack = max(answered - sent for sent, answered, _ in refused) + 0.5
+    assert max(slot) - min(slot) <= slack, refused
+
+
+def test_a_bad_deadline_header_is_a_400_naming_it(app: ServeApp) -> None:
+    key = new_key(app, rpm=3)["key"]
+    response = httpx.post(
+        f"{app.auth_base_url}/chat/completions",
+        json={"model": "fake", "messages": HELLO},
+        headers={"Authorization": f"Bearer {key}", "X-Request-Timeout": "soon"},
+        timeout=30,
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["param"] == "x-request-timeout"
 
 
 def test_exhausted_budget_is_403_and_usage_is_recorded(app: ServeApp) -> None:

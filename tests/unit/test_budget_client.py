@@ -8,31 +8,34 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
-from deployments.core.booking import RETRY_INTERVAL_S, BudgetClient
+from deployments.core.booking import RETRY_INTERVAL_S, BudgetClient, answered_at_once
 from deployments.core.limits import Budget, window_capacity
 from deployments.errors import Overloaded
 from deployments.rate_limiter import RateLimiter
+from deployments.schemas import BookingAnswer, BookingAsk, ReserveRequest, Share
 
 
 class CountingLimiter:
     """The real limiter, counting calls and able to be 'down' for a while."""
 
-    def __init__(self, down_for_calls: int = 0) -> None:
+    def __init__(self, down_for_calls: int = 0, started_at: float | None = None) -> None:
         self.limiter = RateLimiter()
+        if started_at is not None:
+            self.limiter.core.started_at = started_at
         self.calls: list[tuple[int, int]] = []  # (number of bookings, token delta) per call
         self.down_for_calls = down_for_calls
 
-    async def reserve(
-        self, name: str, budget: Budget, asks: list[tuple[int, int, float]], token_delta: int
-    ) -> list[tuple[bool, float]]:
-        self.calls.append((len(asks), token_delta))
+    async def reserve(self, request: ReserveRequest) -> AsyncIterator[list[BookingAnswer]]:
+        self.calls.append((len(request.asks), request.token_delta))
         if len(self.calls) <= self.down_for_calls:
             raise ConnectionError("limiter replica is restarting")
-        return await self.limiter.reserve(name, budget, asks, token_delta)
+        async for answers in self.limiter.reserve(request):
+            yield answers
 
 
 def max_in_window(times: list[float], window: float) -> int:
@@ -158,3 +161,123 @@ def test_a_cancelled_caller_does_not_stall_the_others() -> None:
         assert await asyncio.wait_for(client.acquire("model:m", budget, 1, 0, deadline), 5) is None
 
     asyncio.run(main())
+
+
+def test_queued_bookings_of_two_tenants_alternate_through_the_real_limiter() -> None:
+    """A floods with 30 bookings, B has 2 at a time: B still gets about every other slot (fair queue
+    in the limiter, answers streamed back as each turn comes), not the slots after A's 30."""
+    limiter = CountingLimiter()
+    client = BudgetClient(limiter.reserve)
+    budget = Budget(rpm=600)  # 10/s: 100 ms for a B client to book again, even on a busy machine
+    a, b = Share(tenant="A"), Share(tenant="B")
+
+    async def main() -> list[str]:
+        order: list[str] = []
+
+        async def one(share: Share) -> None:
+            assert await client.acquire("model:m", budget, 1, 0, time.monotonic() + 60, share) is None
+            order.append(share.tenant)
+
+        async def b_client() -> None:
+            for _ in range(6):
+                await one(b)
+
+        flood = [asyncio.ensure_future(one(a)) for _ in range(30)]
+        await asyncio.sleep(0.05)  # A's flood is queued first
+        await asyncio.gather(b_client(), b_client())
+        await asyncio.gather(*flood)
+        return order
+
+    order = asyncio.run(main())
+    before_b_done = order[: max(i for i, tenant in enumerate(order) if tenant == "B") + 1]
+    # B's 12 went out alternating with A, not behind A's 30: at most as many A as B in that span, plus
+    # A's head start (the slot granted before B came) and one per B client of slack.
+    assert before_b_done.count("A") <= before_b_done.count("B") + 3, order
+
+
+def test_a_stream_broken_while_queued_books_again() -> None:
+    """The limiter dies while bookings wait in its fair queue: they are booked again on the next
+    call (its successor), within their deadline, and none is lost or granted twice."""
+
+    class DyingLimiter(CountingLimiter):
+        async def reserve(self, request: ReserveRequest) -> AsyncIterator[list[BookingAnswer]]:
+            self.calls.append((len(request.asks), request.token_delta))
+            stream = self.limiter.reserve(request)
+            yield await anext(stream)
+            if len(self.calls) == 1:
+                await stream.aclose()  # frees the queued places, like a dead replica's
+                self.limiter = RateLimiter()  # the successor: a fresh replica
+                raise ConnectionError("replica died")
+            async for answers in stream:
+                yield answers
+
+    limiter = DyingLimiter()
+    client = BudgetClient(limiter.reserve)
+    budget = Budget(rpm=600)  # 10/s; the first one at once, the rest queued
+
+    async def main() -> list[float | None]:
+        deadline = time.monotonic() + 20
+        return list(await asyncio.gather(*(
+            client.acquire("model:m", budget, 1, 0, deadline, Share(tenant="A")) for _ in range(5)
+        )))
+
+    assert asyncio.run(main()) == [None] * 5
+    assert [n for n, _ in limiter.calls][:2] == [5, 4]  # the 4 queued ones were sent again
+
+
+def test_a_fresh_keys_burst_starts_at_once_and_the_rest_is_paced() -> None:
+    limiter = CountingLimiter(started_at=time.monotonic() - 3600)  # up for an hour: the key is fresh
+    client = BudgetClient(limiter.reserve)
+    budget = Budget(rpm=600, rpm_burst=10)
+
+    async def main() -> list[float]:
+        begun = time.monotonic()
+        results = await start_times(client, budget, 20)
+        return [t - begun for t in results]
+
+    waits = sorted(asyncio.run(main()))
+    assert waits[9] < 0.1  # the burst: no pacing
+    assert waits[19] == pytest.approx(1.0, abs=0.15)  # then 10/s
+
+
+def test_closing_the_client_answers_its_queued_bookings() -> None:
+    limiter = CountingLimiter()
+    client = BudgetClient(limiter.reserve)
+    budget = Budget(rpm=60)  # 1/s: the second booking waits in the fair queue
+
+    async def main() -> None:
+        deadline = time.monotonic() + 30
+        first = asyncio.ensure_future(client.acquire("model:m", budget, 1, 0, deadline, Share(tenant="A")))
+        queued = asyncio.ensure_future(client.acquire("model:m", budget, 1, 0, deadline, Share(tenant="A")))
+        await asyncio.sleep(0.2)
+        assert not queued.done()
+        await client.close()
+        with pytest.raises(Overloaded):
+            await asyncio.wait_for(queued, 2)
+        first.cancel()
+
+    asyncio.run(main())
+    assert not limiter.limiter.core.queues["model:m"]  # the closed stream gave its place back
+
+
+def test_a_keys_bookings_go_in_one_plain_call_answered_at_once() -> None:
+    """The Gateway books a key's budget with ``reserve_now`` (no stream): paced and refused the same."""
+    limiter = RateLimiter()
+    limiter.core.started_at = time.monotonic() - 3600  # the key is fresh: its burst is available
+    client = BudgetClient(answered_at_once(limiter.reserve_now))
+    budget = Budget(rpm=60, rpm_burst=2)
+
+    async def main() -> list[float | None]:
+        now = time.monotonic()
+        return list(await asyncio.gather(*(client.acquire("key:k", budget, 1, 0, now + 1.5) for _ in range(4))))
+
+    answers = asyncio.run(main())
+    assert answers[:3] == [None] * 3  # the burst of 2, then one paced within the 1.5 s deadline
+    assert answers[3] is not None and answers[3] == pytest.approx(2.0, abs=0.2)  # the true wait
+
+
+def test_reserve_now_refuses_asks_that_could_queue() -> None:
+    request = ReserveRequest(budget="model:m", limits=Budget(rpm=60),
+                             asks=[BookingAsk(requests=1, tokens=0, max_wait_s=5, share=Share(tenant="A"))])
+    with pytest.raises(ValueError):
+        asyncio.run(RateLimiter().reserve_now(request))

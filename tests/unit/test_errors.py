@@ -53,6 +53,6 @@ def test_status_codes(cls: type[PromptfleetError], status: int) -> None:
 
 
 def test_retry_after_is_whole_seconds_rounded_up() -> None:
-    assert errors.Overloaded("x", retry_after=0.2).headers() == {"Retry-After": "1"}
-    assert errors.RateLimited("x", retry_after=2.01).headers() == {"Retry-After": "3"}
+    assert errors.Overloaded("x", retry_after=0.2).headers() == {"Retry-After": "1", "retry-after-ms": "200"}
+    assert errors.RateLimited("x", retry_after=2.01).headers() == {"Retry-After": "3", "retry-after-ms": "2010"}
     assert errors.UpstreamError("x").headers() == {}

@@ -140,3 +140,29 @@ def test_key_version_survives_reopen(location: str) -> None:
         assert keys.version() == version  # a replica that kept its index stays current
         keys.create("b")
         assert keys.version() == version + 1
+
+
+def test_weight_is_stored_and_an_old_table_gets_the_column(location: str) -> None:
+    """A database made before keys had a weight: opening it adds the column, old keys weigh 1."""
+    database = open_database(location)
+    try:
+        with database.transaction() as tx:
+            tx.run(
+                f"""CREATE TABLE api_keys (
+                    id {database.dialect.text} PRIMARY KEY, name {database.dialect.text} NOT NULL,
+                    key_hash {database.dialect.text} NOT NULL UNIQUE, hint {database.dialect.text} NOT NULL,
+                    created_at DOUBLE PRECISION NOT NULL, revoked_at DOUBLE PRECISION,
+                    rpm BIGINT, tpm BIGINT, token_budget BIGINT)"""
+            )
+            tx.run(
+                "INSERT INTO api_keys (id, name, key_hash, hint, created_at) VALUES (?, ?, ?, ?, ?)",
+                "key_00000000000000aa", "old", "0" * 64, "abcd", 1.0,
+            )
+        with KeyStore(database) as store:
+            assert store.get("key_00000000000000aa").weight == 1.0
+            created, _ = store.create("heavy", weight=2.5)
+            assert store.get(created.id).weight == 2.5
+        with KeyStore(database) as store:  # opening it again changes nothing
+            assert [k.weight for k in store.list_keys()] == [1.0, 2.5]
+    finally:
+        database.close()

@@ -18,13 +18,12 @@ from ray.serve.exceptions import BackPressureError
 
 from deployments import errors
 from deployments.config import OpenAIModel, TasksConfig
-from deployments.core.limits import Budget
 from deployments.core.replies import unwrap
 from deployments.gateway.caller import KeyEntry
 from deployments.gateway.metering import Meter
 from deployments.model_calls import ModelCalls
 from deployments.rate_limiter import RateLimiter
-from deployments.schemas import ChatCompletionRequest, StreamEnd, Usage
+from deployments.schemas import BookingAnswer, ChatCompletionRequest, ReserveRequest, StreamEnd, Usage
 from deployments.task_store import TaskStore
 from tests.fakes.workers import USAGE, FakeWorkers, Handle
 
@@ -129,7 +128,7 @@ def test_ray_failures_are_503_with_retry_after(failure: Exception) -> None:
     workers = FakeWorkers({"b": [failure]})
     with pytest.raises(errors.Overloaded) as caught:
         run(ModelCalls(MODELS, workers).complete(request("b")))
-    assert caught.value.status_code == 503 and caught.value.headers() == {"Retry-After": "1"}
+    assert caught.value.status_code == 503 and caught.value.headers()["Retry-After"] == "1"
     assert type(failure).__name__ not in caught.value.message  # nothing internal
 
 
@@ -183,13 +182,12 @@ class RecordingLimiter(RateLimiter):
         self.net: dict[str, int] = {}
         self.requests: dict[str, int] = {}
 
-    async def reserve(
-        self, name: str, budget: Budget, asks: list[tuple[int, int, float]], token_delta: int = 0
-    ) -> list[tuple[bool, float]]:
-        answers = await super().reserve(name, budget, asks, token_delta)
-        booked = sum(tokens for (_, tokens, _), (granted, _) in zip(asks, answers, strict=True) if granted)
-        self.net[name] = self.net.get(name, 0) + booked + token_delta
-        self.requests[name] = self.requests.get(name, 0) + sum(1 for granted, _ in answers if granted)
+    async def reserve_now(self, request: ReserveRequest) -> list[BookingAnswer]:
+        answers = await super().reserve_now(request)
+        granted = [request.asks[a.index] for a in answers if a.granted]
+        name = request.budget
+        self.net[name] = self.net.get(name, 0) + sum(ask.tokens for ask in granted) + request.token_delta
+        self.requests[name] = self.requests.get(name, 0) + len(granted)
         return answers
 
 

@@ -18,13 +18,13 @@ class FakeProvider:
         self.fail = fail
         self.bodies: list[dict[str, Any]] = []
 
-    async def chat(self, body: dict[str, Any]) -> dict[str, Any]:
+    async def chat(self, body: dict[str, Any], share: Any = None) -> dict[str, Any]:
         self.bodies.append(body)
         if self.fail is not None:
             raise self.fail
         return {"model": "m", "choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 1}}
 
-    async def stream(self, body: dict[str, Any]) -> AsyncIterator[dict[str, Any] | StreamEnd]:
+    async def stream(self, body: dict[str, Any], share: Any = None) -> AsyncIterator[dict[str, Any] | StreamEnd]:
         self.bodies.append(body)
         yield {"choices": [{"delta": {"content": "a"}}]}
         if self.fail is not None:
