@@ -13,6 +13,8 @@ It is a thin async shell: every database call runs on one dedicated thread (they
 block on fsync or the network, and must not block the event loop; one thread keeps
 them in order), and two kinds of waiters are woken from the loop — runners
 long-polling ``claim`` for work, and clients long-polling a run until it ends.
+Every ``tasks.retention.cleanup_interval_s`` it deletes finished runs and forgets
+Idempotency-Keys past their retention (``expire``).
 """
 
 from __future__ import annotations
@@ -25,13 +27,16 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from deployments.cleanup import start_cleanup
 from deployments.config import TasksConfig
+from deployments.core.retention import Cutoffs
 from deployments.errors import Overloaded
 from deployments.store import RunRecord, RunStore, open_database
 from deployments.store.keys import ApiKey, KeyStore
 
 logger = logging.getLogger("ray.serve")
 T = TypeVar("T")
+EXPIRE_STEP = 1000  # RunStore.expire's default limit: rows per database call
 
 
 class TaskStore:
@@ -44,6 +49,7 @@ class TaskStore:
         self.db = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskstore")
         self.work_available = asyncio.Event()
         self.finished: dict[str, asyncio.Event] = {}
+        self.cleanup = start_cleanup(config.retention.cleanup_interval_s, self.expire, "runs")
         logger.info("task store at %s", self.database.location)
 
     async def _db(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -73,7 +79,7 @@ class TaskStore:
             self.work_available.set()
         return run, created
 
-    async def get(self, run_id: str, owner: str, wait_s: float = 0.0) -> RunRecord:
+    async def get(self, run_id: str, owner: str | None, wait_s: float = 0.0) -> RunRecord:
         """The run; with ``wait_s`` > 0, block until it is terminal or ``wait_s`` passes."""
         run = await self._db(self.store.get, run_id, owner)
         deadline = time.monotonic() + wait_s
@@ -87,11 +93,11 @@ class TaskStore:
         return run
 
     async def list_runs(
-        self, owner: str, status: str | None, task: str | None, limit: int, cursor: str | None
+        self, owner: str | None, status: str | None, task: str | None, limit: int, cursor: str | None
     ) -> tuple[list[RunRecord], str | None]:
         return await self._db(self.store.list_runs, owner, status=status, task=task, limit=limit, cursor=cursor)
 
-    async def cancel(self, run_id: str, owner: str) -> RunRecord:
+    async def cancel(self, run_id: str, owner: str | None) -> RunRecord:
         run = await self._db(self.store.cancel, run_id, owner)
         if run.terminal:
             self._notify_finished(run_id)
@@ -145,6 +151,21 @@ class TaskStore:
         if released:
             self.work_available.set()
         return released
+
+    async def cancel_queued(self, owner: str) -> int:
+        """Cancel ``owner``'s queued runs (its key was revoked)."""
+        return await self._db(self.store.cancel_queued, owner)
+
+    async def expire(self, now: float | None = None) -> tuple[int, int]:
+        """Retention: delete finished runs and forget Idempotency-Keys past their periods, in
+        bounded steps so lease renewals get the database in between. Returns (deleted, forgotten)."""
+        cutoffs = Cutoffs.at(self.config.retention, time.time() if now is None else now)
+        total = (0, 0)
+        while True:
+            step = await self._db(self.store.expire, cutoffs.runs_before, cutoffs.idempotency_before)
+            total = (total[0] + step[0], total[1] + step[1])
+            if max(step) < EXPIRE_STEP:
+                return total
 
     async def check_health(self) -> None:
         await self._db(self.store.count_queued)
