@@ -152,6 +152,10 @@ def start_ray(num_cpus: int | None, dashboard_port: int) -> None:
     if num_cpus is not None:
         cmd += ["--num-cpus", str(num_cpus)]
     env = {**os.environ, **RAY_START_ENV}
+    # Ray 2.60 turns token authentication on by itself only if a token already exists; on a fresh
+    # machine its RPC ports (open on every interface) would take anyone's calls. Ask for the token
+    # (`ray start` generates one) unless the operator set the mode.
+    env.setdefault("RAY_AUTH_MODE", "token")
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
     if result.returncode != 0:
         raise StartError(f"`ray start` failed:\n{result.stdout}\n{result.stderr}")

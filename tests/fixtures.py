@@ -159,10 +159,18 @@ def auth_app(main: dict[str, Any], upstream_base_url: str, state: Path) -> dict[
         "args": {
             "gateway": {"listen_host": "127.0.0.1", "listen_port": free_port()},
             "auth": {"enabled": True, "cache_ttl_s": 1},
-            "tasks": {"definitions_dir": str(tasks_dir), "state_dir": str(state / "auth-db"), "lease_s": 3},
+            "tasks": {
+                "definitions_dir": str(tasks_dir), "state_dir": str(state / "auth-db"), "lease_s": 3,
+                # Small, so tests/security can reach every quota and fill the runners (queued runs).
+                "runner_concurrency": 4,
+                "quotas": {"max_files_per_key": 4, "max_file_bytes_per_key": 1_000_000, "max_batches_per_key": 1,
+                           "max_batches": 2},
+            },
             "models": [m for m in upstream_models(upstream_base_url) if m["name"] == "fake"],
         },
-        "deployments": [d for d in main["deployments"] if d["name"] in ("Gateway", "TaskStore", "TaskRunner")],
+        "deployments": [
+            d for d in main["deployments"] if d["name"] in ("Gateway", "TaskStore", "TaskRunner", "BatchService")
+        ],
     }
 
 
@@ -172,24 +180,52 @@ def upstream() -> Iterator[FakeUpstream]:
         yield fake
 
 
+@contextlib.contextmanager
+def free_agent_port() -> Iterator[None]:
+    """Give the dashboard agent of the cluster ``ray.init`` starts a free port.
+
+    ray.init has no option for it, and its fixed default (52365, bound on the machine's address)
+    collides with any other Ray cluster on a shared machine: the agent then fails to start and
+    every job submission (each batch is a Ray job) fails with "Agent info not found".
+    """
+    from ray._private import parameter
+
+    original = parameter.RayParams.__init__
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("dashboard_agent_listen_port", free_port())
+        original(self, *args, **kwargs)
+
+    parameter.RayParams.__init__ = init  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        parameter.RayParams.__init__ = original  # type: ignore[method-assign]
+
+
 def start_cluster(config: dict[str, Any]) -> str:
     """Start a local Ray cluster in this process, deploy ``config``, wait; return the dashboard URL."""
     import ray
 
     os.environ.update(local.RAY_START_ENV)
+    os.environ.setdefault("RAY_AUTH_MODE", "token")  # as `promptfleet start` runs Ray (cluster/local.py)
     dashboard_port = free_port()
     for attempt in range(2):
         before = descendants(os.getpid())
         try:
-            ray.init(
-                num_cpus=4,
-                include_dashboard=True,
-                dashboard_host="127.0.0.1",
-                dashboard_port=dashboard_port,
-                _node_ip_address="127.0.0.1",
-                runtime_env={"working_dir": None},
-                log_to_driver=False,
-            )
+            with free_agent_port():
+                ray.init(
+                    # Always a new cluster of our own: without this, ray.init() joins a cluster that
+                    # `ray start` left in /tmp/ray/ray_current_cluster (another user's, on a shared machine).
+                    address="local",
+                    num_cpus=4,
+                    include_dashboard=True,
+                    dashboard_host="127.0.0.1",
+                    dashboard_port=dashboard_port,
+                    _node_ip_address="127.0.0.1",
+                    runtime_env={"working_dir": None},
+                    log_to_driver=False,
+                )
             break
         except Exception as exc:
             # Ray gives a new raylet a fixed 30 s to register with the GCS (ray/_private/node.py);

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import stat
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,5 +249,46 @@ def test_the_task_store_cleanup_runs_by_itself(tmp_path: Path) -> None:
             if service.cleanup is not None:
                 service.cleanup.cancel()
             service.database.close()
+
+    asyncio.run(scenario())
+
+
+class NoJobs:
+    """The BatchService's Jobs seam, in process: no job was ever submitted."""
+
+    def submit(self, submission_id: str, entrypoint: str, metadata: dict[str, str]) -> None:
+        raise AssertionError("nothing is submitted here")
+
+    def status(self, submission_id: str) -> None:
+        return None
+
+    def stop(self, submission_id: str) -> None:
+        return None
+
+    def cluster_address(self) -> str | None:
+        return None
+
+
+def test_the_batch_service_cleanup_runs_by_itself(tmp_path: Path) -> None:
+    from deployments.batch_service import BatchService
+
+    retention = RetentionConfig(files_s=0.5, cleanup_interval_s=1)
+    config = TasksConfig(state_dir=str(tmp_path), retention=retention)
+
+    async def scenario() -> None:
+        service = BatchService(config, app_name="test", jobs=NoJobs())
+        try:
+            assert service.cleanup is not None
+            old = upload(service.store, "alice", b"{}\n", now=int(time.time()) - 10)
+            fresh = upload(service.store, "alice", b"{}\n", now=int(time.time()) + 3600)
+            for _ in range(50):  # up to 10 s
+                if old not in service.store.files:
+                    break
+                await asyncio.sleep(0.2)
+            assert old not in service.store.files, "the expired file was never cleaned up"
+            assert fresh in service.store.files
+        finally:
+            if service.cleanup is not None:
+                service.cleanup.cancel()
 
     asyncio.run(scenario())
