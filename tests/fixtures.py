@@ -17,6 +17,7 @@ import copy
 import os
 import signal
 import socket
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -208,7 +209,11 @@ def start_cluster(config: dict[str, Any]) -> str:
     import ray
 
     os.environ.update(local.RAY_START_ENV)
-    os.environ.setdefault("RAY_AUTH_MODE", "token")  # as `promptfleet start` runs Ray (cluster/local.py)
+    if "RAY_AUTH_MODE" not in os.environ:
+        # Token auth, as `promptfleet start` runs Ray (cluster/local.py). Ray turns it on for a new
+        # local cluster when a token exists, so make sure one does (setting RAY_AUTH_MODE here would
+        # come too late: this process read Ray's config when it imported ray).
+        subprocess.run([local._ray(), "get-auth-token", "--generate"], capture_output=True, check=True, timeout=120)
     dashboard_port = free_port()
     for attempt in range(2):
         before = descendants(os.getpid())

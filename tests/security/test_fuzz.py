@@ -19,7 +19,7 @@ from tests.security.tenants import ERROR_FIELDS, Tenant, new_tenant
 
 pytestmark = pytest.mark.serve
 
-EXAMPLES_PER_OPERATION = 25
+EXAMPLES_PER_OPERATION = 100
 
 
 @pytest.fixture(scope="module")

@@ -70,8 +70,9 @@ def is_loopback(ip: str) -> bool:
 
 
 # Ray's own processes, which open ports this project cannot move (Ray 2.60 binds every core
-# worker's and the GCS's and raylet's gRPC server to all interfaces, the dashboard agent to
-# 0.0.0.0 and the runtime-env agent to the machine's address, whatever --node-ip-address says).
+# worker's and the GCS's and raylet's gRPC server to all interfaces, the dashboard agent, the
+# dashboard head's and the autoscaler monitor's metrics ports to 0.0.0.0 and the runtime-env agent
+# to the machine's address, whatever --node-ip-address says).
 # Behind the cluster token when Ray runs with RAY_AUTH_MODE=token (`promptfleet start`); see
 # README "Ports". Anything else listening off loopback fails the test.
 RAY_PROCESSES = (
@@ -83,6 +84,8 @@ RAY_PROCESSES = (
     "ray::ProxyActor",
     "ray::ServeReplica:",
     "ray-dashboard-",
+    "ray/dashboard/dashboard.py",
+    "ray/autoscaler/_private/monitor.py",
 )
 
 
