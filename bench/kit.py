@@ -102,7 +102,8 @@ def private_cluster(
         tasks_dir = state / "tasks"
         tasks_dir.mkdir(parents=True, exist_ok=True)
     dashboard_port, http_port, listen_port = free_port(), free_port(), free_port()
-    ray.init(include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
+    # address="local": a new cluster of our own, never one `ray start` left on this machine.
+    ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=dashboard_port,
              _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
         config = local.load_serve_config(REPO / "configs" / "serve.yaml")

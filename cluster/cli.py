@@ -187,7 +187,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
 
     try:
-        details = ServeSubmissionClient(args.dashboard).get_serve_details()
+        # Never print a secret: env_vars values (admin key, database URL, upstream keys) are masked.
+        details = local.redacted(ServeSubmissionClient(args.dashboard).get_serve_details())
     except Exception:
         print(f"No Ray dashboard answers at {args.dashboard}; is promptfleet started?", file=sys.stderr)
         return 1

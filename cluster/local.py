@@ -3,8 +3,9 @@
 Deployment goes through the same REST API as ``serve deploy`` (the dashboard's
 ``/api/serve/applications/``), so what ``promptfleet start`` deploys is exactly
 what ``serve deploy configs/serve.yaml`` would, plus two things the file must
-not hold: upstream API keys (copied from this shell into ``runtime_env`` by
-the variable names the models give) and ``PROMPTFLEET_*`` settings.
+not hold: secrets (the admin key, the database URL, upstream API keys, copied
+from this shell into the ``runtime_env`` of the one deployment that reads each)
+and ``PROMPTFLEET_*`` settings (into the application's ``runtime_env``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from typing import Any
 
 import yaml
 
-from deployments.config import AppArgs
+from deployments import names
+from deployments.config import DATABASE_URL_ENV, AppArgs
 
 DEFAULT_CONFIG = Path("configs/serve.yaml")
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
@@ -61,11 +63,20 @@ def load_serve_config(path: Path) -> dict[str, Any]:
 
 
 def with_secrets(config: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
-    """Copy of ``config`` whose applications' runtime_env carries keys and PROMPTFLEET_* from ``environ``."""
+    """Copy of ``config`` carrying, from ``environ``, each secret to the one deployment that needs it.
+
+    The admin key (``auth.admin_key_env``) goes to the Gateway, ``PROMPTFLEET_DATABASE_URL`` to the
+    TaskStore, a model's ``api_key_env`` to that model's worker — each in the deployment's own
+    ``ray_actor_options.runtime_env`` (Serve merges it with the application's ``env_vars``), so no
+    other replica has them. Other ``PROMPTFLEET_*`` settings go to the whole application.
+    """
     config = copy.deepcopy(config)
     for app in config["applications"]:
         args = AppArgs.model_validate(app.get("args") or {})
-        wanted = {name for name in environ if name.startswith(ENV_PREFIX)}
+        secrets: dict[str, set[str]] = {
+            names.GATEWAY: {args.auth.admin_key_env},
+            names.TASK_STORE: {DATABASE_URL_ENV},
+        }
         for model in args.models:
             key_env = getattr(model, "api_key_env", None)
             if key_env:
@@ -73,11 +84,44 @@ def with_secrets(config: dict[str, Any], environ: Mapping[str, str]) -> dict[str
                     raise StartError(
                         f"model {model.name!r} reads its API key from ${key_env}, which is not set in this shell"
                     )
-                wanted.add(key_env)
+                secrets.setdefault(names.worker(model.name), set()).add(key_env)
+        secret_names = set().union(*secrets.values())
+        settings = {name for name in environ if name.startswith(ENV_PREFIX) and name not in secret_names}
         env_vars = app.setdefault("runtime_env", {}).setdefault("env_vars", {}) or {}
-        env_vars.update({name: environ[name] for name in sorted(wanted)})
+        env_vars.update({name: environ[name] for name in sorted(settings)})
         app["runtime_env"]["env_vars"] = env_vars
+        deployments = app.setdefault("deployments", [])
+        for deployment_name, wanted in sorted(secrets.items()):
+            present = {name: environ[name] for name in sorted(wanted) if name in environ}
+            if not present:
+                continue
+            entry = next((d for d in deployments if d.get("name") == deployment_name), None)
+            if entry is None:
+                entry = {"name": deployment_name}
+                deployments.append(entry)
+            runtime_env = entry.setdefault("ray_actor_options", {}).setdefault("runtime_env", {})
+            runtime_env.setdefault("env_vars", {}).update(present)
     return config
+
+
+def redacted(details: Any) -> Any:
+    """Serve's details (or config) with every ``runtime_env`` ``env_vars`` value masked, as the
+    dashboard masks them for browsers (ray.dashboard.runtime_env_redaction), and the password of a
+    ``database_url`` in the args replaced."""
+    from ray.dashboard.runtime_env_redaction import redact_runtime_env_deep
+
+    def passwords(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {
+                k: re.sub(r"(://[^:/@]+:)[^@]*@", r"\1<redacted>@", v) if k == "database_url" and isinstance(v, str)
+                else passwords(v)
+                for k, v in value.items()
+            }
+        if isinstance(value, list):
+            return [passwords(v) for v in value]
+        return value
+
+    return passwords(redact_runtime_env_deep(details))
 
 
 def use_cluster_token() -> None:

@@ -15,6 +15,9 @@ and resumes from its output.
 
 Disk and Jobs API calls (blocking HTTP) run on one dedicated thread, in order. Expected errors
 come back as values (``PromptfleetError``), not raised, as in ``deployments.model_worker``.
+An ``owner`` of ``None`` is the admin, who sees and cancels every owner's batches. Quotas are
+``tasks.quotas``; every ``tasks.retention.cleanup_interval_s`` expired files and finished
+batches are removed.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from deployments.cleanup import start_cleanup
 from deployments.config import TasksConfig
+from deployments.core.retention import Cutoffs
 from deployments.errors import Conflict, PromptfleetError
 from deployments.schemas import BatchCreate, BatchList, BatchView, FileList, FileView
 from deployments.store.batches import BatchRecord, BatchStore, JobState, advance
@@ -109,10 +114,12 @@ class BatchService:
         jobs: Jobs | None = None,
         store: BatchStore | None = None,
     ) -> None:
-        self.store = store or BatchStore(Path(config.state_dir).expanduser() / "batches")
+        self.config = config
+        self.store = store or BatchStore(Path(config.state_dir).expanduser() / "batches", quotas=config.quotas)
         self.jobs = jobs or RayJobs()
         self._app_name = app_name
         self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches")
+        self.cleanup = start_cleanup(config.retention.cleanup_interval_s, self.expire, "files and batches")
         logger.info("batch store at %s", self.store.root)
 
     @property
@@ -165,6 +172,7 @@ class BatchService:
 
     async def create_batch(self, owner: str, body: BatchCreate) -> BatchView | PromptfleetError:
         def create() -> BatchView:
+            self._refresh_unfinished()  # status is pulled: batches that ended must not count to the quotas
             batch = self.store.create_batch(
                 owner, body.input_file_id, body.endpoint, body.completion_window, body.metadata
             )
@@ -173,10 +181,10 @@ class BatchService:
 
         return await self._io(create)
 
-    async def get_batch(self, owner: str, batch_id: str) -> BatchView | PromptfleetError:
+    async def get_batch(self, owner: str | None, batch_id: str) -> BatchView | PromptfleetError:
         return await self._io(lambda: self._refresh(self.store.get_batch(owner, batch_id)).view())
 
-    async def list_batches(self, owner: str, limit: int, after: str | None) -> BatchList | PromptfleetError:
+    async def list_batches(self, owner: str | None, limit: int, after: str | None) -> BatchList | PromptfleetError:
         def page() -> BatchList:
             records, more = self.store.list_batches(owner, limit, after)
             views = [self._refresh(b).view() for b in records]
@@ -189,23 +197,52 @@ class BatchService:
 
         return await self._io(page)
 
-    async def cancel_batch(self, owner: str, batch_id: str) -> BatchView | PromptfleetError:
+    async def cancel_batch(self, owner: str | None, batch_id: str) -> BatchView | PromptfleetError:
         def cancel() -> BatchView:
             batch = self._refresh(self.store.get_batch(owner, batch_id))
             if batch.status in ("cancelling", "cancelled"):
                 return batch.view()
             if batch.terminal:
                 raise Conflict(f"The batch '{batch_id}' has already ended ({batch.status}).", param="batch_id")
-            batch.status, batch.cancelling_at = "cancelling", int(time.time())
-            self.store.save_batch(batch)
-            if batch.job_id is not None:
-                try:
-                    self.jobs.stop(batch.job_id)
-                except Exception:
-                    logger.exception("stopping job %s of batch %s failed; will show on refresh", batch.job_id, batch_id)
+            self._cancel(batch)
             return batch.view()
 
         return await self._io(cancel)
+
+    async def cancel_owner(self, owner: str) -> int | PromptfleetError:
+        """Cancel every unfinished batch of ``owner`` (its key was revoked); returns how many."""
+
+        def cancel_all() -> int:
+            batches = [b for b in self.store.unfinished_batches(owner) if b.cancelling_at is None]
+            for batch in batches:
+                self._cancel(batch)
+            return len(batches)
+
+        return await self._io(cancel_all)
+
+    def _cancel(self, batch: BatchRecord) -> None:
+        batch.status, batch.cancelling_at = "cancelling", int(time.time())
+        self.store.save_batch(batch)
+        if batch.job_id is not None:
+            try:
+                self.jobs.stop(batch.job_id)
+            except Exception:
+                logger.exception("stopping job %s of batch %s failed; will show on refresh", batch.job_id, batch.id)
+
+    async def expire(self, now: float | None = None) -> tuple[int, int] | PromptfleetError:
+        """Retention: remove expired files and finished batches; returns (files, batches) removed."""
+        cutoffs = Cutoffs.at(self.config.retention, time.time() if now is None else now)
+
+        def sweep() -> tuple[int, int]:
+            self._refresh_unfinished()  # finalize batches nobody polled, so they can expire in time
+            return self.store.expire(cutoffs)
+
+        return await self._io(sweep)
+
+    def _refresh_unfinished(self) -> None:
+        # At most quotas.max_batches of them: that many Jobs API calls.
+        for batch in [b for b in self.store.batches.values() if not b.terminal]:
+            self._refresh(batch)
 
     # -- the job --------------------------------------------------------------------------------
 

@@ -12,10 +12,12 @@ client.
     │   └── RequestTooLarge             413 request_too_large
     ├── AuthenticationFailed            401 invalid_api_key
     ├── PermissionDenied                403 permission_denied
+    │   └── QuotaExceeded               403 quota_exceeded       (stored files, concurrent batches)
     ├── NotFound                        404 not_found
     │   ├── ModelNotFound               404 model_not_found
     │   ├── TaskNotFound                404 task_not_found
     │   └── RunNotFound                 404 run_not_found
+    ├── MethodNotAllowed                405 method_not_allowed
     ├── Conflict                        409 conflict             (idempotency key reuse, …)
     ├── TaskFailed                      422 task_failed          (output never validated)
     ├── RateLimited                     429 rate_limited         (Retry-After; a key's rpm/tpm)  R
@@ -132,6 +134,10 @@ class PermissionDenied(PromptfleetError):
     code = "permission_denied"
 
 
+class QuotaExceeded(PermissionDenied):
+    code = "quota_exceeded"
+
+
 class NotFound(PromptfleetError):
     status_code = 404
     type = "invalid_request_error"
@@ -148,6 +154,12 @@ class TaskNotFound(NotFound):
 
 class RunNotFound(NotFound):
     code = "run_not_found"
+
+
+class MethodNotAllowed(PromptfleetError):
+    status_code = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
 
 
 class Conflict(PromptfleetError):

@@ -16,6 +16,8 @@ long-poll reads, keys, usage). However much user traffic queues up, a lease rene
 at most the one user statement in flight, never for the queue behind it — renewals cannot be
 starved past the lease (tests/serve/test_flood.py). Two kinds of waiters are woken from the
 loop: runners long-polling ``claim`` for work, and clients long-polling a run until it ends.
+Every ``tasks.retention.cleanup_interval_s`` it deletes finished runs and forgets
+Idempotency-Keys past their retention (``expire``, on the user lane, in steps).
 
 Expected errors (404, 409, 503) are returned as values, never raised
 (``deployments.core.replies``); what the Gateway gets is a ``RunView``, never a lease token.
@@ -31,8 +33,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from deployments.cleanup import start_cleanup
 from deployments.config import TasksConfig
 from deployments.core.replies import Reply, replying
+from deployments.core.retention import Cutoffs
 from deployments.errors import NotFound, Overloaded
 from deployments.schemas import RunList, RunView
 from deployments.store import RunRecord, RunStore, open_database
@@ -41,6 +45,7 @@ from deployments.store.records import UsageRecord
 
 logger = logging.getLogger("ray.serve")
 T = TypeVar("T")
+EXPIRE_STEP = 1000  # RunStore.expire's default limit: rows per database call
 
 
 class TaskStore:
@@ -55,6 +60,7 @@ class TaskStore:
         self.user_lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskstore-user")
         self.work_available = asyncio.Event()
         self.finished: dict[str, asyncio.Event] = {}
+        self.cleanup = start_cleanup(config.retention.cleanup_interval_s, self.expire, "runs")
         logger.info("task store at %s", self.database.location)
 
     async def _lease(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -101,11 +107,11 @@ class TaskStore:
             self.work_available.set()
         return run.view(), created
 
-    async def get(self, run_id: str, owner: str, wait_s: float = 0.0) -> Reply[RunView]:
+    async def get(self, run_id: str, owner: str | None, wait_s: float = 0.0) -> Reply[RunView]:
         """The run; with ``wait_s`` > 0, block until it is terminal or ``wait_s`` passes."""
         return await replying(self._get(run_id, owner, wait_s))
 
-    async def _get(self, run_id: str, owner: str, wait_s: float) -> RunView:
+    async def _get(self, run_id: str, owner: str | None, wait_s: float) -> RunView:
         run = await self._user(self.store.get, run_id, owner)
         deadline = time.monotonic() + wait_s
         while not run.terminal and (remaining := deadline - time.monotonic()) > 0:
@@ -118,22 +124,22 @@ class TaskStore:
         return run.view()
 
     async def list_runs(
-        self, owner: str, status: str | None, task: str | None, limit: int, cursor: str | None
+        self, owner: str | None, status: str | None, task: str | None, limit: int, cursor: str | None
     ) -> Reply[RunList]:
         return await replying(self._list_runs(owner, status, task, limit, cursor))
 
     async def _list_runs(
-        self, owner: str, status: str | None, task: str | None, limit: int, cursor: str | None
+        self, owner: str | None, status: str | None, task: str | None, limit: int, cursor: str | None
     ) -> RunList:
         runs, next_cursor = await self._user(
             self.store.list_runs, owner, status=status, task=task, limit=limit, cursor=cursor
         )
         return RunList(data=[run.view() for run in runs], next_cursor=next_cursor)
 
-    async def cancel(self, run_id: str, owner: str) -> Reply[RunView]:
+    async def cancel(self, run_id: str, owner: str | None) -> Reply[RunView]:
         return await replying(self._cancel(run_id, owner))
 
-    async def _cancel(self, run_id: str, owner: str) -> RunView:
+    async def _cancel(self, run_id: str, owner: str | None) -> RunView:
         run = await self._user(self.store.cancel, run_id, owner)
         if run.terminal:
             self._notify_finished(run_id)
@@ -198,6 +204,21 @@ class TaskStore:
             # A run released with a delay wakes the claim long-polls when it becomes claimable.
             asyncio.get_running_loop().call_later(delay_s, self.work_available.set)
         return released
+
+    async def cancel_queued(self, owner: str) -> Reply[int]:
+        """Cancel ``owner``'s queued runs (its key was revoked)."""
+        return await replying(self._user(self.store.cancel_queued, owner))
+
+    async def expire(self, now: float | None = None) -> tuple[int, int]:
+        """Retention: delete finished runs and forget Idempotency-Keys past their periods, in
+        bounded steps so lease renewals get the database in between. Returns (deleted, forgotten)."""
+        cutoffs = Cutoffs.at(self.config.retention, time.time() if now is None else now)
+        total = (0, 0)
+        while True:
+            step = await self._user(self.store.expire, cutoffs.runs_before, cutoffs.idempotency_before)
+            total = (total[0] + step[0], total[1] + step[1])
+            if max(step) < EXPIRE_STEP:
+                return total
 
     async def check_health(self) -> None:
         await self._lease(self.store.count_queued)

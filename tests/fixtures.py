@@ -18,6 +18,7 @@ import gc
 import os
 import signal
 import socket
+import subprocess
 import time
 import warnings
 from collections.abc import Iterator
@@ -170,13 +171,21 @@ def auth_app(main: dict[str, Any], upstream_base_url: str, state: Path) -> dict[
         "args": {
             "gateway": {"listen_host": "127.0.0.1", "listen_port": free_port()},
             "auth": {"enabled": True, "cache_ttl_s": 1},
-            "tasks": {"definitions_dir": str(tasks_dir), "state_dir": str(state / "auth-db"), "lease_s": 3},
+            "tasks": {
+                "definitions_dir": str(tasks_dir), "state_dir": str(state / "auth-db"), "lease_s": 3,
+                # Small, so tests/security can reach every quota and fill the runners (queued runs).
+                "runner_concurrency": 4,
+                "quotas": {"max_files_per_key": 4, "max_file_bytes_per_key": 1_000_000, "max_batches_per_key": 1,
+                           "max_batches": 2},
+            },
             "models": [
                 *(m for m in upstream_models(upstream_base_url) if m["name"] == "fake"),
                 shared_model(upstream_base_url),
             ],
         },
-        "deployments": [d for d in main["deployments"] if d["name"] in ("Gateway", "TaskStore", "TaskRunner")],
+        "deployments": [
+            d for d in main["deployments"] if d["name"] in ("Gateway", "TaskStore", "TaskRunner", "BatchService")
+        ],
     }
 
 
@@ -186,28 +195,56 @@ def upstream() -> Iterator[FakeUpstream]:
         yield fake
 
 
+@contextlib.contextmanager
+def free_agent_port() -> Iterator[None]:
+    """Give the dashboard agent of the cluster ``ray.init`` starts a free port.
+
+    ray.init has no option for it, and its fixed default (52365, bound on the machine's address)
+    collides with any other Ray cluster on a shared machine: the agent then fails to start and
+    every job submission (each batch is a Ray job) fails with "Agent info not found".
+    """
+    from ray._private import parameter
+
+    original = parameter.RayParams.__init__
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("dashboard_agent_listen_port", free_port())
+        original(self, *args, **kwargs)
+
+    parameter.RayParams.__init__ = init  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        parameter.RayParams.__init__ = original  # type: ignore[method-assign]
+
+
 def start_cluster(config: dict[str, Any]) -> str:
     """Start a local Ray cluster in this process, deploy ``config``, wait; return the dashboard URL."""
     import ray
 
     os.environ.update(local.RAY_START_ENV)
+    if "RAY_AUTH_MODE" not in os.environ:
+        # Token auth, as `promptfleet start` runs Ray (cluster/local.py). Ray turns it on for a new
+        # local cluster when a token exists, so make sure one does (setting RAY_AUTH_MODE here would
+        # come too late: this process read Ray's config when it imported ray).
+        subprocess.run([local._ray(), "get-auth-token", "--generate"], capture_output=True, check=True, timeout=120)
     dashboard_port = free_port()
     for attempt in range(2):
         before = descendants(os.getpid())
         try:
-            ray.init(
-                # "local": always a cluster of our own. Without it ray.init joins any cluster it
-                # finds on this machine (RAY_ADDRESS, /tmp/ray/ray_current_cluster, a running GCS)
-                # — another user's `ray start` — and fails ("num_cpus must not be provided").
-                address="local",
-                num_cpus=4,
-                include_dashboard=True,
-                dashboard_host="127.0.0.1",
-                dashboard_port=dashboard_port,
-                _node_ip_address="127.0.0.1",
-                runtime_env={"working_dir": None},
-                log_to_driver=False,
-            )
+            with free_agent_port():
+                ray.init(
+                    # Always a new cluster of our own: without this, ray.init() joins a cluster that
+                    # `ray start` left in /tmp/ray/ray_current_cluster (another user's, on a shared machine).
+                    address="local",
+                    num_cpus=4,
+                    include_dashboard=True,
+                    dashboard_host="127.0.0.1",
+                    dashboard_port=dashboard_port,
+                    _node_ip_address="127.0.0.1",
+                    runtime_env={"working_dir": None},
+                    log_to_driver=False,
+                )
             break
         except Exception as exc:
             # Ray gives a new raylet a fixed 30 s to register with the GCS (ray/_private/node.py);

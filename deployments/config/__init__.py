@@ -291,6 +291,50 @@ class AdmissionConfig(_Strict):
         return rpm_burst, tpm_burst
 
 
+class QuotasConfig(_Strict):
+    """What one API key may keep on the head node, and how many batch jobs may run at all.
+
+    Exceeding a per-key quota is 403 `quota_exceeded`; the global batch cap is 503 with Retry-After.
+    """
+
+    max_files_per_key: int = Field(
+        default=100, ge=1, le=1_000_000, description="Stored files (uploads and batch outputs) one key may keep."
+    )
+    max_file_bytes_per_key: int = Field(
+        default=2 * 1024**3,
+        ge=1024,
+        description="Bytes of stored files one key may keep; an upload that would pass it is refused as it arrives.",
+    )
+    max_batches_per_key: int = Field(
+        default=2, ge=1, le=1000, description="Batches of one key that may be unfinished at once."
+    )
+    max_batches: int = Field(
+        default=8, ge=1, le=10000, description="Batch jobs that may be unfinished at once, over all keys."
+    )
+
+
+class RetentionConfig(_Strict):
+    """How long finished things are kept; a cleanup in the TaskStore and BatchService runs by itself."""
+
+    files_s: float = Field(
+        default=30 * 86400,
+        gt=0,
+        description="Seconds a stored file (upload or batch output) and a finished batch are kept after "
+        "they were created or ended; a file an unfinished batch uses is kept until it ends.",
+    )
+    runs_s: float = Field(
+        default=7 * 86400, gt=0, description="Seconds a finished run (succeeded, failed, cancelled) is kept."
+    )
+    idempotency_s: float = Field(
+        default=86400,
+        gt=0,
+        description="Seconds an Idempotency-Key is remembered; after that the same key creates a new run.",
+    )
+    cleanup_interval_s: float = Field(
+        default=600, ge=1, le=86400, description="How often the cleanup runs."
+    )
+
+
 class TasksConfig(_Strict):
     """Prompt tasks and the durable run queue."""
 
@@ -328,6 +372,12 @@ class TasksConfig(_Strict):
     )
     runner_concurrency: int = Field(
         default=64, ge=1, le=10000, description="Runs one TaskRunner replica executes at once."
+    )
+    quotas: QuotasConfig = Field(
+        default_factory=QuotasConfig, description="Per-key quotas on stored files and batches; the batch cap."
+    )
+    retention: RetentionConfig = Field(
+        default_factory=RetentionConfig, description="Expiry of files, finished runs and batches, idempotency keys."
     )
 
     @field_validator("database_url")

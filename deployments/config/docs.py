@@ -25,6 +25,8 @@ from deployments.config import (
     GatewayConfig,
     LlamaCppModel,
     OpenAIModel,
+    QuotasConfig,
+    RetentionConfig,
     TasksConfig,
 )
 
@@ -36,6 +38,8 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("`args` (top level)", AppArgs),
     ("`args.gateway`", GatewayConfig),
     ("`args.tasks`", TasksConfig),
+    ("`args.tasks.quotas`", QuotasConfig),
+    ("`args.tasks.retention`", RetentionConfig),
     ("`args.auth`", AuthConfig),
     ("`args.admission`", AdmissionConfig),
     ("`args.models[]` with `provider: llamacpp`", LlamaCppModel),

@@ -2,7 +2,8 @@
 
     POST   /v1/admin/keys          create a key (admin); the plain key is in this response only
     GET    /v1/admin/keys          list keys (admin)
-    DELETE /v1/admin/keys/{id}     revoke a key (admin)
+    DELETE /v1/admin/keys/{id}     revoke a key (admin): its queued runs and unfinished batches are
+                                   cancelled too
     GET    /v1/usage               the caller's token usage per model and day (admin: every key,
                                    or ?key_id=)
 """
@@ -10,6 +11,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path
@@ -22,12 +24,16 @@ from deployments.gateway.metering import Meter
 from deployments.schemas import KeyCreate, KeyCreated, KeyList, KeyView, UsageList, UsageRow
 from deployments.store.keys import ApiKey
 
+logger = logging.getLogger("ray.serve")
+
 
 def key_view(key: ApiKey) -> KeyView:
     return KeyView(**dataclasses.asdict(key))
 
 
-def build_admin_router(store: DeploymentHandle, auth: Authenticator, meter: Meter) -> APIRouter:
+def build_admin_router(
+    store: DeploymentHandle, auth: Authenticator, meter: Meter, batches: DeploymentHandle | None = None
+) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["keys"])
     enabled = auth.config.enabled
 
@@ -52,6 +58,11 @@ def build_admin_router(store: DeploymentHandle, auth: Authenticator, meter: Mete
         require_admin(caller, enabled)
         key = unwrap(await store.revoke_key.remote(key_id))
         auth.forget(key_id)
+        # Work the key queued must not run on after it: queued runs and unfinished batches end here
+        # (running runs finish; their results stay with the revoked key).
+        runs = unwrap(await store.cancel_queued.remote(key_id))
+        cancelled = await batches.cancel_owner.remote(key_id) if batches is not None else 0
+        logger.info("revoked %s: cancelled %d queued runs, %s batches", key_id, runs, cancelled)
         return key_view(key)
 
     @router.get("/usage", response_model=UsageList)

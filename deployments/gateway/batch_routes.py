@@ -10,7 +10,8 @@
     GET    /v1/batches/{id}             status from the job, `request_counts` from its progress file,
                                         `output_file_id` / `error_file_id` once it has ended
     POST   /v1/batches/{id}/cancel      stops the job; the lines done so far stay in the output
-    GET    /v1/batches?limit=&after=    the caller's batches, newest first
+    GET    /v1/batches?limit=&after=    the caller's batches, newest first (admin: every key's, or
+                                        ?owner=<key id>)
 
 Calls the ``BatchService`` deployment, which owns files and batch records. Every file and batch
 belongs to its creator; someone else's id answers 404, exactly like an unknown one. An upload
@@ -28,7 +29,7 @@ from fastapi.responses import StreamingResponse
 from ray.serve.handle import DeploymentHandle
 
 from deployments.core.replies import unwrap
-from deployments.gateway.caller import Caller, get_caller
+from deployments.gateway.caller import Caller, get_caller, list_scope, run_scope
 from deployments.gateway.metering import Meter
 from deployments.schemas import BatchCreate, BatchList, BatchView, FileDeleted, FileList, FileView
 
@@ -114,12 +115,12 @@ def build_batch_router(batches: DeploymentHandle[Any]) -> APIRouter:
 
     @router.get("/batches/{batch_id}", response_model=BatchView)
     async def get_batch(batch_id: BatchId, caller: Owner) -> BatchView:
-        result: BatchView = unwrap(await batches.get_batch.remote(caller.owner, batch_id))
+        result: BatchView = unwrap(await batches.get_batch.remote(run_scope(caller), batch_id))
         return result
 
     @router.post("/batches/{batch_id}/cancel", response_model=BatchView)
     async def cancel_batch(batch_id: BatchId, caller: Owner) -> BatchView:
-        result: BatchView = unwrap(await batches.cancel_batch.remote(caller.owner, batch_id))
+        result: BatchView = unwrap(await batches.cancel_batch.remote(run_scope(caller), batch_id))
         return result
 
     @router.get("/batches", response_model=BatchList)
@@ -127,8 +128,10 @@ def build_batch_router(batches: DeploymentHandle[Any]) -> APIRouter:
         caller: Owner,
         limit: Annotated[int, Query(ge=1, le=100)] = 20,
         after: Annotated[str | None, Query(max_length=64)] = None,
+        owner: Annotated[str | None, Query(max_length=64, description="Admin only: this key's batches.")] = None,
     ) -> BatchList:
-        result: BatchList = unwrap(await batches.list_batches.remote(caller.owner, limit, after))
+        scope = list_scope(caller, owner)
+        result: BatchList = unwrap(await batches.list_batches.remote(scope, limit, after))
         return result
 
     return router

@@ -2,7 +2,9 @@
 
 The Gateway's authentication step puts a ``Caller`` on ``request.state.caller``;
 routes receive it with ``Depends(get_caller)``. With authentication off (a local
-single-user start) every request is the same anonymous caller.
+single-user start) every request is the same anonymous caller. ``run_scope`` and
+``list_scope`` say whose runs and batches a caller may see: its own, or, for the
+admin, everyone's.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
+from deployments.errors import AuthenticationFailed, PermissionDenied
 from deployments.store.keys import ApiKey
 
 
@@ -41,4 +44,19 @@ ANONYMOUS = Caller(owner="anonymous")
 async def get_caller(request: Request) -> Caller:
     # async: FastAPI runs a plain `def` dependency on a worker thread — a thread hop per request.
     caller = getattr(request.state, "caller", None)
-    return caller if isinstance(caller, Caller) else ANONYMOUS
+    if not isinstance(caller, Caller):
+        # Fail closed: a route reached without the Gateway's AuthGate must not act as anyone.
+        raise AuthenticationFailed("Missing API key: send `Authorization: Bearer <key>`.", param="Authorization")
+    return caller
+
+
+def run_scope(caller: Caller) -> str | None:
+    """Whose runs the caller may see: its own, or (admin) everyone's."""
+    return None if caller.is_admin else caller.owner
+
+
+def list_scope(caller: Caller, owner: str | None) -> str | None:
+    """Whose objects a listing shows: ``owner`` narrows the admin's view; others see their own."""
+    if owner is not None and not caller.is_admin:
+        raise PermissionDenied("owner: only the admin key may list another key's objects.", param="owner")
+    return owner if caller.is_admin else caller.owner

@@ -10,7 +10,9 @@ Owns: an index of the active API keys and unflushed usage counts
 (``auth.Authenticator``, ``metering.Meter``); any number of replicas can run.
 
 Every error leaves through ``render_error`` in the OpenAI shape; the status
-comes from the exception class, never from exception text.
+comes from the exception class, never from exception text. Two ASGI layers run
+before any route: ``AuthGate`` (the key, from the headers, before the body is
+read) and ``BodySizeLimit`` (413 for a body over the limit, declared or chunked).
 """
 
 from __future__ import annotations
@@ -20,16 +22,24 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from ray.serve.handle import DeploymentHandle
 from ray.util import get_node_ip_address
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments.config import AppArgs
 from deployments.core.taskdefs import TaskDefinition
-from deployments.errors import InvalidRequest, PromptfleetError, RequestTooLarge
+from deployments.errors import (
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    Overloaded,
+    PromptfleetError,
+    RequestTooLarge,
+)
 from deployments.gateway.admin_routes import build_admin_router
 from deployments.gateway.auth import Authenticator
 from deployments.gateway.batch_routes import FILES_PATH, build_batch_router
@@ -45,8 +55,20 @@ from deployments.store.batches import MAX_FILE_BYTES
 logger = logging.getLogger("ray.serve")
 
 
-def render_error(error: PromptfleetError) -> JSONResponse:
-    return JSONResponse(error.to_body(), status_code=error.status_code, headers=error.headers())
+def render_error(error: PromptfleetError, status_code: int | None = None) -> JSONResponse:
+    return JSONResponse(error.to_body(), status_code=status_code or error.status_code, headers=error.headers())
+
+
+def http_error(request: Request, exc: StarletteHTTPException) -> PromptfleetError:
+    """Starlette's and FastAPI's own HTTP errors as ours (the status stays the one they chose)."""
+    if exc.status_code == 404:
+        return NotFound(f"No route {request.method} {route_path(request.scope)[:200]}.", param=None)
+    if exc.status_code == 405:
+        return MethodNotAllowed(f"{request.method} is not allowed on {route_path(request.scope)[:200]}.")
+    detail = exc.detail if isinstance(exc.detail, str) else "Invalid request."
+    if exc.status_code < 500:
+        return InvalidRequest(detail[:500])
+    return PromptfleetError("Internal error.")
 
 
 def validation_error(exc: RequestValidationError) -> InvalidRequest:
@@ -66,11 +88,67 @@ def validation_error(exc: RequestValidationError) -> InvalidRequest:
     return InvalidRequest(f"{param}: {message}" if param else message, param=param)
 
 
-class BodySizeLimit:
-    """ASGI middleware: 413 for bodies over ``limit`` bytes, before they are read whole.
+def route_path(scope: Scope) -> str:
+    """The path the app routes on: through Serve's proxy an app under a route prefix sees it as root_path."""
+    path: str = scope.get("path", "")
+    root: str = scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
 
-    A declared Content-Length over the limit is refused without reading; a chunked
-    body is counted as it arrives and cut off at the limit.
+
+def has_body(scope: Scope) -> bool:
+    for name, value in scope.get("headers", []):
+        if name == b"transfer-encoding" or (name == b"content-length" and value.strip() not in (b"", b"0")):
+            return True
+    return False
+
+
+async def refuse(error: PromptfleetError, scope: Scope, receive: Receive, send: Send) -> None:
+    """Answer ``error`` without reading the request's body; close the connection if a body is coming,
+    so the server stops reading it (uvicorn would otherwise read and discard the rest)."""
+    response = render_error(error)
+    if has_body(scope):
+        response.headers["Connection"] = "close"
+    await response(scope, receive, send)
+
+
+class AuthGate:
+    """ASGI middleware: every /v1 request is authenticated from its headers before its body is read.
+
+    The caller lands on ``scope["state"]["caller"]`` (``request.state.caller`` for the routes). A
+    refused request is answered at once, in the OpenAI error shape, without touching its body —
+    a multipart upload included. The lookup is the Authenticator's (cached per replica), so this
+    adds no store round trip.
+    """
+
+    def __init__(self, app: ASGIApp, auth: Authenticator) -> None:
+        self.app = app
+        self.auth = auth
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = route_path(scope)
+        if scope["type"] != "http" or not (path == "/v1" or path.startswith("/v1/")):
+            await self.app(scope, receive, send)
+            return
+        try:
+            await self.auth.authenticate(Request(scope))
+        except PromptfleetError as exc:
+            await refuse(exc, scope, receive, send)
+            return
+        except Exception:
+            logger.exception("authentication failed unexpectedly")
+            await refuse(Overloaded("Authentication is unavailable; retry shortly.", retry_after=1),
+                         scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+class BodySizeLimit:
+    """ASGI middleware: 413 in the OpenAI shape for bodies over ``limit`` bytes, before they are read whole.
+
+    A declared Content-Length over the limit is refused without reading. A chunked body is counted
+    as it arrives: at the limit the 413 goes out at once and the app sees the client disconnect
+    (raising inside the app's ``receive`` would reach FastAPI's body parser, which turns any error
+    into a 400 of its own).
     """
 
     def __init__(self, app: ASGIApp, limit: int, path_limits: dict[str, int] | None = None) -> None:
@@ -82,29 +160,44 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.path_limits.get(scope.get("path", ""), self.limit)
-        too_large = RequestTooLarge(
-            f"The request body is larger than the limit of {limit} bytes.", param=None
-        )
+        limit = self.path_limits.get(route_path(scope), self.limit)
+        too_large = RequestTooLarge(f"The request body is larger than the limit of {limit} bytes.", param=None)
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > limit:
-                await render_error(too_large)(scope, receive, send)
+                await refuse(too_large, scope, receive, send)
                 return
         received = 0
+        started = refused = answered = False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, refused, answered
+            if refused:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise too_large
+                    refused = True
+                    if not started:  # else the app is answering already (a stream): only cut the body
+                        answered = True
+                        await refuse(too_large, scope, receive, send)
+                    return {"type": "http.disconnect"}
             return message
 
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if answered:
+                return  # the 413 went out; whatever the app answers after it is dropped
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
         try:
-            await self.app(scope, limited_receive, send)
-        except RequestTooLarge as exc:
-            await render_error(exc)(scope, receive, send)
+            await self.app(scope, limited_receive, guarded_send)
+        except Exception:
+            if not answered:
+                raise
+            # The app saw the disconnect we made up and gave up on the request; it was answered.
 
 
 class Gateway:
@@ -134,12 +227,14 @@ class Gateway:
         self.routers = [
             ChatRoutes(ModelCalls(args.models, HandleTransport(workers), self.meter)).router(),
             build_task_router(tasks, store, runner, self.meter),
-            build_admin_router(store, self.auth, self.meter),
+            build_admin_router(store, self.auth, self.meter, batches),
             *([build_batch_router(batches)] if batches is not None else []),
         ]
-        self.asgi_app = BodySizeLimit(
+        # Outermost first: who is calling (headers only), then the body's size, then the routes.
+        limited = BodySizeLimit(
             self.build_api(), limit=args.gateway.max_body_bytes, path_limits={FILES_PATH: MAX_FILE_BYTES}
         )
+        self.asgi_app = AuthGate(limited, self.auth)
 
     def __serve_build_asgi_app__(self) -> ASGIApp:
         return self.asgi_app
@@ -175,16 +270,20 @@ class Gateway:
         async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
             return render_error(validation_error(exc))
 
+        @api.exception_handler(StarletteHTTPException)
+        async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+            # Routing (404, 405) and FastAPI's own body parsing (400) raise these, with `{"detail"}` bodies.
+            return render_error(http_error(request, exc), status_code=exc.status_code)
+
         @api.exception_handler(Exception)
         async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
             # The full story goes to the replica log; the client learns nothing internal.
             logger.exception("unhandled error in gateway")
             return render_error(PromptfleetError("Internal error."))
 
-        # Every /v1 route runs authentication first; it sets request.state.caller.
-        authenticated = [Depends(self.auth.authenticate)]
+        # Every /v1 route was authenticated by AuthGate, which set request.state.caller.
         for router in self.routers:
-            api.include_router(router, dependencies=authenticated)
+            api.include_router(router)
 
         @api.get("/healthz", response_model=Health, responses={503: {"model": Health}})
         async def healthz() -> JSONResponse:

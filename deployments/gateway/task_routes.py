@@ -7,13 +7,14 @@
     GET  /v1/runs/{id}?wait=SECONDS     the run; long-polls until it ends or SECONDS pass
     POST /v1/runs/{id}/cancel           cancel a queued or running run
     GET  /v1/runs?status=&task=&limit=&cursor=   the caller's runs, newest first
+                                        (admin: every key's, or ?owner=<key id>)
 
 Input is validated here, before anything is queued, so a bad input is a 400
 naming the field and never a failed run. A key whose token budget is spent gets
 403 here; the runs' model calls are metered to the key where they are made (the
-TaskRunner, through ``deployments.model_calls``): a synchronous run's calls are
-refused with 429 over the key's rpm/tpm, a queued run's calls wait for their slot. Every run belongs to its creator; an
-id of someone else's run answers 404, exactly like an unknown id.
+TaskRunner, through ``deployments.model_calls``): their key's rate limit paces them. Every run
+belongs to its creator; an id of someone else's run answers 404, exactly like an unknown id. The
+admin reads, long-polls, lists and cancels any tenant's runs.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.core.replies import unwrap
 from deployments.core.taskdefs import TaskDefinition
 from deployments.errors import InvalidRequest, Overloaded
-from deployments.gateway.caller import Caller, get_caller
+from deployments.gateway.caller import Caller, get_caller, list_scope, run_scope
 from deployments.gateway.metering import Meter
 from deployments.schemas import RunList, RunView, TaskInfo, TaskList, TaskResult, TaskRunRequest
 from deployments.task_executor import check_input
@@ -93,14 +94,14 @@ def build_task_router(
         caller: Annotated[Caller, Depends(get_caller)],
         wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S, description="Seconds to long-poll.")] = 0,
     ) -> RunView:
-        view: RunView = unwrap(await store.get.remote(run_id, caller.owner, wait))
+        view: RunView = unwrap(await store.get.remote(run_id, run_scope(caller), wait))
         return view
 
     @router.post("/runs/{run_id}/cancel", response_model=RunView)
     async def cancel_run(
         run_id: Annotated[str, Path(max_length=64)], caller: Annotated[Caller, Depends(get_caller)]
     ) -> RunView:
-        view: RunView = unwrap(await store.cancel.remote(run_id, caller.owner))
+        view: RunView = unwrap(await store.cancel.remote(run_id, run_scope(caller)))
         return view
 
     @router.get("/runs", response_model=RunList)
@@ -109,11 +110,12 @@ def build_task_router(
         status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
         task: str | None = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 20,
-        cursor: str | None = None,
+        cursor: Annotated[str | None, Query(max_length=200)] = None,
+        owner: Annotated[str | None, Query(max_length=64, description="Admin only: this key's runs.")] = None,
     ) -> RunList:
         if task is not None and task not in tasks:
-            raise InvalidRequest(f"task: no task named '{task}'", param="task")
-        runs: RunList = unwrap(await store.list_runs.remote(caller.owner, status, task, limit, cursor))
+            raise InvalidRequest(f"task: no task named '{task[:64]}'", param="task")
+        runs: RunList = unwrap(await store.list_runs.remote(list_scope(caller, owner), status, task, limit, cursor))
         return runs
 
     return router

@@ -11,7 +11,9 @@ directory). Calls nothing; owns ``root``:
 
 Records are small JSON files replaced atomically (write, then rename), read once at start into
 memory: this class is their only writer. Every lookup is scoped to an owner; someone else's id
-answers exactly like an unknown one (404).
+answers exactly like an unknown one (404); the owner ``None`` is the admin's view of every owner.
+Directories are 0700 and files 0600. Quotas (``QuotasConfig``) bound what one owner may store and
+run, and how many batches run at all; ``expire`` removes what retention says has expired.
 
 A batch is a Ray job running ``jobs.batch``; ``advance`` maps what the job reports to the
 OpenAI batch status. Methods are synchronous and touch the disk: call them from a thread.
@@ -23,12 +25,15 @@ import dataclasses
 import json
 import os
 import secrets
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from deployments.errors import Conflict, InvalidRequest, NotFound, RequestTooLarge
+from deployments.config import QuotasConfig
+from deployments.core.retention import Cutoffs, expired_batches, expired_files
+from deployments.errors import Conflict, InvalidRequest, NotFound, Overloaded, QuotaExceeded, RequestTooLarge
 from deployments.schemas import (
     BatchErrorItem,
     BatchErrors,
@@ -37,6 +42,7 @@ from deployments.schemas import (
     BatchView,
     FileView,
 )
+from deployments.store.private import private_dir, write_private
 
 MAX_FILE_BYTES = 200 * 1024 * 1024  # OpenAI's limit for a batch input file
 MAX_JOB_STARTS = 3  # a batch whose job is lost (node or cluster restart) is resumed this often
@@ -97,6 +103,10 @@ class BatchRecord:
     @property
     def terminal(self) -> bool:
         return self.status in TERMINAL
+
+    @property
+    def ended_at(self) -> int | None:
+        return self.completed_at or self.failed_at or self.cancelled_at
 
     def view(self) -> BatchView:
         return BatchView(
@@ -171,11 +181,16 @@ def advance(batch: BatchRecord, job: JobState | None, progress: BatchProgress | 
 
 
 class BatchStore:
-    def __init__(self, root: Path, max_file_bytes: int = MAX_FILE_BYTES) -> None:
+    def __init__(
+        self, root: Path, max_file_bytes: int = MAX_FILE_BYTES, quotas: QuotasConfig | None = None
+    ) -> None:
         self.root = root
         self.max_file_bytes = max_file_bytes
+        self.quotas = quotas or QuotasConfig()
+        private_dir(root.parent)  # tasks.state_dir: the run store's SQLite file may live there too
         for sub in ("files", "uploads", "batches"):
-            (root / sub).mkdir(parents=True, exist_ok=True)
+            private_dir(root / sub)
+        os.chmod(root, 0o700)
         for stale in (root / "uploads").glob("*.part"):
             stale.unlink()  # uploads do not survive a restart: their clients got an error
         self.files: dict[str, FileRecord] = {r.id: r for r in self._load(root / "files", FileRecord)}
@@ -192,14 +207,44 @@ class BatchStore:
     def _save(self, directory: str, record: FileRecord | BatchRecord) -> None:
         path = self.root / directory / f"{record.id}.json"
         tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(dataclasses.asdict(record)))
+        write_private(tmp, json.dumps(dataclasses.asdict(record)).encode())
         os.replace(tmp, path)
+
+    # -- quotas -----------------------------------------------------------------------------
+
+    def stored(self, owner: str) -> tuple[int, int]:
+        """Files and bytes ``owner`` holds, uploads in progress included."""
+        files = [r.bytes for r in self.files.values() if r.owner == owner]
+        uploads = [size for upload_owner, _, size in self.uploads.values() if upload_owner == owner]
+        return len(files) + len(uploads), sum(files) + sum(uploads)
+
+    def _check_files_quota(self, owner: str) -> None:
+        count, _ = self.stored(owner)
+        if count >= self.quotas.max_files_per_key:
+            raise QuotaExceeded(
+                f"file: this key already stores {count} files, its quota is {self.quotas.max_files_per_key};"
+                " delete some first",
+                param="file",
+            )
+
+    def _check_batch_quota(self, owner: str) -> None:
+        running = [b for b in self.batches.values() if not b.terminal]
+        mine = sum(1 for b in running if b.owner == owner)
+        if mine >= self.quotas.max_batches_per_key:
+            raise QuotaExceeded(
+                f"This key already has {mine} unfinished batches, its quota is"
+                f" {self.quotas.max_batches_per_key}; wait for one to end or cancel one.",
+                param="input_file_id",
+            )
+        if len(running) >= self.quotas.max_batches:
+            raise Overloaded(f"The service runs {len(running)} batches, its maximum; retry later.", retry_after=60)
 
     # -- files ------------------------------------------------------------------------------
 
     def begin_upload(self, owner: str, filename: str) -> str:
+        self._check_files_quota(owner)
         upload_id = _new_id("upload-")
-        (self.root / "uploads" / f"{upload_id}.part").write_bytes(b"")
+        write_private(self.root / "uploads" / f"{upload_id}.part", b"")
         self.uploads[upload_id] = (owner, filename, 0)
         return upload_id
 
@@ -209,6 +254,14 @@ class BatchStore:
         if size > self.max_file_bytes:
             self.abort_upload(upload_id)
             raise RequestTooLarge(f"file: larger than the limit of {self.max_file_bytes} bytes", param="file")
+        _, stored = self.stored(owner)
+        if stored + len(chunk) > self.quotas.max_file_bytes_per_key:
+            self.abort_upload(upload_id)
+            raise QuotaExceeded(
+                f"file: this key's stored files would pass its quota of {self.quotas.max_file_bytes_per_key}"
+                " bytes; delete some first",
+                param="file",
+            )
         with (self.root / "uploads" / f"{upload_id}.part").open("ab") as f:
             f.write(chunk)
         self.uploads[upload_id] = (owner, filename, size)
@@ -260,9 +313,7 @@ class BatchStore:
         for batch in self.batches.values():
             if not batch.terminal and file_id in (batch.input_file_id, batch.output_file_id):
                 raise Conflict(f"The file '{file_id}' is in use by the batch '{batch.id}'.", param="file_id")
-        del self.files[file_id]
-        (self.root / "files" / f"{file_id}.json").unlink(missing_ok=True)
-        (self.root / record.path).unlink(missing_ok=True)
+        self._remove_file(record)
 
     # -- batches ----------------------------------------------------------------------------
 
@@ -271,6 +322,7 @@ class BatchStore:
         metadata: dict[str, str] | None, now: int | None = None,
     ) -> BatchRecord:
         source = self.get_file(owner, input_file_id, param="input_file_id")
+        self._check_batch_quota(owner)
         if source.purpose != "batch":
             raise InvalidRequest(
                 f"input_file_id: the file '{input_file_id}' was not uploaded with purpose 'batch'",
@@ -281,7 +333,7 @@ class BatchStore:
             completion_window=completion_window, created_at=now or int(time.time()), total=source.lines,
             metadata=metadata,
         )
-        self.batch_dir(batch.id).mkdir(parents=True, exist_ok=True)
+        private_dir(self.batch_dir(batch.id))
         self.save_batch(batch)
         return batch
 
@@ -302,15 +354,19 @@ class BatchStore:
         self._save("batches", batch)
         self.batches[batch.id] = batch
 
-    def get_batch(self, owner: str, batch_id: str) -> BatchRecord:
+    def get_batch(self, owner: str | None, batch_id: str) -> BatchRecord:
+        """``owner``'s batch (any owner's for ``None``, the admin); otherwise ``NotFound``."""
         batch = self.batches.get(batch_id)
-        if batch is None or batch.owner != owner:
+        if batch is None or owner not in (None, batch.owner):
             raise NotFound(f"No batch with id '{batch_id}'.", param="batch_id")
         return batch
 
-    def list_batches(self, owner: str, limit: int, after: str | None) -> tuple[list[BatchRecord], bool]:
-        mine = [b for b in self.batches.values() if b.owner == owner]
+    def list_batches(self, owner: str | None, limit: int, after: str | None) -> tuple[list[BatchRecord], bool]:
+        mine = [b for b in self.batches.values() if owner in (None, b.owner)]
         return _page(sorted(mine, key=lambda b: (-b.created_at, b.id)), limit, after)
+
+    def unfinished_batches(self, owner: str) -> list[BatchRecord]:
+        return [b for b in self.batches.values() if b.owner == owner and not b.terminal]
 
     def read_progress(self, batch: BatchRecord) -> BatchProgress | None:
         try:
@@ -323,6 +379,7 @@ class BatchStore:
         paths = self.job_paths(batch)
         for kind, path in (("output", paths["output"]), ("errors", paths["errors"])):
             path.touch()
+            path.chmod(0o600)  # the job wrote it with its umask's mode
             size = path.stat().st_size
             if kind == "errors" and size == 0:
                 continue
@@ -338,6 +395,29 @@ class BatchStore:
             else:
                 batch.error_file_id = record.id
         self.save_batch(batch)
+
+
+    # -- retention ----------------------------------------------------------------------------
+
+    def expire(self, cutoffs: Cutoffs) -> tuple[int, int]:
+        """Remove expired files and finished batches (records and bytes); returns how many of each."""
+        file_ids = expired_files(list(self.files.values()), list(self.batches.values()), cutoffs)
+        for file_id in file_ids:
+            self._remove_file(self.files[file_id])
+        batch_ids = expired_batches(list(self.batches.values()), cutoffs)
+        for batch_id in batch_ids:
+            batch = self.batches.pop(batch_id)
+            for output_id in (batch.output_file_id, batch.error_file_id):
+                if output_id is not None and output_id in self.files:
+                    self._remove_file(self.files[output_id])  # its bytes live in the batch's directory
+            (self.root / "batches" / f"{batch_id}.json").unlink(missing_ok=True)
+            shutil.rmtree(self.batch_dir(batch_id), ignore_errors=True)
+        return len(file_ids), len(batch_ids)
+
+    def _remove_file(self, record: FileRecord) -> None:
+        del self.files[record.id]
+        (self.root / "files" / f"{record.id}.json").unlink(missing_ok=True)
+        (self.root / record.path).unlink(missing_ok=True)
 
 
 def _page(records: list[Any], limit: int, after: str | None) -> tuple[list[Any], bool]:

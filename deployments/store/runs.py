@@ -196,14 +196,14 @@ class RunStore(DatabaseBacked):
                 )
             return self._load(tx, existing["id"]), False
 
-    def get(self, run_id: str, owner: str) -> RunRecord:
-        """The run, if ``owner`` owns it; otherwise ``RunNotFound``."""
+    def get(self, run_id: str, owner: str | None) -> RunRecord:
+        """The run, if ``owner`` owns it (anyone's for ``None``: the admin); otherwise ``RunNotFound``."""
         if not is_run_id(run_id):
             raise run_not_found(run_id)
         with self._db.autocommit() as tx:
             return self._load(tx, run_id, owner)
 
-    def cancel(self, run_id: str, owner: str, now: float | None = None) -> RunRecord:
+    def cancel(self, run_id: str, owner: str | None, now: float | None = None) -> RunRecord:
         """Cancel a queued or running run; a finished run is returned unchanged.
 
         A running run loses its lease at once, so its worker's ``renew`` and ``complete``
@@ -220,20 +220,20 @@ class RunStore(DatabaseBacked):
 
     def list_runs(
         self,
-        owner: str,
+        owner: str | None,
         status: str | None = None,
         task: str | None = None,
         limit: int = 20,
         cursor: str | None = None,
     ) -> tuple[list[RunRecord], str | None]:
-        """``owner``'s runs, newest first, and the cursor of the next page (None at the end).
+        """``owner``'s runs (everyone's for ``None``), newest first, and the cursor of the next page.
 
         Keyset pagination on (created_at, id): runs created while paging never shift a page.
         """
         if not 1 <= limit <= MAX_LIST_LIMIT:
             raise InvalidRequest(f"limit must be between 1 and {MAX_LIST_LIMIT}.", param="limit")
-        where: list[str] = ["owner = ?"]
-        args: list[Any] = [owner]
+        where: list[str] = ["owner = ?"] if owner is not None else ["1 = 1"]
+        args: list[Any] = [owner] if owner is not None else []
         if status is not None:
             if status not in STATUSES:
                 raise InvalidRequest(f"Unknown run status '{status[:50]}'.", param="status")
@@ -398,3 +398,34 @@ class RunStore(DatabaseBacked):
         now = now_or(now)
         with self._db.transaction() as tx:
             return sum(self._interrupt(tx, run, now) for run in self._running(tx, self._lock_rows))
+
+    # -- the admin's side and retention ---------------------------------------------------
+
+    def cancel_queued(self, owner: str, now: float | None = None) -> int:
+        """Cancel every queued run of ``owner`` (its key was revoked); returns how many."""
+        now = now_or(now)
+        with self._db.transaction() as tx:
+            rows = tx.rows(f"SELECT {COLUMNS} FROM runs WHERE owner = ? AND status = 'queued'{self._lock_rows}", owner)
+            for run in map(record, rows):
+                self._move(tx, run, RunEvent.CANCEL, now)
+        return len(rows)
+
+    def expire(self, finished_before: float, idempotency_before: float, limit: int = 1000) -> tuple[int, int]:
+        """Delete up to ``limit`` runs that finished before ``finished_before``, and forget the
+        Idempotency-Keys of up to ``limit`` runs created before ``idempotency_before``.
+
+        Bounded so that one call holds the database briefly (lease renewals share it): the caller
+        repeats while a call removes ``limit`` of either. Returns (runs deleted, keys forgotten).
+        """
+        with self._db.transaction() as tx:
+            deleted = tx.run(
+                "DELETE FROM runs WHERE seq IN (SELECT seq FROM runs WHERE status IN"
+                " ('succeeded', 'failed', 'cancelled') AND finished_at < ? LIMIT ?)",
+                finished_before, limit,
+            )
+            forgotten = tx.run(
+                "UPDATE runs SET idempotency_key = NULL WHERE seq IN (SELECT seq FROM runs WHERE"
+                " idempotency_key IS NOT NULL AND created_at < ? LIMIT ?)",
+                idempotency_before, limit,
+            )
+        return deleted, forgotten

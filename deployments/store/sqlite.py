@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from deployments.store.database import Database, Dialect, Location, Row
+from deployments.store.private import private_dir, private_file
 
 __all__ = ["SQLITE", "SqliteDatabase"]
 
@@ -52,7 +53,8 @@ class SqliteDatabase(Database):
     def __init__(self, path: Location) -> None:
         self.location = str(path)
         if self.location != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            # Readable by the owner only; SQLite gives the -wal and -shm files the database's mode.
+            private_file(private_dir(Path(path).parent) / Path(path).name)
         # isolation_level=None: we issue BEGIN IMMEDIATE/COMMIT ourselves. check_same_thread off
         # so an actor may call from a worker thread; the lock serializes all access.
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from deployments.config import QuotasConfig
 from deployments.errors import (
     InvalidRequest,
     NotFound,
@@ -267,7 +268,7 @@ def test_upload_limits(tmp_path: Path) -> None:
 
 
 def test_pages_newest_first(tmp_path: Path) -> None:
-    store = BatchStore(tmp_path)
+    store = BatchStore(tmp_path, quotas=QuotasConfig(max_batches_per_key=5))
     file_id = upload(store, "alice", b"{}\n")
     ids = [store.create_batch("alice", file_id, "/v1/chat/completions", "24h", None, now=100 + i).id
            for i in range(5)]
