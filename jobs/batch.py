@@ -59,12 +59,16 @@ import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from deployments import names
 from deployments.core.retry import BackoffPolicy
 from deployments.errors import Overloaded, PromptfleetError
 from deployments.schemas import BatchChatLine, BatchTaskLine, ChatCompletionRequest
+
+if TYPE_CHECKING:
+    from deployments.gateway.metering import Meter
+    from deployments.model_calls import ModelCalls
 from jobs.batchlines import (
     BatchItem,
     Done,
@@ -114,9 +118,6 @@ class ServeBackend:
     def __init__(self, app_name: str, key_id: str | None = None, wait_s: float = 30.0) -> None:
         from ray import serve
 
-        from deployments.gateway.metering import Meter
-        from deployments.model_calls import HandleTransport, ModelCalls
-
         # serve.status() answers "no applications" while the controller cannot be reached
         # (seen on a loaded 2-core machine right after the driver connects): look again a while.
         deadline = time.monotonic() + wait_s
@@ -126,29 +127,43 @@ class ServeBackend:
             time.sleep(1.0)
         self.app_name = app_name
         self.key_id = key_id
-        workers = {
-            name.removeprefix(names.WORKER_PREFIX): serve.get_deployment_handle(name, app_name)
-            for name in app.deployments
-            if name.startswith(names.WORKER_PREFIX)
+        self.models = {
+            name.removeprefix(names.WORKER_PREFIX) for name in app.deployments if name.startswith(names.WORKER_PREFIX)
         }
-        # The models' configs (fallbacks, output limits) from the workers themselves: this driver
-        # has no copy of the app's arguments. Not in an event loop yet, so a blocking wait is fine.
-        models = [handle.describe.remote().result(timeout_s=wait_s) for handle in workers.values()]
+        # Getting a handle is fine here; using it (even `handle.method`) must wait for the event loop.
         self.runner = serve.get_deployment_handle(names.TASK_RUNNER, app_name)
-        self.meter = (
-            Meter(serve.get_deployment_handle(names.TASK_STORE, app_name),
-                  serve.get_deployment_handle(names.RATE_LIMITER, app_name))
-            if key_id is not None else None
-        )
-        self.calls = ModelCalls(models, HandleTransport(workers), self.meter)
+        self.calls: ModelCalls | None = None
+        self.meter: Meter | None = None
+        self.connecting = asyncio.Lock()
+
+    async def _calls(self) -> ModelCalls:
+        """The model call path, built on first use: handles may only be used inside the event loop
+        (with RAY_SERVE_THROUGHPUT_OPTIMIZED their router runs on the caller's loop)."""
+        from ray import serve
+
+        from deployments.gateway.metering import Meter
+        from deployments.model_calls import HandleTransport, ModelCalls
+
+        async with self.connecting:
+            if self.calls is None:
+                workers = {m: serve.get_deployment_handle(names.worker(m), self.app_name) for m in self.models}
+                # The models' configs (fallbacks, output limits) from the workers themselves: this
+                # driver has no copy of the app's arguments.
+                models = await asyncio.gather(*(handle.describe.remote() for handle in workers.values()))
+                if self.key_id is not None:
+                    self.meter = Meter(serve.get_deployment_handle(names.TASK_STORE, self.app_name),
+                                       serve.get_deployment_handle(names.RATE_LIMITER, self.app_name))
+                self.calls = ModelCalls(models, HandleTransport(workers), self.meter)
+            return self.calls
 
     def has_model(self, model: str) -> bool:
-        return model in self.calls.models
+        return model in self.models
 
     async def chat(self, request: ChatCompletionRequest) -> Result:
         try:
+            calls = await self._calls()
             payer = await self.meter.account(self.key_id) if self.meter is not None else None
-            return await self.calls.complete(request, payer, wait_s=LINE_WAIT_S, background=True)
+            return await calls.complete(request, payer, wait_s=LINE_WAIT_S, background=True)
         except PromptfleetError as exc:
             return exc
 

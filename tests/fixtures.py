@@ -83,6 +83,8 @@ def upstream_models(base_url: str) -> list[dict[str, Any]]:
         {**common, "name": "fake-limited", "timeout_s": 30, "max_retries": 3, "rpm": LIMITED_RPM},
         {**common, "name": "fake-breaker", "timeout_s": 5, "max_retries": 0, "breaker_threshold": 3,
          "breaker_cooldown_s": 2},
+        # Capped Retry-After (issue 10): an upstream asking for hours (or `inf`) pauses it for 2 s.
+        {**common, "name": "fake-capped", "timeout_s": 10, "max_retries": 0, "max_retry_after_s": 2},
         # An upstream that refuses connections, falling back to `fake`.
         {**common, "name": "fake-dead", "base_url": "http://127.0.0.1:9/v1", "timeout_s": 5, "max_retries": 0,
          "fallback_models": ["fake"]},
@@ -179,7 +181,7 @@ def auth_app(main: dict[str, Any], upstream_base_url: str, state: Path) -> dict[
                            "max_batches": 2},
             },
             "models": [
-                *(m for m in upstream_models(upstream_base_url) if m["name"] == "fake"),
+                *(m for m in upstream_models(upstream_base_url) if m["name"] in ("fake", "fake-capped")),
                 shared_model(upstream_base_url),
             ],
         },

@@ -252,3 +252,16 @@ def test_cli_batch_submits_a_job_and_follows_it(app: ServeApp, tmp_path: Path,
     lines = read_jsonl(tmp_path / "out.jsonl")
     assert sorted(x["custom_id"] for x in lines) == sorted(f"t-{i}" for i in range(20))
     assert all(x["response"]["body"]["output"] == {"label": "a"} for x in lines)
+
+
+@pytest.mark.parametrize("mode", ["rate_limit", "error"])
+def test_a_batch_line_costs_at_most_the_providers_tries(app: ServeApp, tmp_path: Path, mode: str) -> None:
+    """One retry layer per call path (issue 9/10): the provider's max_retries (2 for `fake-retry`) is
+    the only layer that re-calls an upstream; the batch job does not re-try what reached it (it used to:
+    4 batch attempts x 3 provider tries = 12 upstream calls for one line)."""
+    app.upstream.configure(mode=mode, retry_after=0.05)
+    write_jsonl(tmp_path / "in.jsonl", [chat("only", "x", model="fake-retry")])
+    assert run_batch(tmp_path, "--max-attempts", "4") == 0
+    (line,) = read_jsonl(tmp_path / "out.jsonl")
+    assert line["response"]["status_code"] == (429 if mode == "rate_limit" else 502)
+    assert app.upstream.stats()["calls"] == 3  # 1 + max_retries, whatever --max-attempts says

@@ -1,14 +1,15 @@
 """ModelCalls — the one model call path — with fake workers behind its Transport seam (no Ray).
 
 Metering runs for real: a ``Meter`` over the real RateLimiter and TaskStore classes (SQLite in a
-temporary directory), reached through handle-shaped wrappers on the same event loop.
+temporary directory), reached through handle-shaped wrappers on the same event loop
+(``tests.fakes.metering``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -17,15 +18,11 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, NodeDiedError,
 from ray.serve.exceptions import BackPressureError
 
 from deployments import errors
-from deployments.config import OpenAIModel, TasksConfig
-from deployments.core.replies import unwrap
-from deployments.gateway.caller import KeyEntry
-from deployments.gateway.metering import Meter
+from deployments.config import OpenAIModel
 from deployments.model_calls import ModelCalls
-from deployments.rate_limiter import RateLimiter
-from deployments.schemas import BookingAnswer, ChatCompletionRequest, ReserveRequest, StreamEnd, Usage
-from deployments.task_store import TaskStore
-from tests.fakes.workers import USAGE, FakeWorkers, Handle
+from deployments.schemas import ChatCompletionRequest, StreamEnd, Usage
+from tests.fakes.metering import Metered, metered
+from tests.fakes.workers import USAGE, FakeWorkers
 
 
 def model(name: str, *fallbacks: str, **settings: Any) -> OpenAIModel:
@@ -172,71 +169,6 @@ def test_stream_errors_before_the_first_chunk_raise_and_after_it_are_values() ->
 
 
 # -- metering -------------------------------------------------------------------------------------
-
-
-class RecordingLimiter(RateLimiter):
-    """The real RateLimiter, recording the tokens booked and settled per budget."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.net: dict[str, int] = {}
-        self.requests: dict[str, int] = {}
-
-    async def reserve_now(self, request: ReserveRequest) -> list[BookingAnswer]:
-        answers = await super().reserve_now(request)
-        granted = [request.asks[a.index] for a in answers if a.granted]
-        name = request.budget
-        self.net[name] = self.net.get(name, 0) + sum(ask.tokens for ask in granted) + request.token_delta
-        self.requests[name] = self.requests.get(name, 0) + len(granted)
-        return answers
-
-
-class Metered:
-    """A Meter over the real RateLimiter and TaskStore (SQLite under ``tmp``), and one key."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.limiter = RecordingLimiter()
-        self.store = TaskStore(TasksConfig(state_dir=str(tmp)))
-        self.meter = Meter(Handle(self.store), Handle(self.limiter))  # type: ignore[arg-type]
-
-    async def key(self, **limits: Any) -> KeyEntry:
-        key, _ = unwrap(await self.store.create_key("tenant", limits.get("rpm"), limits.get("tpm"),
-                                             limits.get("token_budget")))
-        return KeyEntry(key=key, fetched_at=time.monotonic())
-
-    async def booked(self, key: KeyEntry) -> int:
-        """Tokens booked on the key's tpm, once a booking reached the limiter."""
-        for _ in range(100):
-            if self.limiter.net:
-                break
-            await asyncio.sleep(0.01)
-        return self.limiter.net[f"key:{key.key.id}"]
-
-    async def settled(self, key: KeyEntry) -> int:
-        """Tokens left booked on the key's tpm once corrections went out."""
-        for _ in range(100):
-            if not self.meter.budgets.unsettled and not self.meter.budgets.senders:
-                break
-            await asyncio.sleep(0.05)
-        return self.limiter.net.get(f"key:{key.key.id}", 0)
-
-    async def usage(self, key: KeyEntry) -> list[dict[str, Any]]:
-        await self.meter.flush()
-        return unwrap(await self.store.usage(key.key.id))
-
-    async def close(self) -> None:
-        await self.meter.close()
-        self.store.close()
-
-
-def metered(tmp_path: Path, scenario: Callable[[Metered], Awaitable[None]]) -> None:
-    async def go() -> None:
-        m = Metered(tmp_path)
-        try:
-            await scenario(m)
-        finally:
-            await m.close()
-    asyncio.run(go())
 
 
 def test_a_call_is_admitted_then_recorded_and_its_booking_settled(tmp_path: Path) -> None:
@@ -395,15 +327,10 @@ def test_work_billed_by_key_id_finds_the_key_and_refuses_revoked_or_unknown_keys
     metered(tmp_path, scenario)
 
 
-async def _collect(stream: AsyncIterator[Any]) -> list[Any]:
-    return [item async for item in stream]
-
-
 def test_stream_end_without_chunks_is_an_empty_stream() -> None:
     workers = FakeWorkers({"b": [[StreamEnd(usage=Usage())]]})
-    items = run(_collect_stream(ModelCalls(MODELS, workers), request("b", stream=True)))
-    assert items == []
 
+    async def collect() -> list[Any]:
+        return [item async for item in await ModelCalls(MODELS, workers).stream(request("b", stream=True))]
 
-async def _collect_stream(calls: ModelCalls, req: ChatCompletionRequest) -> list[Any]:
-    return await _collect(await calls.stream(req))
+    assert run(collect()) == []

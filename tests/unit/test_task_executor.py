@@ -16,8 +16,8 @@ from deployments.model_calls import ModelCalls
 from deployments.schemas import ChatReply, ModelCall
 from deployments.store.records import UsageRecord
 from deployments.task_executor import TRANSIENT, TaskExecutor
+from tests.fakes.metering import Metered, metered
 from tests.fakes.workers import FakeWorkers
-from tests.unit.test_model_calls import Metered, metered
 
 MODELS = [OpenAIModel(provider="openai", name=n, base_url="http://127.0.0.1:1/v1", fallback_models=["z"])
           for n in ("m", "f", "z")]
