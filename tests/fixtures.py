@@ -229,7 +229,9 @@ def start_cluster(config: dict[str, Any]) -> str:
         # Token auth, as `promptfleet start` runs Ray (cluster/local.py). Ray turns it on for a new
         # local cluster when a token exists, so make sure one does (setting RAY_AUTH_MODE here would
         # come too late: this process read Ray's config when it imported ray).
-        subprocess.run([local._ray(), "get-auth-token", "--generate"], capture_output=True, check=True, timeout=120)
+        subprocess.run(
+            [local.ray_executable(), "get-auth-token", "--generate"], capture_output=True, check=True, timeout=120
+        )
     dashboard_port = free_port()
     for attempt in range(2):
         before = descendants(os.getpid())
