@@ -44,8 +44,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.config import ModelConfig
 from deployments.core.tokens import StreamCounter, completion_budget, prompt_tokens, reply_tokens
 from deployments.errors import InvalidRequest, ModelNotFound, Overloaded, PromptfleetError
-from deployments.gateway.caller import KeyEntry
-from deployments.gateway.metering import Meter
+from deployments.metering import KeyEntry, Meter
 from deployments.schemas import ChatCompletionRequest, ChatReply, ModelCall, Share, StreamEnd, Usage
 
 logger = logging.getLogger("ray.serve")

@@ -29,7 +29,7 @@ from deployments.core.replies import Reply, replying, unwrap
 from deployments.core.runloop import RunLoop
 from deployments.core.taskdefs import TaskDefinition
 from deployments.errors import PromptfleetError
-from deployments.gateway.metering import Meter
+from deployments.metering import Meter
 from deployments.model_calls import HandleTransport, ModelCalls
 from deployments.store import RunRecord
 from deployments.task_executor import TaskExecutor

@@ -67,7 +67,7 @@ from deployments.errors import Overloaded, PromptfleetError
 from deployments.schemas import BatchChatLine, BatchTaskLine, ChatCompletionRequest
 
 if TYPE_CHECKING:
-    from deployments.gateway.metering import Meter
+    from deployments.metering import Meter
     from deployments.model_calls import ModelCalls
 from jobs.batchlines import (
     BatchItem,
@@ -141,7 +141,7 @@ class ServeBackend:
         (with RAY_SERVE_THROUGHPUT_OPTIMIZED their router runs on the caller's loop)."""
         from ray import serve
 
-        from deployments.gateway.metering import Meter
+        from deployments.metering import Meter
         from deployments.model_calls import HandleTransport, ModelCalls
 
         async with self.connecting:

@@ -20,7 +20,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.core.replies import unwrap
 from deployments.gateway.auth import Authenticator, require_admin
 from deployments.gateway.caller import Caller, get_caller
-from deployments.gateway.metering import Meter
+from deployments.metering import Meter
 from deployments.schemas import KeyCreate, KeyCreated, KeyList, KeyView, UsageList, UsageRow
 from deployments.store.keys import ApiKey
 

@@ -14,20 +14,7 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from deployments.errors import AuthenticationFailed, PermissionDenied
-from deployments.store.keys import ApiKey
-
-
-@dataclass
-class KeyEntry:
-    """A key record as this Gateway replica last fetched it, plus the tokens it recorded since."""
-
-    key: ApiKey
-    fetched_at: float  # monotonic
-    tokens_since_fetch: int = 0
-
-    @property
-    def tokens_used(self) -> int:
-        return self.key.tokens_used + self.tokens_since_fetch
+from deployments.metering import KeyEntry
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,10 @@ from typing import Annotated
 
 from fastapi import Header
 
+from deployments.metering import admission_wait
+
+__all__ = ["admission_wait", "client_timeout"]
+
 REQUEST_TIMEOUT_HEADER = "X-Request-Timeout"
 SDK_TIMEOUT_HEADER = "X-Stainless-Read-Timeout"
 
@@ -51,8 +55,3 @@ async def client_timeout(
         if math.isfinite(value) and value > 0:
             return value
     return None
-
-
-def admission_wait(client_timeout_s: float | None, default_wait_s: float, max_wait_s: float) -> float:
-    """Seconds a request may wait for its slot."""
-    return min(client_timeout_s if client_timeout_s is not None else default_wait_s, max_wait_s)

@@ -46,8 +46,8 @@ from deployments.gateway.batch_routes import FILES_PATH, build_batch_router
 from deployments.gateway.chat_routes import ChatRoutes
 from deployments.gateway.health import HealthCheck
 from deployments.gateway.listener import Listener
-from deployments.gateway.metering import Meter
 from deployments.gateway.task_routes import build_task_router
+from deployments.metering import Meter
 from deployments.model_calls import HandleTransport, ModelCalls
 from deployments.schemas import Health
 from deployments.store.batches import MAX_FILE_BYTES

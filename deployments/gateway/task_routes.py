@@ -30,7 +30,7 @@ from deployments.core.replies import unwrap
 from deployments.core.taskdefs import TaskDefinition
 from deployments.errors import InvalidRequest, Overloaded
 from deployments.gateway.caller import Caller, get_caller, list_scope, run_scope
-from deployments.gateway.metering import Meter
+from deployments.metering import Meter
 from deployments.schemas import RunList, RunView, TaskInfo, TaskList, TaskResult, TaskRunRequest
 from deployments.task_executor import check_input
 

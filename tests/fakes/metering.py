@@ -11,8 +11,7 @@ from typing import Any
 
 from deployments.config import TasksConfig
 from deployments.core.replies import unwrap
-from deployments.gateway.caller import KeyEntry
-from deployments.gateway.metering import Meter
+from deployments.metering import KeyEntry, Meter
 from deployments.rate_limiter import RateLimiter
 from deployments.schemas import BookingAnswer, ReserveRequest
 from deployments.task_store import TaskStore

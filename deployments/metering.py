@@ -1,4 +1,4 @@
-"""Metering of API keys: a key's limits before a model call, its usage after.
+"""Metering of API keys: a key's limits before a model call, its usage after (any process).
 
 Used by the one model call path (``deployments.model_calls``) wherever it runs: in the Gateway
 (chat, streams), in the TaskRunner (task runs, billed to the run's owner key) and in batch jobs'
@@ -14,7 +14,7 @@ so it works the same in any process:
   gets 429, with Retry-After = when that slot would be free;
 - ``share`` names the payer for the fair share of a limited model's budget (booked by the worker);
 - a key's ``token_budget`` is checked against the tokens recorded for it: the key record as
-  this process last fetched it (the Gateway's ``Authenticator`` index, or ``account`` here,
+  this process last fetched it (``KeyEntry``: the Gateway's ``Authenticator`` index, or ``account`` here,
   which asks the TaskStore at most every ``KEY_TTL_S``) plus what this process recorded since;
 - after the call, ``record`` adds a usage row (accumulated here, written to the TaskStore about
   once a second) and settles the tpm booking with the real count; a call that was refused,
@@ -30,6 +30,7 @@ import contextlib
 import logging
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 
 from ray.serve.handle import DeploymentHandle
 
@@ -37,8 +38,6 @@ from deployments.config import DEFAULT_ADMISSION_WAIT_S, AdmissionConfig
 from deployments.core.booking import BudgetClient, answered_at_once
 from deployments.core.replies import unwrap
 from deployments.errors import AuthenticationFailed, PermissionDenied, RateLimited
-from deployments.gateway.caller import KeyEntry
-from deployments.gateway.deadline import admission_wait
 from deployments.schemas import Budget, Share, Usage
 from deployments.store.keys import ApiKey
 from deployments.store.records import UsageRecord
@@ -48,6 +47,24 @@ logger = logging.getLogger("ray.serve")
 FLUSH_INTERVAL_S = 1.0
 KEY_TTL_S = 5.0  # how long ``account`` trusts a key record fetched from the TaskStore
 MAX_CACHED = 10_000  # per-key budgets and shares kept ready (a plain cache: cleared when full)
+
+
+@dataclass
+class KeyEntry:
+    """A key record as this Gateway replica last fetched it, plus the tokens it recorded since."""
+
+    key: ApiKey
+    fetched_at: float  # monotonic
+    tokens_since_fetch: int = 0
+
+    @property
+    def tokens_used(self) -> int:
+        return self.key.tokens_used + self.tokens_since_fetch
+
+
+def admission_wait(client_timeout_s: float | None, default_wait_s: float, max_wait_s: float) -> float:
+    """Seconds a request may wait for its slot."""
+    return min(client_timeout_s if client_timeout_s is not None else default_wait_s, max_wait_s)
 
 
 class Meter:
