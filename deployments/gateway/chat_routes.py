@@ -15,14 +15,14 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from deployments.errors import ModelNotFound, PromptfleetError
-from deployments.gateway.caller import Caller, get_caller
-from deployments.gateway.deadline import client_timeout
+from deployments.gateway import deadline
+from deployments.gateway.caller import get_caller
 from deployments.model_calls import ModelCalls
 from deployments.schemas import ChatCompletionRequest, ModelCard, ModelList
 
@@ -59,13 +59,12 @@ class ChatRoutes:
                     return card
             raise ModelNotFound(f"The model '{model_id}' does not exist.", param="model")
 
-        @router.post("/chat/completions", response_model=None)
-        async def chat_completions(
-            request: ChatCompletionRequest,
-            caller: Annotated[Caller, Depends(get_caller)],
-            client_timeout_s: Annotated[float | None, Depends(client_timeout)],
-        ) -> Response:
-            wait_s = self.calls.wait_s(request.model, client_timeout_s)
+        @router.post("/chat/completions", response_model=None, openapi_extra=deadline.OPENAPI)
+        async def chat_completions(request: ChatCompletionRequest, http: Request) -> Response:
+            # The hot route reads its caller and deadline itself: as FastAPI dependencies they cost
+            # ~80 µs of the Gateway's ~2 ms CPU per request (dependency solving), for nothing.
+            caller = await get_caller(http)
+            wait_s = self.calls.wait_s(request.model, deadline.client_timeout(http.headers))
             if request.stream:
                 chunks = await self.calls.stream(request, caller.entry, wait_s=wait_s)
                 return StreamingResponse(
