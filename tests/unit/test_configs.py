@@ -14,7 +14,7 @@ from ray.serve.schema import ServeDeploySchema
 from deployments import names
 from deployments.config import DATABASE_URL_ENV, AppArgs, OpenAIModel, TasksConfig
 from deployments.config import docs as config_docs
-from deployments.core.taskdefs import load_task_definitions, validate_models
+from deployments.core.taskfile import load_task_definitions, validate_models
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
