@@ -276,6 +276,11 @@ class TaskRunRequest(_Ours):
     """Body of POST /v1/tasks/{name}/run and /submit."""
 
     input: dict[str, Any] = Field(description="The task's input, matching its `input_schema`.")
+    model: str | None = Field(
+        default=None, max_length=200,
+        description="/run only, keys with the prompts scope (or the admin): run the task on this model instead "
+        "of its own, without fallbacks (`promptfleet tasks test --model`).",
+    )
 
 
 class TaskResult(_Ours):

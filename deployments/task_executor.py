@@ -61,14 +61,17 @@ class TaskExecutor:
         wait: bool = False,
         background: bool = False,
         version: int | None = None,
+        model: str | None = None,
     ) -> dict[str, Any]:
         """Run ``version`` of the task (None: the active one); its model calls are billed to the key
-        ``payer`` (None: unmetered).
+        ``payer`` (None: unmetered). ``model``: on this model instead of the task's, without fallbacks.
 
         ``wait``: the payer's rpm/tpm may delay the calls (within the task's ``timeout_s``) instead
         of refusing them with 429. ``background``: a queued run, served behind the payer's
         interactive calls in a limited model's fair queue."""
         defn, version = await self.tasks.definition(name, version)
+        if model is not None:
+            defn = defn.model_copy(update={"model": model, "fallback_models": []})
         validate_input(defn, task_input)
         messages = render_messages(defn, task_input)
         meter = self.calls.meter

@@ -97,13 +97,14 @@ class TaskRunner:
 
     async def run(
         self, name: str, task_input: dict[str, Any], payer: str | None = None, background: bool = False,
-        version: int | None = None,
+        version: int | None = None, model: str | None = None,
     ) -> Reply[dict[str, Any]]:
         """The synchronous path: execute ``version`` (the one the Gateway checked the input against;
         None: this replica's active one) now, billed to the key ``payer``; return the result or the
         error (as a value). The payer's rate limit paces the calls within the task's timeout;
-        ``background`` (batch task lines) puts them behind the payer's interactive calls."""
-        return await replying(self.executor.execute(name, task_input, payer, True, background, version))
+        ``background`` (batch task lines) puts them behind the payer's interactive calls; ``model``
+        runs it on another model (``promptfleet tasks test --model``)."""
+        return await replying(self.executor.execute(name, task_input, payer, True, background, version, model))
 
     async def __del__(self) -> None:
         """Serve stops this replica (scale-down, redeploy, shutdown): hand its runs back at once,

@@ -230,7 +230,7 @@ class Gateway:
         )
         self.routers = [
             ChatRoutes(ModelCalls(args.models, HandleTransport(workers), self.meter)).router(),
-            build_task_router(self.tasks, store, runner, self.meter),
+            build_task_router(self.tasks, store, runner, self.meter, args.auth.enabled),
             build_prompt_router(args, self.tasks, store),
             build_admin_router(store, self.auth, self.meter, batches),
             *([build_batch_router(batches)] if batches is not None else []),

@@ -33,6 +33,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.catalogue import Catalogue, CatalogueFollower
 from deployments.core.replies import unwrap
 from deployments.errors import InvalidRequest, Overloaded
+from deployments.gateway.auth import require_prompts
 from deployments.gateway.caller import Caller, get_caller, list_scope, run_scope
 from deployments.metering import Meter
 from deployments.schemas import RunList, RunView, TaskInfo, TaskList, TaskResult, TaskRunRequest
@@ -60,7 +61,7 @@ def task_list(catalogue: Catalogue) -> TaskList:
 
 
 def build_task_router(
-    tasks: CatalogueFollower, store: DeploymentHandle, runner: DeploymentHandle, meter: Meter
+    tasks: CatalogueFollower, store: DeploymentHandle, runner: DeploymentHandle, meter: Meter, auth_enabled: bool
 ) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["tasks"])
     listed: dict[int | None, TaskList] = {}  # the catalogue page, built once per catalogue version
@@ -77,9 +78,11 @@ def build_task_router(
     async def run_task(name: str, body: TaskRunRequest, caller: Annotated[Caller, Depends(get_caller)]) -> Any:
         entry = await tasks.active(name)
         check_input(entry.definition, body.input)
+        if body.model is not None:
+            require_prompts(caller, auth_enabled)
         meter.check_budget(caller.entry)
         try:
-            result = await runner.run.remote(name, body.input, caller.key_id, False, entry.version)
+            result = await runner.run.remote(name, body.input, caller.key_id, False, entry.version, body.model)
         except BackPressureError:
             raise Overloaded("The task runners are at capacity; retry shortly.", retry_after=1) from None
         result = unwrap(result)
@@ -94,6 +97,8 @@ def build_task_router(
     ) -> JSONResponse:
         entry = await tasks.active(name)
         check_input(entry.definition, body.input)
+        if body.model is not None:
+            raise InvalidRequest("model: only POST /v1/tasks/{name}/run takes a model.", param="model")
         meter.check_budget(caller.entry)
         view, created = unwrap(
             await store.create_run.remote(name, body.input, caller.owner, idempotency_key, entry.version)
