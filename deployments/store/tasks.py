@@ -22,6 +22,7 @@ stays in the catalogue.
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -32,6 +33,7 @@ from deployments.store.database import Database, DatabaseBacked, Dialect, Locati
 __all__ = ["TaskActivation", "TaskSnapshot", "TaskVersion", "TaskVersionStore", "VersionInput"]
 
 DEPLOY_AUTHOR = "deploy"
+_TASK_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # TaskDefinition.name: anything else names no task
 
 
 def schema(d: Dialect) -> list[str]:
@@ -114,6 +116,11 @@ def _version(row: Row, active: bool = False) -> TaskVersion:
         definition=json.loads(row["definition"]), source=row["source"], author=row["author"],
         created_at=float(row["created_at"]), active=active,
     )
+
+
+def _check_name(name: str, version: int | None = None) -> None:
+    if _TASK_NAME.fullmatch(name) is None:
+        raise _task_not_found(name, version)
 
 
 def _task_not_found(name: str, version: int | None = None) -> NotFound:
@@ -210,6 +217,7 @@ class TaskVersionStore(DatabaseBacked):
     def rollback(self, name: str, version: int, actor: str, now: float | None = None) -> TaskVersion:
         """Make the stored ``version`` of ``name`` the active one again (no new version)."""
         now = time.time() if now is None else now
+        _check_name(name, version)
         with self._db.transaction() as tx:
             tx.one(f"SELECT version FROM task_catalogue WHERE id = 1{self._lock_rows}")
             row = tx.one(f"SELECT {_VERSION_COLUMNS} FROM task_versions v WHERE v.name = ? AND v.version = ?",
@@ -245,6 +253,7 @@ class TaskVersionStore(DatabaseBacked):
         return TaskSnapshot(version=version, active=[_version(r, active=True) for r in rows])
 
     def get(self, name: str, version: int) -> TaskVersion:
+        _check_name(name, version)
         with self._db.autocommit() as tx:
             row = tx.one(
                 f"SELECT {_VERSION_COLUMNS}, a.version AS active_version FROM task_versions v"
@@ -257,6 +266,7 @@ class TaskVersionStore(DatabaseBacked):
 
     def history(self, name: str) -> tuple[list[TaskVersion], list[TaskActivation]]:
         """Every version of ``name`` (newest first, the active one marked) and every activation."""
+        _check_name(name)
         with self._db.transaction() as tx:
             active = tx.one("SELECT version FROM task_active WHERE name = ?", name)
             rows = tx.rows(f"SELECT {_VERSION_COLUMNS} FROM task_versions v WHERE v.name = ? ORDER BY v.version DESC",

@@ -211,3 +211,10 @@ def test_a_stored_definition_that_no_longer_loads_keeps_the_last_good_one(tmp_pa
     catalogue.apply(versions.snapshot())
     assert catalogue.get("label").version == 1
     versions.close()
+
+
+@pytest.mark.parametrize("name", ["x\x00y", "Upper", "a" * 65, "../etc"])
+def test_names_no_task_can_have_are_not_found_before_any_sql(store: TaskVersionStore, name: str) -> None:
+    for call in (lambda: store.get(name, 1), lambda: store.history(name), lambda: store.rollback(name, 1, "a")):
+        with pytest.raises(NotFound):
+            call()
