@@ -19,8 +19,7 @@ from ray.serve import Application
 from deployments import names
 from deployments.batch_service import BatchService
 from deployments.config import AppArgs, LlamaCppModel, ModelConfig, OpenAIModel
-from deployments.core.taskdefs import TaskConfigError
-from deployments.core.taskfile import canonical, check_files, content_hash, task_files
+from deployments.core.taskfile import canonical, content_hash, load_task_files
 from deployments.gateway.ingress import Gateway
 from deployments.model_worker import ModelWorker
 from deployments.rate_limiter import RateLimiter
@@ -50,13 +49,7 @@ def seed_tasks(args: AppArgs) -> list[VersionInput]:
     """The deploy's task files, checked (a broken file fails the deploy, naming file, line and field)
     and ready to seed the TaskStore's versions (``store.tasks``: a file unchanged since the last deploy
     leaves a pushed version active)."""
-    directory = args.tasks.definitions_path()
-    if not directory.is_dir():
-        raise TaskConfigError(f"{directory}: task definition directory does not exist")
-    checked = check_files(task_files([directory]), {m.name: m.provider for m in args.models})
-    problems = [str(p) for c in checked for p in c.errors]
-    if problems:
-        raise TaskConfigError("\n".join(problems))
+    checked = load_task_files(args.tasks.definitions_path(), {m.name: m.provider for m in args.models})
     return [
         VersionInput(name=c.definition.name, definition=canonical(c.definition),
                      content_hash=content_hash(c.definition), source=c.source)

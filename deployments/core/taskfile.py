@@ -39,8 +39,8 @@ __all__ = [
     "check_text",
     "content_hash",
     "load_task_definitions",
+    "load_task_files",
     "task_files",
-    "validate_models",
 ]
 
 Path_ = tuple[str | int, ...]
@@ -229,10 +229,10 @@ def check_files(files: Sequence[Path], models: Mapping[str, str] | None = None) 
     return unreadable + check_sources(sources, models)
 
 
-def load_task_definitions(directory: Path, models: Mapping[str, str] | None = None) -> dict[str, TaskDefinition]:
-    """Load every ``*.yaml`` / ``*.yml`` file in ``directory`` (not recursive), keyed by name.
+def load_task_files(directory: Path, models: Mapping[str, str] | None = None) -> list[CheckedTask]:
+    """Check every ``*.yaml`` / ``*.yml`` file in ``directory`` (not recursive): the deploy's task files.
 
-    Raises ``TaskConfigError`` listing every problem found, one per line, each as
+    Raises ``TaskConfigError`` listing every error found, one per line, each as
     ``<file>:<line>: <field>: <what is wrong>``; duplicate task names are an error too.
     """
     if not directory.is_dir():
@@ -241,26 +241,12 @@ def load_task_definitions(directory: Path, models: Mapping[str, str] | None = No
     problems = [str(p) for c in checked for p in c.errors]
     if problems:
         raise TaskConfigError("\n".join(problems))
-    return {c.definition.name: c.definition for c in checked if c.definition is not None}
+    return checked
 
 
-def validate_models(defs: Mapping[str, TaskDefinition], known_models: Iterable[str]) -> None:
-    """Check that every task's ``model`` and ``fallback_models`` are configured models.
-
-    Raises ``TaskConfigError`` naming the file, task and field of every unknown model.
-    """
-    known = set(known_models)
-    listing = ", ".join(sorted(known)) or "none"
-    problems: list[str] = []
-    for defn in defs.values():
-        fields = [("model", defn.model)] + [(f"fallback_models[{i}]", m) for i, m in enumerate(defn.fallback_models)]
-        for field, model in fields:
-            if model not in known:
-                problems.append(
-                    f"{defn.source}: {field}: task '{defn.name}' uses unknown model '{model}' (configured: {listing})"
-                )
-    if problems:
-        raise TaskConfigError("\n".join(problems))
+def load_task_definitions(directory: Path, models: Mapping[str, str] | None = None) -> dict[str, TaskDefinition]:
+    """``load_task_files``' definitions, keyed by name."""
+    return {c.definition.name: c.definition for c in load_task_files(directory, models) if c.definition is not None}
 
 
 def parse_definition(data: dict[str, Any], source: str = "<store>") -> TaskDefinition:

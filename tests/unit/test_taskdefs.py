@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from deployments.core.taskdefs import TaskConfigError, TaskDefinition
-from deployments.core.taskfile import load_task_definitions, validate_models
+from deployments.core.taskfile import load_task_definitions
 
 VALID: dict[str, Any] = {
     "name": "classify",
@@ -139,19 +139,17 @@ def test_other_files_are_ignored_and_missing_directory_is_an_error(tmp_path: Pat
     assert "does not exist" in load_error(tmp_path / "nope")
 
 
-def test_validate_models_names_file_task_and_field(tmp_path: Path) -> None:
+def test_unknown_models_name_file_line_and_field(tmp_path: Path) -> None:
     path = write(tmp_path, {**VALID, "fallback_models": ["smollm2", "gpt-9"]})
-    defs = load_task_definitions(tmp_path)
-    validate_models(defs, {"smollm2", "gpt-9"})
+    assert load_task_definitions(tmp_path, {"smollm2": "llamacpp", "gpt-9": "llamacpp"})
     with pytest.raises(TaskConfigError) as info:
-        validate_models(defs, {"smollm2"})
-    assert f"{path}: fallback_models[1]: task 'classify' uses unknown model 'gpt-9'" in str(info.value)
-    with pytest.raises(TaskConfigError, match=r"classify.yaml: model: .*unknown model 'smollm2'"):
-        validate_models(defs, set())
+        load_task_definitions(tmp_path, {"smollm2": "llamacpp"})
+    assert re.search(rf"{re.escape(str(path))}:\d+: fallback_models\[1\]: unknown model 'gpt-9'", str(info.value))
+    with pytest.raises(TaskConfigError, match=r"classify.yaml:\d+: model: unknown model 'smollm2'"):
+        load_task_definitions(tmp_path, {})
 
 
 def test_example_task_files_load() -> None:
     directory = Path(__file__).resolve().parents[2] / "configs" / "tasks"
-    defs = load_task_definitions(directory)
+    defs = load_task_definitions(directory, {"smollm2": "llamacpp"})
     assert {"extract_contact", "classify_ticket", "summarize"} <= set(defs)
-    validate_models(defs, {"smollm2"})
