@@ -162,6 +162,13 @@ def check_text(text: str, file: str, models: Mapping[str, str] | None = None,
     """Check one task file's ``text``; ``file`` names it in problems, ``stem`` (the file name without
     its suffix) must equal the task's name if given, ``models`` (name → ``llamacpp``/``openai``)
     enables the model checks."""
+    try:
+        return _check_text(text, file, models, stem)
+    except RecursionError:  # `[[[[…` a few thousand deep: the parsers and schema walks recurse
+        return CheckedTask(file, text, None, [Problem(file, "", "nested too deeply to check")])
+
+
+def _check_text(text: str, file: str, models: Mapping[str, str] | None, stem: str | None) -> CheckedTask:
     def problem(path: Path_, message: str, warning: bool = False) -> Problem:
         return Problem(file, format_json_path(path), message, _line_of(root, path), warning)
 

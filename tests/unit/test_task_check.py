@@ -218,3 +218,9 @@ def test_table_has_a_row_per_example_and_pass_rates() -> None:
     assert lines[0].split() == ["TASK", "EXAMPLE", "RESULT", "MODEL", "VERSION", "TIME", "REASON"]
     assert lines[2].split()[:3] == ["t", "two", "FAIL"] and lines[2].endswith("label: 1 != 2")
     assert "t: 1/2 passed (50%)" in lines and "u: 1/1 passed (100%)" in lines and lines[-1] == "total: 2/3 passed (67%)"
+
+
+def test_hostile_text_is_a_problem_not_a_crash() -> None:
+    for text in ["[" * 20_000, "a: " + "{b: " * 5000 + "1" + "}" * 5000, "\x00", "name: !!python/object:os.system x"]:
+        checked = check_text(text, "x.yaml", MODELS, stem="x")
+        assert checked.definition is None and checked.problems, text[:40]
