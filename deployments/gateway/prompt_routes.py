@@ -16,6 +16,7 @@ authentication off anyone may. Runs already submitted keep the version they were
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path
@@ -44,6 +45,7 @@ from deployments.schemas import (
 )
 from deployments.store.tasks import TaskVersion, VersionInput
 
+logger = logging.getLogger("ray.serve")
 TaskName = Annotated[str, Path(max_length=64)]
 
 
@@ -62,6 +64,14 @@ def build_prompt_router(args: AppArgs, tasks: CatalogueFollower, store: Deployme
     router = APIRouter(prefix="/v1", tags=["task management"])
     enabled = args.auth.enabled
     models = {m.name: m.provider for m in args.models}
+
+    async def refresh() -> None:
+        """This replica follows a change it made at once (the others within catalogue_poll_s). The change
+        is stored whatever happens here: a failed refresh only waits for the next poll."""
+        try:
+            await tasks.refresh()
+        except Exception:
+            logger.warning("could not refresh the task catalogue after a change", exc_info=True)
 
     async def check(body: TaskFiles) -> list[CheckedTask]:
         # Off the event loop: the llama.cpp grammar check compiles the schema.
@@ -92,7 +102,7 @@ def build_prompt_router(args: AppArgs, tasks: CatalogueFollower, store: Deployme
             for c in checked if c.definition is not None
         ]
         pushed = unwrap(await store.push_tasks.remote(items, caller.author))
-        await tasks.refresh()  # this replica at once; the others within catalogue_poll_s
+        await refresh()
         return TaskPushResult(
             data=[TaskPushed(name=name, version=version, changed=changed) for name, version, changed in pushed],
             problems=[problem_view(p) for c in checked for p in c.problems],
@@ -124,7 +134,7 @@ def build_prompt_router(args: AppArgs, tasks: CatalogueFollower, store: Deployme
     ) -> TaskVersionView:
         require_prompts(caller, enabled)
         version = unwrap(await store.rollback_task.remote(name, body.version, caller.author))
-        await tasks.refresh()
+        await refresh()
         return version_view(version)
 
     @router.post("/tasks/{name}/render", response_model=TaskRendered)
