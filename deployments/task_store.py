@@ -43,7 +43,7 @@ from deployments.schemas import RunList, RunView
 from deployments.store import RunRecord, RunStore, open_database
 from deployments.store.keys import ApiKey, KeySnapshot, KeyStore
 from deployments.store.records import UsageRecord
-from deployments.store.tasks import TaskSnapshot, TaskVersion, TaskVersionStore, VersionInput
+from deployments.store.tasks import TaskActivation, TaskSnapshot, TaskVersion, TaskVersionStore, VersionInput
 
 logger = logging.getLogger("ray.serve")
 T = TypeVar("T")
@@ -289,5 +289,5 @@ class TaskStore:
     async def rollback_task(self, name: str, version: int, actor: str) -> Reply[TaskVersion]:
         return await replying(self._user(self.tasks.rollback, name, version, actor))
 
-    async def task_history(self, name: str) -> Reply[tuple[list[TaskVersion], list[Any]]]:
+    async def task_history(self, name: str) -> Reply[tuple[list[TaskVersion], list[TaskActivation]]]:
         return await replying(self._user(self.tasks.history, name))

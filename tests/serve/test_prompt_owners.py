@@ -248,6 +248,8 @@ def test_prompts_key_manages_tasks_but_not_keys_and_tenants_neither(owners: Owne
     ]:
         response = owners.call(method, path, tenant_key, **({"json": body} if body else {}))
         assert response.status_code == 403, (path, response.text)
+    submitted = owners.call("POST", "/tasks/greet/submit", prompts_key, json={"input": {"text": "hi"}, "model": "fake"})
+    assert submitted.status_code == 400 and submitted.json()["error"]["param"] == "model"  # /run only
     # Both still use tasks the normal way.
     for key in (prompts_key, tenant_key):
         assert owners.call("POST", "/tasks/greet/run", key, json={"input": {"text": "hi"}}).status_code == 200
@@ -298,6 +300,13 @@ def test_cli_push_test_history_rollback(owners: Owners, tmp_path: Path, monkeypa
     version = int(out.split("\n")[1].split()[0].removeprefix("v"))
     code, out = run_cli(["tasks", "--url", owners.base_url, "rollback", "greet", str(version)], env, monkeypatch)
     assert code == 0 and f"version {version} is active again" in out
+
+    # check --cluster: the models are the running cluster's (only `fake` here).
+    code, out = run_cli(["tasks", "--url", owners.base_url, "check", "--cluster", str(tmp_path)], env, monkeypatch)
+    assert code == 0 and "1/1 task files ok" in out
+    (tmp_path / "greet.yaml").write_text(yaml.safe_dump(greet("cli", model="smollm2")))
+    code, out = run_cli(["tasks", "--url", owners.base_url, "check", "--cluster", str(tmp_path)], env, monkeypatch)
+    assert code == 1 and "model: unknown model 'smollm2' (configured: fake)" in out
 
     tenant = {"PROMPTFLEET_API_KEY": owners.key("tenant")}
     code, _ = run_cli(["tasks", "--url", owners.base_url, "push", str(tmp_path)], tenant, monkeypatch)
