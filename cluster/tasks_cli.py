@@ -1,15 +1,16 @@
 """`promptfleet tasks`: the prompt owners' own loop — check, render, test, push, history, rollback.
 
-    promptfleet tasks check [PATH…] [--config serve.yaml | --url URL] [--strict]     offline
-    promptfleet tasks render NAME --input '{…}' [--dir DIR] [--url URL [--version N]]   offline unless --url
+    promptfleet tasks check [PATH…] [--config serve.yaml | --cluster] [--strict]   offline unless --cluster
+    promptfleet tasks render NAME --input '{…}' [--dir DIR | --remote [--version N]]  offline unless --remote
     promptfleet tasks test [NAME…] [--dir DIR] [--model M] [--url URL]   examples against a running cluster
     promptfleet tasks push PATH… [--url URL]                 publish new or changed tasks, no redeploy
     promptfleet tasks history NAME [--url URL]
     promptfleet tasks rollback NAME VERSION [--url URL]
 
-Talks to the API at --url with the key in $PROMPTFLEET_API_KEY (a key with the ``prompts``
-scope) or else $PROMPTFLEET_ADMIN_KEY; none is needed when authentication is off. Exit codes:
-0 fine, 1 problems found (check errors, failed examples, refused push, API errors), 2 usage.
+Commands that reach the cluster use the API at ``--url`` (before or after the action) with the key
+in $PROMPTFLEET_API_KEY (a key with the ``prompts`` scope) or else $PROMPTFLEET_ADMIN_KEY; none is
+needed when authentication is off. Exit codes: 0 fine, 1 problems found (check errors, failed
+examples, refused push, API errors), 2 usage.
 """
 
 from __future__ import annotations
@@ -69,6 +70,9 @@ def add_parser(sub: Any) -> None:
     rollback = actions.add_parser("rollback", help="make a stored version of a task active again")
     rollback.add_argument("name", help="task name")
     rollback.add_argument("version", type=int, help="the version to make active")
+    for action in (check, render, test, push, history, rollback):
+        # Also after the action; SUPPRESS keeps the one given before it (or the default) otherwise.
+        action.add_argument("--url", default=argparse.SUPPRESS, help=f"API base URL (default: {DEFAULT_URL})")
 
 
 def api_key(env: dict[str, str] | os._Environ[str]) -> str | None:
