@@ -263,6 +263,8 @@ class TaskInfo(_Ours):
     fallback_models: list[str] = Field(description="Models tried, in order, when the model fails.")
     input_schema: dict[str, Any] = Field(description="JSON Schema of `input`.")
     output_schema: dict[str, Any] = Field(description="JSON Schema the validated `output` satisfies.")
+    version: int | None = Field(default=None, description="The active version: what new runs execute.")
+    content_hash: str | None = Field(default=None, description="SHA-256 of the active version's definition.")
 
 
 class TaskList(_Ours):
@@ -274,6 +276,11 @@ class TaskRunRequest(_Ours):
     """Body of POST /v1/tasks/{name}/run and /submit."""
 
     input: dict[str, Any] = Field(description="The task's input, matching its `input_schema`.")
+    model: str | None = Field(
+        default=None, max_length=200,
+        description="/run only, keys with the prompts scope (or the admin): run the task on this model instead "
+        "of its own, without fallbacks (`promptfleet tasks test --model`).",
+    )
 
 
 class TaskResult(_Ours):
@@ -284,6 +291,7 @@ class TaskResult(_Ours):
     model: str = Field(description="Model that produced it (a fallback model if the primary failed).")
     attempts: int = Field(description="Model calls it took (the repair loop retries invalid output).")
     usage: Usage = Field(description="Tokens used by all attempts.")
+    task_version: int | None = Field(default=None, description="The task version that ran.")
 
 
 class RunView(_Ours):
@@ -302,12 +310,107 @@ class RunView(_Ours):
     result: dict[str, Any] | None = Field(description="`{task, output, model, attempts}` once succeeded.")
     error: dict[str, Any] | None = Field(description="The error object (OpenAI shape) once failed.")
     usage: Usage | None = Field(description="Tokens used, when known.")
+    task_version: int | None = Field(
+        default=None,
+        description="The task version the run executes: the one active when it was submitted. A run queued "
+        "before a push or rollback keeps it. Empty for runs queued before task versions existed (they run "
+        "the active version).",
+    )
 
 
 class RunList(_Ours):
     object: Literal["list"] = "list"
     data: list[RunView]
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page; empty on the last.")
+
+
+# -- task management (prompts scope) -------------------------------------------------------
+
+
+class TaskFile(_Ours):
+    """One task file as its owner wrote it."""
+
+    file: str = Field(min_length=1, max_length=500, description="The file's name (problems name it; its stem "
+                      "must equal the task's name).")
+    source: str = Field(max_length=200_000, description="The file's YAML text.")
+
+
+class TaskFiles(_Ours):
+    """Body of POST /v1/tasks/check and /v1/tasks/push."""
+
+    files: list[TaskFile] = Field(min_length=1, max_length=200, description="The task files.")
+
+
+class TaskProblem(_Ours):
+    file: str = Field(description="The file it is in.")
+    line: int | None = Field(description="1-based line, when known.")
+    field: str = Field(description="Dotted path of the field (`output_schema.properties.label`); empty: the file.")
+    message: str = Field(description="What is wrong.")
+    warning: bool = Field(description="true: reported, but the file is accepted.")
+
+
+class TaskCheckResult(_Ours):
+    ok: bool = Field(description="No errors (warnings allowed): a push of these files would be accepted.")
+    tasks: list[str] = Field(description="Names of the tasks that passed.")
+    problems: list[TaskProblem] = Field(description="Every problem, errors and warnings.")
+
+
+class TaskPushed(_Ours):
+    name: str = Field(description="Task name.")
+    version: int = Field(description="Its active version now.")
+    changed: bool = Field(description="false: the content equalled the active version, nothing was stored.")
+
+
+class TaskPushResult(_Ours):
+    object: Literal["list"] = "list"
+    data: list[TaskPushed]
+    problems: list[TaskProblem] = Field(description="Warnings of the check (a push with errors is refused whole).")
+
+
+class TaskVersionView(_Ours):
+    name: str = Field(description="Task name.")
+    version: int = Field(description="Version number (1, 2, … per task).")
+    content_hash: str = Field(description="SHA-256 of the canonical JSON definition.")
+    author: str = Field(description="Key id of the pusher, `admin`, `anonymous` (authentication off) or `deploy`.")
+    created_at: float = Field(description="Unix time it was stored.")
+    active: bool = Field(description="The version new runs get.")
+    source: str | None = Field(default=None, description="The file text (GET of one version only).")
+
+
+class TaskActivationView(_Ours):
+    version: int = Field(description="The version that became active.")
+    action: Literal["deploy", "push", "rollback"] = Field(description="What made it active.")
+    actor: str = Field(description="Who: key id, `admin`, `anonymous` or `deploy`.")
+    at: float = Field(description="Unix time.")
+
+
+class TaskHistory(_Ours):
+    object: Literal["list"] = "list"
+    name: str = Field(description="Task name.")
+    data: list[TaskVersionView] = Field(description="Every version, newest first.")
+    activations: list[TaskActivationView] = Field(description="Every change of the active version, newest first.")
+
+
+class TaskRollback(_Ours):
+    """Body of POST /v1/tasks/{name}/rollback."""
+
+    version: int = Field(ge=1, le=2**31 - 1, description="The stored version to make active again.")
+
+
+class TaskRenderRequest(_Ours):
+    """Body of POST /v1/tasks/{name}/render."""
+
+    input: dict[str, Any] = Field(description="The task's input, matching its `input_schema`.")
+    version: int | None = Field(default=None, ge=1, le=2**31 - 1, description="A stored version; empty: the "
+                                "active one.")
+
+
+class TaskRendered(_Ours):
+    task: str = Field(description="Task name.")
+    version: int | None = Field(description="The version rendered.")
+    model: str = Field(description="Model the messages go to first.")
+    messages: list[dict[str, str]] = Field(description="The exact chat messages of the first attempt.")
+    response_format: dict[str, Any] = Field(description="The `response_format` sent with them.")
 
 
 # -- API keys and usage ----------------------------------------------------------------------
@@ -331,6 +434,12 @@ class KeyCreate(_Ours):
         description="Share of a shared model budget when keys wait for it together: a key of weight 2 gets "
         "twice the calls of a key of weight 1 while both have calls waiting.",
     )
+    scope: Literal["tenant", "prompts"] = Field(
+        default="tenant",
+        description="`tenant`: the API's normal use. `prompts`: the same, and also checks, pushes, rolls back "
+        "and reads the history of tasks (/v1/tasks/check, /push, /{name}/versions, /{name}/rollback, "
+        "/{name}/render); nothing else that needs the admin key.",
+    )
 
 
 class KeyView(_Ours):
@@ -345,6 +454,8 @@ class KeyView(_Ours):
     token_budget: int | None = Field(description="Total tokens allowed, if limited.")
     weight: float = Field(description="Share of a shared model budget under contention (1 unless set).")
     tokens_used: int = Field(description="Tokens recorded for this key so far.")
+    scope: Literal["tenant", "prompts"] = Field(default="tenant", description="`tenant` or `prompts` "
+                                                "(may also manage tasks).")
 
 
 class KeyCreated(KeyView):

@@ -3,8 +3,9 @@
 Serves: the Gateway (create, get, long-poll, list, cancel runs) and the TaskRunner
 replicas (claim under a lease, renew, complete, fail, release), through handles.
 Calls: nothing but its database.
-Owns: ``deployments.store.RunStore`` and ``deployments.store.keys.KeyStore`` (API keys,
-usage), on one ``Database`` chosen by ``TasksConfig.store_location``: by default a
+Owns: ``deployments.store.RunStore``, ``deployments.store.keys.KeyStore`` (API keys,
+usage) and ``deployments.store.tasks.TaskVersionStore`` (task versions, seeded at start from the
+deploy's task files), on one ``Database`` chosen by ``TasksConfig.store_location``: by default a
 SQLite file under ``tasks.state_dir`` on the node this replica runs on (pin it to the
 head node in serve.yaml so a restarted replica finds its file again); with
 ``tasks.database_url`` or ``PROMPTFLEET_DATABASE_URL``, a PostgreSQL database.
@@ -42,6 +43,7 @@ from deployments.schemas import RunList, RunView
 from deployments.store import RunRecord, RunStore, open_database
 from deployments.store.keys import ApiKey, KeySnapshot, KeyStore
 from deployments.store.records import UsageRecord
+from deployments.store.tasks import TaskActivation, TaskSnapshot, TaskVersion, TaskVersionStore, VersionInput
 
 logger = logging.getLogger("ray.serve")
 T = TypeVar("T")
@@ -49,12 +51,19 @@ EXPIRE_STEP = 1000  # RunStore.expire's default limit: rows per database call
 
 
 class TaskStore:
-    def __init__(self, config: TasksConfig, store: RunStore | None = None) -> None:
+    def __init__(
+        self, config: TasksConfig, store: RunStore | None = None, seed: list[VersionInput] | None = None
+    ) -> None:
         self.config = config
         # The replica's environment is where a database URL with a password may come from.
         self.database = open_database(config.store_location(os.environ))
         self.store = store or RunStore(self.database, max_attempts_total=config.max_run_starts)
         self.keys = KeyStore(self.database)
+        self.tasks = TaskVersionStore(self.database)
+        if seed:
+            for name, version, changed in self.tasks.seed(seed):
+                if changed:
+                    logger.info("task %s: version %d from the deploy's files is active", name, version)
         # One thread per lane keeps each lane's calls in order (see the module docstring).
         self.lease_lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskstore-lease")
         self.user_lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskstore-user")
@@ -84,14 +93,16 @@ class TaskStore:
     # -- the Gateway's side --------------------------------------------------------------
 
     async def create_run(
-        self, task: str, task_input: dict[str, Any], owner: str, idempotency_key: str | None
+        self, task: str, task_input: dict[str, Any], owner: str, idempotency_key: str | None,
+        task_version: int | None = None,
     ) -> Reply[tuple[RunView, bool]]:
-        """Queue a run (durably, before answering): ``(view, created)``; an idempotent repeat
-        gives the existing run with ``created`` False."""
-        return await replying(self._create_run(task, task_input, owner, idempotency_key))
+        """Queue a run (durably, before answering) pinned to ``task_version``: ``(view, created)``; an
+        idempotent repeat gives the existing run with ``created`` False."""
+        return await replying(self._create_run(task, task_input, owner, idempotency_key, task_version))
 
     async def _create_run(
-        self, task: str, task_input: dict[str, Any], owner: str, idempotency_key: str | None
+        self, task: str, task_input: dict[str, Any], owner: str, idempotency_key: str | None,
+        task_version: int | None,
     ) -> tuple[RunView, bool]:
         queued = await self._user(self.store.count_queued)
         if queued >= self.config.max_queued_runs:
@@ -101,7 +112,8 @@ class TaskStore:
                 f"The task queue is full ({queued} runs waiting); retry later.", retry_after=5
             )
         run, created = await self._user(
-            self.store.create_run, task=task, input=task_input, owner=owner, idempotency_key=idempotency_key
+            self.store.create_run, task=task, input=task_input, owner=owner, idempotency_key=idempotency_key,
+            task_version=task_version,
         )
         if created:
             self.work_available.set()
@@ -226,10 +238,12 @@ class TaskStore:
     # -- API keys and usage (the Gateway's authentication) --------------------------------
 
     async def create_key(
-        self, name: str, rpm: int | None, tpm: int | None, token_budget: int | None, weight: float = 1.0
+        self, name: str, rpm: int | None, tpm: int | None, token_budget: int | None, weight: float = 1.0,
+        scope: str = "tenant",
     ) -> Reply[tuple[ApiKey, str]]:
         return await replying(
-            self._user(self.keys.create, name, rpm=rpm, tpm=tpm, token_budget=token_budget, weight=weight)
+            self._user(self.keys.create, name, rpm=rpm, tpm=tpm, token_budget=token_budget, weight=weight,
+                       scope=scope)
         )
 
     async def key_snapshot(self, known_version: int | None, with_usage: bool = True) -> Reply[KeySnapshot]:
@@ -258,3 +272,22 @@ class TaskStore:
 
     async def usage(self, key_id: str | None) -> Reply[list[dict[str, Any]]]:
         return await replying(self._user(self.keys.usage, key_id))
+
+    # -- task versions (the catalogue every Gateway and TaskRunner follows) --------------------
+
+    async def task_snapshot(self, known_version: int | None) -> Reply[TaskSnapshot]:
+        """The active task versions unless the caller has ``known_version`` (one primary-key read then)."""
+        return await replying(self._user(self.tasks.snapshot, known_version))
+
+    async def task_version(self, name: str, version: int) -> Reply[TaskVersion]:
+        return await replying(self._user(self.tasks.get, name, version))
+
+    async def push_tasks(self, items: list[VersionInput], author: str) -> Reply[list[tuple[str, int, bool]]]:
+        """Store and activate checked definitions, all or none: ``(name, active version, changed)``."""
+        return await replying(self._user(self.tasks.push, items, author))
+
+    async def rollback_task(self, name: str, version: int, actor: str) -> Reply[TaskVersion]:
+        return await replying(self._user(self.tasks.rollback, name, version, actor))
+
+    async def task_history(self, name: str) -> Reply[tuple[list[TaskVersion], list[TaskActivation]]]:
+        return await replying(self._user(self.tasks.history, name))

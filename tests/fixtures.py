@@ -112,6 +112,7 @@ TEST_TASKS = {
             "type": "object",
             "properties": {"label": {"type": "string", "enum": ["a", "b"]}},
             "required": ["label"],
+            "additionalProperties": False,  # OpenAI strict mode (every task is checked against its models)
         },
         "prompt": "Label this: {{ text }}",
     },
@@ -121,7 +122,8 @@ TEST_TASKS = {
         "model": "fake-short",
         "fallback_models": ["fake"],
         "input_schema": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},
-        "output_schema": {"type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"]},
+        "output_schema": {"type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"],
+                          "additionalProperties": False},
         "prompt": "Label this: {{ text }}",
     },
 }

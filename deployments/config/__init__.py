@@ -373,6 +373,11 @@ class TasksConfig(_Strict):
     runner_concurrency: int = Field(
         default=64, ge=1, le=10000, description="Runs one TaskRunner replica executes at once."
     )
+    catalogue_poll_s: float = Field(
+        default=1.0, gt=0, le=60,
+        description="How often every Gateway and TaskRunner replica asks the store whether the task catalogue "
+        "changed (one primary-key read); a `promptfleet tasks push` or `rollback` reaches every replica within it.",
+    )
     quotas: QuotasConfig = Field(
         default_factory=QuotasConfig, description="Per-key quotas on stored files and batches; the batch cap."
     )

@@ -41,7 +41,7 @@ def build_admin_router(
     async def create_key(body: KeyCreate, caller: Annotated[Caller, Depends(get_caller)]) -> KeyCreated:
         require_admin(caller, enabled)
         key, plain = unwrap(
-            await store.create_key.remote(body.name, body.rpm, body.tpm, body.token_budget, body.weight)
+            await store.create_key.remote(body.name, body.rpm, body.tpm, body.token_budget, body.weight, body.scope)
         )
         auth.keys_changed()
         return KeyCreated(**dataclasses.asdict(key), key=plain)

@@ -164,3 +164,9 @@ def require_admin(caller: Caller, auth_enabled: bool) -> None:
     # With authentication off (a local single-user start) whoever can reach the port is the admin.
     if auth_enabled and not caller.is_admin:
         raise PermissionDenied("This needs the admin key.", param="Authorization")
+
+
+def require_prompts(caller: Caller, auth_enabled: bool) -> None:
+    """Task management (check, render, push, roll back, history): the admin or a ``prompts`` key."""
+    if auth_enabled and not caller.manages_prompts:
+        raise PermissionDenied("This needs a key with the prompts scope (or the admin key).", param="Authorization")

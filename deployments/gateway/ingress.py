@@ -1,13 +1,14 @@
 """Gateway: the FastAPI ingress of promptfleet.
 
 Serves: the OpenAI-compatible routes (``chat_routes``), tasks and runs
-(``task_routes``), keys and usage (``admin_routes``), ``/healthz`` (``health``) and the
-OpenAPI page at ``/docs`` — on its own listener (``listener``) and through
-Serve's proxy.
+(``task_routes``), task management for prompt owners (``prompt_routes``), keys and
+usage (``admin_routes``), ``/healthz`` (``health``) and the OpenAPI page at
+``/docs`` — on its own listener (``listener``) and through Serve's proxy.
 Calls: ``ModelWorker`` deployments (by model name), ``TaskRunner``,
 ``TaskStore`` and ``RateLimiter``, through ``DeploymentHandle``s.
 Owns: an index of the active API keys and unflushed usage counts
-(``auth.Authenticator``, ``metering.Meter``); any number of replicas can run.
+(``auth.Authenticator``, ``metering.Meter``), and its copy of the task catalogue
+(``deployments.catalogue``); any number of replicas can run.
 
 Every error leaves through ``render_error`` in the OpenAI shape; the status
 comes from the exception class, never from exception text. Two ASGI layers run
@@ -30,8 +31,8 @@ from ray.util import get_node_ip_address
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from deployments.catalogue import CatalogueFollower
 from deployments.config import AppArgs
-from deployments.core.taskdefs import TaskDefinition
 from deployments.errors import (
     InvalidRequest,
     MethodNotAllowed,
@@ -46,6 +47,7 @@ from deployments.gateway.batch_routes import FILES_PATH, build_batch_router
 from deployments.gateway.chat_routes import ChatRoutes
 from deployments.gateway.health import HealthCheck
 from deployments.gateway.listener import Listener
+from deployments.gateway.prompt_routes import build_prompt_router
 from deployments.gateway.task_routes import build_task_router
 from deployments.metering import Meter
 from deployments.model_calls import HandleTransport, ModelCalls
@@ -205,7 +207,6 @@ class Gateway:
         self,
         args: AppArgs,
         workers: dict[str, DeploymentHandle],
-        tasks: dict[str, TaskDefinition],
         store: DeploymentHandle,
         runner: DeploymentHandle,
         limiter: DeploymentHandle,
@@ -219,6 +220,9 @@ class Gateway:
             logger.warning("auth is enabled but $%s is not set: no admin key", args.auth.admin_key_env)
         self.auth = Authenticator(args.auth, store, admin_key)
         self.meter = Meter(store, limiter, args.admission)
+        self.tasks = CatalogueFollower(
+            store.task_snapshot.remote, store.task_version.remote, args.tasks.catalogue_poll_s
+        )
         self.health = HealthCheck(
             store=store.check_health.remote,
             models={name: handle.check_health.remote for name, handle in workers.items()},
@@ -226,7 +230,8 @@ class Gateway:
         )
         self.routers = [
             ChatRoutes(ModelCalls(args.models, HandleTransport(workers), self.meter)).router(),
-            build_task_router(tasks, store, runner, self.meter),
+            build_task_router(self.tasks, store, runner, self.meter, args.auth.enabled),
+            build_prompt_router(args, self.tasks, store),
             build_admin_router(store, self.auth, self.meter, batches),
             *([build_batch_router(batches)] if batches is not None else []),
         ]
@@ -243,6 +248,7 @@ class Gateway:
     async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
         """Serve runs the app's lifespan in the replica: start and stop the own listener with it."""
         gateway = self.args.gateway
+        self.tasks.start()  # follows the task catalogue from here on (first load before most requests)
         listener = None
         if gateway.listen_port is not None:
             listener = Listener(self.asgi_app, gateway.bind_host(get_node_ip_address()), gateway.listen_port)
@@ -252,6 +258,7 @@ class Gateway:
         finally:
             if listener is not None:
                 await listener.stop()
+            await self.tasks.stop()
             await self.meter.close()
 
     def build_api(self) -> FastAPI:

@@ -41,6 +41,7 @@ __all__ = [
 COLUMNS = (
     "id, task, owner, status, input, result, error, usage, attempt, created_at, started_at,"
     " finished_at, updated_at, lease_token, lease_expires_at, idempotency_key, worker_id, available_at"
+    ", task_version"
 )
 JSON_COLUMNS = frozenset({"input", "result", "error", "usage"})
 STATUSES = frozenset(s.value for s in RunStatus)
@@ -69,6 +70,7 @@ class RunRecord:
     idempotency_key: str | None
     worker_id: str | None
     available_at: float | None = None  # a queued run is not claimed before this (a backoff)
+    task_version: int | None = None  # the task version it runs with, pinned at submit
 
     @property
     def terminal(self) -> bool:
@@ -87,6 +89,7 @@ class RunRecord:
             result=self.result,
             error=self.error,
             usage=self.usage,
+            task_version=self.task_version,
         )
 
 

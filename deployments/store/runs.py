@@ -89,6 +89,15 @@ def schema(d: Dialect) -> list[str]:
     ]
 
 
+def _add_task_version(tx: Tx, dialect: Dialect) -> None:
+    """The task version a run is pinned to (issue 14): added beside the schema version's migrations,
+    like ``api_keys.weight``, so databases of any version gain it once. Empty for runs queued before."""
+    if dialect.name == "postgresql":
+        tx.run("ALTER TABLE runs ADD COLUMN IF NOT EXISTS task_version INTEGER")
+    elif not any(row["name"] == "task_version" for row in tx.rows("PRAGMA table_info(runs)")):
+        tx.run("ALTER TABLE runs ADD COLUMN task_version INTEGER")
+
+
 class RunStore(DatabaseBacked):
     """Durable run records in the database at ``location`` (a SQLite path or a PostgreSQL URL),
     or in a ``Database`` shared with the ``KeyStore``.
@@ -118,6 +127,7 @@ class RunStore(DatabaseBacked):
                 for statement in statements:
                     tx.run(statement)
             tx.run("UPDATE schema_version SET version = ?", SCHEMA_VERSION)
+        _add_task_version(tx, self._db.dialect)
 
     def _load(self, tx: Tx, run_id: str, owner: str | None = None, *, lock: bool = False) -> RunRecord:
         sql, args = f"SELECT {COLUMNS} FROM runs WHERE id = ?", [run_id]
@@ -158,8 +168,11 @@ class RunStore(DatabaseBacked):
         owner: str,
         idempotency_key: str | None,
         now: float | None = None,
+        task_version: int | None = None,
     ) -> tuple[RunRecord, bool]:
         """Queue a new run, committed durably before returning; returns ``(run, created)``.
+
+        ``task_version``: the version of the task the run executes, whatever is active by then.
 
         With an ``idempotency_key`` (scoped per owner, kept forever), a repeat of the same
         (task, input) returns the existing run with ``created=False``; a different body raises
@@ -180,9 +193,10 @@ class RunStore(DatabaseBacked):
             # in and makes the other (PostgreSQL: after waiting for it) insert nothing.
             inserted = tx.run(
                 "INSERT INTO runs (id, task, owner, status, input, request_hash, idempotency_key,"
-                " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " created_at, updated_at, task_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
                 run_id, task, owner, RunStatus.QUEUED.value, input_json, request_hash, idempotency_key, now, now,
+                task_version,
             )
             if inserted:
                 return self._load(tx, run_id), True
