@@ -19,7 +19,7 @@ from typing import Any
 
 from deployments.core.runstate import TERMINAL, RunStatus
 from deployments.errors import InvalidRequest, RunNotFound
-from deployments.schemas import RunView
+from deployments.schemas import RunDetail, RunView
 
 __all__ = [
     "COLUMNS",
@@ -87,6 +87,18 @@ class RunRecord:
             result=self.result,
             error=self.error,
             usage=self.usage,
+        )
+
+    def detail(self) -> RunDetail:
+        """What the admin's console shows: the view, its owner and input (never the lease token)."""
+        return RunDetail(
+            **self.view().model_dump(),
+            owner=self.owner,
+            input=self.input,
+            updated_at=self.updated_at,
+            idempotency_key=self.idempotency_key,
+            worker_id=self.worker_id,
+            available_at=self.available_at,
         )
 
 
