@@ -23,8 +23,10 @@ from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, PackageLoader, select_autoescape
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.console import session
 from deployments.errors import AuthenticationFailed, NotFound, PermissionDenied, PromptfleetError
@@ -174,6 +176,17 @@ def build_console(pages: Any, auth: Authenticator) -> FastAPI:
     @console.exception_handler(PromptfleetError)
     async def _known(request: Request, exc: PromptfleetError) -> Response:
         return gate.refuse(request, exc.status_code, exc.message)
+
+    @console.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> Response:
+        # Routing's own 404/405 and form parsing's 400, as a page rather than FastAPI's JSON.
+        return gate.refuse(request, exc.status_code, exc.detail if isinstance(exc.detail, str) else "Invalid request.")
+
+    @console.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> Response:
+        first = exc.errors()[0] if exc.errors() else {}
+        field = ".".join(str(p) for p in first.get("loc", ())[1:]) or "request"
+        return gate.refuse(request, 400, f"{field}: {first.get('msg', 'invalid')}")
 
     @console.get("/static/{name}")
     async def static(name: str) -> Response:

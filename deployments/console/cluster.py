@@ -60,7 +60,7 @@ def read_snapshot() -> Snapshot:
     try:
         addresses = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}
         prefix = REPLICA_CLASS.format(app=app)
-        actors = list_actors(filters=[("state", "=", "ALIVE")], limit=10_000, timeout=5)
+        actors = list_actors(filters=[("state", "=", "ALIVE")], limit=10_000, timeout=10)
         per_node = Counter(
             (actor.class_name.removeprefix(prefix), addresses.get(actor.node_id, actor.node_id[:8]))
             for actor in actors

@@ -31,7 +31,7 @@ from deployments.core.replies import unwrap
 from deployments.core.taskdefs import TaskDefinition
 from deployments.errors import InvalidRequest, PromptfleetError
 from deployments.gateway.admin_routes import KeyAdmin
-from deployments.metering import Meter
+from deployments.metering import KeyEntry, Meter
 from deployments.schemas import BatchView, KeyCreate, KeyLimits, RunDetail, RunDetailList
 from deployments.store.records import STATUSES, encode_cursor
 from deployments.task_executor import check_input
@@ -185,7 +185,12 @@ class Pages:
             """A new run of the same task and input, for the same owner (billed to its key, if it still may)."""
             old: RunDetail = unwrap(await self.store.run_detail.remote(run_id[:64]))
             check_input(self.tasks, old.task, old.input)
-            Meter.check_budget(await self.meter.account(old.owner))
+            # The key as stored now (not a cached copy): its limits may have changed a moment ago.
+            if old.owner.startswith("key_"):
+                key = unwrap(await self.store.get_key.remote(old.owner))
+                if key is None:
+                    raise InvalidRequest(f"The key {old.owner} of this run no longer exists.")
+                Meter.check_budget(KeyEntry(key=key, fetched_at=time.monotonic()))
             view, _ = unwrap(await self.store.create_run.remote(old.task, old.input, old.owner, None))
             return back(request, f"/runs/{view.id}")
 

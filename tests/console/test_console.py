@@ -58,6 +58,7 @@ def run_status(app: ServeApp, who: Tenant, run_id: str) -> str:
     return str(call(app, who, "GET", f"/runs/{run_id}").json()["status"])
 
 
+@pytest.mark.timeout(900)  # a whole session of a person, a batch job included, on a loaded machine
 def test_console_end_to_end(app: ServeApp, browser: Browser) -> None:
     base = console(app)
     # Signed out: every page sends the browser to the sign-in form.

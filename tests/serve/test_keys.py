@@ -76,6 +76,32 @@ def test_only_admin_manages_keys(app: ServeApp) -> None:
     assert all("key" not in k for k in listed)  # plain keys are shown once, at creation
 
 
+def test_admin_changes_a_keys_limits(app: ServeApp) -> None:
+    """PATCH /v1/admin/keys/{id}: a spent budget raised lets the key work again; admin only; checked."""
+    created = new_key(app, token_budget=20, rpm=100)
+    chat = client(app, created["key"])
+
+    def refused() -> bool:
+        try:
+            chat.chat.completions.create(model="fake", messages=HELLO)
+        except openai.PermissionDeniedError:
+            return True
+        return False
+
+    wait_for(refused, timeout_s=15, interval_s=0.2, message="the budget to be exhausted")
+    tenant = {"Authorization": f"Bearer {created['key']}"}
+    path = f"{app.auth_base_url}/admin/keys/{created['id']}"
+    assert httpx.patch(path, json={"token_budget": 10**6}, headers=tenant).status_code == 403
+    bad = admin(app, "PATCH", f"/admin/keys/{created['id']}", json={"rpm": 0})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "rpm"
+    assert admin(app, "PATCH", "/admin/keys/key_0000000000000000", json={}).status_code == 404
+    changed = admin(app, "PATCH", f"/admin/keys/{created['id']}", json={"token_budget": 10**6, "weight": 2})
+    assert changed.status_code == 200, changed.text
+    view = changed.json()
+    assert (view["token_budget"], view["rpm"], view["weight"]) == (10**6, None, 2)  # replaced whole
+    wait_for(lambda: not refused(), timeout_s=15, interval_s=0.2, message="the key to work again")
+
+
 def test_per_key_rpm_is_enforced(app: ServeApp) -> None:
     """rpm 3: at most the burst (3) goes at once; the next slot is up to 20 s away, past a 2 s
     deadline: 429, with the wait to that slot as Retry-After. (Fewer than 3 — none in the first 20 s

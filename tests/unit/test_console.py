@@ -6,15 +6,22 @@ from __future__ import annotations
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse
+from starlette.testclient import TestClient
 
+from deployments.config import AuthConfig
 from deployments.console import session
-from deployments.console.app import is_loopback, templates
+from deployments.console.app import build_console, is_loopback, templates
 from deployments.console.charts import bar_chart, compact
 from deployments.console.pages import batch_progress, before_cursor, optional_int, parse_json_object
 from deployments.core.limits import RateLimiterCore
 from deployments.errors import InvalidRequest, NotFound
+from deployments.gateway.auth import Authenticator
 from deployments.schemas import BatchRequestCounts, BatchView, Budget, KeyLimits
 from deployments.store import RunStore
 from deployments.store.keys import KeyStore
@@ -161,3 +168,86 @@ def test_every_template_compiles_and_links_stay_under_the_console() -> None:
         env.get_template(name)
         # No inline script or style attribute (the Content-Security-Policy forbids them), no CDN.
         assert not re.search(r"<script>|\sstyle=|\sonclick=|https?://(?!www\.w3\.org)", source), name
+
+
+# -- the gate, on the console app with one page (Starlette's TestClient: no Ray) -------------------
+
+
+class OnePage:
+    """Pages with a single route, so the gate and the sign-in flow are tested on their own."""
+
+    def register(self, app: FastAPI, render: Callable[..., str]) -> None:
+        @app.get("/", response_class=HTMLResponse)
+        async def home(request: Request) -> str:
+            return render("error.html", request, status=200, message="home page")
+
+        @app.post("/act", response_class=HTMLResponse)
+        async def act(request: Request) -> str:
+            return render("error.html", request, status=200, message="acted")
+
+
+def console_client(auth: Authenticator, host: str = "127.0.0.1") -> TestClient:
+    return TestClient(build_console(OnePage(), auth), client=(host, 5000), follow_redirects=False)
+
+
+class KeyHandle:
+    """The TaskStore handle's ``key_snapshot`` over a real KeyStore."""
+
+    def __init__(self, store: KeyStore) -> None:
+        self.store = store
+        self.key_snapshot = self
+
+    async def remote(self, known_version: int | None, with_usage: bool) -> Any:
+        return self.store.snapshot(known_version, with_usage=with_usage)
+
+
+def csrf_of(client: TestClient) -> str:
+    page = client.get("/login").text
+    found = re.search(r'name="csrf_token" value="([^"]+)"', page)
+    assert found is not None, page
+    return found.group(1)
+
+
+def test_with_auth_off_the_console_is_open_on_loopback_only(tmp_path: Path) -> None:
+    with KeyStore(tmp_path / "k.sqlite3") as store:
+        auth = Authenticator(AuthConfig(enabled=False), KeyHandle(store), None)  # type: ignore[arg-type]
+        local = console_client(auth).get("/")
+        assert local.status_code == 200 and "Authentication is off" in local.text
+        assert console_client(auth, host="192.0.2.10").get("/").status_code == 403
+        # Forms still need the CSRF token of the browser's cookie.
+        client = console_client(auth)
+        assert client.post("/act", data={}).status_code == 403
+        client.get("/")
+        token = client.cookies.get(session.CSRF_COOKIE)
+        assert token and client.post("/act", data={"csrf_token": token}).status_code == 200
+
+
+def test_with_auth_on_only_the_admin_gets_in(tmp_path: Path) -> None:
+    with KeyStore(tmp_path / "k.sqlite3") as store:
+        _, tenant = store.create("tenant")
+        auth = Authenticator(AuthConfig(enabled=True), KeyHandle(store), "pf-admin-key")  # type: ignore[arg-type]
+        client = console_client(auth)
+        assert client.get("/").headers["location"] == "/login"
+        assert client.post("/act", data={}).status_code == 401
+        assert client.get("/", headers={"Authorization": f"Bearer {tenant}"}).status_code == 403
+        assert client.get("/", headers={"Authorization": "Bearer pf-admin-key"}).status_code == 200
+        assert client.get("/", headers={"Authorization": "Bearer pf-nope"}).status_code == 401
+        token = csrf_of(client)
+        assert client.post("/login", data={"key": "pf-admin-key"}).status_code == 403  # no CSRF token
+        refused = client.post("/login", data={"key": tenant, "csrf_token": token})
+        assert refused.status_code == 403 and "tenant keys" in refused.text
+        assert session.SESSION_COOKIE not in client.cookies
+        signed_in = client.post("/login", data={"key": "pf-admin-key", "csrf_token": token})
+        assert signed_in.status_code == 303
+        cookie = signed_in.headers["set-cookie"]
+        assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "pf-admin-key" not in cookie
+        assert "Secure" not in cookie  # plain http here
+        home = client.get("/")
+        assert home.status_code == 200 and "Sign out" in home.text and "pf-admin-key" not in home.text
+        assert "script-src 'self'" in home.headers["content-security-policy"]
+        assert client.post("/act", data={"csrf_token": "forged"}).status_code == 403
+        assert client.post("/act", data={"csrf_token": token}).status_code == 200
+        client.post("/logout", data={"csrf_token": token})
+        assert client.get("/").status_code == 303
+        # Unknown pages are pages too (not JSON), and need signing in first.
+        assert console_client(auth).get("/nope", headers={"Authorization": "Bearer pf-admin-key"}).status_code == 404
