@@ -131,10 +131,13 @@ class TaskStore:
     async def _list_runs(
         self, owner: str | None, status: str | None, task: str | None, limit: int, cursor: str | None
     ) -> RunList:
-        runs, next_cursor = await self._user(
-            self.store.list_runs, owner, status=status, task=task, limit=limit, cursor=cursor
-        )
+        runs, next_cursor = await self._page(owner, status, task, limit, cursor)
         return RunList(data=[run.view() for run in runs], next_cursor=next_cursor)
+
+    async def _page(
+        self, owner: str | None, status: str | None, task: str | None, limit: int, cursor: str | None
+    ) -> tuple[list[RunRecord], str | None]:
+        return await self._user(self.store.list_runs, owner, status=status, task=task, limit=limit, cursor=cursor)
 
     # -- the admin's console: whole records and counts ----------------------------------
 
@@ -153,9 +156,7 @@ class TaskStore:
     async def _list_details(
         self, owner: str | None, status: str | None, task: str | None, limit: int, cursor: str | None
     ) -> RunDetailList:
-        runs, next_cursor = await self._user(
-            self.store.list_runs, owner, status=status, task=task, limit=limit, cursor=cursor
-        )
+        runs, next_cursor = await self._page(owner, status, task, limit, cursor)
         return RunDetailList(data=[run.detail() for run in runs], next_cursor=next_cursor)
 
     async def count_by_status(self) -> Reply[dict[str, int]]:

@@ -29,6 +29,15 @@ def new_key(app: ServeApp, **limits: Any) -> dict[str, Any]:
     return dict(response.json())
 
 
+def budget_refuses(chat: openai.OpenAI) -> bool:
+    """One chat call: True if the key's spent budget refused it (403), False if it went through."""
+    try:
+        chat.chat.completions.create(model="fake", messages=HELLO)
+    except openai.PermissionDeniedError:
+        return True
+    return False
+
+
 def client(app: ServeApp, key: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=app.auth_base_url, api_key=key, max_retries=0, timeout=30)
 
@@ -82,11 +91,7 @@ def test_admin_changes_a_keys_limits(app: ServeApp) -> None:
     chat = client(app, created["key"])
 
     def refused() -> bool:
-        try:
-            chat.chat.completions.create(model="fake", messages=HELLO)
-        except openai.PermissionDeniedError:
-            return True
-        return False
+        return budget_refuses(chat)
 
     wait_for(refused, timeout_s=15, interval_s=0.2, message="the budget to be exhausted")
     tenant = {"Authorization": f"Bearer {created['key']}"}
@@ -153,11 +158,7 @@ def test_exhausted_budget_is_403_and_usage_is_recorded(app: ServeApp) -> None:
         chat.chat.completions.create(model="fake", messages=HELLO)
 
     def spent() -> bool:  # usage reaches the store about once a second, the key index after that
-        try:
-            chat.chat.completions.create(model="fake", messages=HELLO)
-        except openai.PermissionDeniedError:
-            return True
-        return False
+        return budget_refuses(chat)
 
     wait_for(spent, timeout_s=15, interval_s=0.2, message="the budget to be exhausted")
     with pytest.raises(openai.PermissionDeniedError):
