@@ -2,7 +2,7 @@
 
 Serves: the OpenAI-compatible routes (``chat_routes``), tasks and runs
 (``task_routes``), keys and usage (``admin_routes``), ``/healthz`` (``health``), the
-OpenAPI page at ``/docs`` (its Swagger UI files served from the ``swagger-ui-bundle``
+OpenAPI page at ``/docs`` (its Swagger UI files served from the ``fastapi-swagger``
 package: no CDN) and the web console at ``/console`` (``deployments.console``) — on its
 own listener (``listener``) and through Serve's proxy.
 Calls: ``ModelWorker`` deployments (by model name), ``TaskRunner``,
@@ -23,7 +23,6 @@ import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import swagger_ui_bundle
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -308,8 +307,8 @@ class Gateway:
         for router in self.routers:
             api.include_router(router)
 
-        # Swagger UI's files come from the swagger-ui-bundle package: /docs works offline.
-        api.mount("/docs/assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-assets")
+        # Swagger UI's files come from the fastapi-swagger package (its resources/ folder): /docs works offline.
+        api.mount("/docs/assets", StaticFiles(packages=[("fastapi_swagger", "resources")]), name="docs-assets")
 
         @api.get("/docs", include_in_schema=False)
         async def docs(request: Request) -> HTMLResponse:

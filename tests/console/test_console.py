@@ -129,11 +129,11 @@ def test_console_end_to_end(app: ServeApp, browser: Browser) -> None:
     visit(browser, browser.driver.current_url, "run-succeeded")
 
     # Cancel a queued run; re-run a failed one (its key's budget ran out) after raising the budget.
-    # The fake upstream answers about 9 tokens a call: four runs in the runners' four slots spend
-    # the budget, and the runs waiting behind them fail on it when they start.
+    # A budget one token above what the key used: the runs in the runners' four slots spend it,
+    # and the runs waiting behind them fail on it when they start.
     used = next(k["tokens_used"] for k in call(app, ADMIN, "GET", "/admin/keys").json()["data"] if k["id"] == key_id)
-    patched = call(app, ADMIN, "PATCH", f"/admin/keys/{key_id}", json={"token_budget": used + 20})
-    assert patched.status_code == 200 and patched.json()["token_budget"] == used + 20
+    patched = call(app, ADMIN, "PATCH", f"/admin/keys/{key_id}", json={"token_budget": used + 1})
+    assert patched.status_code == 200 and patched.json()["token_budget"] == used + 1
     app.upstream.configure("slow", delay_s=3)
     runs = []
     for n in range(8):  # four runner slots: the rest wait in the queue
@@ -147,10 +147,13 @@ def test_console_end_to_end(app: ServeApp, browser: Browser) -> None:
     browser.click("form[action$='/cancel'] button")
     browser.wait(lambda: browser.text("#run-status") == "cancelled", message="the queued run to be cancelled")
     browser.shot("run-cancelled")
-    failed = wait_for(
-        lambda: next((r for r in runs if run_status(app, tenant, r) == "failed"), None),
-        timeout_s=90, message="a run to fail on the spent budget",
+    ended = wait_for(
+        lambda: (views := [call(app, tenant, "GET", f"/runs/{r}").json() for r in runs])
+        and all(v["status"] in ("succeeded", "failed", "cancelled") for v in views) and views,
+        timeout_s=180, interval_s=0.5, message="every run to end",
     )
+    failed = next((v["id"] for v in ended if v["status"] == "failed"), None)
+    assert failed is not None, [(v["status"], v["error"]) for v in ended]
     app.upstream.reset()
     browser.open(f"{base}/runs/{failed}")
     assert "budget" in browser.text("#run-error")
