@@ -1,10 +1,9 @@
 """Where this application's replicas run: per deployment, its status and replicas per node.
 
 Asks Serve's controller (``serve.status``) for each deployment's status and replica states, and
-Ray's state API (``list_actors``, through the dashboard) for the node of every live replica
-actor. Both block, so ``Deployments.get`` runs them on a thread, at most once per ``ttl_s``
-however many people watch the overview; if the state API does not answer the page still shows
-the statuses, without nodes.
+the GCS's actor table for the node of every live replica actor. Both block, so
+``Deployments.get`` runs them on a thread, at most once per ``ttl_s`` however many people watch
+the overview; if the actor table cannot be read the page still shows the statuses, without nodes.
 """
 
 from __future__ import annotations
@@ -43,9 +42,7 @@ def _word(value: object) -> str:
 
 def read_snapshot() -> Snapshot:
     """The snapshot of the application this replica belongs to (blocking: run it on a thread)."""
-    import ray
     from ray import serve
-    from ray.util.state import list_actors
 
     app = serve.get_replica_context().app_name
     status = serve.status().applications.get(app)
@@ -58,16 +55,18 @@ def read_snapshot() -> Snapshot:
         for name, d in sorted((status.deployments if status else {}).items())
     ]
     try:
-        addresses = {node["NodeID"]: node["NodeManagerAddress"] for node in ray.nodes()}
+        # The GCS's actor table, read directly (what `ray list actors` shows, without the dashboard:
+        # the state API's HTTP hop failed under load and where the dashboard listens elsewhere).
+        from ray._private.state import actors
+
         prefix = REPLICA_CLASS.format(app=app)
-        actors = list_actors(filters=[("state", "=", "ALIVE")], limit=10_000, timeout=10)
         per_node = Counter(
-            (actor.class_name.removeprefix(prefix), addresses.get(actor.node_id, actor.node_id[:8]))
-            for actor in actors
-            if actor.class_name.startswith(prefix)
+            (info["ActorClassName"].removeprefix(prefix), info["Address"]["IPAddress"])
+            for info in actors(actor_state_name="ALIVE").values()
+            if info["ActorClassName"].startswith(prefix)
         )
-    except Exception as exc:  # the state API goes through the dashboard, which may be down
-        logger.warning("console: could not list replica actors: %s", exc)
+    except Exception as exc:
+        logger.warning("console: could not read the actor table: %s", exc)
         return Snapshot(app=app, rows=rows, nodes_known=False, error=type(exc).__name__)
     for row in rows:
         row.nodes = {node: n for (name, node), n in sorted(per_node.items()) if name == row.name}

@@ -107,6 +107,8 @@ def test_console_end_to_end(app: ServeApp, browser: Browser) -> None:
     client.chat.completions.create(model="fake", messages=[{"role": "user", "content": "hello console"}])
     browser.wait(lambda: model_count(browser, "fake", "requests") > before, message="the request in the overview")
     assert model_count(browser, "fake", "tokens") > 0
+    # Replicas per node: the Gateway's one replica, on the node's address.
+    assert re.search(r"\d+\.\d+\.\d+\.\d+ × 1", browser.text('tr[data-deployment="Gateway"]'))
     browser.shot("overview-after-request")
     browser.open(f"{base}/usage?key_id={key_id}")
     assert browser.all(f'tr[data-usage="{key_id}/fake"]')
