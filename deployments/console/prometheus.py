@@ -50,13 +50,15 @@ class Rates:
     models: dict[str, ModelRates] = field(default_factory=dict)
 
 
-async def query_rates(host: str | None, timeout_s: float = 2.0) -> Rates:
+async def query_rates(
+    host: str | None, timeout_s: float = 2.0, transport: httpx.AsyncBaseTransport | None = None
+) -> Rates:
     """Every query of ``QUERIES`` against the Prometheus at ``host`` (None: not configured)."""
     if not host:
         return Rates(source=None)
     rates = Rates(source=host)
     try:
-        async with httpx.AsyncClient(base_url=host.rstrip("/"), timeout=timeout_s) as client:
+        async with httpx.AsyncClient(base_url=host.rstrip("/"), timeout=timeout_s, transport=transport) as client:
             for name, promql in QUERIES.items():
                 response = await client.get("/api/v1/query", params={"query": promql})
                 response.raise_for_status()

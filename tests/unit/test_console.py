@@ -3,12 +3,14 @@ limiter snapshot, and the store functions the console added (counts, details, ke
 
 from __future__ import annotations
 
+import asyncio
 import re
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse
@@ -19,6 +21,7 @@ from deployments.console import session
 from deployments.console.app import build_console, is_loopback, templates
 from deployments.console.charts import bar_chart, compact
 from deployments.console.pages import batch_progress, before_cursor, optional_int, parse_json_object
+from deployments.console.prometheus import DURATION, QUERIES, REQUESTS, TOKENS, query_rates
 from deployments.core.limits import RateLimiterCore
 from deployments.errors import InvalidRequest, NotFound
 from deployments.gateway.auth import Authenticator
@@ -251,3 +254,26 @@ def test_with_auth_on_only_the_admin_gets_in(tmp_path: Path) -> None:
         assert client.get("/").status_code == 303
         # Unknown pages are pages too (not JSON), and need signing in first.
         assert console_client(auth).get("/nope", headers={"Authorization": "Bearer pf-admin-key"}).status_code == 404
+
+
+def test_rates_come_from_prometheus_when_there_is_one() -> None:
+    assert asyncio.run(query_rates(None)).source is None
+    asked: list[str] = []
+
+    def prometheus(request: httpx.Request) -> httpx.Response:
+        query = request.url.params["query"]
+        asked.append(query)
+        value = {"rate": "2.5", "errors": "0.1", "p50": "0.2", "p95": "NaN", "tokens": "900"}
+        name = next(n for n, q in QUERIES.items() if q == query)
+        result = [{"metric": {"model": "fake"}, "value": [0, value[name]]}]
+        return httpx.Response(200, json={"status": "success", "data": {"resultType": "vector", "result": result}})
+
+    rates = asyncio.run(query_rates("http://prometheus:9090", transport=httpx.MockTransport(prometheus)))
+    assert rates.error is None and set(asked) == set(QUERIES.values())
+    fake = rates.models["fake"]
+    assert (fake.rate, fake.errors, fake.p50, fake.p95, fake.tokens) == (2.5, 0.1, 0.2, None, 900)
+    assert all(name in " ".join(QUERIES.values()) for name in (REQUESTS, DURATION, TOKENS))
+
+    down = asyncio.run(query_rates("http://prometheus:9090",
+                                   transport=httpx.MockTransport(lambda _: httpx.Response(503))))
+    assert down.models == {} and down.error is not None and "did not answer" in down.error
