@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
-from typing import Any
+from typing import Any, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -123,8 +123,13 @@ class Gate:
         return session.issue(self.secret)
 
 
-def build_console(pages: Any, auth: Authenticator) -> FastAPI:
-    """The console app; ``pages.register(app)`` adds the pages behind the gate."""
+class PageSet(Protocol):
+    def register(self, app: FastAPI, render: Callable[..., str]) -> None:
+        """Add the pages to ``app``; ``render(template, request, **context)`` makes their HTML."""
+
+
+def build_console(pages: PageSet, auth: Authenticator) -> FastAPI:
+    """The console app; ``pages.register`` adds the pages behind the gate."""
     console = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
     gate = Gate(auth)
     env = templates()
