@@ -21,7 +21,7 @@ def compact(value: float) -> str:
 
 def bar_chart(points: Sequence[tuple[str, float]], *, title: str, width: int = 640, height: int = 180) -> str:
     """An SVG bar chart of ``points`` (label, value); an empty chart says there is no data."""
-    top, bottom = 18, 30
+    top, bottom = 24, 30
     plot = height - top - bottom
     parts = [
         f'<svg class="chart" role="img" viewBox="0 0 {width} {height}" width="100%" '
