@@ -150,10 +150,10 @@ class BatchService:
     async def abort_upload(self, upload_id: str) -> PromptfleetError | None:
         return await self._io(self.store.abort_upload, upload_id)
 
-    async def get_file(self, owner: str, file_id: str) -> FileView | PromptfleetError:
+    async def get_file(self, owner: str | None, file_id: str) -> FileView | PromptfleetError:
         return await self._io(lambda: self.store.get_file(owner, file_id).view())
 
-    async def read_file(self, owner: str, file_id: str, offset: int, size: int) -> bytes | PromptfleetError:
+    async def read_file(self, owner: str | None, file_id: str, offset: int, size: int) -> bytes | PromptfleetError:
         return await self._io(self.store.read_file, owner, file_id, offset, size)
 
     async def list_files(

@@ -41,7 +41,7 @@ from collections.abc import AsyncIterator
 from deployments.config import AdmissionConfig
 from deployments.core.fairshare import Waiter
 from deployments.core.limits import Granted, Queued, RateLimiterCore, Refused
-from deployments.schemas import BookingAnswer, ReserveRequest
+from deployments.schemas import BookingAnswer, LimiterState, ReserveRequest
 
 WATCH_TIMEOUT_S = 30.0
 
@@ -149,6 +149,10 @@ class RateLimiter:
         inbox = self.inboxes.pop(ticket, None)
         if inbox is not None:
             inbox.put_nowait((ticket, granted, value))
+
+    async def state(self) -> LimiterState:
+        """What every budget holds now: the console's limiter view (read only)."""
+        return self.core.snapshot(time.monotonic())
 
     async def pause(self, name: str, seconds: float) -> None:
         # Durations, not timestamps, cross the wire: nodes' clocks differ.

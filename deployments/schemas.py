@@ -413,13 +413,28 @@ class TaskRendered(_Ours):
     response_format: dict[str, Any] = Field(description="The `response_format` sent with them.")
 
 
+class RunDetail(RunView):
+    """A run as the admin's console sees it: the view plus who owns it and what it was given."""
+
+    owner: str = Field(description="The key id the run belongs to (`anonymous` without authentication).")
+    input: dict[str, Any] = Field(description="The task input as submitted.")
+    updated_at: float = Field(description="Unix time of the last change.")
+    idempotency_key: str | None = Field(description="The Idempotency-Key it was submitted with, if any.")
+    worker_id: str | None = Field(description="The TaskRunner replica that last held it.")
+    available_at: float | None = Field(description="A queued run waiting out a backoff is not started before this.")
+
+
+class RunDetailList(_Ours):
+    data: list[RunDetail]
+    next_cursor: str | None = Field(description="The cursor of the next page; empty on the last.")
+
+
 # -- API keys and usage ----------------------------------------------------------------------
 
 
-class KeyCreate(_Ours):
-    """Body of POST /v1/admin/keys."""
+class KeyLimits(_Ours):
+    """Body of PATCH /v1/admin/keys/{id}: the key's limits, replaced whole (empty: unlimited)."""
 
-    name: str = Field(min_length=1, max_length=200, description="Who or what the key is for.")
     rpm: int | None = Field(
         default=None, ge=1, le=1_000_000, description="Requests per minute (chat, task runs, batch lines)."
     )
@@ -434,6 +449,12 @@ class KeyCreate(_Ours):
         description="Share of a shared model budget when keys wait for it together: a key of weight 2 gets "
         "twice the calls of a key of weight 1 while both have calls waiting.",
     )
+
+
+class KeyCreate(KeyLimits):
+    """Body of POST /v1/admin/keys."""
+
+    name: str = Field(min_length=1, max_length=200, description="Who or what the key is for.")
     scope: Literal["tenant", "prompts"] = Field(
         default="tenant",
         description="`tenant`: the API's normal use. `prompts`: the same, and also checks, pushes, rolls back "
@@ -713,3 +734,27 @@ class BookingAnswer(_Ours):
     granted: bool = Field(description="True: the slot is booked; False: it could not start within `max_wait_s`.")
     delay_s: float = Field(ge=0, description="Granted: seconds until the call may start. Refused: seconds until "
                            "a slot is expected to be free (the Retry-After).")
+
+
+class PacerState(_Ours):
+    """One unit (requests or tokens) of a budget, as the RateLimiter holds it now."""
+
+    unit: Literal["requests", "tokens"]
+    per_minute: float = Field(description="The limit, per minute.")
+    capacity: float = Field(description="Units that may start at once (the burst).")
+    available: float = Field(description="Units that could start now.")
+
+
+class BudgetState(_Ours):
+    """One budget of the RateLimiter (``model:<name>`` or ``key:<id>``) now."""
+
+    budget: str
+    pacers: list[PacerState]
+    queued: int = Field(description="Calls waiting for their turn in the budget's fair queue.")
+    paused_s: float = Field(description="Seconds left of a pause an upstream's 429 asked for (0: none).")
+
+
+class LimiterState(_Ours):
+    """What the RateLimiter holds now (the console's overview)."""
+
+    budgets: list[BudgetState]

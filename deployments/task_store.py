@@ -39,7 +39,7 @@ from deployments.config import TasksConfig
 from deployments.core.replies import Reply, replying
 from deployments.core.retention import Cutoffs
 from deployments.errors import NotFound, Overloaded
-from deployments.schemas import RunList, RunView
+from deployments.schemas import RunDetail, RunDetailList, RunList, RunView
 from deployments.store import RunRecord, RunStore, open_database
 from deployments.store.keys import ApiKey, KeySnapshot, KeyStore
 from deployments.store.records import UsageRecord
@@ -143,10 +143,36 @@ class TaskStore:
     async def _list_runs(
         self, owner: str | None, status: str | None, task: str | None, limit: int, cursor: str | None
     ) -> RunList:
-        runs, next_cursor = await self._user(
-            self.store.list_runs, owner, status=status, task=task, limit=limit, cursor=cursor
-        )
+        runs, next_cursor = await self._page(owner, status, task, limit, cursor)
         return RunList(data=[run.view() for run in runs], next_cursor=next_cursor)
+
+    async def _page(
+        self, owner: str | None, status: str | None, task: str | None, limit: int, cursor: str | None
+    ) -> tuple[list[RunRecord], str | None]:
+        return await self._user(self.store.list_runs, owner, status=status, task=task, limit=limit, cursor=cursor)
+
+    # -- the admin's console: whole records and counts ----------------------------------
+
+    async def run_detail(self, run_id: str) -> Reply[RunDetail]:
+        return await replying(self._run_detail(run_id))
+
+    async def _run_detail(self, run_id: str) -> RunDetail:
+        return (await self._user(self.store.get, run_id, None)).detail()
+
+    async def list_details(
+        self, owner: str | None, status: str | None, task: str | None, limit: int, cursor: str | None
+    ) -> Reply[RunDetailList]:
+        """``list_runs`` (the same query and keyset pages) with each run's owner and input."""
+        return await replying(self._list_details(owner, status, task, limit, cursor))
+
+    async def _list_details(
+        self, owner: str | None, status: str | None, task: str | None, limit: int, cursor: str | None
+    ) -> RunDetailList:
+        runs, next_cursor = await self._page(owner, status, task, limit, cursor)
+        return RunDetailList(data=[run.detail() for run in runs], next_cursor=next_cursor)
+
+    async def count_by_status(self) -> Reply[dict[str, int]]:
+        return await replying(self._user(self.store.count_by_status))
 
     async def cancel(self, run_id: str, owner: str | None) -> Reply[RunView]:
         return await replying(self._cancel(run_id, owner))
@@ -263,6 +289,13 @@ class TaskStore:
 
     async def list_keys(self) -> Reply[list[ApiKey]]:
         return await replying(self._user(self.keys.list_keys))
+
+    async def set_key_limits(
+        self, key_id: str, rpm: int | None, tpm: int | None, token_budget: int | None, weight: float
+    ) -> Reply[ApiKey]:
+        return await replying(
+            self._user(self.keys.set_limits, key_id, rpm=rpm, tpm=tpm, token_budget=token_budget, weight=weight)
+        )
 
     async def revoke_key(self, key_id: str) -> Reply[ApiKey]:
         return await replying(self._user(self.keys.revoke, key_id))

@@ -2,8 +2,10 @@
 
 Serves: the OpenAI-compatible routes (``chat_routes``), tasks and runs
 (``task_routes``), task management for prompt owners (``prompt_routes``), keys and
-usage (``admin_routes``), ``/healthz`` (``health``) and the OpenAPI page at
-``/docs`` — on its own listener (``listener``) and through Serve's proxy.
+usage (``admin_routes``), ``/healthz`` (``health``), the OpenAPI page at ``/docs`` (its
+Swagger UI files served from the ``fastapi-swagger`` package: no CDN) and the web console at
+``/console`` (``deployments.console``) — on its own listener (``listener``) and through
+Serve's proxy.
 Calls: ``ModelWorker`` deployments (by model name), ``TaskRunner``,
 ``TaskStore`` and ``RateLimiter``, through ``DeploymentHandle``s.
 Owns: an index of the active API keys and unflushed usage counts
@@ -25,7 +27,9 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from ray.serve.handle import DeploymentHandle
 from ray.util import get_node_ip_address
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -33,6 +37,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments.catalogue import CatalogueFollower
 from deployments.config import AppArgs
+from deployments.console.app import build_console
+from deployments.console.cluster import Deployments
+from deployments.console.overview import Overview
+from deployments.console.pages import Pages
+from deployments.console.prometheus import PROMETHEUS_ENV
 from deployments.errors import (
     InvalidRequest,
     MethodNotAllowed,
@@ -41,7 +50,7 @@ from deployments.errors import (
     PromptfleetError,
     RequestTooLarge,
 )
-from deployments.gateway.admin_routes import build_admin_router
+from deployments.gateway.admin_routes import KeyAdmin, build_admin_router
 from deployments.gateway.auth import Authenticator
 from deployments.gateway.batch_routes import FILES_PATH, build_batch_router
 from deployments.gateway.chat_routes import ChatRoutes
@@ -235,6 +244,19 @@ class Gateway:
             build_admin_router(store, self.auth, self.meter, batches),
             *([build_batch_router(batches)] if batches is not None else []),
         ]
+        self.console = build_console(
+            Pages(
+                tasks=self.tasks,
+                store=store,
+                batches=batches,
+                keys=KeyAdmin(store, self.auth, batches),
+                meter=self.meter,
+                overview=Overview(store=store, limiter=limiter, health=self.health, meter=self.meter,
+                                  prometheus_host=os.environ.get(PROMETHEUS_ENV) or None, deployments=Deployments()),
+                owner="admin" if args.auth.enabled else "anonymous",
+            ),
+            self.auth,
+        )
         # Outermost first: who is calling (headers only), then the body's size, then the routes.
         limited = BodySizeLimit(
             self.build_api(), limit=args.gateway.max_body_bytes, path_limits={FILES_PATH: MAX_FILE_BYTES}
@@ -267,6 +289,7 @@ class Gateway:
             summary="OpenAI-compatible LLM gateway on Ray Serve.",
             version="0.1.0",
             lifespan=self.lifespan,
+            docs_url=None,  # served below, from local files
         )
 
         @api.exception_handler(PromptfleetError)
@@ -291,6 +314,22 @@ class Gateway:
         # Every /v1 route was authenticated by AuthGate, which set request.state.caller.
         for router in self.routers:
             api.include_router(router)
+
+        # Swagger UI's files come from the fastapi-swagger package (its resources/ folder): /docs works offline.
+        api.mount("/docs/assets", StaticFiles(packages=[("fastapi_swagger", "resources")]), name="docs-assets")
+
+        @api.get("/docs", include_in_schema=False)
+        async def docs(request: Request) -> HTMLResponse:
+            root = request.scope.get("root_path", "")
+            return get_swagger_ui_html(
+                openapi_url=f"{root}{api.openapi_url}",
+                title="promptfleet API",
+                swagger_js_url=f"{root}/docs/assets/swagger-ui-bundle.js",
+                swagger_css_url=f"{root}/docs/assets/swagger-ui.css",
+                swagger_favicon_url=f"{root}/docs/assets/favicon-32x32.png",
+            )
+
+        api.mount("/console", self.console, name="console")
 
         @api.get("/healthz", response_model=Health, responses={503: {"model": Health}})
         async def healthz() -> JSONResponse:

@@ -207,6 +207,22 @@ class KeyStore(DatabaseBacked):
                 self._bump(tx)
         return self.get(key_id)
 
+    def set_limits(
+        self, key_id: str, *, rpm: int | None, tpm: int | None, token_budget: int | None, weight: float
+    ) -> ApiKey:
+        """Replace the key's limits (revoked keys too: it changes nothing for them)."""
+        if _KEY_ID.fullmatch(key_id) is None:
+            raise _key_not_found(key_id)
+        with self._db.transaction() as tx:
+            changed = tx.run(
+                "UPDATE api_keys SET rpm = ?, tpm = ?, token_budget = ?, weight = ? WHERE id = ?",
+                rpm, tpm, token_budget, weight, key_id,
+            )
+            if not changed:
+                raise _key_not_found(key_id)
+            self._bump(tx)  # every Gateway's key index reloads the keys: the new limits apply there
+        return self.get(key_id)
+
     def version(self) -> int:
         """Changes with every create and revoke (never goes back)."""
         with self._db.autocommit() as tx:

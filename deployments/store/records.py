@@ -19,7 +19,7 @@ from typing import Any
 
 from deployments.core.runstate import TERMINAL, RunStatus
 from deployments.errors import InvalidRequest, RunNotFound
-from deployments.schemas import RunView
+from deployments.schemas import RunDetail, RunView
 
 __all__ = [
     "COLUMNS",
@@ -90,6 +90,18 @@ class RunRecord:
             error=self.error,
             usage=self.usage,
             task_version=self.task_version,
+        )
+
+    def detail(self) -> RunDetail:
+        """What the admin's console shows: the view, its owner and input (never the lease token)."""
+        return RunDetail(
+            **self.view().model_dump(),
+            owner=self.owner,
+            input=self.input,
+            updated_at=self.updated_at,
+            idempotency_key=self.idempotency_key,
+            worker_id=self.worker_id,
+            available_at=self.available_at,
         )
 
 

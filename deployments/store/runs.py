@@ -86,6 +86,11 @@ def schema(d: Dialect) -> list[str]:
         " WHERE idempotency_key IS NOT NULL",
         "CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status, seq)",
         "CREATE INDEX IF NOT EXISTS runs_by_owner ON runs (owner, created_at, id)",
+        # The admin's listings (every owner, newest first, maybe by status or task): keyset pages
+        # read one index range each, however many runs the store holds.
+        "CREATE INDEX IF NOT EXISTS runs_by_created ON runs (created_at, id)",
+        "CREATE INDEX IF NOT EXISTS runs_by_status_created ON runs (status, created_at, id)",
+        "CREATE INDEX IF NOT EXISTS runs_by_task_created ON runs (task, created_at, id)",
     ]
 
 
@@ -268,6 +273,14 @@ class RunStore(DatabaseBacked):
         records = [record(r) for r in rows[:limit]]
         more = len(rows) > limit
         return records, (encode_cursor(records[-1].created_at, records[-1].id) if more else None)
+
+    def count_by_status(self) -> dict[str, int]:
+        """Runs per status, every status present (0 if none): the console's queue depth."""
+        with self._db.autocommit() as tx:
+            rows = tx.rows("SELECT status, COUNT(*) AS n FROM runs GROUP BY status")
+        counts = dict.fromkeys(sorted(STATUSES), 0)
+        counts.update({row["status"]: int(row["n"]) for row in rows})
+        return counts
 
     def count_queued(self) -> int:
         """Runs waiting for a worker (the Gateway's backpressure signal)."""
