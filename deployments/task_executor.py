@@ -46,12 +46,14 @@ class TaskExecutor:
         payer: str | None = None,
         wait: bool = False,
         background: bool = False,
+        request_id: str | None = None,
     ) -> dict[str, Any]:
         """Run the task; its model calls are billed to the key ``payer`` (None: unmetered).
 
         ``wait``: the payer's rpm/tpm may delay the calls (within the task's ``timeout_s``) instead
         of refusing them with 429. ``background``: a queued run, served behind the payer's
-        interactive calls in a limited model's fair queue."""
+        interactive calls in a limited model's fair queue. ``request_id``: the id the calls go by
+        (None: the id of the request being served, see ``ModelCalls``)."""
         defn = self.definition(name)
         validate_input(defn, task_input)
         messages = render_messages(defn, task_input)
@@ -69,7 +71,8 @@ class TaskExecutor:
                 "max_tokens": defn.max_tokens,
             })
             result = await self.calls.complete(
-                request, account, wait_s=wait_s, fallbacks=defn.fallback_models, background=background
+                request, account, wait_s=wait_s, request_id=request_id, fallbacks=defn.fallback_models,
+                background=background,
             )
             served_by.append(str(result.get("model", defn.model)))
             choice = result["choices"][0]

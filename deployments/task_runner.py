@@ -29,6 +29,7 @@ from deployments.core.replies import Reply, replying, unwrap
 from deployments.core.runloop import RunLoop
 from deployments.core.taskdefs import TaskDefinition
 from deployments.errors import PromptfleetError
+from deployments.logs import watch_serve_log
 from deployments.metering import Meter
 from deployments.model_calls import HandleTransport, ModelCalls
 from deployments.store import RunRecord
@@ -79,6 +80,7 @@ class TaskRunner:
         limiter: DeploymentHandle | None = None,
         admission: AdmissionConfig | None = None,
     ) -> None:
+        watch_serve_log()
         self.meter = Meter(store, limiter, admission) if limiter is not None else None
         self.executor = TaskExecutor(tasks, ModelCalls(models or [], HandleTransport(workers), self.meter))
         self.loop = RunLoop(
@@ -93,12 +95,14 @@ class TaskRunner:
         self.loop.start()
 
     async def run(
-        self, name: str, task_input: dict[str, Any], payer: str | None = None, background: bool = False
+        self, name: str, task_input: dict[str, Any], payer: str | None = None, background: bool = False,
+        request_id: str | None = None,
     ) -> Reply[dict[str, Any]]:
         """The synchronous path: execute now, billed to the key ``payer``; return the result or the
         error (as a value). The payer's rate limit paces the calls within the task's timeout;
-        ``background`` (batch task lines) puts them behind the payer's interactive calls."""
-        return await replying(self.executor.execute(name, task_input, payer, True, background))
+        ``background`` (batch task lines) puts them behind the payer's interactive calls.
+        ``request_id``: the id the calls go by (a batch line's); None: the calling request's."""
+        return await replying(self.executor.execute(name, task_input, payer, True, background, request_id))
 
     async def __del__(self) -> None:
         """Serve stops this replica (scale-down, redeploy, shutdown): hand its runs back at once,

@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from deployments import request_ids
 from deployments.core.replies import unwrap
 from deployments.core.taskdefs import TaskDefinition
 from deployments.errors import InvalidRequest, Overloaded
@@ -81,7 +82,9 @@ def build_task_router(
     ) -> JSONResponse:
         check_input(tasks, name, body.input)
         meter.check_budget(caller.entry)
-        view, created = unwrap(await store.create_run.remote(name, body.input, caller.owner, idempotency_key))
+        view, created = unwrap(
+            await store.create_run.remote(name, body.input, caller.owner, idempotency_key, request_ids.current())
+        )
         return JSONResponse(
             view.model_dump(mode="json"),
             status_code=202 if created else 200,

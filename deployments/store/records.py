@@ -40,7 +40,7 @@ __all__ = [
 
 COLUMNS = (
     "id, task, owner, status, input, result, error, usage, attempt, created_at, started_at,"
-    " finished_at, updated_at, lease_token, lease_expires_at, idempotency_key, worker_id, available_at"
+    " finished_at, updated_at, lease_token, lease_expires_at, idempotency_key, worker_id, available_at, request_id"
 )
 JSON_COLUMNS = frozenset({"input", "result", "error", "usage"})
 STATUSES = frozenset(s.value for s in RunStatus)
@@ -69,6 +69,7 @@ class RunRecord:
     idempotency_key: str | None
     worker_id: str | None
     available_at: float | None = None  # a queued run is not claimed before this (a backoff)
+    request_id: str | None = None  # the submitting request's id; its model calls go by it
 
     @property
     def terminal(self) -> bool:
@@ -87,6 +88,7 @@ class RunRecord:
             result=self.result,
             error=self.error,
             usage=self.usage,
+            request_id=self.request_id,
         )
 
 
