@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from deployments import request_ids
 from deployments.core.output import run_with_repair
 from deployments.core.prompting import render_messages, response_format_for, validate_input
 from deployments.core.taskdefs import TaskDefinition
@@ -54,6 +55,9 @@ class TaskExecutor:
         of refusing them with 429. ``background``: a queued run, served behind the payer's
         interactive calls in a limited model's fair queue. ``request_id``: the id the calls go by
         (None: the id of the request being served, see ``ModelCalls``)."""
+        if request_id is not None:
+            # The run's lines in this replica (fallbacks, failures) and its model calls carry it.
+            request_ids.use(request_id)
         defn = self.definition(name)
         validate_input(defn, task_input)
         messages = render_messages(defn, task_input)

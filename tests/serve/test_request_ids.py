@@ -4,28 +4,16 @@ bodies, on runs; and /healthz, /readyz."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
-from tests.fixtures import ADMIN_KEY, ServeApp
+from tests.fixtures import ADMIN_KEY, ServeApp, logged
 from tests.waiting import wait_for
 
 HELLO = [{"role": "user", "content": "hello"}]
 GENERATED = re.compile(r"[0-9a-f]{32}")
-
-
-def serve_logs() -> Path:
-    import ray
-
-    return Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
-
-
-def logged(prefix: str, text: str) -> list[Path]:
-    """The replica log files of this session named ``replica_<prefix>…`` that contain ``text``."""
-    return [p for p in serve_logs().glob(f"replica_{prefix}*.log") if text in p.read_text(errors="replace")]
 
 
 def test_a_sane_client_id_comes_back_and_is_in_the_serving_workers_log(app: ServeApp) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import pickle
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,6 +13,7 @@ from deployments import errors, request_ids
 from deployments.config import LogsConfig, OpenAIModel
 from deployments.model_worker import ModelWorker
 from deployments.schemas import ChatCompletionRequest, ChatReply, ModelCall, StreamEnd, Usage
+from tests.unit.conftest import Records
 
 
 class FakeProvider:
@@ -111,27 +111,11 @@ class ContextProvider(FakeProvider):
 
 
 @pytest.mark.parametrize("content", [False, True])
-def test_a_call_runs_under_its_request_id_and_is_logged_once(content: bool) -> None:
-    provider, records = ContextProvider(), Lines()
-    logger = logging.getLogger("ray.serve")
-    logger.addHandler(records)
-    level, logger.level = logger.level, logging.INFO
-    try:
-        asyncio.run(Worker(CONFIG, provider=provider, logs=LogsConfig(content=content)).chat(call()))
-    finally:
-        logger.removeHandler(records)
-        logger.setLevel(level)
+def test_a_call_runs_under_its_request_id_and_is_logged_once(content: bool, serve_log: Records) -> None:
+    provider = ContextProvider()
+    asyncio.run(Worker(CONFIG, provider=provider, logs=LogsConfig(content=content)).chat(call()))
     assert provider.ids == ["req-1"]
-    (line,) = [r for r in records.records if r.getMessage().startswith("served m")]
+    (line,) = [r for r in serve_log.records if r.getMessage().startswith("served m")]
     assert line.__dict__["outcome"] == "ok" and line.__dict__["model"] == "m"
     # The prompt ("hi") and the output reach the log only when the operator asked for them.
     assert ("'hi'" in line.getMessage() and "the answer" in line.getMessage()) is content
-
-
-class Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)

@@ -6,39 +6,17 @@ id reaches the worker's log.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
-import pytest
 
 from deployments import request_ids
 from deployments.core.requestids import MAX_LENGTH, is_sane
 from deployments.gateway.access import RequestIds
+from tests.unit.conftest import Records
 from tests.unit.test_edge import GOOD_KEY, make_app, run
 
 AUTH = {"Authorization": f"Bearer {GOOD_KEY}"}
-
-
-class Lines(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.records: list[logging.LogRecord] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append(record)
-
-
-@pytest.fixture
-def lines() -> Iterator[Lines]:
-    handler, logger = Lines(), logging.getLogger("ray.serve")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    yield handler
-    logger.removeHandler(handler)
-    logger.setLevel(level)
 
 
 def send(*requests: tuple[str, str, dict[str, str], bytes]) -> list[httpx.Response]:
@@ -84,7 +62,8 @@ def test_nothing_of_a_requests_id_outlives_it() -> None:
     assert request_ids.current() is None
 
 
-def test_one_access_line_per_request_with_key_id_never_the_key(lines: Lines) -> None:
+def test_one_access_line_per_request_with_key_id_never_the_key(serve_log: Records) -> None:
+    lines = serve_log
     send(("POST", "/v1/echo", {**AUTH, "X-Request-ID": "acc-1"}, b"hi"),
          ("POST", "/v1/echo", {"X-Request-ID": "acc-2"}, b"hi"))
     access: list[dict[str, Any]] = [r.__dict__ for r in lines.records if hasattr(r, "latency_ms")]
@@ -94,7 +73,8 @@ def test_one_access_line_per_request_with_key_id_never_the_key(lines: Lines) -> 
     assert "POST /v1/echo 200" in lines.records[0].getMessage()
 
 
-def test_the_access_line_can_be_turned_off(lines: Lines) -> None:
+def test_the_access_line_can_be_turned_off(serve_log: Records) -> None:
+    lines = serve_log
     app, _, _ = make_app()
 
     async def scenario() -> None:
