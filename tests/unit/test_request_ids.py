@@ -6,6 +6,7 @@ id reaches the worker's log.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import httpx
@@ -13,6 +14,7 @@ import httpx
 from deployments import request_ids
 from deployments.core.requestids import MAX_LENGTH, is_sane
 from deployments.gateway.access import RequestIds
+from deployments.logs import RequestIdFilter
 from tests.unit.conftest import Records
 from tests.unit.test_edge import GOOD_KEY, make_app, run
 
@@ -84,3 +86,16 @@ def test_the_access_line_can_be_turned_off(serve_log: Records) -> None:
 
     run(scenario())
     assert not [r for r in lines.records if hasattr(r, "latency_ms")]
+
+
+def test_json_lines_carry_the_id_and_the_access_fields(serve_log: Records) -> None:
+    from ray._common.formatters import JSONFormatter  # what Serve writes with `encoding: JSON`
+
+    serve_log.addFilter(RequestIdFilter())  # what deployments.logs adds to Serve's replica handler
+    send(("POST", "/v1/echo", {**AUTH, "X-Request-ID": "json-1"}, b"hi"))
+    (record,) = [r for r in serve_log.records if hasattr(r, "latency_ms")]
+    line = json.loads(JSONFormatter().format(record))
+    assert {k: line[k] for k in ("request_id", "method", "path", "status", "key_id", "model")} == {
+        "request_id": "json-1", "method": "POST", "path": "/v1/echo", "status": 200,
+        "key_id": "key_0000000000000001", "model": "-"}
+    assert line["latency_ms"] >= 0 and GOOD_KEY not in json.dumps(line)
