@@ -99,3 +99,14 @@ def test_liveness_is_cheap_and_readiness_says_per_model_and_store(app: ServeApp)
     auth_ready = httpx.get(f"{app.auth_base_url.removesuffix('/v1')}/readyz", timeout=30,
                            headers={"Authorization": f"Bearer {ADMIN_KEY}"})
     assert auth_ready.status_code == 200 and set(auth_ready.json()["models"]) == {"fake", "fake-capped", "fake-shared"}
+
+
+def test_no_prompt_output_or_key_reaches_any_replica_log(app: ServeApp) -> None:
+    body = {"model": "fake", "messages": [{"role": "user", "content": "zebra-prompt-7731"}]}
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}", "X-Request-ID": "quiet-1"}
+    reply = httpx.post(f"{app.auth_base_url}/chat/completions", json=body, headers=headers, timeout=30)
+    assert reply.status_code == 200 and "zebra-prompt-7731" in reply.text
+    wait_for(lambda: logged("promptfleet-auth_Gateway_", "quiet-1 -- POST"), 30, message="the access line")
+    wait_for(lambda: logged("promptfleet-auth_worker-fake_", "quiet-1 -- served fake"), 30, message="the worker's line")
+    for secret in ("zebra-prompt-7731", ADMIN_KEY):
+        assert not logged("", secret), secret  # no replica's log, of either app, holds it
