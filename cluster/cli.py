@@ -141,10 +141,13 @@ def cmd_start(args: argparse.Namespace) -> int:
             head.wait()
         raise
     urls = local.endpoints(config, dashboard, node_host)
+    token_hint = (f"                           (it asks for the cluster token; print it with "
+                  f"`{nodes.token_command(os.environ)}`)\n" if os.environ.get("RAY_AUTH_MODE") == "token" else "")
     print(
         f"\npromptfleet is running.\n"
         f"  API (OpenAI-compatible): {urls.api}\n"
-        f"  Ray dashboard:           {urls.dashboard}\n\n"
+        f"  Ray dashboard:           {urls.dashboard}\n"
+        f"{token_hint}\n"
         f"  curl {urls.api}/chat/completions -H 'Content-Type: application/json' \\\n"
         f"    -d '{{\"model\": \"smollm2\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n\n"
         + ("Ctrl-C (or SIGTERM to this command) stops this node." if head is not None

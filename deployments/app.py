@@ -68,7 +68,7 @@ def build_app(args: AppArgs) -> Application:
     workers = {
         model.name: serve.deployment(ModelWorker)
         .options(name=names.worker(model.name), **worker_defaults(model))
-        .bind(model, limiter if isinstance(model, OpenAIModel) else None)
+        .bind(model, limiter if isinstance(model, OpenAIModel) else None, logs=args.logs)
         for model in args.models
     }
     store = (

@@ -255,6 +255,8 @@ class BatchService:
             "--input", str(paths["input"]), "--output", str(paths["output"]), "--errors", str(paths["errors"]),
             "--progress-file", str(paths["progress"]), "--app", self.app_name,
             "--concurrency", str(BATCH_CONCURRENCY), "--progress-every", "5",
+            # Line N of the batch goes by the request id <batch id>-N, in every start of its job.
+            "--request-id-prefix", batch.id,
         ] + (["--ray-address", address] if (address := self.jobs.cluster_address()) else [])
           # Lines are billed to, and limited as, the owner's key (its id; the key never leaves the store).
           + (["--key-id", batch.owner] if batch.owner.startswith("key_") else []))

@@ -232,20 +232,45 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class Health(BaseModel):
-    """`/healthz`: whether this node's Gateway can serve (200) or not (503), for a load balancer."""
+class Liveness(BaseModel):
+    """`/healthz`: this Gateway replica's event loop answers (always 200; nothing else is asked)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: Literal["ok"] = Field(description="Always `ok`: an answer at all is the signal.")
+    node: str = Field(description="Address of the node this Gateway replica runs on.")
+
+
+class ModelReadiness(BaseModel):
+    """What a model's worker says about itself (``ModelWorker.readiness``), as `/readyz` shows it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    replicas: Literal["up", "down"] = Field(
+        description="`up` when a worker replica answered within the probe's timeout (a model whose replicas "
+        "are all busy or gone reads `down`)."
+    )
+    upstream: Literal["ok", "unreachable", "local", "unknown"] = Field(
+        description="An upstream model: whether the worker could open a TCP connection to its `base_url`. "
+        "`local`: a llama.cpp model (nothing to reach). `unknown`: no replica answered."
+    )
+
+    @property
+    def serving(self) -> bool:
+        return self.replicas == "up" and self.upstream in ("ok", "local")
+
+
+class Readiness(BaseModel):
+    """`/readyz`: whether this node's Gateway can serve (200) or not (503), for a load balancer and a person."""
 
     model_config = ConfigDict(extra="forbid")
 
     status: Literal["ok", "unavailable"] = Field(
-        description="`ok` when the store answers and at least one model does; else `unavailable` (HTTP 503)."
+        description="`ok` when the store answers and at least one model can serve (a replica up, its upstream "
+        "reachable); else `unavailable` (HTTP 503)."
     )
-    models: list[str] = Field(description="Models this gateway routes to.")
     store: Literal["ok", "unreachable"] = Field(description="Whether the TaskStore answered its health check.")
-    ready: dict[str, bool] = Field(
-        description="Per model: whether a worker replica answered its health check in time (a model whose "
-        "replicas are all busy or gone reads false)."
-    )
+    models: dict[str, ModelReadiness] = Field(description="Per model this gateway routes to: replicas, upstream.")
     node: str = Field(description="Address of the node this Gateway replica runs on.")
 
 
@@ -315,6 +340,10 @@ class RunView(_Ours):
         description="The task version the run executes: the one active when it was submitted. A run queued "
         "before a push or rollback keeps it. Empty for runs queued before task versions existed (they run "
         "the active version).",
+    )
+    request_id: str | None = Field(
+        default=None, description="Id of the request that submitted it (its `X-Request-ID`); the run's model "
+        "calls are logged under it. Empty for runs stored before request ids existed."
     )
 
 
@@ -537,7 +566,8 @@ class BatchTaskLine(_Ours):
 
 class BatchResponse(_Ours):
     status_code: int = Field(description="HTTP status the same request would have got from the API.")
-    request_id: str = Field(description="Id of this request (the completion's id when there is one).")
+    request_id: str = Field(description="Id of this request, `<prefix>-<line number>` (the batch's id as "
+                            "prefix through the Batches API): its model calls are logged under it.")
     body: dict[str, Any] = Field(description="The response body: a chat completion, a task result, "
                                  "or an error body `{error: {message, type, param, code}}`.")
 

@@ -17,6 +17,7 @@ import asyncio
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from deployments import request_ids
 from deployments.core.output import run_with_repair
 from deployments.core.prompting import render_messages, response_format_for, validate_input
 from deployments.core.taskdefs import TaskDefinition
@@ -62,13 +63,19 @@ class TaskExecutor:
         background: bool = False,
         version: int | None = None,
         model: str | None = None,
+        *,
+        request_id: str | None = None,
     ) -> dict[str, Any]:
         """Run ``version`` of the task (None: the active one); its model calls are billed to the key
         ``payer`` (None: unmetered). ``model``: on this model instead of the task's, without fallbacks.
 
         ``wait``: the payer's rpm/tpm may delay the calls (within the task's ``timeout_s``) instead
         of refusing them with 429. ``background``: a queued run, served behind the payer's
-        interactive calls in a limited model's fair queue."""
+        interactive calls in a limited model's fair queue. ``request_id``: the id the calls go by
+        (None: the id of the request being served, see ``ModelCalls``)."""
+        if request_id is not None:
+            # The run's lines in this replica (fallbacks, failures) and its model calls carry it.
+            request_ids.use(request_id)
         defn, version = await self.tasks.definition(name, version)
         if model is not None:
             defn = defn.model_copy(update={"model": model, "fallback_models": []})
@@ -88,7 +95,8 @@ class TaskExecutor:
                 "max_tokens": defn.max_tokens,
             })
             result = await self.calls.complete(
-                request, account, wait_s=wait_s, fallbacks=defn.fallback_models, background=background
+                request, account, wait_s=wait_s, request_id=request_id, fallbacks=defn.fallback_models,
+                background=background,
             )
             served_by.append(str(result.get("model", defn.model)))
             choice = result["choices"][0]

@@ -31,6 +31,7 @@ from deployments.config import AdmissionConfig, ModelConfig, TasksConfig
 from deployments.core.replies import Reply, replying, unwrap
 from deployments.core.runloop import RunLoop
 from deployments.errors import PromptfleetError
+from deployments.logs import watch_serve_log
 from deployments.metering import Meter
 from deployments.model_calls import HandleTransport, ModelCalls
 from deployments.store import RunRecord
@@ -80,6 +81,7 @@ class TaskRunner:
         limiter: DeploymentHandle | None = None,
         admission: AdmissionConfig | None = None,
     ) -> None:
+        watch_serve_log()
         self.meter = Meter(store, limiter, admission) if limiter is not None else None
         self.tasks = CatalogueFollower(store.task_snapshot.remote, store.task_version.remote, config.catalogue_poll_s)
         self.tasks.start()
@@ -97,14 +99,17 @@ class TaskRunner:
 
     async def run(
         self, name: str, task_input: dict[str, Any], payer: str | None = None, background: bool = False,
-        version: int | None = None, model: str | None = None,
+        version: int | None = None, model: str | None = None, request_id: str | None = None,
     ) -> Reply[dict[str, Any]]:
         """The synchronous path: execute ``version`` (the one the Gateway checked the input against;
         None: this replica's active one) now, billed to the key ``payer``; return the result or the
         error (as a value). The payer's rate limit paces the calls within the task's timeout;
         ``background`` (batch task lines) puts them behind the payer's interactive calls; ``model``
-        runs it on another model (``promptfleet tasks test --model``)."""
-        return await replying(self.executor.execute(name, task_input, payer, True, background, version, model))
+        runs it on another model (``promptfleet tasks test --model``). ``request_id``: the id the calls
+        go by (a batch line's); None: the calling request's."""
+        return await replying(self.executor.execute(
+            name, task_input, payer, True, background, version, model, request_id=request_id
+        ))
 
     async def __del__(self) -> None:
         """Serve stops this replica (scale-down, redeploy, shutdown): hand its runs back at once,

@@ -39,6 +39,7 @@ from deployments.config import TasksConfig
 from deployments.core.replies import Reply, replying
 from deployments.core.retention import Cutoffs
 from deployments.errors import NotFound, Overloaded
+from deployments.logs import watch_serve_log
 from deployments.schemas import RunDetail, RunDetailList, RunList, RunView
 from deployments.store import RunRecord, RunStore, open_database
 from deployments.store.keys import ApiKey, KeySnapshot, KeyStore
@@ -54,6 +55,7 @@ class TaskStore:
     def __init__(
         self, config: TasksConfig, store: RunStore | None = None, seed: list[VersionInput] | None = None
     ) -> None:
+        watch_serve_log()
         self.config = config
         # The replica's environment is where a database URL with a password may come from.
         self.database = open_database(config.store_location(os.environ))
@@ -94,15 +96,16 @@ class TaskStore:
 
     async def create_run(
         self, task: str, task_input: dict[str, Any], owner: str, idempotency_key: str | None,
-        task_version: int | None = None,
+        task_version: int | None = None, request_id: str | None = None,
     ) -> Reply[tuple[RunView, bool]]:
         """Queue a run (durably, before answering) pinned to ``task_version``: ``(view, created)``; an
-        idempotent repeat gives the existing run with ``created`` False."""
-        return await replying(self._create_run(task, task_input, owner, idempotency_key, task_version))
+        idempotent repeat gives the existing run with ``created`` False. ``request_id``: the
+        submitting request's."""
+        return await replying(self._create_run(task, task_input, owner, idempotency_key, task_version, request_id))
 
     async def _create_run(
         self, task: str, task_input: dict[str, Any], owner: str, idempotency_key: str | None,
-        task_version: int | None,
+        task_version: int | None, request_id: str | None,
     ) -> tuple[RunView, bool]:
         queued = await self._user(self.store.count_queued)
         if queued >= self.config.max_queued_runs:
@@ -113,7 +116,7 @@ class TaskStore:
             )
         run, created = await self._user(
             self.store.create_run, task=task, input=task_input, owner=owner, idempotency_key=idempotency_key,
-            task_version=task_version,
+            task_version=task_version, request_id=request_id,
         )
         if created:
             self.work_available.set()

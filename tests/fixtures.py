@@ -362,6 +362,15 @@ def answers(client: httpx.Client, model: str) -> bool:
     return client.post("/chat/completions", json=body).status_code == 200
 
 
+def logged(prefix: str, text: str) -> list[Path]:
+    """The replica log files of this process's Ray session (``logs/serve/replica_<prefix>…``) that
+    contain ``text``."""
+    import ray
+
+    serve_logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
+    return [p for p in serve_logs.glob(f"replica_{prefix}*.log") if text in p.read_text(errors="replace")]
+
+
 @pytest.fixture(scope="session")
 def serve_yaml() -> dict[str, Any]:
     return yaml.safe_load((REPO / "configs" / "serve.yaml").read_text())

@@ -1,7 +1,7 @@
 """The overview page's numbers: gathered at once from everything the service knows.
 
 - deployments and their replicas per node (``cluster.Deployments``) and this node's health
-  (the ``/healthz`` check, ``gateway.health``);
+  (the ``/readyz`` check, ``gateway.health``);
 - the run queue by status (``TaskStore.count_by_status``) and the limiter's budgets
   (``RateLimiter.state``);
 - today's requests and tokens per model, and tokens per day (the store's ``usage`` table);
@@ -29,7 +29,7 @@ from deployments.console.prometheus import Rates, query_rates
 from deployments.core.replies import unwrap
 from deployments.gateway.health import HealthCheck
 from deployments.metering import Meter
-from deployments.schemas import Health, LimiterState
+from deployments.schemas import LimiterState, Readiness
 
 logger = logging.getLogger("ray.serve")
 
@@ -44,7 +44,7 @@ class ModelToday:
 
 @dataclass
 class OverviewData:
-    health: Health | None
+    health: Readiness | None
     deployments: Snapshot | None
     queue: dict[str, int] | None
     limiter: LimiterState | None

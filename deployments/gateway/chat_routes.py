@@ -27,10 +27,10 @@ from deployments.model_calls import ModelCalls
 from deployments.schemas import ChatCompletionRequest, ModelCard, ModelList
 
 
-def sse(item: dict[str, Any] | PromptfleetError) -> str:
+def sse(item: dict[str, Any] | PromptfleetError, request_id: str | None = None) -> str:
     # An error after the 200 went out travels as an SSE event with an `error` object,
     # which openai-python raises as APIError.
-    payload = item.to_body() if isinstance(item, PromptfleetError) else item
+    payload = item.to_body(request_id) if isinstance(item, PromptfleetError) else item
     return f"data: {json.dumps(payload, separators=(',', ':'))}\n\n"
 
 
@@ -64,22 +64,28 @@ class ChatRoutes:
             # The hot route reads its caller and deadline itself: as FastAPI dependencies they cost
             # ~80 µs of the Gateway's ~2 ms CPU per request (dependency solving), for nothing.
             caller = await get_caller(http)
+            state = http.scope["state"]
+            state["model"] = request.model  # for the access line (``access.RequestIds``)
             wait_s = self.calls.wait_s(request.model, deadline.client_timeout(http.headers))
             if request.stream:
                 chunks = await self.calls.stream(request, caller.entry, wait_s=wait_s)
                 return StreamingResponse(
-                    events(chunks), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+                    events(chunks, state.get("request_id")), media_type="text/event-stream",
+                    headers={"Cache-Control": "no-cache"},
                 )
             return JSONResponse(await self.calls.complete(request, caller.entry, wait_s=wait_s))
 
         return router
 
 
-async def events(chunks: AsyncGenerator[dict[str, Any] | PromptfleetError, None]) -> AsyncIterator[str]:
-    """SSE events of a stream; ``[DONE]`` only when it ended without an error."""
+async def events(
+    chunks: AsyncGenerator[dict[str, Any] | PromptfleetError, None], request_id: str | None = None
+) -> AsyncIterator[str]:
+    """SSE events of a stream; ``[DONE]`` only when it ended without an error (whose body names
+    ``request_id``)."""
     try:
         async for chunk in chunks:
-            yield sse(chunk)
+            yield sse(chunk, request_id)
             if isinstance(chunk, PromptfleetError):
                 return  # the error event ends the stream; no [DONE]
         yield "data: [DONE]\n\n"

@@ -2,9 +2,9 @@
 
 Serves: the OpenAI-compatible routes (``chat_routes``), tasks and runs
 (``task_routes``), task management for prompt owners (``prompt_routes``), keys and
-usage (``admin_routes``), ``/healthz`` (``health``), the OpenAPI page at ``/docs`` (its
-Swagger UI files served from the ``fastapi-swagger`` package: no CDN) and the web console at
-``/console`` (``deployments.console``) — on its own listener (``listener``) and through
+usage (``admin_routes``), ``/healthz`` and ``/readyz`` (``health``), the OpenAPI page at
+``/docs`` (its Swagger UI files served from the ``fastapi-swagger`` package: no CDN) and the
+web console at ``/console`` (``deployments.console``) — on its own listener (``listener``) and through
 Serve's proxy.
 Calls: ``ModelWorker`` deployments (by model name), ``TaskRunner``,
 ``TaskStore`` and ``RateLimiter``, through ``DeploymentHandle``s.
@@ -13,9 +13,11 @@ Owns: an index of the active API keys and unflushed usage counts
 (``deployments.catalogue``); any number of replicas can run.
 
 Every error leaves through ``render_error`` in the OpenAI shape; the status
-comes from the exception class, never from exception text. Two ASGI layers run
-before any route: ``AuthGate`` (the key, from the headers, before the body is
-read) and ``BodySizeLimit`` (413 for a body over the limit, declared or chunked).
+comes from the exception class, never from exception text; the body names the
+request's id. Three ASGI layers run before any route: ``access.RequestIds`` (the
+request's id, ``X-Request-ID`` on every response, the access line), ``AuthGate``
+(the key, from the headers, before the body is read) and ``BodySizeLimit`` (413
+for a body over the limit, declared or chunked).
 """
 
 from __future__ import annotations
@@ -30,11 +32,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from ray import serve
 from ray.serve.handle import DeploymentHandle
 from ray.util import get_node_ip_address
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from deployments import request_ids
 from deployments.catalogue import CatalogueFollower
 from deployments.config import AppArgs
 from deployments.console.app import build_console
@@ -50,6 +54,7 @@ from deployments.errors import (
     PromptfleetError,
     RequestTooLarge,
 )
+from deployments.gateway.access import RequestIds
 from deployments.gateway.admin_routes import KeyAdmin, build_admin_router
 from deployments.gateway.auth import Authenticator
 from deployments.gateway.batch_routes import FILES_PATH, build_batch_router
@@ -58,16 +63,19 @@ from deployments.gateway.health import HealthCheck
 from deployments.gateway.listener import Listener
 from deployments.gateway.prompt_routes import build_prompt_router
 from deployments.gateway.task_routes import build_task_router
+from deployments.logs import watch_serve_log
 from deployments.metering import Meter
 from deployments.model_calls import HandleTransport, ModelCalls
-from deployments.schemas import Health
+from deployments.schemas import Liveness, Readiness
 from deployments.store.batches import MAX_FILE_BYTES
 
 logger = logging.getLogger("ray.serve")
 
 
 def render_error(error: PromptfleetError, status_code: int | None = None) -> JSONResponse:
-    return JSONResponse(error.to_body(), status_code=status_code or error.status_code, headers=error.headers())
+    """The OpenAI error body, naming the id of the request it answers (``access.RequestIds`` set it)."""
+    return JSONResponse(error.to_body(request_ids.current()), status_code=status_code or error.status_code,
+                        headers=error.headers())
 
 
 def http_error(request: Request, exc: StarletteHTTPException) -> PromptfleetError:
@@ -221,6 +229,7 @@ class Gateway:
         limiter: DeploymentHandle,
         batches: DeploymentHandle | None = None,
     ) -> None:
+        watch_serve_log()
         self.args = args
         self.workers = workers
         # The admin key is read once, here, from the variable the config names.
@@ -234,9 +243,10 @@ class Gateway:
         )
         self.health = HealthCheck(
             store=store.check_health.remote,
-            models={name: handle.check_health.remote for name, handle in workers.items()},
+            models={name: handle.readiness.remote for name, handle in workers.items()},
             node=get_node_ip_address(),
         )
+        self.liveness = Liveness(status="ok", node=self.health.node)
         self.routers = [
             ChatRoutes(ModelCalls(args.models, HandleTransport(workers), self.meter)).router(),
             build_task_router(self.tasks, store, runner, self.meter, args.auth.enabled),
@@ -257,11 +267,12 @@ class Gateway:
             ),
             self.auth,
         )
-        # Outermost first: who is calling (headers only), then the body's size, then the routes.
+        # Outermost first: the request's id, who is calling (headers only), the body's size, the routes.
         limited = BodySizeLimit(
             self.build_api(), limit=args.gateway.max_body_bytes, path_limits={FILES_PATH: MAX_FILE_BYTES}
         )
-        self.asgi_app = AuthGate(limited, self.auth)
+        app_name = serve.get_replica_context().app_name
+        self.asgi_app = RequestIds(AuthGate(limited, self.auth), app_name, args.logs.access_log)
 
     def __serve_build_asgi_app__(self) -> ASGIApp:
         return self.asgi_app
@@ -331,9 +342,13 @@ class Gateway:
 
         api.mount("/console", self.console, name="console")
 
-        @api.get("/healthz", response_model=Health, responses={503: {"model": Health}})
-        async def healthz() -> JSONResponse:
-            health = await self.health.check()
-            return JSONResponse(health.model_dump(), status_code=200 if health.status == "ok" else 503)
+        @api.get("/healthz", response_model=Liveness)
+        async def healthz() -> Liveness:
+            return self.liveness
+
+        @api.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
+        async def readyz() -> JSONResponse:
+            readiness = await self.health.check()
+            return JSONResponse(readiness.model_dump(), status_code=200 if readiness.status == "ok" else 503)
 
         return api

@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from deployments import request_ids
 from deployments.catalogue import Catalogue, CatalogueFollower
 from deployments.core.replies import unwrap
 from deployments.errors import InvalidRequest, Overloaded
@@ -101,7 +102,9 @@ def build_task_router(
             raise InvalidRequest("model: only POST /v1/tasks/{name}/run takes a model.", param="model")
         meter.check_budget(caller.entry)
         view, created = unwrap(
-            await store.create_run.remote(name, body.input, caller.owner, idempotency_key, entry.version)
+            await store.create_run.remote(
+                name, body.input, caller.owner, idempotency_key, entry.version, request_ids.current()
+            )
         )
         return JSONResponse(
             view.model_dump(mode="json"),

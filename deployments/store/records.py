@@ -41,7 +41,7 @@ __all__ = [
 COLUMNS = (
     "id, task, owner, status, input, result, error, usage, attempt, created_at, started_at,"
     " finished_at, updated_at, lease_token, lease_expires_at, idempotency_key, worker_id, available_at"
-    ", task_version"
+    ", task_version, request_id"
 )
 JSON_COLUMNS = frozenset({"input", "result", "error", "usage"})
 STATUSES = frozenset(s.value for s in RunStatus)
@@ -71,6 +71,7 @@ class RunRecord:
     worker_id: str | None
     available_at: float | None = None  # a queued run is not claimed before this (a backoff)
     task_version: int | None = None  # the task version it runs with, pinned at submit
+    request_id: str | None = None  # the submitting request's id; its model calls go by it
 
     @property
     def terminal(self) -> bool:
@@ -90,6 +91,7 @@ class RunRecord:
             error=self.error,
             usage=self.usage,
             task_version=self.task_version,
+            request_id=self.request_id,
         )
 
     def detail(self) -> RunDetail:

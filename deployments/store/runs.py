@@ -46,11 +46,13 @@ from deployments.store.records import (
 
 __all__ = ["MAX_LIST_LIMIT", "SCHEMA_VERSION", "RunStore"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Statements that bring a database of version N - 1 to version N (index N - 2).
 MIGRATIONS: list[list[str]] = [
     # 2: a released run's "not before" time (a retryable failure backs off in the queue).
     ["ALTER TABLE runs ADD COLUMN available_at DOUBLE PRECISION"],
+    # 3: the id of the request that submitted the run (X-Request-ID; empty for older runs).
+    ["ALTER TABLE runs ADD COLUMN request_id TEXT"],
 ]
 MAX_LIST_LIMIT = 1000
 
@@ -80,7 +82,8 @@ def schema(d: Dialect) -> list[str]:
             lease_token      {d.text},
             lease_expires_at DOUBLE PRECISION,
             worker_id        {d.text},
-            available_at     DOUBLE PRECISION     -- a queued run is not claimed before this time
+            available_at     DOUBLE PRECISION,    -- a queued run is not claimed before this time
+            request_id       {d.text}             -- the submitting request's id (logs, X-Request-ID)
         )""",
         "CREATE UNIQUE INDEX IF NOT EXISTS runs_idempotency ON runs (owner, idempotency_key)"
         " WHERE idempotency_key IS NOT NULL",
@@ -172,12 +175,15 @@ class RunStore(DatabaseBacked):
         input: dict[str, Any],
         owner: str,
         idempotency_key: str | None,
+        request_id: str | None = None,
         now: float | None = None,
         task_version: int | None = None,
     ) -> tuple[RunRecord, bool]:
         """Queue a new run, committed durably before returning; returns ``(run, created)``.
 
         ``task_version``: the version of the task the run executes, whatever is active by then.
+        ``request_id``: the id of the submitting request; the model calls of every attempt of the
+        run go by it, so its log lines carry it. An idempotent repeat keeps the first request's id.
 
         With an ``idempotency_key`` (scoped per owner, kept forever), a repeat of the same
         (task, input) returns the existing run with ``created=False``; a different body raises
@@ -198,10 +204,10 @@ class RunStore(DatabaseBacked):
             # in and makes the other (PostgreSQL: after waiting for it) insert nothing.
             inserted = tx.run(
                 "INSERT INTO runs (id, task, owner, status, input, request_hash, idempotency_key,"
-                " created_at, updated_at, task_version) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " created_at, updated_at, task_version, request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
                 run_id, task, owner, RunStatus.QUEUED.value, input_json, request_hash, idempotency_key, now, now,
-                task_version,
+                task_version, request_id,
             )
             if inserted:
                 return self._load(tx, run_id), True
