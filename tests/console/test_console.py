@@ -128,6 +128,10 @@ def test_console_end_to_end(app: ServeApp, browser: Browser) -> None:
     browser.wait(lambda: browser.text("#run-status") == "succeeded", message="the tried run to succeed")
     assert json.loads(browser.text("#run-output"))["label"] in ("a", "b")
     assert "Label this: hello" in browser.driver.page_source  # the rendered prompt
+    # The run's request id and task version, as the API has them (the id of the console's POST).
+    tried = call(app, ADMIN, "GET", f"/runs/{browser.driver.current_url.rsplit('/', 1)[1]}").json()
+    assert tried["request_id"] and browser.text("#run-request-id") == tried["request_id"]
+    assert browser.text("#run-task-version") == f"v{tried['task_version']}"
     visit(browser, browser.driver.current_url, "run-succeeded")
 
     # Cancel a queued run; re-run a failed one (its key's budget ran out) after raising the budget.
@@ -160,6 +164,9 @@ def test_console_end_to_end(app: ServeApp, browser: Browser) -> None:
     browser.open(f"{base}/runs/{failed}")
     assert "budget" in browser.text("#run-error")
     browser.shot("run-failed")
+    # The runners' usage reaches the store about once a second: the re-run reads the key from there.
+    wait_for(lambda: next(k["tokens_used"] for k in call(app, ADMIN, "GET", "/admin/keys").json()["data"]
+                          if k["id"] == key_id) > used, timeout_s=30, message="the runs' usage to be stored")
     browser.click("form[action$='/rerun'] button", expected_status=403)
     assert "budget" in browser.text(".error"), "a re-run on a spent budget is refused"
     browser.open(f"{base}/keys")
