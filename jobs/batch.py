@@ -179,7 +179,7 @@ class ServeBackend:
         from deployments.model_calls import WORKER_GONE
 
         try:
-            result = await self.runner.run.remote(task, task_input, self.key_id, True, request_id)
+            result = await self.runner.run.remote(task, task_input, self.key_id, True, request_id=request_id)
         except BackPressureError:
             return Overloaded("The task runners are at capacity.", retry_after=1)
         except WORKER_GONE:

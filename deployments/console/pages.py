@@ -24,6 +24,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response, Streamin
 from pydantic import ValidationError
 from ray.serve.handle import DeploymentHandle
 
+from deployments import request_ids
 from deployments.catalogue import CatalogueFollower
 from deployments.console.charts import bar_chart
 from deployments.console.overview import Overview
@@ -137,7 +138,9 @@ class Pages:
             try:
                 task_input = parse_json_object(input, "input")
                 check_input(defn, task_input)  # the same check as POST /v1/tasks/{name}/submit
-                view, _ = unwrap(await self.store.create_run.remote(name, task_input, self.owner, None, entry.version))
+                view, _ = unwrap(await self.store.create_run.remote(
+                    name, task_input, self.owner, None, entry.version, request_ids.current()
+                ))
             except PromptfleetError as exc:
                 return HTMLResponse(render("task.html", request, nav="tasks", task=defn, input_text=input,
                                            error=exc.message), status_code=exc.status_code)
@@ -196,7 +199,9 @@ class Pages:
                 if key is None:
                     raise InvalidRequest(f"The key {old.owner} of this run no longer exists.")
                 Meter.check_budget(KeyEntry(key=key, fetched_at=time.monotonic()))
-            view, _ = unwrap(await self.store.create_run.remote(old.task, old.input, old.owner, None, entry.version))
+            view, _ = unwrap(await self.store.create_run.remote(
+                old.task, old.input, old.owner, None, entry.version, request_ids.current()
+            ))
             return back(request, f"/runs/{view.id}")
 
         # -- keys and usage --------------------------------------------------------------------

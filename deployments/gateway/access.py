@@ -58,7 +58,10 @@ class RequestIds:
         else:
             request_id = client_request_id(scope) or request_ids.new_request_id()
             header = (HEADER, request_id.encode())
-            token = request_ids.use(request_id, route=scope["path"], app_name=self.app_name)
+            # No route: Serve's handles tag their request metrics with the context's route, and a
+            # raw path (a run id in it, or any bytes a client sends) is unbounded and may not be
+            # ASCII, which Ray's metric recorder refuses with a UnicodeEncodeError (a 500).
+            token = request_ids.use(request_id, app_name=self.app_name)
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         status = 499  # stays if no response went out: the client left first (nginx's code for it)

@@ -54,8 +54,9 @@ def end_batch(app: ServeApp, who: Tenant, batch_id: str, timeout: float = 120) -
 
 
 def same_shape(foreign: Any, unknown: Any, ids: tuple[str, str]) -> None:
-    """Both 404, with the same error once the two ids are put aside."""
+    """Both 404, with the same error once the two ids (and the two requests' own ids) are put aside."""
     one, other = assert_openai_error(foreign, 404), assert_openai_error(unknown, 404)
+    assert one.pop("request_id") != other.pop("request_id")  # every request has its own
     assert re.sub(re.escape(ids[0]), "<id>", str(one)) == re.sub(re.escape(ids[1]), "<id>", str(other))
 
 
