@@ -36,10 +36,11 @@ from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
-from deployments.config import ModelConfig
+from deployments.config import MetricsConfig, ModelConfig
 from deployments.errors import PromptfleetError
 from deployments.providers import Provider, build_provider
 from deployments.schemas import ChatReply, ModelCall, StreamEnd
+from deployments.telemetry import metrics_for
 
 logger = logging.getLogger("ray.serve")
 
@@ -49,10 +50,14 @@ StreamItem = dict[str, Any] | StreamEnd | PromptfleetError
 
 class ModelWorker:
     def __init__(
-        self, model: ModelConfig, limiter: DeploymentHandle | None = None, provider: Provider | None = None
+        self,
+        model: ModelConfig,
+        limiter: DeploymentHandle | None = None,
+        provider: Provider | None = None,
+        metrics: MetricsConfig | None = None,
     ) -> None:
         self.model = model
-        self.provider = provider or build_provider(model, limiter=limiter)
+        self.provider = provider or build_provider(model, limiter=limiter, metrics=metrics_for(metrics))
         logger.info("worker for model %r ready (provider %s)", model.name, model.provider)
 
     def body(self, call: ModelCall) -> dict[str, Any]:

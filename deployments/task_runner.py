@@ -24,7 +24,7 @@ from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
-from deployments.config import AdmissionConfig, ModelConfig, TasksConfig
+from deployments.config import AdmissionConfig, MetricsConfig, ModelConfig, TasksConfig
 from deployments.core.replies import Reply, replying, unwrap
 from deployments.core.runloop import RunLoop
 from deployments.core.taskdefs import TaskDefinition
@@ -33,6 +33,7 @@ from deployments.metering import Meter
 from deployments.model_calls import HandleTransport, ModelCalls
 from deployments.store import RunRecord
 from deployments.task_executor import TaskExecutor
+from deployments.telemetry import metrics_for
 
 logger = logging.getLogger("ray.serve")
 
@@ -78,9 +79,11 @@ class TaskRunner:
         models: list[ModelConfig] | None = None,
         limiter: DeploymentHandle | None = None,
         admission: AdmissionConfig | None = None,
+        metrics: MetricsConfig | None = None,
     ) -> None:
         self.meter = Meter(store, limiter, admission) if limiter is not None else None
-        self.executor = TaskExecutor(tasks, ModelCalls(models or [], HandleTransport(workers), self.meter))
+        calls = ModelCalls(models or [], HandleTransport(workers), self.meter, metrics_for(metrics))
+        self.executor = TaskExecutor(tasks, calls)
         self.loop = RunLoop(
             StoreQueue(store),
             self.executor,

@@ -40,6 +40,9 @@ Contract:
 - Progress is printed every ``--progress-every`` seconds (``ray job logs -f`` shows it), then a
   summary line with counts, tokens and time. ``--progress-file`` also keeps a JSON snapshot
   (``schemas.BatchProgress``), which the Batches API reads for ``request_counts``.
+- Every line ends up in ``promptfleet_batch_lines`` (``deployments.telemetry``; kind chat, task or
+  invalid, outcome done or failed), recorded by this driver through Ray's metrics agent; off with
+  ``--no-metrics`` (the BatchService passes it when the app's ``metrics.enabled`` is false).
 - ``SIGTERM``/``SIGINT`` (``ray job stop``) stops promptly: nothing new starts, requests in flight
   are abandoned, the summary is printed. Exit status: 0 done (even with failed lines), 3 could
   not start (no input, no app), 130 stopped.
@@ -62,9 +65,11 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from deployments import names
+from deployments.config import MetricsConfig
 from deployments.core.retry import BackoffPolicy
 from deployments.errors import Overloaded, PromptfleetError
 from deployments.schemas import BatchChatLine, BatchTaskLine, ChatCompletionRequest
+from deployments.telemetry import NULL, Metrics, metrics_for
 
 if TYPE_CHECKING:
     from deployments.metering import Meter
@@ -200,6 +205,7 @@ class Options:
     progress_every: float = 10.0
     progress_file: Path | None = None
     key_id: str | None = None
+    metrics: bool = True
 
 
 class BatchRun:
@@ -211,9 +217,11 @@ class BatchRun:
         backend: Backend,
         out: IO[str] | None = None,
         backoff: BackoffPolicy | None = None,
+        metrics: Metrics = NULL,
     ) -> None:
         self.options = options
         self.backend = backend
+        self.metrics = metrics
         self.out = out or sys.stdout
         self.backoff = backoff or BackoffPolicy(base_s=0.5, cap_s=20.0)
         self.stopping = asyncio.Event()
@@ -281,6 +289,7 @@ class BatchRun:
                     if isinstance(item, LineError):
                         writer.write(error_line(item), ok=False)
                         progress.failed += 1
+                        self.metrics.batch_line("invalid", ok=False)
                         continue
                     acquire = asyncio.create_task(slots.acquire())
                     await asyncio.wait({acquire, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
@@ -301,16 +310,19 @@ class BatchRun:
     async def _process(
         self, item: BatchItem, progress: Progress, writer: OutputWriter, slots: asyncio.Semaphore
     ) -> None:
+        kind = "task" if isinstance(item, BatchTaskLine) else "chat"
         try:
             result = await self._call_with_retries(item)
             if isinstance(result, PromptfleetError):
                 writer.write(response_line(item.custom_id, result.status_code, result.to_body()), ok=False)
                 progress.failed += 1
+                self.metrics.batch_line(kind, ok=False)
             else:
                 progress.add_usage(result.get("usage"))
                 request_id = result.get("id") if isinstance(result.get("id"), str) else None
                 writer.write(response_line(item.custom_id, 200, result, request_id), ok=True)
                 progress.completed += 1
+                self.metrics.batch_line(kind, ok=True)
         finally:
             slots.release()
 
@@ -364,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "limited as; default: none (unmetered, the operator's own job)")
     parser.add_argument("--progress-every", type=float, default=10.0, help="seconds between progress lines")
     parser.add_argument("--progress-file", type=Path, default=None, help="JSON progress snapshot to keep")
+    parser.add_argument("--no-metrics", action="store_true", help="record no promptfleet_batch_lines metrics")
     parser.add_argument("--ray-address", default=None, help="GCS address of the cluster (default: the job's "
                         "RAY_ADDRESS, else the local cluster)")
     return parser
@@ -378,6 +391,7 @@ def options_from(args: argparse.Namespace) -> Options:
         input=args.input, output=args.output, errors=args.errors, app=args.app,
         concurrency=args.concurrency, task=args.task, max_attempts=args.max_attempts,
         progress_every=args.progress_every, progress_file=args.progress_file, key_id=args.key_id,
+        metrics=not args.no_metrics,
     )
 
 
@@ -401,7 +415,8 @@ def main(argv: list[str] | None = None, backend: Backend | None = None) -> int:
                 ray.init(address=address, log_to_driver=False)
                 started_ray = True
             backend = ServeBackend(options.app, options.key_id)
-        return asyncio.run(_run(BatchRun(options, backend)))
+        metrics = metrics_for(MetricsConfig(enabled=options.metrics), options.app)
+        return asyncio.run(_run(BatchRun(options, backend, metrics=metrics)))
     except SetupError as exc:
         print(f"batch: {exc}", file=sys.stderr, flush=True)
         return EXIT_SETUP

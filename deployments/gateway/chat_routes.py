@@ -17,12 +17,13 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from deployments.errors import ModelNotFound, PromptfleetError
 from deployments.gateway.caller import Caller, get_caller
 from deployments.gateway.deadline import client_timeout
+from deployments.gateway.request_metrics import note_model
 from deployments.model_calls import ModelCalls
 from deployments.schemas import ChatCompletionRequest, ModelCard, ModelList
 
@@ -62,9 +63,11 @@ class ChatRoutes:
         @router.post("/chat/completions", response_model=None)
         async def chat_completions(
             request: ChatCompletionRequest,
+            http: Request,
             caller: Annotated[Caller, Depends(get_caller)],
             client_timeout_s: Annotated[float | None, Depends(client_timeout)],
         ) -> Response:
+            note_model(http, request.model)
             wait_s = self.calls.wait_s(request.model, client_timeout_s)
             if request.stream:
                 chunks = await self.calls.stream(request, caller.entry, wait_s=wait_s)

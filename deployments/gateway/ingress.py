@@ -12,7 +12,8 @@ Owns: an index of the active API keys and unflushed usage counts
 Every error leaves through ``render_error`` in the OpenAI shape; the status
 comes from the exception class, never from exception text. Two ASGI layers run
 before any route: ``AuthGate`` (the key, from the headers, before the body is
-read) and ``BodySizeLimit`` (413 for a body over the limit, declared or chunked).
+read) and ``BodySizeLimit`` (413 for a body over the limit, declared or chunked); around them all,
+``RequestMetrics`` counts and times every request (``deployments.telemetry``).
 """
 
 from __future__ import annotations
@@ -46,11 +47,13 @@ from deployments.gateway.batch_routes import FILES_PATH, build_batch_router
 from deployments.gateway.chat_routes import ChatRoutes
 from deployments.gateway.health import HealthCheck
 from deployments.gateway.listener import Listener
+from deployments.gateway.request_metrics import RequestMetrics
 from deployments.gateway.task_routes import build_task_router
 from deployments.metering import Meter
 from deployments.model_calls import HandleTransport, ModelCalls
 from deployments.schemas import Health
 from deployments.store.batches import MAX_FILE_BYTES
+from deployments.telemetry import metrics_for
 
 logger = logging.getLogger("ray.serve")
 
@@ -219,22 +222,24 @@ class Gateway:
             logger.warning("auth is enabled but $%s is not set: no admin key", args.auth.admin_key_env)
         self.auth = Authenticator(args.auth, store, admin_key)
         self.meter = Meter(store, limiter, args.admission)
+        self.metrics = metrics_for(args.metrics)
         self.health = HealthCheck(
             store=store.check_health.remote,
             models={name: handle.check_health.remote for name, handle in workers.items()},
             node=get_node_ip_address(),
         )
         self.routers = [
-            ChatRoutes(ModelCalls(args.models, HandleTransport(workers), self.meter)).router(),
+            ChatRoutes(ModelCalls(args.models, HandleTransport(workers), self.meter, self.metrics)).router(),
             build_task_router(tasks, store, runner, self.meter),
             build_admin_router(store, self.auth, self.meter, batches),
             *([build_batch_router(batches)] if batches is not None else []),
         ]
-        # Outermost first: who is calling (headers only), then the body's size, then the routes.
-        limited = BodySizeLimit(
-            self.build_api(), limit=args.gateway.max_body_bytes, path_limits={FILES_PATH: MAX_FILE_BYTES}
+        # Outermost first: the metrics, who is calling (headers only), the body's size, the routes.
+        api = self.build_api()
+        limited = BodySizeLimit(api, limit=args.gateway.max_body_bytes, path_limits={FILES_PATH: MAX_FILE_BYTES})
+        self.asgi_app = RequestMetrics(
+            AuthGate(limited, self.auth), self.metrics, (m.name for m in args.models), api.routes
         )
-        self.asgi_app = AuthGate(limited, self.auth)
 
     def __serve_build_asgi_app__(self) -> ASGIApp:
         return self.asgi_app
