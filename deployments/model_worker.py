@@ -36,11 +36,11 @@ from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
-from deployments.config import MetricsConfig, ModelConfig
+from deployments.config import MetricsConfig, ModelConfig, OpenAIModel
 from deployments.errors import PromptfleetError
 from deployments.providers import Provider, build_provider
 from deployments.schemas import ChatReply, ModelCall, StreamEnd
-from deployments.telemetry import metrics_for
+from deployments.telemetry import LOCAL_WORKER_METRICS, UPSTREAM_WORKER_METRICS, metrics_for
 
 logger = logging.getLogger("ray.serve")
 
@@ -57,7 +57,9 @@ class ModelWorker:
         metrics: MetricsConfig | None = None,
     ) -> None:
         self.model = model
-        self.provider = provider or build_provider(model, limiter=limiter, metrics=metrics_for(metrics))
+        recorder = metrics_for(metrics)
+        recorder.declare(*(UPSTREAM_WORKER_METRICS if isinstance(model, OpenAIModel) else LOCAL_WORKER_METRICS))
+        self.provider = provider or build_provider(model, limiter=limiter, metrics=recorder)
         logger.info("worker for model %r ready (provider %s)", model.name, model.provider)
 
     def body(self, call: ModelCall) -> dict[str, Any]:

@@ -46,7 +46,7 @@ from deployments.config import AdmissionConfig, MetricsConfig
 from deployments.core.fairshare import Waiter
 from deployments.core.limits import Granted, Queued, RateLimiterCore, Refused
 from deployments.schemas import BookingAnswer, ReserveRequest
-from deployments.telemetry import metrics_for, start_sampling
+from deployments.telemetry import LIMITER_METRICS, metrics_for, start_sampling
 
 WATCH_TIMEOUT_S = 30.0
 
@@ -58,6 +58,7 @@ class RateLimiter:
     def __init__(self, config: AdmissionConfig | None = None, metrics: MetricsConfig | None = None) -> None:
         config = config or AdmissionConfig()
         self.metrics = metrics_for(metrics)
+        self.metrics.declare(*LIMITER_METRICS)
         self.core = RateLimiterCore(
             time.monotonic(),
             grant_ahead_s=config.grant_ahead_s,

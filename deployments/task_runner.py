@@ -33,7 +33,7 @@ from deployments.metering import Meter
 from deployments.model_calls import HandleTransport, ModelCalls
 from deployments.store import RunRecord
 from deployments.task_executor import TaskExecutor
-from deployments.telemetry import metrics_for
+from deployments.telemetry import RUNNER_METRICS, metrics_for
 
 logger = logging.getLogger("ray.serve")
 
@@ -82,7 +82,9 @@ class TaskRunner:
         metrics: MetricsConfig | None = None,
     ) -> None:
         self.meter = Meter(store, limiter, admission) if limiter is not None else None
-        calls = ModelCalls(models or [], HandleTransport(workers), self.meter, metrics_for(metrics))
+        recorder = metrics_for(metrics)
+        recorder.declare(*RUNNER_METRICS)
+        calls = ModelCalls(models or [], HandleTransport(workers), self.meter, recorder)
         self.executor = TaskExecutor(tasks, calls)
         self.loop = RunLoop(
             StoreQueue(store),

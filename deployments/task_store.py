@@ -47,7 +47,7 @@ from deployments.store import RunRecord, RunStore, open_database
 from deployments.store.keys import ApiKey, KeySnapshot, KeyStore
 from deployments.store.records import UsageRecord
 from deployments.store.runs import RunMove
-from deployments.telemetry import metrics_for, start_sampling
+from deployments.telemetry import STORE_METRICS, metrics_for, start_sampling
 
 logger = logging.getLogger("ray.serve")
 T = TypeVar("T")
@@ -65,6 +65,7 @@ class TaskStore:
         self.store = store or RunStore(self.database, max_attempts_total=config.max_run_starts)
         if self.metrics.enabled:
             self.store.observer = self._moved
+            self.metrics.declare(*STORE_METRICS)
         self.keys = KeyStore(self.database)
         # One thread per lane keeps each lane's calls in order (see the module docstring).
         self.lease_lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskstore-lease")

@@ -238,6 +238,15 @@ CATALOGUE: tuple[MetricSpec, ...] = (
     BATCH_LINES, BATCHES,
 )
 
+# What each process declares (``Metrics.declare``) when it starts: the metrics it owns.
+GATEWAY_METRICS = (REQUESTS, TOKENS, FALLBACKS)
+RUNNER_METRICS = (TOKENS, FALLBACKS)
+UPSTREAM_WORKER_METRICS = (UPSTREAM_CALLS, UPSTREAM_RETRIES, BREAKER_OPENS)
+LOCAL_WORKER_METRICS = (LOCAL_TOKENS, LOCAL_SECONDS)
+LIMITER_METRICS = (LIMITER_REFUSALS, LIMITER_PAUSES, LIMITER_PAUSED, LIMITER_QUEUED)
+STORE_METRICS = (RUNS_SUBMITTED, RUNS_FINISHED, RUN_ATTEMPTS, RUN_LEASE_EXPIRIES)
+BATCH_DRIVER_METRICS = (BATCH_LINES,)
+
 BREAKER_VALUES = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
 RUN_GAUGE_STATUSES = ("queued", "running")
 
@@ -254,6 +263,10 @@ Record = Callable[[float, dict[str, str]], None]
 class Backend(Protocol):
     def instrument(self, spec: MetricSpec) -> Record:
         """The function recording one value of ``spec`` with a full label dict."""
+        ...
+
+    def zero(self, spec: MetricSpec, tags: dict[str, str]) -> None:
+        """Make a counter's series with ``tags`` exist, at 0."""
         ...
 
 
@@ -282,6 +295,15 @@ class RayBackend:
                     self.made[spec.name] = metrics.Gauge(spec.name, spec.help, tag_keys=spec.labels).set
             return self.made[spec.name]
 
+    def zero(self, spec: MetricSpec, tags: dict[str, str]) -> None:
+        self.instrument(spec)
+        # ray.util.metrics.Counter.inc refuses 0; the instrument underneath records it, which is
+        # what makes the series (and the metric's name) appear in a scrape before the first event.
+        counter = getattr(self.made[spec.name], "__self__", None)
+        underlying = getattr(counter, "_metric", None)
+        if underlying is not None:
+            underlying.record(0, tags=tags)
+
 
 class MemoryBackend:
     """Keeps what is recorded, for tests: counters summed, histograms as lists, gauges' last values."""
@@ -303,6 +325,9 @@ class MemoryBackend:
                 self.values[key] = value
 
         return record
+
+    def zero(self, spec: MetricSpec, tags: dict[str, str]) -> None:
+        self.values.setdefault((spec.name, frozenset(tags.items())), 0.0)
 
     @staticmethod
     def _matches(key: tuple[str, frozenset[tuple[str, str]]], spec: MetricSpec, labels: Mapping[str, str]) -> bool:
@@ -410,6 +435,16 @@ class Metrics:
                 self.tags.clear()
             tags = self.tags[cache_key] = dict(zip(spec.labels, (self.application, *values), strict=True))
         return tags
+
+    def declare(self, *specs: MetricSpec) -> None:
+        """Make ``specs`` visible before their first event (series at 0 with only the application
+        label), so dashboards show 0 rather than no data. Histograms appear with their first value."""
+        for spec in specs:
+            tags = self._tags(spec, *("" for _ in spec.labels[1:]))
+            if spec.kind is Kind.COUNTER:
+                self.backend.zero(spec, tags)
+            elif spec.kind is Kind.GAUGE:
+                self._record(spec)(0, tags)
 
     def key(self, key_id: str | None) -> str:
         """The ``key`` label value: the key's id when per-key labels are on, else empty (no label)."""
@@ -530,6 +565,9 @@ class NullMetrics(Metrics):
 
     def __init__(self, application: str = "") -> None:
         super().__init__(application)
+
+    def declare(self, *specs: MetricSpec) -> None:
+        pass
 
     def request(self, route: str, model: str, status: int, error_code: str, key_id: str | None,
                 seconds: float) -> None:

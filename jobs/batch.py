@@ -69,7 +69,7 @@ from deployments.config import MetricsConfig
 from deployments.core.retry import BackoffPolicy
 from deployments.errors import Overloaded, PromptfleetError
 from deployments.schemas import BatchChatLine, BatchTaskLine, ChatCompletionRequest
-from deployments.telemetry import NULL, Metrics, metrics_for
+from deployments.telemetry import BATCH_DRIVER_METRICS, NULL, Metrics, metrics_for
 
 if TYPE_CHECKING:
     from deployments.metering import Meter
@@ -416,6 +416,7 @@ def main(argv: list[str] | None = None, backend: Backend | None = None) -> int:
                 started_ray = True
             backend = ServeBackend(options.app, options.key_id)
         metrics = metrics_for(MetricsConfig(enabled=options.metrics), options.app)
+        metrics.declare(*BATCH_DRIVER_METRICS)
         return asyncio.run(_run(BatchRun(options, backend, metrics=metrics)))
     except SetupError as exc:
         print(f"batch: {exc}", file=sys.stderr, flush=True)

@@ -53,7 +53,7 @@ from deployments.metering import Meter
 from deployments.model_calls import HandleTransport, ModelCalls
 from deployments.schemas import Health
 from deployments.store.batches import MAX_FILE_BYTES
-from deployments.telemetry import metrics_for
+from deployments.telemetry import GATEWAY_METRICS, metrics_for
 
 logger = logging.getLogger("ray.serve")
 
@@ -223,6 +223,7 @@ class Gateway:
         self.auth = Authenticator(args.auth, store, admin_key)
         self.meter = Meter(store, limiter, args.admission)
         self.metrics = metrics_for(args.metrics)
+        self.metrics.declare(*GATEWAY_METRICS)
         self.health = HealthCheck(
             store=store.check_health.remote,
             models={name: handle.check_health.remote for name, handle in workers.items()},

@@ -61,6 +61,7 @@ class UpstreamGuard:
         )
         self.breaker = breaker or CircuitBreaker()
         self.breaker_seen: BreakerState | None = None  # the state the metrics last heard of
+        self._breaker_changed()
         self.paused_until = 0.0  # monotonic
         self.watcher: asyncio.Task[None] | None = None
 

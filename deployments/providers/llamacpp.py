@@ -56,6 +56,7 @@ class LlamaCppProvider:
         self.config = config
         self.metrics = metrics
         self.queued = 0  # generations submitted to the thread and not finished (event loop only)
+        metrics.local_queue(config.name, 0)
         self.llm = Llama(
             model_path=str(model_path),
             n_ctx=config.n_ctx,
