@@ -1,6 +1,7 @@
 """Benchmark: chat completions through promptfleet vs. a single-process gateway vs. the upstream itself.
 
     python -m bench.gateway [--concurrency 16,64,256] [--duration 15] [--repeat 2] [--latency-ms 0]
+    python -m bench.gateway --metrics-cost [--concurrency 16,64] [--repeat 4]   what the metrics cost
 
 Starts a fake OpenAI upstream (``tests.fakes.upstream``) and the no-Ray baseline
 (``bench.baseline_proxy``) as subprocesses, a private Ray cluster running
@@ -11,6 +12,10 @@ machine hurts them alike. Prints req/s medians, latency percentiles, and the
 ratio promptfleet / baseline. With ``--url`` it measures an already running
 promptfleet instead of starting one (its config must route ``--model`` to an
 upstream; ``--upstream-url`` then names that upstream).
+
+``--metrics-cost`` also deploys a twin application with ``metrics.enabled: false`` (its own
+Gateway, store, limiter and workers, on another port) in the same cluster and measures it
+interleaved with the metered one (``promptfleet``): the ratio on / off is what the metrics cost.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ from typing import Any
 
 from bench.kit import child_process, fake_model, fake_upstream, free_port, private_cluster
 from bench.loadtest import LoadResult, run_load
+
+NO_METRICS = "promptfleet-nometrics"
 
 
 def _measure(url: str, model: str, concurrency: int, duration: float) -> LoadResult:
@@ -54,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="also measure a model behind a (never reached) rpm limit: the limiter's cost")
     parser.add_argument("--with-serve-proxy", action="store_true",
                         help="also measure the same app through Serve's HTTP proxy")
+    parser.add_argument("--metrics-cost", action="store_true",
+                        help="also measure a twin app with metrics off, in the same cluster, interleaved")
     parser.add_argument("--json", action="store_true", help="print a JSON summary at the end")
     args = parser.parse_args(argv)
     levels = [int(x) for x in args.concurrency.split(",")]
@@ -68,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
             # The same upstream again behind an rpm limit too high to throttle: the limiter's cost.
             models = [fake_model("fake", upstream_base), fake_model("fake-rpm", upstream_base, rpm=10_000_000)]
             state = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pf-bench-")))
-            cluster = stack.enter_context(private_cluster(models, state))
+            twins = {NO_METRICS: {"metrics": {"enabled": False}}} if args.metrics_cost else None
+            cluster = stack.enter_context(private_cluster(models, state, twins=twins))
             promptfleet_url, proxy_url = cluster.api, cluster.proxy_api
         baseline_port = free_port()
         baseline_url = f"http://127.0.0.1:{baseline_port}/v1"
@@ -83,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             targets["via Serve proxy"] = (proxy_url, model)
         if not args.url and args.with_rpm_limit:
             targets["promptfleet + rpm"] = (promptfleet_url, "fake-rpm")
+        if not args.url and args.metrics_cost:
+            targets["metrics off"] = (cluster.twins[NO_METRICS], model)
         summary: dict[str, Any] = {"latency_ms": args.latency_ms, "levels": {}}
         print(f"fake upstream latency {args.latency_ms} ms, {args.duration:.0f} s runs, median of {args.repeat}")
         print(f"{'target':<20} {'conc':>5} {'req/s':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} errors")
@@ -104,7 +116,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:<20} {level:>5} {rps:>8.1f} {p50:>8.1f} {p90:>8.1f} {p99:>8.1f} {errors or ''}")
             ratio = row["promptfleet"]["rps"] / max(row["baseline FastAPI"]["rps"], 1e-9)
             row["promptfleet_vs_baseline"] = round(ratio, 2)
-            print(f"{'promptfleet / baseline':<26} {ratio:.2f}x\n")
+            print(f"{'promptfleet / baseline':<26} {ratio:.2f}x")
+            if "metrics off" in row:
+                # Interleaved runs of the same app with and without metrics: the throughput they cost.
+                on_off = row["promptfleet"]["rps"] / max(row["metrics off"]["rps"], 1e-9)
+                row["metrics_on_vs_off"] = round(on_off, 3)
+                print(f"{'metrics on / off':<26} {on_off:.3f}x  (cost {100 * (1 - on_off):+.1f} %)")
+            print()
             summary["levels"][level] = row
         if args.json:
             print(json.dumps(summary, indent=2))

@@ -21,7 +21,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cluster import batch_cli, keys_cli, kuberay, local, nodes
+from cluster import batch_cli, grafana, keys_cli, kuberay, local, nodes
 from deployments.config import NODE_IP
 
 JOIN_ADVICE = "To add a machine, run this in its promptfleet checkout (after `make .venv/.installed`):"
@@ -139,10 +139,13 @@ def cmd_start(args: argparse.Namespace) -> int:
             head.wait()
         raise
     urls = local.endpoints(config, dashboard, node_host)
+    # Next to Ray's own Grafana dashboards, when the head node (its session directory) is this machine.
+    installed = grafana.install_for(dashboard)
     print(
         f"\npromptfleet is running.\n"
         f"  API (OpenAI-compatible): {urls.api}\n"
-        f"  Ray dashboard:           {urls.dashboard}\n\n"
+        f"  Ray dashboard:           {urls.dashboard}\n"
+        f"  Grafana dashboard:       {installed or grafana.DASHBOARD} (README \"Metrics\")\n\n"
         f"  curl {urls.api}/chat/completions -H 'Content-Type: application/json' \\\n"
         f"    -d '{{\"model\": \"smollm2\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n\n"
         + ("Ctrl-C (or SIGTERM to this command) stops this node." if head is not None

@@ -297,7 +297,7 @@ def session_dir(dashboard_url: str, environ: Mapping[str, str], temp_dir: str | 
     return candidate if candidate.is_dir() else None
 
 
-def install(session: Path, environ: Mapping[str, str], wait_s: float = 30.0) -> Path | None:
+def install(session: Path, environ: Mapping[str, str], wait_s: float = 15.0) -> Path | None:
     """Copy the dashboard next to Ray's in ``session``'s Grafana provisioning; its path, or None when
     Ray's dashboards are not there (no dashboard on this machine, or it never wrote them)."""
     target_dir = dashboards_dir(session, environ)

@@ -59,6 +59,7 @@ PREFIX = "promptfleet_"
 RAY_PREFIX = "ray_"  # what Ray's metrics agent puts before every application metric
 APPLICATION = "application"
 MAX_LABEL_SETS = 10_000  # cached label dicts per process (a plain cache: cleared when full)
+GAUGE_KEEPALIVE_S = 1.0  # below two of Ray's metrics report intervals (1 s at the least)
 OTHER = "other"  # a label value that is not one of the configured names (unknown model, route…)
 
 
@@ -245,7 +246,7 @@ UPSTREAM_WORKER_METRICS = (UPSTREAM_CALLS, UPSTREAM_RETRIES, BREAKER_OPENS)
 LOCAL_WORKER_METRICS = (LOCAL_TOKENS, LOCAL_SECONDS)
 LIMITER_METRICS = (LIMITER_REFUSALS, LIMITER_PAUSES, LIMITER_PAUSED, LIMITER_QUEUED)
 STORE_METRICS = (RUNS_SUBMITTED, RUNS_FINISHED, RUN_ATTEMPTS, RUN_LEASE_EXPIRIES)
-BATCH_DRIVER_METRICS = (BATCH_LINES,)
+BATCH_DRIVER_METRICS = (BATCH_LINES, TOKENS, FALLBACKS)
 
 BREAKER_VALUES = {"closed": 0.0, "half_open": 1.0, "open": 2.0}
 RUN_GAUGE_STATUSES = ("queued", "running")
@@ -419,6 +420,8 @@ class Metrics:
         self.backend = backend or _backend
         self.records: dict[str, Record] = {}
         self.tags: dict[tuple[str, ...], dict[str, str]] = {}
+        self.gauges: dict[tuple[str, ...], tuple[MetricSpec, float, tuple[str, ...]]] = {}  # the last values
+        self.keepalive: asyncio.Task[None] | None = None
 
     def _record(self, spec: MetricSpec) -> Record:
         record = self.records.get(spec.name)
@@ -436,6 +439,25 @@ class Metrics:
             tags = self.tags[cache_key] = dict(zip(spec.labels, (self.application, *values), strict=True))
         return tags
 
+    def _set(self, spec: MetricSpec, value: float, *values: str) -> None:
+        """Set a gauge, and keep it set: Ray's metrics agent forgets a gauge that its process has not
+        set again for two report intervals, so this process sets its gauges again every
+        ``GAUGE_KEEPALIVE_S`` (while an event loop runs in it)."""
+        self._record(spec)(value, self._tags(spec, *values))
+        self.gauges[(spec.name, *values)] = (spec, value, values)
+        if self.keepalive is None or self.keepalive.done():
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return  # not on an event loop's thread: the next gauge set on it starts the keepalive
+            self.keepalive = loop.create_task(self._keep_gauges(), name="metrics-gauges")
+
+    async def _keep_gauges(self) -> None:
+        while True:
+            await asyncio.sleep(GAUGE_KEEPALIVE_S)
+            for spec, value, values in list(self.gauges.values()):
+                self._record(spec)(value, self._tags(spec, *values))
+
     def declare(self, *specs: MetricSpec) -> None:
         """Make ``specs`` visible before their first event (series at 0 with only the application
         label), so dashboards show 0 rather than no data. Histograms appear with their first value."""
@@ -444,7 +466,7 @@ class Metrics:
             if spec.kind is Kind.COUNTER:
                 self.backend.zero(spec, tags)
             elif spec.kind is Kind.GAUGE:
-                self._record(spec)(0, tags)
+                self._set(spec, 0, *("" for _ in spec.labels[1:]))
 
     def key(self, key_id: str | None) -> str:
         """The ``key`` label value: the key's id when per-key labels are on, else empty (no label)."""
@@ -490,7 +512,7 @@ class Metrics:
 
     def breaker(self, model: str, state: str, opened: bool) -> None:
         """A breaker changed state (``opened``: it has just opened)."""
-        self._record(BREAKER_STATE)(BREAKER_VALUES.get(state, 0.0), self._tags(BREAKER_STATE, model))
+        self._set(BREAKER_STATE, BREAKER_VALUES.get(state, 0.0), model)
         if opened:
             self._record(BREAKER_OPENS)(1, self._tags(BREAKER_OPENS, model))
 
@@ -501,7 +523,7 @@ class Metrics:
             self._record(LOCAL_SECONDS)(seconds, self._tags(LOCAL_SECONDS, model))
 
     def local_queue(self, model: str, length: int) -> None:
-        self._record(LOCAL_QUEUE)(length, self._tags(LOCAL_QUEUE, model))
+        self._set(LOCAL_QUEUE, length, model)
 
     # The RateLimiter
 
@@ -521,11 +543,11 @@ class Metrics:
         for budget, remaining in paused.items():
             kind, model, _ = self._budget(budget)
             if kind == "model":
-                self._record(LIMITER_PAUSED)(max(remaining, 0.0), self._tags(LIMITER_PAUSED, model))
+                self._set(LIMITER_PAUSED, max(remaining, 0.0), model)
         for budget, count in queued.items():
             kind, model, _ = self._budget(budget)
             if kind == "model":
-                self._record(LIMITER_QUEUED)(count, self._tags(LIMITER_QUEUED, model))
+                self._set(LIMITER_QUEUED, count, model)
 
     # The TaskStore
 
@@ -544,8 +566,8 @@ class Metrics:
     def run_queue(self, by_status: Mapping[str, int], oldest_queued_age_s: float) -> None:
         """Sampled: runs by status and the oldest queued run's age."""
         for status in RUN_GAUGE_STATUSES:
-            self._record(RUNS)(by_status.get(status, 0), self._tags(RUNS, status))
-        self._record(OLDEST_QUEUED)(max(oldest_queued_age_s, 0.0), self._tags(OLDEST_QUEUED))
+            self._set(RUNS, by_status.get(status, 0), status)
+        self._set(OLDEST_QUEUED, max(oldest_queued_age_s, 0.0))
 
     # Batches
 
@@ -555,7 +577,7 @@ class Metrics:
     def batches(self, by_status: Mapping[str, int], statuses: Iterable[str]) -> None:
         """Sampled: batches by status (every one of ``statuses``, 0 included)."""
         for status in statuses:
-            self._record(BATCHES)(by_status.get(status, 0), self._tags(BATCHES, status))
+            self._set(BATCHES, by_status.get(status, 0), status)
 
 
 class NullMetrics(Metrics):

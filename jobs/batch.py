@@ -120,7 +120,8 @@ class ServeBackend:
     """Handles of the running application ``app_name``: chat lines through ``ModelCalls``, task
     lines through the TaskRunner, metered to ``key_id`` (None: unmetered)."""
 
-    def __init__(self, app_name: str, key_id: str | None = None, wait_s: float = 30.0) -> None:
+    def __init__(self, app_name: str, key_id: str | None = None, wait_s: float = 30.0,
+                 metrics: Metrics = NULL) -> None:
         from ray import serve
 
         # serve.status() answers "no applications" while the controller cannot be reached
@@ -132,6 +133,7 @@ class ServeBackend:
             time.sleep(1.0)
         self.app_name = app_name
         self.key_id = key_id
+        self.metrics = metrics
         self.models = {
             name.removeprefix(names.WORKER_PREFIX) for name in app.deployments if name.startswith(names.WORKER_PREFIX)
         }
@@ -158,7 +160,7 @@ class ServeBackend:
                 if self.key_id is not None:
                     self.meter = Meter(serve.get_deployment_handle(names.TASK_STORE, self.app_name),
                                        serve.get_deployment_handle(names.RATE_LIMITER, self.app_name))
-                self.calls = ModelCalls(models, HandleTransport(workers), self.meter)
+                self.calls = ModelCalls(models, HandleTransport(workers), self.meter, self.metrics)
             return self.calls
 
     def has_model(self, model: str) -> bool:
@@ -400,6 +402,7 @@ def main(argv: list[str] | None = None, backend: Backend | None = None) -> int:
     started_ray = False
     try:
         options = options_from(args)
+        metrics = metrics_for(MetricsConfig(enabled=options.metrics), options.app)
         if backend is None:
             import ray
 
@@ -414,8 +417,7 @@ def main(argv: list[str] | None = None, backend: Backend | None = None) -> int:
                     address = args.ray_address
                 ray.init(address=address, log_to_driver=False)
                 started_ray = True
-            backend = ServeBackend(options.app, options.key_id)
-        metrics = metrics_for(MetricsConfig(enabled=options.metrics), options.app)
+            backend = ServeBackend(options.app, options.key_id, metrics=metrics)
         metrics.declare(*BATCH_DRIVER_METRICS)
         return asyncio.run(_run(BatchRun(options, backend, metrics=metrics)))
     except SetupError as exc:

@@ -81,12 +81,12 @@ class PrometheusServer:
         config = root / "prometheus.yml"
         config.write_text(CONFIG.format(interval=SCRAPE_INTERVAL_S, sd_file=sd_file))
         port = _free_port()
-        log = (root / "prometheus.log").open("wb")
-        process = subprocess.Popen(
-            [binary, f"--config.file={config}", f"--storage.tsdb.path={root / 'data'}",
-             f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h"],
-            stdout=log, stderr=subprocess.STDOUT, cwd=root,
-        )
+        with (root / "prometheus.log").open("wb") as log:  # the child keeps its own descriptor
+            process = subprocess.Popen(
+                [binary, f"--config.file={config}", f"--storage.tsdb.path={root / 'data'}",
+                 f"--web.listen-address=127.0.0.1:{port}", "--storage.tsdb.retention.time=1h"],
+                stdout=log, stderr=subprocess.STDOUT, cwd=root,
+            )
         server = cls(root, port, process)
         deadline = time.monotonic() + timeout_s
         while True:
@@ -121,8 +121,10 @@ class PrometheusServer:
             raise AssertionError(f"{promql}: {len(samples)} samples, expected one")
         return next(iter(samples.values()), 0.0)
 
-    def metric_names(self) -> set[str]:
-        return set(self._get("/api/v1/label/__name__/values"))
+    def metric_names(self, match: str | None = None) -> set[str]:
+        """Names of the metrics scraped (of the series ``match`` selects)."""
+        params = {"match[]": match} if match else {}
+        return set(self._get("/api/v1/label/__name__/values", **params))
 
     def targets(self) -> list[dict[str, Any]]:
         return list(self._get("/api/v1/targets")["activeTargets"])
