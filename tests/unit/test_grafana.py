@@ -62,6 +62,11 @@ def test_the_shipped_dashboard_is_the_generated_one() -> None:
     assert grafana.DASHBOARD.read_text() == grafana.render(), "run: python -m cluster.grafana --write"
 
 
+def test_the_readme_lists_every_metric_as_generated() -> None:
+    text = grafana.README.read_text()
+    assert grafana.with_metrics_table(text) == text, "run: python -m cluster.grafana --write"
+
+
 def test_the_name_finder_finds_metric_names_only() -> None:
     expr = ('histogram_quantile(0.95, sum by (le, route) (rate(ray_a_bucket{application=~"$application",'
             'x="rate(y)"}[$__rate_interval]))) / on(app) group_left count(ray_b_total) or vector(0)')
