@@ -28,16 +28,21 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.kit import child_process, fake_model, fake_upstream, free_port, private_cluster
+from bench.kit import child_process, cpu_seconds_of_descendants, fake_model, fake_upstream, free_port, private_cluster
 from bench.loadtest import LoadResult, run_load
 
 NO_METRICS = "promptfleet-nometrics"
 
 
-def _measure(url: str, model: str, concurrency: int, duration: float) -> LoadResult:
+def _measure(url: str, model: str, concurrency: int, duration: float) -> tuple[LoadResult, float]:
+    """The run, and the CPU milliseconds per request of every process this one started (the cluster,
+    the fake upstream, the baseline; the load generator runs here, outside it)."""
     import asyncio
 
-    return asyncio.run(run_load(url, model, concurrency, duration, warmup=1.0))
+    cpu = cpu_seconds_of_descendants()
+    result = asyncio.run(run_load(url, model, concurrency, duration, warmup=1.0))
+    cpu = cpu_seconds_of_descendants() - cpu
+    return result, cpu * 1000 / max(1, result.ok + result.error_count)
 
 
 def _percentiles(results: list[LoadResult]) -> tuple[float, float, float]:
@@ -97,31 +102,40 @@ def main(argv: list[str] | None = None) -> int:
             targets["metrics off"] = (cluster.twins[NO_METRICS], model)
         summary: dict[str, Any] = {"latency_ms": args.latency_ms, "levels": {}}
         print(f"fake upstream latency {args.latency_ms} ms, {args.duration:.0f} s runs, median of {args.repeat}")
-        print(f"{'target':<20} {'conc':>5} {'req/s':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} errors")
+        print(f"{'target':<20} {'conc':>5} {'req/s':>8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} "
+              f"{'CPU ms/req':>10} errors")
         for level in levels:
             runs: dict[str, list[LoadResult]] = {name: [] for name in targets}
+            cpu_ms: dict[str, list[float]] = {name: [] for name in targets}
             for _ in range(args.repeat):
                 for name, (url, target_model) in targets.items():
-                    runs[name].append(_measure(url, target_model, level, args.duration))
+                    result, cpu = _measure(url, target_model, level, args.duration)
+                    runs[name].append(result)
+                    cpu_ms[name].append(cpu)
             row: dict[str, Any] = {}
             for name, results in runs.items():
                 rps = statistics.median(r.ok / r.duration_s for r in results)
+                cpu = statistics.median(cpu_ms[name])
                 p50, p90, p99 = _percentiles(results)
                 errors: dict[str, int] = {}
                 for r in results:
                     for key, count in r.errors.items():
                         errors[key] = errors.get(key, 0) + count
                 row[name] = {"rps": round(rps, 1), "p50_ms": round(p50, 1), "p90_ms": round(p90, 1),
-                             "p99_ms": round(p99, 1), "errors": errors}
-                print(f"{name:<20} {level:>5} {rps:>8.1f} {p50:>8.1f} {p90:>8.1f} {p99:>8.1f} {errors or ''}")
+                             "p99_ms": round(p99, 1), "cpu_ms_per_request": round(cpu, 2), "errors": errors}
+                print(f"{name:<20} {level:>5} {rps:>8.1f} {p50:>8.1f} {p90:>8.1f} {p99:>8.1f} {cpu:>10.2f} "
+                      f"{errors or ''}")
             ratio = row["promptfleet"]["rps"] / max(row["baseline FastAPI"]["rps"], 1e-9)
             row["promptfleet_vs_baseline"] = round(ratio, 2)
             print(f"{'promptfleet / baseline':<26} {ratio:.2f}x")
             if "metrics off" in row:
                 # Interleaved runs of the same app with and without metrics: the throughput they cost.
                 on_off = row["promptfleet"]["rps"] / max(row["metrics off"]["rps"], 1e-9)
+                cpu_on, cpu_off = row["promptfleet"]["cpu_ms_per_request"], row["metrics off"]["cpu_ms_per_request"]
                 row["metrics_on_vs_off"] = round(on_off, 3)
-                print(f"{'metrics on / off':<26} {on_off:.3f}x  (cost {100 * (1 - on_off):+.1f} %)")
+                row["metrics_cpu_ms_per_request"] = round(cpu_on - cpu_off, 2)
+                print(f"{'metrics on / off':<26} {on_off:.3f}x req/s (cost {100 * (1 - on_off):+.1f} %), "
+                      f"CPU {cpu_on - cpu_off:+.2f} ms/req ({100 * (cpu_on / max(cpu_off, 1e-9) - 1):+.1f} %)")
             print()
             summary["levels"][level] = row
         if args.json:

@@ -24,6 +24,29 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 
 
+def cpu_seconds_of_descendants() -> float:
+    """CPU time (user + system) of every live process below this one (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+            stats[int(entry)] = fields
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    ticks = os.sysconf("SC_CLK_TCK")
+    total, stack = 0.0, list(children.get(os.getpid(), []))
+    while stack:
+        pid = stack.pop()
+        stat = stats.get(pid)
+        if stat:
+            total += (int(stat[11]) + int(stat[12])) / ticks  # utime, stime
+        stack.extend(children.get(pid, []))
+    return total
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -110,6 +110,30 @@ def test_declared_metrics_exist_at_zero(memory: MemoryBackend) -> None:
     assert memory.observations(telemetry.REQUEST_LATENCY) == []  # a histogram appears with its first value
 
 
+def test_gauges_are_set_again_while_the_event_loop_runs(memory: MemoryBackend, monkeypatch: Any) -> None:
+    """Ray's metrics agent forgets a gauge its process has not set again lately: each is kept set."""
+    monkeypatch.setattr(telemetry, "GAUGE_KEEPALIVE_S", 0.01)
+    sets: list[float] = []
+    record = memory.instrument(telemetry.LOCAL_QUEUE)
+
+    def counting(value: float, tags: dict[str, str]) -> None:
+        sets.append(value)
+        record(value, tags)
+
+    metrics = Metrics("app")
+    metrics.records[telemetry.LOCAL_QUEUE.name] = counting
+
+    async def go() -> None:
+        metrics.local_queue("m", 3)
+        await asyncio.sleep(0.1)
+        metrics.local_queue("m", 1)
+        await asyncio.sleep(0.1)
+
+    run(go())
+    assert len(sets) > 5 and sets[0] == 3 and sets[-1] == 1 and set(sets) == {1, 3}
+    assert memory.total(telemetry.LOCAL_QUEUE, model="m") == 1
+
+
 def test_metrics_for_is_one_object_per_process_and_settings() -> None:
     config = MetricsConfig()
     assert telemetry.metrics_for(config, "a") is telemetry.metrics_for(config, "a")
