@@ -19,11 +19,13 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import openai
 import pytest
+import yaml
 
 from cluster import grafana
 from deployments import telemetry
@@ -242,3 +244,21 @@ def test_queries_of_the_dashboard_run(prometheus: PrometheusServer, app: ServeAp
         for name, value in substitutions.items():
             expr = expr.replace(name, value)
         prometheus.query(expr)  # raises on a query Prometheus refuses
+
+
+def test_start_installs_the_dashboard_where_rays_grafana_provisioning_loads_dashboards(app: ServeApp) -> None:
+    """What ``promptfleet start`` does after the deploy, on the session's real Ray session directory:
+    the file lands in the folder Ray's Grafana provisioning reads, next to Ray's own dashboards."""
+    installed = grafana.install_for(app.dashboard)
+    assert installed is not None and installed.name == grafana.INSTALLED_NAME
+    try:
+        assert json.loads(installed.read_text())["uid"] == "promptfleet"
+        assert (installed.parent / "serve_grafana_dashboard.json").is_file()  # Ray's Serve dashboard
+        session = grafana.session_dir(app.dashboard, os.environ)
+        assert session is not None
+        provisioning = yaml.safe_load(
+            (session / "metrics" / "grafana" / "provisioning" / "dashboards" / "default.yml").read_text()
+        )
+        assert [Path(p["options"]["path"]) for p in provisioning["providers"]] == [installed.parent]
+    finally:
+        installed.unlink()
