@@ -99,7 +99,7 @@ def _why(*specs: MetricSpec) -> str:
     return " ".join(spec.why for spec in specs)
 
 
-REQ, LAT, TTFT, TOK = t.REQUESTS, t.REQUEST_LATENCY, t.FIRST_TOKEN, t.TOKENS
+REQ, LAT, TTFT, TOK = t.REQUESTS, t.REQUEST_DURATION, t.FIRST_TOKEN, t.TOKENS
 
 ROWS: list[Row] = [
     Row("Traffic", [

@@ -103,8 +103,8 @@ REQUESTS = _spec(
     "HTTP requests answered by the Gateway, by route template, requested model, status class and error code.",
     "Traffic and error rates per route and model; error_code says whose fault (429 pacing, upstream, bad input).",
     unit="reqps")
-REQUEST_LATENCY = _spec(
-    "request_latency_seconds", H, ("route", "model"),
+REQUEST_DURATION = _spec(
+    "request_duration_seconds", H, ("route", "model"),
     "Seconds from a request's arrival to the end of its response (a stream: its last event).",
     "Latency percentiles as clients see them, queueing and rate-limit waits included.",
     buckets=LATENCY_BUCKETS, unit="s")
@@ -231,7 +231,7 @@ BATCHES = _spec(
     unit="short")
 
 CATALOGUE: tuple[MetricSpec, ...] = (
-    REQUESTS, REQUEST_LATENCY, FIRST_TOKEN, TOKENS, FALLBACKS,
+    REQUESTS, REQUEST_DURATION, FIRST_TOKEN, TOKENS, FALLBACKS,
     UPSTREAM_CALLS, UPSTREAM_RETRIES, UPSTREAM_LATENCY, BREAKER_STATE, BREAKER_OPENS,
     LOCAL_TOKENS, LOCAL_SECONDS, LOCAL_QUEUE,
     LIMITER_WAIT, LIMITER_REFUSALS, LIMITER_PAUSES, LIMITER_PAUSED, LIMITER_QUEUED,
@@ -484,7 +484,7 @@ class Metrics:
                 seconds: float) -> None:
         self._record(REQUESTS)(1, self._tags(REQUESTS, route, model, status_class(status), error_code,
                                              self.key(key_id)))
-        self._record(REQUEST_LATENCY)(seconds, self._tags(REQUEST_LATENCY, route, model))
+        self._record(REQUEST_DURATION)(seconds, self._tags(REQUEST_DURATION, route, model))
 
     # The model call path
 

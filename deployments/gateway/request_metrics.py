@@ -1,5 +1,5 @@
 """ASGI middleware: every HTTP request the Gateway answers, counted and timed (``promptfleet_requests``,
-``promptfleet_request_latency_seconds``).
+``promptfleet_request_duration_seconds``).
 
 It is the outermost layer of the Gateway's app, so it sees what clients see on the Gateway's own
 listener and through Serve's proxy alike — 401s from the key check and 413s for large bodies

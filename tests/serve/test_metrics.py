@@ -9,8 +9,8 @@ every counter and histogram moved by exactly that much. Isolation on a shared cl
 alone), and every query is pinned to this cluster's ``SessionName``; the batch-line counter, which
 has no model label, is compared before/after once it is still.
 
-The processes of the test cluster report their metrics every second (``METRICS_REPORT_INTERVAL_MS``)
-and Prometheus scrapes every second, so values are polled until they arrive, never slept for.
+The processes of the test cluster report their metrics every ``METRICS_REPORT_INTERVAL_MS`` and
+Prometheus scrapes every second, so values are polled until they arrive, never slept for.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ import yaml
 from cluster import grafana
 from deployments import telemetry
 from deployments.telemetry import MetricSpec
-from tests.fixtures import METRICS_MODEL, ServeApp
-from tests.prometheus import PrometheusServer
+from tests.fixtures import METRICS_MODEL, METRICS_REPORT_INTERVAL_MS, ServeApp
+from tests.prometheus import SCRAPE_INTERVAL_S, PrometheusServer
 from tests.unit.test_grafana import all_exprs, promql_metric_names
 from tests.waiting import wait_for
 
@@ -40,7 +40,8 @@ pytestmark = pytest.mark.serve
 APP = "promptfleet"
 TASK = "label_metrics"
 CHAT = "/v1/chat/completions"
-SETTLE_S = 3.0  # > one report interval + one scrape interval: a value unchanged this long has arrived
+# A value unchanged this long has arrived: more than one report interval and one scrape interval.
+SETTLE_S = METRICS_REPORT_INTERVAL_MS / 1000 + SCRAPE_INTERVAL_S + 1.0
 
 
 @pytest.fixture(scope="module")
@@ -162,8 +163,8 @@ def test_counters_and_histograms_move_by_exactly_what_was_sent(app: ServeApp, pr
         "chat_ok": q.total(telemetry.REQUESTS, route=CHAT, status_class="2xx", error_code="", **model),
         "chat_failed": q.total(telemetry.REQUESTS, route=CHAT, status_class="5xx", error_code="upstream_error",
                                **model),
-        "chat_latency": q.count(telemetry.REQUEST_LATENCY, route=CHAT, **model),
-        "chat_latency_inf": q.bucket(telemetry.REQUEST_LATENCY, "+Inf", route=CHAT, **model),
+        "chat_latency": q.count(telemetry.REQUEST_DURATION, route=CHAT, **model),
+        "chat_latency_inf": q.bucket(telemetry.REQUEST_DURATION, "+Inf", route=CHAT, **model),
         "task_run_ok": q.total(telemetry.REQUESTS, route="/v1/tasks/{name}/run", status_class="2xx"),
         "submits": q.total(telemetry.REQUESTS, route="/v1/tasks/{name}/submit", status_class="2xx"),
         "first_token": q.count(telemetry.FIRST_TOKEN, **model),

@@ -86,7 +86,7 @@ def test_the_per_key_label_is_off_unless_asked_for(memory: MemoryBackend) -> Non
     keyed.tokens("m", 3, 0, "key_1")  # no completion tokens: no zero increment (Ray refuses it)
     assert memory.total(telemetry.REQUESTS, key="key_1", status_class="4xx", error_code="rate_limited") == 1
     assert memory.total(telemetry.TOKENS, key="key_1") == 3
-    assert memory.observations(telemetry.REQUEST_LATENCY, application="app") == [0.5, 0.1]
+    assert memory.observations(telemetry.REQUEST_DURATION, application="app") == [0.5, 0.1]
 
 
 def test_disabled_metrics_record_nothing(memory: MemoryBackend) -> None:
@@ -103,11 +103,11 @@ def test_disabled_metrics_record_nothing(memory: MemoryBackend) -> None:
 
 def test_declared_metrics_exist_at_zero(memory: MemoryBackend) -> None:
     metrics = Metrics("app")
-    metrics.declare(*telemetry.STORE_METRICS, telemetry.LIMITER_PAUSED, telemetry.REQUEST_LATENCY)
+    metrics.declare(*telemetry.STORE_METRICS, telemetry.LIMITER_PAUSED, telemetry.REQUEST_DURATION)
     assert memory.total(telemetry.RUN_LEASE_EXPIRIES, application="app") == 0
     assert (telemetry.RUN_LEASE_EXPIRIES.name, frozenset({("application", "app"), ("task", "")})) in memory.values
     assert memory.total(telemetry.LIMITER_PAUSED) == 0
-    assert memory.observations(telemetry.REQUEST_LATENCY) == []  # a histogram appears with its first value
+    assert memory.observations(telemetry.REQUEST_DURATION) == []  # a histogram appears with its first value
 
 
 def test_gauges_are_set_again_while_the_event_loop_runs(memory: MemoryBackend, monkeypatch: Any) -> None:
@@ -192,8 +192,8 @@ def test_requests_are_counted_by_route_template_model_status_and_error_code(memo
     assert total(telemetry.REQUESTS, route="/v1/runs/{run_id}", model="", status_class="2xx") == 1
     assert total(telemetry.REQUESTS, route="/v1/runs/{run_id}", status_class="4xx", error_code="invalid_api_key") == 1
     assert total(telemetry.REQUESTS, route="unmatched", status_class="4xx") == 1
-    assert len(memory.observations(telemetry.REQUEST_LATENCY)) == 6
-    assert all(0 <= s < 5 for s in memory.observations(telemetry.REQUEST_LATENCY))
+    assert len(memory.observations(telemetry.REQUEST_DURATION)) == 6
+    assert all(0 <= s < 5 for s in memory.observations(telemetry.REQUEST_DURATION))
 
 
 def test_error_codes_are_bounded() -> None:
