@@ -5,6 +5,7 @@
     promptfleet join     start a worker node on this machine, joined to a head node
     promptfleet status   what Serve is running, and where
     promptfleet keys     create, list and revoke API keys
+    promptfleet tasks    check, render, test, push, history and rollback of tasks (prompt owners)
     promptfleet batch    run a JSONL batch as a Ray job (resumable), print how to follow it
     promptfleet k8s      print a KubeRay RayService generated from configs/serve.yaml
     promptfleet stop     remove the application; with --ray also stop the local Ray we started
@@ -21,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cluster import batch_cli, grafana, keys_cli, kuberay, local, nodes
+from cluster import batch_cli, grafana, keys_cli, kuberay, local, nodes, tasks_cli
 from deployments.config import NODE_IP
 
 JOIN_ADVICE = "To add a machine, run this in its promptfleet checkout (after `make .venv/.installed`):"
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print Serve's details as JSON")
 
     keys_cli.add_parser(sub)
+    tasks_cli.add_parser(sub)
     batch_cli.add_parser(sub)
     kuberay.add_parser(sub)
 
@@ -139,12 +141,15 @@ def cmd_start(args: argparse.Namespace) -> int:
             head.wait()
         raise
     urls = local.endpoints(config, dashboard, node_host)
+    token_hint = (f"                           (it asks for the cluster token; print it with "
+                  f"`{nodes.token_command(os.environ)}`)\n" if os.environ.get("RAY_AUTH_MODE") == "token" else "")
     # Next to Ray's own Grafana dashboards, when the head node (its session directory) is this machine.
     installed = grafana.install_for(dashboard)
     print(
         f"\npromptfleet is running.\n"
         f"  API (OpenAI-compatible): {urls.api}\n"
         f"  Ray dashboard:           {urls.dashboard}\n"
+        f"{token_hint}"
         f"  Grafana dashboard:       {installed or grafana.DASHBOARD} (README \"Metrics\")\n\n"
         f"  curl {urls.api}/chat/completions -H 'Content-Type: application/json' \\\n"
         f"    -d '{{\"model\": \"smollm2\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n\n"
@@ -235,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     local.use_cluster_token()
     handlers = {
         "start": cmd_start, "join": cmd_join, "status": cmd_status, "stop": cmd_stop,
-        "keys": keys_cli.run, "batch": batch_cli.run, "k8s": kuberay.run,
+        "keys": keys_cli.run, "tasks": tasks_cli.run, "batch": batch_cli.run, "k8s": kuberay.run,
     }
     try:
         return handlers[args.command](args)

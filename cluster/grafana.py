@@ -274,7 +274,8 @@ def metrics_table() -> str:
              "|---|---|---|---|"]
     for spec in t.CATALOGUE:
         labels = ", ".join(f"`{label}`" for label in spec.labels[1:]) or "—"
-        lines.append(f"| `{spec.exported}` | {spec.kind.value} | {labels} | {spec.help} {spec.why} |")
+        text = f"{spec.help} {spec.why}".replace("|", "\\|")
+        lines.append(f"| `{spec.exported}` | {spec.kind.value} | {labels} | {text} |")
     return "\n".join([*lines, "", TABLE_END])
 
 

@@ -28,6 +28,8 @@ def add_parser(sub: Any) -> None:
     create.add_argument("--token-budget", type=int, help="total tokens the key may use")
     create.add_argument("--weight", type=float, default=1.0,
                         help="share of a busy model's budget against other keys (default: %(default)s)")
+    create.add_argument("--scope", choices=("tenant", "prompts"), default="tenant",
+                        help="prompts: may also check, push and roll back tasks (default: %(default)s)")
     actions.add_parser("list", help="list keys (never the keys themselves)")
     revoke = actions.add_parser("revoke", help="revoke a key by id")
     revoke.add_argument("key_id", help="the key's id (key_…)")
@@ -43,7 +45,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.action == "create":
             body = {"name": args.name, "rpm": args.rpm, "tpm": args.tpm, "token_budget": args.token_budget,
-                    "weight": args.weight}
+                    "weight": args.weight, "scope": args.scope}
             response = httpx.post(f"{base}/admin/keys", json=body, headers=headers, timeout=30)
         elif args.action == "list":
             response = httpx.get(f"{base}/admin/keys", headers=headers, timeout=30)
@@ -65,6 +67,7 @@ def run(args: argparse.Namespace) -> int:
             limits = ", ".join(
                 [f"{k}={key[k]}" for k in ("rpm", "tpm", "token_budget") if key[k]]
                 + ([f"weight={key['weight']:g}"] if key.get("weight", 1) != 1 else [])
+                + ([f"scope={key['scope']}"] if key.get("scope", "tenant") != "tenant" else [])
             )
             print(f"{key['id']}  …{key['hint']}  {state:<7}  {key['name']}  used={key['tokens_used']}  {limits}")
     else:

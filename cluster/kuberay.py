@@ -103,9 +103,9 @@ def _pod(container: str, image: str, env: list[dict[str, Any]], ports: dict[str,
                 "env": env,
                 "ports": [{"name": name, "containerPort": port} for name, port in ports.items()],
                 "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": {"cpu": cpu, "memory": memory}},
-                # The Gateway's own health (store and models reachable), as a load balancer sees it.
+                # The Gateway's readiness (store and models reachable), as a load balancer sees it.
                 "readinessProbe": {
-                    "httpGet": {"path": "/healthz", "port": health_port},
+                    "httpGet": {"path": "/readyz", "port": health_port},
                     "periodSeconds": 5, "timeoutSeconds": 6, "failureThreshold": 3,
                 },
             }],

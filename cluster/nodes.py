@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shlex
 import subprocess
 import sys
 import threading
@@ -60,6 +61,15 @@ def ensure_token(environ: Mapping[str, str]) -> str:
     token = secrets.token_hex(32)  # what `ray get-auth-token --generate` writes: 256 random bits
     _write_private(path, token)
     return token
+
+
+def token_command(environ: Mapping[str, str]) -> str:
+    """The shell command that prints the cluster token — what the Ray dashboard asks for on its login
+    page (then kept in a cookie). ``ray get-auth-token`` reads ``$RAY_AUTH_TOKEN``, else the file at
+    ``$RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``: the places ``ensure_token`` uses."""
+    command = shlex.join([local.ray_executable(), "get-auth-token"])
+    path = environ.get("RAY_AUTH_TOKEN_PATH")
+    return f"RAY_AUTH_TOKEN_PATH={shlex.quote(path)} {command}" if path else command
 
 
 def install_token(token: str, environ: Mapping[str, str]) -> None:

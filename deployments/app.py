@@ -19,10 +19,11 @@ from ray.serve import Application
 from deployments import names
 from deployments.batch_service import BatchService
 from deployments.config import AppArgs, LlamaCppModel, ModelConfig, OpenAIModel
-from deployments.core.taskdefs import load_task_definitions, validate_models
+from deployments.core.taskfile import canonical, content_hash, load_task_files
 from deployments.gateway.ingress import Gateway
 from deployments.model_worker import ModelWorker
 from deployments.rate_limiter import RateLimiter
+from deployments.store.tasks import VersionInput
 from deployments.task_runner import TaskRunner
 from deployments.task_store import TaskStore
 
@@ -44,10 +45,20 @@ def worker_defaults(model: ModelConfig) -> dict[str, Any]:
     }
 
 
+def seed_tasks(args: AppArgs) -> list[VersionInput]:
+    """The deploy's task files, checked (a broken file fails the deploy, naming file, line and field)
+    and ready to seed the TaskStore's versions (``store.tasks``: a file unchanged since the last deploy
+    leaves a pushed version active)."""
+    checked = load_task_files(args.tasks.definitions_path(), {m.name: m.provider for m in args.models})
+    return [
+        VersionInput(name=c.definition.name, definition=canonical(c.definition),
+                     content_hash=content_hash(c.definition), source=c.source)
+        for c in checked if c.definition is not None
+    ]
+
+
 def build_app(args: AppArgs) -> Application:
-    # Loaded here so a broken task file fails the deploy, naming the file and field.
-    tasks = load_task_definitions(args.tasks.definitions_path())
-    validate_models(tasks, {m.name for m in args.models})
+    seed = seed_tasks(args)
     limiter = (
         serve.deployment(RateLimiter)
         # Budgets live in one place; waiting acquires and pause watchers each hold a request slot.
@@ -57,19 +68,19 @@ def build_app(args: AppArgs) -> Application:
     workers = {
         model.name: serve.deployment(ModelWorker)
         .options(name=names.worker(model.name), **worker_defaults(model))
-        .bind(model, limiter if isinstance(model, OpenAIModel) else None, metrics=args.metrics)
+        .bind(model, limiter if isinstance(model, OpenAIModel) else None, logs=args.logs, metrics=args.metrics)
         for model in args.models
     }
     store = (
         serve.deployment(TaskStore)
         # One owner of the SQLite file, ever: never two replicas, even during a rolling update.
         .options(name=names.TASK_STORE, num_replicas=1, max_ongoing_requests=10000)
-        .bind(args.tasks, metrics=args.metrics)
+        .bind(args.tasks, seed=seed, metrics=args.metrics)
     )
     runner = (
         serve.deployment(TaskRunner)
         .options(name=names.TASK_RUNNER, max_ongoing_requests=1000)
-        .bind(tasks, workers, store, args.tasks, args.models, limiter, args.admission, args.metrics)
+        .bind(workers, store, args.tasks, args.models, limiter, args.admission, args.metrics)
     )
     batches = (
         serve.deployment(BatchService)
@@ -78,4 +89,4 @@ def build_app(args: AppArgs) -> Application:
         .bind(args.tasks, metrics=args.metrics)
     )
     gateway = serve.deployment(serve.ingress()(Gateway)).options(name=names.GATEWAY)
-    return gateway.bind(args, workers, tasks, store, runner, limiter, batches)
+    return gateway.bind(args, workers, store, runner, limiter, batches)

@@ -170,10 +170,10 @@ class BatchService:
     async def abort_upload(self, upload_id: str) -> PromptfleetError | None:
         return await self._io(self.store.abort_upload, upload_id)
 
-    async def get_file(self, owner: str, file_id: str) -> FileView | PromptfleetError:
+    async def get_file(self, owner: str | None, file_id: str) -> FileView | PromptfleetError:
         return await self._io(lambda: self.store.get_file(owner, file_id).view())
 
-    async def read_file(self, owner: str, file_id: str, offset: int, size: int) -> bytes | PromptfleetError:
+    async def read_file(self, owner: str | None, file_id: str, offset: int, size: int) -> bytes | PromptfleetError:
         return await self._io(self.store.read_file, owner, file_id, offset, size)
 
     async def list_files(
@@ -275,6 +275,8 @@ class BatchService:
             "--input", str(paths["input"]), "--output", str(paths["output"]), "--errors", str(paths["errors"]),
             "--progress-file", str(paths["progress"]), "--app", self.app_name,
             "--concurrency", str(BATCH_CONCURRENCY), "--progress-every", "5",
+            # Line N of the batch goes by the request id <batch id>-N, in every start of its job.
+            "--request-id-prefix", batch.id,
         ] + (["--ray-address", address] if (address := self.jobs.cluster_address()) else [])
           # Lines are billed to, and limited as, the owner's key (its id; the key never leaves the store).
           + (["--key-id", batch.owner] if batch.owner.startswith("key_") else [])

@@ -2,10 +2,10 @@
 
 Every error a client can see is one of these classes. Each carries the HTTP
 ``status_code``, the OpenAI error ``type`` and a stable ``code``; the Gateway
-renders them as ``{"error": {"message", "type", "param", "code"}}``, the body
-openai-python's ``APIStatusError`` parses. Anything else that escapes (a bug,
-another process's exception) becomes a bare 500 whose text never reaches the
-client.
+renders them as ``{"error": {"message", "type", "param", "code", "request_id"}}``,
+the body openai-python's ``APIStatusError`` parses (it takes the id from the
+``X-Request-ID`` header). Anything else that escapes (a bug, another process's
+exception) becomes a bare 500 whose text never reaches the client.
 
     PromptfleetError                    500 internal_error
     ├── InvalidRequest                  400 invalid_request      (param names the field)
@@ -79,7 +79,7 @@ class PromptfleetError(Exception):
             (type(self), self.message, self.param, self.retry_after, self.details),
         )
 
-    def to_body(self) -> dict[str, Any]:
+    def to_body(self, request_id: str | None = None) -> dict[str, Any]:
         error: dict[str, Any] = {
             "message": self.message,
             "type": self.type,
@@ -88,6 +88,8 @@ class PromptfleetError(Exception):
         }
         if self.details:
             error.update(self.details)
+        if request_id is not None:
+            error["request_id"] = request_id
         return {"error": error}
 
     def headers(self) -> dict[str, str]:

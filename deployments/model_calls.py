@@ -12,9 +12,10 @@ For one call it:
    ``max_completion_tokens``);
 2. meters the payer key: ``Meter.admit`` (budget, rpm, tpm with a token estimate bounded by the
    model's output limit) before anything is sent;
-3. sends a typed ``ModelCall`` to the first model of the chain, and to the next when the answer
-   is an error whose class is ``transient`` (``deployments.errors``), before the first byte of
-   the answer; Ray's own failures — backpressure, a replica or node that died with the call in
+3. sends a typed ``ModelCall`` — under the request id given, else the id of the request being
+   served (``deployments.request_ids``), else a new one — to the first model of the chain, and
+   to the next when the answer is an error whose class is ``transient`` (``deployments.errors``),
+   before the first byte of the answer; Ray's own failures — backpressure, a replica or node that died with the call in
    flight — become ``Overloaded`` (503 with Retry-After) for that model;
 4. records the usage for the payer; a call that was refused, failed or was cancelled settles
    its tpm booking instead.
@@ -37,7 +38,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
@@ -45,6 +45,7 @@ from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from deployments import request_ids
 from deployments.config import ModelConfig
 from deployments.core.tokens import StreamCounter, completion_budget, prompt_tokens, reply_tokens
 from deployments.errors import InvalidRequest, ModelNotFound, Overloaded, PromptfleetError
@@ -185,7 +186,7 @@ class ModelCalls:
         chain = self.chain(request, fallbacks)
         estimate = self.estimate(request)
         booked = await self._admit(payer, estimate, wait_s)
-        call_id = request_id or uuid.uuid4().hex
+        call_id = request_id or request_ids.current() or request_ids.new_request_id()
         try:
             reply, model = await self._first_answer(chain, request, call_id, self._share(payer, background))
         except BaseException:
@@ -252,7 +253,7 @@ class ModelCalls:
         chain = self.chain(request)
         estimate = self.estimate(request)
         booked = await self._admit(payer, estimate, wait_s)
-        call_id = request_id or uuid.uuid4().hex
+        call_id = request_id or request_ids.current() or request_ids.new_request_id()
         try:
             chunks, first, model = await self._open(chain, request, call_id, self._share(payer, background))
         except BaseException:

@@ -26,20 +26,29 @@ every method:
 A request's ``max_tokens`` above this model's ``output_limit`` is lowered to it
 here (the caller has already refused such requests for the model they named; this
 bounds what a fallback model is asked for).
+
+Logs: each call is served under its ``request_id`` (``deployments.request_ids.use``, so every
+line of this replica about it carries the id) and ends with one line — model, stream or not,
+outcome, latency. The prompt and the output are in that line only with ``logs.content``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import urlsplit
 
 from ray.serve.handle import DeploymentHandle
 
-from deployments.config import MetricsConfig, ModelConfig, OpenAIModel
+from deployments import logs as logs_module
+from deployments import request_ids
+from deployments.config import LogsConfig, MetricsConfig, ModelConfig, OpenAIModel
 from deployments.errors import PromptfleetError
 from deployments.providers import Provider, build_provider
-from deployments.schemas import ChatReply, ModelCall, StreamEnd
+from deployments.schemas import ChatReply, ModelCall, ModelReadiness, StreamEnd
 from deployments.telemetry import LOCAL_WORKER_METRICS, UPSTREAM_WORKER_METRICS, metrics_for
 
 logger = logging.getLogger("ray.serve")
@@ -48,19 +57,49 @@ ChatResult = ChatReply | PromptfleetError
 StreamItem = dict[str, Any] | StreamEnd | PromptfleetError
 
 
+UPSTREAM_PROBE_TIMEOUT_S = 2.0
+
+
+async def reachable(base_url: str, timeout_s: float = UPSTREAM_PROBE_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to ``base_url``'s host and port opens within ``timeout_s``: no
+    request is sent, so the probe costs the upstream no quota and needs no key."""
+    url = urlsplit(base_url)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(url.hostname, port), timeout_s)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    return True
+
+
 class ModelWorker:
     def __init__(
         self,
         model: ModelConfig,
         limiter: DeploymentHandle | None = None,
         provider: Provider | None = None,
+        logs: LogsConfig | None = None,
         metrics: MetricsConfig | None = None,
     ) -> None:
+        logs_module.watch_serve_log()
         self.model = model
         recorder = metrics_for(metrics)
         recorder.declare(*(UPSTREAM_WORKER_METRICS if isinstance(model, OpenAIModel) else LOCAL_WORKER_METRICS))
         self.provider = provider or build_provider(model, limiter=limiter, metrics=recorder)
+        self.log_content = (logs or LogsConfig()).content
         logger.info("worker for model %r ready (provider %s)", model.name, model.provider)
+
+    def _served(self, call: ModelCall, stream: bool, started: float, outcome: str, output: str | None) -> None:
+        """The call's one log line (its request id comes from the request context)."""
+        latency_ms = round((time.perf_counter() - started) * 1000, 1)
+        extra: dict[str, object] = {"model": self.model.name, "stream": stream, "outcome": outcome,
+                                    "latency_ms": latency_ms}
+        if self.log_content:
+            extra.update(messages=call.body().get("messages"), output=output)
+        logger.info("served %s%s: %s in %.1fms%s", self.model.name, " (stream)" if stream else "", outcome,
+                    latency_ms, f" messages={extra['messages']!r} output={output!r}" if self.log_content else "",
+                    extra=extra)
 
     def body(self, call: ModelCall) -> dict[str, Any]:
         body = call.body()
@@ -71,22 +110,48 @@ class ModelWorker:
         return body
 
     async def chat(self, call: ModelCall) -> ChatResult:
+        request_ids.use(call.request_id)
+        started = time.perf_counter()
         # ``call.share``: whose call it is (key, weight, priority), for the fair share of a limited model.
         try:
             completion = await self.provider.chat(self.body(call), call.share)
         except PromptfleetError as exc:
+            self._served(call, False, started, exc.code, None)
             return exc
-        return ChatReply.of(completion)
+        except BaseException as exc:
+            self._served(call, False, started, "cancelled" if isinstance(exc, asyncio.CancelledError) else "crashed",
+                         None)
+            raise
+        reply = ChatReply.of(completion)
+        self._served(call, False, started, "ok", _text(completion) if self.log_content else None)
+        return reply
 
     async def chat_stream(self, call: ModelCall) -> AsyncIterator[StreamItem]:
+        request_ids.use(call.request_id)
+        started = time.perf_counter()
+        outcome = "cancelled"  # stays if the caller stops reading (client gone, fallback) before the end
+        parts: list[str] | None = [] if self.log_content else None
         try:
             async for chunk in self.provider.stream(self.body(call), call.share):
+                if parts is not None and isinstance(chunk, dict):
+                    parts.append(_delta(chunk))
                 yield chunk
+            outcome = "ok"
         except PromptfleetError as exc:
+            outcome = exc.code
             yield exc
+        finally:
+            self._served(call, True, started, outcome, "".join(parts) if parts is not None else None)
 
     async def describe(self) -> ModelConfig:
         return self.model
+
+    async def readiness(self) -> ModelReadiness:
+        """For the Gateway's ``/readyz``: this replica answers; can it reach its upstream?"""
+        if isinstance(self.model, OpenAIModel):
+            up = await reachable(self.model.base_url)
+            return ModelReadiness(replicas="up", upstream="ok" if up else "unreachable")
+        return ModelReadiness(replicas="up", upstream="local")
 
     async def check_health(self) -> None:
         """Serve health check: a worker whose provider is gone is restarted."""
@@ -95,3 +160,16 @@ class ModelWorker:
 
     async def __del__(self) -> None:
         await self.provider.close()
+
+
+def _text(completion: dict[str, Any]) -> str | None:
+    """The answer's text, for a content log line."""
+    choices = completion.get("choices") or [{}]
+    content = (choices[0].get("message") or {}).get("content")
+    return content if isinstance(content, str) else None
+
+
+def _delta(chunk: dict[str, Any]) -> str:
+    choices = chunk.get("choices") or [{}]
+    content = (choices[0].get("delta") or {}).get("content")
+    return content if isinstance(content, str) else ""

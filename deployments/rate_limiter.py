@@ -45,7 +45,7 @@ from collections.abc import AsyncIterator
 from deployments.config import AdmissionConfig, MetricsConfig
 from deployments.core.fairshare import Waiter
 from deployments.core.limits import Granted, Queued, RateLimiterCore, Refused
-from deployments.schemas import BookingAnswer, ReserveRequest
+from deployments.schemas import BookingAnswer, LimiterState, ReserveRequest
 from deployments.telemetry import LIMITER_METRICS, metrics_for, start_sampling
 
 WATCH_TIMEOUT_S = 30.0
@@ -172,6 +172,10 @@ class RateLimiter:
         inbox = self.inboxes.pop(ticket, None)
         if inbox is not None:
             inbox.put_nowait((ticket, granted, value))
+
+    async def state(self) -> LimiterState:
+        """What every budget holds now: the console's limiter view (read only)."""
+        return self.core.snapshot(time.monotonic())
 
     async def pause(self, name: str, seconds: float) -> None:
         # Durations, not timestamps, cross the wire: nodes' clocks differ.

@@ -232,20 +232,45 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-class Health(BaseModel):
-    """`/healthz`: whether this node's Gateway can serve (200) or not (503), for a load balancer."""
+class Liveness(BaseModel):
+    """`/healthz`: this Gateway replica's event loop answers (always 200; nothing else is asked)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: Literal["ok"] = Field(description="Always `ok`: an answer at all is the signal.")
+    node: str = Field(description="Address of the node this Gateway replica runs on.")
+
+
+class ModelReadiness(BaseModel):
+    """What a model's worker says about itself (``ModelWorker.readiness``), as `/readyz` shows it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    replicas: Literal["up", "down"] = Field(
+        description="`up` when a worker replica answered within the probe's timeout (a model whose replicas "
+        "are all busy or gone reads `down`)."
+    )
+    upstream: Literal["ok", "unreachable", "local", "unknown"] = Field(
+        description="An upstream model: whether the worker could open a TCP connection to its `base_url`. "
+        "`local`: a llama.cpp model (nothing to reach). `unknown`: no replica answered."
+    )
+
+    @property
+    def serving(self) -> bool:
+        return self.replicas == "up" and self.upstream in ("ok", "local")
+
+
+class Readiness(BaseModel):
+    """`/readyz`: whether this node's Gateway can serve (200) or not (503), for a load balancer and a person."""
 
     model_config = ConfigDict(extra="forbid")
 
     status: Literal["ok", "unavailable"] = Field(
-        description="`ok` when the store answers and at least one model does; else `unavailable` (HTTP 503)."
+        description="`ok` when the store answers and at least one model can serve (a replica up, its upstream "
+        "reachable); else `unavailable` (HTTP 503)."
     )
-    models: list[str] = Field(description="Models this gateway routes to.")
     store: Literal["ok", "unreachable"] = Field(description="Whether the TaskStore answered its health check.")
-    ready: dict[str, bool] = Field(
-        description="Per model: whether a worker replica answered its health check in time (a model whose "
-        "replicas are all busy or gone reads false)."
-    )
+    models: dict[str, ModelReadiness] = Field(description="Per model this gateway routes to: replicas, upstream.")
     node: str = Field(description="Address of the node this Gateway replica runs on.")
 
 
@@ -263,6 +288,8 @@ class TaskInfo(_Ours):
     fallback_models: list[str] = Field(description="Models tried, in order, when the model fails.")
     input_schema: dict[str, Any] = Field(description="JSON Schema of `input`.")
     output_schema: dict[str, Any] = Field(description="JSON Schema the validated `output` satisfies.")
+    version: int | None = Field(default=None, description="The active version: what new runs execute.")
+    content_hash: str | None = Field(default=None, description="SHA-256 of the active version's definition.")
 
 
 class TaskList(_Ours):
@@ -274,6 +301,11 @@ class TaskRunRequest(_Ours):
     """Body of POST /v1/tasks/{name}/run and /submit."""
 
     input: dict[str, Any] = Field(description="The task's input, matching its `input_schema`.")
+    model: str | None = Field(
+        default=None, max_length=200,
+        description="/run only, keys with the prompts scope (or the admin): run the task on this model instead "
+        "of its own, without fallbacks (`promptfleet tasks test --model`).",
+    )
 
 
 class TaskResult(_Ours):
@@ -284,6 +316,7 @@ class TaskResult(_Ours):
     model: str = Field(description="Model that produced it (a fallback model if the primary failed).")
     attempts: int = Field(description="Model calls it took (the repair loop retries invalid output).")
     usage: Usage = Field(description="Tokens used by all attempts.")
+    task_version: int | None = Field(default=None, description="The task version that ran.")
 
 
 class RunView(_Ours):
@@ -302,6 +335,16 @@ class RunView(_Ours):
     result: dict[str, Any] | None = Field(description="`{task, output, model, attempts}` once succeeded.")
     error: dict[str, Any] | None = Field(description="The error object (OpenAI shape) once failed.")
     usage: Usage | None = Field(description="Tokens used, when known.")
+    task_version: int | None = Field(
+        default=None,
+        description="The task version the run executes: the one active when it was submitted. A run queued "
+        "before a push or rollback keeps it. Empty for runs queued before task versions existed (they run "
+        "the active version).",
+    )
+    request_id: str | None = Field(
+        default=None, description="Id of the request that submitted it (its `X-Request-ID`); the run's model "
+        "calls are logged under it. Empty for runs stored before request ids existed."
+    )
 
 
 class RunList(_Ours):
@@ -310,13 +353,117 @@ class RunList(_Ours):
     next_cursor: str | None = Field(description="Pass as `cursor` for the next page; empty on the last.")
 
 
+# -- task management (prompts scope) -------------------------------------------------------
+
+
+class TaskFile(_Ours):
+    """One task file as its owner wrote it."""
+
+    file: str = Field(min_length=1, max_length=500, description="The file's name (problems name it; its stem "
+                      "must equal the task's name).")
+    source: str = Field(max_length=200_000, description="The file's YAML text.")
+
+
+class TaskFiles(_Ours):
+    """Body of POST /v1/tasks/check and /v1/tasks/push."""
+
+    files: list[TaskFile] = Field(min_length=1, max_length=200, description="The task files.")
+
+
+class TaskProblem(_Ours):
+    file: str = Field(description="The file it is in.")
+    line: int | None = Field(description="1-based line, when known.")
+    field: str = Field(description="Dotted path of the field (`output_schema.properties.label`); empty: the file.")
+    message: str = Field(description="What is wrong.")
+    warning: bool = Field(description="true: reported, but the file is accepted.")
+
+
+class TaskCheckResult(_Ours):
+    ok: bool = Field(description="No errors (warnings allowed): a push of these files would be accepted.")
+    tasks: list[str] = Field(description="Names of the tasks that passed.")
+    problems: list[TaskProblem] = Field(description="Every problem, errors and warnings.")
+
+
+class TaskPushed(_Ours):
+    name: str = Field(description="Task name.")
+    version: int = Field(description="Its active version now.")
+    changed: bool = Field(description="false: the content equalled the active version, nothing was stored.")
+
+
+class TaskPushResult(_Ours):
+    object: Literal["list"] = "list"
+    data: list[TaskPushed]
+    problems: list[TaskProblem] = Field(description="Warnings of the check (a push with errors is refused whole).")
+
+
+class TaskVersionView(_Ours):
+    name: str = Field(description="Task name.")
+    version: int = Field(description="Version number (1, 2, … per task).")
+    content_hash: str = Field(description="SHA-256 of the canonical JSON definition.")
+    author: str = Field(description="Key id of the pusher, `admin`, `anonymous` (authentication off) or `deploy`.")
+    created_at: float = Field(description="Unix time it was stored.")
+    active: bool = Field(description="The version new runs get.")
+    source: str | None = Field(default=None, description="The file text (GET of one version only).")
+
+
+class TaskActivationView(_Ours):
+    version: int = Field(description="The version that became active.")
+    action: Literal["deploy", "push", "rollback"] = Field(description="What made it active.")
+    actor: str = Field(description="Who: key id, `admin`, `anonymous` or `deploy`.")
+    at: float = Field(description="Unix time.")
+
+
+class TaskHistory(_Ours):
+    object: Literal["list"] = "list"
+    name: str = Field(description="Task name.")
+    data: list[TaskVersionView] = Field(description="Every version, newest first.")
+    activations: list[TaskActivationView] = Field(description="Every change of the active version, newest first.")
+
+
+class TaskRollback(_Ours):
+    """Body of POST /v1/tasks/{name}/rollback."""
+
+    version: int = Field(ge=1, le=2**31 - 1, description="The stored version to make active again.")
+
+
+class TaskRenderRequest(_Ours):
+    """Body of POST /v1/tasks/{name}/render."""
+
+    input: dict[str, Any] = Field(description="The task's input, matching its `input_schema`.")
+    version: int | None = Field(default=None, ge=1, le=2**31 - 1, description="A stored version; empty: the "
+                                "active one.")
+
+
+class TaskRendered(_Ours):
+    task: str = Field(description="Task name.")
+    version: int | None = Field(description="The version rendered.")
+    model: str = Field(description="Model the messages go to first.")
+    messages: list[dict[str, str]] = Field(description="The exact chat messages of the first attempt.")
+    response_format: dict[str, Any] = Field(description="The `response_format` sent with them.")
+
+
+class RunDetail(RunView):
+    """A run as the admin's console sees it: the view plus who owns it and what it was given."""
+
+    owner: str = Field(description="The key id the run belongs to (`anonymous` without authentication).")
+    input: dict[str, Any] = Field(description="The task input as submitted.")
+    updated_at: float = Field(description="Unix time of the last change.")
+    idempotency_key: str | None = Field(description="The Idempotency-Key it was submitted with, if any.")
+    worker_id: str | None = Field(description="The TaskRunner replica that last held it.")
+    available_at: float | None = Field(description="A queued run waiting out a backoff is not started before this.")
+
+
+class RunDetailList(_Ours):
+    data: list[RunDetail]
+    next_cursor: str | None = Field(description="The cursor of the next page; empty on the last.")
+
+
 # -- API keys and usage ----------------------------------------------------------------------
 
 
-class KeyCreate(_Ours):
-    """Body of POST /v1/admin/keys."""
+class KeyLimits(_Ours):
+    """Body of PATCH /v1/admin/keys/{id}: the key's limits, replaced whole (empty: unlimited)."""
 
-    name: str = Field(min_length=1, max_length=200, description="Who or what the key is for.")
     rpm: int | None = Field(
         default=None, ge=1, le=1_000_000, description="Requests per minute (chat, task runs, batch lines)."
     )
@@ -333,6 +480,18 @@ class KeyCreate(_Ours):
     )
 
 
+class KeyCreate(KeyLimits):
+    """Body of POST /v1/admin/keys."""
+
+    name: str = Field(min_length=1, max_length=200, description="Who or what the key is for.")
+    scope: Literal["tenant", "prompts"] = Field(
+        default="tenant",
+        description="`tenant`: the API's normal use. `prompts`: the same, and also checks, pushes, rolls back "
+        "and reads the history of tasks (/v1/tasks/check, /push, /{name}/versions, /{name}/rollback, "
+        "/{name}/render); nothing else that needs the admin key.",
+    )
+
+
 class KeyView(_Ours):
     id: str = Field(description="Key id; also the owner of the runs and batches made with the key.")
     object: Literal["api_key"] = "api_key"
@@ -345,6 +504,8 @@ class KeyView(_Ours):
     token_budget: int | None = Field(description="Total tokens allowed, if limited.")
     weight: float = Field(description="Share of a shared model budget under contention (1 unless set).")
     tokens_used: int = Field(description="Tokens recorded for this key so far.")
+    scope: Literal["tenant", "prompts"] = Field(default="tenant", description="`tenant` or `prompts` "
+                                                "(may also manage tasks).")
 
 
 class KeyCreated(KeyView):
@@ -405,7 +566,8 @@ class BatchTaskLine(_Ours):
 
 class BatchResponse(_Ours):
     status_code: int = Field(description="HTTP status the same request would have got from the API.")
-    request_id: str = Field(description="Id of this request (the completion's id when there is one).")
+    request_id: str = Field(description="Id of this request, `<prefix>-<line number>` (the batch's id as "
+                            "prefix through the Batches API): its model calls are logged under it.")
     body: dict[str, Any] = Field(description="The response body: a chat completion, a task result, "
                                  "or an error body `{error: {message, type, param, code}}`.")
 
@@ -602,3 +764,27 @@ class BookingAnswer(_Ours):
     granted: bool = Field(description="True: the slot is booked; False: it could not start within `max_wait_s`.")
     delay_s: float = Field(ge=0, description="Granted: seconds until the call may start. Refused: seconds until "
                            "a slot is expected to be free (the Retry-After).")
+
+
+class PacerState(_Ours):
+    """One unit (requests or tokens) of a budget, as the RateLimiter holds it now."""
+
+    unit: Literal["requests", "tokens"]
+    per_minute: float = Field(description="The limit, per minute.")
+    capacity: float = Field(description="Units that may start at once (the burst).")
+    available: float = Field(description="Units that could start now.")
+
+
+class BudgetState(_Ours):
+    """One budget of the RateLimiter (``model:<name>`` or ``key:<id>``) now."""
+
+    budget: str
+    pacers: list[PacerState]
+    queued: int = Field(description="Calls waiting for their turn in the budget's fair queue.")
+    paused_s: float = Field(description="Seconds left of a pause an upstream's 429 asked for (0: none).")
+
+
+class LimiterState(_Ours):
+    """What the RateLimiter holds now (the console's overview)."""
+
+    budgets: list[BudgetState]

@@ -14,8 +14,10 @@ validation errors back for another try, up to the task's ``max_attempts``
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
+from deployments import request_ids
 from deployments.core.output import run_with_repair
 from deployments.core.prompting import render_messages, response_format_for, validate_input
 from deployments.core.taskdefs import TaskDefinition
@@ -23,21 +25,34 @@ from deployments.errors import TRANSIENT, InvalidRequest, TaskNotFound, Upstream
 from deployments.model_calls import ModelCalls
 from deployments.schemas import ChatCompletionRequest
 
-__all__ = ["TRANSIENT", "TaskExecutor", "check_input"]
+__all__ = ["TRANSIENT", "Definitions", "StaticDefinitions", "TaskExecutor", "check_input"]
+
+
+class Definitions(Protocol):
+    """Where the executor finds a task's definition: ``version`` None is the active one."""
+
+    async def definition(self, name: str, version: int | None) -> tuple[TaskDefinition, int | None]: ...
+
+
+class StaticDefinitions:
+    """A fixed set of definitions, without versions (tests, tools)."""
+
+    def __init__(self, tasks: Mapping[str, TaskDefinition]) -> None:
+        self.tasks = tasks
+
+    async def definition(self, name: str, version: int | None) -> tuple[TaskDefinition, int | None]:
+        defn = self.tasks.get(name)
+        if defn is None:
+            raise TaskNotFound(f"The task '{name}' does not exist.", param="task")
+        return defn, version
 
 
 class TaskExecutor:
     """Runs one task once (with its repair loop and fallback models). Plain class: tested with fakes."""
 
-    def __init__(self, tasks: dict[str, TaskDefinition], calls: ModelCalls) -> None:
-        self.tasks = tasks
+    def __init__(self, tasks: Mapping[str, TaskDefinition] | Definitions, calls: ModelCalls) -> None:
+        self.tasks: Definitions = StaticDefinitions(tasks) if isinstance(tasks, Mapping) else tasks
         self.calls = calls
-
-    def definition(self, name: str) -> TaskDefinition:
-        defn = self.tasks.get(name)
-        if defn is None:
-            raise TaskNotFound(f"The task '{name}' does not exist.", param="task")
-        return defn
 
     async def execute(
         self,
@@ -46,13 +61,24 @@ class TaskExecutor:
         payer: str | None = None,
         wait: bool = False,
         background: bool = False,
+        version: int | None = None,
+        model: str | None = None,
+        *,
+        request_id: str | None = None,
     ) -> dict[str, Any]:
-        """Run the task; its model calls are billed to the key ``payer`` (None: unmetered).
+        """Run ``version`` of the task (None: the active one); its model calls are billed to the key
+        ``payer`` (None: unmetered). ``model``: on this model instead of the task's, without fallbacks.
 
         ``wait``: the payer's rpm/tpm may delay the calls (within the task's ``timeout_s``) instead
         of refusing them with 429. ``background``: a queued run, served behind the payer's
-        interactive calls in a limited model's fair queue."""
-        defn = self.definition(name)
+        interactive calls in a limited model's fair queue. ``request_id``: the id the calls go by
+        (None: the id of the request being served, see ``ModelCalls``)."""
+        if request_id is not None:
+            # The run's lines in this replica (fallbacks, failures) and its model calls carry it.
+            request_ids.use(request_id)
+        defn, version = await self.tasks.definition(name, version)
+        if model is not None:
+            defn = defn.model_copy(update={"model": model, "fallback_models": []})
         validate_input(defn, task_input)
         messages = render_messages(defn, task_input)
         meter = self.calls.meter
@@ -69,7 +95,8 @@ class TaskExecutor:
                 "max_tokens": defn.max_tokens,
             })
             result = await self.calls.complete(
-                request, account, wait_s=wait_s, fallbacks=defn.fallback_models, background=background
+                request, account, wait_s=wait_s, request_id=request_id, fallbacks=defn.fallback_models,
+                background=background,
             )
             served_by.append(str(result.get("model", defn.model)))
             choice = result["choices"][0]
@@ -86,14 +113,12 @@ class TaskExecutor:
             "model": served_by[-1],
             "attempts": repaired.attempts,
             "usage": repaired.usage,
+            "task_version": version,
         }
 
 
-def check_input(tasks: dict[str, TaskDefinition], name: str, task_input: Any) -> TaskDefinition:
-    """The Gateway's check before accepting a run: 404 for an unknown task, 400 naming the field."""
-    defn = tasks.get(name)
-    if defn is None:
-        raise TaskNotFound(f"The task '{name}' does not exist.", param="task")
+def check_input(defn: TaskDefinition, task_input: Any) -> TaskDefinition:
+    """The Gateway's check before accepting a run: 400 naming the field."""
     if not isinstance(task_input, dict):
         raise InvalidRequest("input: must be an object", param="input")
     validate_input(defn, task_input)

@@ -7,7 +7,9 @@ Calls: ``ModelWorker`` handles (the task's model, then its fallbacks) through th
 one model call path (``deployments.model_calls``), metered to the run's key (the
 ``RateLimiter`` for its rpm/tpm, the ``TaskStore`` for its budget and usage), and
 the ``TaskStore`` handle.
-Owns: only the runs it currently holds a lease on. A replica that dies simply
+Owns: only the runs it currently holds a lease on, and its copy of the task catalogue
+(``deployments.catalogue``: followed from the TaskStore, so a push reaches it within
+``tasks.catalogue_poll_s``; a queued run executes the version it was pinned to at submit). A replica that dies simply
 stops renewing; its leases expire and the runs are queued again (at-least-once
 model calls; the store accepts one result per run, from the current lease).
 
@@ -24,11 +26,12 @@ from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
+from deployments.catalogue import CatalogueFollower
 from deployments.config import AdmissionConfig, MetricsConfig, ModelConfig, TasksConfig
 from deployments.core.replies import Reply, replying, unwrap
 from deployments.core.runloop import RunLoop
-from deployments.core.taskdefs import TaskDefinition
 from deployments.errors import PromptfleetError
+from deployments.logs import watch_serve_log
 from deployments.metering import Meter
 from deployments.model_calls import HandleTransport, ModelCalls
 from deployments.store import RunRecord
@@ -72,7 +75,6 @@ class TaskRunner:
     # async: Serve runs an async constructor on the replica's event loop, which the run loop needs.
     async def __init__(  # type: ignore[misc]  # Serve awaits async constructors
         self,
-        tasks: dict[str, TaskDefinition],
         workers: dict[str, DeploymentHandle],
         store: DeploymentHandle,
         config: TasksConfig,
@@ -81,11 +83,14 @@ class TaskRunner:
         admission: AdmissionConfig | None = None,
         metrics: MetricsConfig | None = None,
     ) -> None:
+        watch_serve_log()
         self.meter = Meter(store, limiter, admission) if limiter is not None else None
+        self.tasks = CatalogueFollower(store.task_snapshot.remote, store.task_version.remote, config.catalogue_poll_s)
+        self.tasks.start()
         recorder = metrics_for(metrics)
         recorder.declare(*RUNNER_METRICS)
         calls = ModelCalls(models or [], HandleTransport(workers), self.meter, recorder)
-        self.executor = TaskExecutor(tasks, calls)
+        self.executor = TaskExecutor(self.tasks, calls)
         self.loop = RunLoop(
             StoreQueue(store),
             self.executor,
@@ -98,16 +103,23 @@ class TaskRunner:
         self.loop.start()
 
     async def run(
-        self, name: str, task_input: dict[str, Any], payer: str | None = None, background: bool = False
+        self, name: str, task_input: dict[str, Any], payer: str | None = None, background: bool = False,
+        version: int | None = None, model: str | None = None, request_id: str | None = None,
     ) -> Reply[dict[str, Any]]:
-        """The synchronous path: execute now, billed to the key ``payer``; return the result or the
+        """The synchronous path: execute ``version`` (the one the Gateway checked the input against;
+        None: this replica's active one) now, billed to the key ``payer``; return the result or the
         error (as a value). The payer's rate limit paces the calls within the task's timeout;
-        ``background`` (batch task lines) puts them behind the payer's interactive calls."""
-        return await replying(self.executor.execute(name, task_input, payer, True, background))
+        ``background`` (batch task lines) puts them behind the payer's interactive calls; ``model``
+        runs it on another model (``promptfleet tasks test --model``). ``request_id``: the id the calls
+        go by (a batch line's); None: the calling request's."""
+        return await replying(self.executor.execute(
+            name, task_input, payer, True, background, version, model, request_id=request_id
+        ))
 
     async def __del__(self) -> None:
         """Serve stops this replica (scale-down, redeploy, shutdown): hand its runs back at once,
         instead of leaving them to wait out their leases (``lease_s``) on a runner that is gone."""
         await self.loop.stop()
+        await self.tasks.stop()
         if self.meter is not None:
             await self.meter.close()  # the usage of the calls made so far

@@ -3,8 +3,9 @@
 Serves: the Gateway (create, get, long-poll, list, cancel runs) and the TaskRunner
 replicas (claim under a lease, renew, complete, fail, release), through handles.
 Calls: nothing but its database.
-Owns: ``deployments.store.RunStore`` and ``deployments.store.keys.KeyStore`` (API keys,
-usage), on one ``Database`` chosen by ``TasksConfig.store_location``: by default a
+Owns: ``deployments.store.RunStore``, ``deployments.store.keys.KeyStore`` (API keys,
+usage) and ``deployments.store.tasks.TaskVersionStore`` (task versions, seeded at start from the
+deploy's task files), on one ``Database`` chosen by ``TasksConfig.store_location``: by default a
 SQLite file under ``tasks.state_dir`` on the node this replica runs on (pin it to the
 head node in serve.yaml so a restarted replica finds its file again); with
 ``tasks.database_url`` or ``PROMPTFLEET_DATABASE_URL``, a PostgreSQL database.
@@ -42,11 +43,13 @@ from deployments.config import MetricsConfig, TasksConfig
 from deployments.core.replies import Reply, replying
 from deployments.core.retention import Cutoffs
 from deployments.errors import NotFound, Overloaded
-from deployments.schemas import RunList, RunView
+from deployments.logs import watch_serve_log
+from deployments.schemas import RunDetail, RunDetailList, RunList, RunView
 from deployments.store import RunRecord, RunStore, open_database
 from deployments.store.keys import ApiKey, KeySnapshot, KeyStore
 from deployments.store.records import UsageRecord
 from deployments.store.runs import RunMove
+from deployments.store.tasks import TaskActivation, TaskSnapshot, TaskVersion, TaskVersionStore, VersionInput
 from deployments.telemetry import STORE_METRICS, metrics_for, start_sampling
 
 logger = logging.getLogger("ray.serve")
@@ -56,8 +59,13 @@ EXPIRE_STEP = 1000  # RunStore.expire's default limit: rows per database call
 
 class TaskStore:
     def __init__(
-        self, config: TasksConfig, store: RunStore | None = None, metrics: MetricsConfig | None = None
+        self,
+        config: TasksConfig,
+        store: RunStore | None = None,
+        seed: list[VersionInput] | None = None,
+        metrics: MetricsConfig | None = None,
     ) -> None:
+        watch_serve_log()
         self.config = config
         self.metrics = metrics_for(metrics)
         # The replica's environment is where a database URL with a password may come from.
@@ -67,6 +75,11 @@ class TaskStore:
             self.store.observer = self._moved
             self.metrics.declare(*STORE_METRICS)
         self.keys = KeyStore(self.database)
+        self.tasks = TaskVersionStore(self.database)
+        if seed:
+            for name, version, changed in self.tasks.seed(seed):
+                if changed:
+                    logger.info("task %s: version %d from the deploy's files is active", name, version)
         # One thread per lane keeps each lane's calls in order (see the module docstring).
         self.lease_lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskstore-lease")
         self.user_lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskstore-user")
@@ -106,14 +119,17 @@ class TaskStore:
     # -- the Gateway's side --------------------------------------------------------------
 
     async def create_run(
-        self, task: str, task_input: dict[str, Any], owner: str, idempotency_key: str | None
+        self, task: str, task_input: dict[str, Any], owner: str, idempotency_key: str | None,
+        task_version: int | None = None, request_id: str | None = None,
     ) -> Reply[tuple[RunView, bool]]:
-        """Queue a run (durably, before answering): ``(view, created)``; an idempotent repeat
-        gives the existing run with ``created`` False."""
-        return await replying(self._create_run(task, task_input, owner, idempotency_key))
+        """Queue a run (durably, before answering) pinned to ``task_version``: ``(view, created)``; an
+        idempotent repeat gives the existing run with ``created`` False. ``request_id``: the
+        submitting request's."""
+        return await replying(self._create_run(task, task_input, owner, idempotency_key, task_version, request_id))
 
     async def _create_run(
-        self, task: str, task_input: dict[str, Any], owner: str, idempotency_key: str | None
+        self, task: str, task_input: dict[str, Any], owner: str, idempotency_key: str | None,
+        task_version: int | None, request_id: str | None,
     ) -> tuple[RunView, bool]:
         queued = await self._user(self.store.count_queued)
         if queued >= self.config.max_queued_runs:
@@ -123,7 +139,8 @@ class TaskStore:
                 f"The task queue is full ({queued} runs waiting); retry later.", retry_after=5
             )
         run, created = await self._user(
-            self.store.create_run, task=task, input=task_input, owner=owner, idempotency_key=idempotency_key
+            self.store.create_run, task=task, input=task_input, owner=owner, idempotency_key=idempotency_key,
+            task_version=task_version, request_id=request_id,
         )
         if created:
             self.work_available.set()
@@ -154,10 +171,36 @@ class TaskStore:
     async def _list_runs(
         self, owner: str | None, status: str | None, task: str | None, limit: int, cursor: str | None
     ) -> RunList:
-        runs, next_cursor = await self._user(
-            self.store.list_runs, owner, status=status, task=task, limit=limit, cursor=cursor
-        )
+        runs, next_cursor = await self._page(owner, status, task, limit, cursor)
         return RunList(data=[run.view() for run in runs], next_cursor=next_cursor)
+
+    async def _page(
+        self, owner: str | None, status: str | None, task: str | None, limit: int, cursor: str | None
+    ) -> tuple[list[RunRecord], str | None]:
+        return await self._user(self.store.list_runs, owner, status=status, task=task, limit=limit, cursor=cursor)
+
+    # -- the admin's console: whole records and counts ----------------------------------
+
+    async def run_detail(self, run_id: str) -> Reply[RunDetail]:
+        return await replying(self._run_detail(run_id))
+
+    async def _run_detail(self, run_id: str) -> RunDetail:
+        return (await self._user(self.store.get, run_id, None)).detail()
+
+    async def list_details(
+        self, owner: str | None, status: str | None, task: str | None, limit: int, cursor: str | None
+    ) -> Reply[RunDetailList]:
+        """``list_runs`` (the same query and keyset pages) with each run's owner and input."""
+        return await replying(self._list_details(owner, status, task, limit, cursor))
+
+    async def _list_details(
+        self, owner: str | None, status: str | None, task: str | None, limit: int, cursor: str | None
+    ) -> RunDetailList:
+        runs, next_cursor = await self._page(owner, status, task, limit, cursor)
+        return RunDetailList(data=[run.detail() for run in runs], next_cursor=next_cursor)
+
+    async def count_by_status(self) -> Reply[dict[str, int]]:
+        return await replying(self._user(self.store.count_by_status))
 
     async def cancel(self, run_id: str, owner: str | None) -> Reply[RunView]:
         return await replying(self._cancel(run_id, owner))
@@ -249,10 +292,12 @@ class TaskStore:
     # -- API keys and usage (the Gateway's authentication) --------------------------------
 
     async def create_key(
-        self, name: str, rpm: int | None, tpm: int | None, token_budget: int | None, weight: float = 1.0
+        self, name: str, rpm: int | None, tpm: int | None, token_budget: int | None, weight: float = 1.0,
+        scope: str = "tenant",
     ) -> Reply[tuple[ApiKey, str]]:
         return await replying(
-            self._user(self.keys.create, name, rpm=rpm, tpm=tpm, token_budget=token_budget, weight=weight)
+            self._user(self.keys.create, name, rpm=rpm, tpm=tpm, token_budget=token_budget, weight=weight,
+                       scope=scope)
         )
 
     async def key_snapshot(self, known_version: int | None, with_usage: bool = True) -> Reply[KeySnapshot]:
@@ -273,6 +318,13 @@ class TaskStore:
     async def list_keys(self) -> Reply[list[ApiKey]]:
         return await replying(self._user(self.keys.list_keys))
 
+    async def set_key_limits(
+        self, key_id: str, rpm: int | None, tpm: int | None, token_budget: int | None, weight: float
+    ) -> Reply[ApiKey]:
+        return await replying(
+            self._user(self.keys.set_limits, key_id, rpm=rpm, tpm=tpm, token_budget=token_budget, weight=weight)
+        )
+
     async def revoke_key(self, key_id: str) -> Reply[ApiKey]:
         return await replying(self._user(self.keys.revoke, key_id))
 
@@ -281,3 +333,22 @@ class TaskStore:
 
     async def usage(self, key_id: str | None) -> Reply[list[dict[str, Any]]]:
         return await replying(self._user(self.keys.usage, key_id))
+
+    # -- task versions (the catalogue every Gateway and TaskRunner follows) --------------------
+
+    async def task_snapshot(self, known_version: int | None) -> Reply[TaskSnapshot]:
+        """The active task versions unless the caller has ``known_version`` (one primary-key read then)."""
+        return await replying(self._user(self.tasks.snapshot, known_version))
+
+    async def task_version(self, name: str, version: int) -> Reply[TaskVersion]:
+        return await replying(self._user(self.tasks.get, name, version))
+
+    async def push_tasks(self, items: list[VersionInput], author: str) -> Reply[list[tuple[str, int, bool]]]:
+        """Store and activate checked definitions, all or none: ``(name, active version, changed)``."""
+        return await replying(self._user(self.tasks.push, items, author))
+
+    async def rollback_task(self, name: str, version: int, actor: str) -> Reply[TaskVersion]:
+        return await replying(self._user(self.tasks.rollback, name, version, actor))
+
+    async def task_history(self, name: str) -> Reply[tuple[list[TaskVersion], list[TaskActivation]]]:
+        return await replying(self._user(self.tasks.history, name))

@@ -43,6 +43,11 @@ Contract:
 - Every line ends up in ``promptfleet_batch_lines`` (``deployments.telemetry``; kind chat, task or
   invalid, outcome done or failed), recorded by this driver through Ray's metrics agent; off with
   ``--no-metrics`` (the BatchService passes it when the app's ``metrics.enabled`` is false).
+- Request ids: line N goes by ``<prefix>-N`` (``--request-id-prefix``; the Batches API passes the
+  batch id, so a resumed batch keeps its ids; default ``batch-`` and 12 random hex digits, printed
+  at the start). Its model calls are logged under it, and its output or error line carries it as
+  ``response.request_id`` (and ``error.request_id`` in a failed response's body). Lines refused
+  before any call (malformed, duplicate ``custom_id``, unknown model) name their ``line`` instead.
 - ``SIGTERM``/``SIGINT`` (``ray job stop``) stops promptly: nothing new starts, requests in flight
   are abandoned, the summary is printed. Exit status: 0 done (even with failed lines), 3 could
   not start (no input, no app), 130 stopped.
@@ -66,6 +71,7 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from deployments import names
 from deployments.config import MetricsConfig
+from deployments.core.requestids import is_sane, new_request_id
 from deployments.core.retry import BackoffPolicy
 from deployments.errors import Overloaded, PromptfleetError
 from deployments.schemas import BatchChatLine, BatchTaskLine, ChatCompletionRequest
@@ -108,9 +114,9 @@ class Backend(Protocol):
 
     def has_model(self, model: str) -> bool: ...
 
-    def chat(self, request: ChatCompletionRequest) -> Awaitable[Result]: ...
+    def chat(self, request: ChatCompletionRequest, request_id: str) -> Awaitable[Result]: ...
 
-    def run_task(self, task: str, task_input: dict[str, Any]) -> Awaitable[Result]: ...
+    def run_task(self, task: str, task_input: dict[str, Any], request_id: str) -> Awaitable[Result]: ...
 
     async def close(self) -> None:
         """Write what is still unwritten (the usage of the last lines)."""
@@ -166,21 +172,21 @@ class ServeBackend:
     def has_model(self, model: str) -> bool:
         return model in self.models
 
-    async def chat(self, request: ChatCompletionRequest) -> Result:
+    async def chat(self, request: ChatCompletionRequest, request_id: str) -> Result:
         try:
             calls = await self._calls()
             payer = await self.meter.account(self.key_id) if self.meter is not None else None
-            return await calls.complete(request, payer, wait_s=LINE_WAIT_S, background=True)
+            return await calls.complete(request, payer, wait_s=LINE_WAIT_S, request_id=request_id, background=True)
         except PromptfleetError as exc:
             return exc
 
-    async def run_task(self, task: str, task_input: dict[str, Any]) -> Result:
+    async def run_task(self, task: str, task_input: dict[str, Any], request_id: str) -> Result:
         from ray.serve.exceptions import BackPressureError
 
         from deployments.model_calls import WORKER_GONE
 
         try:
-            result = await self.runner.run.remote(task, task_input, self.key_id, True)
+            result = await self.runner.run.remote(task, task_input, self.key_id, True, request_id)
         except BackPressureError:
             return Overloaded("The task runners are at capacity.", retry_after=1)
         except WORKER_GONE:
@@ -207,6 +213,7 @@ class Options:
     progress_every: float = 10.0
     progress_file: Path | None = None
     key_id: str | None = None
+    request_id_prefix: str = "batch"
     metrics: bool = True
 
 
@@ -247,7 +254,8 @@ class BatchRun:
         progress = self.progress = Progress(total=count_lines(opts.input), done_before=done)
         if done.ids or done.lines:
             self.say(f"batch: resuming; {len(done.ids) + len(done.lines)} lines already done in {opts.output}")
-        self.say(f"batch: {progress.total} lines from {opts.input}, concurrency {opts.concurrency}")
+        self.say(f"batch: {progress.total} lines from {opts.input}, concurrency {opts.concurrency}, "
+                 f"request ids {opts.request_id_prefix}-<line>")
         writer = OutputWriter(opts.output, opts.errors)
         ticker = asyncio.create_task(self._tick(progress))
         try:
@@ -298,7 +306,7 @@ class BatchRun:
                     if not acquire.done() or self.stopping.is_set():
                         acquire.cancel()
                         break
-                    task = asyncio.create_task(self._process(item, progress, writer, slots))
+                    task = asyncio.create_task(self._process(item, number, progress, writer, slots))
                     in_flight.add(task)
                     task.add_done_callback(in_flight.discard)
             while in_flight and not self.stopping.is_set():
@@ -310,38 +318,39 @@ class BatchRun:
             await asyncio.gather(*in_flight, return_exceptions=True)
 
     async def _process(
-        self, item: BatchItem, progress: Progress, writer: OutputWriter, slots: asyncio.Semaphore
+        self, item: BatchItem, number: int, progress: Progress, writer: OutputWriter, slots: asyncio.Semaphore
     ) -> None:
+        request_id = f"{self.options.request_id_prefix}-{number}"
         kind = "task" if isinstance(item, BatchTaskLine) else "chat"
         try:
-            result = await self._call_with_retries(item)
+            result = await self._call_with_retries(item, request_id)
             if isinstance(result, PromptfleetError):
-                writer.write(response_line(item.custom_id, result.status_code, result.to_body()), ok=False)
+                body = result.to_body(request_id)
+                writer.write(response_line(item.custom_id, result.status_code, body, request_id), ok=False)
                 progress.failed += 1
                 self.metrics.batch_line(kind, ok=False)
             else:
                 progress.add_usage(result.get("usage"))
-                request_id = result.get("id") if isinstance(result.get("id"), str) else None
                 writer.write(response_line(item.custom_id, 200, result, request_id), ok=True)
                 progress.completed += 1
                 self.metrics.batch_line(kind, ok=True)
         finally:
             slots.release()
 
-    async def _call_with_retries(self, item: BatchItem) -> Result:
+    async def _call_with_retries(self, item: BatchItem, request_id: str) -> Result:
         attempt = 0
         while True:
             attempt += 1
             try:
                 if isinstance(item, BatchTaskLine):
-                    result = await self.backend.run_task(item.task, item.input)
+                    result = await self.backend.run_task(item.task, item.input, request_id)
                 else:
-                    result = await self.backend.chat(item.body)
+                    result = await self.backend.chat(item.body, request_id)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 # Another process's failure: its text stays in this log, never in the output.
-                logger.exception("request %r failed unexpectedly", item.custom_id)
+                logger.exception("request %s (%r) failed unexpectedly", request_id, item.custom_id)
                 return PromptfleetError("Internal error.")
             # Only refusals that never reached an upstream: the provider owns upstream retries.
             if not isinstance(result, PromptfleetError) or not result.before_upstream:
@@ -379,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--progress-every", type=float, default=10.0, help="seconds between progress lines")
     parser.add_argument("--progress-file", type=Path, default=None, help="JSON progress snapshot to keep")
     parser.add_argument("--no-metrics", action="store_true", help="record no promptfleet_batch_lines metrics")
+    parser.add_argument("--request-id-prefix", default=None, help="line N goes by the request id <prefix>-N "
+                        "(logs, output lines); default: batch- and 12 random hex digits")
     parser.add_argument("--ray-address", default=None, help="GCS address of the cluster (default: the job's "
                         "RAY_ADDRESS, else the local cluster)")
     return parser
@@ -389,10 +400,14 @@ def options_from(args: argparse.Namespace) -> Options:
         raise SetupError("--concurrency and --max-attempts must be >= 1, --progress-every > 0")
     if args.key_id is not None and not args.key_id.startswith("key_"):
         raise SetupError("--key-id must be an API key id (key_…), not a key")
+    prefix = args.request_id_prefix or f"batch-{new_request_id()[:12]}"
+    if not is_sane(f"{prefix}-{2**40}"):
+        raise SetupError("--request-id-prefix: up to 100 characters of letters, digits and ._:-")
     return Options(
         input=args.input, output=args.output, errors=args.errors, app=args.app,
         concurrency=args.concurrency, task=args.task, max_attempts=args.max_attempts,
         progress_every=args.progress_every, progress_file=args.progress_file, key_id=args.key_id,
+        request_id_prefix=prefix,
         metrics=not args.no_metrics,
     )
 

@@ -96,11 +96,11 @@ def iter_lines(f: IO[bytes]) -> Iterator[tuple[int, bytes]]:
             yield number, raw
 
 
-def response_line(custom_id: str, status_code: int, body: dict[str, Any], request_id: str | None = None) -> str:
+def response_line(custom_id: str, status_code: int, body: dict[str, Any], request_id: str) -> str:
     line = BatchOutputLine(
         id=new_id("batch_req_"),
         custom_id=custom_id,
-        response=BatchResponse(status_code=status_code, request_id=request_id or new_id("req_"), body=body),
+        response=BatchResponse(status_code=status_code, request_id=request_id, body=body),
         error=None,
     )
     return line.model_dump_json() + "\n"

@@ -124,6 +124,7 @@ TEST_TASKS = {
             "type": "object",
             "properties": {"label": {"type": "string", "enum": ["a", "b"]}},
             "required": ["label"],
+            "additionalProperties": False,  # OpenAI strict mode (every task is checked against its models)
         },
         "prompt": "Label this: {{ text }}",
     },
@@ -133,7 +134,8 @@ TEST_TASKS = {
         "model": "fake-short",
         "fallback_models": ["fake"],
         "input_schema": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},
-        "output_schema": {"type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"]},
+        "output_schema": {"type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"],
+                          "additionalProperties": False},
         "prompt": "Label this: {{ text }}",
     },
     "label_metrics": {
@@ -379,6 +381,15 @@ def list_runs(client: httpx.Client, status: str) -> list[str]:
 def answers(client: httpx.Client, model: str) -> bool:
     body = {"model": model, "messages": [{"role": "user", "content": "settle"}], "max_tokens": 4}
     return client.post("/chat/completions", json=body).status_code == 200
+
+
+def logged(prefix: str, text: str) -> list[Path]:
+    """The replica log files of this process's Ray session (``logs/serve/replica_<prefix>…``) that
+    contain ``text``."""
+    import ray
+
+    serve_logs = Path(ray._private.worker.global_worker.node.get_logs_dir_path()) / "serve"
+    return [p for p in serve_logs.glob(f"replica_{prefix}*.log") if text in p.read_text(errors="replace")]
 
 
 @pytest.fixture(scope="session")

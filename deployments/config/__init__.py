@@ -240,6 +240,24 @@ class AuthConfig(_Strict):
     )
 
 
+class LogsConfig(_Strict):
+    """What promptfleet's own components write to their logs (each replica's file under the Ray session's
+    `logs/serve/`). TEXT or JSON lines is Serve's `logging_config.encoding` in serve.yaml; every line a
+    request causes, in every replica it reaches, carries its `request_id`."""
+
+    access_log: bool = Field(
+        default=True,
+        description="One line per HTTP request, written by the Gateway replica that served it: request id, "
+        "method, route, status, latency, model and key id (never the key). As JSON fields with "
+        "`logging_config.encoding: JSON`.",
+    )
+    content: bool = Field(
+        default=False,
+        description="Also log the prompts and outputs of model calls (the worker's line per call). Off, no "
+        "prompt, output or key reaches a log.",
+    )
+
+
 class AdmissionConfig(_Strict):
     """How per-key limits pace and how keys share a model's budget (the RateLimiter)."""
 
@@ -396,6 +414,11 @@ class TasksConfig(_Strict):
     runner_concurrency: int = Field(
         default=64, ge=1, le=10000, description="Runs one TaskRunner replica executes at once."
     )
+    catalogue_poll_s: float = Field(
+        default=1.0, gt=0, le=60,
+        description="How often every Gateway and TaskRunner replica asks the store whether the task catalogue "
+        "changed (one primary-key read); a `promptfleet tasks push` or `rollback` reaches every replica within it.",
+    )
     quotas: QuotasConfig = Field(
         default_factory=QuotasConfig, description="Per-key quotas on stored files and batches; the batch cap."
     )
@@ -441,6 +464,7 @@ class AppArgs(_Strict):
     admission: AdmissionConfig = Field(
         default_factory=AdmissionConfig, description="Pacing of per-key limits and fair share of model budgets."
     )
+    logs: LogsConfig = Field(default_factory=LogsConfig, description="Access lines and prompt logging.")
     metrics: MetricsConfig = Field(
         default_factory=MetricsConfig, description="promptfleet's Prometheus metrics (through Ray's metrics agent)."
     )

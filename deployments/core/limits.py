@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from deployments.core.fairshare import FairQueue, Waiter
-from deployments.schemas import BookingAsk, Budget
+from deployments.schemas import BookingAsk, Budget, BudgetState, LimiterState, PacerState
 
 __all__ = ["Budget", "CircuitBreaker", "Pacer", "RateLimiterCore", "WaitTooLong", "window_capacity"]
 
@@ -69,6 +69,12 @@ class Pacer:
     def pause(self, until: float) -> None:
         """Nothing starts before ``until`` (an upstream 429 asked us to back off)."""
         self.paused_until = max(self.paused_until, until)
+
+    def available(self, now: float) -> float:
+        """Units that could start at ``now`` (0 while paused)."""
+        if self.paused_until > now:
+            return 0.0
+        return min(self.capacity, max(0.0, self.capacity - (self.tat - now) / self.interval))
 
     def wait_time(self, amount: float, now: float) -> float:
         """Seconds a reservation of ``amount`` made now would wait (without booking it)."""
@@ -191,6 +197,24 @@ class RateLimiterCore:
         if budget.tpm is not None and tokens > 0:
             units.append((self._pacer(name, "tokens", budget.tpm, budget.tpm_burst, now), tokens))
         return units
+
+    def snapshot(self, now: float) -> LimiterState:
+        """Every budget seen: its pacers' fill, its fair queue's length and any pause (the console)."""
+        names = sorted({name for name, _ in self.pacers} | set(self.queues) | set(self.paused_until))
+        return LimiterState(budgets=[
+            BudgetState(
+                budget=name,
+                pacers=[
+                    PacerState(unit=unit, per_minute=pacer.rate * 60, capacity=pacer.capacity,
+                               available=pacer.available(now))
+                    for (pacer_name, unit), pacer in sorted(self.pacers.items())
+                    if pacer_name == name
+                ],
+                queued=len(self.queues[name]) if name in self.queues else 0,
+                paused_s=max(0.0, self.paused_until.get(name, 0.0) - now),
+            )
+            for name in names
+        ])
 
     def wait_time(self, name: str, budget: Budget, requests: int, tokens: int, now: float) -> float:
         """Seconds a booking made now would wait (nothing booked)."""

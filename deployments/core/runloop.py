@@ -70,10 +70,15 @@ class Executor(Protocol):
         payer: str | None = None,
         wait: bool = False,
         background: bool = False,
+        version: int | None = None,
+        *,
+        request_id: str | None = None,
     ) -> dict[str, Any]:
-        """Run the task once, billed to the key ``payer``; ``wait``: the payer's limits may delay
-        the model calls instead of refusing them (nobody waits on a queued run); ``background``:
-        behind the payer's interactive calls in a limited model's fair queue."""
+        """Run ``version`` of the task (None: the active one) once, billed to the key ``payer``;
+        ``wait``: the payer's limits may delay the model calls instead of refusing them (nobody waits
+        on a queued run); ``background``: behind the payer's interactive calls in a limited model's
+        fair queue; ``request_id``: the id its model calls go by (a queued run's: the submitting
+        request's)."""
         ...
 
 
@@ -217,7 +222,10 @@ class RunLoop:
 
     async def _execute(self, run: RunRecord, token: str) -> None:
         keeper = LeaseKeeper(self.queue, run.id, token, self.lease_s / 3, self.clock)
-        work = asyncio.create_task(self.executor.execute(run.task, run.input, run.owner, True, True))
+        # The version pinned at submit (None for runs queued before versions: the active one).
+        work = asyncio.create_task(self.executor.execute(
+            run.task, run.input, run.owner, True, True, run.task_version, request_id=run.request_id
+        ))
         renewer = asyncio.create_task(keeper.keep(work))
         try:
             await self._settle(run, token, work)

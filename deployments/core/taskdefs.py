@@ -1,10 +1,9 @@
 """Task definitions: named prompt programs owned by the prompts team, one YAML file per task.
 
-Loaded once at application build time (``load_task_definitions``) and handed to the Gateway and
-workers as plain data. Everything that can be checked without calling a model is checked here,
-so a broken task fails the deploy instead of a client request: field types and ranges, both JSON
-Schemas, template syntax, template variables against the input schema, file name == task name,
-and (``validate_models``) that every model a task names exists. Owns no state.
+The model of one task (``TaskDefinition``, with its ``examples``): field types and ranges, both
+JSON Schemas and template syntax are checked here. What needs the whole file or the configured
+models (lines, template variables against the input schema, file name == task name, unknown
+models, structured-output support) is ``core.taskfile``'s. Owns no state.
 
 Config errors are ``TaskConfigError`` (a ``ValueError``), not a ``PromptfleetError``: they are
 the operator's problem, never shown to an API client.
@@ -12,19 +11,17 @@ the operator's problem, never shown to an API client.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from pathlib import Path
+import re
 from typing import Any
 
-import yaml
-from jinja2 import TemplateError, meta
+from jinja2 import TemplateError
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 from deployments.core.prompting import format_json_path, template_environment
 
-__all__ = ["TaskConfigError", "TaskDefinition", "load_task_definitions", "validate_models"]
+__all__ = ["Example", "Expectation", "Judge", "TaskConfigError", "TaskDefinition"]
 
 
 class TaskConfigError(ValueError):
@@ -48,6 +45,70 @@ def _check_template(source: str) -> str:
         line = getattr(exc, "lineno", None)
         raise ValueError(f"template error{f' on line {line}' if line else ''}: {exc.message}") from None
     return source
+
+
+class Judge(BaseModel):
+    """Ask another model whether the output is right: it answers ``{"pass": bool, "reason": str}``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field(min_length=1, description="The model that judges (any configured model).")
+    prompt: str = Field(
+        min_length=1,
+        description="Jinja2 template of the judge's question; variables: `input` and `output` (JSON text).",
+    )
+
+    @field_validator("prompt")
+    @classmethod
+    def _template_valid(cls, value: str) -> str:
+        return _check_template(value)
+
+
+class Expectation(BaseModel):
+    """What an example's run must give. Every condition given must hold."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    valid: bool = Field(
+        default=True,
+        description="true: the run succeeds with output valid against output_schema; false: it must fail.",
+    )
+    equals: dict[str, Any] = Field(
+        default_factory=dict, description="Output field (dotted path, `items.0.name`) → the exact value it must have."
+    )
+    matches: dict[str, str] = Field(
+        default_factory=dict, description="Output field (dotted path) → a regular expression its text must match."
+    )
+    json_schema: dict[str, Any] | None = Field(
+        default=None, alias="schema", description="A JSON Schema the output must also satisfy (narrower than "
+        "output_schema, e.g. one enum value)."
+    )
+    judge: Judge | None = Field(default=None, description="A judge model's verdict must be pass.")
+
+    @field_validator("matches")
+    @classmethod
+    def _regexes_valid(cls, value: dict[str, str]) -> dict[str, str]:
+        for path, pattern in value.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"{path}: not a valid regular expression: {exc}") from None
+        return value
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema_valid(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return None if value is None else _check_schema(value)
+
+
+class Example(BaseModel):
+    """A named input with expectations: `promptfleet tasks test` runs it against a running cluster."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64, description="Example name.")
+    input: dict[str, Any] = Field(description="The task input (valid against input_schema).")
+    expect: Expectation = Field(default_factory=Expectation, description="What the run must give.")
 
 
 class TaskDefinition(BaseModel):
@@ -90,6 +151,10 @@ class TaskDefinition(BaseModel):
         "errors when the output does not match output_schema.",
     )
     timeout_s: float = Field(default=60.0, gt=0, description="Time limit of one run, seconds.")
+    examples: list[Example] = Field(
+        default_factory=list,
+        description="Named inputs with expectations, run by `promptfleet tasks test` (never by the API).",
+    )
 
     # Where the definition came from, for error messages (not part of the YAML).
     _source: str = PrivateAttr(default="<memory>")
@@ -117,97 +182,3 @@ class TaskDefinition(BaseModel):
     @classmethod
     def _template_valid(cls, value: str | None) -> str | None:
         return None if value is None else _check_template(value)
-
-
-def _template_variables(source: str) -> set[str]:
-    """Top-level variables a template reads (including ones guarded by ``is defined``)."""
-    return meta.find_undeclared_variables(template_environment().parse(source))
-
-
-def _format_validation_error(path: str, exc: ValidationError) -> list[str]:
-    problems = []
-    for err in exc.errors(include_url=False):
-        field = format_json_path(err["loc"]) or "(file)"
-        msg = err["msg"].removeprefix("Value error, ")
-        problems.append(f"{path}: {field}: {msg}")
-    return problems
-
-
-def _load_file(path: Path) -> tuple[TaskDefinition | None, list[str]]:
-    """Parse one file; returns the definition or the list of problems (never both)."""
-    where = str(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        return None, [f"{where}: cannot read file: {exc}"]
-    except yaml.YAMLError as exc:
-        return None, [f"{where}: invalid YAML: {exc}"]
-    if not isinstance(data, dict):
-        return None, [f"{where}: expected a mapping of fields, got {type(data).__name__}"]
-    try:
-        defn = TaskDefinition.model_validate(data)
-    except ValidationError as exc:
-        return None, _format_validation_error(where, exc)
-    defn._source = where
-    problems = []
-    if path.stem != defn.name:
-        problems.append(f"{where}: name: '{defn.name}' must equal the file name '{path.stem}'")
-    # A variable the input schema does not declare can never be supplied by a valid input,
-    # so the task would fail on every request; catch the typo at deploy time instead.
-    declared = set(defn.input_schema.get("properties", {}))
-    for field in ("system", "prompt"):
-        source = getattr(defn, field)
-        if source is None:
-            continue
-        for var in sorted(_template_variables(source) - declared):
-            problems.append(f"{where}: {field}: template variable '{var}' is not a property of input_schema")
-    return (None, problems) if problems else (defn, [])
-
-
-def load_task_definitions(directory: Path) -> dict[str, TaskDefinition]:
-    """Load every ``*.yaml`` / ``*.yml`` file in ``directory`` (not recursive), keyed by name.
-
-    Raises ``TaskConfigError`` listing every problem found, one per line, each as
-    ``<file>: <field>: <what is wrong>``; duplicate task names are an error too.
-    """
-    if not directory.is_dir():
-        raise TaskConfigError(f"{directory}: task definition directory does not exist")
-    files = sorted(p for p in directory.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
-    defs: dict[str, TaskDefinition] = {}
-    problems: list[str] = []
-    for path in files:
-        defn, file_problems = _load_file(path)
-        problems.extend(file_problems)
-        if defn is None:
-            continue
-        if defn.name in defs:
-            problems.append(
-                f"{path}: name: duplicate task name '{defn.name}' (also in {defs[defn.name].source})"
-            )
-            continue
-        defs[defn.name] = defn
-    if problems:
-        raise TaskConfigError("\n".join(problems))
-    return defs
-
-
-def validate_models(defs: Mapping[str, TaskDefinition], known_models: Iterable[str]) -> None:
-    """Check that every task's ``model`` and ``fallback_models`` are configured models.
-
-    Raises ``TaskConfigError`` naming the file, task and field of every unknown model.
-    """
-    known = set(known_models)
-    listing = ", ".join(sorted(known)) or "none"
-    problems: list[str] = []
-    for defn in defs.values():
-        fields = [("model", defn.model)] + [
-            (f"fallback_models[{i}]", m) for i, m in enumerate(defn.fallback_models)
-        ]
-        for field, model in fields:
-            if model not in known:
-                problems.append(
-                    f"{defn.source}: {field}: task '{defn.name}' uses unknown model '{model}' "
-                    f"(configured: {listing})"
-                )
-    if problems:
-        raise TaskConfigError("\n".join(problems))

@@ -2,6 +2,7 @@
 
     POST   /v1/admin/keys          create a key (admin); the plain key is in this response only
     GET    /v1/admin/keys          list keys (admin)
+    PATCH  /v1/admin/keys/{id}     replace a key's limits: rpm, tpm, token_budget, weight (admin)
     DELETE /v1/admin/keys/{id}     revoke a key (admin): its queued runs and unfinished batches are
                                    cancelled too
     GET    /v1/usage               the caller's token usage per model and day (admin: every key,
@@ -21,7 +22,7 @@ from deployments.core.replies import unwrap
 from deployments.gateway.auth import Authenticator, require_admin
 from deployments.gateway.caller import Caller, get_caller
 from deployments.metering import Meter
-from deployments.schemas import KeyCreate, KeyCreated, KeyList, KeyView, UsageList, UsageRow
+from deployments.schemas import KeyCreate, KeyCreated, KeyLimits, KeyList, KeyView, UsageList, UsageRow
 from deployments.store.keys import ApiKey
 
 logger = logging.getLogger("ray.serve")
@@ -31,39 +32,72 @@ def key_view(key: ApiKey) -> KeyView:
     return KeyView(**dataclasses.asdict(key))
 
 
+class KeyAdmin:
+    """What the admin does to keys, for the JSON routes and the console alike (the caller is the admin)."""
+
+    def __init__(self, store: DeploymentHandle, auth: Authenticator, batches: DeploymentHandle | None) -> None:
+        self.store, self.auth, self.batches = store, auth, batches
+
+    async def create(self, body: KeyCreate) -> KeyCreated:
+        key, plain = unwrap(
+            await self.store.create_key.remote(
+                body.name, body.rpm, body.tpm, body.token_budget, body.weight, body.scope
+            )
+        )
+        self.auth.keys_changed()
+        return KeyCreated(**dataclasses.asdict(key), key=plain)
+
+    async def set_limits(self, key_id: str, body: KeyLimits) -> KeyView:
+        key = unwrap(
+            await self.store.set_key_limits.remote(key_id, body.rpm, body.tpm, body.token_budget, body.weight)
+        )
+        self.auth.keys_changed()
+        return key_view(key)
+
+    async def revoke(self, key_id: str) -> KeyView:
+        key = unwrap(await self.store.revoke_key.remote(key_id))
+        self.auth.forget(key_id)
+        # Work the key queued must not run on after it: queued runs and unfinished batches end here
+        # (running runs finish; their results stay with the revoked key).
+        runs = unwrap(await self.store.cancel_queued.remote(key_id))
+        cancelled = await self.batches.cancel_owner.remote(key_id) if self.batches is not None else 0
+        logger.info("revoked %s: cancelled %d queued runs, %s batches", key_id, runs, cancelled)
+        return key_view(key)
+
+    async def list(self) -> list[KeyView]:
+        return [key_view(k) for k in unwrap(await self.store.list_keys.remote())]
+
+
 def build_admin_router(
     store: DeploymentHandle, auth: Authenticator, meter: Meter, batches: DeploymentHandle | None = None
 ) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["keys"])
     enabled = auth.config.enabled
+    keys = KeyAdmin(store, auth, batches)
 
     @router.post("/admin/keys", status_code=201, response_model=KeyCreated)
     async def create_key(body: KeyCreate, caller: Annotated[Caller, Depends(get_caller)]) -> KeyCreated:
         require_admin(caller, enabled)
-        key, plain = unwrap(
-            await store.create_key.remote(body.name, body.rpm, body.tpm, body.token_budget, body.weight)
-        )
-        auth.keys_changed()
-        return KeyCreated(**dataclasses.asdict(key), key=plain)
+        return await keys.create(body)
 
     @router.get("/admin/keys", response_model=KeyList)
     async def list_keys(caller: Annotated[Caller, Depends(get_caller)]) -> KeyList:
         require_admin(caller, enabled)
-        return KeyList(data=[key_view(k) for k in unwrap(await store.list_keys.remote())])
+        return KeyList(data=await keys.list())
+
+    @router.patch("/admin/keys/{key_id}", response_model=KeyView)
+    async def set_key_limits(
+        key_id: Annotated[str, Path(max_length=64)], body: KeyLimits, caller: Annotated[Caller, Depends(get_caller)]
+    ) -> KeyView:
+        require_admin(caller, enabled)
+        return await keys.set_limits(key_id, body)
 
     @router.delete("/admin/keys/{key_id}", response_model=KeyView)
     async def revoke_key(
         key_id: Annotated[str, Path(max_length=64)], caller: Annotated[Caller, Depends(get_caller)]
     ) -> KeyView:
         require_admin(caller, enabled)
-        key = unwrap(await store.revoke_key.remote(key_id))
-        auth.forget(key_id)
-        # Work the key queued must not run on after it: queued runs and unfinished batches end here
-        # (running runs finish; their results stay with the revoked key).
-        runs = unwrap(await store.cancel_queued.remote(key_id))
-        cancelled = await batches.cancel_owner.remote(key_id) if batches is not None else 0
-        logger.info("revoked %s: cancelled %d queued runs, %s batches", key_id, runs, cancelled)
-        return key_view(key)
+        return await keys.revoke(key_id)
 
     @router.get("/usage", response_model=UsageList)
     async def usage(caller: Annotated[Caller, Depends(get_caller)], key_id: str | None = None) -> UsageList:

@@ -108,16 +108,18 @@ class Authenticator:
             raise AuthenticationFailed(
                 "Missing API key: send `Authorization: Bearer <key>`.", param="Authorization"
             )
-        token = token.strip()
+        caller = await self.identify(token.strip())
+        request.state.caller = caller
+        return caller
+
+    async def identify(self, token: str) -> Caller:
+        """The caller whose key is ``token`` (the admin, or an active key); 401 for any other."""
         if self.admin_key and hmac.compare_digest(token.encode(), self.admin_key.encode()):
-            request.state.caller = ADMIN
             return ADMIN
         entry = await self.lookup(hash_key(token))
         if entry is None:
             raise AuthenticationFailed("Invalid or revoked API key.", param="Authorization")
-        caller = Caller(owner=entry.key.id, key_id=entry.key.id, entry=entry)
-        request.state.caller = caller
-        return caller
+        return Caller(owner=entry.key.id, key_id=entry.key.id, entry=entry)
 
     async def lookup(self, digest: str) -> KeyEntry | None:
         """The active key with this digest, from the index (refreshed as the module doc says)."""
@@ -164,3 +166,9 @@ def require_admin(caller: Caller, auth_enabled: bool) -> None:
     # With authentication off (a local single-user start) whoever can reach the port is the admin.
     if auth_enabled and not caller.is_admin:
         raise PermissionDenied("This needs the admin key.", param="Authorization")
+
+
+def require_prompts(caller: Caller, auth_enabled: bool) -> None:
+    """Task management (check, render, push, roll back, history): the admin or a ``prompts`` key."""
+    if auth_enabled and not caller.manages_prompts:
+        raise PermissionDenied("This needs a key with the prompts scope (or the admin key).", param="Authorization")

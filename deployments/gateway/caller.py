@@ -24,6 +24,16 @@ class Caller:
     is_admin: bool = False
     entry: KeyEntry | None = None  # the key's cached record (limits, budget), for metering
 
+    @property
+    def author(self) -> str:
+        """Who a task version is recorded as made by: the key id, ``admin`` or ``anonymous``."""
+        return self.key_id or self.owner
+
+    @property
+    def manages_prompts(self) -> bool:
+        """A ``prompts``-scope key (the admin too, see ``auth.require_prompts``)."""
+        return self.is_admin or (self.entry is not None and self.entry.key.scope == "prompts")
+
 
 ANONYMOUS = Caller(owner="anonymous")
 

@@ -1,11 +1,16 @@
-"""``/healthz`` for load balancers: can this node's Gateway serve?
+"""``/healthz`` and ``/readyz``: is this Gateway alive, and can it serve?
 
-Healthy means the TaskStore answers its health check and at least one model's workers answer
-theirs, each within ``timeout_s`` (``Health`` in the schema module has the body). The checks go
-through the same ``DeploymentHandle``s requests use, so they see what a request would see from
-this node. A load balancer may probe as often as it likes: one check runs at a time per Gateway
-replica and its answer is reused for ``ttl_s``, so probes cost at most one store call and one call
-per model every ``ttl_s``, none on the request path.
+``/healthz`` (liveness) asks nothing of anyone: it answers 200 as long as the replica's event loop
+does, so a liveness probe never restarts a Gateway because a model or the store is down.
+
+``/readyz`` (readiness) answers 200 when the TaskStore answers its health check and at least one
+model can serve — one of its worker replicas answers ``readiness()`` and, for an upstream model,
+that worker can reach the upstream — each within ``timeout_s``; else 503. The body says it per
+model (``Readiness`` in the schema module), for a person looking at a node. The checks go through
+the same ``DeploymentHandle``s requests use, so they see what a request would see from this node.
+A load balancer may probe as often as it likes: one check runs at a time per Gateway replica and
+its answer is reused for ``ttl_s``, so probes cost at most one store call and one call per model
+every ``ttl_s``, none on the request path.
 """
 
 from __future__ import annotations
@@ -15,9 +20,10 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from deployments.schemas import Health
+from deployments.schemas import ModelReadiness, Readiness
 
 Probe = Callable[[], Awaitable[Any]]
+DOWN = ModelReadiness(replicas="down", upstream="unknown")
 
 
 async def _answers(probe: Probe, timeout_s: float) -> bool:
@@ -28,8 +34,16 @@ async def _answers(probe: Probe, timeout_s: float) -> bool:
     return True
 
 
+async def _model(probe: Probe, timeout_s: float) -> ModelReadiness:
+    try:
+        answer = await asyncio.wait_for(probe(), timeout_s)
+    except Exception:  # as above: a replica that fails or does not answer in time is down
+        return DOWN
+    return answer if isinstance(answer, ModelReadiness) else DOWN
+
+
 class HealthCheck:
-    """Cached, single-flight health of one Gateway replica (see the module docstring)."""
+    """Cached, single-flight readiness of one Gateway replica (see the module docstring)."""
 
     def __init__(self, store: Probe, models: Mapping[str, Probe], node: str,
                  timeout_s: float = 5.0, ttl_s: float = 1.0) -> None:
@@ -38,28 +52,27 @@ class HealthCheck:
         self.node = node
         self.timeout_s = timeout_s
         self.ttl_s = ttl_s
-        self._last: tuple[float, Health] | None = None
-        self._running: asyncio.Task[Health] | None = None
+        self._last: tuple[float, Readiness] | None = None
+        self._running: asyncio.Task[Readiness] | None = None
 
-    async def check(self) -> Health:
+    async def check(self) -> Readiness:
         if self._last is not None and time.monotonic() - self._last[0] < self.ttl_s:
             return self._last[1]
         if self._running is None or self._running.done():
             self._running = asyncio.get_running_loop().create_task(self._check())
         return await asyncio.shield(self._running)
 
-    async def _check(self) -> Health:
+    async def _check(self) -> Readiness:
         names = sorted(self.models)
-        store_ok, *models_ok = await asyncio.gather(
-            _answers(self.store, self.timeout_s), *(_answers(self.models[n], self.timeout_s) for n in names)
+        store_ok, models = await asyncio.gather(
+            _answers(self.store, self.timeout_s),
+            asyncio.gather(*(_model(self.models[n], self.timeout_s) for n in names)),
         )
-        ready = dict(zip(names, models_ok, strict=True))
-        health = Health(
-            status="ok" if store_ok and any(models_ok) else "unavailable",
-            models=names,
+        readiness = Readiness(
+            status="ok" if store_ok and any(m.serving for m in models) else "unavailable",
             store="ok" if store_ok else "unreachable",
-            ready=ready,
+            models=dict(zip(names, models, strict=True)),
             node=self.node,
         )
-        self._last = (time.monotonic(), health)
-        return health
+        self._last = (time.monotonic(), readiness)
+        return readiness

@@ -1,19 +1,24 @@
 """Gateway: the FastAPI ingress of promptfleet.
 
 Serves: the OpenAI-compatible routes (``chat_routes``), tasks and runs
-(``task_routes``), keys and usage (``admin_routes``), ``/healthz`` (``health``) and the
-OpenAPI page at ``/docs`` — on its own listener (``listener``) and through
+(``task_routes``), task management for prompt owners (``prompt_routes``), keys and
+usage (``admin_routes``), ``/healthz`` and ``/readyz`` (``health``), the OpenAPI page at
+``/docs`` (its Swagger UI files served from the ``fastapi-swagger`` package: no CDN) and the
+web console at ``/console`` (``deployments.console``) — on its own listener (``listener``) and through
 Serve's proxy.
 Calls: ``ModelWorker`` deployments (by model name), ``TaskRunner``,
 ``TaskStore`` and ``RateLimiter``, through ``DeploymentHandle``s.
 Owns: an index of the active API keys and unflushed usage counts
-(``auth.Authenticator``, ``metering.Meter``); any number of replicas can run.
+(``auth.Authenticator``, ``metering.Meter``), and its copy of the task catalogue
+(``deployments.catalogue``); any number of replicas can run.
 
 Every error leaves through ``render_error`` in the OpenAI shape; the status
-comes from the exception class, never from exception text. Two ASGI layers run
-before any route: ``AuthGate`` (the key, from the headers, before the body is
-read) and ``BodySizeLimit`` (413 for a body over the limit, declared or chunked); around them all,
-``RequestMetrics`` counts and times every request (``deployments.telemetry``).
+comes from the exception class, never from exception text; the body names the
+request's id. Three ASGI layers run before any route: ``access.RequestIds`` (the
+request's id, ``X-Request-ID`` on every response, the access line), ``AuthGate``
+(the key, from the headers, before the body is read) and ``BodySizeLimit`` (413
+for a body over the limit, declared or chunked); around them all, ``RequestMetrics``
+counts and times every request (``deployments.telemetry``).
 """
 
 from __future__ import annotations
@@ -25,14 +30,23 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from ray import serve
 from ray.serve.handle import DeploymentHandle
 from ray.util import get_node_ip_address
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from deployments import request_ids
+from deployments.catalogue import CatalogueFollower
 from deployments.config import AppArgs
-from deployments.core.taskdefs import TaskDefinition
+from deployments.console.app import build_console
+from deployments.console.cluster import Deployments
+from deployments.console.overview import Overview
+from deployments.console.pages import Pages
+from deployments.console.prometheus import PROMETHEUS_ENV
 from deployments.errors import (
     InvalidRequest,
     MethodNotAllowed,
@@ -41,17 +55,20 @@ from deployments.errors import (
     PromptfleetError,
     RequestTooLarge,
 )
-from deployments.gateway.admin_routes import build_admin_router
+from deployments.gateway.access import RequestIds
+from deployments.gateway.admin_routes import KeyAdmin, build_admin_router
 from deployments.gateway.auth import Authenticator
 from deployments.gateway.batch_routes import FILES_PATH, build_batch_router
 from deployments.gateway.chat_routes import ChatRoutes
 from deployments.gateway.health import HealthCheck
 from deployments.gateway.listener import Listener
+from deployments.gateway.prompt_routes import build_prompt_router
 from deployments.gateway.request_metrics import RequestMetrics
 from deployments.gateway.task_routes import build_task_router
+from deployments.logs import watch_serve_log
 from deployments.metering import Meter
 from deployments.model_calls import HandleTransport, ModelCalls
-from deployments.schemas import Health
+from deployments.schemas import Liveness, Readiness
 from deployments.store.batches import MAX_FILE_BYTES
 from deployments.telemetry import GATEWAY_METRICS, metrics_for
 
@@ -59,7 +76,9 @@ logger = logging.getLogger("ray.serve")
 
 
 def render_error(error: PromptfleetError, status_code: int | None = None) -> JSONResponse:
-    return JSONResponse(error.to_body(), status_code=status_code or error.status_code, headers=error.headers())
+    """The OpenAI error body, naming the id of the request it answers (``access.RequestIds`` set it)."""
+    return JSONResponse(error.to_body(request_ids.current()), status_code=status_code or error.status_code,
+                        headers=error.headers())
 
 
 def http_error(request: Request, exc: StarletteHTTPException) -> PromptfleetError:
@@ -208,12 +227,12 @@ class Gateway:
         self,
         args: AppArgs,
         workers: dict[str, DeploymentHandle],
-        tasks: dict[str, TaskDefinition],
         store: DeploymentHandle,
         runner: DeploymentHandle,
         limiter: DeploymentHandle,
         batches: DeploymentHandle | None = None,
     ) -> None:
+        watch_serve_log()
         self.args = args
         self.workers = workers
         # The admin key is read once, here, from the variable the config names.
@@ -224,22 +243,43 @@ class Gateway:
         self.meter = Meter(store, limiter, args.admission)
         self.metrics = metrics_for(args.metrics)
         self.metrics.declare(*GATEWAY_METRICS)
+        self.tasks = CatalogueFollower(
+            store.task_snapshot.remote, store.task_version.remote, args.tasks.catalogue_poll_s
+        )
         self.health = HealthCheck(
             store=store.check_health.remote,
-            models={name: handle.check_health.remote for name, handle in workers.items()},
+            models={name: handle.readiness.remote for name, handle in workers.items()},
             node=get_node_ip_address(),
         )
+        self.liveness = Liveness(status="ok", node=self.health.node)
         self.routers = [
             ChatRoutes(ModelCalls(args.models, HandleTransport(workers), self.meter, self.metrics)).router(),
-            build_task_router(tasks, store, runner, self.meter),
+            build_task_router(self.tasks, store, runner, self.meter, args.auth.enabled),
+            build_prompt_router(args, self.tasks, store),
             build_admin_router(store, self.auth, self.meter, batches),
             *([build_batch_router(batches)] if batches is not None else []),
         ]
-        # Outermost first: the metrics, who is calling (headers only), the body's size, the routes.
+        self.console = build_console(
+            Pages(
+                tasks=self.tasks,
+                store=store,
+                batches=batches,
+                keys=KeyAdmin(store, self.auth, batches),
+                meter=self.meter,
+                overview=Overview(store=store, limiter=limiter, health=self.health, meter=self.meter,
+                                  prometheus_host=os.environ.get(PROMETHEUS_ENV) or None, deployments=Deployments()),
+                owner="admin" if args.auth.enabled else "anonymous",
+            ),
+            self.auth,
+        )
+        # Outermost first: the metrics, the request's id, who is calling (headers only), the body's size,
+        # the routes.
         api = self.build_api()
         limited = BodySizeLimit(api, limit=args.gateway.max_body_bytes, path_limits={FILES_PATH: MAX_FILE_BYTES})
+        app_name = serve.get_replica_context().app_name
         self.asgi_app = RequestMetrics(
-            AuthGate(limited, self.auth), self.metrics, (m.name for m in args.models), api.routes
+            RequestIds(AuthGate(limited, self.auth), app_name, args.logs.access_log),
+            self.metrics, (m.name for m in args.models), api.routes,
         )
 
     def __serve_build_asgi_app__(self) -> ASGIApp:
@@ -249,6 +289,7 @@ class Gateway:
     async def lifespan(self, _: FastAPI) -> AsyncIterator[None]:
         """Serve runs the app's lifespan in the replica: start and stop the own listener with it."""
         gateway = self.args.gateway
+        self.tasks.start()  # follows the task catalogue from here on (first load before most requests)
         listener = None
         if gateway.listen_port is not None:
             listener = Listener(self.asgi_app, gateway.bind_host(get_node_ip_address()), gateway.listen_port)
@@ -258,6 +299,7 @@ class Gateway:
         finally:
             if listener is not None:
                 await listener.stop()
+            await self.tasks.stop()
             await self.meter.close()
 
     def build_api(self) -> FastAPI:
@@ -266,6 +308,7 @@ class Gateway:
             summary="OpenAI-compatible LLM gateway on Ray Serve.",
             version="0.1.0",
             lifespan=self.lifespan,
+            docs_url=None,  # served below, from local files
         )
 
         @api.exception_handler(PromptfleetError)
@@ -291,9 +334,29 @@ class Gateway:
         for router in self.routers:
             api.include_router(router)
 
-        @api.get("/healthz", response_model=Health, responses={503: {"model": Health}})
-        async def healthz() -> JSONResponse:
-            health = await self.health.check()
-            return JSONResponse(health.model_dump(), status_code=200 if health.status == "ok" else 503)
+        # Swagger UI's files come from the fastapi-swagger package (its resources/ folder): /docs works offline.
+        api.mount("/docs/assets", StaticFiles(packages=[("fastapi_swagger", "resources")]), name="docs-assets")
+
+        @api.get("/docs", include_in_schema=False)
+        async def docs(request: Request) -> HTMLResponse:
+            root = request.scope.get("root_path", "")
+            return get_swagger_ui_html(
+                openapi_url=f"{root}{api.openapi_url}",
+                title="promptfleet API",
+                swagger_js_url=f"{root}/docs/assets/swagger-ui-bundle.js",
+                swagger_css_url=f"{root}/docs/assets/swagger-ui.css",
+                swagger_favicon_url=f"{root}/docs/assets/favicon-32x32.png",
+            )
+
+        api.mount("/console", self.console, name="console")
+
+        @api.get("/healthz", response_model=Liveness)
+        async def healthz() -> Liveness:
+            return self.liveness
+
+        @api.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
+        async def readyz() -> JSONResponse:
+            readiness = await self.health.check()
+            return JSONResponse(readiness.model_dump(), status_code=200 if readiness.status == "ok" else 503)
 
         return api

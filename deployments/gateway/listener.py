@@ -57,6 +57,9 @@ class Listener:
             loop="none",
             lifespan="off",
             access_log=False,
+            # No logging config of uvicorn's own: applying one (logging.config.dictConfig) closes every
+            # handler in the process, Serve's replica log included, and the Gateway's log went silent.
+            log_config=None,
             log_level="warning",
             timeout_keep_alive=30,
             backlog=2048,

@@ -12,8 +12,9 @@ client sent; ``unmatched`` for no route), ``model`` the requested model when a r
 error answer (our own, from ``deployments.errors``). The latency runs to the end of the response:
 for a stream, its last event.
 
-A route names the model with ``note_model``. The error code is read from the answer itself (an
-error body is small JSON), so nothing else in the Gateway has to report it.
+A route names the model in ``scope["state"]["model"]`` (``note_model``; the access line reads it
+too). The error code is read from the answer itself (an error body is small JSON), so nothing else
+in the Gateway has to report it.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments.telemetry import OTHER, Metrics
 
-MODEL_KEY = "pf_model"
+MODEL_KEY = "model"  # what routes put in scope["state"] (the access line reads it too)
 UNMATCHED = "unmatched"
 MAX_ERROR_BODY = 8192
 _CODE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")

@@ -1,6 +1,6 @@
 """The task API of the Gateway: catalogue, synchronous runs, durable asynchronous runs.
 
-    GET  /v1/tasks                      the catalogue (names, descriptions, schemas)
+    GET  /v1/tasks                      the catalogue: the active version of every task
     POST /v1/tasks/{name}/run           run now; 200 with the validated output
     POST /v1/tasks/{name}/submit        202 with a run id once the run is durably stored
                                         (Idempotency-Key: same key + body → same run)
@@ -10,11 +10,15 @@
                                         (admin: every key's, or ?owner=<key id>)
 
 Input is validated here, before anything is queued, so a bad input is a 400
-naming the field and never a failed run. A key whose token budget is spent gets
-403 here; the runs' model calls are metered to the key where they are made (the
-TaskRunner, through ``deployments.model_calls``): their key's rate limit paces them. Every run
-belongs to its creator; an id of someone else's run answers 404, exactly like an unknown id. The
-admin reads, long-polls, lists and cancels any tenant's runs.
+naming the field and never a failed run. The definitions come from this replica's
+copy of the task catalogue (``deployments.catalogue``, followed from the TaskStore):
+a run executes the version its input was checked against — a submitted run is pinned
+to it (``task_version``) and keeps it through later pushes and rollbacks. A key whose
+token budget is spent gets 403 here; the runs' model calls are metered to the key where
+they are made (the TaskRunner, through ``deployments.model_calls``): their key's rate
+limit paces them. Every run belongs to its creator; an id of someone else's run
+answers 404, exactly like an unknown id. The admin reads, long-polls, lists and cancels
+any tenant's runs.
 """
 
 from __future__ import annotations
@@ -26,9 +30,11 @@ from fastapi.responses import JSONResponse
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
+from deployments import request_ids
+from deployments.catalogue import Catalogue, CatalogueFollower
 from deployments.core.replies import unwrap
-from deployments.core.taskdefs import TaskDefinition
 from deployments.errors import InvalidRequest, Overloaded
+from deployments.gateway.auth import require_prompts
 from deployments.gateway.caller import Caller, get_caller, list_scope, run_scope
 from deployments.metering import Meter
 from deployments.schemas import RunList, RunView, TaskInfo, TaskList, TaskResult, TaskRunRequest
@@ -37,36 +43,47 @@ from deployments.task_executor import check_input
 MAX_WAIT_S = 60.0
 
 
-
-
-def build_task_router(
-    tasks: dict[str, TaskDefinition], store: DeploymentHandle, runner: DeploymentHandle, meter: Meter
-) -> APIRouter:
-    router = APIRouter(prefix="/v1", tags=["tasks"])
-    catalogue = TaskList(
+def task_list(catalogue: Catalogue) -> TaskList:
+    return TaskList(
         data=[
             TaskInfo(
-                name=d.name,
-                description=d.description,
-                model=d.model,
-                fallback_models=list(d.fallback_models),
-                input_schema=d.input_schema,
-                output_schema=d.output_schema,
+                name=entry.definition.name,
+                description=entry.definition.description,
+                model=entry.definition.model,
+                fallback_models=list(entry.definition.fallback_models),
+                input_schema=entry.definition.input_schema,
+                output_schema=entry.definition.output_schema,
+                version=entry.version,
+                content_hash=entry.content_hash,
             )
-            for d in sorted(tasks.values(), key=lambda d: d.name)
+            for _, entry in sorted(catalogue.tasks.items())
         ]
     )
 
+
+def build_task_router(
+    tasks: CatalogueFollower, store: DeploymentHandle, runner: DeploymentHandle, meter: Meter, auth_enabled: bool
+) -> APIRouter:
+    router = APIRouter(prefix="/v1", tags=["tasks"])
+    listed: dict[int | None, TaskList] = {}  # the catalogue page, built once per catalogue version
+
     @router.get("/tasks", response_model=TaskList)
     async def list_tasks() -> TaskList:
-        return catalogue
+        catalogue = await tasks.ready()
+        if catalogue.version not in listed:
+            listed.clear()
+            listed[catalogue.version] = task_list(catalogue)
+        return listed[catalogue.version]
 
     @router.post("/tasks/{name}/run", response_model=TaskResult)
     async def run_task(name: str, body: TaskRunRequest, caller: Annotated[Caller, Depends(get_caller)]) -> Any:
-        check_input(tasks, name, body.input)
+        entry = await tasks.active(name)
+        check_input(entry.definition, body.input)
+        if body.model is not None:
+            require_prompts(caller, auth_enabled)
         meter.check_budget(caller.entry)
         try:
-            result = await runner.run.remote(name, body.input, caller.key_id)
+            result = await runner.run.remote(name, body.input, caller.key_id, False, entry.version, body.model)
         except BackPressureError:
             raise Overloaded("The task runners are at capacity; retry shortly.", retry_after=1) from None
         result = unwrap(result)
@@ -79,9 +96,16 @@ def build_task_router(
         caller: Annotated[Caller, Depends(get_caller)],
         idempotency_key: Annotated[str | None, Header(max_length=255)] = None,
     ) -> JSONResponse:
-        check_input(tasks, name, body.input)
+        entry = await tasks.active(name)
+        check_input(entry.definition, body.input)
+        if body.model is not None:
+            raise InvalidRequest("model: only POST /v1/tasks/{name}/run takes a model.", param="model")
         meter.check_budget(caller.entry)
-        view, created = unwrap(await store.create_run.remote(name, body.input, caller.owner, idempotency_key))
+        view, created = unwrap(
+            await store.create_run.remote(
+                name, body.input, caller.owner, idempotency_key, entry.version, request_ids.current()
+            )
+        )
         return JSONResponse(
             view.model_dump(mode="json"),
             status_code=202 if created else 200,
@@ -113,7 +137,7 @@ def build_task_router(
         cursor: Annotated[str | None, Query(max_length=200)] = None,
         owner: Annotated[str | None, Query(max_length=64, description="Admin only: this key's runs.")] = None,
     ) -> RunList:
-        if task is not None and task not in tasks:
+        if task is not None and task not in (await tasks.ready()).tasks:
             raise InvalidRequest(f"task: no task named '{task[:64]}'", param="task")
         runs: RunList = unwrap(await store.list_runs.remote(list_scope(caller, owner), status, task, limit, cursor))
         return runs

@@ -291,13 +291,14 @@ class BatchStore:
         if self.uploads.pop(upload_id, None) is not None:
             (self.root / "uploads" / f"{upload_id}.part").unlink(missing_ok=True)
 
-    def get_file(self, owner: str, file_id: str, param: str = "file_id") -> FileRecord:
+    def get_file(self, owner: str | None, file_id: str, param: str = "file_id") -> FileRecord:
+        """The file, if ``owner`` owns it (anyone's for ``None``: the admin's console)."""
         record = self.files.get(file_id)
-        if record is None or record.owner != owner:
+        if record is None or (owner is not None and record.owner != owner):
             raise NotFound(f"No file with id '{file_id}'.", param=param)
         return record
 
-    def read_file(self, owner: str, file_id: str, offset: int, size: int) -> bytes:
+    def read_file(self, owner: str | None, file_id: str, offset: int, size: int) -> bytes:
         record = self.get_file(owner, file_id)
         with (self.root / record.path).open("rb") as f:
             f.seek(offset)

@@ -9,8 +9,10 @@ slow KDF would only cost latency. The plain key is returned once, by
 Usage is kept per key, per model, per UTC day: requests and tokens.
 
 A key's ``weight`` is its share of a model budget when keys wait for it
-together (``core.fairshare``). Databases made before it existed get the column
-(default 1) when a store opens them: ``ADD COLUMN`` on both engines.
+together (``core.fairshare``). A key's ``scope`` is ``tenant`` (the API's normal use) or
+``prompts`` (also manages tasks: check, push, roll back, history; issue 14). Databases made
+before these existed get the columns (weight 1, scope tenant) when a store opens them:
+``ADD COLUMN`` on both engines.
 """
 
 from __future__ import annotations
@@ -24,11 +26,12 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from deployments.errors import NotFound
+from deployments.errors import InvalidRequest, NotFound
 from deployments.store.database import Database, DatabaseBacked, Dialect, Location, Row, Tx
 from deployments.store.records import UsageRecord, check_text
 
 KEY_PREFIX = "pf-"
+SCOPES = ("tenant", "prompts")
 _KEY_ID = re.compile(r"key_[0-9a-f]{16}")
 _KEY_HASH = re.compile(r"[0-9a-f]{64}")
 
@@ -45,7 +48,8 @@ def schema(d: Dialect) -> list[str]:
             rpm           BIGINT,
             tpm           BIGINT,
             token_budget  BIGINT,
-            weight        DOUBLE PRECISION NOT NULL DEFAULT 1
+            weight        DOUBLE PRECISION NOT NULL DEFAULT 1,
+            scope         {d.text} NOT NULL DEFAULT 'tenant'
         )""",
         f"""CREATE TABLE IF NOT EXISTS usage (
             key_id             {d.text} NOT NULL,
@@ -68,7 +72,7 @@ def schema(d: Dialect) -> list[str]:
 
 # SUM of a BIGINT is NUMERIC in PostgreSQL: ApiKey takes int() of it.
 _SELECT_KEY = (
-    "SELECT id, name, key_hash, hint, created_at, revoked_at, rpm, tpm, token_budget, weight,"
+    "SELECT id, name, key_hash, hint, created_at, revoked_at, rpm, tpm, token_budget, weight, scope,"
     " COALESCE((SELECT SUM(u.total_tokens) FROM usage u WHERE u.key_id = k.id), 0) AS tokens_used"
     " FROM api_keys k"
 )
@@ -102,6 +106,7 @@ class ApiKey:
     token_budget: int | None
     weight: float = 1.0
     tokens_used: int = 0
+    scope: str = "tenant"
 
     @property
     def active(self) -> bool:
@@ -115,7 +120,7 @@ def hash_key(plain: str) -> str:
 def _api_key(row: Row) -> ApiKey:
     fields = {name: row[name] for name in ("id", "name", "hint", "created_at", "revoked_at", "rpm", "tpm",
                                             "token_budget")}
-    return ApiKey(**fields, weight=float(row["weight"]), tokens_used=int(row["tokens_used"]))
+    return ApiKey(**fields, weight=float(row["weight"]), tokens_used=int(row["tokens_used"]), scope=row["scope"])
 
 
 def _key_not_found(key_id: str) -> NotFound:
@@ -131,11 +136,16 @@ class KeyStore(DatabaseBacked):
 
     def _check_schema(self, tx: Tx) -> None:
         tx.run("INSERT INTO key_version (id, version) VALUES (1, 0) ON CONFLICT (id) DO NOTHING")
-        # Migration: `weight` came after the first release of the table.
+        # Migrations: `weight` and `scope` came after the first release of the table.
+        columns = {"weight": "DOUBLE PRECISION NOT NULL DEFAULT 1", "scope": "TEXT NOT NULL DEFAULT 'tenant'"}
         if self._db.dialect.name == "postgresql":
-            tx.run("ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS weight DOUBLE PRECISION NOT NULL DEFAULT 1")
-        elif not any(row["name"] == "weight" for row in tx.rows("PRAGMA table_info(api_keys)")):
-            tx.run("ALTER TABLE api_keys ADD COLUMN weight DOUBLE PRECISION NOT NULL DEFAULT 1")
+            for column, ddl in columns.items():
+                tx.run(f"ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS {column} {ddl}")
+        else:
+            present = {row["name"] for row in tx.rows("PRAGMA table_info(api_keys)")}
+            for column, ddl in columns.items():
+                if column not in present:
+                    tx.run(f"ALTER TABLE api_keys ADD COLUMN {column} {ddl}")
 
     @staticmethod
     def _bump(tx: Tx) -> None:
@@ -143,18 +153,20 @@ class KeyStore(DatabaseBacked):
 
     def create(
         self, name: str, *, rpm: int | None = None, tpm: int | None = None, token_budget: int | None = None,
-        weight: float = 1.0, now: float | None = None,
+        weight: float = 1.0, now: float | None = None, scope: str = "tenant",
     ) -> tuple[ApiKey, str]:
         """A new key; returns the record and the plain key (shown once, never stored)."""
         check_text(name, "name")
+        if scope not in SCOPES:
+            raise InvalidRequest(f"scope must be one of {', '.join(SCOPES)}.", param="scope")
         plain = KEY_PREFIX + secrets.token_urlsafe(32)
         key_id = "key_" + secrets.token_hex(8)
         with self._db.transaction() as tx:
             tx.run(
-                "INSERT INTO api_keys (id, name, key_hash, hint, created_at, rpm, tpm, token_budget, weight)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO api_keys (id, name, key_hash, hint, created_at, rpm, tpm, token_budget, weight, scope)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 key_id, name, hash_key(plain), plain[-4:], time.time() if now is None else now, rpm, tpm,
-                token_budget, weight,
+                token_budget, weight, scope,
             )
             self._bump(tx)
             row = tx.one(f"{_SELECT_KEY} WHERE k.id = ?", key_id)
@@ -195,6 +207,22 @@ class KeyStore(DatabaseBacked):
                 self._bump(tx)
         return self.get(key_id)
 
+    def set_limits(
+        self, key_id: str, *, rpm: int | None, tpm: int | None, token_budget: int | None, weight: float
+    ) -> ApiKey:
+        """Replace the key's limits (revoked keys too: it changes nothing for them)."""
+        if _KEY_ID.fullmatch(key_id) is None:
+            raise _key_not_found(key_id)
+        with self._db.transaction() as tx:
+            changed = tx.run(
+                "UPDATE api_keys SET rpm = ?, tpm = ?, token_budget = ?, weight = ? WHERE id = ?",
+                rpm, tpm, token_budget, weight, key_id,
+            )
+            if not changed:
+                raise _key_not_found(key_id)
+            self._bump(tx)  # every Gateway's key index reloads the keys: the new limits apply there
+        return self.get(key_id)
+
     def version(self) -> int:
         """Changes with every create and revoke (never goes back)."""
         with self._db.autocommit() as tx:
@@ -213,7 +241,7 @@ class KeyStore(DatabaseBacked):
             if version != known_version:
                 rows = tx.rows(
                     "SELECT id, name, key_hash, hint, created_at, revoked_at, rpm, tpm, token_budget, weight,"
-                    " 0 AS tokens_used FROM api_keys WHERE revoked_at IS NULL"
+                    " scope, 0 AS tokens_used FROM api_keys WHERE revoked_at IS NULL"
                 )
                 keys = {r["key_hash"]: _api_key(r) for r in rows}
             tokens = None

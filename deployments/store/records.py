@@ -19,7 +19,7 @@ from typing import Any
 
 from deployments.core.runstate import TERMINAL, RunStatus
 from deployments.errors import InvalidRequest, RunNotFound
-from deployments.schemas import RunView
+from deployments.schemas import RunDetail, RunView
 
 __all__ = [
     "COLUMNS",
@@ -41,6 +41,7 @@ __all__ = [
 COLUMNS = (
     "id, task, owner, status, input, result, error, usage, attempt, created_at, started_at,"
     " finished_at, updated_at, lease_token, lease_expires_at, idempotency_key, worker_id, available_at"
+    ", task_version, request_id"
 )
 JSON_COLUMNS = frozenset({"input", "result", "error", "usage"})
 STATUSES = frozenset(s.value for s in RunStatus)
@@ -69,6 +70,8 @@ class RunRecord:
     idempotency_key: str | None
     worker_id: str | None
     available_at: float | None = None  # a queued run is not claimed before this (a backoff)
+    task_version: int | None = None  # the task version it runs with, pinned at submit
+    request_id: str | None = None  # the submitting request's id; its model calls go by it
 
     @property
     def terminal(self) -> bool:
@@ -87,6 +90,20 @@ class RunRecord:
             result=self.result,
             error=self.error,
             usage=self.usage,
+            task_version=self.task_version,
+            request_id=self.request_id,
+        )
+
+    def detail(self) -> RunDetail:
+        """What the admin's console shows: the view, its owner and input (never the lease token)."""
+        return RunDetail(
+            **self.view().model_dump(),
+            owner=self.owner,
+            input=self.input,
+            updated_at=self.updated_at,
+            idempotency_key=self.idempotency_key,
+            worker_id=self.worker_id,
+            available_at=self.available_at,
         )
 
 

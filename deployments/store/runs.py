@@ -54,11 +54,13 @@ __all__ = ["MAX_LIST_LIMIT", "SCHEMA_VERSION", "QueueStats", "RunMove", "RunStor
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Statements that bring a database of version N - 1 to version N (index N - 2).
 MIGRATIONS: list[list[str]] = [
     # 2: a released run's "not before" time (a retryable failure backs off in the queue).
     ["ALTER TABLE runs ADD COLUMN available_at DOUBLE PRECISION"],
+    # 3: the id of the request that submitted the run (X-Request-ID; empty for older runs).
+    ["ALTER TABLE runs ADD COLUMN request_id TEXT"],
 ]
 MAX_LIST_LIMIT = 1000
 
@@ -106,13 +108,28 @@ def schema(d: Dialect) -> list[str]:
             lease_token      {d.text},
             lease_expires_at DOUBLE PRECISION,
             worker_id        {d.text},
-            available_at     DOUBLE PRECISION     -- a queued run is not claimed before this time
+            available_at     DOUBLE PRECISION,    -- a queued run is not claimed before this time
+            request_id       {d.text}             -- the submitting request's id (logs, X-Request-ID)
         )""",
         "CREATE UNIQUE INDEX IF NOT EXISTS runs_idempotency ON runs (owner, idempotency_key)"
         " WHERE idempotency_key IS NOT NULL",
         "CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status, seq)",
         "CREATE INDEX IF NOT EXISTS runs_by_owner ON runs (owner, created_at, id)",
+        # The admin's listings (every owner, newest first, maybe by status or task): keyset pages
+        # read one index range each, however many runs the store holds.
+        "CREATE INDEX IF NOT EXISTS runs_by_created ON runs (created_at, id)",
+        "CREATE INDEX IF NOT EXISTS runs_by_status_created ON runs (status, created_at, id)",
+        "CREATE INDEX IF NOT EXISTS runs_by_task_created ON runs (task, created_at, id)",
     ]
+
+
+def _add_task_version(tx: Tx, dialect: Dialect) -> None:
+    """The task version a run is pinned to (issue 14): added beside the schema version's migrations,
+    like ``api_keys.weight``, so databases of any version gain it once. Empty for runs queued before."""
+    if dialect.name == "postgresql":
+        tx.run("ALTER TABLE runs ADD COLUMN IF NOT EXISTS task_version INTEGER")
+    elif not any(row["name"] == "task_version" for row in tx.rows("PRAGMA table_info(runs)")):
+        tx.run("ALTER TABLE runs ADD COLUMN task_version INTEGER")
 
 
 class RunStore(DatabaseBacked):
@@ -152,6 +169,7 @@ class RunStore(DatabaseBacked):
                 for statement in statements:
                     tx.run(statement)
             tx.run("UPDATE schema_version SET version = ?", SCHEMA_VERSION)
+        _add_task_version(tx, self._db.dialect)
 
     def _load(self, tx: Tx, run_id: str, owner: str | None = None, *, lock: bool = False) -> RunRecord:
         sql, args = f"SELECT {COLUMNS} FROM runs WHERE id = ?", [run_id]
@@ -212,9 +230,15 @@ class RunStore(DatabaseBacked):
         input: dict[str, Any],
         owner: str,
         idempotency_key: str | None,
+        request_id: str | None = None,
         now: float | None = None,
+        task_version: int | None = None,
     ) -> tuple[RunRecord, bool]:
         """Queue a new run, committed durably before returning; returns ``(run, created)``.
+
+        ``task_version``: the version of the task the run executes, whatever is active by then.
+        ``request_id``: the id of the submitting request; the model calls of every attempt of the
+        run go by it, so its log lines carry it. An idempotent repeat keeps the first request's id.
 
         With an ``idempotency_key`` (scoped per owner, kept forever), a repeat of the same
         (task, input) returns the existing run with ``created=False``; a different body raises
@@ -235,9 +259,10 @@ class RunStore(DatabaseBacked):
             # in and makes the other (PostgreSQL: after waiting for it) insert nothing.
             inserted = tx.run(
                 "INSERT INTO runs (id, task, owner, status, input, request_hash, idempotency_key,"
-                " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " created_at, updated_at, task_version, request_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (owner, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING",
                 run_id, task, owner, RunStatus.QUEUED.value, input_json, request_hash, idempotency_key, now, now,
+                task_version, request_id,
             )
             if inserted:
                 return self._load(tx, run_id), True
@@ -309,6 +334,14 @@ class RunStore(DatabaseBacked):
         records = [record(r) for r in rows[:limit]]
         more = len(rows) > limit
         return records, (encode_cursor(records[-1].created_at, records[-1].id) if more else None)
+
+    def count_by_status(self) -> dict[str, int]:
+        """Runs per status, every status present (0 if none): the console's queue depth."""
+        with self._db.autocommit() as tx:
+            rows = tx.rows("SELECT status, COUNT(*) AS n FROM runs GROUP BY status")
+        counts = dict.fromkeys(sorted(STATUSES), 0)
+        counts.update({row["status"]: int(row["n"]) for row in rows})
+        return counts
 
     def count_queued(self) -> int:
         """Runs waiting for a worker (the Gateway's backpressure signal)."""

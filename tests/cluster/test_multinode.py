@@ -48,10 +48,11 @@ def test_every_nodes_gateway_answers_on_its_own_address(loopback_cluster: Loopba
     assert loopback_cluster.replica_hosts("Gateway") == ALL_HOSTS
     for host in ALL_HOSTS:
         assert chat(loopback_cluster, host) == "echo: hello"
-        health = httpx.get(f"{loopback_cluster.api(host)}/healthz", timeout=30)
+        health = httpx.get(f"{loopback_cluster.api(host)}/readyz", timeout=30)
         assert health.status_code == 200, health.text
         body = health.json()
-        assert body["node"] == host and body["store"] == "ok" and all(body["ready"].values()), body
+        assert body["node"] == host and body["store"] == "ok", body
+        assert all(m["replicas"] == "up" for m in body["models"].values()), body
     # Nothing answers on 127.0.0.1: each Gateway bound its node's address only.
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"http://127.0.0.1:{loopback_cluster.listen_port}/healthz", timeout=5)

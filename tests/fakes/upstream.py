@@ -8,7 +8,8 @@ Serves, over real HTTP (raw ASGI under uvicorn; httptools + uvloop when installe
     POST /_control/config      ``{"mode": ..., **params}`` replaces the fault config (400 if bad)
     POST /_control/reset       back to the start-up config (mode ``ok``), zeroed stats
     GET  /_control/stats       ``{"calls", "calls_by_mode", "in_flight", "max_in_flight",
-                                 "call_times", "last_authorization"}``
+                                 "call_times", "last_authorization", "prompts"}`` (``prompts``:
+                                 the last user message of recent chat calls, oldest first)
 
 Answers are deterministic: ``"echo: " + <last user message>`` cut to 200 characters, or with
 ``response_format`` ``json_object`` / ``json_schema`` a JSON document (for a schema, the instance
@@ -58,6 +59,7 @@ Headers = list[tuple[bytes, bytes]]
 
 MODES = ("ok", "rate_limit", "error", "slow", "hang", "drop_stream", "stall_stream")
 MAX_CALL_TIMES = 100_000
+MAX_PROMPTS = 500
 _JSON: Headers = [(b"content-type", b"application/json")]
 _SSE: Headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 
@@ -102,6 +104,11 @@ class _Control:
         self.calls_by_mode: collections.Counter[str] = collections.Counter()
         self.call_times: collections.deque[float] = collections.deque(maxlen=MAX_CALL_TIMES)
         self.last_authorization: str | None = None
+        self.prompts: collections.deque[str] = collections.deque(maxlen=MAX_PROMPTS)
+
+    def record_prompt(self, prompt: str) -> None:
+        with self._lock:
+            self.prompts.append(prompt)
 
     def configure(self, config: FaultConfig) -> None:
         with self._lock:
@@ -140,7 +147,7 @@ class _Control:
             return {"calls": self.calls, "calls_by_mode": dict(self.calls_by_mode),
                     "in_flight": self.in_flight, "max_in_flight": self.max_in_flight,
                     "call_times": list(self.call_times),
-                    "last_authorization": self.last_authorization}
+                    "last_authorization": self.last_authorization, "prompts": list(self.prompts)}
 
 
 class FakeUpstreamApp:
@@ -218,6 +225,7 @@ class FakeUpstreamApp:
                 await _error(send, 400, "The body is not a JSON object.", "invalid_request_error",
                              "invalid_json")
                 return
+            self.control.record_prompt(_last_user_text(request))
             stream, mode = bool(request.get("stream")), config.mode
             if mode == "rate_limit":
                 await _error(send, 429, "Rate limit reached (injected by the fake upstream).",
@@ -282,15 +290,18 @@ async def _error(send: Send, status: int, message: str, type_: str, code: str,
     await _respond(send, status, {"error": error}, headers)
 
 
-def _answer(request: dict[str, Any]) -> str:
-    text = ""
+def _last_user_text(request: dict[str, Any]) -> str:
     for message in reversed(request.get("messages") or []):
         if isinstance(message, dict) and message.get("role") == "user":
             content = message.get("content")
             if isinstance(content, list):  # content parts: keep the text ones
                 content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
-            text = str(content or "")
-            break
+            return str(content or "")
+    return ""
+
+
+def _answer(request: dict[str, Any]) -> str:
+    text = _last_user_text(request)
     response_format = request.get("response_format") or {}
     if response_format.get("type") == "json_schema":
         return json.dumps(minimal_instance(

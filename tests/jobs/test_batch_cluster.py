@@ -13,7 +13,8 @@ import openai
 import pytest
 
 from jobs import batch
-from tests.fixtures import REPO, ServeApp
+from tests.fixtures import REPO, ServeApp, logged
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.serve
 
@@ -68,9 +69,14 @@ def test_bad_lines_get_error_lines_and_good_lines_run(app: ServeApp, tmp_path: P
         {"custom_id": "task-missing", "task": "no_such_task", "input": {}},
         chat("good-2", "two"),
     ])
-    assert run_batch(tmp_path, "--errors", str(tmp_path / "err.jsonl")) == 0
+    assert run_batch(tmp_path, "--errors", str(tmp_path / "err.jsonl"), "--request-id-prefix", "bt") == 0
     ok = {line["custom_id"]: line["response"] for line in read_jsonl(tmp_path / "out.jsonl")}
     assert set(ok) == {"good-1", "good-2", "task-1"}
+    # Line N went by the request id bt-N, to the worker that served it (a task line through the runner).
+    assert (ok["good-2"]["request_id"], ok["task-1"]["request_id"]) == ("bt-9", "bt-6")
+    for request_id in ("bt-9", "bt-6"):
+        wait_for(lambda: logged("promptfleet_worker-fake_", f"{request_id} -- served fake"), 30,  # noqa: B023
+                 message=f"{request_id} in the worker's log")
     assert ok["task-1"]["body"]["output"] == {"label": "a"} and ok["task-1"]["body"]["model"] == "fake"
     errors = read_jsonl(tmp_path / "err.jsonl")
     by_line = {e["error"]["line"]: e["error"] for e in errors if e["error"]}

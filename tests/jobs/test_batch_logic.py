@@ -52,6 +52,7 @@ class FakeBackend:
         self.script = script or {}
         self.delay = delay
         self.calls: list[str] = []
+        self.request_ids: dict[str, str] = {}  # prompt or task text -> the request id it was sent with
         self.in_flight = self.max_in_flight = 0
 
     def has_model(self, model: str) -> bool:
@@ -70,13 +71,15 @@ class FakeBackend:
             return queued.pop(0)
         return result
 
-    async def chat(self, request: ChatCompletionRequest) -> Any:
+    async def chat(self, request: ChatCompletionRequest, request_id: str) -> Any:
         model, text = request.model, str(request.messages[-1].content)
+        self.request_ids[text] = request_id
         usage = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
         return await self._answer(text, {"id": f"chatcmpl-{text}", "model": model, "usage": usage,
                                          "choices": [{"message": {"role": "assistant", "content": text}}]})
 
-    async def run_task(self, task: str, task_input: dict[str, Any]) -> Any:
+    async def run_task(self, task: str, task_input: dict[str, Any], request_id: str) -> Any:
+        self.request_ids[task_input.get("text", "")] = request_id
         return await self._answer(task_input.get("text", ""), {"task": task, "output": {"label": "a"}})
 
     async def close(self) -> None:
@@ -121,12 +124,17 @@ def test_bad_lines_become_error_lines_and_the_rest_runs(tmp_path: Path) -> None:
     ])
     backend = FakeBackend()
     assert batch.main(["--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"),
-                       "--errors", str(tmp_path / "err.jsonl")], backend=backend) == 0
+                       "--errors", str(tmp_path / "err.jsonl"), "--request-id-prefix", "batch_abc"],
+                      backend=backend) == 0
     ok = {line["custom_id"]: line for line in read_jsonl(tmp_path / "out.jsonl")}
     assert set(ok) == {"ok-1", "ok-2", "t1"}
     assert ok["ok-1"]["response"]["status_code"] == 200 and ok["ok-1"]["error"] is None
     assert ok["ok-1"]["response"]["body"]["choices"][0]["message"]["content"] == "hi"
-    assert ok["ok-1"]["response"]["request_id"] == "chatcmpl-hi" and ok["ok-1"]["id"].startswith("batch_req_")
+    assert ok["ok-1"]["id"].startswith("batch_req_")
+    # Each line's calls went by <prefix>-<line number>, and its output line names that id.
+    assert {c: line["response"]["request_id"] for c, line in ok.items()} == {
+        "ok-1": "batch_abc-1", "ok-2": "batch_abc-7", "t1": "batch_abc-8"}
+    assert backend.request_ids == {"hi": "batch_abc-1", "two": "batch_abc-7", "t": "batch_abc-8"}
     assert ok["t1"]["response"]["body"]["output"] == {"label": "a"}
     errors = {line["error"]["line"]: line for line in read_jsonl(tmp_path / "err.jsonl")}
     assert {n: e["error"]["code"] for n, e in errors.items()} == {
@@ -185,6 +193,9 @@ def test_transient_errors_are_retried_then_written(tmp_path: Path, monkeypatch: 
     assert lines["a"]["status_code"] == 200
     assert lines["b"]["status_code"] == 429 and lines["b"]["body"]["error"]["code"] == "rate_limited"
     assert lines["c"]["status_code"] == 502 and lines["c"]["body"]["error"]["message"] == "The upstream failed."
+    # A failed line's error body names its request id, like an HTTP error body.
+    assert lines["c"]["request_id"] == lines["c"]["body"]["error"]["request_id"]
+    assert lines["c"]["request_id"].startswith("batch-") and lines["c"]["request_id"].endswith("-3")
     assert backend.calls.count("flaky") == 3 and backend.calls.count("down") == 3 and backend.calls.count("bad") == 1
     # Only refusals that never reached an upstream are re-tried here (one retry layer per path).
     assert lines["d"]["status_code"] == 429 and backend.calls.count("upstream") == 1

@@ -117,7 +117,8 @@ def test_bad_body_names_the_field(app: ServeApp, body: dict[str, object], param:
     error = response.json()["error"]
     assert error["param"] == param
     assert error["type"] == "invalid_request_error"
-    assert set(error) == {"message", "type", "param", "code"}
+    assert set(error) == {"message", "type", "param", "code", "request_id"}
+    assert error["request_id"] == response.headers["x-request-id"]
 
 
 def test_bad_body_through_openai_client(app: ServeApp) -> None:
@@ -158,7 +159,7 @@ def test_prompt_longer_than_context_is_400(app: ServeApp) -> None:
 
 
 def test_healthz_and_docs(app: ServeApp) -> None:
-    health = httpx.get(f"{app.url}/healthz", timeout=10).json()
+    health = httpx.get(f"{app.url}/readyz", timeout=10).json()
     assert health["status"] == "ok" and "smollm2" in health["models"]
     spec = httpx.get(f"{app.url}/openapi.json", timeout=10).json()
     assert "/v1/chat/completions" in spec["paths"]

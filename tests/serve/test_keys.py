@@ -29,6 +29,15 @@ def new_key(app: ServeApp, **limits: Any) -> dict[str, Any]:
     return dict(response.json())
 
 
+def budget_refuses(chat: openai.OpenAI) -> bool:
+    """One chat call: True if the key's spent budget refused it (403), False if it went through."""
+    try:
+        chat.chat.completions.create(model="fake", messages=HELLO)
+    except openai.PermissionDeniedError:
+        return True
+    return False
+
+
 def client(app: ServeApp, key: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=app.auth_base_url, api_key=key, max_retries=0, timeout=30)
 
@@ -74,6 +83,28 @@ def test_only_admin_manages_keys(app: ServeApp) -> None:
     assert response.status_code == 403
     listed = admin(app, "GET", "/admin/keys").json()["data"]
     assert all("key" not in k for k in listed)  # plain keys are shown once, at creation
+
+
+def test_admin_changes_a_keys_limits(app: ServeApp) -> None:
+    """PATCH /v1/admin/keys/{id}: a spent budget raised lets the key work again; admin only; checked."""
+    created = new_key(app, token_budget=20, rpm=100)
+    chat = client(app, created["key"])
+
+    def refused() -> bool:
+        return budget_refuses(chat)
+
+    wait_for(refused, timeout_s=15, interval_s=0.2, message="the budget to be exhausted")
+    tenant = {"Authorization": f"Bearer {created['key']}"}
+    path = f"{app.auth_base_url}/admin/keys/{created['id']}"
+    assert httpx.patch(path, json={"token_budget": 10**6}, headers=tenant).status_code == 403
+    bad = admin(app, "PATCH", f"/admin/keys/{created['id']}", json={"rpm": 0})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "rpm"
+    assert admin(app, "PATCH", "/admin/keys/key_0000000000000000", json={}).status_code == 404
+    changed = admin(app, "PATCH", f"/admin/keys/{created['id']}", json={"token_budget": 10**6, "weight": 2})
+    assert changed.status_code == 200, changed.text
+    view = changed.json()
+    assert (view["token_budget"], view["rpm"], view["weight"]) == (10**6, None, 2)  # replaced whole
+    wait_for(lambda: not refused(), timeout_s=15, interval_s=0.2, message="the key to work again")
 
 
 def test_per_key_rpm_is_enforced(app: ServeApp) -> None:
@@ -127,11 +158,7 @@ def test_exhausted_budget_is_403_and_usage_is_recorded(app: ServeApp) -> None:
         chat.chat.completions.create(model="fake", messages=HELLO)
 
     def spent() -> bool:  # usage reaches the store about once a second, the key index after that
-        try:
-            chat.chat.completions.create(model="fake", messages=HELLO)
-        except openai.PermissionDeniedError:
-            return True
-        return False
+        return budget_refuses(chat)
 
     wait_for(spent, timeout_s=15, interval_s=0.2, message="the budget to be exhausted")
     with pytest.raises(openai.PermissionDeniedError):

@@ -1,9 +1,10 @@
-"""Fixtures shared by the unit tests: the run store's backends."""
+"""Fixtures shared by the unit tests: the run store's backends, the replica log's records."""
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -20,3 +21,24 @@ def fresh_location(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[
         return fresh_url
     numbers = itertools.count()
     return lambda: str(tmp_path / f"db{next(numbers)}" / "tasks.sqlite3")
+
+
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+@pytest.fixture
+def serve_log() -> Iterator[Records]:
+    """What is logged at INFO and above on the ``ray.serve`` logger (the replica log) meanwhile."""
+    handler, logger = Records(), logging.getLogger("ray.serve")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(level)

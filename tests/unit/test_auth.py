@@ -18,9 +18,10 @@ from starlette.requests import Request
 from deployments.config import AuthConfig
 from deployments.core.replies import Reply
 from deployments.errors import AuthenticationFailed, Overloaded, PermissionDenied, PromptfleetError
-from deployments.gateway.auth import ADMIN, MISS_RECHECK_S, Authenticator, require_admin
+from deployments.gateway.auth import ADMIN, MISS_RECHECK_S, Authenticator, require_admin, require_prompts
 from deployments.gateway.caller import ANONYMOUS, Caller
-from deployments.store.keys import KeySnapshot, KeyStore
+from deployments.metering import KeyEntry
+from deployments.store.keys import ApiKey, KeySnapshot, KeyStore
 from deployments.store.records import UsageRecord
 
 ADMIN_KEY = "pf-admin-" + "x" * 20
@@ -228,3 +229,20 @@ def test_require_admin() -> None:
     with pytest.raises(PermissionDenied) as info:
         require_admin(Caller(owner="key_1", key_id="key_1"), True)
     assert info.value.param == "Authorization"
+
+
+def test_task_management_needs_the_admin_or_a_prompts_key() -> None:
+    def caller(scope: str) -> Caller:
+        key = ApiKey(id="key_1", name="k", hint="abcd", created_at=0, revoked_at=None, rpm=None, tpm=None,
+                     token_budget=None, scope=scope)
+        return Caller(owner=key.id, key_id=key.id, entry=KeyEntry(key=key, fetched_at=0))
+
+    require_prompts(ADMIN, True)
+    require_prompts(caller("prompts"), True)
+    require_prompts(ANONYMOUS, False)  # authentication off: whoever reaches the port
+    for denied in (caller("tenant"), ANONYMOUS):
+        with pytest.raises(PermissionDenied):
+            require_prompts(denied, True)
+    with pytest.raises(PermissionDenied):  # and a prompts key is still no admin
+        require_admin(caller("prompts"), True)
+    assert caller("prompts").author == "key_1" and ADMIN.author == "admin" and ANONYMOUS.author == "anonymous"

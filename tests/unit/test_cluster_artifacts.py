@@ -92,7 +92,7 @@ def test_ray_containers_carry_the_node_environment_and_gateway_port(
         assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": "promptfleet-ray-token", "key": "token"}
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports["serve"] == port  # the port KubeRay's serve Service exposes
-        assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": port}
+        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": port}
 
 
 def test_k8s_needs_the_gateway_listener(serve_config: dict[str, Any]) -> None:

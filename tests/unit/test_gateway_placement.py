@@ -10,6 +10,7 @@ import pytest
 from deployments.config import NODE_IP, GatewayConfig
 from deployments.gateway.health import HealthCheck
 from deployments.gateway.placement import OnePerNode, count_gateway_nodes
+from deployments.schemas import ModelReadiness
 
 NODES = [
     {"Alive": True, "Resources": {"CPU": 2.0, "promptfleet_gateway": 1.0}},
@@ -66,28 +67,37 @@ def test_listen_host_node_ip_binds_the_nodes_address() -> None:
 
 
 class Probe:
+    """A store's health check or a worker's ``readiness()``: ok, failing, hanging, or (a worker)
+    up with its upstream unreachable."""
+
     def __init__(self, behaviour: str = "ok") -> None:
         self.behaviour = behaviour
         self.calls = 0
 
-    async def __call__(self) -> None:
+    async def __call__(self) -> ModelReadiness:
         self.calls += 1
         if self.behaviour == "fail":
             raise RuntimeError("replica gone")
         if self.behaviour == "hang":
             await asyncio.sleep(60)
+        return ModelReadiness(replicas="up", upstream="unreachable" if self.behaviour == "no-upstream" else "ok")
 
 
-def test_health_is_ok_with_store_and_one_model() -> None:
-    store, a, b = Probe(), Probe(), Probe("fail")
-    health = asyncio.run(HealthCheck(store, {"a": a, "b": b}, node="10.0.0.7").check())
-    assert health.status == "ok" and health.store == "ok"
-    assert health.ready == {"a": True, "b": False} and health.node == "10.0.0.7"
+def test_readiness_is_ok_with_store_and_one_model_and_says_what_each_model_lacks() -> None:
+    store, a, b, c = Probe(), Probe(), Probe("fail"), Probe("no-upstream")
+    health = asyncio.run(HealthCheck(store, {"a": a, "b": b, "c": c}, node="10.0.0.7").check())
+    assert health.status == "ok" and health.store == "ok" and health.node == "10.0.0.7"
+    assert health.models == {
+        "a": ModelReadiness(replicas="up", upstream="ok"),
+        "b": ModelReadiness(replicas="down", upstream="unknown"),
+        "c": ModelReadiness(replicas="up", upstream="unreachable"),
+    }
 
 
 @pytest.mark.parametrize(
     ("store", "models", "store_state"),
-    [("fail", ["ok"], "unreachable"), ("hang", ["ok"], "unreachable"), ("ok", ["fail", "hang"], "ok")],
+    [("fail", ["ok"], "unreachable"), ("hang", ["ok"], "unreachable"), ("ok", ["fail", "hang"], "ok"),
+     ("ok", ["no-upstream"], "ok")],
 )
 def test_health_is_unavailable_without_store_or_any_model(store: str, models: list[str], store_state: str) -> None:
     check = HealthCheck(Probe(store), {f"m{i}": Probe(m) for i, m in enumerate(models)}, node="n", timeout_s=0.2)

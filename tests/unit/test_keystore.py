@@ -160,9 +160,20 @@ def test_weight_is_stored_and_an_old_table_gets_the_column(location: str) -> Non
             )
         with KeyStore(database) as store:
             assert store.get("key_00000000000000aa").weight == 1.0
+            assert store.get("key_00000000000000aa").scope == "tenant"  # and the scope column (issue 14)
             created, _ = store.create("heavy", weight=2.5)
             assert store.get(created.id).weight == 2.5
         with KeyStore(database) as store:  # opening it again changes nothing
             assert [k.weight for k in store.list_keys()] == [1.0, 2.5]
     finally:
         database.close()
+
+
+def test_scope_is_stored_and_travels_with_the_snapshot(store: KeyStore) -> None:
+    prompts, plain = store.create("prompts team", scope="prompts")
+    tenant, _ = store.create("tenant")
+    assert (prompts.scope, tenant.scope) == ("prompts", "tenant")
+    assert store.snapshot().keys[hash_key(plain)].scope == "prompts"  # what the Gateway's key index holds
+    with pytest.raises(InvalidRequest) as info:
+        store.create("x", scope="admin")
+    assert info.value.param == "scope"

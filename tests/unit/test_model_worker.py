@@ -7,10 +7,13 @@ import pickle
 from collections.abc import AsyncIterator
 from typing import Any
 
-from deployments import errors
-from deployments.config import OpenAIModel
+import pytest
+
+from deployments import errors, request_ids
+from deployments.config import LogsConfig, OpenAIModel
 from deployments.model_worker import ModelWorker
 from deployments.schemas import ChatCompletionRequest, ChatReply, ModelCall, StreamEnd, Usage
+from tests.unit.conftest import Records
 
 
 class FakeProvider:
@@ -93,3 +96,26 @@ def test_replies_cross_the_handle_as_plain_data_and_arrive_equal() -> None:
     for reply in (with_usage, without):
         assert pickle.loads(pickle.dumps(reply)) == reply
     assert without.usage is None and with_usage.usage == Usage(prompt_tokens=2, completion_tokens=1, total_tokens=3)
+
+
+class ContextProvider(FakeProvider):
+    """Records the request id its calls run under (what Serve's log filter writes on every line)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: list[str | None] = []
+
+    async def chat(self, body: dict[str, Any], share: Any = None) -> dict[str, Any]:
+        self.ids.append(request_ids.current())
+        return {"model": "m", "choices": [{"message": {"role": "assistant", "content": "the answer"}}]}
+
+
+@pytest.mark.parametrize("content", [False, True])
+def test_a_call_runs_under_its_request_id_and_is_logged_once(content: bool, serve_log: Records) -> None:
+    provider = ContextProvider()
+    asyncio.run(Worker(CONFIG, provider=provider, logs=LogsConfig(content=content)).chat(call()))
+    assert provider.ids == ["req-1"]
+    (line,) = [r for r in serve_log.records if r.getMessage().startswith("served m")]
+    assert line.__dict__["outcome"] == "ok" and line.__dict__["model"] == "m"
+    # The prompt ("hi") and the output reach the log only when the operator asked for them.
+    assert ("'hi'" in line.getMessage() and "the answer" in line.getMessage()) is content

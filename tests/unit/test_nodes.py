@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -129,3 +130,31 @@ def test_start_prints_the_api_on_this_nodes_address_when_gateways_listen_there()
     assert local.endpoints(config, "http://127.0.0.1:8265", "10.0.0.5").api == "http://10.0.0.5:8000/v1"
     config["applications"][0]["args"]["gateway"]["listen_host"] = "127.0.0.1"
     assert local.endpoints(config, "http://127.0.0.1:8265", "10.0.0.5").api == "http://127.0.0.1:8000/v1"
+
+
+@pytest.mark.parametrize("own_path", [False, True])
+def test_the_printed_dashboard_token_command_prints_the_clusters_token(
+    tmp_path: Path, own_path: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))  # ~/.ray/auth_token, here and in the command's shell
+    environ = {"HOME": str(tmp_path), "PATH": os.environ.get("PATH", "")}
+    if own_path:
+        environ["RAY_AUTH_TOKEN_PATH"] = str(tmp_path / "my cluster" / "token")
+    token = nodes.ensure_token(environ)  # what `promptfleet start` does before `ray start`
+    command = nodes.token_command(environ)
+    assert ("RAY_AUTH_TOKEN_PATH=" in command) is own_path
+    printed = subprocess.run(["bash", "-c", command], env=environ, capture_output=True, text=True, timeout=120)
+    assert printed.returncode == 0, printed.stderr
+    assert printed.stdout == token
+
+
+def test_start_prints_how_to_get_the_dashboard_token(monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(local, "ray_is_running", lambda address: True)  # an already running local cluster
+    monkeypatch.setattr(nodes, "refuse_insecure", lambda dashboard, allow: None)
+    monkeypatch.setattr(local, "deploy", lambda config, dashboard: None)
+    monkeypatch.setattr(local, "wait_until_running", lambda dashboard, names, timeout: None)
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    assert cli.main(["start"]) == 0
+    out = capsys.readouterr().out
+    assert f"print it with `{nodes.token_command(os.environ)}`" in out

@@ -8,7 +8,8 @@ from typing import Any
 import pytest
 
 from deployments.core.prompting import render_messages, response_format_for, validate_input
-from deployments.core.taskdefs import TaskDefinition, load_task_definitions
+from deployments.core.taskdefs import TaskDefinition
+from deployments.core.taskfile import load_task_definitions
 from deployments.errors import InvalidRequest
 
 INPUT_SCHEMA: dict[str, Any] = {

@@ -54,9 +54,11 @@ class GatedExecutor:
     def __init__(self) -> None:
         self.gate = asyncio.Event()
         self.calls = 0
+        self.request_ids: list[str | None] = []
 
-    async def execute(self, name: str, task_input: dict[str, Any], *billing: Any) -> dict[str, Any]:
+    async def execute(self, name: str, task_input: dict[str, Any], *billing: Any, **ids: Any) -> dict[str, Any]:
         self.calls += 1
+        self.request_ids.append(ids.get("request_id"))
         await self.gate.wait()
         return {"task": name, "output": {"label": "a"}, "model": "m", "attempts": 1, "usage": {}}
 
@@ -68,7 +70,7 @@ class ScriptedExecutor:
         self.errors = list(errors)
         self.called_at: list[float] = []
 
-    async def execute(self, name: str, task_input: dict[str, Any], *billing: Any) -> dict[str, Any]:
+    async def execute(self, name: str, task_input: dict[str, Any], *billing: Any, **ids: Any) -> dict[str, Any]:
         self.called_at.append(time.time())
         if self.errors:
             raise self.errors.pop(0)
@@ -137,6 +139,21 @@ def test_a_run_claimed_again_by_the_same_replica_keeps_its_slot() -> None:
         await until(lambda: not loop.tasks)
         assert store.completed == ["t2"] and loop.tasks == {}
         await loop.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_queued_runs_model_calls_go_by_the_id_of_the_request_that_submitted_it() -> None:
+    async def scenario() -> None:
+        with RunStore(":memory:") as store:
+            store.create_run(task="t", input={}, owner="alice", idempotency_key=None, request_id="req-submit")
+            executor = GatedExecutor()
+            executor.gate.set()
+            loop = new_loop(StoreQueue(store, lease_s=30), executor)
+            loop.start()
+            await until(lambda: executor.calls == 1)
+            await loop.stop()
+            assert executor.request_ids == ["req-submit"]
 
     asyncio.run(scenario())
 

@@ -1,0 +1,125 @@
+"""The overview page's numbers: gathered at once from everything the service knows.
+
+- deployments and their replicas per node (``cluster.Deployments``) and this node's health
+  (the ``/readyz`` check, ``gateway.health``);
+- the run queue by status (``TaskStore.count_by_status``) and the limiter's budgets
+  (``RateLimiter.state``);
+- today's requests and tokens per model, and tokens per day (the store's ``usage`` table);
+- request rate, error rate and latency over the last hour, from Prometheus when there is one
+  (``prometheus``).
+
+Each source is asked concurrently and on its own: one that fails leaves its part empty with the
+reason, never the whole page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray.serve.handle import DeploymentHandle
+
+from deployments.console.charts import bar_chart
+from deployments.console.cluster import Deployments, Snapshot
+from deployments.console.prometheus import Rates, query_rates
+from deployments.core.replies import unwrap
+from deployments.gateway.health import HealthCheck
+from deployments.metering import Meter
+from deployments.schemas import LimiterState, Readiness
+
+logger = logging.getLogger("ray.serve")
+
+
+@dataclass
+class ModelToday:
+    requests: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+@dataclass
+class OverviewData:
+    health: Readiness | None
+    deployments: Snapshot | None
+    queue: dict[str, int] | None
+    limiter: LimiterState | None
+    today: dict[str, ModelToday]
+    rates: Rates
+    tokens_chart: str
+    requests_chart: str
+    days_chart: str
+    problems: list[str] = field(default_factory=list)
+
+
+class Overview:
+    def __init__(
+        self,
+        *,
+        store: DeploymentHandle,
+        limiter: DeploymentHandle,
+        health: HealthCheck,
+        meter: Meter,
+        prometheus_host: str | None,
+        deployments: Deployments | None = None,
+    ) -> None:
+        self.store = store
+        self.limiter = limiter
+        self.health = health
+        self.meter = meter
+        self.prometheus_host = prometheus_host
+        self.deployments = deployments or Deployments()
+
+    async def gather(self) -> OverviewData:
+        await self.meter.flush()  # this replica's last second of usage
+        names = ("health", "deployments", "queue", "limiter", "usage", "rates")
+        results = await asyncio.gather(
+            self.health.check(),
+            self.deployments.get(),
+            self._unwrapped(self.store.count_by_status.remote()),
+            self.limiter.state.remote(),
+            self._unwrapped(self.store.usage.remote(None)),
+            query_rates(self.prometheus_host),
+            return_exceptions=True,
+        )
+        problems = []
+        values: dict[str, Any] = {}
+        for name, result in zip(names, results, strict=True):
+            if isinstance(result, BaseException):
+                logger.warning("console overview: %s failed: %r", name, result)
+                problems.append(f"{name}: {type(result).__name__}")
+                values[name] = None
+            else:
+                values[name] = result
+        usage: list[dict[str, Any]] = values["usage"] or []
+        today_day = time.strftime("%Y-%m-%d", time.gmtime())
+        today: dict[str, ModelToday] = defaultdict(ModelToday)
+        per_day: dict[str, int] = defaultdict(int)
+        for row in usage:
+            per_day[row["day"]] += int(row["total_tokens"])
+            if row["day"] == today_day:
+                model = today[row["model"]]
+                for key in ("requests", "prompt_tokens", "completion_tokens", "total_tokens"):
+                    setattr(model, key, getattr(model, key) + int(row[key]))
+        models = sorted(today)
+        days = sorted(per_day)[-14:]
+        return OverviewData(
+            health=values["health"],
+            deployments=values["deployments"],
+            queue=values["queue"],
+            limiter=values["limiter"],
+            today=dict(sorted(today.items())),
+            rates=values["rates"] or Rates(source=self.prometheus_host, error="not asked"),
+            tokens_chart=bar_chart([(m, today[m].total_tokens) for m in models], title="Tokens today per model"),
+            requests_chart=bar_chart([(m, today[m].requests) for m in models], title="Requests today per model"),
+            days_chart=bar_chart([(d[5:], per_day[d]) for d in days], title="Tokens per day (14 days)"),
+            problems=problems,
+        )
+
+    @staticmethod
+    async def _unwrapped(call: Any) -> Any:
+        return unwrap(await call)

@@ -1,0 +1,311 @@
+"""The console's pages: overview, tasks, runs, keys and usage, batches.
+
+Every page is rendered on the server from the same handles and functions the JSON API uses: runs
+through the TaskStore (``list_details``/``run_detail`` are ``list_runs``/``get`` with the owner and
+input the admin may see), keys through ``admin_routes.KeyAdmin``, batches and their files through
+the BatchService with the admin's scope (``None``), budgets through ``Meter.check_budget``. Lists
+are keyset-paginated (the store's cursor), so a page costs the same with 100,000 runs as with 10.
+Parts marked ``data-live`` are re-fetched every few seconds by ``static/console.js``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import FastAPI, Form, Query, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from ray.serve.handle import DeploymentHandle
+
+from deployments.catalogue import CatalogueFollower
+from deployments.console.charts import bar_chart
+from deployments.console.overview import Overview
+from deployments.core.prompting import render_messages
+from deployments.core.replies import unwrap
+from deployments.errors import InvalidRequest, PromptfleetError
+from deployments.gateway.admin_routes import KeyAdmin
+from deployments.metering import KeyEntry, Meter
+from deployments.schemas import BatchView, KeyCreate, KeyLimits, RunDetail, RunDetailList
+from deployments.store.records import STATUSES, encode_cursor
+from deployments.task_executor import check_input
+
+PAGE = 50
+CHUNK_BYTES = 4 * 1024 * 1024
+Render = Callable[..., str]
+
+
+def parse_json_object(text: str, param: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"{param}: not valid JSON ({exc.msg} at line {exc.lineno}).", param=param) from None
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"{param}: must be a JSON object.", param=param)
+    return value
+
+
+def optional_int(value: str | None, param: str) -> int | None:
+    if value is None or not value.strip():
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise InvalidRequest(f"{param}: must be a whole number.", param=param) from None
+
+
+def before_cursor(before: str | None) -> str | None:
+    """A time filter as a list cursor: runs created before ``before`` (UTC, from a datetime-local field)."""
+    if not before:
+        return None
+    try:
+        at = datetime.fromisoformat(before).replace(tzinfo=UTC).timestamp()
+    except ValueError:
+        raise InvalidRequest("before: not a date and time.", param="before") from None
+    return encode_cursor(at, "run_" + "f" * 24)  # the largest id: every run created at `at` is after it
+
+
+def batch_progress(batch: BatchView, now: float) -> dict[str, Any]:
+    """Lines done and failed, lines per second since the job started, and the expected end."""
+    counts = batch.request_counts
+    done = counts.completed + counts.failed
+    started = batch.in_progress_at
+    rate = done / (now - started) if started and now > started and done else None
+    left = max(0, counts.total - done)
+    return {
+        "done": done,
+        "percent": 100 * done / counts.total if counts.total else 0,
+        "rate": rate,
+        "eta_s": left / rate if rate and batch.status == "in_progress" else None,
+    }
+
+
+class Pages:
+    def __init__(
+        self,
+        *,
+        tasks: CatalogueFollower,
+        store: DeploymentHandle,
+        batches: DeploymentHandle | None,
+        keys: KeyAdmin,
+        meter: Meter,
+        overview: Overview,
+        owner: str,
+    ) -> None:
+        self.tasks = tasks
+        self.store = store
+        self.batches = batches
+        self.keys = keys
+        self.meter = meter
+        self.overview = overview
+        self.owner = owner  # whose runs the "try" form makes: the admin's (or anonymous, auth off)
+
+    def register(self, app: FastAPI, render: Render) -> None:
+        def page(name: str, request: Request, **context: Any) -> HTMLResponse:
+            return HTMLResponse(render(name, request, **context))
+
+        def back(request: Request, path: str) -> RedirectResponse:
+            return RedirectResponse(f"{request.scope.get('root_path', '')}{path}", status_code=303)
+
+        @app.get("/", response_class=HTMLResponse)
+        async def overview(request: Request) -> HTMLResponse:
+            return page("overview.html", request, nav="overview", o=await self.overview.gather())
+
+        # -- tasks ---------------------------------------------------------------------------
+
+        @app.get("/tasks", response_class=HTMLResponse)
+        async def tasks(request: Request) -> HTMLResponse:
+            catalogue = await self.tasks.ready()
+            listed = [catalogue.tasks[name].definition for name in sorted(catalogue.tasks)]
+            return page("tasks.html", request, nav="tasks", tasks=listed)
+
+        @app.get("/tasks/{name}", response_class=HTMLResponse)
+        async def task(request: Request, name: str) -> HTMLResponse:
+            entry = await self.tasks.active(name)
+            return page("task.html", request, nav="tasks", task=entry.definition, input_text="{}", error=None)
+
+        @app.post("/tasks/{name}/try", response_model=None)
+        async def try_task(request: Request, name: str, input: str = Form(max_length=100_000)) -> Response:
+            entry = await self.tasks.active(name)
+            defn = entry.definition
+            try:
+                task_input = parse_json_object(input, "input")
+                check_input(defn, task_input)  # the same check as POST /v1/tasks/{name}/submit
+                view, _ = unwrap(await self.store.create_run.remote(name, task_input, self.owner, None, entry.version))
+            except PromptfleetError as exc:
+                return HTMLResponse(render("task.html", request, nav="tasks", task=defn, input_text=input,
+                                           error=exc.message), status_code=exc.status_code)
+            return back(request, f"/runs/{view.id}")
+
+        # -- runs ----------------------------------------------------------------------------
+
+        @app.get("/runs", response_class=HTMLResponse)
+        async def runs(
+            request: Request,
+            status: str = Query("", max_length=20),
+            task: str = Query("", max_length=64),
+            owner: str = Query("", max_length=64),
+            before: str = Query("", max_length=40),
+            cursor: str = Query("", max_length=200),
+        ) -> HTMLResponse:
+            if status and status not in STATUSES:
+                raise InvalidRequest(f"status: unknown run status '{status[:20]}'.", param="status")
+            started = time.perf_counter()
+            listing: RunDetailList = unwrap(await self.store.list_details.remote(
+                owner or None, status or None, task or None, PAGE, cursor or before_cursor(before)
+            ))
+            filters = {"status": status, "task": task, "owner": owner, "before": before}
+            return page("runs.html", request, nav="runs", runs=listing.data, next_cursor=listing.next_cursor,
+                        filters=filters, query={k: v for k, v in filters.items() if v}, statuses=sorted(STATUSES),
+                        task_names=sorted((await self.tasks.ready()).tasks), cursor=cursor,
+                        took_ms=(time.perf_counter() - started) * 1000)
+
+        @app.get("/runs/{run_id}", response_class=HTMLResponse)
+        async def run(request: Request, run_id: str) -> HTMLResponse:
+            detail: RunDetail = unwrap(await self.store.run_detail.remote(run_id[:64]))
+            messages, render_error = None, None
+            try:
+                # The version the run is pinned to (runs from before versioning: the active one).
+                defn, _ = await self.tasks.definition(detail.task, detail.task_version)
+                messages = render_messages(defn, detail.input)  # what the executor sent, first attempt
+            except PromptfleetError as exc:
+                render_error = exc.message
+            return page("run.html", request, nav="runs", run=detail, messages=messages, render_error=render_error,
+                        now=time.time())
+
+        @app.post("/runs/{run_id}/cancel")
+        async def cancel_run(request: Request, run_id: str) -> RedirectResponse:
+            unwrap(await self.store.cancel.remote(run_id[:64], None))
+            return back(request, f"/runs/{run_id[:64]}")
+
+        @app.post("/runs/{run_id}/rerun")
+        async def rerun(request: Request, run_id: str) -> RedirectResponse:
+            """A new run of the same task and input, for the same owner (billed to its key, if it still may)."""
+            old: RunDetail = unwrap(await self.store.run_detail.remote(run_id[:64]))
+            entry = await self.tasks.active(old.task)  # a re-run gets the task's active version
+            check_input(entry.definition, old.input)
+            # The key as stored now (not a cached copy): its limits may have changed a moment ago.
+            if old.owner.startswith("key_"):
+                key = unwrap(await self.store.get_key.remote(old.owner))
+                if key is None:
+                    raise InvalidRequest(f"The key {old.owner} of this run no longer exists.")
+                Meter.check_budget(KeyEntry(key=key, fetched_at=time.monotonic()))
+            view, _ = unwrap(await self.store.create_run.remote(old.task, old.input, old.owner, None, entry.version))
+            return back(request, f"/runs/{view.id}")
+
+        # -- keys and usage --------------------------------------------------------------------
+
+        @app.get("/keys", response_class=HTMLResponse)
+        async def keys(request: Request) -> HTMLResponse:
+            return page("keys.html", request, nav="keys", keys=await self.keys.list(), created=None, error=None)
+
+        @app.post("/keys", response_class=HTMLResponse)
+        async def create_key(
+            request: Request,
+            name: str = Form(max_length=200),
+            rpm: str = Form(""), tpm: str = Form(""), token_budget: str = Form(""), weight: str = Form("1"),
+        ) -> HTMLResponse:
+            try:
+                body = KeyCreate(name=name, rpm=optional_int(rpm, "rpm"), tpm=optional_int(tpm, "tpm"),
+                                 token_budget=optional_int(token_budget, "token_budget"), weight=weight or "1")
+                created = await self.keys.create(body)
+            except (PromptfleetError, ValidationError) as exc:
+                message = exc.message if isinstance(exc, PromptfleetError) else _first_error(exc)
+                return HTMLResponse(render("keys.html", request, nav="keys", keys=await self.keys.list(),
+                                           created=None, error=message), status_code=400)
+            # The plain key is in this response only (not in a URL, not stored): shown once.
+            return page("keys.html", request, nav="keys", keys=await self.keys.list(), created=created, error=None)
+
+        @app.post("/keys/{key_id}/limits", response_model=None)
+        async def set_limits(
+            request: Request, key_id: str,
+            rpm: str = Form(""), tpm: str = Form(""), token_budget: str = Form(""), weight: str = Form("1"),
+        ) -> Response:
+            try:
+                body = KeyLimits(rpm=optional_int(rpm, "rpm"), tpm=optional_int(tpm, "tpm"),
+                                 token_budget=optional_int(token_budget, "token_budget"), weight=weight or "1")
+            except ValidationError as exc:
+                return HTMLResponse(render("keys.html", request, nav="keys", keys=await self.keys.list(),
+                                           created=None, error=_first_error(exc)), status_code=400)
+            await self.keys.set_limits(key_id[:64], body)
+            return back(request, "/keys")
+
+        @app.post("/keys/{key_id}/revoke")
+        async def revoke(request: Request, key_id: str) -> RedirectResponse:
+            await self.keys.revoke(key_id[:64])
+            return back(request, "/keys")
+
+        @app.get("/usage", response_class=HTMLResponse)
+        async def usage(request: Request, key_id: str = Query("", max_length=64)) -> HTMLResponse:
+            rows = await self._usage(key_id)
+            per_day: dict[str, int] = defaultdict(int)
+            for row in rows:
+                per_day[row["day"]] += row["total_tokens"]
+            days = sorted(per_day)[-14:]
+            chart = bar_chart([(day[5:], per_day[day]) for day in days], title="Tokens per day")
+            return page("usage.html", request, nav="usage", rows=rows, chart=chart, key_id=key_id,
+                        keys=await self.keys.list())
+
+        @app.get("/usage.csv")
+        async def usage_csv(key_id: str = Query("", max_length=64)) -> Response:
+            out = io.StringIO()
+            columns = ["day", "key_id", "model", "requests", "prompt_tokens", "completion_tokens", "total_tokens"]
+            writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(await self._usage(key_id))
+            return Response(out.getvalue(), media_type="text/csv; charset=utf-8",
+                            headers={"Content-Disposition": 'attachment; filename="usage.csv"'})
+
+        # -- batches ---------------------------------------------------------------------------
+
+        @app.get("/batches", response_class=HTMLResponse)
+        async def batches(request: Request, after: str = Query("", max_length=64)) -> HTMLResponse:
+            listing = unwrap(await self._batches().list_batches.remote(None, PAGE, after or None))
+            now = time.time()
+            rows = [(b, batch_progress(b, now)) for b in listing.data]
+            return page("batches.html", request, nav="batches", rows=rows, has_more=listing.has_more,
+                        last_id=listing.last_id, after=after)
+
+        @app.post("/batches/{batch_id}/cancel")
+        async def cancel_batch(request: Request, batch_id: str) -> RedirectResponse:
+            unwrap(await self._batches().cancel_batch.remote(None, batch_id[:64]))
+            return back(request, "/batches")
+
+        @app.get("/files/{file_id}/content")
+        async def file_content(file_id: str) -> StreamingResponse:
+            service = self._batches()
+            view = unwrap(await service.get_file.remote(None, file_id[:64]))
+
+            async def chunks() -> AsyncIterator[bytes]:
+                offset = 0
+                while offset < view.bytes:
+                    chunk: bytes = unwrap(await service.read_file.remote(None, view.id, offset, CHUNK_BYTES))
+                    if not chunk:
+                        return
+                    offset += len(chunk)
+                    yield chunk
+
+            return StreamingResponse(chunks(), media_type="application/octet-stream",
+                                     headers={"Content-Disposition": f'attachment; filename="{view.filename}"'})
+
+    def _batches(self) -> DeploymentHandle:
+        if self.batches is None:
+            raise InvalidRequest("This application has no batch service.")
+        return self.batches
+
+    async def _usage(self, key_id: str) -> list[dict[str, Any]]:
+        await self.meter.flush()  # this replica's last second too, as GET /v1/usage does
+        rows: list[dict[str, Any]] = unwrap(await self.store.usage.remote(key_id or None))
+        return rows
+
+
+def _first_error(exc: ValidationError) -> str:
+    first = exc.errors()[0]
+    field = ".".join(str(p) for p in first.get("loc", ()))
+    return f"{field}: {first.get('msg', 'invalid')}".removeprefix(": ")

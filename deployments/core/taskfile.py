@@ -1,0 +1,263 @@
+"""Task files: from YAML text to a checked ``TaskDefinition``, every problem naming file, line and field.
+
+One checker for every place a task enters the system — the deploy (``load_task_definitions``:
+``configs/tasks/``), ``promptfleet tasks check`` (offline, on files) and ``POST /v1/tasks/push``
+(text sent by the CLI) — so a file that passes ``check`` is one the cluster accepts. It checks:
+YAML syntax, fields and types (``TaskDefinition``), both JSON Schemas, template syntax, template
+variables against the input schema, file name == task name, examples (inputs valid, judge
+templates), and, given the models (name → provider), that every model exists and that the output
+schema is one the model's structured-output support can express (``core.structured``).
+
+Lines come from PyYAML's node marks (``yaml.compose``): a field path such as
+``output_schema.properties.label`` is looked up in the node tree, and the deepest node found names
+the line. Pure: no I/O but reading the files handed to ``load_task_definitions``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path, PurePath
+from typing import Any
+
+import yaml
+from jinja2 import meta
+from jsonschema import Draft202012Validator
+from pydantic import ValidationError
+
+from deployments.core.prompting import format_json_path, template_environment
+from deployments.core.structured import schema_problems
+from deployments.core.taskdefs import TaskConfigError, TaskDefinition
+
+__all__ = [
+    "CheckedTask",
+    "Problem",
+    "check_files",
+    "check_sources",
+    "check_text",
+    "content_hash",
+    "load_task_definitions",
+    "load_task_files",
+    "task_files",
+]
+
+Path_ = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a task file. ``warning``: reported, but the file is accepted."""
+
+    file: str
+    field: str
+    message: str
+    line: int | None = None
+    warning: bool = False
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line is not None else self.file
+        field = f"{self.field}: " if self.field else ""
+        return f"{where}: {field}{'warning: ' if self.warning else ''}{self.message}"
+
+
+@dataclass(frozen=True)
+class CheckedTask:
+    """A file's definition (None if it has errors), its problems, and its text."""
+
+    file: str
+    source: str
+    definition: TaskDefinition | None
+    problems: list[Problem]
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if not p.warning]
+
+
+def canonical(defn: TaskDefinition) -> str:
+    """The definition as canonical JSON (what is stored, and hashed)."""
+    data = defn.model_dump(mode="json", by_alias=True)
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+def content_hash(defn: TaskDefinition) -> str:
+    return hashlib.sha256(canonical(defn).encode()).hexdigest()
+
+
+def _line_of(root: yaml.Node | None, path: Path_) -> int | None:
+    """1-based line of the deepest node of ``path`` found under ``root``."""
+    node, line = root, (root.start_mark.line + 1 if root is not None else None)
+    for part in path:
+        child: yaml.Node | None = None
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.value == str(part):
+                    child = value
+                    line = key.start_mark.line + 1
+                    break
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
+            child = node.value[part]
+            line = child.start_mark.line + 1
+        if child is None:
+            break
+        node = child
+    return line
+
+
+def _template_variables(source: str) -> set[str]:
+    """Top-level variables a template reads (including ones guarded by ``is defined``)."""
+    return meta.find_undeclared_variables(template_environment().parse(source))
+
+
+def _semantic_problems(defn: TaskDefinition, stem: str | None, models: Mapping[str, str] | None) -> list[
+        tuple[Path_, str, bool]]:
+    """(path, message, warning) of what the model validation cannot see on its own."""
+    found: list[tuple[Path_, str, bool]] = []
+    if stem is not None and stem != defn.name:
+        found.append((("name",), f"'{defn.name}' must equal the file name '{stem}'", False))
+    # A variable the input schema does not declare can never be supplied by a valid input,
+    # so the task would fail on every request; catch the typo before it ships.
+    declared = set(defn.input_schema.get("properties", {}))
+    for field in ("system", "prompt"):
+        source = getattr(defn, field)
+        for var in sorted(_template_variables(source) - declared) if source is not None else []:
+            found.append(((field,), f"template variable '{var}' is not a property of input_schema", False))
+    input_check = Draft202012Validator(defn.input_schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+    seen: set[str] = set()
+    for i, example in enumerate(defn.examples):
+        if example.name in seen:
+            found.append((("examples", i, "name"), f"duplicate example name '{example.name}'", False))
+        seen.add(example.name)
+        for error in sorted(input_check.iter_errors(example.input), key=lambda e: list(e.absolute_path))[:3]:
+            found.append((("examples", i, "input", *error.absolute_path),
+                          f"example input does not match input_schema: {error.message[:200]}", False))
+        judge = example.expect.judge
+        if judge is not None:
+            for var in sorted(_template_variables(judge.prompt) - {"input", "output"}):
+                found.append((("examples", i, "expect", "judge", "prompt"),
+                              f"judge template variable '{var}' is neither 'input' nor 'output'", False))
+    if models is not None:
+        listing = ", ".join(sorted(models)) or "none"
+        named: list[tuple[Path_, str]] = [(("model",), defn.model)]
+        named += [(("fallback_models", i), m) for i, m in enumerate(defn.fallback_models)]
+        named += [(("examples", i, "expect", "judge", "model"), e.expect.judge.model)
+                  for i, e in enumerate(defn.examples) if e.expect.judge is not None]
+        for path, model in named:
+            if model not in models:
+                found.append((path, f"unknown model '{model}' (configured: {listing})", False))
+        # Every model that may answer gets the same response_format: each must be able to express it.
+        for model in dict.fromkeys([defn.model, *defn.fallback_models]):
+            provider = models.get(model)
+            if provider is None:
+                continue
+            for sub, message, warning in schema_problems(defn.output_schema, provider):
+                found.append((("output_schema", *sub), f"model '{model}' ({provider}): {message}", warning))
+    return found
+
+
+def check_text(text: str, file: str, models: Mapping[str, str] | None = None,
+               stem: str | None = None) -> CheckedTask:
+    """Check one task file's ``text``; ``file`` names it in problems, ``stem`` (the file name without
+    its suffix) must equal the task's name if given, ``models`` (name → ``llamacpp``/``openai``)
+    enables the model checks."""
+    try:
+        return _check_text(text, file, models, stem)
+    except RecursionError:  # `[[[[…` a few thousand deep: the parsers and schema walks recurse
+        return CheckedTask(file, text, None, [Problem(file, "", "nested too deeply to check")])
+
+
+def _check_text(text: str, file: str, models: Mapping[str, str] | None, stem: str | None) -> CheckedTask:
+    def problem(path: Path_, message: str, warning: bool = False) -> Problem:
+        return Problem(file, format_json_path(path), message, _line_of(root, path), warning)
+
+    root: yaml.Node | None = None
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        reason = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        line = mark.line + 1 if mark is not None else None
+        return CheckedTask(file, text, None, [Problem(file, "", f"invalid YAML: {reason}", line)])
+    if not isinstance(data, dict):
+        return CheckedTask(file, text, None, [problem((), f"expected a mapping of fields, got {type(data).__name__}")])
+    try:
+        defn = TaskDefinition.model_validate(data)
+    except ValidationError as exc:
+        problems = [problem(tuple(err["loc"]), err["msg"].removeprefix("Value error, "))
+                    for err in exc.errors(include_url=False)]
+        return CheckedTask(file, text, None, problems)
+    defn._source = file
+    problems = [problem(path, message, warning) for path, message, warning in _semantic_problems(defn, stem, models)]
+    accepted = defn if not any(not p.warning for p in problems) else None
+    return CheckedTask(file, text, accepted, problems)
+
+
+def task_files(paths: Iterable[Path]) -> list[Path]:
+    """The task files among ``paths``: files as given, directories' ``*.yaml``/``*.yml`` (not recursive)."""
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files += sorted(p for p in path.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+        else:
+            files.append(path)
+    return files
+
+
+def check_sources(sources: Sequence[tuple[str, str]], models: Mapping[str, str] | None = None) -> list[CheckedTask]:
+    """Check each ``(file name, text)``, and that no two define the same task."""
+    checked: list[CheckedTask] = []
+    names: dict[str, str] = {}
+    for file, text in sources:
+        result = check_text(text, file, models, stem=PurePath(file).stem)
+        if result.definition is not None:
+            name = result.definition.name
+            if name in names:
+                duplicate = Problem(file, "name", f"duplicate task name '{name}' (also in {names[name]})",
+                                    _line_of(yaml.compose(text, Loader=yaml.SafeLoader), ("name",)))
+                result = CheckedTask(result.file, text, None, [*result.problems, duplicate])
+            else:
+                names[name] = file
+        checked.append(result)
+    return checked
+
+
+def check_files(files: Sequence[Path], models: Mapping[str, str] | None = None) -> list[CheckedTask]:
+    """``check_sources`` of files on disk; a file that cannot be read is a problem of its own."""
+    sources: list[tuple[str, str]] = []
+    unreadable: list[CheckedTask] = []
+    for path in files:
+        try:
+            sources.append((str(path), path.read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError) as exc:
+            unreadable.append(CheckedTask(str(path), "", None, [Problem(str(path), "", f"cannot read file: {exc}")]))
+    return unreadable + check_sources(sources, models)
+
+
+def load_task_files(directory: Path, models: Mapping[str, str] | None = None) -> list[CheckedTask]:
+    """Check every ``*.yaml`` / ``*.yml`` file in ``directory`` (not recursive): the deploy's task files.
+
+    Raises ``TaskConfigError`` listing every error found, one per line, each as
+    ``<file>:<line>: <field>: <what is wrong>``; duplicate task names are an error too.
+    """
+    if not directory.is_dir():
+        raise TaskConfigError(f"{directory}: task definition directory does not exist")
+    checked = check_files(task_files([directory]), models)
+    problems = [str(p) for c in checked for p in c.errors]
+    if problems:
+        raise TaskConfigError("\n".join(problems))
+    return checked
+
+
+def load_task_definitions(directory: Path, models: Mapping[str, str] | None = None) -> dict[str, TaskDefinition]:
+    """``load_task_files``' definitions, keyed by name."""
+    return {c.definition.name: c.definition for c in load_task_files(directory, models) if c.definition is not None}
+
+
+def parse_definition(data: dict[str, Any], source: str = "<store>") -> TaskDefinition:
+    """A stored definition (canonical JSON, already checked when it was stored)."""
+    defn = TaskDefinition.model_validate(data)
+    defn._source = source
+    return defn

@@ -1,0 +1,220 @@
+"""Task versions in the store (both backends, ``fresh_location``), the catalogue a replica keeps,
+and runs pinned to their version."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deployments.catalogue import Catalogue, CatalogueFollower
+from deployments.core.taskdefs import TaskDefinition
+from deployments.core.taskfile import canonical, content_hash
+from deployments.errors import Conflict, NotFound, Overloaded, TaskNotFound
+from deployments.store import RunStore, open_database
+from deployments.store.tasks import TaskVersionStore, VersionInput
+
+
+def definition(prompt: str = "Label: {{ text }}", name: str = "label") -> TaskDefinition:
+    return TaskDefinition.model_validate({
+        "name": name, "description": "d", "model": "m",
+        "input_schema": {"type": "object", "properties": {"text": {"type": "string"}}},
+        "output_schema": {"type": "object"}, "prompt": prompt,
+    })
+
+
+def item(prompt: str = "Label: {{ text }}", name: str = "label", source: str = "# file\n") -> VersionInput:
+    defn = definition(prompt, name)
+    return VersionInput(name=name, definition=canonical(defn), content_hash=content_hash(defn), source=source)
+
+
+@pytest.fixture
+def store(fresh_location: Callable[[], str]) -> Iterator[TaskVersionStore]:
+    with TaskVersionStore(fresh_location()) as versions:
+        yield versions
+
+
+def active(store: TaskVersionStore) -> dict[str, int]:
+    snapshot = store.snapshot()
+    assert snapshot.active is not None
+    return {v.name: v.version for v in snapshot.active}
+
+
+def test_seed_creates_version_one_and_redeploys_of_the_same_files_change_nothing(store: TaskVersionStore) -> None:
+    assert store.seed([item(), item(name="other")], now=1) == [("label", 1, True), ("other", 1, True)]
+    version = store.catalogue_version()
+    assert store.seed([item(source="# reformatted, same content\n"), item(name="other")], now=2) == [
+        ("label", 1, False), ("other", 1, False)]
+    assert store.catalogue_version() == version
+
+
+def test_push_makes_a_new_active_version_and_a_redeploy_of_unchanged_files_keeps_it(store: TaskVersionStore) -> None:
+    store.seed([item()], now=1)
+    assert store.push([item("v2: {{ text }}")], author="key_1", now=2) == [("label", 2, True)]
+    assert active(store) == {"label": 2}
+    assert store.seed([item()], now=3) == [("label", 2, False)]  # the deploy's file did not change
+    assert active(store) == {"label": 2}
+    # A file changed since the last deploy wins: a new version from the file.
+    assert store.seed([item("v3 from the file: {{ text }}")], now=4) == [("label", 3, True)]
+    versions, activations = store.history("label")
+    assert [(v.version, v.author, v.active) for v in versions] == [(3, "deploy", True), (2, "key_1", False),
+                                                                   (1, "deploy", False)]
+    assert [(a.action, a.version) for a in activations] == [("deploy", 3), ("push", 2), ("deploy", 1)]
+
+
+def test_pushing_the_active_content_stores_nothing(store: TaskVersionStore) -> None:
+    store.seed([item()], now=1)
+    version = store.catalogue_version()
+    assert store.push([item(source="# other comments\n")], author="admin") == [("label", 1, False)]
+    assert store.catalogue_version() == version
+
+
+def test_a_push_is_one_transaction(store: TaskVersionStore) -> None:
+    store.seed([item()], now=1)
+    bad = VersionInput(name="other", definition="{}", content_hash="x", source=None)  # type: ignore[arg-type]
+    with pytest.raises(Exception):  # noqa: B017 — the engine's NOT NULL error: nothing is stored
+        store.push([item("v2: {{ text }}"), bad], author="admin")
+    assert active(store) == {"label": 1}
+
+
+def test_rollback_moves_the_pointer_and_bumps_the_catalogue(store: TaskVersionStore) -> None:
+    store.seed([item()], now=1)
+    store.push([item("v2: {{ text }}")], author="key_1", now=2)
+    before = store.catalogue_version()
+    rolled = store.rollback("label", 1, actor="key_2", now=3)
+    assert rolled.version == 1 and rolled.active
+    assert active(store) == {"label": 1} and store.catalogue_version() == before + 1
+    assert store.history("label")[1][0].actor == "key_2"
+    with pytest.raises(Conflict):
+        store.rollback("label", 1, actor="key_2")
+    with pytest.raises(NotFound) as info:
+        store.rollback("label", 9, actor="key_2")
+    assert info.value.param == "version"
+    with pytest.raises(NotFound):
+        store.history("nope")
+
+
+def test_snapshot_sends_definitions_only_when_the_catalogue_changed(store: TaskVersionStore) -> None:
+    store.seed([item()], now=1)
+    first = store.snapshot()
+    assert first.active is not None and first.active[0].definition["prompt"] == "Label: {{ text }}"
+    assert store.snapshot(first.version).active is None
+    store.push([item("v2: {{ text }}")], author="admin")
+    assert store.snapshot(first.version).active is not None
+    assert store.get("label", 1).definition["prompt"] == "Label: {{ text }}" and not store.get("label", 1).active
+
+
+def test_runs_record_their_task_version(fresh_location: Callable[[], str]) -> None:
+    with RunStore(fresh_location()) as runs:
+        run, _ = runs.create_run(task="label", input={}, owner="a", idempotency_key=None, task_version=3)
+        assert run.task_version == 3 and run.view().task_version == 3
+        claimed = runs.claim(worker_id="w", lease_s=10)
+        assert claimed[0].task_version == 3
+        legacy, _ = runs.create_run(task="label", input={}, owner="a", idempotency_key=None)
+        assert legacy.task_version is None
+
+
+def test_an_existing_runs_table_gains_the_column(tmp_path: Path) -> None:
+    path = tmp_path / "old.sqlite3"
+    with RunStore(path):
+        pass
+    conn = sqlite3.connect(path)
+    conn.execute("ALTER TABLE runs DROP COLUMN task_version")  # as a database made before issue 14
+    conn.commit()
+    conn.close()
+    with RunStore(path) as runs:
+        run, _ = runs.create_run(task="t", input={}, owner="a", idempotency_key=None, task_version=2)
+        assert runs.get(run.id, "a").task_version == 2
+
+
+def test_task_versions_share_the_task_stores_database(tmp_path: Path) -> None:
+    database = open_database(tmp_path / "db.sqlite3")
+    try:
+        TaskVersionStore(database).seed([item()])
+        RunStore(database)
+        assert TaskVersionStore(database).snapshot().version == 1
+    finally:
+        database.close()
+
+
+# -- the catalogue a Gateway or TaskRunner replica follows ----------------------------------
+
+
+class FakeStore:
+    """The two TaskStore calls the follower makes, answered by a real ``TaskVersionStore``."""
+
+    def __init__(self, versions: TaskVersionStore) -> None:
+        self.versions = versions
+        self.snapshots = self.fetches = 0
+        self.down = False
+
+    async def snapshot(self, known: int | None) -> Any:
+        self.snapshots += 1
+        if self.down:
+            raise ConnectionError("store away")
+        return self.versions.snapshot(known)
+
+    async def fetch(self, name: str, version: int) -> Any:
+        self.fetches += 1
+        return self.versions.get(name, version)
+
+
+def test_catalogue_follows_pushes_and_caches_pinned_versions(tmp_path: Path) -> None:
+    versions = TaskVersionStore(tmp_path / "db.sqlite3")
+    versions.seed([item()])
+    fake = FakeStore(versions)
+    follower = CatalogueFollower(fake.snapshot, fake.fetch, poll_s=0.01)
+
+    async def scenario() -> None:
+        assert (await follower.active("label")).version == 1
+        versions.push([item("v2: {{ text }}")], author="admin")
+        await follower.refresh()
+        entry = await follower.active("label")
+        assert (entry.version, entry.definition.prompt) == (2, "v2: {{ text }}")
+        fresh = CatalogueFollower(fake.snapshot, fake.fetch, poll_s=0.01)  # a replica started after the push
+        old, number = await fresh.definition("label", 1)  # a run pinned before the push
+        assert (old.prompt, number) == ("Label: {{ text }}", 1)
+        await fresh.definition("label", 1)
+        assert fake.fetches == 1  # versions are immutable: fetched once
+        with pytest.raises(TaskNotFound):
+            await follower.active("nope")
+        fake.down = True
+        follower.start()
+        await asyncio.sleep(0.05)  # the loop keeps the last catalogue while the store is away
+        assert (await follower.active("label")).version == 2
+        await follower.stop()
+
+    asyncio.run(scenario())
+    versions.close()
+
+
+def test_catalogue_before_its_first_load_answers_503(tmp_path: Path) -> None:
+    versions = TaskVersionStore(tmp_path / "db.sqlite3")
+    fake = FakeStore(versions)
+    fake.down = True
+    follower = CatalogueFollower(fake.snapshot, fake.fetch, poll_s=1)
+    with pytest.raises(Overloaded):
+        asyncio.run(follower.active("label"))
+    versions.close()
+
+
+def test_a_stored_definition_that_no_longer_loads_keeps_the_last_good_one(tmp_path: Path) -> None:
+    versions = TaskVersionStore(tmp_path / "db.sqlite3")
+    versions.seed([item()])
+    catalogue = Catalogue()
+    catalogue.apply(versions.snapshot())
+    versions.push([VersionInput(name="label", definition='{"name": "label"}', content_hash="h", source="")], "admin")
+    catalogue.apply(versions.snapshot())
+    assert catalogue.get("label").version == 1
+    versions.close()
+
+
+@pytest.mark.parametrize("name", ["x\x00y", "Upper", "a" * 65, "../etc"])
+def test_names_no_task_can_have_are_not_found_before_any_sql(store: TaskVersionStore, name: str) -> None:
+    for call in (lambda: store.get(name, 1), lambda: store.history(name), lambda: store.rollback(name, 1, "a")):
+        with pytest.raises(NotFound):
+            call()
