@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import statistics
 import tempfile
 import time
@@ -30,34 +29,13 @@ from typing import Any
 
 import httpx
 
-from bench.kit import fake_model, fake_upstream, private_cluster
+from bench.kit import cpu_seconds_of_descendants, fake_model, fake_upstream, private_cluster
 from bench.loadtest import LoadResult, run_load
 
 ADMIN_KEY = "pf-bench-admin"
 SHARED_RPM = 300
 
 
-def _cpu_seconds_of_descendants() -> float:
-    """CPU time (user + system) of every live process below this one (Linux /proc)."""
-    children: dict[int, list[int]] = {}
-    stats: dict[int, list[str]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            with open(f"/proc/{entry}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-            stats[int(entry)] = fields
-            children.setdefault(int(fields[1]), []).append(int(entry))
-    ticks = os.sysconf("SC_CLK_TCK")
-    total, stack = 0.0, list(children.get(os.getpid(), []))
-    while stack:
-        pid = stack.pop()
-        stat = stats.get(pid)
-        if stat:
-            total += (int(stat[11]) + int(stat[12])) / ticks  # utime, stime
-        stack.extend(children.get(pid, []))
-    return total
 
 
 def _key(api: str, **limits: Any) -> str:
@@ -115,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
             rows: dict[str, list[tuple[LoadResult, float]]] = {"unlimited": [], "paced": []}
             for _ in range(args.repeat):
                 for name, key in (("unlimited", free), ("paced", paced)):
-                    cpu = _cpu_seconds_of_descendants()
+                    cpu = cpu_seconds_of_descendants()
                     result = asyncio.run(run_load(api, "fake", level, args.duration, key, warmup=1.0, grace=10))
-                    cpu = _cpu_seconds_of_descendants() - cpu
+                    cpu = cpu_seconds_of_descendants() - cpu
                     rows[name].append((result, cpu * 1000 / max(1, result.ok + result.error_count)))
             p: dict[str, tuple[float, float]] = {}
             for name, runs in rows.items():

@@ -8,19 +8,43 @@ directory and fresh ports, the same way ``promptfleet start`` deploys it; it yie
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def cpu_seconds_of_descendants() -> float:
+    """CPU time (user + system) of every live process below this one (Linux /proc)."""
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+            stats[int(entry)] = fields
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    ticks = os.sysconf("SC_CLK_TCK")
+    total, stack = 0.0, list(children.get(os.getpid(), []))
+    while stack:
+        pid = stack.pop()
+        stat = stats.get(pid)
+        if stat:
+            total += (int(stat[11]) + int(stat[12])) / ticks  # utime, stime
+        stack.extend(children.get(pid, []))
+    return total
 
 
 def free_port() -> int:
@@ -78,18 +102,22 @@ class BenchCluster:
     dashboard: str
     app_name: str
     db: Path  # the TaskStore's SQLite file
+    twins: dict[str, str] = field(default_factory=dict)  # application name → its API, …/v1
 
 
 @contextlib.contextmanager
 def private_cluster(
     models: list[dict[str, Any]], state: Path, *, tasks_dir: Path | None = None,
-    app_args: dict[str, Any] | None = None, env_vars: dict[str, str] | None = None, **tasks: Any
+    app_args: dict[str, Any] | None = None, env_vars: dict[str, str] | None = None,
+    twins: dict[str, dict[str, Any]] | None = None, **tasks: Any
 ) -> Iterator[BenchCluster]:
     """A Ray cluster in this process running configs/serve.yaml with ``models`` only.
 
     ``state`` holds the run store; ``tasks_dir`` the task definitions (none if omitted);
     ``tasks`` override other ``args.tasks`` settings (e.g. ``lease_s``); ``app_args`` other
     sections of ``args`` (e.g. ``auth``); ``env_vars`` reach the replicas (runtime_env).
+    ``twins``: more applications beside it, by name, the same but for these ``args`` sections
+    (e.g. ``{"metrics": {"enabled": False}}``), each on a listener of its own: A/B in one cluster.
     """
     import ray
     from ray import serve
@@ -117,11 +145,20 @@ def private_cluster(
             app.setdefault("runtime_env", {}).setdefault("env_vars", {}).update(env_vars)
         # Only the benchmark's models: no embedded model competing for the cores.
         app["deployments"] = [d for d in app["deployments"] if not d["name"].startswith("worker-")]
+        twin_apis: dict[str, str] = {}
+        for name, overrides in (twins or {}).items():
+            twin = copy.deepcopy(app)
+            twin.update(name=name, route_prefix=f"/{name}")
+            twin["args"]["gateway"]["listen_port"] = port = free_port()
+            twin["args"]["tasks"]["state_dir"] = str(state / name / "db")
+            twin["args"].update(overrides)
+            config["applications"].append(twin)
+            twin_apis[name] = f"http://127.0.0.1:{port}/v1"
         dashboard = f"http://127.0.0.1:{dashboard_port}"
         local.deploy(config, dashboard)
-        local.wait_until_running(dashboard, [app["name"]], timeout_s=300, echo=False)
+        local.wait_until_running(dashboard, [a["name"] for a in config["applications"]], timeout_s=300, echo=False)
         yield BenchCluster(f"http://127.0.0.1:{listen_port}/v1", f"http://127.0.0.1:{http_port}/v1",
-                           dashboard, str(app["name"]), state / "db" / "tasks.sqlite3")
+                           dashboard, str(app["name"]), state / "db" / "tasks.sqlite3", twin_apis)
     finally:
         serve.shutdown()
         ray.shutdown()

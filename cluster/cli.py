@@ -22,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cluster import batch_cli, keys_cli, kuberay, local, nodes, tasks_cli
+from cluster import batch_cli, grafana, keys_cli, kuberay, local, nodes, tasks_cli
 from deployments.config import NODE_IP
 
 JOIN_ADVICE = "To add a machine, run this in its promptfleet checkout (after `make .venv/.installed`):"
@@ -143,11 +143,14 @@ def cmd_start(args: argparse.Namespace) -> int:
     urls = local.endpoints(config, dashboard, node_host)
     token_hint = (f"                           (it asks for the cluster token; print it with "
                   f"`{nodes.token_command(os.environ)}`)\n" if os.environ.get("RAY_AUTH_MODE") == "token" else "")
+    # Next to Ray's own Grafana dashboards, when the head node (its session directory) is this machine.
+    installed = grafana.install_for(dashboard)
     print(
         f"\npromptfleet is running.\n"
         f"  API (OpenAI-compatible): {urls.api}\n"
         f"  Ray dashboard:           {urls.dashboard}\n"
-        f"{token_hint}\n"
+        f"{token_hint}"
+        f"  Grafana dashboard:       {installed or grafana.DASHBOARD} (README \"Metrics\")\n\n"
         f"  curl {urls.api}/chat/completions -H 'Content-Type: application/json' \\\n"
         f"    -d '{{\"model\": \"smollm2\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n\n"
         + ("Ctrl-C (or SIGTERM to this command) stops this node." if head is not None

@@ -63,30 +63,30 @@ def build_app(args: AppArgs) -> Application:
         serve.deployment(RateLimiter)
         # Budgets live in one place; waiting acquires and pause watchers each hold a request slot.
         .options(name=names.RATE_LIMITER, num_replicas=1, max_ongoing_requests=100_000)
-        .bind(args.admission)
+        .bind(args.admission, args.metrics)
     )
     workers = {
         model.name: serve.deployment(ModelWorker)
         .options(name=names.worker(model.name), **worker_defaults(model))
-        .bind(model, limiter if isinstance(model, OpenAIModel) else None, logs=args.logs)
+        .bind(model, limiter if isinstance(model, OpenAIModel) else None, logs=args.logs, metrics=args.metrics)
         for model in args.models
     }
     store = (
         serve.deployment(TaskStore)
         # One owner of the SQLite file, ever: never two replicas, even during a rolling update.
         .options(name=names.TASK_STORE, num_replicas=1, max_ongoing_requests=10000)
-        .bind(args.tasks, seed=seed)
+        .bind(args.tasks, seed=seed, metrics=args.metrics)
     )
     runner = (
         serve.deployment(TaskRunner)
         .options(name=names.TASK_RUNNER, max_ongoing_requests=1000)
-        .bind(workers, store, args.tasks, args.models, limiter, args.admission)
+        .bind(workers, store, args.tasks, args.models, limiter, args.admission, args.metrics)
     )
     batches = (
         serve.deployment(BatchService)
         # One owner of the batch directory, like the TaskStore.
         .options(name=names.BATCH_SERVICE, num_replicas=1, max_ongoing_requests=1000)
-        .bind(args.tasks)
+        .bind(args.tasks, metrics=args.metrics)
     )
     gateway = serve.deployment(serve.ingress()(Gateway)).options(name=names.GATEWAY)
     return gateway.bind(args, workers, store, runner, limiter, batches)

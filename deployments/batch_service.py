@@ -17,7 +17,8 @@ Disk and Jobs API calls (blocking HTTP) run on one dedicated thread, in order. E
 come back as values (``PromptfleetError``), not raised, as in ``deployments.model_worker``.
 An ``owner`` of ``None`` is the admin, who sees and cancels every owner's batches. Quotas are
 ``tasks.quotas``; every ``tasks.retention.cleanup_interval_s`` expired files and finished
-batches are removed.
+batches are removed. Every ``metrics.sample_interval_s`` the unfinished batches are refreshed and
+the batches by status go to the ``promptfleet_batches`` gauge (``deployments.telemetry``).
 """
 
 from __future__ import annotations
@@ -34,11 +35,12 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from deployments.cleanup import start_cleanup
-from deployments.config import TasksConfig
+from deployments.config import MetricsConfig, TasksConfig
 from deployments.core.retention import Cutoffs
 from deployments.errors import Conflict, PromptfleetError
 from deployments.schemas import BatchCreate, BatchList, BatchView, FileList, FileView
-from deployments.store.batches import BatchRecord, BatchStore, JobState, advance
+from deployments.store.batches import STATUSES, BatchRecord, BatchStore, JobState, advance
+from deployments.telemetry import metrics_for, start_sampling
 
 logger = logging.getLogger("ray.serve")
 T = TypeVar("T")
@@ -113,14 +115,32 @@ class BatchService:
         app_name: str | None = None,
         jobs: Jobs | None = None,
         store: BatchStore | None = None,
+        metrics: MetricsConfig | None = None,
     ) -> None:
         self.config = config
+        self.metrics = metrics_for(metrics)
         self.store = store or BatchStore(Path(config.state_dir).expanduser() / "batches", quotas=config.quotas)
         self.jobs = jobs or RayJobs()
         self._app_name = app_name
         self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches")
         self.cleanup = start_cleanup(config.retention.cleanup_interval_s, self.expire, "files and batches")
+        interval = (metrics or MetricsConfig()).sample_interval_s
+        self.sampler = start_sampling(self.metrics, interval, self.sample_metrics, "batches")
         logger.info("batch store at %s", self.store.root)
+
+    async def sample_metrics(self) -> None:
+        """Batches by status, into the gauge (unfinished ones refreshed from their jobs first)."""
+
+        def count() -> dict[str, int]:
+            self._refresh_unfinished()
+            counts: dict[str, int] = {}
+            for batch in self.store.batches.values():
+                counts[batch.status] = counts.get(batch.status, 0) + 1
+            return counts
+
+        counts = await self._io(count)
+        if isinstance(counts, dict):
+            self.metrics.batches(counts, STATUSES)
 
     @property
     def app_name(self) -> str:
@@ -259,7 +279,8 @@ class BatchService:
             "--request-id-prefix", batch.id,
         ] + (["--ray-address", address] if (address := self.jobs.cluster_address()) else [])
           # Lines are billed to, and limited as, the owner's key (its id; the key never leaves the store).
-          + (["--key-id", batch.owner] if batch.owner.startswith("key_") else []))
+          + (["--key-id", batch.owner] if batch.owner.startswith("key_") else [])
+          + ([] if self.metrics.enabled else ["--no-metrics"]))
         self.store.save_batch(batch)  # before submitting: a crash in between resubmits, never loses it
         try:
             self.jobs.submit(batch.job_id, entrypoint, {"promptfleet_batch": batch.id, "owner": batch.owner})

@@ -26,6 +26,9 @@ before it (client hung up, error mid-stream), the tokens are counted here from w
 (``core.tokens.StreamCounter``: the larger of text chunks and characters / 4, plus the prompt
 estimate) — conservative, so an abandoned stream is never billed less than it plausibly used.
 
+Metrics (``deployments.telemetry``): the tokens of every answered call by model (the numbers it
+bills), every fallback taken, and a stream's time to its first chunk.
+
 The seam is ``Transport`` (as httpx's ``BaseTransport``): ``HandleTransport`` sends through Ray
 ``DeploymentHandle``s; tests give a fake (``tests.fakes.workers.FakeWorkers``) and exercise all
 of the above without Ray.
@@ -34,6 +37,7 @@ of the above without Ray.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
@@ -47,6 +51,7 @@ from deployments.core.tokens import StreamCounter, completion_budget, prompt_tok
 from deployments.errors import InvalidRequest, ModelNotFound, Overloaded, PromptfleetError
 from deployments.metering import KeyEntry, Meter
 from deployments.schemas import ChatCompletionRequest, ChatReply, ModelCall, Share, StreamEnd, Usage
+from deployments.telemetry import NULL, Metrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -101,10 +106,13 @@ def unexpected(model: str, value: Any) -> PromptfleetError:
 
 
 class ModelCalls:
-    def __init__(self, models: Sequence[ModelConfig], transport: Transport, meter: Meter | None = None) -> None:
+    def __init__(
+        self, models: Sequence[ModelConfig], transport: Transport, meter: Meter | None = None, metrics: Metrics = NULL
+    ) -> None:
         self.models = {m.name: m for m in models}
         self.transport = transport
         self.meter = meter
+        self.metrics = metrics
 
     # -- before the call -------------------------------------------------------------------
 
@@ -153,6 +161,8 @@ class ModelCalls:
             self.meter.refund(payer, booked)
 
     def _record(self, payer: KeyEntry | None, model: str, usage: Usage, booked: int) -> None:
+        self.metrics.tokens(model, usage.prompt_tokens, usage.completion_tokens,
+                            payer.key.id if payer is not None else None)
         if self.meter is not None:
             self.meter.record(payer, model, usage, booked)
 
@@ -221,6 +231,7 @@ class ModelCalls:
                 result = unexpected(model, result)
             if index == len(chain) - 1 or not result.transient:
                 raise result
+            self.metrics.fallback(model, chain[index + 1], result.code)
             logger.warning("model %s failed (%s); falling back to %s", model, result.code, chain[index + 1])
         raise AssertionError("unreachable")
 
@@ -238,6 +249,7 @@ class ModelCalls:
         """Open the stream; errors before its first chunk raise (so they get their status code, or
         a fallback). Returns the chunks to relay, ending with an error value if one happens later.
         The usage is recorded when the returned iterator ends, however it ends."""
+        started = time.monotonic()
         chain = self.chain(request)
         estimate = self.estimate(request)
         booked = await self._admit(payer, estimate, wait_s)
@@ -247,6 +259,7 @@ class ModelCalls:
         except BaseException:
             self._refund(payer, booked)
             raise
+        self.metrics.first_token(model, time.monotonic() - started)
         return self._relay(chunks, first, model, request, payer, booked)
 
     async def _open(

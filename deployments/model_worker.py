@@ -45,10 +45,11 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments import logs as logs_module
 from deployments import request_ids
-from deployments.config import LogsConfig, ModelConfig, OpenAIModel
+from deployments.config import LogsConfig, MetricsConfig, ModelConfig, OpenAIModel
 from deployments.errors import PromptfleetError
 from deployments.providers import Provider, build_provider
 from deployments.schemas import ChatReply, ModelCall, ModelReadiness, StreamEnd
+from deployments.telemetry import LOCAL_WORKER_METRICS, UPSTREAM_WORKER_METRICS, metrics_for
 
 logger = logging.getLogger("ray.serve")
 
@@ -79,10 +80,13 @@ class ModelWorker:
         limiter: DeploymentHandle | None = None,
         provider: Provider | None = None,
         logs: LogsConfig | None = None,
+        metrics: MetricsConfig | None = None,
     ) -> None:
         logs_module.watch_serve_log()
         self.model = model
-        self.provider = provider or build_provider(model, limiter=limiter)
+        recorder = metrics_for(metrics)
+        recorder.declare(*(UPSTREAM_WORKER_METRICS if isinstance(model, OpenAIModel) else LOCAL_WORKER_METRICS))
+        self.provider = provider or build_provider(model, limiter=limiter, metrics=recorder)
         self.log_content = (logs or LogsConfig()).content
         logger.info("worker for model %r ready (provider %s)", model.name, model.provider)
 

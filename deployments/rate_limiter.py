@@ -26,6 +26,10 @@ window sees more than the documented burst on top of the rate. Callers whose
 streams broke book again on the new replica within their own deadline (they
 fail closed, never open).
 
+Metrics (``deployments.telemetry``): every booking it grants is observed with the wait it got
+(queued ones from when they were booked), every refusal and every pause started is counted;
+pauses in force and fair-queue lengths are sampled every ``metrics.sample_interval_s``.
+
 Cost: callers go through ``deployments.core.booking.BudgetClient``, which puts
 all of a replica's concurrent bookings on a budget into one call. Unlimited
 models and keys never call it.
@@ -38,10 +42,11 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
-from deployments.config import AdmissionConfig
+from deployments.config import AdmissionConfig, MetricsConfig
 from deployments.core.fairshare import Waiter
 from deployments.core.limits import Granted, Queued, RateLimiterCore, Refused
 from deployments.schemas import BookingAnswer, LimiterState, ReserveRequest
+from deployments.telemetry import LIMITER_METRICS, metrics_for, start_sampling
 
 WATCH_TIMEOUT_S = 30.0
 
@@ -50,8 +55,10 @@ _Outcome = tuple[int, bool, float]
 
 
 class RateLimiter:
-    def __init__(self, config: AdmissionConfig | None = None) -> None:
+    def __init__(self, config: AdmissionConfig | None = None, metrics: MetricsConfig | None = None) -> None:
         config = config or AdmissionConfig()
+        self.metrics = metrics_for(metrics)
+        self.metrics.declare(*LIMITER_METRICS)
         self.core = RateLimiterCore(
             time.monotonic(),
             grant_ahead_s=config.grant_ahead_s,
@@ -62,6 +69,15 @@ class RateLimiter:
         self.inboxes: dict[int, asyncio.Queue[_Outcome]] = {}  # ticket -> its stream's inbox
         self.dispatchers: dict[str, asyncio.Task[None]] = {}
         self.wakeups: dict[str, asyncio.Event] = {}
+        interval = (metrics or MetricsConfig()).sample_interval_s
+        self.sampler = start_sampling(self.metrics, interval, self.sample_metrics, "rate limiter")
+
+    async def sample_metrics(self) -> None:
+        """Pauses in force and fair-queue lengths, into the gauges (every model budget seen)."""
+        now = time.monotonic()
+        paused = {name: until - now for name, until in self.core.paused_until.items()}
+        queued = {name: len(queue) for name, queue in self.core.queues.items()}
+        self.metrics.limiter_state(paused, queued)
 
     async def reserve(self, request: ReserveRequest) -> AsyncIterator[list[BookingAnswer]]:
         """Book ``request.asks``; yield answers (by index) as they are decided, the first batch at once.
@@ -69,8 +85,9 @@ class RateLimiter:
         A granted answer's ``delay_s`` counts from when it is yielded; a refused one's is the
         expected wait (Retry-After). The stream ends when every ask is answered.
         """
-        now = time.monotonic()
+        now = booked_at = time.monotonic()
         name = request.budget
+        metrics = self.metrics
         if request.token_delta:
             self.core.settle(name, request.token_delta, now)
         answers: list[BookingAnswer] = []
@@ -80,8 +97,10 @@ class RateLimiter:
             decision = self.core.book(name, request.limits, ask, now)
             if isinstance(decision, Granted):
                 answers.append(BookingAnswer(index=index, granted=True, delay_s=max(0.0, decision.start - now)))
+                metrics.limiter_wait(name, decision.start - now)
             elif isinstance(decision, Refused):
                 answers.append(BookingAnswer(index=index, granted=False, delay_s=decision.retry_after))
+                metrics.limiter_refusal(name)
             elif isinstance(decision, Queued):
                 queued[decision.waiter.ticket] = (index, decision.waiter)
                 self.inboxes[decision.waiter.ticket] = inbox
@@ -99,6 +118,10 @@ class RateLimiter:
                     index, _ = queued.pop(ticket)
                     delay = max(0.0, value - now) if granted else value
                     batch.append(BookingAnswer(index=index, granted=granted, delay_s=delay))
+                    if granted:
+                        metrics.limiter_wait(name, value - booked_at)
+                    else:
+                        metrics.limiter_refusal(name)
                 yield batch
         finally:
             # The caller went away (or the replica is stopping): its queued calls give up their places.
@@ -157,6 +180,7 @@ class RateLimiter:
     async def pause(self, name: str, seconds: float) -> None:
         # Durations, not timestamps, cross the wire: nodes' clocks differ.
         if self.core.pause(name, time.monotonic() + seconds):
+            self.metrics.limiter_pause(name)
             event = self.pause_changed.pop(name, None)
             if event is not None:
                 event.set()

@@ -27,7 +27,7 @@ from typing import Any
 from ray.serve.handle import DeploymentHandle
 
 from deployments.catalogue import CatalogueFollower
-from deployments.config import AdmissionConfig, ModelConfig, TasksConfig
+from deployments.config import AdmissionConfig, MetricsConfig, ModelConfig, TasksConfig
 from deployments.core.replies import Reply, replying, unwrap
 from deployments.core.runloop import RunLoop
 from deployments.errors import PromptfleetError
@@ -36,6 +36,7 @@ from deployments.metering import Meter
 from deployments.model_calls import HandleTransport, ModelCalls
 from deployments.store import RunRecord
 from deployments.task_executor import TaskExecutor
+from deployments.telemetry import RUNNER_METRICS, metrics_for
 
 logger = logging.getLogger("ray.serve")
 
@@ -80,12 +81,16 @@ class TaskRunner:
         models: list[ModelConfig] | None = None,
         limiter: DeploymentHandle | None = None,
         admission: AdmissionConfig | None = None,
+        metrics: MetricsConfig | None = None,
     ) -> None:
         watch_serve_log()
         self.meter = Meter(store, limiter, admission) if limiter is not None else None
         self.tasks = CatalogueFollower(store.task_snapshot.remote, store.task_version.remote, config.catalogue_poll_s)
         self.tasks.start()
-        self.executor = TaskExecutor(self.tasks, ModelCalls(models or [], HandleTransport(workers), self.meter))
+        recorder = metrics_for(metrics)
+        recorder.declare(*RUNNER_METRICS)
+        calls = ModelCalls(models or [], HandleTransport(workers), self.meter, recorder)
+        self.executor = TaskExecutor(self.tasks, calls)
         self.loop = RunLoop(
             StoreQueue(store),
             self.executor,

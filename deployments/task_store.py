@@ -20,6 +20,10 @@ loop: runners long-polling ``claim`` for work, and clients long-polling a run un
 Every ``tasks.retention.cleanup_interval_s`` it deletes finished runs and forgets
 Idempotency-Keys past their retention (``expire``, on the user lane, in steps).
 
+Metrics (``deployments.telemetry``): runs submitted, started, finished and lost to an expired
+lease are counted as the store commits them (``RunStore``'s observer); queue depth by status and
+the oldest queued run's age are sampled every ``metrics.sample_interval_s`` on the user lane.
+
 Expected errors (404, 409, 503) are returned as values, never raised
 (``deployments.core.replies``); what the Gateway gets is a ``RunView``, never a lease token.
 """
@@ -35,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from deployments.cleanup import start_cleanup
-from deployments.config import TasksConfig
+from deployments.config import MetricsConfig, TasksConfig
 from deployments.core.replies import Reply, replying
 from deployments.core.retention import Cutoffs
 from deployments.errors import NotFound, Overloaded
@@ -44,7 +48,9 @@ from deployments.schemas import RunDetail, RunDetailList, RunList, RunView
 from deployments.store import RunRecord, RunStore, open_database
 from deployments.store.keys import ApiKey, KeySnapshot, KeyStore
 from deployments.store.records import UsageRecord
+from deployments.store.runs import RunMove
 from deployments.store.tasks import TaskActivation, TaskSnapshot, TaskVersion, TaskVersionStore, VersionInput
+from deployments.telemetry import STORE_METRICS, metrics_for, start_sampling
 
 logger = logging.getLogger("ray.serve")
 T = TypeVar("T")
@@ -53,13 +59,21 @@ EXPIRE_STEP = 1000  # RunStore.expire's default limit: rows per database call
 
 class TaskStore:
     def __init__(
-        self, config: TasksConfig, store: RunStore | None = None, seed: list[VersionInput] | None = None
+        self,
+        config: TasksConfig,
+        store: RunStore | None = None,
+        seed: list[VersionInput] | None = None,
+        metrics: MetricsConfig | None = None,
     ) -> None:
         watch_serve_log()
         self.config = config
+        self.metrics = metrics_for(metrics)
         # The replica's environment is where a database URL with a password may come from.
         self.database = open_database(config.store_location(os.environ))
         self.store = store or RunStore(self.database, max_attempts_total=config.max_run_starts)
+        if self.metrics.enabled:
+            self.store.observer = self._moved
+            self.metrics.declare(*STORE_METRICS)
         self.keys = KeyStore(self.database)
         self.tasks = TaskVersionStore(self.database)
         if seed:
@@ -72,7 +86,17 @@ class TaskStore:
         self.work_available = asyncio.Event()
         self.finished: dict[str, asyncio.Event] = {}
         self.cleanup = start_cleanup(config.retention.cleanup_interval_s, self.expire, "runs")
+        interval = (metrics or MetricsConfig()).sample_interval_s
+        self.sampler = start_sampling(self.metrics, interval, self.sample_metrics, "run queue")
         logger.info("task store at %s", self.database.location)
+
+    def _moved(self, move: RunMove) -> None:
+        self.metrics.run_moved(move.task, move.event.value, move.status.value, move.lease_expired)
+
+    async def sample_metrics(self) -> None:
+        """Queue depth by status and the oldest queued run's age, into the gauges."""
+        stats = await self._user(self.store.queue_stats)
+        self.metrics.run_queue(stats.by_status, stats.oldest_queued_age_s)
 
     async def _lease(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.lease_lane, lambda: fn(*args, **kwargs))
@@ -120,6 +144,7 @@ class TaskStore:
         )
         if created:
             self.work_available.set()
+            self.metrics.run_submitted(task)
         return run.view(), created
 
     async def get(self, run_id: str, owner: str | None, wait_s: float = 0.0) -> Reply[RunView]:

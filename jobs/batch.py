@@ -40,6 +40,9 @@ Contract:
 - Progress is printed every ``--progress-every`` seconds (``ray job logs -f`` shows it), then a
   summary line with counts, tokens and time. ``--progress-file`` also keeps a JSON snapshot
   (``schemas.BatchProgress``), which the Batches API reads for ``request_counts``.
+- Every line ends up in ``promptfleet_batch_lines`` (``deployments.telemetry``; kind chat, task or
+  invalid, outcome done or failed), recorded by this driver through Ray's metrics agent; off with
+  ``--no-metrics`` (the BatchService passes it when the app's ``metrics.enabled`` is false).
 - Request ids: line N goes by ``<prefix>-N`` (``--request-id-prefix``; the Batches API passes the
   batch id, so a resumed batch keeps its ids; default ``batch-`` and 12 random hex digits, printed
   at the start). Its model calls are logged under it, and its output or error line carries it as
@@ -67,10 +70,12 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from deployments import names
+from deployments.config import MetricsConfig
 from deployments.core.requestids import is_sane, new_request_id
 from deployments.core.retry import BackoffPolicy
 from deployments.errors import Overloaded, PromptfleetError
 from deployments.schemas import BatchChatLine, BatchTaskLine, ChatCompletionRequest
+from deployments.telemetry import BATCH_DRIVER_METRICS, NULL, Metrics, metrics_for
 
 if TYPE_CHECKING:
     from deployments.metering import Meter
@@ -121,7 +126,8 @@ class ServeBackend:
     """Handles of the running application ``app_name``: chat lines through ``ModelCalls``, task
     lines through the TaskRunner, metered to ``key_id`` (None: unmetered)."""
 
-    def __init__(self, app_name: str, key_id: str | None = None, wait_s: float = 30.0) -> None:
+    def __init__(self, app_name: str, key_id: str | None = None, wait_s: float = 30.0,
+                 metrics: Metrics = NULL) -> None:
         from ray import serve
 
         # serve.status() answers "no applications" while the controller cannot be reached
@@ -133,6 +139,7 @@ class ServeBackend:
             time.sleep(1.0)
         self.app_name = app_name
         self.key_id = key_id
+        self.metrics = metrics
         self.models = {
             name.removeprefix(names.WORKER_PREFIX) for name in app.deployments if name.startswith(names.WORKER_PREFIX)
         }
@@ -159,7 +166,7 @@ class ServeBackend:
                 if self.key_id is not None:
                     self.meter = Meter(serve.get_deployment_handle(names.TASK_STORE, self.app_name),
                                        serve.get_deployment_handle(names.RATE_LIMITER, self.app_name))
-                self.calls = ModelCalls(models, HandleTransport(workers), self.meter)
+                self.calls = ModelCalls(models, HandleTransport(workers), self.meter, self.metrics)
             return self.calls
 
     def has_model(self, model: str) -> bool:
@@ -207,6 +214,7 @@ class Options:
     progress_file: Path | None = None
     key_id: str | None = None
     request_id_prefix: str = "batch"
+    metrics: bool = True
 
 
 class BatchRun:
@@ -218,9 +226,11 @@ class BatchRun:
         backend: Backend,
         out: IO[str] | None = None,
         backoff: BackoffPolicy | None = None,
+        metrics: Metrics = NULL,
     ) -> None:
         self.options = options
         self.backend = backend
+        self.metrics = metrics
         self.out = out or sys.stdout
         self.backoff = backoff or BackoffPolicy(base_s=0.5, cap_s=20.0)
         self.stopping = asyncio.Event()
@@ -289,6 +299,7 @@ class BatchRun:
                     if isinstance(item, LineError):
                         writer.write(error_line(item), ok=False)
                         progress.failed += 1
+                        self.metrics.batch_line("invalid", ok=False)
                         continue
                     acquire = asyncio.create_task(slots.acquire())
                     await asyncio.wait({acquire, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
@@ -310,16 +321,19 @@ class BatchRun:
         self, item: BatchItem, number: int, progress: Progress, writer: OutputWriter, slots: asyncio.Semaphore
     ) -> None:
         request_id = f"{self.options.request_id_prefix}-{number}"
+        kind = "task" if isinstance(item, BatchTaskLine) else "chat"
         try:
             result = await self._call_with_retries(item, request_id)
             if isinstance(result, PromptfleetError):
                 body = result.to_body(request_id)
                 writer.write(response_line(item.custom_id, result.status_code, body, request_id), ok=False)
                 progress.failed += 1
+                self.metrics.batch_line(kind, ok=False)
             else:
                 progress.add_usage(result.get("usage"))
                 writer.write(response_line(item.custom_id, 200, result, request_id), ok=True)
                 progress.completed += 1
+                self.metrics.batch_line(kind, ok=True)
         finally:
             slots.release()
 
@@ -373,6 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "limited as; default: none (unmetered, the operator's own job)")
     parser.add_argument("--progress-every", type=float, default=10.0, help="seconds between progress lines")
     parser.add_argument("--progress-file", type=Path, default=None, help="JSON progress snapshot to keep")
+    parser.add_argument("--no-metrics", action="store_true", help="record no promptfleet_batch_lines metrics")
     parser.add_argument("--request-id-prefix", default=None, help="line N goes by the request id <prefix>-N "
                         "(logs, output lines); default: batch- and 12 random hex digits")
     parser.add_argument("--ray-address", default=None, help="GCS address of the cluster (default: the job's "
@@ -393,6 +408,7 @@ def options_from(args: argparse.Namespace) -> Options:
         concurrency=args.concurrency, task=args.task, max_attempts=args.max_attempts,
         progress_every=args.progress_every, progress_file=args.progress_file, key_id=args.key_id,
         request_id_prefix=prefix,
+        metrics=not args.no_metrics,
     )
 
 
@@ -401,6 +417,7 @@ def main(argv: list[str] | None = None, backend: Backend | None = None) -> int:
     started_ray = False
     try:
         options = options_from(args)
+        metrics = metrics_for(MetricsConfig(enabled=options.metrics), options.app)
         if backend is None:
             import ray
 
@@ -415,8 +432,9 @@ def main(argv: list[str] | None = None, backend: Backend | None = None) -> int:
                     address = args.ray_address
                 ray.init(address=address, log_to_driver=False)
                 started_ray = True
-            backend = ServeBackend(options.app, options.key_id)
-        return asyncio.run(_run(BatchRun(options, backend)))
+            backend = ServeBackend(options.app, options.key_id, metrics=metrics)
+        metrics.declare(*BATCH_DRIVER_METRICS)
+        return asyncio.run(_run(BatchRun(options, backend, metrics=metrics)))
     except SetupError as exc:
         print(f"batch: {exc}", file=sys.stderr, flush=True)
         return EXIT_SETUP

@@ -92,6 +92,18 @@ def upstream_models(base_url: str) -> list[dict[str, Any]]:
 
 
 LIMITED_RPM = 300
+METRICS_MODEL = "fake-metrics"
+# How often the test cluster's processes hand their metrics to Ray's metrics agent (Ray's default is
+# 10 s; its floor 1 s): tests/serve/test_metrics.py reads them through Prometheus, so sooner than
+# the default; not every second, which is export work in each of the cluster's ~40 processes.
+METRICS_REPORT_INTERVAL_MS = 2000
+
+
+def metrics_model(base_url: str) -> dict[str, Any]:
+    """A model only tests/serve/test_metrics.py calls (not even ``settle``), so its metrics move by
+    exactly what that test sends."""
+    return {"provider": "openai", "base_url": base_url, "upstream_model": "fake-model", "breaker_threshold": 1000,
+            "name": METRICS_MODEL, "timeout_s": 10, "max_retries": 0}
 
 
 def shared_model(base_url: str) -> dict[str, Any]:
@@ -126,6 +138,14 @@ TEST_TASKS = {
                           "additionalProperties": False},
         "prompt": "Label this: {{ text }}",
     },
+    "label_metrics": {
+        "name": "label_metrics",
+        "description": "Label a text on the model only the metrics test calls.",
+        "model": METRICS_MODEL,
+        "input_schema": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},
+        "output_schema": {"type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"]},
+        "prompt": "Label this: {{ text }}",
+    },
 }
 
 
@@ -148,7 +168,7 @@ def make_config(http_port: int, listen_port: int, upstream_base_url: str, state:
         state_dir=str(state / "db"),
         lease_s=3,  # short, so the fault tests see lost leases requeued quickly
     )
-    app["args"]["models"] += upstream_models(upstream_base_url)
+    app["args"]["models"] += [*upstream_models(upstream_base_url), metrics_model(upstream_base_url)]
     app["runtime_env"] = {"env_vars": {"PROMPTFLEET_UPSTREAM_HOSTS": "127.0.0.1"}}
     for deployment in app["deployments"]:
         if deployment["name"] == "worker-smollm2":
@@ -250,6 +270,7 @@ def start_cluster(config: dict[str, Any]) -> str:
                     _node_ip_address="127.0.0.1",
                     runtime_env={"working_dir": None},
                     log_to_driver=False,
+                    _system_config={"metrics_report_interval_ms": METRICS_REPORT_INTERVAL_MS},
                 )
             break
         except Exception as exc:

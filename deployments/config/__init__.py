@@ -353,6 +353,29 @@ class RetentionConfig(_Strict):
     )
 
 
+class MetricsConfig(_Strict):
+    """promptfleet's metrics, exported through Ray's metrics agent (README "Metrics")."""
+
+    enabled: bool = Field(
+        default=True,
+        description="Record the `promptfleet_*` metrics (Prometheus sees them as `ray_promptfleet_*`). Off: "
+        "nothing is recorded (the cost bench compares both).",
+    )
+    per_key_label: bool = Field(
+        default=False,
+        description="Add the API key's id as a `key` label to the request, token and limiter metrics: one "
+        "series per key, so only for a bounded number of keys.",
+    )
+    sample_interval_s: float = Field(
+        default=5.0,
+        ge=0.5,
+        le=300,
+        description="How often the gauges read off the request path are sampled: runs by status and the age "
+        "of the oldest queued run (TaskStore), limiter pauses and queues (RateLimiter), batches by status "
+        "(BatchService).",
+    )
+
+
 class TasksConfig(_Strict):
     """Prompt tasks and the durable run queue."""
 
@@ -442,6 +465,9 @@ class AppArgs(_Strict):
         default_factory=AdmissionConfig, description="Pacing of per-key limits and fair share of model budgets."
     )
     logs: LogsConfig = Field(default_factory=LogsConfig, description="Access lines and prompt logging.")
+    metrics: MetricsConfig = Field(
+        default_factory=MetricsConfig, description="promptfleet's Prometheus metrics (through Ray's metrics agent)."
+    )
 
     @model_validator(mode="after")
     def _consistent_models(self) -> AppArgs:

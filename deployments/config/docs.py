@@ -24,6 +24,7 @@ from deployments.config import (
     AuthConfig,
     GatewayConfig,
     LlamaCppModel,
+    MetricsConfig,
     OpenAIModel,
     QuotasConfig,
     RetentionConfig,
@@ -42,6 +43,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("`args.tasks.retention`", RetentionConfig),
     ("`args.auth`", AuthConfig),
     ("`args.admission`", AdmissionConfig),
+    ("`args.metrics`", MetricsConfig),
     ("`args.models[]` with `provider: llamacpp`", LlamaCppModel),
     ("`args.models[]` with `provider: openai`", OpenAIModel),
 ]

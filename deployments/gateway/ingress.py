@@ -17,7 +17,8 @@ comes from the exception class, never from exception text; the body names the
 request's id. Three ASGI layers run before any route: ``access.RequestIds`` (the
 request's id, ``X-Request-ID`` on every response, the access line), ``AuthGate``
 (the key, from the headers, before the body is read) and ``BodySizeLimit`` (413
-for a body over the limit, declared or chunked).
+for a body over the limit, declared or chunked); around them all, ``RequestMetrics``
+counts and times every request (``deployments.telemetry``).
 """
 
 from __future__ import annotations
@@ -62,12 +63,14 @@ from deployments.gateway.chat_routes import ChatRoutes
 from deployments.gateway.health import HealthCheck
 from deployments.gateway.listener import Listener
 from deployments.gateway.prompt_routes import build_prompt_router
+from deployments.gateway.request_metrics import RequestMetrics
 from deployments.gateway.task_routes import build_task_router
 from deployments.logs import watch_serve_log
 from deployments.metering import Meter
 from deployments.model_calls import HandleTransport, ModelCalls
 from deployments.schemas import Liveness, Readiness
 from deployments.store.batches import MAX_FILE_BYTES
+from deployments.telemetry import GATEWAY_METRICS, metrics_for
 
 logger = logging.getLogger("ray.serve")
 
@@ -238,6 +241,8 @@ class Gateway:
             logger.warning("auth is enabled but $%s is not set: no admin key", args.auth.admin_key_env)
         self.auth = Authenticator(args.auth, store, admin_key)
         self.meter = Meter(store, limiter, args.admission)
+        self.metrics = metrics_for(args.metrics)
+        self.metrics.declare(*GATEWAY_METRICS)
         self.tasks = CatalogueFollower(
             store.task_snapshot.remote, store.task_version.remote, args.tasks.catalogue_poll_s
         )
@@ -248,7 +253,7 @@ class Gateway:
         )
         self.liveness = Liveness(status="ok", node=self.health.node)
         self.routers = [
-            ChatRoutes(ModelCalls(args.models, HandleTransport(workers), self.meter)).router(),
+            ChatRoutes(ModelCalls(args.models, HandleTransport(workers), self.meter, self.metrics)).router(),
             build_task_router(self.tasks, store, runner, self.meter, args.auth.enabled),
             build_prompt_router(args, self.tasks, store),
             build_admin_router(store, self.auth, self.meter, batches),
@@ -267,12 +272,15 @@ class Gateway:
             ),
             self.auth,
         )
-        # Outermost first: the request's id, who is calling (headers only), the body's size, the routes.
-        limited = BodySizeLimit(
-            self.build_api(), limit=args.gateway.max_body_bytes, path_limits={FILES_PATH: MAX_FILE_BYTES}
-        )
+        # Outermost first: the metrics, the request's id, who is calling (headers only), the body's size,
+        # the routes.
+        api = self.build_api()
+        limited = BodySizeLimit(api, limit=args.gateway.max_body_bytes, path_limits={FILES_PATH: MAX_FILE_BYTES})
         app_name = serve.get_replica_context().app_name
-        self.asgi_app = RequestIds(AuthGate(limited, self.auth), app_name, args.logs.access_log)
+        self.asgi_app = RequestMetrics(
+            RequestIds(AuthGate(limited, self.auth), app_name, args.logs.access_log),
+            self.metrics, (m.name for m in args.models), api.routes,
+        )
 
     def __serve_build_asgi_app__(self) -> ASGIApp:
         return self.asgi_app

@@ -19,6 +19,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.config import LlamaCppModel, ModelConfig, embedded_model_path
 from deployments.schemas import Share, StreamEnd
+from deployments.telemetry import NULL, Metrics
 
 
 class Provider(Protocol):
@@ -35,6 +36,7 @@ def build_provider(
     config: ModelConfig,
     environ: Mapping[str, str] | None = None,
     limiter: DeploymentHandle | None = None,
+    metrics: Metrics = NULL,
 ) -> Provider:
     """Build the provider a model's config asks for.
 
@@ -46,7 +48,7 @@ def build_provider(
         from deployments.providers.llamacpp import LlamaCppProvider
 
         path = config.model_path or embedded_model_path()
-        return LlamaCppProvider(config, model_path=Path(path))
+        return LlamaCppProvider(config, model_path=Path(path), metrics=metrics)
 
     from deployments.core.limits import Budget, CircuitBreaker
     from deployments.providers.admission import UpstreamGuard
@@ -73,5 +75,6 @@ def build_provider(
         limiter=limiter,
         breaker=CircuitBreaker(threshold=config.breaker_threshold, cooldown_s=config.breaker_cooldown_s),
         max_pause_s=config.max_retry_after_s,
+        metrics=metrics,
     )
-    return OpenAIProvider(config, api_key=api_key, guard=guard)
+    return OpenAIProvider(config, api_key=api_key, guard=guard, metrics=metrics)

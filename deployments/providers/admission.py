@@ -28,9 +28,10 @@ import time
 from ray.serve.handle import DeploymentHandle
 
 from deployments.core.booking import BudgetClient
-from deployments.core.limits import Budget, CircuitBreaker
+from deployments.core.limits import BreakerState, Budget, CircuitBreaker
 from deployments.errors import CircuitOpen, ModelRateLimited
 from deployments.schemas import Share
+from deployments.telemetry import NULL, Metrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -47,8 +48,10 @@ class UpstreamGuard:
         limiter: DeploymentHandle | None,
         breaker: CircuitBreaker | None = None,
         max_pause_s: float = DEFAULT_MAX_PAUSE_S,
+        metrics: Metrics = NULL,
     ) -> None:
         self.name = name
+        self.metrics = metrics
         self.max_pause_s = max_pause_s
         self.budget_name = f"model:{name}"
         self.budget = budget if budget and (budget.rpm or budget.tpm) else None
@@ -57,6 +60,8 @@ class UpstreamGuard:
             BudgetClient(limiter.options(stream=True).reserve.remote) if limiter is not None and self.budget else None
         )
         self.breaker = breaker or CircuitBreaker()
+        self.breaker_seen: BreakerState | None = None  # the state the metrics last heard of
+        self._breaker_changed()
         self.paused_until = 0.0  # monotonic
         self.watcher: asyncio.Task[None] | None = None
 
@@ -91,6 +96,7 @@ class UpstreamGuard:
         if self.watcher is None:
             self.start()  # lazily: constructors of replicas may run outside the event loop
         wait = self.breaker.allow()
+        self._breaker_changed()
         if wait is not None:
             raise CircuitOpen(
                 f"The upstream for model '{self.name}' is failing; not calling it for now.", retry_after=wait
@@ -116,6 +122,21 @@ class UpstreamGuard:
                     f"The upstream for model '{self.name}' asked us to slow down.", retry_after=pause
                 )
             await asyncio.sleep(pause)
+
+    def failure(self) -> None:
+        """The upstream failed (5xx, timeout, connection): tell the breaker."""
+        self.breaker.failure()
+        self._breaker_changed()
+
+    def success(self) -> None:
+        self.breaker.success()
+        self._breaker_changed()
+
+    def _breaker_changed(self) -> None:
+        state = self.breaker.state
+        if state is not self.breaker_seen:
+            self.metrics.breaker(self.name, state.value, opened=state is BreakerState.OPEN)
+            self.breaker_seen = state
 
     def rate_limited(self, retry_after: float) -> None:
         """An upstream 429: pause this model here at once and, through the limiter, everywhere

@@ -9,6 +9,9 @@ next token, so an abandoned stream does not keep the CPU busy.
 
 ``response_format`` ``json_object`` / ``json_schema`` become a llama.cpp
 grammar (llama-cpp-python compiles the JSON Schema), so the output parses.
+
+Metrics: generations queued or running on the thread (``promptfleet_local_queue_length``), and
+the completion tokens and seconds of each generation (tokens per second, on the dashboard).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 from deployments.config import LlamaCppModel
 from deployments.errors import InvalidRequest, PromptfleetError
 from deployments.schemas import Share, StreamEnd, Usage
+from deployments.telemetry import NULL, Metrics
 
 logger = logging.getLogger("ray.serve")
 
@@ -46,10 +50,13 @@ def _text_content(content: Any) -> str:
 
 
 class LlamaCppProvider:
-    def __init__(self, config: LlamaCppModel, model_path: Path) -> None:
+    def __init__(self, config: LlamaCppModel, model_path: Path, metrics: Metrics = NULL) -> None:
         from llama_cpp import Llama  # heavy import, only in worker replicas
 
         self.config = config
+        self.metrics = metrics
+        self.queued = 0  # generations submitted to the thread and not finished (event loop only)
+        metrics.local_queue(config.name, 0)
         self.llm = Llama(
             model_path=str(model_path),
             n_ctx=config.n_ctx,
@@ -94,8 +101,19 @@ class LlamaCppProvider:
                 param="messages",
             )
 
+    def _enqueued(self, future: asyncio.Future[Any]) -> None:
+        """Count a generation submitted to the thread until it has finished (or was cancelled)."""
+        self.queued += 1
+        self.metrics.local_queue(self.config.name, self.queued)
+        future.add_done_callback(self._dequeued)
+
+    def _dequeued(self, _: object) -> None:
+        self.queued -= 1
+        self.metrics.local_queue(self.config.name, self.queued)
+
     def _generate(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         self._check_context(kwargs)
+        started = time.monotonic()
         try:
             result: dict[str, Any] = self.llm.create_chat_completion(**kwargs)  # type: ignore[assignment]
         except ValueError as exc:
@@ -104,13 +122,18 @@ class LlamaCppProvider:
             raise InvalidRequest(
                 f"The request does not fit the context of model '{self.config.name}'.", param="messages"
             ) from None
+        usage = result.get("usage") or {}
+        self.metrics.local_generation(self.config.name, int(usage.get("completion_tokens") or 0),
+                                      time.monotonic() - started)
         return result
 
     async def chat(self, body: dict[str, Any], share: Share | None = None) -> dict[str, Any]:
         # ``share`` is for shared upstream budgets; a local model has none.
         kwargs = self._kwargs(body)
         loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(self.executor, self._generate, kwargs)
+        future = loop.run_in_executor(self.executor, self._generate, kwargs)
+        self._enqueued(future)
+        result = await future
         result["model"] = self.config.name
         return result
 
@@ -128,6 +151,7 @@ class LlamaCppProvider:
         def produce() -> None:
             try:
                 self._check_context(kwargs)
+                started = time.monotonic()
                 n_prompt = self.llm.n_tokens  # before generation; overwritten below
                 chunks: Iterator[dict[str, Any]] = self.llm.create_chat_completion(**kwargs)  # type: ignore[assignment]
                 n_completion = 0
@@ -138,6 +162,7 @@ class LlamaCppProvider:
                     if delta.get("content"):
                         n_completion += 1  # llama.cpp streams one token per content chunk
                     loop.call_soon_threadsafe(queue.put_nowait, chunk)
+                self.metrics.local_generation(self.config.name, n_completion, time.monotonic() - started)
                 n_prompt = max(self.llm.n_tokens - n_completion, 0)
                 usage = {"prompt_tokens": n_prompt, "completion_tokens": n_completion,
                          "total_tokens": n_prompt + n_completion}
@@ -154,6 +179,7 @@ class LlamaCppProvider:
                 loop.call_soon_threadsafe(queue.put_nowait, _DONE)
 
         future = loop.run_in_executor(self.executor, produce)
+        self._enqueued(future)
         try:
             while True:
                 item = await queue.get()

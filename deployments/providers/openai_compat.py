@@ -44,6 +44,7 @@ from deployments.errors import (
 )
 from deployments.providers.admission import UpstreamGuard
 from deployments.schemas import Share, StreamEnd, Usage
+from deployments.telemetry import NULL, Metrics
 
 # openai >= 3 runs on httpx2 (the successor of httpx, same API): clients, timeouts and the
 # transport errors we translate all come from it.
@@ -51,6 +52,17 @@ from deployments.schemas import Share, StreamEnd, Usage
 T = TypeVar("T")
 
 _RETRYABLE = (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError)
+
+
+def outcome(error: PromptfleetError) -> str:
+    """The ``outcome`` label of an upstream try that failed with ``error``."""
+    if isinstance(error, UpstreamRateLimited):
+        return "rate_limited"
+    if isinstance(error, UpstreamTimeout):
+        return "timeout"
+    if isinstance(error, InvalidRequest):
+        return "rejected"
+    return "error"
 
 
 def translate_upstream_error(exc: Exception, model: str, max_retry_after_s: float = 60.0) -> PromptfleetError:
@@ -102,8 +114,10 @@ class OpenAIProvider:
         http_client: httpx2.AsyncClient | None = None,
         backoff: BackoffPolicy | None = None,
         guard: UpstreamGuard | None = None,
+        metrics: Metrics = NULL,
     ) -> None:
         self.config = config
+        self.metrics = metrics
         self.guard = guard or UpstreamGuard(
             config.name, budget=None, limiter=None, max_pause_s=config.max_retry_after_s
         )
@@ -208,35 +222,41 @@ class OpenAIProvider:
     ) -> T:
         deadline = time.monotonic() + self.config.timeout_s
         attempt = 0
+        name = self.config.name
         while True:
             attempt += 1
             await self.guard.admit(tokens, deadline, share)
-            remaining = deadline - time.monotonic()
+            started = time.monotonic()
+            remaining = deadline - started
             try:
                 # asyncio.timeout backs up httpx's per-phase timeouts with a hard total deadline.
                 async with asyncio.timeout(max(remaining, 0.001)):
                     result = await call(remaining)
             except _RETRYABLE as exc:
-                error = translate_upstream_error(exc, self.config.name, self.config.max_retry_after_s)
+                error = translate_upstream_error(exc, name, self.config.max_retry_after_s)
+                self.metrics.upstream_call(name, outcome(error), time.monotonic() - started)
                 self.guard.settle(tokens, 0)  # refused or never reached: nothing was generated
                 if isinstance(exc, openai.RateLimitError):
                     # Not a failure of the upstream: pause every replica, do not trip the breaker.
                     self.guard.rate_limited(error.retry_after or 1.0)
                 else:
-                    self.guard.breaker.failure()
+                    self.guard.failure()
                 if attempt > self.config.max_retries or isinstance(exc, openai.APITimeoutError):
                     raise error from None
                 delay = self.backoff.delay(attempt, error.retry_after)
                 if time.monotonic() + delay >= deadline:
                     raise error from None
+                self.metrics.upstream_retry(name)
                 await asyncio.sleep(delay)
             except Exception as exc:
-                error = translate_upstream_error(exc, self.config.name, self.config.max_retry_after_s)
+                error = translate_upstream_error(exc, name, self.config.max_retry_after_s)
+                self.metrics.upstream_call(name, outcome(error), time.monotonic() - started)
                 if not isinstance(error, UpstreamTimeout):
                     self.guard.settle(tokens, 0)  # a timed-out call may have generated; keep its booking
                 if not isinstance(error, InvalidRequest):
-                    self.guard.breaker.failure()
+                    self.guard.failure()
                 raise error from None
             else:
-                self.guard.breaker.success()
+                self.metrics.upstream_call(name, "ok", time.monotonic() - started)
+                self.guard.success()
                 return result

@@ -48,6 +48,7 @@ MAX_FILE_BYTES = 200 * 1024 * 1024  # OpenAI's limit for a batch input file
 MAX_JOB_STARTS = 3  # a batch whose job is lost (node or cluster restart) is resumed this often
 COMPLETION_WINDOW_S = 24 * 3600
 TERMINAL = frozenset({"completed", "failed", "cancelled", "expired"})
+STATUSES = ("validating", "in_progress", "cancelling", "completed", "failed", "cancelled", "expired")
 EXIT_SETUP = 3  # jobs.batch.EXIT_SETUP: could not start (no input, no app); retrying will not help
 
 Action = Literal["none", "submit", "finalize"]

@@ -13,7 +13,8 @@ exactly-once: only the holder of the current ``lease_token`` of a ``running`` ru
 result, and the first write ends the lease. On PostgreSQL several stores may share one
 database: each read-then-write locks its rows, and ``claim`` skips rows another claim holds.
 
-Every status change goes through ``runstate.transition``. All times are ``now`` arguments
+Every status change goes through ``runstate.transition``; once its transaction has committed, an
+``observer`` (the TaskStore's metrics) is told of it as a ``RunMove``. All times are ``now`` arguments
 (seconds since the epoch, default ``time.time()``) so tests drive the clock. Methods are
 synchronous and block on the database: call them from a thread, not an event loop.
 """
@@ -22,7 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import secrets
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from deployments.core.runstate import RunEvent, RunState, RunStatus, transition
@@ -44,7 +50,9 @@ from deployments.store.records import (
     run_not_found,
 )
 
-__all__ = ["MAX_LIST_LIMIT", "SCHEMA_VERSION", "RunStore"]
+__all__ = ["MAX_LIST_LIMIT", "SCHEMA_VERSION", "QueueStats", "RunMove", "RunStore"]
+
+logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 3
 # Statements that bring a database of version N - 1 to version N (index N - 2).
@@ -55,6 +63,24 @@ MIGRATIONS: list[list[str]] = [
     ["ALTER TABLE runs ADD COLUMN request_id TEXT"],
 ]
 MAX_LIST_LIMIT = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class RunMove:
+    """One status change that has committed (for an ``observer``)."""
+
+    task: str
+    event: RunEvent
+    status: RunStatus  # the status it led to
+    lease_expired: bool = False  # the run lost its worker (expired lease), requeued or failed
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """Runs by status (queued, running) and the age of the oldest queued run (0 when none)."""
+
+    by_status: dict[str, int]
+    oldest_queued_age_s: float
 
 
 def schema(d: Dialect) -> list[str]:
@@ -115,10 +141,18 @@ class RunStore(DatabaseBacked):
     being requeued, so a run that kills its worker cannot loop forever.
     """
 
-    def __init__(self, location: Location | Database, *, max_attempts_total: int = 5) -> None:
+    def __init__(
+        self,
+        location: Location | Database,
+        *,
+        max_attempts_total: int = 5,
+        observer: Callable[[RunMove], None] | None = None,
+    ) -> None:
         if max_attempts_total < 1:
             raise ValueError("max_attempts_total must be >= 1")
         self.max_attempts_total = max_attempts_total
+        self.observer = observer
+        self._moves = threading.local()  # the status changes of the transaction in progress, per thread
         super().__init__(location, schema)
         dialect = self._db.dialect
         self._lock_rows, self._claim_rows = dialect.lock_rows, dialect.claim_rows
@@ -146,11 +180,32 @@ class RunStore(DatabaseBacked):
             raise run_not_found(run_id)
         return record(row)
 
-    @staticmethod
-    def _move(tx: Tx, run: RunRecord, event: RunEvent, now: float, **changes: Any) -> RunRecord:
+    @contextmanager
+    def _write(self) -> Iterator[Tx]:
+        """A transaction whose status changes (``_move``) the observer hears of once it has committed."""
+        moves: list[RunMove] = []
+        self._moves.pending = moves
+        try:
+            with self._db.transaction() as tx:
+                yield tx
+        finally:
+            self._moves.pending = None
+        if self.observer is not None:
+            for move in moves:
+                try:
+                    self.observer(move)
+                except Exception:
+                    logger.exception("the run store's observer failed")
+
+    def _move(
+        self, tx: Tx, run: RunRecord, event: RunEvent, now: float, lease_expired: bool = False, **changes: Any
+    ) -> RunRecord:
         """Apply ``event`` to ``run`` (checked by the state machine), write ``changes`` too, and
         return the record as written (JSON values as given)."""
         new = transition(RunState(run.status, run.attempt), event)
+        pending = getattr(self._moves, "pending", None)
+        if pending is not None:
+            pending.append(RunMove(run.task, event, new.status, lease_expired))
         changes.update(status=new.status, attempt=new.attempt, updated_at=now)
         if new.status is not RunStatus.RUNNING:  # a lease only exists while running
             changes.update(lease_token=None, lease_expires_at=None)
@@ -237,7 +292,7 @@ class RunStore(DatabaseBacked):
         now = now_or(now)
         if not is_run_id(run_id):
             raise run_not_found(run_id)
-        with self._db.transaction() as tx:
+        with self._write() as tx:
             run = self._load(tx, run_id, owner, lock=True)
             if run.terminal:
                 return run
@@ -295,12 +350,23 @@ class RunStore(DatabaseBacked):
         assert row is not None
         return int(row["n"])
 
+    def queue_stats(self, now: float | None = None) -> QueueStats:
+        """Queued and running runs, and how long the oldest queued run has waited (for metrics)."""
+        now = now_or(now)
+        with self._db.autocommit() as tx:
+            rows = tx.rows(
+                "SELECT status, COUNT(*) AS n FROM runs WHERE status IN ('queued', 'running') GROUP BY status"
+            )
+            oldest = tx.one("SELECT created_at FROM runs WHERE status = 'queued' ORDER BY seq LIMIT 1")
+        age = max(0.0, now - float(oldest["created_at"])) if oldest is not None else 0.0
+        return QueueStats({str(row["status"]): int(row["n"]) for row in rows}, age)
+
     # -- the workers' side ----------------------------------------------------------------
 
     def _interrupt(self, tx: Tx, run: RunRecord, now: float) -> bool:
         """``run`` lost its worker: requeue it (True), or fail it (False) if out of starts."""
         if run.attempt < self.max_attempts_total:
-            self._move(tx, run, RunEvent.REQUEUE, now)
+            self._move(tx, run, RunEvent.REQUEUE, now, lease_expired=True)
             return True
         error = {
             "message": f"The run was interrupted {run.attempt} times (worker lost or timed out) "
@@ -309,7 +375,7 @@ class RunStore(DatabaseBacked):
             "param": None,
             "code": "lease_expired",
         }
-        self._move(tx, run, RunEvent.FAIL, now, error=error)
+        self._move(tx, run, RunEvent.FAIL, now, lease_expired=True, error=error)
         return False
 
     def _running(self, tx: Tx, lock: str, condition: str = "", *args: Any) -> list[RunRecord]:
@@ -332,7 +398,7 @@ class RunStore(DatabaseBacked):
         if lease_s <= 0 or limit < 1:
             raise ValueError("lease_s must be > 0 and limit >= 1")
         now = now_or(now)
-        with self._db.transaction() as tx:
+        with self._write() as tx:
             for run in self._running(tx, self._claim_rows, "AND lease_expires_at <= ?", now):
                 self._interrupt(tx, run, now)
             queued = tx.rows(
@@ -376,7 +442,7 @@ class RunStore(DatabaseBacked):
     def _finish(self, run_id: str, lease_token: str, event: RunEvent, now: float, **changes: Any) -> bool:
         if not is_run_id(run_id):
             return False
-        with self._db.transaction() as tx:
+        with self._write() as tx:
             row = tx.one(f"SELECT {COLUMNS} FROM runs WHERE id = ?{self._lock_rows}", run_id)
             if row is None:
                 return False
@@ -429,7 +495,7 @@ class RunStore(DatabaseBacked):
         Only for a store that is the database's one owner: it ends every lease, live or not.
         """
         now = now_or(now)
-        with self._db.transaction() as tx:
+        with self._write() as tx:
             return sum(self._interrupt(tx, run, now) for run in self._running(tx, self._lock_rows))
 
     # -- the admin's side and retention ---------------------------------------------------
@@ -437,7 +503,7 @@ class RunStore(DatabaseBacked):
     def cancel_queued(self, owner: str, now: float | None = None) -> int:
         """Cancel every queued run of ``owner`` (its key was revoked); returns how many."""
         now = now_or(now)
-        with self._db.transaction() as tx:
+        with self._write() as tx:
             rows = tx.rows(f"SELECT {COLUMNS} FROM runs WHERE owner = ? AND status = 'queued'{self._lock_rows}", owner)
             for run in map(record, rows):
                 self._move(tx, run, RunEvent.CANCEL, now)
