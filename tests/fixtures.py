@@ -143,7 +143,8 @@ TEST_TASKS = {
         "description": "Label a text on the model only the metrics test calls.",
         "model": METRICS_MODEL,
         "input_schema": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},
-        "output_schema": {"type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"]},
+        "output_schema": {"type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"],
+                          "additionalProperties": False},
         "prompt": "Label this: {{ text }}",
     },
 }
