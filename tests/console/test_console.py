@@ -173,7 +173,9 @@ def test_console_end_to_end(app: ServeApp, browser: Browser) -> None:
     row = f'tr[data-key="{key_id}"]'
     browser.fill(f"{row} input[name=token_budget]", "1000000")
     browser.click(f"{row} form[action$='/limits'] button")
-    assert browser.css(f"{row} input[name=token_budget]").get_attribute("value") == "1000000"
+    # The keys table refreshes itself: read the field through wait, which retries a replaced element.
+    browser.wait(lambda: browser.css(f"{row} input[name=token_budget]").get_attribute("value") == "1000000",
+                 timeout_s=10, message="the new budget in the keys table")
     browser.open(f"{base}/runs/{failed}")
     browser.click("form[action$='/rerun'] button")
     assert browser.driver.current_url != f"{base}/runs/{failed}"
