@@ -39,7 +39,7 @@ import httpx
 from cluster import local
 from deployments.config import NODE_IP
 from tests.cluster_process import alive, descendants
-from tests.fixtures import make_tasks_dir, upstream_models
+from tests.fixtures import TEST_TASKS, make_tasks_dir, upstream_models
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPTFLEET = str(Path(sys.executable).with_name("promptfleet"))
@@ -92,6 +92,12 @@ def cluster_config(upstream_base_url: str, state: Path, listen_port: int, http_p
         app["args"]["models"] = [m for m in app["args"]["models"] if m["provider"] != "llamacpp"]
         for shipped in (REPO / "configs" / "tasks").glob("*.yaml"):  # they run on the embedded model
             (state / "tasks" / shipped.name).unlink()
+    # Every task is checked against the configured models at deploy: leave out the test tasks of
+    # models this cluster does not run (the metrics test's `fake-metrics`).
+    configured = {m["name"] for m in app["args"]["models"]}
+    for name, definition in TEST_TASKS.items():
+        if definition["model"] not in configured:
+            (state / "tasks" / f"{name}.yaml").unlink()
     deployments += [
         # Upstream workers go wherever there is room; lost ones come back on surviving nodes.
         {"name": "worker-fake", "num_replicas": 2, "ray_actor_options": {"num_cpus": 0.1}},
