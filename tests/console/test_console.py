@@ -178,7 +178,9 @@ def test_console_end_to_end(app: ServeApp, browser: Browser) -> None:
                  timeout_s=10, message="the new budget in the keys table")
     browser.open(f"{base}/runs/{failed}")
     browser.click("form[action$='/rerun'] button")
-    assert browser.driver.current_url != f"{base}/runs/{failed}"
+    # The POST and its redirect to the new run's page take a moment on a busy machine.
+    browser.wait(lambda: browser.driver.current_url != f"{base}/runs/{failed}", timeout_s=30,
+                 message="the re-run's page")
     browser.wait(lambda: browser.text("#run-status") == "succeeded", message="the re-run to succeed")
     browser.shot("rerun-succeeded")
     visit(browser, f"{base}/runs?owner={key_id}", "runs")
