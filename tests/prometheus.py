@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import pytest
+
+from tests.fixtures import free_port
 
 REQUIRE_ENV = "PROMPTFLEET_REQUIRE_PROMETHEUS"
 SCRAPE_INTERVAL_S = 1
@@ -55,13 +56,6 @@ def _unavailable(reason: str) -> NoReturn:
     pytest.skip(reason)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 @dataclass
 class PrometheusServer:
     root: Path
@@ -80,7 +74,7 @@ class PrometheusServer:
         root = Path(tempfile.mkdtemp(prefix="pf-prometheus-"))
         config = root / "prometheus.yml"
         config.write_text(CONFIG.format(interval=SCRAPE_INTERVAL_S, sd_file=sd_file))
-        port = _free_port()
+        port = free_port()
         with (root / "prometheus.log").open("wb") as log:  # the child keeps its own descriptor
             process = subprocess.Popen(
                 [binary, f"--config.file={config}", f"--storage.tsdb.path={root / 'data'}",
