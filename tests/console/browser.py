@@ -90,8 +90,26 @@ class Browser:
         field.send_keys(value)
 
     def click(self, selector: str, expected_status: int | None = None) -> None:
+        """Submit a form by its button and wait for the answer to replace the page.
+
+        Selenium's click can return before the new document arrived: reading the URL or the page
+        right after it read the old one (a redirect not yet followed, the sign-in form still there).
+        The live refresh swaps only ``[data-live]`` parts, so the old ``<html>`` going stale means the
+        browser loaded the answer."""
+        page = self.css("html")
         self.css(selector).click()
+        self.wait(lambda: self.replaced(page), 60, f"the page to answer the click on {selector}")
         self.check_console(expected_status)
+
+    @staticmethod
+    def replaced(element: Any) -> bool:
+        from selenium.common.exceptions import StaleElementReferenceException
+
+        try:
+            _ = element.tag_name  # any read of a replaced element raises
+        except StaleElementReferenceException:
+            return True
+        return False
 
     def wait(self, predicate: Callable[[], T], timeout_s: float = 60, message: str = "") -> T:
         """Poll ``predicate`` (without reloading: the page refreshes itself) until truthy."""
