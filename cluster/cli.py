@@ -21,11 +21,22 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import TextIO
 
 from cluster import batch_cli, grafana, keys_cli, kuberay, local, nodes, tasks_cli
 from deployments.config import NODE_IP
 
 JOIN_ADVICE = "To add a machine, run this in its promptfleet checkout (after `make .venv/.installed`):"
+
+
+def say(text: str, file: TextIO | None = None) -> None:
+    """Print ``text`` and its newline in one write. Under ``--block`` the ``ray start`` child keeps writing
+    to the same output; ``print`` writes the newline separately, and unbuffered (PYTHONUNBUFFERED, a
+    log file) a line of Ray's landed between our join command and its newline, corrupting the
+    command a person or a script copies."""
+    stream = file or sys.stdout
+    stream.write(text + "\n")
+    stream.flush()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,10 +122,10 @@ def cmd_start(args: argparse.Namespace) -> int:
         if not local.ray_is_running(args.address):
             raise local.StartError(f"no Ray cluster answers at {args.address}")
         nodes.refuse_insecure(dashboard, args.allow_insecure_cluster)
-        print(f"Using the Ray cluster at {args.address}", file=sys.stderr)
+        say(f"Using the Ray cluster at {args.address}", file=sys.stderr)
     elif not args.head and local.ray_is_running(None):
         nodes.refuse_insecure(dashboard, args.allow_insecure_cluster)
-        print("Using the Ray cluster already running on this machine", file=sys.stderr)
+        say("Using the Ray cluster already running on this machine", file=sys.stderr)
     else:
         # A single-node start stays on loopback; a head is reached by other machines.
         spec = _node_spec(args, default_host=None if args.head else "127.0.0.1")
@@ -122,15 +133,15 @@ def cmd_start(args: argparse.Namespace) -> int:
             spec = dataclasses.replace(spec, host=nodes.detect_host())
         token = nodes.ensure_token(os.environ)
         os.environ["RAY_AUTH_MODE"] = "token"  # this process's own dashboard calls send the token too
-        print("Starting a Ray head node…" if args.head else "Starting a local Ray cluster…", file=sys.stderr)
+        say("Starting a Ray head node…" if args.head else "Starting a local Ray cluster…", file=sys.stderr)
         cmd = nodes.ray_start_command(spec, port=args.port, dashboard_port=int(dashboard.rsplit(":", 1)[1]))
         head = nodes.start_node(cmd, nodes.node_env(os.environ), block=spec.block)
         node_host = spec.host or node_host
         join_hint = nodes.join_command(f"{spec.host}:{args.port}", token) if args.head else ""
         if join_hint:
             # Now, not after the deploy: replicas that need worker nodes wait for them to join.
-            print(f"Ray head node is up. {JOIN_ADVICE}\n  {join_hint}", flush=True)
-    print(f"Deploying {args.config}…", file=sys.stderr)
+            say(f"Ray head node is up. {JOIN_ADVICE}\n  {join_hint}")
+    say(f"Deploying {args.config}…", file=sys.stderr)
     try:
         local.deploy(deployable, dashboard)
         names = [app["name"] for app in config["applications"]]
@@ -145,7 +156,7 @@ def cmd_start(args: argparse.Namespace) -> int:
                   f"`{nodes.token_command(os.environ)}`)\n" if os.environ.get("RAY_AUTH_MODE") == "token" else "")
     # Next to Ray's own Grafana dashboards, when the head node (its session directory) is this machine.
     installed = grafana.install_for(dashboard)
-    print(
+    say(
         f"\npromptfleet is running.\n"
         f"  API (OpenAI-compatible): {urls.api}\n"
         f"  Ray dashboard:           {urls.dashboard}\n"
@@ -157,7 +168,7 @@ def cmd_start(args: argparse.Namespace) -> int:
            else "Stop with `promptfleet stop --ray`.")
     )
     if join_hint:
-        print(f"\n{JOIN_ADVICE}\n  {join_hint}", flush=True)
+        say(f"\n{JOIN_ADVICE}\n  {join_hint}")
     return _wait_if_blocking(head)
 
 
@@ -172,10 +183,10 @@ def cmd_join(args: argparse.Namespace) -> int:
             f"or copy the head's token file to {nodes.token_path(os.environ)}"
         )
     spec = _node_spec(args, default_host=None)
-    print(f"Joining {args.head_address}…", file=sys.stderr)
+    say(f"Joining {args.head_address}…", file=sys.stderr)
     node = nodes.start_node(nodes.ray_start_command(spec, head_address=args.head_address),
                             nodes.node_env(os.environ), block=spec.block)
-    print(f"Joined {args.head_address}.", flush=True)
+    say(f"Joined {args.head_address}.")
     return _wait_if_blocking(node)
 
 
