@@ -28,8 +28,9 @@ here (the caller has already refused such requests for the model they named; thi
 bounds what a fallback model is asked for).
 
 Logs: each call is served under its ``request_id`` (``deployments.request_ids.use``, so every
-line of this replica about it carries the id) and ends with one line — model, stream or not,
-outcome, latency. The prompt and the output are in that line only with ``logs.content``.
+line of this replica about it carries the id) and, with ``logs.access_log``, ends with one line —
+model, stream or not, outcome, latency. The prompt and the output are in that line only with
+``logs.content`` (which writes the line whatever ``access_log`` says).
 """
 
 from __future__ import annotations
@@ -87,11 +88,16 @@ class ModelWorker:
         recorder = metrics_for(metrics)
         recorder.declare(*(UPSTREAM_WORKER_METRICS if isinstance(model, OpenAIModel) else LOCAL_WORKER_METRICS))
         self.provider = provider or build_provider(model, limiter=limiter, metrics=recorder)
-        self.log_content = (logs or LogsConfig()).content
+        logs = logs or LogsConfig()
+        self.log_content = logs.content
+        # The call's line goes with the Gateway's access line (or with content, which it carries).
+        self.log_calls = logs.access_log or logs.content
         logger.info("worker for model %r ready (provider %s)", model.name, model.provider)
 
     def _served(self, call: ModelCall, stream: bool, started: float, outcome: str, output: str | None) -> None:
         """The call's one log line (its request id comes from the request context)."""
+        if not self.log_calls:
+            return
         latency_ms = round((time.perf_counter() - started) * 1000, 1)
         extra: dict[str, object] = {"model": self.model.name, "stream": stream, "outcome": outcome,
                                     "latency_ms": latency_ms}

@@ -1,7 +1,7 @@
 """Request ids: which id a request goes by, and how it travels between processes.
 
 Every HTTP request gets one id (``deployments.gateway.access.RequestIds``): the client's
-``X-Request-ID`` when it is a sane value (``is_sane``), a fresh ``uuid4().hex`` otherwise. A
+``X-Request-ID`` when it is a sane value (``is_sane``), a fresh 32-hex-digit random id otherwise. A
 queued run keeps the id of the request that submitted it; a batch line goes by
 ``<prefix>-<line number>`` (``jobs.batch``).
 

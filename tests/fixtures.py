@@ -172,6 +172,7 @@ def make_config(http_port: int, listen_port: int, upstream_base_url: str, state:
     )
     app["args"]["models"] += [*upstream_models(upstream_base_url), metrics_model(upstream_base_url)]
     app["runtime_env"] = {"env_vars": {"PROMPTFLEET_UPSTREAM_HOSTS": "127.0.0.1"}}
+    app["args"]["logs"] = {"access_log": True}  # tests/serve/test_request_ids.py reads the lines
     for deployment in app["deployments"]:
         if deployment["name"] == "worker-smollm2":
             deployment.pop("autoscaling_config", None)
@@ -197,6 +198,7 @@ def auth_app(main: dict[str, Any], upstream_base_url: str, state: Path) -> dict[
         "args": {
             "gateway": {"listen_host": "127.0.0.1", "listen_port": free_port()},
             "auth": {"enabled": True, "cache_ttl_s": 1},
+            "logs": {"access_log": True},  # a request's lines hold no prompt or key: checked on them
             "tasks": {
                 "definitions_dir": str(tasks_dir), "state_dir": str(state / "auth-db"), "lease_s": 3,
                 # Small, so tests/security can reach every quota and fill the runners (queued runs).
