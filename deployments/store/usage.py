@@ -51,8 +51,10 @@ MAX_LIMIT = 1000
 MAX_CHART_DAYS = 366
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 
-# The listing's order, as an index: a page is one range of it, read in order (no sort).
-INDEXES = ["CREATE INDEX IF NOT EXISTS usage_by_day ON usage (day DESC, key_id, model)"]
+# The listing's order, as an index: a page is one range of it, read in order (no sort). With
+# total_tokens in it the charts' sums read the index alone: 14 days of 300,000 rows took 26 ms
+# through the table and 3 ms from the index (bench.console).
+INDEXES = ["CREATE INDEX IF NOT EXISTS usage_by_day ON usage (day DESC, key_id, model, total_tokens)"]
 
 
 def check_day(value: str, param: str) -> str:
