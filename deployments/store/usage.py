@@ -173,7 +173,10 @@ def today_by_model(tx: Tx, day: str) -> list[Row]:
 
 # -- per-key running totals ------------------------------------------------------------------
 
-_PG_FUNCTION = """CREATE OR REPLACE FUNCTION usage_key_tokens() RETURNS trigger LANGUAGE plpgsql AS $$
+# SET search_path FROM CURRENT: the function finds key_tokens in the schema it was made in, whatever
+# the search_path of the session that writes usage.
+_PG_FUNCTION = """CREATE OR REPLACE FUNCTION usage_key_tokens() RETURNS trigger LANGUAGE plpgsql
+SET search_path FROM CURRENT AS $$
 BEGIN
     IF TG_OP IN ('UPDATE', 'DELETE') THEN
         UPDATE key_tokens SET tokens = tokens - OLD.total_tokens WHERE key_id = OLD.key_id;
