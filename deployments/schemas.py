@@ -541,6 +541,13 @@ class UsageList(_Ours):
                                     "next page; empty on the last.")
 
 
+class UsageCsv(_Ours):
+    """A page of usage rows as CSV lines (the console's export streams these)."""
+
+    csv: str = Field(description="CSV lines of the page's rows, after the header line on the first page.")
+    next_cursor: str | None = Field(default=None, description="The cursor of the next page; empty on the last.")
+
+
 class DayTokens(_Ours):
     """One day of the console's tokens-per-day chart (summed by the store's database)."""
 

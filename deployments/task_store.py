@@ -54,15 +54,16 @@ from deployments.schemas import (
     RunDetailList,
     RunList,
     RunView,
+    UsageCsv,
     UsageList,
     UsageRow,
 )
 from deployments.store import RunRecord, RunStore, open_database
+from deployments.store import usage as usage_rows
 from deployments.store.keys import ApiKey, KeySnapshot, KeyStore
 from deployments.store.records import UsageRecord
 from deployments.store.runs import RunMove
 from deployments.store.tasks import TaskActivation, TaskSnapshot, TaskVersion, TaskVersionStore, VersionInput
-from deployments.store.usage import DEFAULT_LIMIT as USAGE_LIMIT
 from deployments.telemetry import STORE_METRICS, metrics_for, start_sampling
 
 logger = logging.getLogger("ray.serve")
@@ -352,7 +353,7 @@ class TaskStore:
 
     async def usage(
         self, key_id: str | None, since: str | None = None, until: str | None = None,
-        limit: int = USAGE_LIMIT, cursor: str | None = None,
+        limit: int = usage_rows.DEFAULT_LIMIT, cursor: str | None = None,
     ) -> Reply[UsageList]:
         """A page of usage rows (every key's for ``key_id`` None) and the next page's cursor."""
         return await replying(self._usage(key_id, since, until, limit, cursor))
@@ -364,6 +365,21 @@ class TaskStore:
             self.keys.usage, key_id, since=since, until=until, limit=limit, cursor=cursor
         )
         return UsageList(data=[UsageRow(**row) for row in rows], next_cursor=next_cursor)
+
+    async def usage_csv(
+        self, key_id: str | None, since: str | None, until: str | None, cursor: str | None
+    ) -> Reply[UsageCsv]:
+        """The next ``usage_rows.MAX_LIMIT`` usage rows as CSV lines (the header line first when
+        ``cursor`` is None), and the cursor after them: the console's export, a page a call."""
+        return await replying(self._usage_csv(key_id, since, until, cursor))
+
+    async def _usage_csv(
+        self, key_id: str | None, since: str | None, until: str | None, cursor: str | None
+    ) -> UsageCsv:
+        rows, next_cursor = await self._user(
+            self.keys.usage, key_id, since=since, until=until, limit=usage_rows.MAX_LIMIT, cursor=cursor
+        )
+        return UsageCsv(csv=usage_rows.csv_text(rows, header=cursor is None), next_cursor=next_cursor)
 
     async def tokens_per_day(
         self, days: int, key_id: str | None = None, today: str | None = None

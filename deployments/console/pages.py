@@ -6,14 +6,13 @@ input the admin may see), keys through ``admin_routes.KeyAdmin``, batches and th
 the BatchService with the admin's scope (``None``), budgets through ``Meter.check_budget``. Lists
 are keyset-paginated (the store's cursor), so a page costs the same with 100,000 runs as with 10:
 runs, keys (newest first) and usage rows alike. Nothing loads a whole table: the usage chart is
-summed by the database over the days it shows, and the CSV export streams the rows page by page.
+summed by the database over the days it shows, and the CSV export streams the rows page by page
+(the TaskStore writes each page's CSV lines: ``TaskStore.usage_csv``).
 Parts marked ``data-live`` are re-fetched every few seconds by ``static/console.js``.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import time
 from collections.abc import AsyncIterator, Callable
@@ -41,18 +40,16 @@ from deployments.schemas import (
     KeyLimits,
     RunDetail,
     RunDetailList,
+    UsageCsv,
     UsageList,
-    UsageRow,
 )
 from deployments.store import usage as usage_rows
 from deployments.store.records import STATUSES, encode_cursor
 from deployments.task_executor import check_input
 
 PAGE = 50
-CSV_PAGE = usage_rows.MAX_LIMIT  # rows per store call while the CSV export streams
 CHART_DAYS = 14  # the usage chart without a start day
 MAX_CHART_DAYS = 31
-CSV_COLUMNS = ["day", "key_id", "model", "requests", "prompt_tokens", "completion_tokens", "total_tokens"]
 CHUNK_BYTES = 4 * 1024 * 1024
 Render = Callable[..., str]
 
@@ -98,18 +95,6 @@ def chart_window(since: str | None, until: str | None, today: str) -> tuple[int,
     if span < 1:
         raise InvalidRequest("until must not be before since.", param="until")
     return min(span, MAX_CHART_DAYS), last
-
-
-def csv_rows(rows: list[UsageRow], header: bool = False) -> str:
-    out = io.StringIO()
-    writer = csv.writer(out)
-    if header:
-        writer.writerow(CSV_COLUMNS)
-    # Tuples, not DictWriter over model_dump(): a whole export is hundreds of thousands of rows.
-    writer.writerows(
-        (r.day, r.key_id, r.model, r.requests, r.prompt_tokens, r.completion_tokens, r.total_tokens) for r in rows
-    )
-    return out.getvalue()
 
 
 def batch_progress(batch: BatchView, now: float) -> dict[str, Any]:
@@ -318,17 +303,17 @@ class Pages:
             await self.meter.flush()
             filters = (key_id.strip() or None, since or None, until or None)
             # The first page before the answer starts: a bad filter is still a 400 page, not a
-            # 200 with a broken body.
-            first: UsageList = unwrap(await self.store.usage.remote(*filters, CSV_PAGE, None))
+            # 200 with a broken body. Then a page a store call, as the browser reads them.
+            first: UsageCsv = unwrap(await self.store.usage_csv.remote(*filters, None))
 
-            async def lines() -> AsyncIterator[str]:
-                listing = first
-                yield csv_rows(listing.data, header=True)
-                while listing.next_cursor is not None:
-                    listing = unwrap(await self.store.usage.remote(*filters, CSV_PAGE, listing.next_cursor))
-                    yield csv_rows(listing.data)
+            async def pages() -> AsyncIterator[str]:
+                chunk = first
+                yield chunk.csv
+                while chunk.next_cursor is not None:
+                    chunk = unwrap(await self.store.usage_csv.remote(*filters, chunk.next_cursor))
+                    yield chunk.csv
 
-            return StreamingResponse(lines(), media_type="text/csv; charset=utf-8",
+            return StreamingResponse(pages(), media_type="text/csv; charset=utf-8",
                                      headers={"Content-Disposition": 'attachment; filename="usage.csv"'})
 
         # -- batches ---------------------------------------------------------------------------

@@ -8,6 +8,9 @@ nothing here reads it whole:
   ASC), which one row-value comparison cannot express; a page after a cursor is read as two index
   ranges instead — the rest of the cursor's day, then the days before it — each a seek on
   ``usage_by_day``, so page 1,000 costs what page 1 does.
+- ``csv_text``: a page as CSV lines, for the console's export: the TaskStore answers text, so
+  a whole export crosses the handle as a few strings a thousand rows each, not as hundreds of
+  thousands of objects (as ``BatchService.read_file`` hands out files in chunks).
 - ``tokens_per_day`` and ``today_by_model``: the console's charts, one GROUP BY over the days
   asked for (the ``day`` index range), never over the whole table.
 - ``key_tokens``: every key's tokens so far, kept by triggers on ``usage``. The Gateways' key
@@ -22,6 +25,8 @@ Dates are UTC ``YYYY-MM-DD`` strings: they compare as text in date order on both
 from __future__ import annotations
 
 import base64
+import csv
+import io
 import json
 import re
 from datetime import date, timedelta
@@ -33,10 +38,12 @@ from deployments.store.records import check_text
 
 __all__ = [
     "COLUMNS",
+    "CSV_COLUMNS",
     "DEFAULT_LIMIT",
     "MAX_LIMIT",
     "add_key_tokens",
     "check_day",
+    "csv_text",
     "decode_cursor",
     "encode_cursor",
     "page",
@@ -45,6 +52,7 @@ __all__ = [
 ]
 
 COLUMNS = "key_id, model, day, requests, prompt_tokens, completion_tokens, total_tokens"
+CSV_COLUMNS = ("day", "key_id", "model", "requests", "prompt_tokens", "completion_tokens", "total_tokens")
 ORDER = "day DESC, key_id, model"
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
@@ -141,6 +149,16 @@ def page(
     more = len(rows) > limit
     rows = rows[:limit]
     return rows, (encode_cursor(rows[-1]) if more else None)
+
+
+def csv_text(rows: list[Row], header: bool = False) -> str:
+    """``rows`` as CSV lines (``CSV_COLUMNS``), after the header line if ``header``."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    if header:
+        writer.writerow(CSV_COLUMNS)
+    writer.writerows(tuple(row[column] for column in CSV_COLUMNS) for row in rows)
+    return out.getvalue()
 
 
 def days_back(today: str, days: int) -> str:

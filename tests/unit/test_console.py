@@ -24,7 +24,6 @@ from deployments.console.pages import (
     batch_progress,
     before_cursor,
     chart_window,
-    csv_rows,
     optional_int,
     parse_json_object,
 )
@@ -32,7 +31,7 @@ from deployments.console.prometheus import DURATION, QUERIES, REQUESTS, TOKENS, 
 from deployments.core.limits import RateLimiterCore
 from deployments.errors import InvalidRequest, NotFound
 from deployments.gateway.auth import Authenticator
-from deployments.schemas import BatchRequestCounts, BatchView, Budget, DayTokens, KeyLimits, UsageRow
+from deployments.schemas import BatchRequestCounts, BatchView, Budget, DayTokens, KeyLimits
 from deployments.store import RunStore
 from deployments.store.keys import KeyStore
 from deployments.store.records import decode_cursor
@@ -112,16 +111,6 @@ def test_day_points_have_a_bar_for_every_day() -> None:
     totals = [DayTokens(day="2026-11-30", total_tokens=5), DayTokens(day="2026-12-02", total_tokens=7)]
     assert day_points(totals, 4, "2026-12-02") == [("11-29", 0), ("11-30", 5), ("12-01", 0), ("12-02", 7)]
     assert day_points([], 1, "2026-12-02") == [("12-02", 0)]
-
-
-def test_csv_rows_carry_the_header_once() -> None:
-    row = UsageRow(key_id="key_a", model="m,1", day="2026-12-02", requests=1, prompt_tokens=2,
-                   completion_tokens=3, total_tokens=5)
-    first, more = csv_rows([row], header=True), csv_rows([row, row])
-    assert first.splitlines() == ["day,key_id,model,requests,prompt_tokens,completion_tokens,total_tokens",
-                                  '2026-12-02,key_a,"m,1",1,2,3,5']
-    assert more.splitlines() == ['2026-12-02,key_a,"m,1",1,2,3,5'] * 2
-    assert csv_rows([]) == ""
 
 
 def test_form_values_are_checked_naming_the_field() -> None:

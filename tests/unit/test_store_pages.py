@@ -18,7 +18,7 @@ from deployments.errors import InvalidRequest
 from deployments.store import open_database
 from deployments.store.keys import MAX_LIST_LIMIT, ApiKey, KeyStore
 from deployments.store.records import UsageRecord
-from deployments.store.usage import MAX_LIMIT
+from deployments.store.usage import MAX_LIMIT, csv_text
 
 DAY = 86400
 MODELS = ("m-a", "m-b")
@@ -226,6 +226,16 @@ def test_today_by_model_adds_up_every_key(store: KeyStore) -> None:
         for field in ("requests", "prompt_tokens", "completion_tokens", "total_tokens"):
             assert row[field] == sum(r[field] for r in mine), field
     assert store.today_by_model("2000-01-01") == []
+
+
+def test_csv_text_carries_the_header_only_when_asked() -> None:
+    row = {"key_id": "key_a", "model": "m,1", "day": "2026-12-02", "requests": 1, "prompt_tokens": 2,
+           "completion_tokens": 3, "total_tokens": 5}
+    assert csv_text([row], header=True).splitlines() == [
+        "day,key_id,model,requests,prompt_tokens,completion_tokens,total_tokens", '2026-12-02,key_a,"m,1",1,2,3,5'
+    ]
+    assert csv_text([row, row]).splitlines() == ['2026-12-02,key_a,"m,1",1,2,3,5'] * 2
+    assert csv_text([]) == ""
 
 
 # -- per-key totals -------------------------------------------------------------------------------
