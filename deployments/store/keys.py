@@ -21,7 +21,6 @@ before these existed get the columns (weight 1, scope tenant) when a store opens
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import hmac
 import re
@@ -80,11 +79,12 @@ def schema(d: Dialect) -> list[str]:
     ]
 
 
+_KEY_COLUMNS = "SELECT id, name, key_hash, hint, created_at, revoked_at, rpm, tpm, token_budget, weight, scope"
 _SELECT_KEY = (
-    "SELECT id, name, key_hash, hint, created_at, revoked_at, rpm, tpm, token_budget, weight, scope,"
-    " COALESCE((SELECT t.tokens FROM key_tokens t WHERE t.key_id = k.id), 0) AS tokens_used"
+    f"{_KEY_COLUMNS}, COALESCE((SELECT t.tokens FROM key_tokens t WHERE t.key_id = k.id), 0) AS tokens_used"
     " FROM api_keys k"
 )
+_SELECT_KEY_WITHOUT_TOKENS = f"{_KEY_COLUMNS}, 0 AS tokens_used FROM api_keys k"
 
 
 @dataclass(frozen=True)
@@ -269,16 +269,13 @@ class KeyStore(DatabaseBacked):
             version = int(row["version"])
             keys = None
             if version != known_version:
-                rows = tx.rows(
-                    "SELECT id, name, key_hash, hint, created_at, revoked_at, rpm, tpm, token_budget, weight,"
-                    " scope, 0 AS tokens_used FROM api_keys WHERE revoked_at IS NULL"
-                )
+                # Each key's tokens come with it (with_usage): no second pass over 10,000 records.
+                select = _SELECT_KEY if with_usage else _SELECT_KEY_WITHOUT_TOKENS
+                rows = tx.rows(f"{select} WHERE k.revoked_at IS NULL")
                 keys = {r["key_hash"]: _api_key(r) for r in rows}
             tokens = None
             if with_usage:
                 tokens = {r["key_id"]: int(r["tokens"]) for r in tx.rows("SELECT key_id, tokens FROM key_tokens")}
-        if keys is not None and tokens is not None:
-            keys = {digest: dataclasses.replace(k, tokens_used=tokens.get(k.id, 0)) for digest, k in keys.items()}
         return KeySnapshot(version=version, keys=keys, tokens_used=tokens)
 
     def record_usage(self, rows: list[UsageRecord], now: float | None = None) -> None:
