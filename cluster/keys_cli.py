@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 
 DEFAULT_URL = "http://127.0.0.1:8000/v1"
+PAGE = 100  # keys per request: the API's largest page
 
 
 def add_parser(sub: Any) -> None:
@@ -30,7 +31,7 @@ def add_parser(sub: Any) -> None:
                         help="share of a busy model's budget against other keys (default: %(default)s)")
     create.add_argument("--scope", choices=("tenant", "prompts"), default="tenant",
                         help="prompts: may also check, push and roll back tasks (default: %(default)s)")
-    actions.add_parser("list", help="list keys (never the keys themselves)")
+    actions.add_parser("list", help="list every key, oldest first (never the keys themselves)")
     revoke = actions.add_parser("revoke", help="revoke a key by id")
     revoke.add_argument("key_id", help="the key's id (key_…)")
 
@@ -48,21 +49,45 @@ def run(args: argparse.Namespace) -> int:
                     "weight": args.weight, "scope": args.scope}
             response = httpx.post(f"{base}/admin/keys", json=body, headers=headers, timeout=30)
         elif args.action == "list":
-            response = httpx.get(f"{base}/admin/keys", headers=headers, timeout=30)
+            return list_keys(base, headers)
         else:
             response = httpx.delete(f"{base}/admin/keys/{args.key_id}", headers=headers, timeout=30)
     except httpx.HTTPError as exc:
         print(f"promptfleet: cannot reach {base}: {exc}", file=sys.stderr)
         return 1
-    if response.status_code >= 400:
-        message = response.json().get("error", {}).get("message", response.text)
-        print(f"promptfleet: {response.status_code}: {message}", file=sys.stderr)
+    if failed(response):
         return 1
     data = response.json()
     if args.action == "create":
         print(f"Created {data['id']} ({data['name']}). The key is shown only once:\n\n  {data['key']}\n")
-    elif args.action == "list":
-        for key in data["data"]:
+    else:
+        print(json.dumps(data, indent=2))
+    return 0
+
+
+def failed(response: httpx.Response) -> bool:
+    """Print the API's error, if it answered one."""
+    if response.status_code < 400:
+        return False
+    message = response.json().get("error", {}).get("message", response.text)
+    print(f"promptfleet: {response.status_code}: {message}", file=sys.stderr)
+    return True
+
+
+def list_keys(base: str, headers: dict[str, str]) -> int:
+    """Every key, oldest first: the API answers a page at a time, so follow ``has_more``."""
+    after: str | None = None
+    while True:
+        params: dict[str, str | int] = {"limit": PAGE, **({"after": after} if after else {})}
+        try:
+            response = httpx.get(f"{base}/admin/keys", params=params, headers=headers, timeout=30)
+        except httpx.HTTPError as exc:
+            print(f"promptfleet: cannot reach {base}: {exc}", file=sys.stderr)
+            return 1
+        if failed(response):
+            return 1
+        page = response.json()
+        for key in page["data"]:
             state = "revoked" if key["revoked_at"] else "active"
             limits = ", ".join(
                 [f"{k}={key[k]}" for k in ("rpm", "tpm", "token_budget") if key[k]]
@@ -70,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
                 + ([f"scope={key['scope']}"] if key.get("scope", "tenant") != "tenant" else [])
             )
             print(f"{key['id']}  …{key['hint']}  {state:<7}  {key['name']}  used={key['tokens_used']}  {limits}")
-    else:
-        print(json.dumps(data, indent=2))
-    return 0
+        # An older Gateway answers every key at once, without has_more: that is the last page too.
+        if not page.get("has_more") or not page.get("last_id"):
+            return 0
+        after = page["last_id"]

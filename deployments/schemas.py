@@ -513,23 +513,56 @@ class KeyCreated(KeyView):
 
 
 class KeyList(_Ours):
+    """A page of GET /v1/admin/keys (OpenAI's list shape: pass `last_id` as `after` for the next)."""
+
     object: Literal["list"] = "list"
     data: list[KeyView]
+    first_id: str | None = Field(default=None, description="Id of the first key of this page; empty if none.")
+    last_id: str | None = Field(default=None, description="Id of the last key of this page; empty if none.")
+    has_more: bool = Field(default=False, description="More keys follow `last_id` (pass it as `after`).")
 
 
 class UsageRow(_Ours):
-    key_id: str
-    model: str
+    key_id: str = Field(description="The key the usage is billed to.")
+    model: str = Field(description="The model called.")
     day: str = Field(description="UTC date, YYYY-MM-DD.")
-    requests: int
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
+    requests: int = Field(description="Model calls that day.")
+    prompt_tokens: int = Field(description="Prompt tokens that day.")
+    completion_tokens: int = Field(description="Completion tokens that day.")
+    total_tokens: int = Field(description="Prompt and completion tokens that day.")
 
 
 class UsageList(_Ours):
+    """A page of GET /v1/usage: newest day first, then by key and model."""
+
     object: Literal["list"] = "list"
     data: list[UsageRow]
+    next_cursor: str | None = Field(default=None, description="Pass as `cursor` (with the same filters) for the "
+                                    "next page; empty on the last.")
+
+
+class UsageCsv(_Ours):
+    """A page of usage rows as CSV lines (the console's export streams these)."""
+
+    csv: str = Field(description="CSV lines of the page's rows, after the header line on the first page.")
+    next_cursor: str | None = Field(default=None, description="The cursor of the next page; empty on the last.")
+
+
+class DayTokens(_Ours):
+    """One day of the console's tokens-per-day chart (summed by the store's database)."""
+
+    day: str = Field(description="UTC date, YYYY-MM-DD.")
+    total_tokens: int = Field(description="Tokens of every key and model that day (or of the key asked for).")
+
+
+class ModelUsage(_Ours):
+    """One model's calls on one day, every key together (the console's overview of today)."""
+
+    model: str = Field(description="The model called.")
+    requests: int = Field(description="Model calls.")
+    prompt_tokens: int = Field(description="Prompt tokens.")
+    completion_tokens: int = Field(description="Completion tokens.")
+    total_tokens: int = Field(description="Prompt and completion tokens.")
 
 
 # -- batches -------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ Expected errors (404, 409, 503) are returned as values, never raised
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -44,8 +45,21 @@ from deployments.core.replies import Reply, replying
 from deployments.core.retention import Cutoffs
 from deployments.errors import NotFound, Overloaded
 from deployments.logs import watch_serve_log
-from deployments.schemas import RunDetail, RunDetailList, RunList, RunView
+from deployments.schemas import (
+    DayTokens,
+    KeyList,
+    KeyView,
+    ModelUsage,
+    RunDetail,
+    RunDetailList,
+    RunList,
+    RunView,
+    UsageCsv,
+    UsageList,
+    UsageRow,
+)
 from deployments.store import RunRecord, RunStore, open_database
+from deployments.store import usage as usage_rows
 from deployments.store.keys import ApiKey, KeySnapshot, KeyStore
 from deployments.store.records import UsageRecord
 from deployments.store.runs import RunMove
@@ -315,8 +329,14 @@ class TaskStore:
             return None
         return key
 
-    async def list_keys(self) -> Reply[list[ApiKey]]:
-        return await replying(self._user(self.keys.list_keys))
+    async def list_keys(self, limit: int, after: str | None, order: str = "asc") -> Reply[KeyList]:
+        """A page of keys in creation order (``asc`` or ``desc``) after the key ``after``."""
+        return await replying(self._list_keys(limit, after, order))
+
+    async def _list_keys(self, limit: int, after: str | None, order: str) -> KeyList:
+        keys, more = await self._user(self.keys.list_keys, limit, after, order)
+        return KeyList(data=[KeyView(**dataclasses.asdict(k)) for k in keys], has_more=more,
+                       first_id=keys[0].id if keys else None, last_id=keys[-1].id if keys else None)
 
     async def set_key_limits(
         self, key_id: str, rpm: int | None, tpm: int | None, token_budget: int | None, weight: float
@@ -331,8 +351,53 @@ class TaskStore:
     async def record_usage(self, rows: list[UsageRecord]) -> Reply[None]:
         return await replying(self._user(self.keys.record_usage, rows))
 
-    async def usage(self, key_id: str | None) -> Reply[list[dict[str, Any]]]:
-        return await replying(self._user(self.keys.usage, key_id))
+    async def usage(
+        self, key_id: str | None, since: str | None = None, until: str | None = None,
+        limit: int = usage_rows.DEFAULT_LIMIT, cursor: str | None = None,
+    ) -> Reply[UsageList]:
+        """A page of usage rows (every key's for ``key_id`` None) and the next page's cursor."""
+        return await replying(self._usage(key_id, since, until, limit, cursor))
+
+    async def _usage(
+        self, key_id: str | None, since: str | None, until: str | None, limit: int, cursor: str | None
+    ) -> UsageList:
+        rows, next_cursor = await self._user(
+            self.keys.usage, key_id, since=since, until=until, limit=limit, cursor=cursor
+        )
+        return UsageList(data=[UsageRow(**row) for row in rows], next_cursor=next_cursor)
+
+    async def usage_csv(
+        self, key_id: str | None, since: str | None, until: str | None, cursor: str | None
+    ) -> Reply[UsageCsv]:
+        """The next ``usage_rows.MAX_LIMIT`` usage rows as CSV lines (the header line first when
+        ``cursor`` is None), and the cursor after them: the console's export, a page a call."""
+        return await replying(self._usage_csv(key_id, since, until, cursor))
+
+    async def _usage_csv(
+        self, key_id: str | None, since: str | None, until: str | None, cursor: str | None
+    ) -> UsageCsv:
+        rows, next_cursor = await self._user(
+            self.keys.usage, key_id, since=since, until=until, limit=usage_rows.MAX_LIMIT, cursor=cursor
+        )
+        return UsageCsv(csv=usage_rows.csv_text(rows, header=cursor is None), next_cursor=next_cursor)
+
+    async def tokens_per_day(
+        self, days: int, key_id: str | None = None, today: str | None = None
+    ) -> Reply[list[DayTokens]]:
+        """Tokens of each of the ``days`` days up to ``today`` that has usage, for the console's
+        charts: summed by the database over those days only."""
+        return await replying(self._tokens_per_day(days, key_id, today))
+
+    async def _tokens_per_day(self, days: int, key_id: str | None, today: str | None) -> list[DayTokens]:
+        points = await self._user(self.keys.tokens_per_day, days, key_id, today)
+        return [DayTokens(day=day, total_tokens=tokens) for day, tokens in points]
+
+    async def today_by_model(self) -> Reply[list[ModelUsage]]:
+        """Today's (UTC) requests and tokens per model, every key together (the console's overview)."""
+        return await replying(self._today_by_model())
+
+    async def _today_by_model(self) -> list[ModelUsage]:
+        return [ModelUsage(**row) for row in await self._user(self.keys.today_by_model)]
 
     # -- task versions (the catalogue every Gateway and TaskRunner follows) --------------------
 

@@ -2,13 +2,17 @@
 
 ``bar_chart`` draws one bar per labelled value, scaled to the largest, with the value over each
 bar and the label under it: enough for tokens per day or per model, and readable without a
-chart library.
+chart library. ``day_points`` turns the store's tokens per day (days with usage only) into one
+bar per calendar day.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import date, timedelta
 from html import escape
+
+from deployments.schemas import DayTokens
 
 
 def compact(value: float) -> str:
@@ -51,3 +55,11 @@ def bar_chart(points: Sequence[tuple[str, float]], *, title: str, width: int = 6
             parts.append(f'<text x="{cx:.1f}" y="{height - 10}" text-anchor="middle">{escape(label[:16])}</text>')
     parts.append("</svg>")
     return "".join(parts)
+
+
+def day_points(totals: list[DayTokens], days: int, last: str) -> list[tuple[str, float]]:
+    """One (MM-DD, tokens) bar for each of the ``days`` days ending with ``last``, 0 where none."""
+    by_day = {point.day: point.total_tokens for point in totals}
+    end = date.fromisoformat(last)
+    labels = [(end - timedelta(days=n)).isoformat() for n in range(days - 1, -1, -1)]
+    return [(day[5:], by_day.get(day, 0)) for day in labels]

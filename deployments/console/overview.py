@@ -4,7 +4,8 @@
   (the ``/readyz`` check, ``gateway.health``);
 - the run queue by status (``TaskStore.count_by_status``) and the limiter's budgets
   (``RateLimiter.state``);
-- today's requests and tokens per model, and tokens per day (the store's ``usage`` table);
+- today's requests and tokens per model, and tokens per day of the last 14 (``TaskStore.today_by_model``
+  and ``tokens_per_day``: summed by the database over those days, never the whole usage table);
 - request rate, error rate and latency over the last hour, from Prometheus when there is one
   (``prometheus``).
 
@@ -17,13 +18,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
 from ray.serve.handle import DeploymentHandle
 
-from deployments.console.charts import bar_chart
+from deployments.console.charts import bar_chart, day_points
 from deployments.console.cluster import Deployments, Snapshot
 from deployments.console.prometheus import Rates, query_rates
 from deployments.core.replies import unwrap
@@ -32,6 +32,7 @@ from deployments.metering import Meter
 from deployments.schemas import LimiterState, Readiness
 
 logger = logging.getLogger("ray.serve")
+DAYS = 14  # the tokens-per-day chart
 
 
 @dataclass
@@ -76,13 +77,14 @@ class Overview:
 
     async def gather(self) -> OverviewData:
         await self.meter.flush()  # this replica's last second of usage
-        names = ("health", "deployments", "queue", "limiter", "usage", "rates")
+        names = ("health", "deployments", "queue", "limiter", "today", "days", "rates")
         results = await asyncio.gather(
             self.health.check(),
             self.deployments.get(),
             self._unwrapped(self.store.count_by_status.remote()),
             self.limiter.state.remote(),
-            self._unwrapped(self.store.usage.remote(None)),
+            self._unwrapped(self.store.today_by_model.remote()),
+            self._unwrapped(self.store.tokens_per_day.remote(DAYS)),
             query_rates(self.prometheus_host),
             return_exceptions=True,
         )
@@ -95,18 +97,13 @@ class Overview:
                 values[name] = None
             else:
                 values[name] = result
-        usage: list[dict[str, Any]] = values["usage"] or []
-        today_day = time.strftime("%Y-%m-%d", time.gmtime())
-        today: dict[str, ModelToday] = defaultdict(ModelToday)
-        per_day: dict[str, int] = defaultdict(int)
-        for row in usage:
-            per_day[row["day"]] += int(row["total_tokens"])
-            if row["day"] == today_day:
-                model = today[row["model"]]
-                for key in ("requests", "prompt_tokens", "completion_tokens", "total_tokens"):
-                    setattr(model, key, getattr(model, key) + int(row[key]))
+        today = {
+            row.model: ModelToday(row.requests, row.prompt_tokens, row.completion_tokens, row.total_tokens)
+            for row in values["today"] or []
+        }
         models = sorted(today)
-        days = sorted(per_day)[-14:]
+        today_day = time.strftime("%Y-%m-%d", time.gmtime())
+        days = day_points(values["days"] or [], DAYS, today_day)
         return OverviewData(
             health=values["health"],
             deployments=values["deployments"],
@@ -116,7 +113,7 @@ class Overview:
             rates=values["rates"] or Rates(source=self.prometheus_host, error="not asked"),
             tokens_chart=bar_chart([(m, today[m].total_tokens) for m in models], title="Tokens today per model"),
             requests_chart=bar_chart([(m, today[m].requests) for m in models], title="Requests today per model"),
-            days_chart=bar_chart([(d[5:], per_day[d]) for d in days], title="Tokens per day (14 days)"),
+            days_chart=bar_chart(days, title=f"Tokens per day ({DAYS} days)"),
             problems=problems,
         )
 

@@ -4,19 +4,19 @@ Every page is rendered on the server from the same handles and functions the JSO
 through the TaskStore (``list_details``/``run_detail`` are ``list_runs``/``get`` with the owner and
 input the admin may see), keys through ``admin_routes.KeyAdmin``, batches and their files through
 the BatchService with the admin's scope (``None``), budgets through ``Meter.check_budget``. Lists
-are keyset-paginated (the store's cursor), so a page costs the same with 100,000 runs as with 10.
+are keyset-paginated (the store's cursor), so a page costs the same with 100,000 runs as with 10:
+runs, keys (newest first) and usage rows alike. Nothing loads a whole table: the usage chart is
+summed by the database over the days it shows, and the CSV export streams the rows page by page
+(the TaskStore writes each page's CSV lines: ``TaskStore.usage_csv``).
 Parts marked ``data-live`` are re-fetched every few seconds by ``static/console.js``.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import time
-from collections import defaultdict
 from collections.abc import AsyncIterator, Callable
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import Any
 
 from fastapi import FastAPI, Form, Query, Request
@@ -26,18 +26,30 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments import request_ids
 from deployments.catalogue import CatalogueFollower
-from deployments.console.charts import bar_chart
+from deployments.console.charts import bar_chart, day_points
 from deployments.console.overview import Overview
 from deployments.core.prompting import render_messages
 from deployments.core.replies import unwrap
 from deployments.errors import InvalidRequest, PromptfleetError
 from deployments.gateway.admin_routes import KeyAdmin
 from deployments.metering import KeyEntry, Meter
-from deployments.schemas import BatchView, KeyCreate, KeyLimits, RunDetail, RunDetailList
+from deployments.schemas import (
+    BatchView,
+    DayTokens,
+    KeyCreate,
+    KeyLimits,
+    RunDetail,
+    RunDetailList,
+    UsageCsv,
+    UsageList,
+)
+from deployments.store import usage as usage_rows
 from deployments.store.records import STATUSES, encode_cursor
 from deployments.task_executor import check_input
 
 PAGE = 50
+CHART_DAYS = 14  # the usage chart without a start day
+MAX_CHART_DAYS = 31
 CHUNK_BYTES = 4 * 1024 * 1024
 Render = Callable[..., str]
 
@@ -70,6 +82,19 @@ def before_cursor(before: str | None) -> str | None:
     except ValueError:
         raise InvalidRequest("before: not a date and time.", param="before") from None
     return encode_cursor(at, "run_" + "f" * 24)  # the largest id: every run created at `at` is after it
+
+
+def chart_window(since: str | None, until: str | None, today: str) -> tuple[int, str]:
+    """The usage chart's days: (how many, the last). It ends at ``until`` (else today) and starts
+    at ``since`` if given — at most ``MAX_CHART_DAYS`` back — else ``CHART_DAYS`` back."""
+    if since is None:
+        return CHART_DAYS, usage_rows.check_day(until, "until") if until else today
+    since = usage_rows.check_day(since, "since")
+    last = usage_rows.check_day(until, "until") if until else max(today, since)
+    span = (date.fromisoformat(last) - date.fromisoformat(since)).days + 1
+    if span < 1:
+        raise InvalidRequest("until must not be before since.", param="until")
+    return min(span, MAX_CHART_DAYS), last
 
 
 def batch_progress(batch: BatchView, now: float) -> dict[str, Any]:
@@ -207,8 +232,8 @@ class Pages:
         # -- keys and usage --------------------------------------------------------------------
 
         @app.get("/keys", response_class=HTMLResponse)
-        async def keys(request: Request) -> HTMLResponse:
-            return page("keys.html", request, nav="keys", keys=await self.keys.list(), created=None, error=None)
+        async def keys(request: Request, after: str = Query("", max_length=64)) -> HTMLResponse:
+            return page("keys.html", request, nav="keys", **await self._keys(after), created=None, error=None)
 
         @app.post("/keys", response_class=HTMLResponse)
         async def create_key(
@@ -222,10 +247,11 @@ class Pages:
                 created = await self.keys.create(body)
             except (PromptfleetError, ValidationError) as exc:
                 message = exc.message if isinstance(exc, PromptfleetError) else _first_error(exc)
-                return HTMLResponse(render("keys.html", request, nav="keys", keys=await self.keys.list(),
+                return HTMLResponse(render("keys.html", request, nav="keys", **await self._keys(""),
                                            created=None, error=message), status_code=400)
-            # The plain key is in this response only (not in a URL, not stored): shown once.
-            return page("keys.html", request, nav="keys", keys=await self.keys.list(), created=created, error=None)
+            # The plain key is in this response only (not in a URL, not stored): shown once. The
+            # first page is the newest keys, so the new one is at its top.
+            return page("keys.html", request, nav="keys", **await self._keys(""), created=created, error=None)
 
         @app.post("/keys/{key_id}/limits", response_model=None)
         async def set_limits(
@@ -236,7 +262,7 @@ class Pages:
                 body = KeyLimits(rpm=optional_int(rpm, "rpm"), tpm=optional_int(tpm, "tpm"),
                                  token_budget=optional_int(token_budget, "token_budget"), weight=weight or "1")
             except ValidationError as exc:
-                return HTMLResponse(render("keys.html", request, nav="keys", keys=await self.keys.list(),
+                return HTMLResponse(render("keys.html", request, nav="keys", **await self._keys(""),
                                            created=None, error=_first_error(exc)), status_code=400)
             await self.keys.set_limits(key_id[:64], body)
             return back(request, "/keys")
@@ -247,25 +273,48 @@ class Pages:
             return back(request, "/keys")
 
         @app.get("/usage", response_class=HTMLResponse)
-        async def usage(request: Request, key_id: str = Query("", max_length=64)) -> HTMLResponse:
-            rows = await self._usage(key_id)
-            per_day: dict[str, int] = defaultdict(int)
-            for row in rows:
-                per_day[row["day"]] += row["total_tokens"]
-            days = sorted(per_day)[-14:]
-            chart = bar_chart([(day[5:], per_day[day]) for day in days], title="Tokens per day")
-            return page("usage.html", request, nav="usage", rows=rows, chart=chart, key_id=key_id,
-                        keys=await self.keys.list())
+        async def usage(
+            request: Request,
+            key_id: str = Query("", max_length=64),
+            since: str = Query("", max_length=10),
+            until: str = Query("", max_length=10),
+            cursor: str = Query("", max_length=400),
+        ) -> HTMLResponse:
+            filters = {"key_id": key_id.strip(), "since": since, "until": until}
+            days, last = chart_window(since or None, until or None, time.strftime("%Y-%m-%d", time.gmtime()))
+            await self.meter.flush()  # this replica's last second too, as GET /v1/usage does
+            listing: UsageList = unwrap(await self.store.usage.remote(
+                filters["key_id"] or None, since or None, until or None, PAGE, cursor or None
+            ))
+            totals: list[DayTokens] = unwrap(await self.store.tokens_per_day.remote(
+                days, filters["key_id"] or None, last
+            ))
+            chart = bar_chart(day_points(totals, days, last), title="Tokens per day")
+            return page("usage.html", request, nav="usage", rows=listing.data, next_cursor=listing.next_cursor,
+                        chart=chart, chart_days=days, filters=filters, cursor=cursor,
+                        query={k: v for k, v in filters.items() if v})
 
         @app.get("/usage.csv")
-        async def usage_csv(key_id: str = Query("", max_length=64)) -> Response:
-            out = io.StringIO()
-            columns = ["day", "key_id", "model", "requests", "prompt_tokens", "completion_tokens", "total_tokens"]
-            writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(await self._usage(key_id))
-            return Response(out.getvalue(), media_type="text/csv; charset=utf-8",
-                            headers={"Content-Disposition": 'attachment; filename="usage.csv"'})
+        async def usage_csv(
+            key_id: str = Query("", max_length=64),
+            since: str = Query("", max_length=10),
+            until: str = Query("", max_length=10),
+        ) -> StreamingResponse:
+            await self.meter.flush()
+            filters = (key_id.strip() or None, since or None, until or None)
+            # The first page before the answer starts: a bad filter is still a 400 page, not a
+            # 200 with a broken body. Then a page a store call, as the browser reads them.
+            first: UsageCsv = unwrap(await self.store.usage_csv.remote(*filters, None))
+
+            async def pages() -> AsyncIterator[str]:
+                chunk = first
+                yield chunk.csv
+                while chunk.next_cursor is not None:
+                    chunk = unwrap(await self.store.usage_csv.remote(*filters, chunk.next_cursor))
+                    yield chunk.csv
+
+            return StreamingResponse(pages(), media_type="text/csv; charset=utf-8",
+                                     headers={"Content-Disposition": 'attachment; filename="usage.csv"'})
 
         # -- batches ---------------------------------------------------------------------------
 
@@ -304,10 +353,10 @@ class Pages:
             raise InvalidRequest("This application has no batch service.")
         return self.batches
 
-    async def _usage(self, key_id: str) -> list[dict[str, Any]]:
-        await self.meter.flush()  # this replica's last second too, as GET /v1/usage does
-        rows: list[dict[str, Any]] = unwrap(await self.store.usage.remote(key_id or None))
-        return rows
+    async def _keys(self, after: str) -> dict[str, Any]:
+        """The keys page's listing: newest first, ``PAGE`` at a time, after the key ``after``."""
+        listing = await self.keys.list(PAGE, after or None, "desc")
+        return {"keys": listing.data, "has_more": listing.has_more, "last_id": listing.last_id, "after": after}
 
 
 def _first_error(exc: ValidationError) -> str:

@@ -1,29 +1,36 @@
 """Key management and usage routes of the Gateway.
 
     POST   /v1/admin/keys          create a key (admin); the plain key is in this response only
-    GET    /v1/admin/keys          list keys (admin)
+    GET    /v1/admin/keys?limit=&after=&order=   a page of keys in creation order (admin)
     PATCH  /v1/admin/keys/{id}     replace a key's limits: rpm, tpm, token_budget, weight (admin)
     DELETE /v1/admin/keys/{id}     revoke a key (admin): its queued runs and unfinished batches are
                                    cancelled too
-    GET    /v1/usage               the caller's token usage per model and day (admin: every key,
-                                   or ?key_id=)
+    GET    /v1/usage?key_id=&since=&until=&limit=&cursor=   a page of the caller's token usage per
+                                   model and day, newest first (admin: every key's, or ?key_id=)
+
+Both lists are keyset pages, so a page costs the same with 10 keys or 10,000 and with a year of
+usage: keys as OpenAI's admin key list pages them (``after`` the last id, ``has_more``), usage by
+an opaque ``cursor`` (``next_cursor``), as ``GET /v1/runs``. The limits are checked here for the
+API reference and again by the store, which names the parameter of any bad value (``after``,
+``cursor``, ``since``, ``until``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Annotated
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Path
+from fastapi import APIRouter, Depends, Path, Query
 from ray.serve.handle import DeploymentHandle
 
 from deployments.core.replies import unwrap
 from deployments.gateway.auth import Authenticator, require_admin
 from deployments.gateway.caller import Caller, get_caller
 from deployments.metering import Meter
-from deployments.schemas import KeyCreate, KeyCreated, KeyLimits, KeyList, KeyView, UsageList, UsageRow
-from deployments.store.keys import ApiKey
+from deployments.schemas import KeyCreate, KeyCreated, KeyLimits, KeyList, KeyView, UsageList
+from deployments.store import usage as usage_rows
+from deployments.store.keys import DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT, ApiKey
 
 logger = logging.getLogger("ray.serve")
 
@@ -64,8 +71,9 @@ class KeyAdmin:
         logger.info("revoked %s: cancelled %d queued runs, %s batches", key_id, runs, cancelled)
         return key_view(key)
 
-    async def list(self) -> list[KeyView]:
-        return [key_view(k) for k in unwrap(await self.store.list_keys.remote())]
+    async def list(self, limit: int = DEFAULT_LIST_LIMIT, after: str | None = None, order: str = "asc") -> KeyList:
+        listing: KeyList = unwrap(await self.store.list_keys.remote(limit, after, order))
+        return listing
 
 
 def build_admin_router(
@@ -81,9 +89,17 @@ def build_admin_router(
         return await keys.create(body)
 
     @router.get("/admin/keys", response_model=KeyList)
-    async def list_keys(caller: Annotated[Caller, Depends(get_caller)]) -> KeyList:
+    async def list_keys(
+        caller: Annotated[Caller, Depends(get_caller)],
+        limit: Annotated[int, Query(ge=1, le=MAX_LIST_LIMIT, description=(
+            f"Keys per page, 1 to {MAX_LIST_LIMIT}."))] = DEFAULT_LIST_LIMIT,
+        after: Annotated[str | None, Query(max_length=64, description=(
+            "A key id: the page starts after it (the `last_id` of the page before)."))] = None,
+        order: Annotated[Literal["asc", "desc"], Query(description=(
+            "Creation order: `asc` oldest first (the default), `desc` newest first."))] = "asc",
+    ) -> KeyList:
         require_admin(caller, enabled)
-        return KeyList(data=await keys.list())
+        return await keys.list(limit, after, order)
 
     @router.patch("/admin/keys/{key_id}", response_model=KeyView)
     async def set_key_limits(
@@ -100,12 +116,23 @@ def build_admin_router(
         return await keys.revoke(key_id)
 
     @router.get("/usage", response_model=UsageList)
-    async def usage(caller: Annotated[Caller, Depends(get_caller)], key_id: str | None = None) -> UsageList:
+    async def usage(
+        caller: Annotated[Caller, Depends(get_caller)],
+        key_id: Annotated[str | None, Query(max_length=64, description=(
+            "Admin only: this key's usage (empty: every key's). A tenant key always gets its own."))] = None,
+        since: Annotated[str | None, Query(max_length=10, description=(
+            "First UTC day, YYYY-MM-DD (included)."))] = None,
+        until: Annotated[str | None, Query(max_length=10, description=(
+            "Last UTC day, YYYY-MM-DD (included); not before `since`."))] = None,
+        limit: Annotated[int, Query(ge=1, le=usage_rows.MAX_LIMIT, description=(
+            f"Rows per page, 1 to {usage_rows.MAX_LIMIT}."))] = usage_rows.DEFAULT_LIMIT,
+        cursor: Annotated[str | None, Query(max_length=400, description=(
+            "The `next_cursor` of the page before, with the same filters."))] = None,
+    ) -> UsageList:
         await meter.flush()  # include this replica's last second
-        if caller.is_admin or not enabled:
-            rows = unwrap(await store.usage.remote(key_id))
-        else:
-            rows = unwrap(await store.usage.remote(caller.owner))
-        return UsageList(data=[UsageRow(**row) for row in rows])
+        # A tenant's key_id is ignored, not refused: its own usage is all it may read.
+        owner = key_id if caller.is_admin or not enabled else caller.owner
+        page: UsageList = unwrap(await store.usage.remote(owner, since, until, limit, cursor))
+        return page
 
     return router

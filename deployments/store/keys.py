@@ -6,7 +6,11 @@ slow KDF would only cost latency. The plain key is returned once, by
 ``create``. A lookup finds the row by digest and then compares digests with
 ``hmac.compare_digest`` so the comparison itself leaks no timing.
 
-Usage is kept per key, per model, per UTC day: requests and tokens.
+Usage is kept per key, per model, per UTC day: requests and tokens (``store.usage``: its pages,
+charts and the per-key totals that ``tokens_used`` reads).
+
+Listings are keyset pages, whatever the number of keys: keys in creation order (``created_at``,
+then id; either direction) after a key id, as OpenAI's admin key list pages; usage by cursor.
 
 A key's ``weight`` is its share of a model budget when keys wait for it
 together (``core.fairshare``). A key's ``scope`` is ``tenant`` (the API's normal use) or
@@ -17,7 +21,6 @@ before these existed get the columns (weight 1, scope tenant) when a store opens
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import hmac
 import re
@@ -27,11 +30,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from deployments.errors import InvalidRequest, NotFound
+from deployments.store import usage as usage_rows
 from deployments.store.database import Database, DatabaseBacked, Dialect, Location, Row, Tx
 from deployments.store.records import UsageRecord, check_text
 
 KEY_PREFIX = "pf-"
 SCOPES = ("tenant", "prompts")
+DEFAULT_LIST_LIMIT = 20  # OpenAI's admin key list: 20 by default, at most 100
+MAX_LIST_LIMIT = 100
 _KEY_ID = re.compile(r"key_[0-9a-f]{16}")
 _KEY_HASH = re.compile(r"[0-9a-f]{64}")
 
@@ -67,16 +73,18 @@ def schema(d: Dialect) -> list[str]:
             id       INTEGER PRIMARY KEY CHECK (id = 1),
             version  BIGINT NOT NULL
         )""",
+        # The listing's order: a page of keys is one index range, however many keys there are.
+        "CREATE INDEX IF NOT EXISTS api_keys_by_created ON api_keys (created_at, id)",
+        *usage_rows.INDEXES,
     ]
 
 
-# SUM of a BIGINT is NUMERIC in PostgreSQL: ApiKey takes int() of it.
+_KEY_COLUMNS = "SELECT id, name, key_hash, hint, created_at, revoked_at, rpm, tpm, token_budget, weight, scope"
 _SELECT_KEY = (
-    "SELECT id, name, key_hash, hint, created_at, revoked_at, rpm, tpm, token_budget, weight, scope,"
-    " COALESCE((SELECT SUM(u.total_tokens) FROM usage u WHERE u.key_id = k.id), 0) AS tokens_used"
+    f"{_KEY_COLUMNS}, COALESCE((SELECT t.tokens FROM key_tokens t WHERE t.key_id = k.id), 0) AS tokens_used"
     " FROM api_keys k"
 )
-_USAGE_COLUMNS = "key_id, model, day, requests, prompt_tokens, completion_tokens, total_tokens"
+_SELECT_KEY_WITHOUT_TOKENS = f"{_KEY_COLUMNS}, 0 AS tokens_used FROM api_keys k"
 
 
 @dataclass(frozen=True)
@@ -146,6 +154,8 @@ class KeyStore(DatabaseBacked):
             for column, ddl in columns.items():
                 if column not in present:
                     tx.run(f"ALTER TABLE api_keys ADD COLUMN {column} {ddl}")
+        # And the per-key token totals, filled from the usage so far (``store.usage``).
+        usage_rows.add_key_tokens(tx, self._db.dialect)
 
     @staticmethod
     def _bump(tx: Tx) -> None:
@@ -192,9 +202,29 @@ class KeyStore(DatabaseBacked):
             raise _key_not_found(key_id)
         return _api_key(row)
 
-    def list_keys(self) -> list[ApiKey]:
+    def list_keys(
+        self, limit: int = DEFAULT_LIST_LIMIT, after: str | None = None, order: str = "asc"
+    ) -> tuple[list[ApiKey], bool]:
+        """Up to ``limit`` keys (revoked ones too) after the key ``after`` in creation order
+        (``asc``: oldest first; ``desc``: newest first), and whether more follow."""
+        if not 1 <= limit <= MAX_LIST_LIMIT:
+            raise InvalidRequest(f"limit must be between 1 and {MAX_LIST_LIMIT}.", param="limit")
+        if order not in ("asc", "desc"):
+            raise InvalidRequest("order must be asc or desc.", param="order")
+        direction, beyond = ("ASC", ">") if order == "asc" else ("DESC", "<")
+        where, args = "", []
         with self._db.autocommit() as tx:
-            return [_api_key(row) for row in tx.rows(f"{_SELECT_KEY} ORDER BY k.created_at, k.id")]
+            if after is not None:
+                well_formed = _KEY_ID.fullmatch(after) is not None
+                anchor = tx.one("SELECT created_at FROM api_keys WHERE id = ?", after) if well_formed else None
+                if anchor is None:
+                    raise InvalidRequest(f"after: no API key with id '{after[:64]}'.", param="after")
+                # (created_at, id): two keys made in the same instant still have one order.
+                where, args = f" WHERE (k.created_at, k.id) {beyond} (?, ?)", [anchor["created_at"], after]
+            rows = tx.rows(
+                f"{_SELECT_KEY}{where} ORDER BY k.created_at {direction}, k.id {direction} LIMIT ?", *args, limit + 1
+            )
+        return [_api_key(row) for row in rows[:limit]], len(rows) > limit
 
     def revoke(self, key_id: str, now: float | None = None) -> ApiKey:
         if _KEY_ID.fullmatch(key_id) is None:
@@ -239,17 +269,13 @@ class KeyStore(DatabaseBacked):
             version = int(row["version"])
             keys = None
             if version != known_version:
-                rows = tx.rows(
-                    "SELECT id, name, key_hash, hint, created_at, revoked_at, rpm, tpm, token_budget, weight,"
-                    " scope, 0 AS tokens_used FROM api_keys WHERE revoked_at IS NULL"
-                )
+                # Each key's tokens come with it (with_usage): no second pass over 10,000 records.
+                select = _SELECT_KEY if with_usage else _SELECT_KEY_WITHOUT_TOKENS
+                rows = tx.rows(f"{select} WHERE k.revoked_at IS NULL")
                 keys = {r["key_hash"]: _api_key(r) for r in rows}
             tokens = None
             if with_usage:
-                usage = tx.rows("SELECT key_id, SUM(total_tokens) AS n FROM usage GROUP BY key_id")
-                tokens = {r["key_id"]: int(r["n"]) for r in usage}
-        if keys is not None and tokens is not None:
-            keys = {digest: dataclasses.replace(k, tokens_used=tokens.get(k.id, 0)) for digest, k in keys.items()}
+                tokens = {r["key_id"]: int(r["tokens"]) for r in tx.rows("SELECT key_id, tokens FROM key_tokens")}
         return KeySnapshot(version=version, keys=keys, tokens_used=tokens)
 
     def record_usage(self, rows: list[UsageRecord], now: float | None = None) -> None:
@@ -269,10 +295,33 @@ class KeyStore(DatabaseBacked):
                     r.key_id, r.model, day, r.requests, r.prompt_tokens, r.completion_tokens, r.total_tokens,
                 )
 
-    def usage(self, key_id: str | None = None) -> list[dict[str, Any]]:
-        """Usage rows, newest day first; all keys when ``key_id`` is None."""
+    def usage(
+        self,
+        key_id: str | None = None,
+        *,
+        since: str | None = None,
+        until: str | None = None,
+        limit: int = usage_rows.DEFAULT_LIMIT,
+        cursor: str | None = None,
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """A page of usage rows (newest day first, then key and model) and the next page's cursor;
+        every key's when ``key_id`` is empty, days ``since``..``until`` (YYYY-MM-DD, both included)."""
         if key_id and _KEY_ID.fullmatch(key_id) is None:
-            return []  # not a key id, so no key's usage
-        where, args = (" WHERE key_id = ?", (key_id,)) if key_id else ("", ())
+            return [], None  # not a key id, so no key's usage (and no NUL reaches PostgreSQL)
         with self._db.autocommit() as tx:
-            return tx.rows(f"SELECT {_USAGE_COLUMNS} FROM usage{where} ORDER BY day DESC, key_id, model", *args)
+            return usage_rows.page(tx, key_id=key_id or None, since=since, until=until, limit=limit, cursor=cursor)
+
+    def tokens_per_day(
+        self, days: int = 14, key_id: str | None = None, today: str | None = None
+    ) -> list[tuple[str, int]]:
+        """(day, tokens) of each of the ``days`` UTC days up to ``today`` that has usage, oldest
+        first: summed by the database over those days' rows only."""
+        today = usage_rows.check_day(today, "today") if today else time.strftime("%Y-%m-%d", time.gmtime())
+        since = usage_rows.days_back(today, days)
+        with self._db.autocommit() as tx:
+            return usage_rows.tokens_per_day(tx, since=since, until=today, key_id=key_id or None)
+
+    def today_by_model(self, day: str | None = None) -> list[dict[str, Any]]:
+        """Requests and tokens per model on ``day`` (default: today, UTC)."""
+        with self._db.autocommit() as tx:
+            return usage_rows.today_by_model(tx, day or time.strftime("%Y-%m-%d", time.gmtime()))

@@ -55,6 +55,18 @@ def model_count(browser: Browser, model: str, field: str) -> int:
     return int(text) if text.isdigit() else -1
 
 
+def tokens_used(app: ServeApp, key_id: str) -> int:
+    """The key's ``tokens_used`` from the API's key list, newest first, a page at a time."""
+    params: dict[str, str | int] = {"order": "desc", "limit": 100}
+    while True:
+        page = call(app, ADMIN, "GET", "/admin/keys", params=params).json()
+        found = [k["tokens_used"] for k in page["data"] if k["id"] == key_id]
+        if found or not page["has_more"]:
+            assert found, f"{key_id} is not listed"
+            return int(found[0])
+        params["after"] = page["last_id"]
+
+
 def run_status(app: ServeApp, who: Tenant, run_id: str) -> str:
     return str(call(app, who, "GET", f"/runs/{run_id}").json()["status"])
 
@@ -111,7 +123,10 @@ def test_console_end_to_end(app: ServeApp, browser: Browser) -> None:
     # Replicas per node: the Gateway's one replica, on the node's address.
     assert re.search(r"\d+\.\d+\.\d+\.\d+ × 1", browser.text('tr[data-deployment="Gateway"]'))
     browser.shot("overview-after-request")
-    browser.open(f"{base}/usage?key_id={key_id}")
+    browser.open(f"{base}/usage")  # the key filter is a text field (not a list of every key)
+    browser.fill("form.filters input[name=key_id]", key_id)
+    browser.click("form.filters button[type=submit]")
+    assert f"key_id={key_id}" in browser.driver.current_url
     assert browser.all(f'tr[data-usage="{key_id}/fake"]')
     visit(browser, f"{base}/usage?key_id={key_id}", "usage")
     with browser.session() as http:
@@ -138,7 +153,7 @@ def test_console_end_to_end(app: ServeApp, browser: Browser) -> None:
     # Cancel a queued run; re-run a failed one (its key's budget ran out) after raising the budget.
     # A budget one token above what the key used: the runs in the runners' four slots spend it,
     # and the runs waiting behind them fail on it when they start.
-    used = next(k["tokens_used"] for k in call(app, ADMIN, "GET", "/admin/keys").json()["data"] if k["id"] == key_id)
+    used = tokens_used(app, key_id)
     patched = call(app, ADMIN, "PATCH", f"/admin/keys/{key_id}", json={"token_budget": used + 1})
     assert patched.status_code == 200 and patched.json()["token_budget"] == used + 1
     app.upstream.configure("slow", delay_s=3)
@@ -166,8 +181,7 @@ def test_console_end_to_end(app: ServeApp, browser: Browser) -> None:
     assert "budget" in browser.text("#run-error")
     browser.shot("run-failed")
     # The runners' usage reaches the store about once a second: the re-run reads the key from there.
-    wait_for(lambda: next(k["tokens_used"] for k in call(app, ADMIN, "GET", "/admin/keys").json()["data"]
-                          if k["id"] == key_id) > used, timeout_s=30, message="the runs' usage to be stored")
+    wait_for(lambda: tokens_used(app, key_id) > used, timeout_s=30, message="the runs' usage to be stored")
     browser.click("form[action$='/rerun'] button", expected_status=403)
     assert "budget" in browser.text(".error"), "a re-run on a spent budget is refused"
     browser.open(f"{base}/keys")

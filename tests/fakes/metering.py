@@ -13,7 +13,7 @@ from deployments.config import TasksConfig
 from deployments.core.replies import unwrap
 from deployments.metering import KeyEntry, Meter
 from deployments.rate_limiter import RateLimiter
-from deployments.schemas import BookingAnswer, ReserveRequest
+from deployments.schemas import BookingAnswer, ReserveRequest, UsageList
 from deployments.task_store import TaskStore
 from tests.fakes.workers import Handle
 
@@ -66,7 +66,8 @@ class Metered:
 
     async def usage(self, key: KeyEntry) -> list[dict[str, Any]]:
         await self.meter.flush()
-        return unwrap(await self.store.usage(key.key.id))
+        page: UsageList = unwrap(await self.store.usage(key.key.id))
+        return [row.model_dump() for row in page.data]
 
     async def close(self) -> None:
         await self.meter.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sqlite3
 import time
 from typing import Any
@@ -10,6 +11,7 @@ import httpx
 import openai
 import pytest
 
+from cluster import keys_cli
 from tests.fixtures import ADMIN_KEY, ServeApp
 from tests.waiting import wait_for
 
@@ -199,3 +201,112 @@ def test_database_holds_no_plain_keys(app: ServeApp) -> None:
     with sqlite3.connect(f"file:{database}?mode=ro", uri=True) as conn:
         hashes = [row[0] for row in conn.execute("SELECT key_hash FROM api_keys")]
     assert all(len(h) == 64 for h in hashes)
+
+
+# -- listing pages: keys (OpenAI's after/has_more) and usage (cursor) -------------------------------
+
+
+def bad_request(response: httpx.Response, param: str) -> None:
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error", error
+
+
+def test_keys_are_listed_a_page_at_a_time(app: ServeApp) -> None:
+    mine = [new_key(app)["id"] for _ in range(3)]
+    newest = admin(app, "GET", "/admin/keys", params={"order": "desc", "limit": 2}).json()
+    assert [k["id"] for k in newest["data"]] == mine[:0:-1]  # the limit holds: my two newest
+    assert newest["has_more"] and (newest["first_id"], newest["last_id"]) == (mine[2], mine[1])
+    after = admin(app, "GET", "/admin/keys", params={"order": "desc", "limit": 2, "after": newest["last_id"]}).json()
+    assert after["data"][0]["id"] == mine[0]  # the next page continues where the last one stopped
+    # Oldest first by default, 20 a page: following has_more lists every key once.
+    seen, params = [], {}
+    while True:
+        page = admin(app, "GET", "/admin/keys", params=params).json()
+        assert len(page["data"]) <= 20 and all("key" not in k for k in page["data"])
+        seen += [k["id"] for k in page["data"]]
+        if not page["has_more"]:
+            break
+        params = {"after": page["last_id"]}
+    assert len(seen) == len(set(seen)) and seen[-3:] == mine
+
+
+@pytest.mark.parametrize(
+    ("params", "param"),
+    [
+        ({"limit": 0}, "limit"),
+        ({"limit": 101}, "limit"),
+        ({"limit": "many"}, "limit"),
+        ({"after": "key_0000000000000000"}, "after"),
+        ({"after": "x" * 65}, "after"),
+        ({"order": "sideways"}, "order"),
+    ],
+)
+def test_bad_key_list_parameters_are_named(app: ServeApp, params: dict[str, Any], param: str) -> None:
+    bad_request(admin(app, "GET", "/admin/keys", params=params), param)
+
+
+def test_the_largest_key_page_is_allowed(app: ServeApp) -> None:
+    new_key(app)
+    assert admin(app, "GET", "/admin/keys", params={"limit": 100}).status_code == 200
+
+
+def test_usage_is_listed_a_page_at_a_time_with_filters(app: ServeApp) -> None:
+    key = new_key(app)
+    chat = client(app, key["key"])
+    for model in ("fake", "fake-capped"):  # two rows today: one per model
+        chat.chat.completions.create(model=model, messages=HELLO)
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    mine = {"key_id": key["id"], "since": today}
+    wait_for(lambda: len(admin(app, "GET", "/usage", params=mine).json()["data"]) == 2, timeout_s=15,
+             message="both rows in the store")
+    first = admin(app, "GET", "/usage", params={**mine, "limit": 1}).json()
+    assert len(first["data"]) == 1 and first["data"][0]["model"] == "fake" and first["next_cursor"]
+    second = admin(app, "GET", "/usage", params={**mine, "limit": 1, "cursor": first["next_cursor"]}).json()
+    assert [r["model"] for r in second["data"]] == ["fake-capped"] and second["next_cursor"] is None
+    # The tenant reads the same rows, with its own key (its key_id is its own whatever it sends).
+    tenant = httpx.get(f"{app.auth_base_url}/usage", params={"key_id": "key_0000000000000000", "limit": 1},
+                       headers={"Authorization": f"Bearer {key['key']}"}).json()
+    assert tenant["data"] == first["data"]
+    # Day filters: nothing before or after today.
+    tomorrow = time.strftime("%Y-%m-%d", time.gmtime(time.time() + 86400))
+    yesterday = time.strftime("%Y-%m-%d", time.gmtime(time.time() - 86400))
+    assert admin(app, "GET", "/usage", params={"key_id": key["id"], "since": tomorrow}).json()["data"] == []
+    assert admin(app, "GET", "/usage", params={"key_id": key["id"], "until": yesterday}).json()["data"] == []
+    # Every key's usage, a row a page: the rows of this key come once each.
+    seen, cursor = [], None
+    while True:
+        page = admin(app, "GET", "/usage", params={"limit": 1, **({"cursor": cursor} if cursor else {})}).json()
+        seen += [(r["day"], r["key_id"], r["model"]) for r in page["data"]]
+        if not (cursor := page["next_cursor"]):
+            break
+    assert len(seen) == len(set(seen)) and {(today, key["id"], "fake"), (today, key["id"], "fake-capped")} <= set(seen)
+
+
+@pytest.mark.parametrize(
+    ("params", "param"),
+    [
+        ({"limit": 0}, "limit"),
+        ({"limit": 100000}, "limit"),
+        ({"cursor": "not-a-cursor"}, "cursor"),
+        ({"since": "not-a-date"}, "since"),
+        ({"until": "2026-02-30"}, "until"),
+        ({"since": "2026-12-02", "until": "2026-12-01"}, "until"),
+    ],
+)
+def test_bad_usage_parameters_are_named(app: ServeApp, params: dict[str, Any], param: str) -> None:
+    bad_request(admin(app, "GET", "/usage", params=params), param)
+    key = new_key(app)["key"]  # a tenant's parameters are checked the same way
+    bad_request(httpx.get(f"{app.auth_base_url}/usage", params=params, headers={"Authorization": f"Bearer {key}"}),
+                param)
+
+
+def test_the_cli_lists_every_key_across_pages(
+    app: ServeApp, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mine = [new_key(app)["id"] for _ in range(3)]
+    monkeypatch.setenv("PROMPTFLEET_ADMIN_KEY", ADMIN_KEY)
+    monkeypatch.setattr(keys_cli, "PAGE", 2)  # several pages from a few keys
+    assert keys_cli.run(argparse.Namespace(action="list", url=app.auth_base_url)) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert len(listed) == len(set(listed)) > 2 and listed[-3:] == mine

@@ -19,13 +19,19 @@ from starlette.testclient import TestClient
 from deployments.config import AuthConfig
 from deployments.console import session
 from deployments.console.app import build_console, is_loopback, templates
-from deployments.console.charts import bar_chart, compact
-from deployments.console.pages import batch_progress, before_cursor, optional_int, parse_json_object
+from deployments.console.charts import bar_chart, compact, day_points
+from deployments.console.pages import (
+    batch_progress,
+    before_cursor,
+    chart_window,
+    optional_int,
+    parse_json_object,
+)
 from deployments.console.prometheus import DURATION, QUERIES, REQUESTS, TOKENS, query_rates
 from deployments.core.limits import RateLimiterCore
 from deployments.errors import InvalidRequest, NotFound
 from deployments.gateway.auth import Authenticator
-from deployments.schemas import BatchRequestCounts, BatchView, Budget, KeyLimits
+from deployments.schemas import BatchRequestCounts, BatchView, Budget, DayTokens, KeyLimits
 from deployments.store import RunStore
 from deployments.store.keys import KeyStore
 from deployments.store.records import decode_cursor
@@ -84,6 +90,27 @@ def test_runs_time_filter_is_a_cursor_before_that_time() -> None:
     with pytest.raises(InvalidRequest) as bad:
         before_cursor("yesterday")
     assert bad.value.param == "before"
+
+
+def test_the_usage_chart_window_follows_the_date_filters() -> None:
+    today = "2026-12-02"
+    assert chart_window(None, None, today) == (14, today)
+    assert chart_window(None, "2026-11-01", today) == (14, "2026-11-01")
+    assert chart_window("2026-11-30", None, today) == (3, today)
+    assert chart_window("2026-11-30", "2026-11-30", today) == (1, "2026-11-30")
+    assert chart_window("2026-01-01", "2026-12-01", today) == (31, "2026-12-01")  # at most 31 bars
+    assert chart_window("2027-01-05", None, today) == (1, "2027-01-05")  # a start after today: that day
+    for since, until, param in (("2026-12-02", "2026-12-01", "until"), ("soon", None, "since"),
+                                (None, "2026-02-30", "until")):
+        with pytest.raises(InvalidRequest) as bad:
+            chart_window(since, until, today)
+        assert bad.value.param == param
+
+
+def test_day_points_have_a_bar_for_every_day() -> None:
+    totals = [DayTokens(day="2026-11-30", total_tokens=5), DayTokens(day="2026-12-02", total_tokens=7)]
+    assert day_points(totals, 4, "2026-12-02") == [("11-29", 0), ("11-30", 5), ("12-01", 0), ("12-02", 7)]
+    assert day_points([], 1, "2026-12-02") == [("12-02", 0)]
 
 
 def test_form_values_are_checked_naming_the_field() -> None:

@@ -64,7 +64,7 @@ def test_unknown_or_malformed_key_ids_are_not_found(store: KeyStore) -> None:
         assert info.value.param == "key_id"
         with pytest.raises(NotFound):
             store.revoke(key_id)
-        assert store.usage(key_id) == []
+        assert store.usage(key_id) == ([], None)
     with pytest.raises(InvalidRequest) as bad_name:
         store.create("a\x00b")
     assert bad_name.value.param == "name"
@@ -78,17 +78,17 @@ def test_usage_accumulates_per_key_model_and_day(store: KeyStore) -> None:
         now=0,
     )
     store.record_usage([UsageRecord(a.id, "M0", 1, 1, 0)], now=86400)
-    rows = store.usage(a.id)
-    assert [(r["day"], r["model"], r["requests"], r["total_tokens"]) for r in rows] == [
+    rows, more = store.usage(a.id)
+    assert more is None and [(r["day"], r["model"], r["requests"], r["total_tokens"]) for r in rows] == [
         ("1970-01-02", "M0", 1, 1),
         ("1970-01-01", "m1", 3, 17),
     ]
     assert set(rows[0]) == {"key_id", "model", "day", "requests", "prompt_tokens", "completion_tokens",
                             "total_tokens"}
-    assert {r["key_id"] for r in store.usage()} == {a.id, b.id}
+    assert {r["key_id"] for r in store.usage()[0]} == {a.id, b.id}
     assert store.usage("") == store.usage()  # no key id: every key's usage (admin)
     assert store.get(a.id).tokens_used == 18
-    assert [(k.id, k.tokens_used) for k in store.list_keys()] == [(a.id, 18), (b.id, 6)]
+    assert [(k.id, k.tokens_used) for k in store.list_keys()[0]] == [(a.id, 18), (b.id, 6)]
 
 
 def test_key_store_shares_the_run_store_database(location: str) -> None:
@@ -164,7 +164,7 @@ def test_weight_is_stored_and_an_old_table_gets_the_column(location: str) -> Non
             created, _ = store.create("heavy", weight=2.5)
             assert store.get(created.id).weight == 2.5
         with KeyStore(database) as store:  # opening it again changes nothing
-            assert [k.weight for k in store.list_keys()] == [1.0, 2.5]
+            assert [k.weight for k in store.list_keys()[0]] == [1.0, 2.5]
     finally:
         database.close()
 

@@ -60,7 +60,7 @@ def test_create_claim_complete_get(fresh_location: Callable[[], str], tmp_path: 
             assert unwrap(await service.get(run.id, key.id)) == done
             assert unwrap(await service.claim("runner-1", limit=1, wait_s=0)) == []
             # A run's usage is billed call by call by the model call path, not again on completion.
-            assert unwrap(await service.usage(key.id)) == []
+            assert unwrap(await service.usage(key.id)).data == []
             assert unwrap(await service.get_key(key.id)) == key
             assert unwrap(await service.get_key("key_0000000000000000")) is None
         finally:
