@@ -15,7 +15,7 @@ only when it changed, and every key's token count):
 - when it is older than ``auth.cache_ttl_s`` (so a key revoked through another replica
   stops working, and budgets see other replicas' usage, within that time);
 - on a miss, if the last check is older than ``MISS_RECHECK_S`` (a key created moments
-  ago through another replica works at once) — misses share one refresh, so even a
+  ago through another replica works here within that time) — misses share one refresh, so even a
   flood of bogus keys causes at most one store call per ``MISS_RECHECK_S``;
 - at once after a create or revoke through this replica.
 
