@@ -42,6 +42,10 @@ def use(request_id: str, route: str = "", app_name: str = "") -> Token[Any]:
     """Serve the rest of this task (and the handle calls it makes) under ``request_id``; the token
     undoes it (``reset``)."""
     context = serve_context._serve_request_context.get()
+    if context is not None and context.request_id == request_id and not route and not app_name:
+        # A worker serving its caller's request: the handle call brought the context already.
+        same: Token[Any] = serve_context._serve_request_context.set(context)
+        return same
     if context is None:  # the Gateway's own listener: no Serve request around this one
         context = serve_context._RequestContext(route=route, request_id=request_id, app_name=app_name)
     else:

