@@ -14,9 +14,12 @@ only when it changed, and every key's token count):
 
 - when it is older than ``auth.cache_ttl_s`` (so a key revoked through another replica
   stops working, and budgets see other replicas' usage, within that time);
-- on a miss, if the last check is older than ``MISS_RECHECK_S`` (a key created moments
-  ago through another replica works here within that time) — misses share one refresh, so even a
-  flood of bogus keys causes at most one store call per ``MISS_RECHECK_S``;
+- on a miss: the answer waits for a refresh that *starts after the request arrived*, so a key
+  created through any replica works on every replica from its first request (a client that
+  creates a key and uses it at once, on whichever replica, is never refused). Misses share that
+  refresh, and it starts no sooner than ``MISS_RECHECK_S`` after the previous one: a flood of
+  bogus keys causes at most one store call per ``MISS_RECHECK_S``, and each bogus key's 401
+  comes after up to that long (a fresh key's first request can wait as long, once);
 - at once after a create or revoke through this replica.
 
 Concurrent refreshes are one call (single flight). If the store cannot be reached the
@@ -30,7 +33,7 @@ import dataclasses
 import hmac
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from fastapi import Request
 from ray.serve.handle import DeploymentHandle
@@ -45,7 +48,7 @@ from deployments.store.keys import KeySnapshot, hash_key
 logger = logging.getLogger("ray.serve")
 
 ADMIN = Caller(owner="admin", key_id=None, is_admin=True)
-MISS_RECHECK_S = 0.5
+MISS_RECHECK_S = 0.25
 
 
 class KeyIndex:
@@ -88,14 +91,17 @@ class Authenticator:
         store: DeploymentHandle,
         admin_key: str | None,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.config = config
         self.store = store
         self.admin_key = admin_key
-        self.clock = clock
+        self.clock, self.sleep = clock, sleep
         self.index = KeyIndex()
-        self.checked_at: float | None = None  # when the index last asked the store
+        self.checked_at: float | None = None  # when the last finished refresh asked the store
+        self.started_at: float | None = None  # when the last refresh (finished or not) asked it
         self.refreshing: asyncio.Task[None] | None = None
+        self.recheck: asyncio.Task[None] | None = None  # the next refresh for misses, not begun
 
     async def authenticate(self, request: Request) -> Caller:
         """The caller of ``request``; stored on ``request.state.caller`` for the routes."""
@@ -126,7 +132,7 @@ class Authenticator:
         await self._refresh_if_older(self.config.cache_ttl_s)
         entry = self.index.get(digest)
         if entry is None:
-            await self._refresh_if_older(MISS_RECHECK_S)
+            await self._recheck_after_miss()
             entry = self.index.get(digest)
         return entry
 
@@ -143,14 +149,39 @@ class Authenticator:
         if self.checked_at is not None and self.clock() - self.checked_at < max_age_s:
             return
         if self.refreshing is None or self.refreshing.done():
-            self.refreshing = asyncio.get_running_loop().create_task(self._refresh())
+            self._start_refresh()
+        assert self.refreshing is not None
         # shield: a caller that goes away must not cancel the refresh the others wait for.
         await asyncio.shield(self.refreshing)
+        self._require_loaded()
+
+    async def _recheck_after_miss(self) -> None:
+        """Wait for a refresh that asks the store after now (shared by every miss until it asks)."""
+        if self.recheck is None:
+            self.recheck = asyncio.get_running_loop().create_task(self._recheck())
+        await asyncio.shield(self.recheck)
+        self._require_loaded()
+
+    async def _recheck(self) -> None:
+        if self.started_at is not None:
+            await self.sleep(max(0.0, self.started_at + MISS_RECHECK_S - self.clock()))
+        # One running now began before some of the misses waiting here arrived: not enough for them.
+        while self.refreshing is not None and not self.refreshing.done():
+            await asyncio.shield(self.refreshing)
+        self.recheck = None  # misses from here on wait for the next one
+        refreshing = self._start_refresh()
+        await refreshing
+
+    def _start_refresh(self) -> asyncio.Task[None]:
+        self.started_at = self.clock()
+        self.refreshing = asyncio.get_running_loop().create_task(self._refresh(self.started_at))
+        return self.refreshing
+
+    def _require_loaded(self) -> None:
         if not self.index.loaded:
             raise Overloaded("Authentication is unavailable; retry shortly.", retry_after=1)
 
-    async def _refresh(self) -> None:
-        started = self.clock()
+    async def _refresh(self, started: float) -> None:
         try:
             snapshot: KeySnapshot = unwrap(await self.store.key_snapshot.remote(self.index.version, True))
         except Exception:

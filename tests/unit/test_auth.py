@@ -35,22 +35,32 @@ class StoreHandle:
         self.keys = keys
         self.calls = 0
         self.down = False
+        self.answer = asyncio.Event()
+        self.answer.set()
         self.key_snapshot = self
 
     async def remote(self, known_version: int | None, with_usage: bool) -> Reply[KeySnapshot]:
         self.calls += 1
-        await asyncio.sleep(0)  # a real await point, like a handle call
         if self.down:
+            await asyncio.sleep(0)  # a real await point, like a handle call
             return Overloaded("store unavailable", retry_after=1)
-        return self.keys.snapshot(known_version, with_usage=with_usage)
+        snapshot = self.keys.snapshot(known_version, with_usage=with_usage)  # what the store saw when asked
+        await self.answer.wait()  # the answer travels back (a test may hold it)
+        return snapshot
 
 
 class Clock:
+    """Monotonic seconds that move only when the test, or the Authenticator's sleep, moves them."""
+
     def __init__(self) -> None:
         self.now = 1000.0
 
     def __call__(self) -> float:
         return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        await asyncio.sleep(0)
 
 
 @pytest.fixture
@@ -71,7 +81,8 @@ def clock() -> Clock:
 
 @pytest.fixture
 def auth(handle: StoreHandle, clock: Clock) -> Authenticator:
-    return Authenticator(AuthConfig(enabled=True, cache_ttl_s=TTL), handle, ADMIN_KEY, clock=clock)  # type: ignore[arg-type]
+    return Authenticator(AuthConfig(enabled=True, cache_ttl_s=TTL), handle, ADMIN_KEY,  # type: ignore[arg-type]
+                         clock=clock, sleep=clock.sleep)
 
 
 def request(authorization: str | None) -> Request:
@@ -128,34 +139,62 @@ def test_a_valid_key_is_its_caller_and_costs_one_store_call_per_period(
 def test_distinct_bogus_keys_cost_the_store_nothing_per_key(
     auth: Authenticator, keys: KeyStore, handle: StoreHandle, clock: Clock
 ) -> None:
-    """Issue 10 item 4: a flood of made-up keys is answered from the replica's index."""
+    """Issue 10 item 4: a flood of made-up keys costs one store call per MISS_RECHECK_S, not one per key."""
     _, plain = keys.create("real")
 
     async def flood() -> list[BaseException | Caller]:
         requests = [auth.authenticate(request(f"Bearer pf-{secrets.token_urlsafe(32)}")) for _ in range(2000)]
         return await asyncio.gather(*requests, return_exceptions=True)
 
-    answers = asyncio.run(flood())
-    assert all(isinstance(a, AuthenticationFailed) and a.status_code == 401 for a in answers)
-    # The first load, and at most one shared re-check on a miss (none: the load was just now).
-    assert handle.calls == 1
-    for _ in range(3):  # the clock moves past the miss re-check interval: one more call each time
-        clock.now += MISS_RECHECK_S
+    started = clock.now
+    for _ in range(4):
         answers = asyncio.run(flood())
-        assert all(isinstance(a, AuthenticationFailed) for a in answers)
-    assert handle.calls == 4
+        assert all(isinstance(a, AuthenticationFailed) and a.status_code == 401 for a in answers)
+    # The first load, then one shared recheck per flood, each MISS_RECHECK_S after the one before.
+    assert handle.calls == 5
+    assert clock.now - started == pytest.approx(4 * MISS_RECHECK_S)
     assert authenticate(auth, f"Bearer {plain}").key_id is not None  # and real keys still work
 
 
-def test_a_key_created_elsewhere_works_after_the_miss_recheck(
+def test_a_key_created_through_another_replica_works_on_its_first_request_here(
     auth: Authenticator, keys: KeyStore, handle: StoreHandle, clock: Clock
 ) -> None:
     keys.create("first")
-    assert isinstance(refused(auth, "Bearer pf-unknown"), AuthenticationFailed)  # the index is loaded
+    assert isinstance(refused(auth, "Bearer pf-unknown"), AuthenticationFailed)  # the index is fresh
     key, plain = keys.create("made-through-another-replica")
-    assert isinstance(refused(auth, f"Bearer {plain}"), AuthenticationFailed)  # checked just now
-    clock.now += MISS_RECHECK_S
-    assert authenticate(auth, f"Bearer {plain}").key_id == key.id
+    before = clock.now
+    assert authenticate(auth, f"Bearer {plain}").key_id == key.id  # not refused: it waits for a recheck
+    assert clock.now - before <= MISS_RECHECK_S
+    calls = handle.calls
+    assert authenticate(auth, f"Bearer {plain}").key_id == key.id  # and then it is in the index
+    assert handle.calls == calls
+
+
+def test_a_refresh_that_began_before_the_request_does_not_answer_its_miss(
+    auth: Authenticator, keys: KeyStore, handle: StoreHandle, clock: Clock
+) -> None:
+    """The race CI met: a refresh asked the store, the key was made elsewhere, then its request came."""
+    old, plain_old = keys.create("old")
+    authenticate(auth, f"Bearer {plain_old}")
+    clock.now += TTL + 0.1
+
+    async def race() -> tuple[Caller, Caller]:
+        handle.answer.clear()
+        by_old_key = asyncio.ensure_future(auth.authenticate(request(f"Bearer {plain_old}")))
+        for _ in range(10):  # until that request's refresh has asked the store (its answer is held)
+            await asyncio.sleep(0)
+        assert handle.calls == 2
+        _, plain_new = keys.create("new")  # through another replica, after the store answered
+        by_new_key = asyncio.ensure_future(auth.authenticate(request(f"Bearer {plain_new}")))
+        for _ in range(10):
+            await asyncio.sleep(0)
+        handle.answer.set()
+        return await by_old_key, await by_new_key
+
+    by_old_key, by_new_key = asyncio.run(race())
+    assert by_old_key.key_id == old.id
+    assert by_new_key.key_id is not None and by_new_key.key_id != old.id
+    assert handle.calls == 3
 
 
 def test_a_key_created_through_this_replica_works_at_once(auth: Authenticator, keys: KeyStore) -> None:
@@ -203,8 +242,12 @@ def test_a_store_outage_keeps_the_last_index_and_is_not_hammered(
     clock.now += TTL + 0.1
     for _ in range(20):
         assert authenticate(auth, f"Bearer {plain}").key_id == key.id  # still served
+    assert handle.calls == 2  # one failed refresh, then known keys wait for the next period
+    started = clock.now
+    for _ in range(20):
         assert isinstance(refused(auth, "Bearer pf-bogus"), AuthenticationFailed)
-    assert handle.calls == 2  # one failed refresh, then it waits for the next period
+    # Misses ask again, but no more than once per MISS_RECHECK_S.
+    assert handle.calls == 22 and clock.now - started == pytest.approx(20 * MISS_RECHECK_S)
 
 
 def test_before_the_first_load_a_store_outage_is_503_not_401(auth: Authenticator, handle: StoreHandle) -> None:
