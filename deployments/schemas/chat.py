@@ -1,0 +1,137 @@
+"""The OpenAI chat completion request body and the model list (`/v1/chat/completions`, `/v1/models`)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
+
+from deployments.schemas.base import OpenAIBody
+
+# Absolute bounds on client integers, whatever the model: nothing unbounded reaches the limiter's
+# arithmetic or a C library (a 400-digit `max_tokens` is a 400 naming the field). A model's own
+# output limit (`max_output_tokens` in its config) is checked on top, by the model call path.
+MAX_TOKENS_LIMIT = 1_048_576
+INT64_MAX = 2**63 - 1
+
+
+class ChatMessage(OpenAIBody):
+    role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
+        description="Author of the message."
+    )
+    content: str | list[dict[str, Any]] | None = Field(
+        default=None, description="Text, or a list of content parts (`{type: text, text}`)."
+    )
+    name: str | None = Field(default=None, description="Optional participant name.")
+
+
+class StreamOptions(OpenAIBody):
+    include_usage: bool = Field(
+        default=False, description="Send a last chunk with `usage` and empty `choices`."
+    )
+
+
+class ResponseFormat(OpenAIBody):
+    type: Literal["text", "json_object", "json_schema"] = Field(
+        description="`json_object`: any JSON object; `json_schema`: JSON matching `json_schema.schema`."
+    )
+    json_schema: dict[str, Any] | None = Field(
+        default=None, description="`{name, schema, strict}` when `type` is `json_schema`."
+    )
+
+    @model_validator(mode="after")
+    def _schema_present(self) -> ResponseFormat:
+        if self.type == "json_schema":
+            schema = (self.json_schema or {}).get("schema")
+            if not isinstance(schema, dict):
+                raise ValueError("json_schema.schema must be a JSON Schema object")
+        return self
+
+
+class ChatCompletionRequest(OpenAIBody):
+    """POST /v1/chat/completions. Fields not listed here pass through to OpenAI-compatible upstreams."""
+
+    model: str = Field(description="A model name from GET /v1/models.")
+    messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
+    stream: bool = Field(default=False, description="Answer with server-sent events.")
+    stream_options: StreamOptions | None = Field(default=None, description="Streaming options.")
+    max_tokens: int | None = Field(
+        default=None, ge=1, le=MAX_TOKENS_LIMIT,
+        description="Most tokens to generate; at most the model's `max_output_tokens`.",
+    )
+    max_completion_tokens: int | None = Field(
+        default=None, ge=1, le=MAX_TOKENS_LIMIT,
+        description="Newer name of `max_tokens`; wins when both are set.",
+    )
+    temperature: float | None = Field(default=None, ge=0, le=2, description="Sampling temperature.")
+    top_p: float | None = Field(default=None, gt=0, le=1, description="Nucleus sampling.")
+    n: int = Field(default=1, description="Number of choices; only 1 is supported.")
+    stop: str | list[str] | None = Field(default=None, description="Stop sequence(s), at most 4.")
+    seed: int | None = Field(default=None, ge=-INT64_MAX - 1, le=INT64_MAX, description="Sampling seed (64-bit).")
+    logprobs: bool | None = Field(default=None, description="Return log probabilities (upstream models).")
+    top_logprobs: int | None = Field(
+        default=None, ge=0, le=20, description="Most likely tokens returned per position, with `logprobs`."
+    )
+    logit_bias: dict[str, float] | None = Field(
+        default=None, max_length=300, description="Token id → bias in [-100, 100], at most 300 entries."
+    )
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2, description="Presence penalty.")
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2, description="Frequency penalty.")
+    response_format: ResponseFormat | None = Field(
+        default=None, description="`text`, `json_object` or `json_schema` (grammar-constrained locally)."
+    )
+    user: str | None = Field(default=None, description="End-user id, for the operator's records.")
+
+    # Field validators (not one model validator) so a 400 names the offending field.
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, value: int) -> int:
+        if value != 1:
+            raise ValueError("only n=1 is supported")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _few_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and len(value) > 4:
+            raise ValueError("at most 4 stop sequences")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is not None and any(not -100 <= bias <= 100 for bias in value.values()):
+            raise ValueError("biases must be between -100 and 100")
+        return value
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("only allowed when stream is true")
+        return value
+
+    @property
+    def effective_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def max_tokens_field(self) -> str:
+        """The field that sets the output length (for a 400 naming it)."""
+        return "max_completion_tokens" if self.max_completion_tokens else "max_tokens"
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+
+class ModelCard(BaseModel):
+    id: str = Field(description="Model name to send as `model`.")
+    object: Literal["model"] = "model"
+    created: int = Field(description="Unix time the application started.")
+    owned_by: str = Field(description="`promptfleet` and the provider kind, e.g. `promptfleet:llamacpp`.")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
