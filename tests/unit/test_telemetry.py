@@ -112,7 +112,7 @@ def test_declared_metrics_exist_at_zero(memory: MemoryBackend) -> None:
 
 def test_gauges_are_set_again_while_the_event_loop_runs(memory: MemoryBackend, monkeypatch: Any) -> None:
     """Ray's metrics agent forgets a gauge its process has not set again lately: each is kept set."""
-    monkeypatch.setattr(telemetry, "GAUGE_KEEPALIVE_S", 0.01)
+    monkeypatch.setattr(telemetry.recording, "GAUGE_KEEPALIVE_S", 0.01)
     sets: list[float] = []
     record = memory.instrument(telemetry.LOCAL_QUEUE)
 
