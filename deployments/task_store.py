@@ -318,6 +318,13 @@ class TaskStore:
         """What a Gateway replica's key index polls for (``KeyStore.snapshot``)."""
         return await replying(self._user(self.keys.snapshot, known_version, with_usage=with_usage))
 
+    async def end_console_session(self, session_id: str, expires_at: float) -> Reply[None]:
+        """A console sign-out (``KeyStore.end_session``)."""
+        return await replying(self._user(self.keys.end_session, session_id, expires_at))
+
+    async def console_session_ended(self, session_id: str) -> Reply[bool]:
+        return await replying(self._user(self.keys.session_ended, session_id))
+
     async def get_key(self, key_id: str) -> Reply[ApiKey | None]:
         """The key ``key_id`` (revoked ones too), or None: for metering work billed to a key."""
         return await replying(self._get_key(key_id))

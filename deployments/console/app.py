@@ -5,8 +5,9 @@ behind the same body-size limit. The pages are ``pages.Pages``; this module deci
 them:
 
 - authentication on: a signed session cookie (``session``), issued by signing in with the admin
-  key; a request that sends ``Authorization: Bearer <admin key>`` (a script fetching the CSV) is
-  let in too. Tenant keys are refused with 403, on the sign-in form and in the header alike.
+  key, and not signed out (one store read per page: a sign-out reaches every replica at once); a
+  request that sends ``Authorization: Bearer <admin key>`` (a script fetching the CSV) is let in too.
+  Tenant keys are refused with 403, on the sign-in form and in the header alike.
 - authentication off: only clients on a loopback address, and every page says so.
 
 Every POST must carry the CSRF token of its form (``session.csrf_ok``). Responses forbid framing
@@ -29,6 +30,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.console import session
+from deployments.core.replies import unwrap
 from deployments.errors import AuthenticationFailed, NotFound, PermissionDenied, PromptfleetError
 from deployments.gateway.auth import Authenticator
 
@@ -101,14 +103,37 @@ class Gate:
             if not caller.is_admin:
                 return self.refuse(request, 403, "The console needs the admin key; tenant keys cannot open it.")
             return None
-        if path in OPEN_PATHS or self.signed_in(request):
+        if path in OPEN_PATHS:
             return None
+        try:
+            if await self.session(request) is not None:
+                return None
+        except Exception:
+            logger.warning("could not check the console session with the store", exc_info=True)
+            return self.refuse(request, 503, "The store cannot be reached to check the session; retry shortly.")
         if request.method == "GET":
             return RedirectResponse(f"{request.scope.get('root_path', '')}/login", status_code=303)
         return self.refuse(request, 401, "Sign in first.")
 
     def signed_in(self, request: Request) -> bool:
+        """Whether the request carries a signed session cookie (what the page header shows; the gate
+        also asks the store whether it was signed out)."""
         return self.secret is not None and session.valid(self.secret, request.cookies.get(session.SESSION_COOKIE))
+
+    async def session(self, request: Request) -> session.Session | None:
+        """The request's session: signed by this admin key, unexpired and not signed out."""
+        if self.secret is None:
+            return None
+        current = session.parse(self.secret, request.cookies.get(session.SESSION_COOKIE))
+        if current is None or unwrap(await self.auth.store.console_session_ended.remote(current.id)):
+            return None
+        return current
+
+    async def sign_out(self, request: Request) -> None:
+        """Record the request's session as ended: no replica accepts it again, copied or not."""
+        current = session.parse(self.secret, request.cookies.get(session.SESSION_COOKIE)) if self.secret else None
+        if current is not None:
+            unwrap(await self.auth.store.end_console_session.remote(current.id, current.expires_at))
 
     @staticmethod
     def refuse(request: Request, status: int, message: str) -> Response:
@@ -222,6 +247,11 @@ def build_console(pages: PageSet, auth: Authenticator) -> FastAPI:
 
     @console.post("/logout")
     async def logout(request: Request) -> Response:
+        try:
+            await gate.sign_out(request)
+        except Exception:
+            logger.warning("could not record a console sign-out", exc_info=True)
+            return gate.refuse(request, 503, "The store cannot be reached to record the sign-out; retry shortly.")
         response = RedirectResponse(f"{request.scope.get('root_path', '')}/login", status_code=303)
         response.delete_cookie(session.SESSION_COOKIE, path=request.scope.get("root_path", "") or "/",
                                httponly=True, samesite="strict", secure=secure(request))

@@ -3,9 +3,9 @@
 A session is the cookie ``<issued>.<nonce>.<signature>``: HMAC-SHA256 over ``issued.nonce`` with a
 secret derived from the admin key, so every Gateway replica (each derives the same secret) accepts
 the sessions of the others, the key itself never travels after sign-in, and changing the admin key
-ends every session. A session lasts ``SESSION_S``; signing out clears the cookie (sessions are not
-kept server-side, so a copied cookie stays valid until it expires — it is HttpOnly and
-SameSite=Strict, and never in a URL).
+ends every session. A session lasts ``SESSION_S``. Signing out clears the cookie and records the
+session's id (its nonce) in the store until it would have expired, and every replica refuses a
+recorded session: a copy of the cookie stops working too.
 
 CSRF: every POST form carries a token that must equal the ``pf_csrf`` cookie (double submit). A page
 of another site can neither read that cookie nor make the browser send it (SameSite=Strict), so
@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import secrets
 import time
+from dataclasses import dataclass
 
 SESSION_COOKIE = "pf_console"
 CSRF_COOKIE = "pf_csrf"
@@ -41,16 +42,30 @@ def issue(secret: bytes, now: float | None = None) -> str:
     return f"{payload}.{_sign(secret, payload)}"
 
 
-def valid(secret: bytes, cookie: str | None, now: float | None = None) -> bool:
-    """Whether ``cookie`` is a session this secret signed, not older than ``SESSION_S``."""
+@dataclass(frozen=True)
+class Session:
+    id: str  # the nonce: what a sign-out records
+    expires_at: float
+
+
+def parse(secret: bytes, cookie: str | None, now: float | None = None) -> Session | None:
+    """The session of ``cookie`` if this secret signed it and it is not older than ``SESSION_S``."""
     if not cookie or len(cookie) > 200:
-        return False
+        return None
     payload, _, signature = cookie.rpartition(".")
-    issued, _, _nonce = payload.partition(".")
-    if not issued.isdigit() or not hmac.compare_digest(signature, _sign(secret, payload)):
-        return False
+    issued, _, nonce = payload.partition(".")
+    if not issued.isdigit() or not nonce or not hmac.compare_digest(signature, _sign(secret, payload)):
+        return None
     age = (time.time() if now is None else now) - int(issued)
-    return 0 <= age < SESSION_S
+    if not 0 <= age < SESSION_S:
+        return None
+    return Session(id=nonce, expires_at=int(issued) + SESSION_S)
+
+
+def valid(secret: bytes, cookie: str | None, now: float | None = None) -> bool:
+    """Whether ``cookie`` is a session this secret signed, not older than ``SESSION_S`` (the signature
+    only: whether it was signed out is the store's to say)."""
+    return parse(secret, cookie, now) is not None
 
 
 def new_csrf_token() -> str:

@@ -73,6 +73,12 @@ def schema(d: Dialect) -> list[str]:
             id       INTEGER PRIMARY KEY CHECK (id = 1),
             version  BIGINT NOT NULL
         )""",
+        # Console sessions signed out before they expired (``deployments.console.session``): kept until
+        # they would have expired, so a copied cookie is refused by every Gateway.
+        f"""CREATE TABLE IF NOT EXISTS console_signouts (
+            session_id  {d.text} PRIMARY KEY,
+            expires_at  DOUBLE PRECISION NOT NULL
+        )""",
         # The listing's order: a page of keys is one index range, however many keys there are.
         "CREATE INDEX IF NOT EXISTS api_keys_by_created ON api_keys (created_at, id)",
         *usage_rows.INDEXES,
@@ -277,6 +283,20 @@ class KeyStore(DatabaseBacked):
             if with_usage:
                 tokens = {r["key_id"]: int(r["tokens"]) for r in tx.rows("SELECT key_id, tokens FROM key_tokens")}
         return KeySnapshot(version=version, keys=keys, tokens_used=tokens)
+
+    def end_session(self, session_id: str, expires_at: float, now: float | None = None) -> None:
+        """A console sign-out: the session ``session_id`` is refused from now on (until ``expires_at``,
+        after which its signature is refused anyway and the row goes)."""
+        now = time.time() if now is None else now
+        with self._db.transaction() as tx:
+            tx.run("DELETE FROM console_signouts WHERE expires_at <= ?", now)
+            tx.run("INSERT INTO console_signouts (session_id, expires_at) VALUES (?, ?)"
+                   " ON CONFLICT (session_id) DO NOTHING", session_id, expires_at)
+
+    def session_ended(self, session_id: str) -> bool:
+        """Whether the console session ``session_id`` was signed out."""
+        with self._db.autocommit() as tx:
+            return tx.one("SELECT 1 AS ended FROM console_signouts WHERE session_id = ?", session_id) is not None
 
     def record_usage(self, rows: list[UsageRecord], now: float | None = None) -> None:
         """Add ``rows`` to today's usage."""

@@ -225,10 +225,15 @@ def test_console_end_to_end(app: ServeApp, browser: Browser) -> None:
     visit(browser, f"{base}/keys", "keys-revoked")
 
     # Sign out: the session cookie is gone and pages ask for sign-in again.
-    browser.click("form.logout button")
-    assert browser.driver.current_url == f"{base}/login"
-    browser.open(f"{base}/")
-    assert browser.driver.current_url == f"{base}/login"
+    with browser.session() as before_sign_out:  # a copy of the session cookie, taken while signed in
+        assert before_sign_out.get(f"{base}/").status_code == 200
+        browser.click("form.logout button")
+        assert browser.driver.current_url == f"{base}/login"
+        browser.open(f"{base}/")
+        assert browser.driver.current_url == f"{base}/login"
+        # The copy is refused too: the sign-out is in the store, not only in this browser.
+        copied = before_sign_out.get(f"{base}/")
+        assert copied.status_code == 303 and copied.headers["location"].endswith("/login")
     assert not browser.errors
 
 

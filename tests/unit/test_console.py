@@ -220,15 +220,23 @@ def console_client(auth: Authenticator, host: str = "127.0.0.1") -> TestClient:
     return TestClient(build_console(OnePage(), auth), client=(host, 5000), follow_redirects=False)
 
 
+class Method:
+    """``handle.<method>.remote(...)`` over a real KeyStore method."""
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+    async def remote(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+
 class KeyHandle:
-    """The TaskStore handle's ``key_snapshot`` over a real KeyStore."""
+    """The TaskStore handle's key index and console session calls, over a real KeyStore."""
 
     def __init__(self, store: KeyStore) -> None:
-        self.store = store
-        self.key_snapshot = self
-
-    async def remote(self, known_version: int | None, with_usage: bool) -> Any:
-        return self.store.snapshot(known_version, with_usage=with_usage)
+        self.key_snapshot = Method(lambda version, with_usage: store.snapshot(version, with_usage=with_usage))
+        self.end_console_session = Method(store.end_session)
+        self.console_session_ended = Method(store.session_ended)
 
 
 def csrf_of(client: TestClient) -> str:
@@ -277,10 +285,35 @@ def test_with_auth_on_only_the_admin_gets_in(tmp_path: Path) -> None:
         assert "script-src 'self'" in home.headers["content-security-policy"]
         assert client.post("/act", data={"csrf_token": "forged"}).status_code == 403
         assert client.post("/act", data={"csrf_token": token}).status_code == 200
+        copied = client.cookies.get(session.SESSION_COOKIE)
         client.post("/logout", data={"csrf_token": token})
         assert client.get("/").status_code == 303
+        # A copy of the cookie taken before the sign-out is refused too (by every replica: it is in the store).
+        elsewhere = console_client(auth)
+        elsewhere.cookies.set(session.SESSION_COOKIE, copied)
+        assert elsewhere.get("/").headers["location"] == "/login"
+        assert elsewhere.post("/act", data={"csrf_token": token}).status_code in (401, 403)
         # Unknown pages are pages too (not JSON), and need signing in first.
         assert console_client(auth).get("/nope", headers={"Authorization": "Bearer pf-admin-key"}).status_code == 404
+
+
+def test_without_the_store_a_session_is_not_trusted_and_sign_out_says_so(tmp_path: Path) -> None:
+    with KeyStore(tmp_path / "k.sqlite3") as store:
+        handle = KeyHandle(store)
+        auth = Authenticator(AuthConfig(enabled=True), handle, "pf-admin-key")  # type: ignore[arg-type]
+        client = console_client(auth)
+        token = csrf_of(client)
+        assert client.post("/login", data={"key": "pf-admin-key", "csrf_token": token}).status_code == 303
+        assert client.get("/").status_code == 200
+
+        def unreachable(*args: Any) -> Any:
+            raise ConnectionError("the store is down")
+
+        handle.console_session_ended = handle.end_console_session = Method(unreachable)
+        assert client.get("/").status_code == 503
+        refused = client.post("/logout", data={"csrf_token": token})
+        assert refused.status_code == 503 and "retry" in refused.text
+        assert session.SESSION_COOKIE in client.cookies  # kept, so that the sign-out can be retried
 
 
 def test_rates_come_from_prometheus_when_there_is_one() -> None:

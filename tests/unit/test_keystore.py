@@ -177,3 +177,11 @@ def test_scope_is_stored_and_travels_with_the_snapshot(store: KeyStore) -> None:
     with pytest.raises(InvalidRequest) as info:
         store.create("x", scope="admin")
     assert info.value.param == "scope"
+
+
+def test_a_signed_out_console_session_is_remembered_until_it_would_have_expired(store: KeyStore) -> None:
+    store.end_session("nonce-a", expires_at=2000.0, now=1000.0)
+    store.end_session("nonce-a", expires_at=2000.0, now=1001.0)  # signing out twice is fine
+    assert store.session_ended("nonce-a") and not store.session_ended("nonce-b")
+    store.end_session("nonce-b", expires_at=3000.0, now=2000.0)  # a's session has expired by now: its row goes
+    assert not store.session_ended("nonce-a") and store.session_ended("nonce-b")
