@@ -19,9 +19,10 @@ would be asked for something it cannot be held to, or the call would be refused.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from typing import Any
+
+from deployments.core import grammar
 
 __all__ = ["schema_problems"]
 
@@ -89,14 +90,11 @@ def _llamacpp(schema: dict[str, Any]) -> list[Found]:
     if found and any(not w for _, _, w in found):
         return found
     try:
-        from llama_cpp.llama_grammar import json_schema_to_gbnf  # the converter the worker uses
-
-        json_schema_to_gbnf(json.dumps(schema))
+        problem = grammar.schema_problem(schema)  # the converter the worker uses, and its bounds
     except ImportError:
-        pass  # llama-cpp-python not installed here: the keyword checks above still ran
-    except Exception as exc:  # its errors are ValueError, AssertionError, KeyError, …
-        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
-        found.append(((), f"llama.cpp cannot turn this schema into a grammar: {reason}", False))
+        problem = None  # llama-cpp-python not installed here: the keyword checks above still ran
+    if problem is not None:
+        found.append(((), problem, False))
     return found
 
 

@@ -8,7 +8,8 @@ away (client disconnected, generator closed) a flag stops generation at the
 next token, so an abandoned stream does not keep the CPU busy.
 
 ``response_format`` ``json_object`` / ``json_schema`` become a llama.cpp
-grammar (llama-cpp-python compiles the JSON Schema), so the output parses.
+grammar (llama-cpp-python compiles the JSON Schema), so the output parses. A schema whose grammar
+would crash llama.cpp is a 400 (``core.grammar``).
 
 Metrics: generations queued or running on the thread (``promptfleet_local_queue_length``), and
 the completion tokens and seconds of each generation (tokens per second, on the dashboard).
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from deployments.config import LlamaCppModel
+from deployments.core.grammar import GENERATION_STACK_BYTES, schema_problem
 from deployments.errors import InvalidRequest, PromptfleetError
 from deployments.schemas import Share, StreamEnd, Usage
 from deployments.telemetry import NULL, Metrics
@@ -66,6 +68,13 @@ class LlamaCppProvider:
             verbose=False,
         )
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"llama-{config.name}")
+        # llama.cpp parses grammars recursively on this thread: give it room (``core.grammar``).
+        # The stack size applies to threads started while it is set, so start the one thread now.
+        previous = threading.stack_size(GENERATION_STACK_BYTES)
+        try:
+            self.executor.submit(lambda: None).result()
+        finally:
+            threading.stack_size(previous)
 
     def _kwargs(self, body: dict[str, Any]) -> dict[str, Any]:
         messages = [
@@ -89,7 +98,13 @@ class LlamaCppProvider:
             kwargs["response_format"] = {"type": "json_object", "schema": schema}
         return kwargs
 
-    def _check_context(self, kwargs: dict[str, Any]) -> None:
+    def _check_fits(self, kwargs: dict[str, Any]) -> None:
+        schema = (kwargs.get("response_format") or {}).get("schema")
+        if schema is not None:
+            problem = schema_problem(schema)
+            if problem is not None:
+                raise InvalidRequest(f"The response_format schema cannot be used with model "
+                                     f"'{self.config.name}': {problem}.", param="response_format.json_schema.schema")
         # llama.cpp raises a ValueError deep inside generation when the prompt does not fit;
         # count first so the client gets a 400 naming `messages`.
         text = "".join(str(m["content"]) for m in kwargs["messages"])
@@ -112,7 +127,7 @@ class LlamaCppProvider:
         self.metrics.local_queue(self.config.name, self.queued)
 
     def _generate(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        self._check_context(kwargs)
+        self._check_fits(kwargs)
         started = time.monotonic()
         try:
             result: dict[str, Any] = self.llm.create_chat_completion(**kwargs)  # type: ignore[assignment]
@@ -150,7 +165,7 @@ class LlamaCppProvider:
 
         def produce() -> None:
             try:
-                self._check_context(kwargs)
+                self._check_fits(kwargs)
                 started = time.monotonic()
                 n_prompt = self.llm.n_tokens  # before generation; overwritten below
                 chunks: Iterator[dict[str, Any]] = self.llm.create_chat_completion(**kwargs)  # type: ignore[assignment]

@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationInfo, field_validator, model_validator
 
-from deployments.schemas.base import OpenAIBody
+from deployments.schemas.base import OpenAIBody, check_depth
 
 # Absolute bounds on client integers, whatever the model: nothing unbounded reaches the limiter's
 # arithmetic or a C library (a 400-digit `max_tokens` is a 400 naming the field). A model's own
@@ -24,6 +24,8 @@ class ChatMessage(OpenAIBody):
     )
     name: str | None = Field(default=None, description="Optional participant name.")
 
+    _content_depth = field_validator("content")(classmethod(lambda cls, value: check_depth(value)))
+
 
 class StreamOptions(OpenAIBody):
     include_usage: bool = Field(
@@ -38,6 +40,8 @@ class ResponseFormat(OpenAIBody):
     json_schema: dict[str, Any] | None = Field(
         default=None, description="`{name, schema, strict}` when `type` is `json_schema`."
     )
+
+    _schema_depth = field_validator("json_schema")(classmethod(lambda cls, value: check_depth(value)))
 
     @model_validator(mode="after")
     def _schema_present(self) -> ResponseFormat:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
-from deployments.schemas.base import OwnBody
+from deployments.schemas.base import OwnBody, check_depth
 from deployments.schemas.calls import Usage
 
 
@@ -35,6 +35,8 @@ class TaskRunRequest(OwnBody):
         description="/run only, keys with the prompts scope (or the admin): run the task on this model instead "
         "of its own, without fallbacks (`promptfleet tasks test --model`).",
     )
+
+    _input_depth = field_validator("input")(classmethod(lambda cls, value: check_depth(value)))
 
 
 class TaskResult(OwnBody):

@@ -149,6 +149,58 @@ def test_oversized_body_is_413(app: ServeApp) -> None:
     assert response.json()["error"]["code"] == "request_too_large"
 
 
+def nested(levels: int) -> dict[str, object]:
+    value: dict[str, object] = {}
+    for _ in range(levels):
+        value = {"a": value}
+    return value
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "deep", "schema": nested(900)}}},
+         "response_format.json_schema"),
+        ({"x_vendor_field": nested(900)}, None),  # an unknown field: the message names it
+        ({"messages": [{"role": "user", "content": [nested(900)]}]}, "messages.0.content"),
+    ],
+)
+def test_values_nested_too_deep_are_400s_not_500s(app: ServeApp, extra: dict[str, object], param: str | None) -> None:
+    response = httpx.post(f"{app.base_url}/chat/completions",
+                          json={"model": "fake", "messages": HELLO, "max_tokens": 4, **extra}, timeout=30)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and "nested more than 64 levels" in error["message"]
+    if param is None:
+        assert "x_vendor_field" in error["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_schema_whose_grammar_would_crash_llama_cpp_is_a_400_and_the_model_stays_up(
+    app: ServeApp, stream: bool
+) -> None:
+    """maxLength 3000 is a grammar 3,000 groups deep: llama.cpp's recursive parser overflowed the
+    generation thread's stack and killed the worker (found by a hostile-tenant walkthrough)."""
+    schema = {"type": "string", "maxLength": 3000}
+    with pytest.raises(openai.BadRequestError) as caught:
+        reply = app.client().chat.completions.create(
+            model="smollm2", messages=HELLO, max_tokens=3, stream=stream,
+            response_format={"type": "json_schema", "json_schema": {"name": "long", "schema": schema}},
+        )
+        if stream:
+            list(reply)  # type: ignore[arg-type]
+    body = caught.value.body
+    assert isinstance(body, dict) and body["param"] == "response_format.json_schema.schema"
+    assert "nest 3,0" in body["message"]
+    # The worker is alive: the same model answers the next request, with a schema it can take.
+    fine = app.client().chat.completions.create(
+        model="smollm2", messages=HELLO, max_tokens=3,
+        response_format={"type": "json_schema", "json_schema": {"name": "short",
+                                                                 "schema": {"type": "string", "maxLength": 200}}},
+    )
+    assert fine.choices[0].message.content is not None
+
+
 def test_prompt_longer_than_context_is_400(app: ServeApp) -> None:
     long_text = "word " * 5000
     with pytest.raises(openai.BadRequestError) as caught:

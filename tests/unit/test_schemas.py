@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from deployments.schemas import MAX_TOKENS_LIMIT, ChatCompletionRequest, KeyCreate, Usage
+from deployments.schemas import MAX_TOKENS_LIMIT, ChatCompletionRequest, KeyCreate, TaskRunRequest, Usage
+from deployments.schemas.base import MAX_JSON_DEPTH, nested_deeper_than
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -99,3 +100,46 @@ def test_usage_of_provider_dicts() -> None:
     assert Usage.of({"prompt_tokens": 3, "completion_tokens": 2}) == Usage(
         prompt_tokens=3, completion_tokens=2, total_tokens=5)
     assert Usage.of(None) is None and Usage.of({"prompt_tokens": None}) is None
+
+
+def nested(levels: int) -> dict[str, object]:
+    value: dict[str, object] = {}
+    for _ in range(levels - 1):
+        value = {"a": value}
+    return value
+
+
+def test_json_depth_is_counted_without_recursion() -> None:
+    assert not nested_deeper_than(nested(MAX_JSON_DEPTH)) and nested_deeper_than(nested(MAX_JSON_DEPTH + 1))
+    assert not nested_deeper_than([[[]]], limit=3) and nested_deeper_than([[[[]]]], limit=3)
+    assert not nested_deeper_than("text") and not nested_deeper_than({"a": 1, "b": [1, 2, "x"]}, limit=2)
+    assert nested_deeper_than(nested(100_000))  # far past Python's recursion limit
+
+
+@pytest.mark.parametrize(
+    ("body", "loc"),
+    [
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": nested(200)}}},
+         ("response_format", "json_schema")),
+        ({"x_vendor": nested(200)}, ()),
+        ({"messages": [{"role": "user", "content": [nested(200)]}]}, ("messages", 0, "content")),
+        ({"messages": [{"role": "user", "content": "hi", "tool_calls": [nested(200)]}]}, ("messages", 0)),
+    ],
+)
+def test_values_nested_too_deep_name_their_field(body: dict[str, object], loc: tuple[object, ...]) -> None:
+    with pytest.raises(ValidationError) as info:
+        ChatCompletionRequest.model_validate({"model": "m", "messages": MESSAGES, **body})
+    assert [e["loc"] for e in info.value.errors()] == [loc]
+    assert "nested more than 64 levels" in info.value.errors()[0]["msg"]
+
+
+def test_usual_depths_pass_and_task_inputs_are_bounded_too() -> None:
+    schema = {"type": "object", "properties": {"items": {"type": "array", "items": nested(20)}}}
+    ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": MESSAGES, "x_vendor": nested(30),
+         "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}}
+    )
+    assert TaskRunRequest.model_validate({"input": nested(MAX_JSON_DEPTH)}).input
+    with pytest.raises(ValidationError) as info:
+        TaskRunRequest.model_validate({"input": nested(MAX_JSON_DEPTH + 1)})
+    assert info.value.errors()[0]["loc"] == ("input",)
