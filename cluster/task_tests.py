@@ -94,9 +94,12 @@ def evaluate(expect: Expectation, status: int, body: Any) -> list[str]:
 
 
 def _judge(client: httpx.Client, judge: Judge, task_input: dict[str, Any], output: Any) -> list[str]:
-    prompt = template_environment().from_string(judge.prompt).render(
-        input=task_input, output=json.dumps(output, ensure_ascii=False)
-    )
+    try:
+        prompt = template_environment().from_string(judge.prompt).render(
+            input=task_input, output=json.dumps(output, ensure_ascii=False)
+        )
+    except Exception as exc:  # the template raised (1/0, a wrong type): the example fails, saying why
+        return [f"judge: its prompt could not render: {type(exc).__name__}: {exc}"[:300]]
     body = {
         "model": judge.model,
         "messages": [{"role": "user", "content": prompt}],

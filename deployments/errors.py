@@ -20,6 +20,7 @@ exception) becomes a bare 500 whose text never reaches the client.
     ├── MethodNotAllowed                405 method_not_allowed
     ├── Conflict                        409 conflict             (idempotency key reuse, …)
     ├── TaskFailed                      422 task_failed          (output never validated)
+    │   └── TemplateFailed              422 template_error       (the task's template raised)
     ├── RateLimited                     429 rate_limited         (Retry-After; a key's rpm/tpm)  R
     │   ├── ModelRateLimited            429 model_rate_limited   (a model's rpm/tpm or pause)  T R
     │   └── UpstreamRateLimited         429 upstream_rate_limited (the upstream said 429)      T
@@ -174,6 +175,13 @@ class TaskFailed(PromptfleetError):
     status_code = 422
     type = "task_error"
     code = "task_failed"
+
+
+class TemplateFailed(TaskFailed):
+    """A task's template raised while rendering (the task's fault, or its input's: ``1/0``, a blocked
+    attribute): the run cannot start, and saying why beats a 500."""
+
+    code = "template_error"
 
 
 class RateLimited(PromptfleetError):

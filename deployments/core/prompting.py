@@ -22,7 +22,7 @@ from jinja2.utils import missing as _JINJA_MISSING
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError, best_match
 
-from deployments.errors import InvalidRequest
+from deployments.errors import InvalidRequest, TemplateFailed
 
 if TYPE_CHECKING:  # taskdefs imports this module for template_environment(); avoid the cycle.
     from deployments.core.taskdefs import TaskDefinition
@@ -113,6 +113,12 @@ def render_messages(defn: TaskDefinition, task_input: dict[str, Any]) -> list[di
         raise InvalidRequest(
             f"Task '{defn.name}' could not render its prompt from the input: {exc}",
             param="input",
+        ) from None
+    except Exception as exc:  # the sandbox's SecurityError, 1/0, a filter given the wrong type, …
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:_MAX_MESSAGE_CHARS]
+        raise TemplateFailed(
+            f"Task '{defn.name}' could not render its prompt: {reason}. Its owners can reproduce this with "
+            f"`promptfleet tasks render {defn.name} --input '…'`."
         ) from None
     return messages
 

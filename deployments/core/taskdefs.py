@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from jinja2 import TemplateError
+from jinja2 import TemplateError, nodes
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
@@ -38,12 +38,27 @@ def _check_schema(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def _check_template(source: str) -> str:
+    env = template_environment()
     try:
         # Compile with the same environment that renders, so unknown filters/tests fail too.
-        template_environment().from_string(source)
+        env.from_string(source)
+        tree = env.parse(source)
     except TemplateError as exc:
         line = getattr(exc, "lineno", None)
         raise ValueError(f"template error{f' on line {line}' if line else ''}: {exc.message}") from None
+    # The sandbox refuses these at render time (every run would fail): say so when the task is checked.
+    for node in tree.find_all((nodes.Getattr, nodes.Getitem, nodes.Filter)):
+        if isinstance(node, nodes.Getattr):
+            name: object = node.attr
+        elif isinstance(node, nodes.Getitem):
+            name = getattr(node.arg, "value", None)
+        elif isinstance(node, nodes.Filter) and node.name == "attr" and node.args:  # `|attr('…')`
+            name = getattr(node.args[0], "value", None)
+        else:
+            continue
+        if isinstance(name, str) and name.startswith("_"):
+            raise ValueError(f"template error on line {node.lineno}: '{name}' is not allowed (the sandbox "
+                             "refuses attributes that start with '_')")
     return source
 
 

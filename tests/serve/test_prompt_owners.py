@@ -221,6 +221,32 @@ def test_rollback_and_history(owners: Owners) -> None:
     assert missing.status_code == 404 and missing.json()["error"]["param"] == "version"
 
 
+def test_templates_that_reach_for_internals_are_refused_and_ones_that_raise_fail_clearly(owners: Owners) -> None:
+    """Found by a hostile walkthrough: `{{ text.__class__ }}` passed check and push and then every run
+    was a 500; `{{ 1/0 }}` too."""
+    prompts_key = owners.key("prompts")
+    sneaky = greet("x", name="sneaky", prompt="{{ text.__class__.__mro__ }}")
+    checked = owners.call("POST", "/tasks/check", prompts_key, json={"files": [
+        {"file": "sneaky.yaml", "source": yaml.safe_dump(sneaky)}]}).json()
+    assert not checked["ok"]
+    assert [(p["file"], p["field"]) for p in checked["problems"]] == [("sneaky.yaml", "prompt")]
+    assert "is not allowed" in checked["problems"][0]["message"]
+    assert owners.push(prompts_key, sneaky=sneaky).status_code == 400
+
+    divides = greet("x", name="divides", prompt="{{ 1 / 0 if text == 'zero' else text }}")
+    assert owners.push(prompts_key, divides=divides).status_code == 200
+    assert owners.call("POST", "/tasks/divides/run", json={"input": {"text": "fine"}}).status_code != 500
+    wait_for(lambda: owners.call("POST", "/tasks/divides/run", json={"input": {"text": "zero"}}).status_code == 422,
+             BOUND_S, interval_s=0.2, message="every replica to know the pushed task")
+    error = owners.call("POST", "/tasks/divides/run", json={"input": {"text": "zero"}}).json()["error"]
+    assert error["code"] == "template_error" and "ZeroDivisionError" in error["message"]
+    rendered = owners.call("POST", "/tasks/divides/render", prompts_key, json={"input": {"text": "zero"}})
+    assert rendered.status_code == 422 and rendered.json()["error"]["code"] == "template_error"
+    queued = owners.call("POST", "/tasks/divides/submit", json={"input": {"text": "zero"}}).json()
+    finished = owners.call("GET", f"/runs/{queued['id']}", params={"wait": 30}).json()
+    assert finished["status"] == "failed" and finished["error"]["code"] == "template_error", finished
+
+
 def test_a_push_that_fails_check_is_refused_whole(owners: Owners) -> None:
     before = owners.call("GET", "/tasks/greet/versions").json()["data"][0]["version"]
     broken = greet("x", name="broken", model="no-such-model")

@@ -6,11 +6,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from deployments.core.prompting import render_messages, response_format_for, validate_input
 from deployments.core.taskdefs import TaskDefinition
 from deployments.core.taskfile import load_task_definitions
-from deployments.errors import InvalidRequest
+from deployments.errors import InvalidRequest, TemplateFailed
 
 INPUT_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -80,12 +81,32 @@ def test_missing_attribute_of_present_value() -> None:
     assert "nope" in info.value.message
 
 
-def test_sandbox_blocks_unsafe_attribute_access() -> None:
-    from jinja2.exceptions import SecurityError
+@pytest.mark.parametrize(
+    "prompt",
+    ["{{ text.__class__.__mro__[1].__subclasses__() }}", "{{ text['__class__'] }}", "{{ text|attr('__init__') }}",
+     "{% set f = text.__len__ %}{{ f }}"],
+)
+def test_a_template_reaching_for_underscored_attributes_is_refused_when_checked(prompt: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        task(system=None, prompt=prompt)
+    assert "is not allowed (the sandbox refuses attributes that start with '_')" in str(info.value)
+    assert "line 1" in str(info.value)
 
-    defn = task(system=None, prompt="{{ text.__class__.__mro__[1].__subclasses__() }}")
-    with pytest.raises(SecurityError):
-        render_messages(defn, {"text": "x"})
+
+@pytest.mark.parametrize(
+    ("prompt", "words"),
+    [
+        ("{{ text.__class__.__mro__[1].__subclasses__() }}", "SecurityError"),  # (a definition not checked)
+        ("{{ 1 / 0 if text == 'zero' else text }}", "ZeroDivisionError: division by zero"),
+        ("{{ text.upper(1) }}", "TypeError"),
+    ],
+)
+def test_a_template_that_raises_is_a_template_error_not_a_crash(prompt: str, words: str) -> None:
+    defn = task(system=None).model_copy(update={"prompt": prompt})
+    with pytest.raises(TemplateFailed) as info:
+        render_messages(defn, {"text": "zero"})
+    assert info.value.status_code == 422 and info.value.code == "template_error"
+    assert words in info.value.message and "promptfleet tasks render" in info.value.message
 
 
 @pytest.mark.parametrize(
