@@ -25,7 +25,7 @@ from fastapi import APIRouter, Depends, Path, Query
 from ray.serve.handle import DeploymentHandle
 
 from deployments.core.replies import unwrap
-from deployments.gateway.auth import Authenticator, require_admin
+from deployments.gateway.auth import Authenticator, admin_caller
 from deployments.gateway.caller import Caller, get_caller
 from deployments.metering import Meter
 from deployments.schemas import KeyCreate, KeyCreated, KeyLimits, KeyList, KeyView, UsageList
@@ -82,15 +82,15 @@ def build_admin_router(
     router = APIRouter(prefix="/v1", tags=["keys"])
     enabled = auth.config.enabled
     keys = KeyAdmin(store, auth, batches)
+    admin = Depends(admin_caller(enabled))  # a default, not Annotated: see auth.admin_caller
 
     @router.post("/admin/keys", status_code=201, response_model=KeyCreated)
-    async def create_key(body: KeyCreate, caller: Annotated[Caller, Depends(get_caller)]) -> KeyCreated:
-        require_admin(caller, enabled)
+    async def create_key(body: KeyCreate, caller: Caller = admin) -> KeyCreated:
         return await keys.create(body)
 
     @router.get("/admin/keys", response_model=KeyList)
     async def list_keys(
-        caller: Annotated[Caller, Depends(get_caller)],
+        caller: Caller = admin,
         limit: Annotated[int, Query(ge=1, le=MAX_LIST_LIMIT, description=(
             f"Keys per page, 1 to {MAX_LIST_LIMIT}."))] = DEFAULT_LIST_LIMIT,
         after: Annotated[str | None, Query(max_length=64, description=(
@@ -98,21 +98,18 @@ def build_admin_router(
         order: Annotated[Literal["asc", "desc"], Query(description=(
             "Creation order: `asc` oldest first (the default), `desc` newest first."))] = "asc",
     ) -> KeyList:
-        require_admin(caller, enabled)
         return await keys.list(limit, after, order)
 
     @router.patch("/admin/keys/{key_id}", response_model=KeyView)
     async def set_key_limits(
-        key_id: Annotated[str, Path(max_length=64)], body: KeyLimits, caller: Annotated[Caller, Depends(get_caller)]
+        key_id: Annotated[str, Path(max_length=64)], body: KeyLimits, caller: Caller = admin
     ) -> KeyView:
-        require_admin(caller, enabled)
         return await keys.set_limits(key_id, body)
 
     @router.delete("/admin/keys/{key_id}", response_model=KeyView)
     async def revoke_key(
-        key_id: Annotated[str, Path(max_length=64)], caller: Annotated[Caller, Depends(get_caller)]
+        key_id: Annotated[str, Path(max_length=64)], caller: Caller = admin
     ) -> KeyView:
-        require_admin(caller, enabled)
         return await keys.revoke(key_id)
 
     @router.get("/usage", response_model=UsageList)

@@ -35,13 +35,13 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from fastapi import Request
+from fastapi import Depends, Request
 from ray.serve.handle import DeploymentHandle
 
 from deployments.config import AuthConfig
 from deployments.core.replies import unwrap
 from deployments.errors import AuthenticationFailed, Overloaded, PermissionDenied
-from deployments.gateway.caller import ANONYMOUS, Caller
+from deployments.gateway.caller import ANONYMOUS, Caller, get_caller
 from deployments.metering import KeyEntry
 from deployments.store.keys import KeySnapshot, hash_key
 
@@ -191,6 +191,33 @@ class Authenticator:
         else:
             self.index.apply(snapshot, started)
         self.checked_at = started
+
+
+_CALLER = Depends(get_caller)
+
+
+def admin_caller(auth_enabled: bool) -> Callable[[Caller], Awaitable[Caller]]:
+    """A route dependency: the caller, who must be the admin. Dependencies run before FastAPI validates
+    the query and body, so anyone else gets 403 whatever they sent (not a 400 describing the route)."""
+
+    # The Depends as a default, not in Annotated: this module's annotations are strings, and FastAPI
+    # resolves them in the module's globals, where a closure's names are not.
+    async def admin(caller: Caller = _CALLER) -> Caller:
+        require_admin(caller, auth_enabled)
+        return caller
+
+    return admin
+
+
+def prompts_caller(auth_enabled: bool) -> Callable[[Caller], Awaitable[Caller]]:
+    """A route dependency: the caller, who must manage tasks (``require_prompts``), checked as
+    ``admin_caller`` is: before the request's values are."""
+
+    async def prompts(caller: Caller = _CALLER) -> Caller:
+        require_prompts(caller, auth_enabled)
+        return caller
+
+    return prompts
 
 
 def require_admin(caller: Caller, auth_enabled: bool) -> None:

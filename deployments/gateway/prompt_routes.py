@@ -28,8 +28,8 @@ from deployments.core.prompting import render_messages, response_format_for, val
 from deployments.core.replies import unwrap
 from deployments.core.taskfile import CheckedTask, Problem, canonical, check_sources, content_hash
 from deployments.errors import InvalidRequest
-from deployments.gateway.auth import require_prompts
-from deployments.gateway.caller import Caller, get_caller
+from deployments.gateway.auth import prompts_caller
+from deployments.gateway.caller import Caller
 from deployments.schemas import (
     TaskActivationView,
     TaskCheckResult,
@@ -64,6 +64,7 @@ def build_prompt_router(args: AppArgs, tasks: CatalogueFollower, store: Deployme
     router = APIRouter(prefix="/v1", tags=["task management"])
     enabled = args.auth.enabled
     models = {m.name: m.provider for m in args.models}
+    prompts = Depends(prompts_caller(enabled))  # a default, not Annotated: see auth.prompts_caller
 
     async def refresh() -> None:
         """This replica follows a change it made at once (the others within catalogue_poll_s). The change
@@ -78,8 +79,7 @@ def build_prompt_router(args: AppArgs, tasks: CatalogueFollower, store: Deployme
         return await asyncio.to_thread(check_sources, [(f.file, f.source) for f in body.files], models)
 
     @router.post("/tasks/check", response_model=TaskCheckResult)
-    async def check_tasks(body: TaskFiles, caller: Annotated[Caller, Depends(get_caller)]) -> TaskCheckResult:
-        require_prompts(caller, enabled)
+    async def check_tasks(body: TaskFiles, caller: Caller = prompts) -> TaskCheckResult:
         checked = await check(body)
         return TaskCheckResult(
             ok=all(c.definition is not None for c in checked),
@@ -88,8 +88,7 @@ def build_prompt_router(args: AppArgs, tasks: CatalogueFollower, store: Deployme
         )
 
     @router.post("/tasks/push", response_model=TaskPushResult)
-    async def push_tasks(body: TaskFiles, caller: Annotated[Caller, Depends(get_caller)]) -> TaskPushResult:
-        require_prompts(caller, enabled)
+    async def push_tasks(body: TaskFiles, caller: Caller = prompts) -> TaskPushResult:
         checked = await check(body)
         errors = [p for c in checked for p in c.errors]
         if errors or any(c.definition is None for c in checked):
@@ -109,8 +108,7 @@ def build_prompt_router(args: AppArgs, tasks: CatalogueFollower, store: Deployme
         )
 
     @router.get("/tasks/{name}/versions", response_model=TaskHistory)
-    async def task_history(name: TaskName, caller: Annotated[Caller, Depends(get_caller)]) -> TaskHistory:
-        require_prompts(caller, enabled)
+    async def task_history(name: TaskName, caller: Caller = prompts) -> TaskHistory:
         versions, activations = unwrap(await store.task_history.remote(name))
         return TaskHistory(
             name=name,
@@ -123,25 +121,22 @@ def build_prompt_router(args: AppArgs, tasks: CatalogueFollower, store: Deployme
     async def task_version(
         name: TaskName,
         version: Annotated[int, Path(ge=1, le=2**31 - 1)],
-        caller: Annotated[Caller, Depends(get_caller)],
+        caller: Caller = prompts,
     ) -> TaskVersionView:
-        require_prompts(caller, enabled)
         return version_view(unwrap(await store.task_version.remote(name, version)), with_source=True)
 
     @router.post("/tasks/{name}/rollback", response_model=TaskVersionView)
     async def rollback_task(
-        name: TaskName, body: TaskRollback, caller: Annotated[Caller, Depends(get_caller)]
+        name: TaskName, body: TaskRollback, caller: Caller = prompts
     ) -> TaskVersionView:
-        require_prompts(caller, enabled)
         version = unwrap(await store.rollback_task.remote(name, body.version, caller.author))
         await refresh()
         return version_view(version)
 
     @router.post("/tasks/{name}/render", response_model=TaskRendered)
     async def render_task(
-        name: TaskName, body: TaskRenderRequest, caller: Annotated[Caller, Depends(get_caller)]
+        name: TaskName, body: TaskRenderRequest, caller: Caller = prompts
     ) -> TaskRendered:
-        require_prompts(caller, enabled)
         defn, version = await tasks.definition(name, body.version)
         validate_input(defn, body.input)
         return TaskRendered(task=name, version=version, model=defn.model, messages=render_messages(defn, body.input),

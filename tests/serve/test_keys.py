@@ -87,6 +87,30 @@ def test_only_admin_manages_keys(app: ServeApp) -> None:
     assert all("key" not in k for k in listed)  # plain keys are shown once, at creation
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("GET", "/admin/keys?limit=0", None),
+        ("POST", "/admin/keys", {"name": ""}),
+        ("PATCH", "/admin/keys/key_x", {"rpm": "x"}),
+        ("POST", "/tasks/push", {"files": []}),
+        ("POST", "/tasks/classify_ticket/rollback", {}),
+        ("GET", "/tasks/classify_ticket/versions/0", None),
+    ],
+)
+def test_a_tenant_gets_403_before_its_request_is_validated(
+    app: ServeApp, method: str, path: str, body: dict[str, Any] | None
+) -> None:
+    """Not a 400 that describes an admin route's fields to someone who may not use it."""
+    key = new_key(app)["key"]
+    response = httpx.request(method, f"{app.auth_base_url}{path}", json=body,
+                             headers={"Authorization": f"Bearer {key}"}, timeout=30)
+    assert response.status_code == 403, response.text
+    assert response.json()["error"]["code"] == "permission_denied"
+    # And the admin, sending the same, is told what is wrong with it.
+    assert admin(app, method, path, json=body).status_code in (400, 404)
+
+
 def test_admin_changes_a_keys_limits(app: ServeApp) -> None:
     """PATCH /v1/admin/keys/{id}: a spent budget raised lets the key work again; admin only; checked."""
     created = new_key(app, token_budget=20, rpm=100)
