@@ -15,12 +15,17 @@ so it works the same in any process:
 - ``share`` names the payer for the fair share of a limited model's budget (booked by the worker);
 - a key's ``token_budget`` is checked against the tokens recorded for it: the key record as
   this process last fetched it (``KeyEntry``: the Gateway's ``Authenticator`` index, or ``account`` here,
-  which asks the TaskStore at most every ``KEY_TTL_S``) plus what this process recorded since;
+  which asks the TaskStore at most every ``KEY_TTL_S``) plus what this process recorded since.
+  A call in flight *holds* its token estimate (prompt + its output limit) until it is recorded or
+  refunded, and a new call is let in only while the tokens used plus those held are under the
+  budget: a burst of concurrent requests cannot spend the budget many times over (the others get
+  429 with Retry-After and may try again once the calls in flight have settled);
 - after the call, ``record`` adds a usage row (accumulated here, written to the TaskStore about
   once a second) and settles the tpm booking with the real count; a call that was refused,
   failed or was cancelled gives its booking back with ``refund``.
 
-A budget can therefore be overrun by what is in flight across processes within about a second.
+A budget can therefore be overrun by one call per process (the last one let in), and by what other
+processes recorded within the last second or so (each process holds only its own calls).
 """
 
 from __future__ import annotations
@@ -86,6 +91,7 @@ class Meter:
         self.flusher: asyncio.Task[None] | None = None
         self.key_budgets: dict[tuple[str, int | None, int | None], Budget] = {}
         self.shares: dict[tuple[str, float, bool], Share] = {}
+        self.held: dict[str, int] = {}  # key id -> token estimates of its calls in flight (keys with a budget)
 
     async def account(self, key_id: str | None) -> KeyEntry | None:
         """The key ``key_id`` as the payer of calls made outside an HTTP request (task runs, batch
@@ -147,34 +153,61 @@ class Meter:
             )
 
     async def admit(self, entry: KeyEntry | None, tokens: int, wait_s: float = 0.0) -> int:
-        """Enforce the key's budget and rpm/tpm before a model call; return the tokens booked on
-        its tpm (to pass to ``record`` or ``refund``)."""
+        """Enforce the key's budget and rpm/tpm before a model call of about ``tokens``; return the
+        tokens held for it (to pass to ``record`` or ``refund``, which settle the tpm booking and
+        release the budget hold)."""
         self.check_budget(entry)
         if entry is None:
             return 0
         key = entry.key
+        held = self._hold(entry, tokens)
         if key.rpm is None and key.tpm is None:
-            return 0
-        booked = tokens if key.tpm else 0
+            return held
         try:
             retry_after = await self.budgets.acquire(
-                f"key:{key.id}", self._budget(key), 1, booked, time.monotonic() + wait_s
+                f"key:{key.id}", self._budget(key), 1, tokens if key.tpm else 0, time.monotonic() + wait_s
             )
         except asyncio.CancelledError:
             # Cancelled while waiting for the slot: the booking may already stand. Give it back (if it
             # never went out, the limiter bounds the refund to one burst, so it mints nothing more).
-            self.refund(entry, booked)
+            self.refund(entry, tokens)
             raise
         if retry_after is not None:
+            self._release(key, tokens)  # nothing was booked on the limiter
             raise RateLimited(
                 f"This API key is over its rate limit; its next slot is {retry_after:.1f}s away, past this "
                 "request's deadline.",
                 retry_after=retry_after,
             )
-        return booked
+        return tokens
+
+    def _hold(self, entry: KeyEntry, tokens: int) -> int:
+        """Hold ``tokens`` of the key's budget for a call in flight; 429 if the calls in flight may
+        already spend what is left."""
+        key = entry.key
+        if key.token_budget is None:
+            return tokens if key.tpm else 0
+        in_flight = self.held.get(key.id, 0)
+        if in_flight and entry.tokens_used + in_flight >= key.token_budget:
+            raise RateLimited(
+                f"This API key's requests in flight may spend the rest of its token budget ({key.token_budget} "
+                "tokens); retry when they have finished.",
+                retry_after=1,
+            )
+        self.held[key.id] = in_flight + tokens
+        return tokens
+
+    def _release(self, key: ApiKey, held: int) -> None:
+        if key.token_budget is None or not held:
+            return
+        left = self.held.get(key.id, 0) - held
+        if left > 0:
+            self.held[key.id] = left
+        else:
+            self.held.pop(key.id, None)
 
     def record(self, entry: KeyEntry | None, model: str, usage: Usage, booked: int = 0) -> None:
-        """Count a finished call's tokens for the key (and settle its tpm booking)."""
+        """Count a finished call's tokens for the key (and settle what ``admit`` held and booked)."""
         if entry is None:
             return
         key = entry.key
@@ -183,15 +216,20 @@ class Meter:
         row[1] += usage.prompt_tokens
         row[2] += usage.completion_tokens
         entry.tokens_since_fetch += usage.prompt_tokens + usage.completion_tokens
-        if booked:
+        self._release(key, booked)
+        if booked and key.tpm:
             self.budgets.settle(f"key:{key.id}", self._budget(key), usage.total_tokens - booked)
         if self.flusher is None or self.flusher.done():
             self.flusher = asyncio.get_running_loop().create_task(self._flush_soon())
 
     def refund(self, entry: KeyEntry | None, booked: int) -> None:
-        """Give back the tpm booking of a call that produced nothing (refused, failed, cancelled)."""
-        if entry is not None and booked:
-            key = entry.key
+        """Give back what ``admit`` held and booked for a call that produced nothing (refused, failed,
+        cancelled)."""
+        if entry is None or not booked:
+            return
+        key = entry.key
+        self._release(key, booked)
+        if key.tpm:
             self.budgets.settle(f"key:{key.id}", self._budget(key), -booked)
 
     async def _flush_soon(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sqlite3
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -18,6 +19,7 @@ from tests.waiting import wait_for
 pytestmark = pytest.mark.serve
 
 HELLO = [{"role": "user", "content": "hello"}]
+GATEWAYS = 1  # the session's cluster is one node, and serve.yaml runs one Gateway replica per node
 
 
 def admin(app: ServeApp, method: str, path: str, **kwargs: Any) -> httpx.Response:
@@ -192,6 +194,32 @@ def test_exhausted_budget_is_403_and_usage_is_recorded(app: ServeApp) -> None:
     usage = httpx.get(f"{app.auth_base_url}/usage", headers={"Authorization": f"Bearer {key}"}).json()["data"]
     assert usage and usage[0]["model"] == "fake" and usage[0]["requests"] >= 3
     assert usage[0]["total_tokens"] >= 30
+
+
+def test_a_burst_at_once_cannot_spend_a_budget_many_times_over(app: ServeApp) -> None:
+    """12 requests at once on a 40-token budget used to spend ~1,200 tokens (each was let in against
+    the same 0 used). Calls in flight now hold their estimate: the rest of the burst gets 429."""
+    app.upstream.configure(mode="ok", latency_ms=300)  # the burst's calls overlap
+    created = new_key(app, token_budget=40)
+    chat = client(app, created["key"])
+
+    def one(_: int) -> str:
+        try:
+            chat.chat.completions.create(model="fake", messages=HELLO, max_tokens=60)
+        except openai.RateLimitError as exc:
+            assert "in flight" in exc.message and exc.response.headers["retry-after"] == "1"
+            return "429"
+        return "ok"
+
+    with ThreadPoolExecutor(12) as pool:
+        outcomes = list(pool.map(one, range(12)))
+    # One call per Gateway replica may be in flight at once (each holds only its own calls).
+    assert 1 <= outcomes.count("ok") <= GATEWAYS and outcomes.count("429") == 12 - outcomes.count("ok")
+    app.upstream.configure(mode="ok", latency_ms=0)
+    wait_for(lambda: admin(app, "GET", "/usage", params={"key_id": created["id"]}).json()["data"], 15,
+             interval_s=0.2, message="the usage to be recorded")
+    used = admin(app, "GET", "/usage", params={"key_id": created["id"]}).json()["data"][0]["total_tokens"]
+    assert used <= GATEWAYS * 100  # the fake upstream's ~10 tokens a call, far under 12 × 70
 
 
 def test_tenants_cannot_see_each_others_runs(app: ServeApp) -> None:

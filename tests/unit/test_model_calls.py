@@ -241,6 +241,50 @@ def test_a_spent_budget_is_403_before_any_call_and_a_live_one_flows(tmp_path: Pa
     metered(tmp_path, scenario)
 
 
+def test_a_burst_of_concurrent_calls_cannot_spend_a_budget_many_times_over(tmp_path: Path) -> None:
+    """Found by a hostile walkthrough: 12 requests at once on a 40-token budget spent 1,176 tokens.
+    A call in flight holds its estimate; while the held tokens may spend the rest, others get 429."""
+    async def scenario(m: Metered) -> None:
+        key = await m.key(token_budget=40)
+        workers = FakeWorkers()
+        calls = ModelCalls(MODELS, workers, m.meter)
+        burst = await asyncio.gather(*(calls.complete(request("b", max_tokens=60), key) for _ in range(12)),
+                                     return_exceptions=True)
+        answered = [r for r in burst if isinstance(r, dict)]
+        refused = [r for r in burst if isinstance(r, errors.RateLimited)]
+        assert len(answered) == 1 and len(refused) == 11 and len(workers.calls) == 1
+        assert refused[0].status_code == 429 and refused[0].retry_after == 1 and "in flight" in refused[0].message
+        assert m.meter.held == {}  # the answered call's hold was released when it was recorded
+        # Under the budget, with nothing in flight, calls flow again (one at a time or several at once).
+        used = key.tokens_used
+        assert used == USAGE.total_tokens
+        await calls.complete(request("b", max_tokens=5), key)
+        assert key.tokens_used == 2 * USAGE.total_tokens
+
+    metered(tmp_path, scenario)
+
+
+def test_a_failed_or_cancelled_call_releases_its_hold_on_the_budget(tmp_path: Path) -> None:
+    async def scenario(m: Metered) -> None:
+        key = await m.key(token_budget=40)
+        calls = ModelCalls(MODELS, FakeWorkers({"b": [errors.UpstreamError("down"), "hang"]}), m.meter)
+        with pytest.raises(errors.UpstreamError):
+            await calls.complete(request("b", max_tokens=60), key)
+        assert m.meter.held == {}
+        hanging = asyncio.create_task(calls.complete(request("b", max_tokens=60), key))
+        await asyncio.sleep(0.05)
+        assert m.meter.held == {key.key.id: calls.estimate(request("b", max_tokens=60))}
+        with pytest.raises(errors.RateLimited):  # held while in flight
+            await calls.complete(request("b", max_tokens=1), key)
+        hanging.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await hanging
+        assert m.meter.held == {}
+        await calls.complete(request("b", max_tokens=1), key)  # and the budget is there again
+
+    metered(tmp_path, scenario)
+
+
 def test_a_keys_rpm_refuses_at_once_or_waits_when_asked(tmp_path: Path) -> None:
     async def scenario(m: Metered) -> None:
         key = await m.key(rpm=60)  # one request a second
