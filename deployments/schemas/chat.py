@@ -29,7 +29,7 @@ class ChatMessage(OpenAIBody):
 
 class StreamOptions(OpenAIBody):
     include_usage: bool = Field(
-        default=False, description="Send a last chunk with `usage` and empty `choices`."
+        default=False, strict=True, description="Send a last chunk with `usage` and empty `choices`."
     )
 
 
@@ -53,34 +53,47 @@ class ResponseFormat(OpenAIBody):
 
 
 class ChatCompletionRequest(OpenAIBody):
-    """POST /v1/chat/completions. Fields not listed here pass through to OpenAI-compatible upstreams."""
+    """POST /v1/chat/completions. Fields not listed here pass through to OpenAI-compatible upstreams.
+
+    Numbers and flags are strict, as OpenAI's are: `"max_tokens": true` or `"stream": "yes"` is a 400
+    naming the field, not a 1 or a stream; NaN and infinities are refused too."""
 
     model: str = Field(description="A model name from GET /v1/models.")
     messages: list[ChatMessage] = Field(min_length=1, description="The conversation so far.")
-    stream: bool = Field(default=False, description="Answer with server-sent events.")
+    stream: bool = Field(default=False, strict=True, description="Answer with server-sent events.")
     stream_options: StreamOptions | None = Field(default=None, description="Streaming options.")
     max_tokens: int | None = Field(
-        default=None, ge=1, le=MAX_TOKENS_LIMIT,
+        default=None, strict=True, ge=1, le=MAX_TOKENS_LIMIT,
         description="Most tokens to generate; at most the model's `max_output_tokens`.",
     )
     max_completion_tokens: int | None = Field(
-        default=None, ge=1, le=MAX_TOKENS_LIMIT,
+        default=None, strict=True, ge=1, le=MAX_TOKENS_LIMIT,
         description="Newer name of `max_tokens`; wins when both are set.",
     )
-    temperature: float | None = Field(default=None, ge=0, le=2, description="Sampling temperature.")
-    top_p: float | None = Field(default=None, gt=0, le=1, description="Nucleus sampling.")
-    n: int = Field(default=1, description="Number of choices; only 1 is supported.")
+    temperature: float | None = Field(
+        default=None, strict=True, allow_inf_nan=False, ge=0, le=2, description="Sampling temperature."
+    )
+    top_p: float | None = Field(
+        default=None, strict=True, allow_inf_nan=False, gt=0, le=1, description="Nucleus sampling."
+    )
+    n: int = Field(default=1, strict=True, description="Number of choices; only 1 is supported.")
     stop: str | list[str] | None = Field(default=None, description="Stop sequence(s), at most 4.")
-    seed: int | None = Field(default=None, ge=-INT64_MAX - 1, le=INT64_MAX, description="Sampling seed (64-bit).")
-    logprobs: bool | None = Field(default=None, description="Return log probabilities (upstream models).")
+    seed: int | None = Field(
+        default=None, strict=True, ge=-INT64_MAX - 1, le=INT64_MAX, description="Sampling seed (64-bit)."
+    )
+    logprobs: bool | None = Field(default=None, strict=True, description="Return log probabilities (upstream models).")
     top_logprobs: int | None = Field(
-        default=None, ge=0, le=20, description="Most likely tokens returned per position, with `logprobs`."
+        default=None, strict=True, ge=0, le=20, description="Most likely tokens returned per position, with `logprobs`."
     )
     logit_bias: dict[str, float] | None = Field(
         default=None, max_length=300, description="Token id → bias in [-100, 100], at most 300 entries."
     )
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2, description="Presence penalty.")
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2, description="Frequency penalty.")
+    presence_penalty: float | None = Field(
+        default=None, strict=True, allow_inf_nan=False, ge=-2, le=2, description="Presence penalty."
+    )
+    frequency_penalty: float | None = Field(
+        default=None, strict=True, allow_inf_nan=False, ge=-2, le=2, description="Frequency penalty."
+    )
     response_format: ResponseFormat | None = Field(
         default=None, description="`text`, `json_object` or `json_schema` (grammar-constrained locally)."
     )

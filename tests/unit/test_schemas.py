@@ -143,3 +143,30 @@ def test_usual_depths_pass_and_task_inputs_are_bounded_too() -> None:
     with pytest.raises(ValidationError) as info:
         TaskRunRequest.model_validate({"input": nested(MAX_JSON_DEPTH + 1)})
     assert info.value.errors()[0]["loc"] == ("input",)
+
+
+@pytest.mark.parametrize(
+    ("extra", "loc"),
+    [
+        ({"max_tokens": True}, ("max_tokens",)),
+        ({"max_tokens": "5"}, ("max_tokens",)),
+        ({"stream": "yes"}, ("stream",)),
+        ({"stream": 1}, ("stream",)),
+        ({"temperature": float("nan")}, ("temperature",)),
+        ({"top_p": float("inf")}, ("top_p",)),
+        ({"temperature": "0.5"}, ("temperature",)),
+        ({"seed": 1.5}, ("seed",)),
+        ({"stream": True, "stream_options": {"include_usage": "true"}}, ("stream_options", "include_usage")),
+    ],
+)
+def test_numbers_and_flags_are_strict_like_openais(extra: dict[str, object], loc: tuple[str, ...]) -> None:
+    with pytest.raises(ValidationError) as info:
+        ChatCompletionRequest.model_validate({"model": "m", "messages": MESSAGES, **extra})
+    assert [e["loc"] for e in info.value.errors()] == [loc]
+
+
+def test_ints_where_floats_go_and_ordinary_values_pass() -> None:
+    request = ChatCompletionRequest.model_validate(
+        {"model": "m", "messages": MESSAGES, "temperature": 1, "top_p": 1, "max_tokens": 5, "stream": True,
+         "stream_options": {"include_usage": True}, "seed": -3, "presence_penalty": 0})
+    assert request.temperature == 1.0 and request.include_usage and request.effective_max_tokens == 5
