@@ -26,12 +26,25 @@ from cluster import local
 EXCLUDES = [".git", ".venv", "**/__pycache__", ".mypy_cache", ".ruff_cache", ".hypothesis", ".benchmarks"]
 
 
+def ray_command() -> str:
+    """The `ray` CLI as a person can paste it: this environment's (it may not be on PATH), with the
+    token mode on — Ray's client commands send the cluster token only with RAY_AUTH_MODE=token."""
+    ray = Path(sys.executable).with_name("ray")
+    try:
+        shown = str(ray.relative_to(Path.cwd()))
+    except ValueError:
+        shown = str(ray)
+    return f"RAY_AUTH_MODE=token {shown}"
+
+
 def add_parser(sub: Any) -> None:
     batch = sub.add_parser("batch", help="run a JSONL batch as a Ray job (resumable; see `ray job logs -f`)")
     batch.add_argument("--input", type=Path, required=True, help="input JSONL (OpenAI batch lines or task lines)")
     batch.add_argument("--output", type=Path, required=True, help="output JSONL (re-running resumes it)")
     batch.add_argument("--errors", type=Path, default=None, help="error lines go here (default: --output)")
     batch.add_argument("--task", default=None, help="task for lines that name none (`{custom_id, input}` lines)")
+    batch.add_argument("--key-id", default=None, help="API key id (key_…) the lines are billed to and limited by "
+                       "(default: none, the operator's own job)")
     batch.add_argument("--concurrency", type=int, default=32, help="requests in flight (default: %(default)s)")
     batch.add_argument("--app", default="promptfleet", help="Serve application (default: %(default)s)")
     batch.add_argument("--dashboard", default=local.DEFAULT_DASHBOARD, help="dashboard URL (default: %(default)s)")
@@ -48,6 +61,8 @@ def entrypoint(args: argparse.Namespace, python: str = "python") -> str:
         command += ["--errors", str(args.errors.resolve())]
     if args.task is not None:
         command += ["--task", args.task]
+    if args.key_id is not None:
+        command += ["--key-id", args.key_id]
     if args.ray_address is not None:
         command += ["--ray-address", args.ray_address]
     return shlex.join(command)
@@ -71,10 +86,11 @@ def run(args: argparse.Namespace) -> int:
     # this command is the right one when the cluster was started from the same environment.
     job_id = client.submit_job(entrypoint=entrypoint(args, sys.executable), runtime_env=runtime_env,
                                metadata={"promptfleet": "batch", "input": args.input.name})
+    ray = ray_command()
     print(f"Submitted batch job {job_id}.\n"
-          f"  follow:  ray job logs -f {job_id} --address {args.dashboard}\n"
-          f"  status:  ray job status {job_id} --address {args.dashboard}\n"
-          f"  stop:    ray job stop {job_id} --address {args.dashboard}   (re-run to resume)\n"
+          f"  follow:  {ray} job logs -f {job_id} --address {args.dashboard}\n"
+          f"  status:  {ray} job status {job_id} --address {args.dashboard}\n"
+          f"  stop:    {ray} job stop {job_id} --address {args.dashboard}   (re-run to resume)\n"
           f"  output:  {args.output.resolve()}")
     if not args.wait:
         return 0

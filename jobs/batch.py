@@ -395,7 +395,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def options_from(args: argparse.Namespace) -> Options:
+def _in_a_job_package(cwd: Path) -> bool:
+    """Whether this runs in the copy of ``--working-dir`` that ``ray job submit`` made (and deletes)."""
+    return "working_dir_files" in cwd.parts or any(part.startswith("_ray_pkg_") for part in cwd.parts)
+
+
+def options_from(args: argparse.Namespace, cwd: Path | None = None) -> Options:
+    if _in_a_job_package(cwd or Path.cwd()):
+        relative = [f"--{name} {path}" for name, path in
+                    (("input", args.input), ("output", args.output), ("errors", args.errors),
+                     ("progress-file", args.progress_file)) if path is not None and not path.is_absolute()]
+        if relative:
+            raise SetupError(f"{', '.join(relative)}: give absolute paths — under `ray job submit` the job runs "
+                             "in Ray's temporary copy of the working dir, and files written there are lost")
     if args.concurrency < 1 or args.max_attempts < 1 or args.progress_every <= 0:
         raise SetupError("--concurrency and --max-attempts must be >= 1, --progress-every > 0")
     if args.key_id is not None and not args.key_id.startswith("key_"):

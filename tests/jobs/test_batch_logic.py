@@ -314,3 +314,18 @@ def test_status_follows_the_job(tmp_path: Path) -> None:
     assert third.output_file_id is not None and third.error_file_id is None
     assert store.get_file("o", third.output_file_id).purpose == "batch_output"
 
+
+
+def test_relative_paths_are_refused_inside_a_ray_job_package_and_fine_elsewhere(tmp_path: Path) -> None:
+    """`ray job submit --working-dir .` runs the job in Ray's temporary copy of the directory: a relative
+    `--errors err.jsonl` was written there, out of the user's sight."""
+    args = batch.build_parser().parse_args(["--input", "/abs/in.jsonl", "--output", "/abs/out.jsonl",
+                                            "--errors", "err.jsonl"])
+    package = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123abcd"
+    with pytest.raises(batch.SetupError) as info:
+        batch.options_from(args, cwd=package)
+    assert "--errors err.jsonl" in str(info.value) and "absolute" in str(info.value)
+    assert "--output" not in str(info.value)
+    assert batch.options_from(args, cwd=tmp_path).errors == Path("err.jsonl")  # a local run: relative is fine
+    args.errors = Path("/abs/err.jsonl")
+    assert batch.options_from(args, cwd=package).errors == Path("/abs/err.jsonl")
