@@ -21,10 +21,10 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from cluster import batch_cli, grafana, keys_cli, kuberay, local, nodes, tasks_cli
-from deployments.config import NODE_IP
+from deployments.config import NODE_IP, AuthConfig
 
 JOIN_ADVICE = "To add a machine, run this in its promptfleet checkout (after `make .venv/.installed`):"
 
@@ -162,7 +162,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         f"  Ray dashboard:           {urls.dashboard}\n"
         f"{token_hint}"
         f"  Grafana dashboard:       {installed or grafana.DASHBOARD} (README \"Metrics\")\n\n"
-        f"  curl {urls.api}/chat/completions -H 'Content-Type: application/json' \\\n"
+        f"  curl {urls.api}/chat/completions -H 'Content-Type: application/json'{auth_header(config)} \\\n"
         f"    -d '{{\"model\": \"smollm2\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n\n"
         + ("Ctrl-C (or SIGTERM to this command) stops this node." if head is not None
            else "Stop with `promptfleet stop --ray`.")
@@ -170,6 +170,13 @@ def cmd_start(args: argparse.Namespace) -> int:
     if join_hint:
         say(f"\n{JOIN_ADVICE}\n  {join_hint}")
     return _wait_if_blocking(head)
+
+
+def auth_header(config: dict[str, Any]) -> str:
+    """The curl option the printed example needs when the application has authentication on."""
+    args = (config.get("applications") or [{}])[0].get("args") or {}
+    auth = AuthConfig.model_validate(args.get("auth") or {})
+    return f" \\\n    -H \"Authorization: Bearer ${auth.admin_key_env}\"" if auth.enabled else ""
 
 
 def cmd_join(args: argparse.Namespace) -> int:
