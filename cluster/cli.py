@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     stop = sub.add_parser("stop", help="shut down the Serve application(s)")
     stop.add_argument("--dashboard", default=local.DEFAULT_DASHBOARD, help="dashboard URL (default: %(default)s)")
-    stop.add_argument("--ray", action="store_true", help="also stop Ray on this machine (`ray stop`)")
+    stop.add_argument("--ray", action="store_true", help="also stop Ray on this machine: `ray stop`, which "
+                      "ends every Ray cluster this user runs here, not only the one promptfleet started")
     return parser
 
 
@@ -249,6 +250,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
     except Exception:
         print(f"No Ray dashboard answers at {args.dashboard}.", file=sys.stderr)
     if args.ray:
+        print("Stopping Ray on this machine (`ray stop`: every Ray cluster of this user here).", flush=True)
         subprocess.run([local.ray_executable(), "stop"], check=False)
     return 0
 
