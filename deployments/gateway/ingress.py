@@ -98,6 +98,10 @@ def validation_error(exc: RequestValidationError) -> InvalidRequest:
     first = exc.errors()[0] if exc.errors() else {}
     # FastAPI prefixes the location ("body", "query", …); the param is the field itself.
     loc = [str(part) for part in first.get("loc", ())]
+    if loc == ["body"]:  # the body as a whole: none at all, or not a JSON object (a list, a form)
+        what = "is missing" if first.get("type") == "missing" else "is not a JSON object"
+        return InvalidRequest(f"The request body {what}: send a JSON object with Content-Type: application/json.",
+                              param=None)
     if loc and loc[0] in ("body", "query", "path", "header"):
         loc = loc[1:]
     param = ".".join(loc) or None

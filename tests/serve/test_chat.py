@@ -138,6 +138,23 @@ def test_not_json_is_a_clear_400(app: ServeApp) -> None:
     assert "not valid JSON" in response.json()["error"]["message"]
 
 
+@pytest.mark.parametrize(
+    ("content", "headers", "words"),
+    [
+        (b"[1, 2]", {"content-type": "application/json"}, "is not a JSON object"),
+        (b"", {"content-type": "application/json"}, "is missing"),
+        (b"model=fake", {"content-type": "application/x-www-form-urlencoded"}, "is not a JSON object"),
+    ],
+)
+def test_a_body_that_is_not_a_json_object_says_so(
+    app: ServeApp, content: bytes, headers: dict[str, str], words: str
+) -> None:
+    response = httpx.post(f"{app.base_url}/chat/completions", content=content, headers=headers, timeout=30)
+    assert response.status_code == 400
+    message = response.json()["error"]["message"]
+    assert words in message and "Content-Type: application/json" in message
+
+
 def test_oversized_body_is_413(app: ServeApp) -> None:
     big = "x" * 1_100_000
     response = httpx.post(
