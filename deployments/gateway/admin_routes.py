@@ -55,8 +55,17 @@ class KeyAdmin:
         return KeyCreated(**dataclasses.asdict(key), key=plain)
 
     async def set_limits(self, key_id: str, body: KeyLimits) -> KeyView:
+        # A merge patch: the limits the body names change (null: unlimited), the others stay — raising
+        # a key's rpm must not silently lift its token budget.
+        limits = body
+        if body.model_fields_set != set(KeyLimits.model_fields):
+            current: ApiKey | None = unwrap(await self.store.get_key.remote(key_id))
+            if current is not None:  # (an unknown key: the store's 404 below)
+                kept = {name: getattr(current, name) for name in KeyLimits.model_fields
+                        if name not in body.model_fields_set}
+                limits = body.model_copy(update=kept)
         key = unwrap(
-            await self.store.set_key_limits.remote(key_id, body.rpm, body.tpm, body.token_budget, body.weight)
+            await self.store.set_key_limits.remote(key_id, limits.rpm, limits.tpm, limits.token_budget, limits.weight)
         )
         self.auth.keys_changed()
         return key_view(key)

@@ -10,7 +10,8 @@ from deployments.schemas.base import OwnBody
 
 
 class KeyLimits(OwnBody):
-    """Body of PATCH /v1/admin/keys/{id}: the key's limits, replaced whole (empty: unlimited)."""
+    """Body of PATCH /v1/admin/keys/{id}: the limits it names change (`null`: unlimited), the others
+    stay as they are (a JSON merge patch)."""
 
     rpm: int | None = Field(
         default=None, ge=1, le=1_000_000, description="Requests per minute (chat, task runs, batch lines)."

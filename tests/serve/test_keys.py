@@ -131,8 +131,14 @@ def test_admin_changes_a_keys_limits(app: ServeApp) -> None:
     changed = admin(app, "PATCH", f"/admin/keys/{created['id']}", json={"token_budget": 10**6, "weight": 2})
     assert changed.status_code == 200, changed.text
     view = changed.json()
-    assert (view["token_budget"], view["rpm"], view["weight"]) == (10**6, None, 2)  # replaced whole
+    assert (view["token_budget"], view["rpm"], view["weight"]) == (10**6, 100, 2)  # rpm left as it was
     wait_for(lambda: not refused(), timeout_s=15, interval_s=0.2, message="the key to work again")
+    # Raising one limit leaves the others alone; null lifts one.
+    raised = admin(app, "PATCH", f"/admin/keys/{created['id']}", json={"rpm": 500}).json()
+    assert (raised["rpm"], raised["token_budget"], raised["weight"]) == (500, 10**6, 2)
+    lifted = admin(app, "PATCH", f"/admin/keys/{created['id']}", json={"token_budget": None}).json()
+    assert (lifted["rpm"], lifted["token_budget"]) == (500, None)
+    assert admin(app, "PATCH", f"/admin/keys/{created['id']}", json={}).json()["rpm"] == 500  # nothing named
 
 
 def test_per_key_rpm_is_enforced(app: ServeApp) -> None:
