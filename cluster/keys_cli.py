@@ -7,7 +7,6 @@ by default) against the API at --url.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Any
@@ -61,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "create":
         print(f"Created {data['id']} ({data['name']}). The key is shown only once:\n\n  {data['key']}\n")
     else:
-        print(json.dumps(data, indent=2))
+        print(f"Revoked {data['id']} ({data['name']}): it is refused from now on, and its queued runs and "
+              "unfinished batches were cancelled.")
     return 0
 
 

@@ -100,7 +100,10 @@ def call(http: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
         body = {}
     if response.status_code >= 400:
         error = body.get("error", {}) if isinstance(body, dict) else {}
-        raise ApiError(f"{response.status_code}: {error.get('message') or response.text[:500]}")
+        hint = ""
+        if response.status_code == 401 and "authorization" not in {h.lower() for h in http.headers}:
+            hint = " (set PROMPTFLEET_API_KEY to a key with the prompts scope, or PROMPTFLEET_ADMIN_KEY)"
+        raise ApiError(f"{response.status_code}: {error.get('message') or response.text[:500]}{hint}")
     return body
 
 

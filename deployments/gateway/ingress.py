@@ -313,6 +313,7 @@ class Gateway:
             version="0.1.0",
             lifespan=self.lifespan,
             docs_url=None,  # served below, from local files
+            redoc_url=None,  # ReDoc loads its script and fonts from CDNs: blank offline; /docs is the page
         )
 
         @api.exception_handler(PromptfleetError)

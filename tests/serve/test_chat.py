@@ -233,6 +233,11 @@ def test_healthz_and_docs(app: ServeApp) -> None:
     spec = httpx.get(f"{app.url}/openapi.json", timeout=10).json()
     assert "/v1/chat/completions" in spec["paths"]
     assert httpx.get(f"{app.url}/docs", timeout=10).status_code == 200
+    assert httpx.get(f"{app.url}/redoc", timeout=10).status_code == 404  # its assets come from CDNs: not served
+    # Task management lives in /docs too, and no route describes the caller as a parameter.
+    assert "/v1/tasks/push" in spec["paths"]
+    assert all(p.get("name") != "caller" for ops in spec["paths"].values() for op in ops.values()
+               for p in op.get("parameters", []))
 
 
 def test_same_api_through_serve_proxy(app: ServeApp) -> None:
