@@ -118,6 +118,10 @@ class Backend(Protocol):
 
     def run_task(self, task: str, task_input: dict[str, Any], request_id: str) -> Awaitable[Result]: ...
 
+    async def check_payer(self) -> None:
+        """Raise ``SetupError`` if the key the lines are billed to cannot pay for any (unknown,
+        revoked, budget spent): the job fails at once instead of writing an error line per line."""
+
     async def close(self) -> None:
         """Write what is still unwritten (the usage of the last lines)."""
 
@@ -179,6 +183,16 @@ class ServeBackend:
             return await calls.complete(request, payer, wait_s=LINE_WAIT_S, request_id=request_id, background=True)
         except PromptfleetError as exc:
             return exc
+
+    async def check_payer(self) -> None:
+        if self.key_id is None:
+            return
+        await self._calls()
+        assert self.meter is not None
+        try:
+            self.meter.check_budget(await self.meter.account(self.key_id))
+        except PromptfleetError as exc:
+            raise SetupError(f"--key-id {self.key_id}: {exc.message}") from None
 
     async def run_task(self, task: str, task_input: dict[str, Any], request_id: str) -> Result:
         from ray.serve.exceptions import BackPressureError
@@ -251,6 +265,7 @@ class BatchRun:
         scan_done(opts.output, done)
         if opts.errors is not None and opts.errors.resolve() != opts.output.resolve():
             scan_done(opts.errors, done)
+        await self.backend.check_payer()
         progress = self.progress = Progress(total=count_lines(opts.input), done_before=done)
         if done.ids or done.lines:
             self.say(f"batch: resuming; {len(done.ids) + len(done.lines)} lines already done in {opts.output}")

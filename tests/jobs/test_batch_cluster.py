@@ -271,3 +271,24 @@ def test_a_batch_line_costs_at_most_the_providers_tries(app: ServeApp, tmp_path:
     (line,) = read_jsonl(tmp_path / "out.jsonl")
     assert line["response"]["status_code"] == (429 if mode == "rate_limit" else 502)
     assert app.upstream.stats()["calls"] == 3  # 1 + max_retries, whatever --max-attempts says
+
+
+def test_a_key_that_cannot_pay_fails_the_job_at_once(app: ServeApp, tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Unknown, revoked or spent: the job ends with a setup error naming --key-id, and writes no
+    error line per line; a live key's batch runs."""
+    import httpx
+
+    write_jsonl(tmp_path / "in.jsonl", [chat(f"k-{i}", f"paid {i}") for i in range(3)])
+    assert run_batch(tmp_path, "--key-id", "key_0000000000000000") == batch.EXIT_SETUP
+    assert "--key-id key_0000000000000000" in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl").exists()
+
+    created = httpx.post(f"{app.base_url}/admin/keys", json={"name": "batch-payer"}, timeout=30).json()
+    assert run_batch(tmp_path, "--key-id", created["id"]) == 0
+    assert len(read_jsonl(tmp_path / "out.jsonl")) == 3
+
+    httpx.delete(f"{app.base_url}/admin/keys/{created['id']}", timeout=30)
+    (tmp_path / "out.jsonl").unlink()
+    assert run_batch(tmp_path, "--key-id", created["id"]) == batch.EXIT_SETUP
+    assert "revoked" in capsys.readouterr().err

@@ -82,6 +82,9 @@ class FakeBackend:
         self.request_ids[task_input.get("text", "")] = request_id
         return await self._answer(task_input.get("text", ""), {"task": task, "output": {"label": "a"}})
 
+    async def check_payer(self) -> None:
+        pass
+
     async def close(self) -> None:
         self.closed = True
 
