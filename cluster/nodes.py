@@ -57,6 +57,7 @@ def ensure_token(environ: Mapping[str, str]) -> str:
         return environ["RAY_AUTH_TOKEN"]
     path = token_path(environ)
     if path.exists():
+        _keep_private(path)
         return path.read_text().strip()
     token = secrets.token_hex(32)  # what `ray get-auth-token --generate` writes: 256 random bits
     _write_private(path, token)
@@ -86,6 +87,16 @@ def install_token(token: str, environ: Mapping[str, str]) -> None:
             )
         return
     _write_private(path, token)
+
+
+def _keep_private(path: Path) -> None:
+    """A token file others on the machine can read is the cluster's key in their hands: make it the
+    owner's only (a file another tool wrote 0644, say), and say so."""
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        path.chmod(mode & 0o700)
+        print(f"promptfleet: {path} was readable by other users (mode {mode:o}); it is now {mode & 0o700:o}.",
+              file=sys.stderr)
 
 
 def _write_private(path: Path, text: str) -> None:

@@ -158,3 +158,13 @@ def test_start_prints_how_to_get_the_dashboard_token(monkeypatch: pytest.MonkeyP
     assert cli.main(["start"]) == 0
     out = capsys.readouterr().out
     assert f"print it with `{nodes.token_command(os.environ)}`" in out
+
+
+def test_a_token_file_others_can_read_is_made_private(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "auth_token"
+    path.write_text("abc\n")
+    path.chmod(0o644)
+    assert nodes.ensure_token({"RAY_AUTH_TOKEN_PATH": str(path)}) == "abc"
+    assert path.stat().st_mode & 0o777 == 0o600 and "readable by other users" in capsys.readouterr().err
+    nodes.ensure_token({"RAY_AUTH_TOKEN_PATH": str(path)})  # already private: nothing said
+    assert capsys.readouterr().err == ""
