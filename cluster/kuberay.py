@@ -2,13 +2,16 @@
 
     promptfleet k8s [--config configs/serve.yaml] [--image IMAGE] [--workers N] > rayservice.yaml
     kubectl create secret generic promptfleet-ray-token --from-literal=token=$(openssl rand -hex 32)
+    kubectl create secret generic promptfleet-secrets --from-literal=PROMPTFLEET_ADMIN_KEY=… \\
+        [--from-literal=OPENAI_API_KEY=…]
     kubectl apply -f rayservice.yaml
 
 One source of truth: ``spec.serveConfigV2`` is the Serve config ``promptfleet start`` deploys,
 with one change a pod needs (``k8s_serve_config``): the Gateway listens on the pod's own address
 (``listen_host: node-ip``), because a pod's loopback is unreachable from its Service. Secrets stay
-out of it, as on a laptop: upstream keys and ``PROMPTFLEET_*`` reach the Ray containers as env from
-Kubernetes Secrets, and replicas inherit the container's environment.
+out of it, as on a laptop: the admin key, upstream keys and the database URL reach the Ray
+containers as env from the Secret ``<name>-secrets`` (each entry optional), and replicas inherit
+the container's environment.
 
 Targets KubeRay v1.4 (``ray.io/v1`` RayService). Every Ray container gets the environment of a
 promptfleet node (``nodes.node_env``): the Serve throughput settings, ``RAY_AUTH_MODE=token`` and
@@ -22,6 +25,7 @@ import argparse
 import copy
 import json
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -85,11 +89,17 @@ def gateway_port(config: dict[str, Any]) -> int:
     return gateway.listen_port
 
 
-def container_env(token_secret: str) -> list[dict[str, Any]]:
-    """What `promptfleet start`/`join` put in the environment of `ray start`, as container env."""
+def container_env(
+    token_secret: str, secrets: str | None = None, secret_names: Iterable[str] = ()
+) -> list[dict[str, Any]]:
+    """What `promptfleet start`/`join` put in the environment of `ray start`, as container env; and each
+    of ``secret_names`` (the admin key, upstream keys, the database URL) from the Secret ``secrets``,
+    optional, so a deployment that needs none of them does not wait for the Secret."""
     fixed = {**local.RAY_START_ENV, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
     env: list[dict[str, Any]] = [{"name": name, "value": value} for name, value in fixed.items()]
     env.append({"name": "RAY_AUTH_TOKEN", "valueFrom": {"secretKeyRef": {"name": token_secret, "key": TOKEN_KEY}}})
+    for name in sorted(set(secret_names)):
+        env.append({"name": name, "valueFrom": {"secretKeyRef": {"name": secrets, "key": name, "optional": True}}})
     return env
 
 
@@ -115,7 +125,11 @@ def _pod(container: str, image: str, env: list[dict[str, Any]], ports: dict[str,
 
 def rayservice(config: dict[str, Any], name: str, image: str, workers: int, max_workers: int) -> dict[str, Any]:
     port = gateway_port(config)
-    env = container_env(f"{name}-ray-token")
+    wanted = set().union(*(
+        names for app in config["applications"]
+        for names in local.secrets_by_deployment(AppArgs.model_validate(app.get("args") or {})).values()
+    ))
+    env = container_env(f"{name}-ray-token", f"{name}-secrets", wanted)
     # KubeRay passes rayStartParams through a shell: a JSON value goes in double quotes of its own.
     role = json.dumps(json.dumps({nodes.GATEWAY_RESOURCE: 1}))
     head_params = {

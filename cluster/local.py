@@ -62,6 +62,17 @@ def load_serve_config(path: Path) -> dict[str, Any]:
     return config
 
 
+def secrets_by_deployment(args: AppArgs) -> dict[str, set[str]]:
+    """The environment variables holding secrets, by the one deployment that reads each: the admin
+    key (the Gateway), the database URL (the TaskStore), each model's API key (its worker)."""
+    secrets: dict[str, set[str]] = {names.GATEWAY: {args.auth.admin_key_env}, names.TASK_STORE: {DATABASE_URL_ENV}}
+    for model in args.models:
+        key_env = getattr(model, "api_key_env", None)
+        if key_env:
+            secrets.setdefault(names.worker(model.name), set()).add(key_env)
+    return secrets
+
+
 def with_secrets(config: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
     """Copy of ``config`` carrying, from ``environ``, each secret to the one deployment that needs it.
 
@@ -73,18 +84,13 @@ def with_secrets(config: dict[str, Any], environ: Mapping[str, str]) -> dict[str
     config = copy.deepcopy(config)
     for app in config["applications"]:
         args = AppArgs.model_validate(app.get("args") or {})
-        secrets: dict[str, set[str]] = {
-            names.GATEWAY: {args.auth.admin_key_env},
-            names.TASK_STORE: {DATABASE_URL_ENV},
-        }
+        secrets = secrets_by_deployment(args)
         for model in args.models:
             key_env = getattr(model, "api_key_env", None)
-            if key_env:
-                if key_env not in environ:
-                    raise StartError(
-                        f"model {model.name!r} reads its API key from ${key_env}, which is not set in this shell"
-                    )
-                secrets.setdefault(names.worker(model.name), set()).add(key_env)
+            if key_env and key_env not in environ:
+                raise StartError(
+                    f"model {model.name!r} reads its API key from ${key_env}, which is not set in this shell"
+                )
         secret_names = set().union(*secrets.values())
         settings = {name for name in environ if name.startswith(ENV_PREFIX) and name not in secret_names}
         env_vars = app.setdefault("runtime_env", {}).setdefault("env_vars", {}) or {}

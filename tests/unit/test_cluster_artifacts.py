@@ -100,3 +100,18 @@ def test_k8s_needs_the_gateway_listener(serve_config: dict[str, Any]) -> None:
     config["applications"][0]["args"]["gateway"]["listen_port"] = None
     with pytest.raises(local.StartError, match="listen_port"):
         kuberay.rayservice(config, name="x", image="i", workers=1, max_workers=1)
+
+
+def test_secrets_reach_the_containers_from_one_optional_secret(serve_config: dict[str, Any]) -> None:
+    """With authentication on the Gateway needs the admin key in a pod too; upstream keys likewise."""
+    config = kuberay.k8s_serve_config(serve_config)
+    args = config["applications"][0]["args"]
+    args["auth"] = {"enabled": True}
+    args["models"].append({"name": "gpt", "provider": "openai", "base_url": "https://api.example.com/v1",
+                           "api_key_env": "OPENAI_API_KEY"})
+    manifest = kuberay.rayservice(config, name="pf", image="i", workers=1, max_workers=1)
+    (container,) = manifest["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("valueFrom", {}).get("secretKeyRef") for e in container["env"]}
+    for name in ("PROMPTFLEET_ADMIN_KEY", "OPENAI_API_KEY", "PROMPTFLEET_DATABASE_URL"):
+        assert env[name] == {"name": "pf-secrets", "key": name, "optional": True}
+    assert "PROMPTFLEET_ADMIN_KEY" not in yaml.safe_dump(manifest["spec"]["serveConfigV2"])  # never in the config
