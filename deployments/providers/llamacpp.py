@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from deployments.config import LlamaCppModel
-from deployments.core.grammar import GENERATION_STACK_BYTES, schema_problem
+from deployments.core.grammar import GENERATION_STACK_BYTES
+from deployments.core.structured import schema_problems
 from deployments.errors import InvalidRequest, PromptfleetError
 from deployments.schemas import Share, StreamEnd, Usage
 from deployments.telemetry import NULL, Metrics
@@ -101,10 +102,15 @@ class LlamaCppProvider:
     def _check_fits(self, kwargs: dict[str, Any]) -> None:
         schema = (kwargs.get("response_format") or {}).get("schema")
         if schema is not None:
-            problem = schema_problem(schema)
-            if problem is not None:
-                raise InvalidRequest(f"The response_format schema cannot be used with model "
-                                     f"'{self.config.name}': {problem}.", param="response_format.json_schema.schema")
+            # What the grammar cannot hold the model to (`not`, `if`, …) would be dropped silently, and
+            # what would crash llama.cpp kills the worker: both are the client's 400.
+            errors = [(path, message) for path, message, warning in schema_problems(schema, "llamacpp")
+                      if not warning]
+            if errors:
+                path, message = errors[0]
+                where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in path)
+                raise InvalidRequest(f"The response_format schema cannot be used with model '{self.config.name}': "
+                                     f"{message}.", param=f"response_format.json_schema.schema{where}")
         # llama.cpp raises a ValueError deep inside generation when the prompt does not fit;
         # count first so the client gets a 400 naming `messages`.
         text = "".join(str(m["content"]) for m in kwargs["messages"])

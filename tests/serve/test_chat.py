@@ -209,6 +209,15 @@ def test_a_schema_whose_grammar_would_crash_llama_cpp_is_a_400_and_the_model_sta
     body = caught.value.body
     assert isinstance(body, dict) and body["param"] == "response_format.json_schema.schema"
     assert "nest 3,0" in body["message"]
+    # What the grammar cannot express is refused too, not silently dropped.
+    with pytest.raises(openai.BadRequestError) as caught:
+        app.client().chat.completions.create(
+            model="smollm2", messages=HELLO, max_tokens=3,
+            response_format={"type": "json_schema", "json_schema": {"name": "neg", "schema": {
+                "type": "object", "properties": {"a": {"type": "string", "not": {"const": "x"}}}}}},
+        )
+    body = caught.value.body
+    assert isinstance(body, dict) and body["param"] == "response_format.json_schema.schema.properties.a.not"
     # The worker is alive: the same model answers the next request, with a schema it can take.
     fine = app.client().chat.completions.create(
         model="smollm2", messages=HELLO, max_tokens=3,
