@@ -18,8 +18,9 @@ so it works the same in any process:
   which asks the TaskStore at most every ``KEY_TTL_S``) plus what this process recorded since.
   A call in flight *holds* its token estimate (prompt + its output limit) until it is recorded or
   refunded, and a new call is let in only while the tokens used plus those held are under the
-  budget: a burst of concurrent requests cannot spend the budget many times over (the others get
-  429 with Retry-After and may try again once the calls in flight have settled);
+  budget; otherwise it waits (within ``wait_s``, as for rpm/tpm) for the calls in flight to settle
+  and looks again — let in, 403 once the budget is spent, or 429 when its wait runs out. A burst
+  of concurrent requests cannot spend the budget many times over;
 - after the call, ``record`` adds a usage row (accumulated here, written to the TaskStore about
   once a second) and settles the tpm booking with the real count; a call that was refused,
   failed or was cancelled gives its booking back with ``refund``.
@@ -92,6 +93,7 @@ class Meter:
         self.key_budgets: dict[tuple[str, int | None, int | None], Budget] = {}
         self.shares: dict[tuple[str, float, bool], Share] = {}
         self.held: dict[str, int] = {}  # key id -> token estimates of its calls in flight (keys with a budget)
+        self.settled: dict[str, asyncio.Event] = {}  # key id -> set when one of its holds is released
 
     async def account(self, key_id: str | None) -> KeyEntry | None:
         """The key ``key_id`` as the payer of calls made outside an HTTP request (task runs, batch
@@ -160,12 +162,13 @@ class Meter:
         if entry is None:
             return 0
         key = entry.key
-        held = self._hold(entry, tokens)
+        deadline = time.monotonic() + wait_s
+        held = await self._hold(entry, tokens, deadline)
         if key.rpm is None and key.tpm is None:
             return held
         try:
             retry_after = await self.budgets.acquire(
-                f"key:{key.id}", self._budget(key), 1, tokens if key.tpm else 0, time.monotonic() + wait_s
+                f"key:{key.id}", self._budget(key), 1, tokens if key.tpm else 0, deadline
             )
         except asyncio.CancelledError:
             # Cancelled while waiting for the slot: the booking may already stand. Give it back (if it
@@ -181,21 +184,29 @@ class Meter:
             )
         return tokens
 
-    def _hold(self, entry: KeyEntry, tokens: int) -> int:
-        """Hold ``tokens`` of the key's budget for a call in flight; 429 if the calls in flight may
-        already spend what is left."""
+    async def _hold(self, entry: KeyEntry, tokens: int, deadline: float) -> int:
+        """Hold ``tokens`` of the key's budget for a call in flight. While the calls in flight may
+        already spend what is left, wait for them to settle (until ``deadline``, then 429): a burst
+        is let in as fast as the budget is known to cover it, and gets 403 once it is spent."""
         key = entry.key
         if key.token_budget is None:
             return tokens if key.tpm else 0
-        in_flight = self.held.get(key.id, 0)
-        if in_flight and entry.tokens_used + in_flight >= key.token_budget:
-            raise RateLimited(
-                f"This API key's requests in flight may spend the rest of its token budget ({key.token_budget} "
-                "tokens); retry when they have finished.",
-                retry_after=1,
-            )
-        self.held[key.id] = in_flight + tokens
-        return tokens
+        while True:
+            self.check_budget(entry)
+            in_flight = self.held.get(key.id, 0)
+            if not in_flight or entry.tokens_used + in_flight < key.token_budget:
+                self.held[key.id] = in_flight + tokens
+                return tokens
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RateLimited(
+                    f"This API key's requests in flight may spend the rest of its token budget "
+                    f"({key.token_budget} tokens); retry when they have finished.",
+                    retry_after=1,
+                )
+            settled = self.settled.setdefault(key.id, asyncio.Event())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(settled.wait(), left)
 
     def _release(self, key: ApiKey, held: int) -> None:
         if key.token_budget is None or not held:
@@ -205,6 +216,9 @@ class Meter:
             self.held[key.id] = left
         else:
             self.held.pop(key.id, None)
+        settled = self.settled.pop(key.id, None)
+        if settled is not None:
+            settled.set()  # the calls waiting for this key's budget look again
 
     def record(self, entry: KeyEntry | None, model: str, usage: Usage, booked: int = 0) -> None:
         """Count a finished call's tokens for the key (and settle what ``admit`` held and booked)."""

@@ -98,7 +98,9 @@ def validation_error(exc: RequestValidationError) -> InvalidRequest:
     first = exc.errors()[0] if exc.errors() else {}
     # FastAPI prefixes the location ("body", "query", …); the param is the field itself.
     loc = [str(part) for part in first.get("loc", ())]
-    if loc == ["body"]:  # the body as a whole: none at all, or not a JSON object (a list, a form)
+    # The body as a whole: none at all, or not a JSON object (a list, a form). (A model validator's
+    # error sits at ["body"] too: it keeps its own message.)
+    if loc == ["body"] and first.get("type") in ("missing", "model_attributes_type", "dict_type", "model_type"):
         what = "is missing" if first.get("type") == "missing" else "is not a JSON object"
         return InvalidRequest(f"The request body {what}: send a JSON object with Content-Type: application/json.",
                               param=None)

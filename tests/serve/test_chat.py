@@ -198,33 +198,34 @@ def test_a_schema_whose_grammar_would_crash_llama_cpp_is_a_400_and_the_model_sta
 ) -> None:
     """maxLength 3000 is a grammar 3,000 groups deep: llama.cpp's recursive parser overflowed the
     generation thread's stack and killed the worker (found by a hostile-tenant walkthrough)."""
-    schema = {"type": "string", "maxLength": 3000}
-    with pytest.raises(openai.BadRequestError) as caught:
-        reply = app.client().chat.completions.create(
-            model="smollm2", messages=HELLO, max_tokens=3, stream=stream,
-            response_format={"type": "json_schema", "json_schema": {"name": "long", "schema": schema}},
-        )
-        if stream:
-            list(reply)  # type: ignore[arg-type]
-    body = caught.value.body
-    assert isinstance(body, dict) and body["param"] == "response_format.json_schema.schema"
-    assert "nest 3,0" in body["message"]
-    # What the grammar cannot express is refused too, not silently dropped.
-    with pytest.raises(openai.BadRequestError) as caught:
-        app.client().chat.completions.create(
+    with app.client() as client:
+        schema = {"type": "string", "maxLength": 3000}
+        with pytest.raises(openai.BadRequestError) as caught:
+            reply = client.chat.completions.create(
+                model="smollm2", messages=HELLO, max_tokens=3, stream=stream,
+                response_format={"type": "json_schema", "json_schema": {"name": "long", "schema": schema}},
+            )
+            if stream:
+                list(reply)  # type: ignore[arg-type]
+        body = caught.value.body
+        assert isinstance(body, dict) and body["param"] == "response_format.json_schema.schema"
+        assert "nest 3,0" in body["message"]
+        # What the grammar cannot express is refused too, not silently dropped.
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(
+                model="smollm2", messages=HELLO, max_tokens=3,
+                response_format={"type": "json_schema", "json_schema": {"name": "neg", "schema": {
+                    "type": "object", "properties": {"a": {"type": "string", "not": {"const": "x"}}}}}},
+            )
+        body = caught.value.body
+        assert isinstance(body, dict) and body["param"] == "response_format.json_schema.schema.properties.a.not"
+        # The worker is alive: the same model answers the next request, with a schema it can take.
+        fine = client.chat.completions.create(
             model="smollm2", messages=HELLO, max_tokens=3,
-            response_format={"type": "json_schema", "json_schema": {"name": "neg", "schema": {
-                "type": "object", "properties": {"a": {"type": "string", "not": {"const": "x"}}}}}},
+            response_format={"type": "json_schema", "json_schema": {"name": "short",
+                                                                     "schema": {"type": "string", "maxLength": 200}}},
         )
-    body = caught.value.body
-    assert isinstance(body, dict) and body["param"] == "response_format.json_schema.schema.properties.a.not"
-    # The worker is alive: the same model answers the next request, with a schema it can take.
-    fine = app.client().chat.completions.create(
-        model="smollm2", messages=HELLO, max_tokens=3,
-        response_format={"type": "json_schema", "json_schema": {"name": "short",
-                                                                 "schema": {"type": "string", "maxLength": 200}}},
-    )
-    assert fine.choices[0].message.content is not None
+        assert fine.choices[0].message.content is not None
 
 
 def test_prompt_longer_than_context_is_400(app: ServeApp) -> None:

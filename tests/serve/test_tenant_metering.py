@@ -151,13 +151,12 @@ def test_a_batch_whose_key_runs_out_fails_its_remaining_lines(app: ServeApp, tmp
     assert eventually(lambda: requests_of(app, key["key"]) == statuses.count(200) or None, what="usage")
 
 
-def test_batch_job_billed_to_an_unknown_key_fails_its_lines(app: ServeApp, tmp_path: Path) -> None:
+def test_batch_job_billed_to_an_unknown_key_fails_at_once(app: ServeApp, tmp_path: Path) -> None:
     (tmp_path / "in.jsonl").write_text(json.dumps(chat_line("a", "x")) + "\n")
     calls_before = app.upstream.stats()["calls"]
     assert batch.main(["--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"),
-                       "--app", AUTH_APP, "--key-id", "key_0000000000000000"]) == 0
-    (line,) = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
-    assert line["response"]["status_code"] == 401 and app.upstream.stats()["calls"] == calls_before
+                       "--app", AUTH_APP, "--key-id", "key_0000000000000000"]) == batch.EXIT_SETUP
+    assert not (tmp_path / "out.jsonl").exists() and app.upstream.stats()["calls"] == calls_before
 
 
 def test_streams_are_billed_without_include_usage_and_when_abandoned(app: ServeApp) -> None:

@@ -264,6 +264,23 @@ def test_a_burst_of_concurrent_calls_cannot_spend_a_budget_many_times_over(tmp_p
     metered(tmp_path, scenario)
 
 
+def test_calls_that_may_wait_are_let_in_as_the_budget_covers_them_then_get_403(tmp_path: Path) -> None:
+    """A queued run or batch line (or an HTTP request within its deadline) waits for the calls in
+    flight to settle: 10 tokens a call on a 40-token budget lets 4 in, one after another."""
+    async def scenario(m: Metered) -> None:
+        key = await m.key(token_budget=40)
+        workers = FakeWorkers()
+        calls = ModelCalls(MODELS, workers, m.meter)
+        burst = await asyncio.gather(
+            *(calls.complete(request("b", max_tokens=60), key, wait_s=5) for _ in range(12)), return_exceptions=True)
+        answered = [r for r in burst if isinstance(r, dict)]
+        spent = [r for r in burst if isinstance(r, errors.PermissionDenied)]
+        assert len(answered) == 4 and len(spent) == 8 and len(workers.calls) == 4
+        assert key.tokens_used == 40 and m.meter.held == {} and m.meter.settled == {}
+
+    metered(tmp_path, scenario)
+
+
 def test_a_failed_or_cancelled_call_releases_its_hold_on_the_budget(tmp_path: Path) -> None:
     async def scenario(m: Metered) -> None:
         key = await m.key(token_budget=40)
