@@ -235,9 +235,13 @@ def test_templates_that_reach_for_internals_are_refused_and_ones_that_raise_fail
 
     divides = greet("x", name="divides", prompt="{{ 1 / 0 if text == 'zero' else text }}")
     assert owners.push(prompts_key, divides=divides).status_code == 200
-    assert owners.call("POST", "/tasks/divides/run", json={"input": {"text": "fine"}}).status_code != 500
-    wait_for(lambda: owners.call("POST", "/tasks/divides/run", json={"input": {"text": "zero"}}).status_code == 422,
-             BOUND_S, interval_s=0.2, message="every replica to know the pushed task")
+
+    def known_everywhere() -> bool:  # a dozen renders in a row, each on a new connection (either replica)
+        return all(owners.call("POST", "/tasks/divides/render", prompts_key,
+                               json={"input": {"text": "zero"}}).status_code == 422 for _ in range(12))
+
+    wait_for(known_everywhere, BOUND_S, interval_s=0.2, message="every replica to know the pushed task")
+    assert owners.call("POST", "/tasks/divides/run", json={"input": {"text": "fine"}}).status_code == 200
     error = owners.call("POST", "/tasks/divides/run", json={"input": {"text": "zero"}}).json()["error"]
     assert error["code"] == "template_error" and "ZeroDivisionError" in error["message"]
     rendered = owners.call("POST", "/tasks/divides/render", prompts_key, json={"input": {"text": "zero"}})
