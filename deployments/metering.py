@@ -25,7 +25,8 @@ so it works the same in any process:
   once a second) and settles the tpm booking with the real count; a call that was refused,
   failed or was cancelled gives its booking back with ``refund``.
 
-A budget can therefore be overrun by one call per process (the last one let in), and by what other
+A budget can therefore be overrun by what the calls let in last spend beyond their estimates (the
+estimate counts the messages' text, not a chat template's tokens), in each process, and by what other
 processes recorded within the last second or so (each process holds only its own calls).
 """
 
