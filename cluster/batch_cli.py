@@ -29,7 +29,7 @@ EXCLUDES = [".git", ".venv", "**/__pycache__", ".mypy_cache", ".ruff_cache", ".h
 def ray_command() -> str:
     """The `ray` CLI as a person can paste it: this environment's (it may not be on PATH), with the
     token mode on — Ray's client commands send the cluster token only with RAY_AUTH_MODE=token."""
-    ray = Path(sys.executable).with_name("ray")
+    ray = Path(local.ray_executable())
     try:
         shown = str(ray.relative_to(Path.cwd()))
     except ValueError:

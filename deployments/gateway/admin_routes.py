@@ -25,7 +25,7 @@ from fastapi import APIRouter, Depends, Path, Query
 from ray.serve.handle import DeploymentHandle
 
 from deployments.core.replies import unwrap
-from deployments.gateway.auth import Authenticator, admin_caller
+from deployments.gateway.auth import Authenticator, checked_caller, require_admin
 from deployments.gateway.caller import Caller, get_caller
 from deployments.metering import Meter
 from deployments.schemas import KeyCreate, KeyCreated, KeyLimits, KeyList, KeyView, UsageList
@@ -91,7 +91,7 @@ def build_admin_router(
     router = APIRouter(prefix="/v1", tags=["keys"])
     enabled = auth.config.enabled
     keys = KeyAdmin(store, auth, batches)
-    admin = Depends(admin_caller(enabled))  # a default, not Annotated: see auth.admin_caller
+    admin = Depends(checked_caller(require_admin, enabled))  # a default, not Annotated: see auth.checked_caller
 
     @router.post("/admin/keys", status_code=201, response_model=KeyCreated)
     async def create_key(body: KeyCreate, caller: Caller = admin) -> KeyCreated:

@@ -196,28 +196,20 @@ class Authenticator:
 _CALLER = Depends(get_caller)
 
 
-def admin_caller(auth_enabled: bool) -> Callable[[Caller], Awaitable[Caller]]:
-    """A route dependency: the caller, who must be the admin. Dependencies run before FastAPI validates
-    the query and body, so anyone else gets 403 whatever they sent (not a 400 describing the route)."""
+def checked_caller(
+    require: Callable[[Caller, bool], None], auth_enabled: bool
+) -> Callable[[Caller], Awaitable[Caller]]:
+    """A route dependency: the caller, after ``require`` (``require_admin``, ``require_prompts``).
+    Dependencies run before FastAPI validates the query and body, so a caller without the right
+    gets 403 whatever it sent (not a 400 describing the route's fields)."""
 
     # The Depends as a default, not in Annotated: this module's annotations are strings, and FastAPI
     # resolves them in the module's globals, where a closure's names are not.
-    async def admin(caller: Caller = _CALLER) -> Caller:
-        require_admin(caller, auth_enabled)
+    async def checked(caller: Caller = _CALLER) -> Caller:
+        require(caller, auth_enabled)
         return caller
 
-    return admin
-
-
-def prompts_caller(auth_enabled: bool) -> Callable[[Caller], Awaitable[Caller]]:
-    """A route dependency: the caller, who must manage tasks (``require_prompts``), checked as
-    ``admin_caller`` is: before the request's values are."""
-
-    async def prompts(caller: Caller = _CALLER) -> Caller:
-        require_prompts(caller, auth_enabled)
-        return caller
-
-    return prompts
+    return checked
 
 
 def require_admin(caller: Caller, auth_enabled: bool) -> None:

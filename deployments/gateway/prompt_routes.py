@@ -28,7 +28,7 @@ from deployments.core.prompting import render_messages, response_format_for, val
 from deployments.core.replies import unwrap
 from deployments.core.taskfile import CheckedTask, Problem, canonical, check_sources, content_hash
 from deployments.errors import InvalidRequest
-from deployments.gateway.auth import prompts_caller
+from deployments.gateway.auth import checked_caller, require_prompts
 from deployments.gateway.caller import Caller
 from deployments.schemas import (
     TaskActivationView,
@@ -64,7 +64,7 @@ def build_prompt_router(args: AppArgs, tasks: CatalogueFollower, store: Deployme
     router = APIRouter(prefix="/v1", tags=["task management"])
     enabled = args.auth.enabled
     models = {m.name: m.provider for m in args.models}
-    prompts = Depends(prompts_caller(enabled))  # a default, not Annotated: see auth.prompts_caller
+    prompts = Depends(checked_caller(require_prompts, enabled))  # a default, not Annotated: see auth.checked_caller
 
     async def refresh() -> None:
         """This replica follows a change it made at once (the others within catalogue_poll_s). The change
