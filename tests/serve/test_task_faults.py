@@ -2,9 +2,9 @@
 
 Each test puts runs of ``label_fake`` in flight against a slow fake upstream, breaks something
 — the TaskRunner replica, the model's worker replica, the Gateway replica, the whole Ray
-cluster — and then checks the
-durability contract of DESIGN.md: every accepted run reaches ``succeeded`` (none lost), and its
-result is written exactly once (none twice), while the model call may have happened more often.
+cluster — and then checks the durability contract of docs/architecture.md ("Durability"): every
+accepted run reaches ``succeeded`` (none lost), and its result is written exactly once (none
+twice), while the model call may have happened more often.
 
 The replica kills use the session's cluster. The whole-cluster restart uses a small cluster of
 its own (the ``fake`` model and the task runtime only) run by a child process
