@@ -2,6 +2,8 @@
 #   make start   install (first time) and start promptfleet on a local Ray cluster
 #   make test    install what the tests need and run lint, types and the suite (all but the cluster tier)
 #   make test-cluster   the multi-node tier: a head and two worker nodes on loopback addresses
+#   make docs    serve the manual (docs/, MkDocs) on 127.0.0.1:8002; make docs-check builds it strictly
+#   make coverage   the unit tier with line coverage, failing under the floor in pyproject.toml
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -10,9 +12,10 @@ BIN    := $(VENV)/bin
 # A portable x86-64 build (AVX2/FMA/F16C: every x86 server CPU since 2015) has no AMX kernels.
 # pip caches the wheel it builds: a wheel cached before this setting must be removed to take effect
 # (`pip cache remove llama_cpp_python`).
+DOCS_PORT ?= 8002
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
-.PHONY: start stop status test test-cluster lint unit bench
+.PHONY: start stop status test test-cluster lint unit coverage docs docs-check bench
 
 start: $(VENV)/.installed
 	$(BIN)/promptfleet start
@@ -23,8 +26,9 @@ stop: $(VENV)/.installed
 status: $(VENV)/.installed
 	$(BIN)/promptfleet status
 
-test: $(VENV)/.installed-test lint
-	$(BIN)/python -m pytest -m "not cluster" $(PYTEST_ARGS)
+# The unit tier runs once, under coverage (its figure printed, its floor enforced); then the Ray tiers.
+test: $(VENV)/.installed-test lint docs-check coverage
+	$(BIN)/python -m pytest -m "not cluster" --ignore=tests/unit $(PYTEST_ARGS)
 
 test-cluster: $(VENV)/.installed-test
 	$(BIN)/python -m pytest tests/cluster -m cluster $(PYTEST_ARGS)
@@ -35,6 +39,17 @@ lint: $(VENV)/.installed-test
 
 unit: $(VENV)/.installed-test
 	$(BIN)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+# Without PYTEST_ARGS: the floor is for the whole unit tier (a -k would measure less of it).
+coverage: $(VENV)/.installed-test
+	$(BIN)/python -m pytest tests/unit --cov --cov-report=term
+
+docs: $(VENV)/.installed-test
+	$(BIN)/mkdocs serve --dev-addr 127.0.0.1:$(DOCS_PORT)
+
+# --strict: a broken link or anchor, or a page left out of the nav, fails the build (mkdocs.yml).
+docs-check: $(VENV)/.installed-test
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python -m bench.gateway $(BENCH_ARGS)
@@ -47,5 +62,5 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,docs]'
 	touch $@

@@ -3,7 +3,7 @@
     python -m bench.baseline_proxy --upstream http://127.0.0.1:9100/v1 --port 9200
 
 It forwards /v1/chat/completions to one upstream, the way a hand-written
-single-process gateway would (DESIGN.md's first row of the performance table).
+single-process gateway would (the baseline row of the bench.gateway table in docs/performance.md).
 Not part of the product; used by ``bench.gateway``.
 """
 

@@ -162,7 +162,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         f"  API (OpenAI-compatible): {urls.api}\n"
         f"  Ray dashboard:           {urls.dashboard}\n"
         f"{token_hint}"
-        f"  Grafana dashboard:       {installed or grafana.DASHBOARD} (README \"Metrics\")\n\n"
+        f"  Grafana dashboard:       {installed or grafana.DASHBOARD} (docs/reference/metrics.md)\n\n"
         f"  curl {urls.api}/chat/completions -H 'Content-Type: application/json'{auth_header(config)} \\\n"
         f"    -d '{{\"model\": \"smollm2\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n\n"
         + ("Ctrl-C (or SIGTERM to this command) stops this node." if head is not None

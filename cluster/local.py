@@ -37,7 +37,7 @@ ENV_PREFIX = "PROMPTFLEET_"
 RAY_START_ENV = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     # Direct ingress makes each ingress replica open its own port besides the proxy's :8000;
-    # promptfleet keeps the single stable proxy address (see README "Performance").
+    # promptfleet keeps the single stable proxy address (see docs/performance.md).
     "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
 }
 

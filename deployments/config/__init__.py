@@ -251,7 +251,7 @@ class LogsConfig(_Strict):
         "method, route, status, latency, model and key id, never the key), and one per model call by the "
         "worker that served it (model, outcome, latency). As JSON fields with `logging_config.encoding: "
         "JSON`. Off by default: through Serve's log handlers the two lines cost ~180 µs of CPU per request "
-        "(~5 % of a request's cost; README \"Performance\").",
+        "(~6 % of a request's cost; docs/performance.md).",
     )
     content: bool = Field(
         default=False,
@@ -356,7 +356,7 @@ class RetentionConfig(_Strict):
 
 
 class MetricsConfig(_Strict):
-    """promptfleet's metrics, exported through Ray's metrics agent (README "Metrics")."""
+    """promptfleet's metrics, exported through Ray's metrics agent (docs/reference/metrics.md)."""
 
     enabled: bool = Field(
         default=True,

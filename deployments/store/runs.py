@@ -5,7 +5,7 @@ class). The Gateway creates, reads, lists and cancels runs through it; workers c
 a lease, renew the lease, and complete, fail or release them. Calls nothing; owns the ``runs``
 and ``schema_version`` tables of its ``Database``.
 
-Durability contract (DESIGN.md): ``create_run`` has committed durably (SQLite: WAL fsynced with
+Durability contract (docs/architecture.md, "Durability"): ``create_run`` has committed durably (SQLite: WAL fsynced with
 ``synchronous=FULL``; PostgreSQL: the server's WAL flush) before it returns, so the 202 the
 Gateway sends afterwards is never a lie. Work runs under a lease; an expired lease puts the run
 back in the queue at the next ``claim``. The model call is at-least-once; the visible result is

@@ -23,7 +23,7 @@ class MetricSpec:
     kind: Kind
     help: str
     labels: tuple[str, ...]  # the application first, always
-    why: str  # one line: what an operator learns from it (README, dashboard descriptions)
+    why: str  # one line: what an operator learns from it (docs/reference/metrics.md, dashboard descriptions)
     buckets: tuple[float, ...] = ()
     unit: str = ""  # Grafana's unit for panels of it
 

@@ -230,7 +230,8 @@ class LoopbackCluster:
         return Node(host=argv[argv.index("--host") + 1], proc=proc, log=log, marker=marker, _log=handle)
 
     def start_head(self, timeout_s: float = 600) -> None:
-        """`promptfleet start --head`, as the README shows; returns once it printed the join command."""
+        """`promptfleet start --head`, as docs/operations/several-machines.md shows; returns once it
+        printed the join command."""
 
         def attempt() -> Node:
             self.gcs_port = free_port(HEAD_HOST)

@@ -119,7 +119,7 @@ def stream_chat(base_url: str, outcomes: list[dict[str, Any]], index: int) -> No
 
 
 def submit_batch_job(cluster: LoopbackCluster, tmp: Path, lines: int) -> tuple[str, Path]:
-    """`ray job submit --working-dir . -- python -m jobs.batch …`, as the README shows, from a shell
+    """`ray job submit --working-dir . -- python -m jobs.batch …`, as docs/usage/batches.md shows, from a shell
     without the virtualenv on PATH. ``--ray-address`` names this cluster: several clusters share this
     machine, and a job's default RAY_ADDRESS is the machine's most recently started one."""
     requests = [{"custom_id": f"line-{i}", "method": "POST", "url": "/v1/chat/completions",

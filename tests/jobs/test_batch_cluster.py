@@ -106,13 +106,12 @@ def test_rerun_resumes_without_repeating_a_line(app: ServeApp, tmp_path: Path) -
 
 
 def wait_job(client: Any, job_id: str, statuses: set[str], timeout: float = 120) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def reached() -> str | None:
         status = str(client.get_job_status(job_id).value)
-        if status in statuses:
-            return status
-        time.sleep(0.5)
-    raise AssertionError(f"job {job_id} never reached {statuses}; logs:\n{client.get_job_logs(job_id)}")
+        return status if status in statuses else None
+
+    return wait_for(reached, timeout_s=timeout, interval_s=0.5,
+                    message=lambda: f"job {job_id} never reached {statuses}; logs:\n{client.get_job_logs(job_id)}")
 
 
 def gcs_address() -> str:
@@ -133,10 +132,11 @@ def test_ray_job_submit_stop_and_resume(app: ServeApp, tmp_path: Path) -> None:
                   f"--concurrency 8 --progress-every 1 --ray-address {gcs_address()}")
     first = client.submit_job(entrypoint=entrypoint, runtime_env={"working_dir": str(REPO)})
     try:
-        deadline = time.monotonic() + 120
-        while len(read_jsonl(out)) < 40 and time.monotonic() < deadline:
-            time.sleep(0.2)
+        def forty_lines_out() -> bool:
             assert client.get_job_status(first).value not in ("FAILED", "SUCCEEDED"), client.get_job_logs(first)
+            return len(read_jsonl(out)) >= 40
+
+        wait_for(forty_lines_out, timeout_s=120, interval_s=0.2, message="40 lines written by the first job")
         client.stop_job(first)
         assert wait_job(client, first, {"STOPPED", "FAILED", "SUCCEEDED"}) == "STOPPED"
     finally:
@@ -160,13 +160,14 @@ def test_ray_job_submit_stop_and_resume(app: ServeApp, tmp_path: Path) -> None:
 
 
 def wait_batch(client: openai.OpenAI, batch_id: str, statuses: set[str], timeout: float = 120) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = client.batches.retrieve(batch_id)
-        if found.status in statuses:
-            return found
-        time.sleep(0.5)
-    raise AssertionError(f"batch {batch_id} never reached {statuses}: {found}")
+    seen: list[Any] = []
+
+    def reached() -> Any:
+        seen[:] = [client.batches.retrieve(batch_id)]
+        return seen[0] if seen[0].status in statuses else None
+
+    return wait_for(reached, timeout_s=timeout, interval_s=0.5,
+                    message=lambda: f"batch {batch_id} never reached {statuses}: {seen}")
 
 
 def job_logs(app: ServeApp, batch_id: str) -> str:

@@ -74,7 +74,7 @@ def is_loopback(ip: str) -> bool:
 # dashboard head's and the autoscaler monitor's metrics ports to 0.0.0.0 and the runtime-env agent
 # to the machine's address, whatever --node-ip-address says).
 # Behind the cluster token when Ray runs with RAY_AUTH_MODE=token (`promptfleet start`); see
-# README "Ports". Anything else listening off loopback fails the test.
+# docs/reference/configuration.md "Ports". Anything else listening off loopback fails the test.
 RAY_PROCESSES = (
     "ray/core/src/ray/gcs/gcs_server",
     "ray/core/src/ray/raylet/raylet",
@@ -104,7 +104,8 @@ def test_promptfleet_ports_are_loopback_and_the_rest_is_rays(serve_app: ServeApp
     foreign = [s for s in sockets if not is_loopback(s[0]) and not any(p in s[3] for p in RAY_PROCESSES)]
     report = "\n".join(f"  {ip}:{port}  pid {pid}  {command.strip()}" for ip, port, pid, command in foreign)
     assert not foreign, f"listening off loopback, and not one of Ray's own processes:\n{report}"
-    # Some of Ray's do listen off loopback (what the README documents); the check above must see them.
+    # Some of Ray's do listen off loopback (what docs/reference/configuration.md "Ports" documents);
+    # the check above must see them.
     assert any(not is_loopback(ip) for ip, _, _, _ in sockets)
     # ... and they take only callers with the cluster token.
     mode = httpx.get(f"{serve_app.dashboard}/api/authentication_mode", timeout=30).json()

@@ -9,13 +9,13 @@ cancels its queued runs and unfinished batches.
 from __future__ import annotations
 
 import re
-import time
 from typing import Any
 
 import pytest
 
 from tests.fixtures import ServeApp
 from tests.security.tenants import ADMIN, Tenant, assert_openai_error, call, new_tenant, upload
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.serve
 
@@ -44,13 +44,13 @@ def create_batch(app: ServeApp, who: Tenant, file_id: str) -> dict[str, Any]:
 def end_batch(app: ServeApp, who: Tenant, batch_id: str, timeout: float = 120) -> dict[str, Any]:
     """Cancel the batch (if it still runs) and wait until it has ended, freeing the batch quotas."""
     call(app, who, "POST", f"/batches/{batch_id}/cancel")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        batch = dict(call(app, who, "GET", f"/batches/{batch_id}").json())
-        if batch["status"] in FINISHED:
-            return batch
-        time.sleep(0.5)
-    raise AssertionError(f"batch {batch_id} did not end: {batch}")
+    seen: list[dict[str, Any]] = []
+
+    def ended() -> dict[str, Any] | None:
+        seen[:] = [dict(call(app, who, "GET", f"/batches/{batch_id}").json())]
+        return seen[0] if seen[0]["status"] in FINISHED else None
+
+    return wait_for(ended, timeout_s=timeout, interval_s=0.5, message=lambda: f"batch {batch_id} did not end: {seen}")
 
 
 def same_shape(foreign: Any, unknown: Any, ids: tuple[str, str]) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -82,16 +81,19 @@ class Queries:
         return {name: self.prometheus.value(q) for name, q in queries.items()}
 
     def settled(self, queries: dict[str, str], timeout_s: float = 60) -> dict[str, float]:
-        """The values once they have stopped moving (everything recorded so far has arrived)."""
-        deadline = time.monotonic() + timeout_s
-        last = self.values(queries)
-        while True:
-            time.sleep(SETTLE_S)
+        """The values once they have stopped moving (everything recorded so far has arrived): the
+        same in two reads ``SETTLE_S`` apart."""
+        last: list[dict[str, float]] = []
+
+        def unchanged() -> dict[str, float] | None:
             now = self.values(queries)
-            if now == last:
+            if last and now == last[0]:
                 return now
-            assert time.monotonic() < deadline, f"metrics still moving: {last} → {now}"
-            last = now
+            last[:] = [now]
+            return None
+
+        return wait_for(unchanged, timeout_s=timeout_s, interval_s=SETTLE_S,
+                        message=lambda: f"metrics still moving: {last}")
 
 
 def session_name(app: ServeApp) -> str:
@@ -194,10 +196,8 @@ def test_counters_and_histograms_move_by_exactly_what_was_sent(app: ServeApp, pr
     }
     expected = {name: before[name] + delta for name, delta in sent.items()}
     assert prompt > 0 and completion > 0
-    deadline = time.monotonic() + 90
-    while (now := q.values(queries)) != expected:
-        assert time.monotonic() < deadline, f"metrics moved by {_delta(now, before)}; sent {sent}"
-        time.sleep(0.5)
+    wait_for(lambda: q.values(queries) == expected, timeout_s=90, interval_s=0.5,
+             message=lambda: f"metrics moved by {_delta(q.values(queries), before)}; sent {sent}")
     # And nothing more arrives after them.
     assert q.settled(queries) == expected
 
@@ -228,11 +228,13 @@ def test_the_dashboards_queries_name_only_metrics_the_cluster_exports(
     assert len(wanted) > 20
 
     # The sampled gauges (run queue, batches) appear within a sample interval of the stores' start.
-    deadline = time.monotonic() + 60
     this_cluster = f'{{SessionName="{session_name(app)}"}}'
-    while missing := wanted - prometheus.metric_names(this_cluster):
-        assert time.monotonic() < deadline, f"read by the dashboard, not exported: {sorted(missing)}"
-        time.sleep(1.0)
+
+    def missing() -> list[str]:
+        return sorted(wanted - prometheus.metric_names(this_cluster))
+
+    wait_for(lambda: not missing(), timeout_s=60, interval_s=1.0,
+             message=lambda: f"read by the dashboard, not exported: {missing()}")
 
 
 def test_queries_of_the_dashboard_run(prometheus: PrometheusServer, app: ServeApp) -> None:

@@ -2,9 +2,9 @@
 
 Each test puts runs of ``label_fake`` in flight against a slow fake upstream, breaks something
 — the TaskRunner replica, the model's worker replica, the Gateway replica, the whole Ray
-cluster — and then checks the
-durability contract of DESIGN.md: every accepted run reaches ``succeeded`` (none lost), and its
-result is written exactly once (none twice), while the model call may have happened more often.
+cluster — and then checks the durability contract of docs/architecture.md ("Durability"): every
+accepted run reaches ``succeeded`` (none lost), and its result is written exactly once (none
+twice), while the model call may have happened more often.
 
 The replica kills use the session's cluster. The whole-cluster restart uses a small cluster of
 its own (the ``fake`` model and the task runtime only) run by a child process
@@ -138,16 +138,20 @@ def fetch_runs(base_url: str, ids: Iterable[str]) -> dict[str, dict[str, Any]]:
 
 
 def wait_all_terminal(base_url: str, ids: list[str], timeout: float) -> dict[str, dict[str, Any]]:
-    deadline = time.monotonic() + timeout
-    while True:
-        runs = fetch_runs(base_url, ids)
-        pending = [i for i in ids if runs.get(i, {}).get("status") not in TERMINAL]
-        if not pending:
-            return runs
-        if time.monotonic() > deadline:
-            statuses = collections.Counter(runs.get(i, {}).get("status", "missing") for i in ids)
-            raise AssertionError(f"{len(pending)} runs unfinished after {timeout:.0f}s: {dict(statuses)}")
-        time.sleep(0.5)
+    seen: dict[str, dict[str, Any]] = {}
+
+    def all_ended() -> bool:
+        seen.clear()
+        seen.update(fetch_runs(base_url, ids))
+        return all(seen.get(i, {}).get("status") in TERMINAL for i in ids)
+
+    def unfinished() -> str:
+        statuses = collections.Counter(seen.get(i, {}).get("status", "missing") for i in ids)
+        pending = sum(seen.get(i, {}).get("status") not in TERMINAL for i in ids)
+        return f"{pending} runs unfinished after {timeout:.0f}s: {dict(statuses)}"
+
+    wait_for(all_ended, timeout_s=timeout, interval_s=0.5, message=unfinished)
+    return dict(seen)
 
 
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:

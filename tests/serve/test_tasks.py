@@ -25,12 +25,15 @@ def get(app: ServeApp, path: str, **kwargs: Any) -> httpx.Response:
 
 
 def wait_for(app: ServeApp, run_id: str, status: set[str], timeout: float = 60) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        run = get(app, f"/runs/{run_id}", params={"wait": 2}).json()
-        if run["status"] in status:
-            return run
-    raise AssertionError(f"run {run_id} never reached {status}: {run}")
+    """The run once it is in ``status``: each poll long-polls the run for up to 2 s."""
+    seen: list[dict[str, Any]] = []
+
+    def reached() -> dict[str, Any] | None:
+        seen[:] = [get(app, f"/runs/{run_id}", params={"wait": 2}).json()]
+        return seen[0] if seen[0]["status"] in status else None
+
+    return waiting.wait_for(reached, timeout_s=timeout, interval_s=0,
+                            message=lambda: f"run {run_id} never reached {status}: {seen}")
 
 
 def test_catalogue_lists_tasks_with_schemas(app: ServeApp) -> None:

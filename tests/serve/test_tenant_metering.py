@@ -4,10 +4,9 @@ every path that calls a model is metered to its key, bad integers are 400s, upst
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import httpx
 import openai
@@ -16,6 +15,7 @@ import pytest
 from jobs import batch
 from tests.fixtures import ADMIN_KEY, ServeApp
 from tests.jobs.test_batch_cluster import job_logs
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.serve
 
@@ -48,14 +48,7 @@ def usage(app: ServeApp, key: str) -> list[dict[str, Any]]:
 
 def eventually(check: Callable[[], T | None], timeout: float = 30, what: str = "condition") -> T:
     """Poll ``check`` until it returns something truthy (usage reaches the store about once a second)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.3)
+    return cast(T, wait_for(check, timeout_s=timeout, interval_s=0.3, message=what))
 
 
 def requests_of(app: ServeApp, key: str, model: str = "fake") -> int:
@@ -64,14 +57,16 @@ def requests_of(app: ServeApp, key: str, model: str = "fake") -> int:
 
 def spend_budget(app: ServeApp, key: str) -> None:
     """Chat until the key's budget is spent: the Gateway answers 403 once the usage it knows covers it."""
-    for _ in range(40):
+
+    def spent() -> bool:
         response = chat(app, key, {})
         if response.status_code == 403:
             assert response.json()["error"]["code"] == "permission_denied"
-            return
+            return True
         assert response.status_code == 200, response.text
-        time.sleep(0.3)
-    raise AssertionError("the token budget never ran out")
+        return False
+
+    wait_for(spent, timeout_s=60, interval_s=0.3, message="the token budget spent (403)")
 
 
 def chat_line(custom_id: str, text: str) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from deployments.core.limits import Budget, window_capacity
 from deployments.errors import Overloaded
 from deployments.rate_limiter import RateLimiter
 from deployments.schemas import BookingAnswer, BookingAsk, ReserveRequest, Share
+from tests.waiting import until
 
 
 class CountingLimiter:
@@ -154,7 +155,7 @@ def test_a_cancelled_caller_does_not_stall_the_others() -> None:
     async def main() -> None:
         deadline = time.monotonic() + 10
         waiting = asyncio.ensure_future(client.acquire("model:m", budget, 1, 0, deadline))
-        await asyncio.sleep(0.1)
+        await until(lambda: client.calls == 1 and not client.senders, message="the booking answered")
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiting
@@ -183,7 +184,8 @@ def test_queued_bookings_of_two_tenants_alternate_through_the_real_limiter() -> 
                 await one(b)
 
         flood = [asyncio.ensure_future(one(a)) for _ in range(30)]
-        await asyncio.sleep(0.05)  # A's flood is queued first
+        # A's flood is booked first: its one call answered, the rest waiting in the limiter's queue.
+        await until(lambda: client.calls == 1 and not client.senders and limiter.limiter.core.queues.get("model:m"))
         await asyncio.gather(b_client(), b_client())
         await asyncio.gather(*flood)
         return order
@@ -249,7 +251,7 @@ def test_closing_the_client_answers_its_queued_bookings() -> None:
         deadline = time.monotonic() + 30
         first = asyncio.ensure_future(client.acquire("model:m", budget, 1, 0, deadline, Share(tenant="A")))
         queued = asyncio.ensure_future(client.acquire("model:m", budget, 1, 0, deadline, Share(tenant="A")))
-        await asyncio.sleep(0.2)
+        await until(lambda: limiter.limiter.core.queues.get("model:m"), message="a booking in the fair queue")
         assert not queued.done()
         await client.close()
         with pytest.raises(Overloaded):

@@ -179,4 +179,4 @@ def test_relative_paths_are_taken_from_the_checkout() -> None:
     # Found broken after the move of deployments/config.py into a package: it resolved
     # `configs/tasks` under deployments/, so `promptfleet start` could not find the shipped tasks.
     assert TasksConfig().definitions_path() == CONFIGS / "tasks"
-    assert config_docs.README == CONFIGS.parent / "README.md"
+    assert config_docs.PAGE == CONFIGS.parent / "docs" / "reference" / "configuration.md"

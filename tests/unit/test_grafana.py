@@ -62,8 +62,8 @@ def test_the_shipped_dashboard_is_the_generated_one() -> None:
     assert grafana.DASHBOARD.read_text() == grafana.render(), "run: python -m cluster.grafana --write"
 
 
-def test_the_readme_lists_every_metric_as_generated() -> None:
-    text = grafana.README.read_text()
+def test_the_metrics_page_lists_every_metric_as_generated() -> None:
+    text = grafana.METRICS_PAGE.read_text()
     assert grafana.with_metrics_table(text) == text, "run: python -m cluster.grafana --write"
 
 

@@ -1,4 +1,4 @@
-"""The layering the tree promises (DESIGN.md "Layout"), checked on the source with ``ast``.
+"""The layering the tree promises (docs/architecture.md "Layout"), checked on the source with ``ast``.
 
 - No import cycles among the modules of ``deployments``, ``jobs`` and ``cluster`` (module-level
   imports: what runs when a module is loaded; an import inside a function is a deliberate lazy

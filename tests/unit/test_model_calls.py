@@ -23,6 +23,7 @@ from deployments.model_calls import ModelCalls
 from deployments.schemas import ChatCompletionRequest, StreamEnd, Usage
 from tests.fakes.metering import Metered, metered
 from tests.fakes.workers import USAGE, FakeWorkers
+from tests.waiting import until
 
 
 def model(name: str, *fallbacks: str, **settings: Any) -> OpenAIModel:
@@ -289,7 +290,7 @@ def test_a_failed_or_cancelled_call_releases_its_hold_on_the_budget(tmp_path: Pa
             await calls.complete(request("b", max_tokens=60), key)
         assert m.meter.held == {}
         hanging = asyncio.create_task(calls.complete(request("b", max_tokens=60), key))
-        await asyncio.sleep(0.05)
+        await until(lambda: m.meter.held, message="the hanging call holds its estimate")
         assert m.meter.held == {key.key.id: calls.estimate(request("b", max_tokens=60))}
         with pytest.raises(errors.RateLimited):  # held while in flight
             await calls.complete(request("b", max_tokens=1), key)

@@ -24,6 +24,7 @@ from deployments.errors import NotFound, Overloaded, QuotaExceeded, RunNotFound
 from deployments.store import RunStore
 from deployments.store.batches import BatchStore
 from deployments.task_store import TaskStore
+from tests.waiting import until
 
 DAY = 86400.0
 NOW = 1_000_000_000.0
@@ -236,13 +237,10 @@ def test_the_task_store_cleanup_runs_by_itself(tmp_path: Path) -> None:
             done, _ = unwrap(await service.create_run("t", {}, "alice", None))
             unwrap(await service.cancel(done.id, "alice"))
             waiting, _ = unwrap(await service.create_run("t", {"n": 1}, "alice", None))
-            deadline = asyncio.get_running_loop().time() + 10
-            while asyncio.get_running_loop().time() < deadline:
-                if isinstance(await service.get(done.id, "alice"), RunNotFound):  # errors come back as values
-                    break
-                await asyncio.sleep(0.2)
-            else:
-                raise AssertionError("the finished run was never cleaned up")
+            async def gone() -> bool:
+                return isinstance(await service.get(done.id, "alice"), RunNotFound)  # errors come back as values
+
+            await until(gone, timeout_s=10, interval_s=0.2, message="the finished run cleaned up")
             assert unwrap(await service.get(waiting.id, "alice")).status == "queued"  # unfinished: kept
         finally:
             if service.cleanup is not None:
@@ -280,11 +278,8 @@ def test_the_batch_service_cleanup_runs_by_itself(tmp_path: Path) -> None:
             assert service.cleanup is not None
             old = upload(service.store, "alice", b"{}\n", now=int(time.time()) - 10)
             fresh = upload(service.store, "alice", b"{}\n", now=int(time.time()) + 3600)
-            for _ in range(50):  # up to 10 s
-                if old not in service.store.files:
-                    break
-                await asyncio.sleep(0.2)
-            assert old not in service.store.files, "the expired file was never cleaned up"
+            await until(lambda: old not in service.store.files, timeout_s=10, interval_s=0.2,
+                        message="the expired file cleaned up")
             assert fresh in service.store.files
         finally:
             if service.cleanup is not None:

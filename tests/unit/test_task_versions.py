@@ -17,6 +17,7 @@ from deployments.core.taskfile import canonical, content_hash
 from deployments.errors import Conflict, NotFound, Overloaded, TaskNotFound
 from deployments.store import RunStore, open_database
 from deployments.store.tasks import TaskVersionStore, VersionInput
+from tests.waiting import until
 
 
 def definition(prompt: str = "Label: {{ text }}", name: str = "label") -> TaskDefinition:
@@ -183,8 +184,10 @@ def test_catalogue_follows_pushes_and_caches_pinned_versions(tmp_path: Path) -> 
         with pytest.raises(TaskNotFound):
             await follower.active("nope")
         fake.down = True
+        asked = fake.snapshots
         follower.start()
-        await asyncio.sleep(0.05)  # the loop keeps the last catalogue while the store is away
+        # The loop keeps the last catalogue while the store is away (it asked, and failed, twice).
+        await until(lambda: fake.snapshots >= asked + 2, message="the follower polled the store")
         assert (await follower.active("label")).version == 2
         await follower.stop()
 

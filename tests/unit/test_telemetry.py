@@ -31,6 +31,7 @@ from deployments.schemas import BookingAsk, Budget, ChatCompletionRequest, Reser
 from deployments.store import RunStore
 from deployments.telemetry import CATALOGUE, Kind, MemoryBackend, Metrics
 from tests.fakes.workers import USAGE, FakeWorkers
+from tests.waiting import until
 
 PROMETHEUS_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
 
@@ -125,9 +126,9 @@ def test_gauges_are_set_again_while_the_event_loop_runs(memory: MemoryBackend, m
 
     async def go() -> None:
         metrics.local_queue("m", 3)
-        await asyncio.sleep(0.1)
+        await until(lambda: sets.count(3) > 3, message="the gauge set again while nothing changed")
         metrics.local_queue("m", 1)
-        await asyncio.sleep(0.1)
+        await until(lambda: sets.count(1) > 3, message="the new value kept set")
 
     run(go())
     assert len(sets) > 5 and sets[0] == 3 and sets[-1] == 1 and set(sets) == {1, 3}
@@ -292,7 +293,9 @@ def test_limiter_records_waits_refusals_pauses_and_samples_state(memory: MemoryB
                 answers += batch
             return answers
 
-        await asyncio.sleep(1.1)  # the restart rule: a budget first seen has refilled since the start
+        # The restart rule: a budget first seen has refilled since the limiter's start; up for an
+        # hour, the limiter gives a fresh budget its whole burst (here 1 call, then a slot a second).
+        limiter.core.started_at = time.monotonic() - 3600
         first = await book("model:m", BookingAsk(requests=1, tokens=0, max_wait_s=5, share=share))
         queued = await book("model:m", BookingAsk(requests=1, tokens=0, max_wait_s=5, share=share))
         refused = await book("key:key_1", BookingAsk(requests=1, tokens=0, max_wait_s=0),
