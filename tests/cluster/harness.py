@@ -59,8 +59,9 @@ def shell_env(token_path: Path) -> dict[str, str]:
     venv_bin = str(Path(sys.executable).parent)
     path = [p for p in os.environ.get("PATH", "/usr/bin:/bin").split(os.pathsep) if p and p != venv_bin]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "VIRTUAL_ENV"))}
+    # The records of the nodes promptfleet starts (cluster.ownership) stay with the test too.
     return {**env, "PATH": os.pathsep.join(path), "RAY_AUTH_TOKEN_PATH": str(token_path),
-            "PYTHONUNBUFFERED": "1"}
+            "PROMPTFLEET_STATE_DIR": str(token_path.parent / "promptfleet-state"), "PYTHONUNBUFFERED": "1"}
 
 
 def cluster_config(upstream_base_url: str, state: Path, listen_port: int, http_port: int,
