@@ -64,7 +64,7 @@ class Op:
 
     t: float
     kind: str  # chat | stream | submit
-    outcome: str  # "200", "503", …, "conn" (no answer), "cut" (a stream that broke)
+    outcome: str  # "200", "503", …, "refused", "broken" (see failure()), "cut" (a stream that broke after 200)
     latency: float = 0.0
 
     @property
@@ -99,6 +99,12 @@ class Soak:
 # -- load -------------------------------------------------------------------------------------
 
 
+def failure(exc: httpx.HTTPError) -> str:
+    """``refused``: no connection (that node's Gateway is down; nothing was sent); ``broken``: the
+    connection failed with the request sent (a process died with it in flight) or timed out."""
+    return "refused" if isinstance(exc, httpx.ConnectError) else "broken"
+
+
 async def chats(soak: Soak, client: httpx.AsyncClient, worker: int) -> None:
     i = worker
     while time.monotonic() < soak.stop_at:
@@ -109,8 +115,8 @@ async def chats(soak: Soak, client: httpx.AsyncClient, worker: int) -> None:
         try:
             reply = await client.post(f"{soak.base(i)}/chat/completions", json=body)
             outcome = str(reply.status_code)
-        except httpx.HTTPError:
-            outcome = "conn"
+        except httpx.HTTPError as exc:
+            outcome = failure(exc)
         soak.ops.append(Op(started, "chat", outcome, time.monotonic() - started))
         if outcome != "200":
             await asyncio.sleep(0.2)
@@ -123,7 +129,7 @@ async def streams(soak: Soak, client: httpx.AsyncClient, worker: int) -> None:
         model = "fake-dead" if i % 4 == 0 else "fake"
         body = {"model": model, "stream": True, "messages": [{"role": "user", "content": f"stream {worker}-{i}"}]}
         started = time.monotonic()
-        outcome = "conn"
+        outcome = "broken"
         try:
             async with client.stream("POST", f"{soak.base(i)}/chat/completions", json=body) as reply:
                 outcome = str(reply.status_code)
@@ -133,8 +139,8 @@ async def streams(soak: Soak, client: httpx.AsyncClient, worker: int) -> None:
                         done = done or line == "data: [DONE]"
                         error = error or (line.startswith("data: ") and '"error"' in line)
                     outcome = "200" if done and not error else ("error_event" if error else "cut")
-        except httpx.HTTPError:
-            outcome = "cut" if outcome == "200" else "conn"
+        except httpx.HTTPError as exc:
+            outcome = "cut" if outcome == "200" else failure(exc)
         soak.ops.append(Op(started, "stream", outcome, time.monotonic() - started))
         if outcome != "200":
             await asyncio.sleep(0.2)
@@ -158,13 +164,13 @@ async def submits(soak: Soak, client: httpx.AsyncClient, worker: int, every_s: f
                 reply = await client.post(f"{soak.base(worker + i + attempt)}/tasks/label_fake/submit",
                                           json=body, headers=headers)
                 outcome = str(reply.status_code)
-            except httpx.HTTPError:
-                outcome = "conn"
+            except httpx.HTTPError as exc:
+                outcome = failure(exc)
             soak.ops.append(Op(started, "submit", outcome, time.monotonic() - started))
             if outcome == "202":
                 soak.runs.setdefault(key, []).append(reply.json()["id"])
                 break
-            if outcome not in ("conn",) and not outcome.startswith("5"):
+            if outcome not in ("refused", "broken") and not outcome.startswith("5"):
                 break  # a 4xx is an answer: not accepted
             await asyncio.sleep(0.5)
         else:
@@ -349,8 +355,11 @@ def max_in_window(times: list[float], window: float) -> int:
 
 
 def recovery(soak: Soak, fault: Fault, horizon_s: float = 45) -> dict[str, Any]:
-    """Failures of client operations that started in the ``horizon_s`` after ``fault``, and when they stopped."""
-    window = [op for op in soak.ops if fault.t <= op.t < fault.t + horizon_s]
+    """Failures of client operations that started after ``fault`` and before the next fault (at most
+    ``horizon_s``), and when they stopped."""
+    later = [f.t for f in soak.faults if f.t > fault.t]
+    end = min([fault.t + horizon_s, *later])
+    window = [op for op in soak.ops if fault.t <= op.t < end]
     failed = [op for op in window if not op.ok]
     last = max((op.t + op.latency for op in failed), default=None)
     first_ok_after = min((op.t + op.latency for op in window if op.ok and last is not None and op.t >= last),
@@ -411,6 +420,8 @@ def print_figures(f: dict[str, Any]) -> None:
     print(f"run submissions by status: {f['submits']}")
     print(f"chats by status: {f['chats']}")
     print(f"streams: {f['streams']} (200 = completed with [DONE]; cut = broke after 200)")
+    print("  (refused: that node's Gateway was down, nothing sent, the client went on to another node; "
+          "broken: the request was in flight when a process died)")
     b = f["batch"]
     print(f"batch ({b['lines']} lines on fake-limited, job {b['status']}): {b['once']} once, {b['missing']} missing, "
           f"{b['duplicated']} duplicated; line statuses {b['statuses']}")
@@ -449,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=23, help="seed of the fault schedule (default: %(default)s)")
     parser.add_argument("--rpm", type=int, default=300, help="rpm limit of the batch's model (default: %(default)s)")
     parser.add_argument("--batch-lines", type=int, default=None,
-                        help="batch size (default: what the rpm limit lets through in 70 %% of the soak)")
+                        help="batch size (default: what the rpm limit lets through in 85 %% of the soak)")
     parser.add_argument("--node-every", type=float, default=60,
                         help="seconds between node kills (default: %(default)s)")
     parser.add_argument("--component-every", type=float, default=30,
@@ -462,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="write the figures here as JSON")
     args = parser.parse_args(argv)
     seconds = args.minutes * 60
-    lines = args.batch_lines or int(args.rpm / 60 * seconds * 0.7)
+    lines = args.batch_lines or int(args.rpm / 60 * seconds * 0.85)
     plan = schedule(seconds, args.node_every, args.component_every, args.seed)
     print(f"chaos soak: {args.minutes:g} min, seed {args.seed}; fault schedule (s after the load starts):")
     for offset, kind, target in plan:
