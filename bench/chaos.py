@@ -69,7 +69,7 @@ class Op:
 
     @property
     def ok(self) -> bool:
-        return self.outcome in ("200", "202")
+        return self.outcome in ("200", "202")  # a submission's 200: its key's run, replayed
 
 
 @dataclass
@@ -167,7 +167,7 @@ async def submits(soak: Soak, client: httpx.AsyncClient, worker: int, every_s: f
             except httpx.HTTPError as exc:
                 outcome = failure(exc)
             soak.ops.append(Op(started, "submit", outcome, time.monotonic() - started))
-            if outcome == "202":
+            if outcome in ("202", "200"):  # 200: the key's run existed already (an earlier try got through)
                 soak.runs.setdefault(key, []).append(reply.json()["id"])
                 break
             if outcome not in ("refused", "broken") and not outcome.startswith("5"):
@@ -417,7 +417,8 @@ def print_figures(f: dict[str, Any]) -> None:
           f"{r['unanswered_unkeyed_submits']} unkeyed submissions unanswered (not resubmitted)")
     for lost in r["lost"][:10]:
         print(f"  lost: {lost}")
-    print(f"run submissions by status: {f['submits']}")
+    print(f"run submissions by status: {f['submits']} (200: a keyed resubmission answered with the run an "
+          "earlier, broken try had created)")
     print(f"chats by status: {f['chats']}")
     print(f"streams: {f['streams']} (200 = completed with [DONE]; cut = broke after 200)")
     print("  (refused: that node's Gateway was down, nothing sent, the client went on to another node; "
