@@ -83,9 +83,9 @@ def alive(pid: int) -> bool:
     return start_time(pid) is not None
 
 
-def marked(mark: str) -> set[int]:
-    """Live processes whose environment holds ``PROMPTFLEET_NODE=mark`` (only the user's own are readable)."""
-    needle = f"{MARK_ENV}={mark}".encode() + b"\0"
+def marked(mark: str, name: str = MARK_ENV) -> set[int]:
+    """Live processes whose environment holds ``name=mark`` (only the user's own are readable)."""
+    needle = f"{name}={mark}".encode() + b"\0"
     found = set()
     for environ in Path("/proc").glob("[0-9]*/environ"):
         with contextlib.suppress(OSError):

@@ -36,7 +36,7 @@ from typing import IO, Any
 
 import httpx
 
-from cluster import local
+from cluster import local, ownership
 from deployments.config import NODE_IP
 from tests.cluster_process import alive, descendants
 from tests.fixtures import TEST_TASKS, make_tasks_dir, upstream_models
@@ -115,13 +115,7 @@ MARKER = "PROMPTFLEET_TEST_NODE"
 
 def marked(marker: str) -> set[int]:
     """Processes whose environment holds ``MARKER=marker``."""
-    needle = f"{MARKER}={marker}".encode() + b"\0"
-    found = set()
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        with contextlib.suppress(OSError):
-            if needle in environ.read_bytes():
-                found.add(int(environ.parent.name))
-    return found
+    return ownership.marked(marker, MARKER)
 
 
 def node_ports(host: str) -> list[str]:
