@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from cluster import batch_cli, grafana, keys_cli, kuberay, local, nodes, tasks_cli
+from cluster import batch_cli, grafana, keys_cli, kuberay, local, nodes, ownership, tasks_cli
 from deployments.config import NODE_IP, AuthConfig
 
 JOIN_ADVICE = "To add a machine, run this in its promptfleet checkout (after `make .venv/.installed`):"
@@ -78,8 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     stop = sub.add_parser("stop", help="shut down the Serve application(s)")
     stop.add_argument("--dashboard", default=local.DEFAULT_DASHBOARD, help="dashboard URL (default: %(default)s)")
-    stop.add_argument("--ray", action="store_true", help="also stop Ray on this machine: `ray stop`, which "
-                      "ends every Ray cluster this user runs here, not only the one promptfleet started")
+    stop.add_argument("--ray", action="store_true",
+                      help="also stop the Ray nodes `promptfleet start`/`join` started on this machine for this "
+                      "cluster (its processes only: any other Ray cluster here keeps running)")
+    stop.add_argument("--address", default=None,
+                      help="with --ray: the cluster's GCS address HOST:PORT (on a machine with worker nodes only)")
+    stop.add_argument("--timeout", type=float, default=30,
+                      help="with --ray: seconds between SIGTERM and SIGKILL (default: %(default)s)")
     return parser
 
 
@@ -117,6 +122,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     deployable = local.with_secrets(config, os.environ)
     dashboard = args.dashboard or local.DEFAULT_DASHBOARD
     head: subprocess.Popen[str] | None = None
+    record: ownership.NodeRecord | None = None
     join_hint = ""
     node_host = "127.0.0.1"
     if args.address and not args.head:
@@ -136,7 +142,9 @@ def cmd_start(args: argparse.Namespace) -> int:
         os.environ["RAY_AUTH_MODE"] = "token"  # this process's own dashboard calls send the token too
         say("Starting a Ray head node…" if args.head else "Starting a local Ray cluster…", file=sys.stderr)
         cmd = nodes.ray_start_command(spec, port=args.port, dashboard_port=int(dashboard.rsplit(":", 1)[1]))
-        head = nodes.start_node(cmd, nodes.node_env(os.environ), block=spec.block)
+        record = _node_record("head", spec, f"{spec.host or node_host}:{args.port}", dashboard.rstrip("/"))
+        head = nodes.start_node(cmd, _marked_env(record), block=spec.block)
+        _remember(record)
         node_host = spec.host or node_host
         join_hint = nodes.join_command(f"{spec.host}:{args.port}", token) if args.head else ""
         if join_hint:
@@ -151,6 +159,8 @@ def cmd_start(args: argparse.Namespace) -> int:
         if head is not None:  # --block: the node we started ends with this command
             head.terminate()
             head.wait()
+            if record is not None:
+                ownership.forget(record, os.environ)
         raise
     urls = local.endpoints(config, dashboard, node_host)
     token_hint = (f"                           (it asks for the cluster token; print it with "
@@ -170,7 +180,24 @@ def cmd_start(args: argparse.Namespace) -> int:
     )
     if join_hint:
         say(f"\n{JOIN_ADVICE}\n  {join_hint}")
-    return _wait_if_blocking(head)
+    return _wait_if_blocking(head, record)
+
+
+def _node_record(role: str, spec: nodes.NodeSpec, gcs_address: str, dashboard: str | None) -> ownership.NodeRecord:
+    return ownership.NodeRecord(mark=ownership.new_mark(), role=role, dashboard=dashboard, gcs_address=gcs_address,
+                                temp_dir=ownership.ray_temp_dir(spec.extra))
+
+
+def _marked_env(record: ownership.NodeRecord) -> dict[str, str]:
+    """The node's `ray start` environment, with the mark every process of the node inherits."""
+    return {**nodes.node_env(os.environ), ownership.MARK_ENV: record.mark}
+
+
+def _remember(record: ownership.NodeRecord) -> None:
+    """Record the node just started: its processes and the session directory `ray start` made. (The GCS
+    address stays the one the join command names, which worker nodes record too.)"""
+    record.session_dir = ownership.session_dir(record.temp_dir)
+    ownership.save(record, os.environ)
 
 
 def auth_header(config: dict[str, Any]) -> str:
@@ -192,14 +219,17 @@ def cmd_join(args: argparse.Namespace) -> int:
         )
     spec = _node_spec(args, default_host=None)
     say(f"Joining {args.head_address}…", file=sys.stderr)
+    record = _node_record("worker", spec, args.head_address, None)
     node = nodes.start_node(nodes.ray_start_command(spec, head_address=args.head_address),
-                            nodes.node_env(os.environ), block=spec.block)
+                            _marked_env(record), block=spec.block)
+    _remember(record)
     say(f"Joined {args.head_address}.")
-    return _wait_if_blocking(node)
+    return _wait_if_blocking(node, record)
 
 
-def _wait_if_blocking(node: subprocess.Popen[str] | None) -> int:
-    """With --block, run until `ray start --block` ends (stop it with SIGTERM or Ctrl-C)."""
+def _wait_if_blocking(node: subprocess.Popen[str] | None, record: ownership.NodeRecord | None = None) -> int:
+    """With --block, run until `ray start --block` ends (stop it with SIGTERM or Ctrl-C); the node's
+    record goes with it."""
     if node is None:
         return 0
     signal.signal(signal.SIGTERM, lambda *_: node.terminate())
@@ -208,6 +238,9 @@ def _wait_if_blocking(node: subprocess.Popen[str] | None) -> int:
     except KeyboardInterrupt:
         node.terminate()
         return node.wait()
+    finally:
+        if record is not None:
+            ownership.forget(record, os.environ)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -250,8 +283,22 @@ def cmd_stop(args: argparse.Namespace) -> int:
     except Exception:
         print(f"No Ray dashboard answers at {args.dashboard}.", file=sys.stderr)
     if args.ray:
-        print("Stopping Ray on this machine (`ray stop`: every Ray cluster of this user here).", flush=True)
-        subprocess.run([local.ray_executable(), "stop"], check=False)
+        return _stop_nodes(args)
+    return 0
+
+
+def _stop_nodes(args: argparse.Namespace) -> int:
+    """Stop the nodes promptfleet started here for the cluster of ``--dashboard`` (or ``--address``)."""
+    mine = ownership.of_cluster(ownership.records(os.environ), None if args.address else args.dashboard, args.address)
+    if not mine:
+        which = f"GCS {args.address}" if args.address else f"the dashboard {args.dashboard}"
+        print(f"No Ray node started by promptfleet on this machine is recorded for {which}; nothing stopped. "
+              f"(`ray stop` would end every Ray cluster of this user here; run it yourself if you mean that.)",
+              file=sys.stderr)
+        return 1
+    print(f"Stopping {len(mine)} Ray node(s) of {mine[0].gcs_address} started here…", flush=True)
+    terminated, killed = ownership.stop_nodes(mine, os.environ, args.timeout)
+    print(f"Ray stopped: {terminated} process(es) ended on SIGTERM, {killed} killed after {args.timeout:.0f}s.")
     return 0
 
 

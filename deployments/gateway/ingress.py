@@ -63,6 +63,7 @@ from deployments.gateway.chat_routes import ChatRoutes
 from deployments.gateway.health import HealthCheck
 from deployments.gateway.listener import Listener
 from deployments.gateway.prompt_routes import build_prompt_router
+from deployments.gateway.protocol import ListenerLimits
 from deployments.gateway.request_metrics import RequestMetrics
 from deployments.gateway.task_routes import build_task_router
 from deployments.logs import watch_serve_log
@@ -298,7 +299,11 @@ class Gateway:
         self.tasks.start()  # follows the task catalogue from here on (first load before most requests)
         listener = None
         if gateway.listen_port is not None:
-            listener = Listener(self.asgi_app, gateway.bind_host(get_node_ip_address()), gateway.listen_port)
+            limits = ListenerLimits(
+                header_timeout_s=gateway.header_timeout_s, body_timeout_s=gateway.body_timeout_s,
+                max_connections=gateway.max_connections, max_connections_per_ip=gateway.max_connections_per_ip,
+            )
+            listener = Listener(self.asgi_app, gateway.bind_host(get_node_ip_address()), gateway.listen_port, limits)
             listener.start()
         try:
             yield

@@ -9,7 +9,9 @@ across them; the address stays stable when replicas come and go, and each node
 of a cluster answers on it.
 
 The server runs on the replica's own event loop (uvicorn, httptools, no
-lifespan, no signal handlers: the replica owns the process).
+lifespan, no signal handlers: the replica owns the process), with the connection
+guards of ``protocol`` (header and body timeouts, connection caps, lingering close,
+parse errors in the OpenAI shape).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from collections.abc import Iterator
 
 import uvicorn
 from starlette.types import ASGIApp
+
+from deployments.gateway.protocol import ListenerLimits, guarded_protocol
 
 logger = logging.getLogger("ray.serve")
 
@@ -49,11 +53,12 @@ def reuseport_socket(host: str, port: int) -> socket.socket:
 class Listener:
     """Serves ``app`` on ``host:port`` from inside the current event loop until ``stop()``."""
 
-    def __init__(self, app: ASGIApp, host: str, port: int) -> None:
+    def __init__(self, app: ASGIApp, host: str, port: int, limits: ListenerLimits | None = None) -> None:
         self.host, self.port = host, port
+        self.protocol = guarded_protocol(limits or ListenerLimits())
         config = uvicorn.Config(
             app,
-            http="httptools",
+            http=self.protocol,
             loop="none",
             lifespan="off",
             access_log=False,

@@ -36,7 +36,7 @@ from typing import IO, Any
 
 import httpx
 
-from cluster import local
+from cluster import local, ownership
 from deployments.config import NODE_IP
 from tests.cluster_process import alive, descendants
 from tests.fixtures import TEST_TASKS, make_tasks_dir, upstream_models
@@ -59,8 +59,9 @@ def shell_env(token_path: Path) -> dict[str, str]:
     venv_bin = str(Path(sys.executable).parent)
     path = [p for p in os.environ.get("PATH", "/usr/bin:/bin").split(os.pathsep) if p and p != venv_bin]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "VIRTUAL_ENV"))}
+    # The records of the nodes promptfleet starts (cluster.ownership) stay with the test too.
     return {**env, "PATH": os.pathsep.join(path), "RAY_AUTH_TOKEN_PATH": str(token_path),
-            "PYTHONUNBUFFERED": "1"}
+            "PROMPTFLEET_STATE_DIR": str(token_path.parent / "promptfleet-state"), "PYTHONUNBUFFERED": "1"}
 
 
 def cluster_config(upstream_base_url: str, state: Path, listen_port: int, http_port: int,
@@ -114,13 +115,7 @@ MARKER = "PROMPTFLEET_TEST_NODE"
 
 def marked(marker: str) -> set[int]:
     """Processes whose environment holds ``MARKER=marker``."""
-    needle = f"{MARKER}={marker}".encode() + b"\0"
-    found = set()
-    for environ in Path("/proc").glob("[0-9]*/environ"):
-        with contextlib.suppress(OSError):
-            if needle in environ.read_bytes():
-                found.add(int(environ.parent.name))
-    return found
+    return ownership.marked(marker, MARKER)
 
 
 def node_ports(host: str) -> list[str]:
