@@ -28,6 +28,7 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -39,7 +40,7 @@ from typing import Any
 import yaml
 
 from bench.kit import REPO
-from bench.peers import clients, install, procs, report, wrk
+from bench.peers import clients, install, procs, profile, report, wrk
 from bench.peers.systems import STARTERS, Context, Running, Target, cluster, start_upstream, upstreams, wait_chat
 
 ALL_SYSTEMS = ["upstream", *STARTERS]
@@ -81,6 +82,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cache", type=Path, default=install.DEFAULT_CACHE, help="peers' installs (default: %(default)s)")
     p.add_argument("--out", type=Path, help="directory for results.json, report.md and logs (default: a new one "
                    "under the cache's results/)")
+    p.add_argument("--profile", action="store_true", help="py-spy record/dump promptfleet's Gateway and worker "
+                   "replicas during each of their cells (into OUT/profiles; py-spy's CPU perturbs those cells)")
     p.add_argument("--note", default="A shared, loaded machine (other jobs ran beside the bench): the absolute "
                    "numbers move between runs; compare rows within this run.", help="printed under the tables")
     return p
@@ -98,6 +101,12 @@ def _commit(path: Path) -> str:
     return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no").strip() else "")
 
 
+def _profiled(running: Running, now: dict[int, procs.Proc]) -> dict[int, str]:
+    """The Gateway and worker replicas of a promptfleet system: pid → group."""
+    tree = procs.descendants(now, running.roots, running.include_roots)
+    return {pid: group for pid in tree if (group := running.classify(now[pid].cmdline)) in ("Gateway", "worker")}
+
+
 def measure_cell(running: Running, latency: float, concurrency: int, args: argparse.Namespace, tools: dict[str, Any],
                  upstream_pids: list[int]) -> dict[str, Any]:
     """One wrk run on one system: req/s, latency, and the CPU of the system's process groups per request."""
@@ -108,7 +117,9 @@ def measure_cell(running: Running, latency: float, concurrency: int, args: argpa
     if args.warmup > 0:
         wrk.run(wrk.command(binary, target.url, script, concurrency, args.warmup), env)
     before = procs.snapshot()
-    result = wrk.run(wrk.command(binary, target.url, script, concurrency, args.duration), env)
+    with profile.recording(_profiled(running, before) if args.profile else {}, args.duration, tools["profiles"],
+                           f"{re.sub(r'[^a-z0-9]+', '-', running.name.lower())}-{latency:g}ms-{concurrency}"):
+        result = wrk.run(wrk.command(binary, target.url, script, concurrency, args.duration), env)
     after = procs.snapshot()
     groups = procs.cpu_by_group(before, after, procs.descendants(after, running.roots, running.include_roots),
                                 running.classify)
@@ -211,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                              "note": args.note}},
         "load": [], "ttft": [], "systems": [], "failures": {}}
     needs_wrk = "load" in args.parts and args.systems
-    tools: dict[str, Any] = {"scripts": Path(tempfile.mkdtemp(prefix="wrk-", dir=logs))}
+    tools: dict[str, Any] = {"scripts": Path(tempfile.mkdtemp(prefix="wrk-", dir=logs)), "profiles": out / "profiles"}
     if needs_wrk:
         tools["wrk"] = install.wrk(args.cache)
     with contextlib.ExitStack() as stack:

@@ -11,9 +11,9 @@ upstreams (``tests.fakes.upstream``, one per latency), started once per run by :
 - tensorzero: TensorZero's Rust gateway from its PyPI wheel, one model per upstream.
 - portkey: Portkey's Node.js gateway; the upstream is chosen per request by headers.
 - fastapi: one FastAPI process + AsyncOpenAI (``bench.baseline_proxy``), one per upstream.
-- promptfleet: this checkout on a private Ray cluster (``serve_child.py``): the application with
-  authentication on (requests carry a key made through the admin API) and, in the same cluster, a
-  twin application with authentication off.
+- promptfleet: this checkout on a private Ray cluster (``serve_child.py``), authentication off.
+- promptfleet-keyed: the same in a cluster of its own with authentication on; requests carry a key
+  made through the admin API (key lookup, key limits and metering on the path).
 - baseline: a previous release's checkout (``--baseline PATH``) the same way, authentication off.
 """
 
@@ -303,27 +303,30 @@ def make_key(api: str) -> str:
     return str(answer.json()["key"])
 
 
+def _promptfleet(ctx: Context, keyed: bool) -> Iterator[list[Running]]:
+    """This checkout's cluster alone (each variant its own cluster, so no idle twin shares the cores)."""
+    models, names = _models(ctx.upstreams)
+    spec: dict[str, Any] = {"state": str(ctx.logs / f"promptfleet-{keyed}-state"), "models": models}
+    if keyed:
+        spec |= {"app_args": {"auth": {"enabled": True}}, "env_vars": {"PROMPTFLEET_ADMIN_KEY": ADMIN_KEY}}
+    with cluster(REPO, spec, ctx.logs / f"promptfleet-{'keyed' if keyed else 'open'}.log") as (pid, ready):
+        (app, api), = ready["apps"].items()
+        headers = {"Authorization": f"Bearer {make_key(api)}"} if keyed else {}
+        targets = {lat: Target(f"{api}/chat/completions", name, headers) for lat, name in names.items()}
+        for target in targets.values():
+            wait_chat(target, 120)
+        name = "promptfleet, keyed request (auth on)" if keyed else "promptfleet, auth off"
+        yield [Running(name, targets, [pid], lambda c: ray_group(c, app), include_roots=False)]
+
+
 @contextlib.contextmanager
 def start_promptfleet(ctx: Context) -> Iterator[list[Running]]:
-    models, names = _models(ctx.upstreams)
-    spec = {"state": str(ctx.logs / "promptfleet-state"), "models": models,
-            "app_args": {"auth": {"enabled": True}}, "env_vars": {"PROMPTFLEET_ADMIN_KEY": ADMIN_KEY},
-            "twins": {"promptfleet-noauth": {"auth": {"enabled": False}}}}
-    with cluster(REPO, spec, ctx.logs / "promptfleet.log") as (pid, ready):
-        keyed_api, open_api = ready["apps"]["promptfleet"], ready["apps"]["promptfleet-noauth"]
-        key = make_key(keyed_api)
-        keyed = {lat: Target(f"{keyed_api}/chat/completions", name, {"Authorization": f"Bearer {key}"})
-                 for lat, name in names.items()}
-        open_ = {lat: Target(f"{open_api}/chat/completions", name) for lat, name in names.items()}
-        for target in [*keyed.values(), *open_.values()]:
-            wait_chat(target, 120)
-        twin_note = "the keyed app's twin (auth off) idles in the same cluster, and the other way round"
-        yield [
-            Running("promptfleet, auth off", open_, [pid], lambda c: ray_group(c, "promptfleet-noauth"),
-                    include_roots=False, note=twin_note),
-            Running("promptfleet, keyed request (auth on)", keyed, [pid], lambda c: ray_group(c, "promptfleet"),
-                    include_roots=False, note=twin_note),
-        ]
+    yield from _promptfleet(ctx, keyed=False)
+
+
+@contextlib.contextmanager
+def start_promptfleet_keyed(ctx: Context) -> Iterator[list[Running]]:
+    yield from _promptfleet(ctx, keyed=True)
 
 
 def checkout_name(path: Path) -> str:
@@ -356,5 +359,6 @@ STARTERS: dict[str, Callable[[Context], contextlib.AbstractContextManager[list[R
     "portkey": start_portkey,
     "fastapi": start_fastapi,
     "promptfleet": start_promptfleet,
+    "promptfleet-keyed": start_promptfleet_keyed,
     "baseline": start_baseline,
 }
