@@ -7,11 +7,10 @@ previous release: it uses only Ray and the checkout's own ``cluster.local`` (``R
 ``load_serve_config``, ``deploy``, ``wait_until_running``, the same calls ``promptfleet start``
 makes), with the checkout's ``configs/serve.yaml``. Like ``bench.kit.private_cluster`` it sets
 fresh ports, a throwaway state directory and the given models, and, unless ``local_models`` is
-true, drops the embedded model's workers; ``twins`` add applications that differ in ``args``
-sections (e.g. auth off), each on a listener of its own.
+true, drops the embedded model's workers.
 
 SPEC_JSON: ``{"state": DIR, "models": [...] | null, "app_args": {...}, "env_vars": {...},
-"twins": {name: {args sections}}, "local_models": bool}``. When every application is RUNNING it
+"local_models": bool}``. When every application is RUNNING it
 prints one JSON line ``{"apps": {name: api_url}, "dashboard": url}`` and then holds the cluster
 until its standard input closes. The cluster's processes (GCS, raylet, replicas …) are this
 process's descendants, so the bench can account their CPU from /proc.
@@ -19,7 +18,6 @@ process's descendants, so the bench can account their CPU from /proc.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import socket
@@ -63,14 +61,6 @@ def main(spec: dict[str, Any]) -> int:
         if not spec.get("local_models"):
             app["deployments"] = [d for d in app["deployments"] if not d["name"].startswith("worker-")]
         apis = {app["name"]: f"http://127.0.0.1:{args['gateway']['listen_port']}/v1"}
-        for name, overrides in (spec.get("twins") or {}).items():
-            twin = copy.deepcopy(app)
-            twin.update(name=name, route_prefix=f"/{name}")
-            twin["args"]["gateway"]["listen_port"] = port = free_port()
-            twin["args"]["tasks"]["state_dir"] = str(state / name / "db")
-            twin["args"].update(overrides)
-            config["applications"].append(twin)
-            apis[name] = f"http://127.0.0.1:{port}/v1"
         dashboard = f"http://127.0.0.1:{dashboard_port}"
         local.deploy(config, dashboard)
         local.wait_until_running(dashboard, list(apis), timeout_s=300, echo=False)

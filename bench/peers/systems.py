@@ -141,6 +141,26 @@ def wait_chat(target: Target, timeout: float = 90) -> None:
     raise RuntimeError(f"{target.url} did not answer a chat completion in {timeout:.0f} s: {last}")
 
 
+def ready(name: str, targets: dict[float, Target], pids: list[int], classify: Classifier, timeout: float = 60,
+          **options: Any) -> list[Running]:
+    """The system, once every one of its targets answers a chat completion."""
+    for target in targets.values():
+        wait_chat(target, timeout)
+    return [Running(name, targets, pids, classify, **options)]
+
+
+def per_upstream(stack: contextlib.ExitStack, ctx: Context, argv: Callable[[str, int], list[str]], log: str,
+                 model: str) -> tuple[dict[float, Target], list[int]]:
+    """One server process per upstream (``argv(upstream base URL, port)``): targets by latency, and pids."""
+    targets: dict[float, Target] = {}
+    pids: list[int] = []
+    for lat, base in ctx.upstreams.items():
+        port = free_port()
+        pids.append(stack.enter_context(spawn(argv(base, port), ctx.logs / log)).pid)
+        targets[lat] = Target(f"http://127.0.0.1:{port}/v1/chat/completions", model)
+    return targets, pids
+
+
 @contextlib.contextmanager
 def upstreams(latencies: list[float], logs: Path) -> Iterator[tuple[dict[float, str], list[int]]]:
     """One fake upstream per latency: base URLs by latency, and their pids."""
@@ -200,29 +220,19 @@ http {{
     with spawn(argv, ctx.logs / "nginx.log", env=env) as proc:
         targets = {lat: Target(f"http://127.0.0.1:{port}/v1/chat/completions", "fake-model")
                    for lat, port in ports.items()}
-        for target in targets.values():
-            wait_chat(target, 30)
-        yield [Running("nginx reverse proxy (the floor, not a gateway)", targets, [proc.pid], everything("nginx"))]
+        yield ready("nginx reverse proxy (the floor, not a gateway)", targets, [proc.pid], everything("nginx"), 30)
 
 
 @contextlib.contextmanager
 def start_sglang(ctx: Context) -> Iterator[list[Running]]:
     bin_dir = install.venv(ctx.cache, "sglang", install.SGLANG_PACKAGE)
     with contextlib.ExitStack() as stack:
-        targets: dict[float, Target] = {}
-        pids: list[int] = []
-        for lat, base in ctx.upstreams.items():
-            port = free_port()
-            proc = stack.enter_context(spawn(
-                [str(bin_dir / "smg"), "launch", "--host", "127.0.0.1", "--port", str(port), "--backend", "openai",
-                 "--worker-urls", base.removesuffix("/v1"), "--policy", "round_robin", "--log-level", "warn",
-                 # its metrics listener (default 0.0.0.0:29000) on loopback, one port per instance
-                 "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())],
-                ctx.logs / "sglang.log"))
-            targets[lat], pids = Target(f"http://127.0.0.1:{port}/v1/chat/completions", "fake-model"), [*pids, proc.pid]
-        for target in targets.values():
-            wait_chat(target, 90)
-        yield [Running("SGLang Model Gateway (Rust; PyPI sglang-router)", targets, pids, everything("smg"))]
+        targets, pids = per_upstream(stack, ctx, lambda base, port: [
+            str(bin_dir / "smg"), "launch", "--host", "127.0.0.1", "--port", str(port), "--backend", "openai",
+            "--worker-urls", base.removesuffix("/v1"), "--policy", "round_robin", "--log-level", "warn",
+            # its metrics listener (default 0.0.0.0:29000) on loopback, one port per instance
+            "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())], "sglang.log", "fake-model")
+        yield ready("SGLang Model Gateway (Rust; PyPI sglang-router)", targets, pids, everything("smg"), 90)
 
 
 @contextlib.contextmanager
@@ -244,9 +254,7 @@ def start_tensorzero(ctx: Context) -> Iterator[list[Running]]:
         base = base.removesuffix("/").removesuffix("/openai/v1")
         targets = {lat: Target(f"{base}/openai/v1/chat/completions", f"tensorzero::model_name::{name}")
                    for lat, name in names.items()}
-        for target in targets.values():
-            wait_chat(target, 60)
-        yield [Running("TensorZero (Rust; PyPI tensorzero)", targets, [proc.pid], everything("gateway"))]
+        yield ready("TensorZero (Rust; PyPI tensorzero)", targets, [proc.pid], everything("gateway"))
 
 
 @contextlib.contextmanager
@@ -258,26 +266,16 @@ def start_portkey(ctx: Context) -> Iterator[list[Running]]:
                                {"x-portkey-provider": "openai", "x-portkey-custom-host": base,
                                 "Authorization": "Bearer unused"})
                    for lat, base in ctx.upstreams.items()}
-        for target in targets.values():
-            wait_chat(target, 60)
-        yield [Running("Portkey gateway (Node.js; npm @portkey-ai/gateway)", targets, [proc.pid], everything("node"))]
+        yield ready("Portkey gateway (Node.js; npm @portkey-ai/gateway)", targets, [proc.pid], everything("node"))
 
 
 @contextlib.contextmanager
 def start_fastapi(ctx: Context) -> Iterator[list[Running]]:
     with contextlib.ExitStack() as stack:
-        targets: dict[float, Target] = {}
-        pids: list[int] = []
-        for lat, base in ctx.upstreams.items():
-            port = free_port()
-            proc = stack.enter_context(spawn(
-                [sys.executable, "-m", "bench.baseline_proxy", "--upstream", base, "--port", str(port)],
-                ctx.logs / "fastapi.log"))
-            targets[lat], pids = Target(f"http://127.0.0.1:{port}/v1/chat/completions", "fake"), [*pids, proc.pid]
-        for target in targets.values():
-            wait_chat(target, 60)
-        yield [Running("one FastAPI process + AsyncOpenAI", targets, pids, everything("FastAPI process"),
-                       streams=False)]
+        targets, pids = per_upstream(stack, ctx, lambda base, port: [
+            sys.executable, "-m", "bench.baseline_proxy", "--upstream", base, "--port", str(port)],
+            "fastapi.log", "fake")
+        yield ready("one FastAPI process + AsyncOpenAI", targets, pids, everything("FastAPI process"), streams=False)
 
 
 def _models(upstreams: dict[float, str]) -> tuple[list[dict[str, Any]], dict[float, str]]:
@@ -309,14 +307,12 @@ def _promptfleet(ctx: Context, keyed: bool) -> Iterator[list[Running]]:
     spec: dict[str, Any] = {"state": str(ctx.logs / f"promptfleet-{keyed}-state"), "models": models}
     if keyed:
         spec |= {"app_args": {"auth": {"enabled": True}}, "env_vars": {"PROMPTFLEET_ADMIN_KEY": ADMIN_KEY}}
-    with cluster(REPO, spec, ctx.logs / f"promptfleet-{'keyed' if keyed else 'open'}.log") as (pid, ready):
-        (app, api), = ready["apps"].items()
+    with cluster(REPO, spec, ctx.logs / f"promptfleet-{'keyed' if keyed else 'open'}.log") as (pid, announced):
+        (app, api), = announced["apps"].items()
         headers = {"Authorization": f"Bearer {make_key(api)}"} if keyed else {}
         targets = {lat: Target(f"{api}/chat/completions", name, headers) for lat, name in names.items()}
-        for target in targets.values():
-            wait_chat(target, 120)
         name = "promptfleet, keyed request (auth on)" if keyed else "promptfleet, auth off"
-        yield [Running(name, targets, [pid], lambda c: ray_group(c, app), include_roots=False)]
+        yield ready(name, targets, [pid], lambda c: ray_group(c, app), 120, include_roots=False)
 
 
 @contextlib.contextmanager
@@ -343,13 +339,11 @@ def start_baseline(ctx: Context) -> Iterator[list[Running]]:
         return
     models, names = _models(ctx.upstreams)
     spec = {"state": str(ctx.logs / "baseline-state"), "models": models}
-    with cluster(ctx.baseline, spec, ctx.logs / "baseline.log") as (pid, ready):
-        (app, api), = ready["apps"].items()
+    with cluster(ctx.baseline, spec, ctx.logs / "baseline.log") as (pid, announced):
+        (app, api), = announced["apps"].items()
         targets = {lat: Target(f"{api}/chat/completions", name) for lat, name in names.items()}
-        for target in targets.values():
-            wait_chat(target, 120)
-        yield [Running(f"promptfleet {checkout_name(ctx.baseline)} (previous release), auth off", targets, [pid],
-                       lambda c: ray_group(c, app), include_roots=False)]
+        yield ready(f"promptfleet {checkout_name(ctx.baseline)} (previous release), auth off", targets, [pid],
+                    lambda c: ray_group(c, app), 120, include_roots=False)
 
 
 STARTERS: dict[str, Callable[[Context], contextlib.AbstractContextManager[list[Running]]]] = {

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.peers import procs, report, wrk
+from bench.peers import procs, profile, report, wrk
 
 # Recorded from Debian's wrk 4.1.0 (-t1 --latency) against the fake upstream.
 WRK_OK = """Running 2s test @ http://127.0.0.1:19100/v1/chat/completions
@@ -208,3 +208,16 @@ def test_report_without_optional_parts() -> None:
         results.pop(key)
     text = report.markdown(results)
     assert "### Throughput" in text and "### Idle" not in text and "### Notes" not in text
+
+
+def test_py_spy_stacks_summed_per_request() -> None:
+    raw = ("MainThread;run (asyncio/base_events.py:1);chat (gateway/chat.py:10);dumps (json/__init__.py:5) 30\n"
+           "MainThread;run (asyncio/base_events.py:1);chat (gateway/chat.py:10) 10\n"
+           "MainThread;run (asyncio/base_events.py:1);_run_once (asyncio/base_events.py:2) 60\n"
+           "not a stack line\n")
+    assert profile.parse_collapsed(raw)[1] == (
+        ["MainThread", "run (asyncio/base_events.py:1)", "chat (gateway/chat.py:10)"], 10)
+    assert profile.top_frames(raw, requests=20, limit=2) == [("_run_once (asyncio/base_events.py:2)", 3.0),
+                                                           ("dumps (json/__init__.py:5)", 1.5)]
+    total = dict(profile.top_frames(raw, requests=10, total=True))
+    assert total["run (asyncio/base_events.py:1)"] == 10.0 and total["chat (gateway/chat.py:10)"] == 4.0
