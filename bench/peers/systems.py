@@ -80,13 +80,15 @@ class Context:
 @contextlib.contextmanager
 def spawn(argv: list[str], log: Path, *, env: dict[str, str] | None = None, cwd: Path = REPO,
           stdin: bool = False) -> Iterator[subprocess.Popen[str]]:
-    """A child in a session of its own (its children are stopped with it); stdout piped, stderr to ``log``.
+    """A child in a session of its own (its children are stopped with it); its output goes to ``log``.
 
-    ``stdin=True`` gives it a pipe it can wait on: closing it is how the bench asks it to stop.
+    ``stdin=True``: it announces itself on stdout (a pipe, read with :func:`read_line`) and gets a
+    stdin pipe it can wait on: closing it is how the bench asks it to stop.
     """
     with open(log, "a") as err:
         proc = subprocess.Popen(argv, cwd=cwd, env=env, text=True, start_new_session=True, stderr=err,
-                                stdout=subprocess.PIPE, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL)
+                                stdout=subprocess.PIPE if stdin else err,
+                                stdin=subprocess.PIPE if stdin else subprocess.DEVNULL)
     try:
         yield proc
     finally:
@@ -107,20 +109,25 @@ def spawn(argv: list[str], log: Path, *, env: dict[str, str] | None = None, cwd:
 
 
 def read_line(proc: subprocess.Popen[str], accept: Callable[[str], bool], timeout: float, what: str) -> str:
-    """The first line of the child's stdout that ``accept`` takes; RuntimeError if it exits or times out."""
+    """The first line of the child's stdout that ``accept`` takes; RuntimeError if it exits or times out.
+
+    The rest of its stdout is read and dropped until it exits: a child writing into a full pipe that
+    nobody reads would block (TensorZero did, mid-run).
+    """
     assert proc.stdout is not None
     stdout: IO[str] = proc.stdout
     found: list[str] = []
+    seen = threading.Event()
 
     def reader() -> None:
         for line in stdout:
-            if accept(line.strip()):
+            if not found and accept(line.strip()):
                 found.append(line.strip())
-                return
+                seen.set()
+        seen.set()  # it exited without announcing itself
 
-    thread = threading.Thread(target=reader, daemon=True)
-    thread.start()
-    thread.join(timeout)
+    threading.Thread(target=reader, daemon=True).start()
+    seen.wait(timeout)
     if not found:
         raise RuntimeError(f"{what} did not come up in {timeout:.0f} s (exit code {proc.poll()})")
     return found[0]
