@@ -1,0 +1,159 @@
+"""The bench's results as markdown tables ready for the docs (pure: a results dict in, text out).
+
+The results dict is what ``python -m bench.peers --json`` writes: ``meta`` (date, commit, machine,
+levels, latencies, duration), ``load`` (one row per system × upstream latency × concurrency),
+``ttft``, ``idle``, ``embedded``, ``failures`` (system → why it was not measured).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+DASH = "—"
+
+
+def num(value: float | None, digits: int = 0) -> str:
+    """1234.5 → "1,234" (digits=0), 0.234 → "0.23" (digits=2); None → "—"."""
+    if value is None:
+        return DASH
+    return f"{value:,.{digits}f}"
+
+
+def _cells(load: list[dict[str, Any]], system: str, latency: float) -> dict[int, dict[str, Any]]:
+    return {row["concurrency"]: row for row in load if row["system"] == system and row["latency_ms"] == latency}
+
+
+def _systems(load: list[dict[str, Any]]) -> list[str]:
+    return list(dict.fromkeys(row["system"] for row in load))
+
+
+def _cpu_digits(value: float | None) -> int:
+    return 3 if value is not None and value < 0.1 else 2
+
+
+def summary_table(results: dict[str, Any]) -> str:
+    """One row per system: req/s and CPU per request at each level, fast and slow upstream."""
+    meta, load = results["meta"], results["load"]
+    levels: list[int] = meta["levels"]
+    fast, slow = min(meta["latencies"]), max(meta["latencies"])
+    slash = " / ".join(str(c) for c in levels)
+    head = [f"req/s at {slash} concurrent, {fast:g} ms upstream", "CPU ms per request"]
+    if slow != fast:
+        ideal = " / ".join(num(c * 1000 / slow) for c in levels)
+        head += [f"req/s, {slow:g} ms upstream (ideal {ideal})", f"% of ideal at {levels[-1]}"]
+    lines = ["| system | " + " | ".join(head) + " |", "|---" * (len(head) + 1) + "|"]
+    for system in _systems(load):
+        cells = _cells(load, system, fast)
+        row = [" / ".join(num(cells.get(c, {}).get("rps")) for c in levels),
+               " / ".join(num(v := cells.get(c, {}).get("cpu_ms_per_request"), _cpu_digits(v)) for c in levels)]
+        if slow != fast:
+            slow_cells = _cells(load, system, slow)
+            row.append(" / ".join(num(slow_cells.get(c, {}).get("rps")) for c in levels))
+            top = slow_cells.get(levels[-1], {}).get("rps")
+            row.append(DASH if top is None else f"{100 * top / (levels[-1] * 1000 / slow):.0f} %")
+        lines.append(f"| {system} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def latency_table(results: dict[str, Any]) -> str:
+    """p50 / p99 latency (ms) per system, upstream latency and level, with the errors wrk counted."""
+    meta, load = results["meta"], results["load"]
+    levels: list[int] = meta["levels"]
+    lines = ["| system | upstream | " + " | ".join(f"p50 / p99 ms at {c}" for c in levels) + " | errors |",
+             "|---|---|" + "---|" * len(levels) + "---|"]
+    for system in _systems(load):
+        for latency in meta["latencies"]:
+            cells = _cells(load, system, latency)
+            if not cells:
+                continue
+            errors = sum(row.get("errors", 0) for row in cells.values())
+            ms = [f"{num(cells.get(c, {}).get('p50_ms'), 1)} / {num(cells.get(c, {}).get('p99_ms'), 1)}"
+                  for c in levels]
+            lines.append(f"| {system} | {latency:g} ms | " + " | ".join(ms) + f" | {errors:,} |")
+    return "\n".join(lines)
+
+
+def group_table(results: dict[str, Any]) -> str:
+    """CPU ms per request of each process group (the biggest first), per system, latency and level."""
+    meta, load = results["meta"], results["load"]
+    lines = ["| system | upstream | concurrent | total CPU ms / request | by process group (ms / request) |",
+             "|---|---|---|---|---|"]
+    for system in _systems(load):
+        for latency in meta["latencies"]:
+            for c, row in sorted(_cells(load, system, latency).items()):
+                groups = sorted(row.get("cpu_ms_by_group", {}).items(), key=lambda kv: -kv[1])
+                parts = ", ".join(f"{name} {value:.2f}" for name, value in groups if value >= 0.005) or DASH
+                total = row.get("cpu_ms_per_request")
+                lines.append(f"| {system} | {latency:g} ms | {c} | {num(total, _cpu_digits(total))} | {parts} |")
+    return "\n".join(lines)
+
+
+def ttft_table(results: dict[str, Any]) -> str:
+    rows = results.get("ttft") or []
+    if not rows:
+        return ""
+    direct = next((r["p50_ms"] for r in rows if r["system"].startswith("fake upstream")), None)
+    lines = ["| system | TTFT p50 ms | TTFT p99 ms | added p50 ms (vs upstream direct) | whole stream p50 ms "
+             "| streams | errors |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        added = None if direct is None or r["p50_ms"] is None else r["p50_ms"] - direct
+        errors = ", ".join(f"{k}: {v}" for k, v in r.get("errors", {}).items()) or "0"
+        lines.append(f"| {r['system']} | {num(r['p50_ms'], 2)} | {num(r['p99_ms'], 2)} | {num(added, 2)} | "
+                     f"{num(r.get('total_p50_ms'), 2)} | {r['n']} | {errors} |")
+    return "\n".join(lines)
+
+
+def idle_text(results: dict[str, Any]) -> str:
+    idle = results.get("idle")
+    if not idle:
+        return ""
+    head = (f"Idle single-node cluster (the default configs/serve.yaml with the embedded model, auth off), "
+            f"{idle['seconds']:g} s with no traffic: **{idle['cpu_pct']:.1f} % of one core**, "
+            f"**{idle['rss_mib']:,.0f} MiB RSS** (PSS {idle['pss_mib']:,.0f} MiB) "
+            f"over **{idle['processes']} processes**."
+            "\n\n| process | group | RSS MiB | CPU % of a core |\n|---|---|---|---|")
+    rows = [f"| {p['name']} | {p['group']} | {p['rss_mib']:.0f} | {p['cpu_pct']:.1f} |" for p in idle["biggest"]]
+    return "\n".join([head, *rows])
+
+
+def embedded_text(results: dict[str, Any]) -> str:
+    emb = results.get("embedded")
+    if not emb:
+        return ""
+    lines = [f"Embedded model `{emb['model']}` (max_tokens {emb['max_tokens']}, n_threads {emb['n_threads']}), "
+             "completion tokens per second:", "",
+             "| | tokens/s | requests | p50 ms | errors |", "|---|---|---|---|---|"]
+    for label, key in (("promptfleet, 1 concurrent", "one"), ("promptfleet, 8 concurrent", "eight"),
+                       ("raw llama.cpp (llama-cpp-python), one stream, same threads", "raw")):
+        r = emb.get(key)
+        if r:
+            errors = ", ".join(f"{k}: {v}" for k, v in (r.get("errors") or {}).items()) or "0"
+            lines.append(f"| {label} | {num(r['tokens_per_s'], 1)} | {r.get('requests', DASH)} | "
+                         f"{num(r.get('p50_ms'), 0)} | {errors} |")
+    ratios = []
+    if emb.get("ratio_8_vs_1") is not None:
+        ratios.append(f"8 concurrent / 1 concurrent: **{emb['ratio_8_vs_1']:.2f}×**")
+    if emb.get("one_vs_raw") is not None:
+        ratios.append(f"one stream / raw llama.cpp: **{emb['one_vs_raw']:.2f}**")
+    return "\n".join(lines + (["", "; ".join(ratios) + "."] if ratios else []))
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The whole report: a header saying when, on what and how loaded, then every table."""
+    meta = results["meta"]
+    machine = meta["machine"]
+    parts = [f"Measured {meta['date']} on commit `{meta['commit']}`: {machine['cores']} cores, load average "
+             f"{machine['loadavg_start']} at the start and {machine['loadavg_end']} at the end. "
+             f"{machine['note']} wrk, one thread, {meta['duration_s']:g} s per cell.",
+             "### Throughput and CPU per request", summary_table(results),
+             "### Latency (wrk)", latency_table(results),
+             "### CPU per request by process group", group_table(results)]
+    for title, text in (("### Streaming: time to first token", ttft_table(results)),
+                        ("### Idle", idle_text(results)), ("### Embedded model", embedded_text(results))):
+        if text:
+            parts += [title, text]
+    notes = [f"- {s['name']}: {s['note']}" for s in results.get("systems", []) if s.get("note")]
+    notes += [f"- {name}: not measured: {why}" for name, why in (results.get("failures") or {}).items()]
+    if notes:
+        parts += ["### Notes", "\n".join(notes)]
+    return "\n\n".join(parts) + "\n"
