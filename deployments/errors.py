@@ -9,7 +9,8 @@ exception) becomes a bare 500 whose text never reaches the client.
 
     PromptfleetError                    500 internal_error
     ├── InvalidRequest                  400 invalid_request      (param names the field)
-    │   └── RequestTooLarge             413 request_too_large
+    │   ├── RequestTooLarge             413 request_too_large
+    │   └── RangeNotSatisfiable         416 range_not_satisfiable (a download's Range header)
     ├── AuthenticationFailed            401 invalid_api_key
     ├── PermissionDenied                403 permission_denied
     │   └── QuotaExceeded               403 quota_exceeded       (stored files, concurrent batches)
@@ -123,6 +124,11 @@ class InvalidRequest(PromptfleetError):
 class RequestTooLarge(InvalidRequest):
     status_code = 413
     code = "request_too_large"
+
+
+class RangeNotSatisfiable(InvalidRequest):
+    status_code = 416
+    code = "range_not_satisfiable"
 
 
 class AuthenticationFailed(PromptfleetError):
