@@ -59,6 +59,10 @@ def test_a_12_mb_file_uploads_and_downloads_byte_identical_with_ranges(app: Serv
         assert downloaded.headers["content-length"] == str(len(content))
         assert downloaded.headers["accept-ranges"] == "bytes"
         assert downloaded.content == content
+        # Through Serve's HTTP proxy too (its hop carries each piece in a message of its own).
+        proxied = httpx.get(f"{app.proxy_url}/v1/files/{uploaded.id}/content", timeout=120)
+        assert proxied.status_code == 200 and proxied.headers["content-length"] == str(len(content))
+        assert proxied.content == content
 
         size = len(content)
         for header, first, last in (("bytes=5000000-5999999", 5_000_000, 5_999_999),  # crosses pieces

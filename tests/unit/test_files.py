@@ -3,7 +3,9 @@ streaming multipart form (no Ray)."""
 
 from __future__ import annotations
 
+import io
 import random
+from pathlib import Path
 from urllib.parse import unquote
 
 import httpx
@@ -12,6 +14,7 @@ import pytest
 from deployments.core.files import LineCounter, clean_filename, content_disposition, parse_range
 from deployments.core.uploadform import UploadForm
 from deployments.errors import InvalidRequest, RangeNotSatisfiable
+from jobs.batchlines import MAX_LINE_BYTES, count_lines, iter_lines, read_lines
 
 
 @pytest.mark.parametrize(("given", "kept"), [
@@ -152,3 +155,16 @@ def test_bad_forms_are_400_naming_the_field(content_type: str | None, body: byte
         form = UploadForm(content_type)
         feed_in_pieces(form, body, 3)
     assert refused.value.status_code == 400 and refused.value.param == param
+
+
+def test_batch_input_lines_over_the_limit_are_skipped_unread(tmp_path: Path) -> None:
+    text = b'{"a": 1}\n' + b"x" * 100 + b"\n\n" + b"y" * 11 + b"\n" + b"z" * 10 + b"\n" + b"w" * 25
+    lines = list(read_lines(io.BytesIO(text), limit=10))
+    assert lines == [b'{"a": 1}\n', None, b"\n", None, b"z" * 10 + b"\n", None]
+    # Exactly at the limit (the newline not counted) is read; the line after a long one is intact.
+    assert list(read_lines(io.BytesIO(b"a" * 10 + b"\nb\n"), limit=10)) == [b"a" * 10 + b"\n", b"b\n"]
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"x" * (MAX_LINE_BYTES + 1) + b"\n" + b'{"b": 2}\n')
+    assert count_lines(path) == 2
+    with path.open("rb") as f:
+        assert list(iter_lines(f)) == [(1, None), (2, b'{"b": 2}\n')]
