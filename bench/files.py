@@ -39,9 +39,10 @@ ROLES = {"Gateway": "ServeReplica:{app}:Gateway", "BatchService": "ServeReplica:
          "batch job": "jobs.batch"}
 
 
-def find_processes(app: str) -> dict[str, int]:
-    """The pid of each role's process (the first found), from /proc/<pid>/cmdline."""
-    found: dict[str, int] = {}
+def find_processes(app: str) -> dict[str, set[int]]:
+    """The pids of each role's processes, from /proc/<pid>/cmdline (the batch job: its shell and
+    its Python driver; the larger RSS is reported)."""
+    found: dict[str, set[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -50,8 +51,8 @@ def find_processes(app: str) -> dict[str, int]:
         except OSError:
             continue
         for role, needle in ROLES.items():
-            if role not in found and needle.format(app=app) in cmdline and "bench.files" not in cmdline:
-                found[role] = int(entry)
+            if needle.format(app=app) in cmdline and "bench.files" not in cmdline:
+                found.setdefault(role, set()).add(int(entry))
     return found
 
 
@@ -63,6 +64,11 @@ def rss_mb(pid: int) -> float | None:
     except OSError:
         return None
     return None
+
+
+def largest_rss(pids: set[int]) -> float | None:
+    values = [rss for pid in pids if (rss := rss_mb(pid)) is not None]
+    return max(values) if values else None
 
 
 class Sampler:
@@ -79,7 +85,8 @@ class Sampler:
     @contextlib.contextmanager
     def step(self) -> Iterator[None]:
         self.peaks = {}
-        self.before = {role: rss for role, pid in self.pids.items() if (rss := rss_mb(pid)) is not None}
+        self.pids = find_processes(self.app)
+        self.before = {role: rss for role, pids in self.pids.items() if (rss := largest_rss(pids)) is not None}
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -92,16 +99,12 @@ class Sampler:
     def _run(self) -> None:
         last_scan = 0.0
         while not self._stop.is_set():
-            if "batch job" not in self.pids and time.monotonic() - last_scan > 0.5:
-                self.pids.update({r: p for r, p in find_processes(self.app).items() if r not in self.pids})
+            if time.monotonic() - last_scan > 0.5:  # a batch job's driver comes and goes
+                self.pids = find_processes(self.app)
                 last_scan = time.monotonic()
-            for role, pid in list(self.pids.items()):
-                rss = rss_mb(pid)
-                if rss is None:
-                    if role == "batch job":
-                        del self.pids[role]  # ended: a later step's job is another process
-                    continue
-                self.peaks[role] = max(self.peaks.get(role, 0.0), rss)
+            for role, pids in self.pids.items():
+                if (rss := largest_rss(pids)) is not None:
+                    self.peaks[role] = max(self.peaks.get(role, 0.0), rss)
             self._stop.wait(0.05)
 
     def report(self) -> str:

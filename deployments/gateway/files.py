@@ -58,9 +58,7 @@ async def receive_upload(request: Request, batches: DeploymentHandle[Any], owner
     size = 0
 
     async def begin() -> str:
-        purpose = form.fields.get("purpose")
-        if purpose is not None and purpose != "batch":
-            raise InvalidRequest(f"purpose: only 'batch' is supported, not '{purpose[:64]}'", param="purpose")
+        check_purpose(form.fields.get("purpose"), required=False)  # before any byte is stored, if it came first
         started: str = unwrap(await batches.begin_upload.remote(owner, form.filename))
         return started
 
@@ -82,8 +80,7 @@ async def receive_upload(request: Request, batches: DeploymentHandle[Any], owner
                 await write(bytes(pending[:PIECE_BYTES]))
                 del pending[:PIECE_BYTES]
         form.finish()
-        if form.fields.get("purpose") is None:
-            raise InvalidRequest("purpose: required ('batch')", param="purpose")
+        check_purpose(form.fields.get("purpose"), required=True)
         if upload_id is None:
             upload_id = await begin()  # an empty file: refused below, as a file with no lines
         if pending:
@@ -94,6 +91,13 @@ async def receive_upload(request: Request, batches: DeploymentHandle[Any], owner
     finally:
         if upload_id is not None:
             await batches.abort_upload.remote(upload_id)
+
+
+def check_purpose(purpose: str | None, required: bool) -> None:
+    if purpose is None and required:
+        raise InvalidRequest("purpose: required ('batch')", param="purpose")
+    if purpose is not None and purpose != "batch":
+        raise InvalidRequest(f"purpose: only 'batch' is supported, not '{purpose[:64]}'", param="purpose")
 
 
 async def file_response(

@@ -240,3 +240,17 @@ def test_broken_upload_bodies_are_400_naming_the_file(app: ServeApp, body: bytes
     response = httpx.post(f"{app.base_url}/files", content=body, headers={"Content-Type": content_type}, timeout=60)
     assert response.status_code == 400, response.text[:300]
     assert response.json()["error"]["param"] == "file"
+
+
+def test_purpose_is_checked_wherever_it_comes_in_the_form(app: ServeApp) -> None:
+    content = b'{"custom_id": "1"}\n'
+    for order in ("first", "last"):
+        purpose = b'--B\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nassistants\r\n'
+        file = b'--B\r\nContent-Disposition: form-data; name="file"; filename="p.jsonl"\r\n\r\n' + content + b"\r\n"
+        body = (purpose + file if order == "first" else file + purpose) + b"--B--\r\n"
+        response = httpx.post(f"{app.base_url}/files", content=body, timeout=60,
+                              headers={"Content-Type": "multipart/form-data; boundary=B"})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "purpose", (order, response.text)
+    missing = httpx.post(f"{app.base_url}/files", files={"file": ("p.jsonl", content)}, timeout=60)
+    assert missing.status_code == 400 and missing.json()["error"]["param"] == "purpose"
+    assert not [f for f in app.client().files.list() if f.filename == "p.jsonl"]
