@@ -13,7 +13,9 @@ the job's progress file; when the job has ended, its output and error files are 
 files of the batch's owner. A batch whose job vanished (the cluster restarted) is resubmitted
 and resumes from its output.
 
-Disk and Jobs API calls (blocking HTTP) run on one dedicated thread, in order. Expected errors
+Disk and Jobs API calls (blocking HTTP) run on one dedicated thread, in order; reads of file
+bytes (downloads) on a small pool of their own. File bytes cross handle calls in pieces of at
+most ``store.batches.PIECE_BYTES`` (``deployments.gateway.files`` says why). Expected errors
 come back as values (``PromptfleetError``), not raised, as in ``deployments.model_worker``.
 An ``owner`` of ``None`` is the admin, who sees and cancels every owner's batches. Quotas are
 ``tasks.quotas``; every ``tasks.retention.cleanup_interval_s`` expired files and finished
@@ -123,6 +125,9 @@ class BatchService:
         self.jobs = jobs or RayJobs()
         self._app_name = app_name
         self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches")
+        # Downloads read immutable bytes: threads of their own, so a slow Jobs API call on `io`
+        # does not stall them, and several downloads go on at once.
+        self.reads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="batch-reads")
         self.cleanup = start_cleanup(config.retention.cleanup_interval_s, self.expire, "files and batches")
         interval = (metrics or MetricsConfig()).sample_interval_s
         self.sampler = start_sampling(self.metrics, interval, self.sample_metrics, "batches")
@@ -150,9 +155,11 @@ class BatchService:
             self._app_name = serve.get_replica_context().app_name
         return self._app_name
 
-    async def _io(self, fn: Callable[..., T], *args: Any) -> T | PromptfleetError:
+    async def _io(
+        self, fn: Callable[..., T], *args: Any, pool: ThreadPoolExecutor | None = None
+    ) -> T | PromptfleetError:
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.io, lambda: fn(*args))
+            return await asyncio.get_running_loop().run_in_executor(pool or self.io, lambda: fn(*args))
         except PromptfleetError as exc:
             return exc
 
@@ -162,6 +169,8 @@ class BatchService:
         return await self._io(self.store.begin_upload, owner, filename)
 
     async def write_upload(self, upload_id: str, chunk: bytes) -> PromptfleetError | None:
+        """Append one piece (at most ``store.PIECE_BYTES``, so the call stays far under Ray's
+        message limit) to the upload; the store counts its size, quota and lines as it goes."""
         return await self._io(self.store.write_upload, upload_id, chunk)
 
     async def finish_upload(self, upload_id: str) -> FileView | PromptfleetError:
@@ -174,7 +183,8 @@ class BatchService:
         return await self._io(lambda: self.store.get_file(owner, file_id).view())
 
     async def read_file(self, owner: str | None, file_id: str, offset: int, size: int) -> bytes | PromptfleetError:
-        return await self._io(self.store.read_file, owner, file_id, offset, size)
+        """Up to ``store.PIECE_BYTES`` of the file from ``offset`` (one piece of a download)."""
+        return await self._io(self.store.read_file, owner, file_id, offset, size, pool=self.reads)
 
     async def list_files(
         self, owner: str, purpose: str | None, limit: int, after: str | None

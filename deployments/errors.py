@@ -10,7 +10,8 @@ exception) becomes a bare 500 whose text never reaches the client.
     PromptfleetError                    500 internal_error
     ├── InvalidRequest                  400 invalid_request      (param names the field)
     │   ├── RequestTooLarge             413 request_too_large
-    │   └── RequestTimeout              408 request_timeout      (headers or body not sent in time)
+    │   ├── RequestTimeout              408 request_timeout      (headers or body not sent in time)
+    │   └── RangeNotSatisfiable         416 range_not_satisfiable (a download's Range header)
     ├── AuthenticationFailed            401 invalid_api_key
     ├── PermissionDenied                403 permission_denied
     │   └── QuotaExceeded               403 quota_exceeded       (stored files, concurrent batches)
@@ -129,6 +130,11 @@ class RequestTooLarge(InvalidRequest):
 class RequestTimeout(InvalidRequest):
     status_code = 408
     code = "request_timeout"
+
+
+class RangeNotSatisfiable(InvalidRequest):
+    status_code = 416
+    code = "range_not_satisfiable"
 
 
 class AuthenticationFailed(PromptfleetError):

@@ -25,8 +25,9 @@ Contract:
 - One output line per input line, written and flushed as each request finishes, so the output is
   in **completion order**, not input order (match lines by ``custom_id``). With ``--errors``,
   failures go to that file and successes to ``--output``; without it, both go to ``--output``.
-- A malformed line, a duplicate ``custom_id`` or an unknown model gives an error line naming the
-  line number and field; it never stops the batch.
+- A malformed line, a duplicate ``custom_id``, an unknown model or a line over 8 MiB
+  (``batchlines.MAX_LINE_BYTES``, skipped without being read whole) gives an error line naming
+  the line number and field; it never stops the batch.
 - Exactly one layer re-calls an upstream: the model's provider (its ``max_retries``). This job
   re-tries only refusals that never reached an upstream — errors whose class has
   ``before_upstream`` (our own 503 backpressure, a key's or model's rpm/tpm pacing, an open

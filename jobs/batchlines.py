@@ -41,6 +41,9 @@ from deployments.schemas import (
 )
 
 BatchItem = BatchChatLine | BatchTaskLine
+# A longer input line is not read: it gets a `line_too_large` error line. Eight times the HTTP
+# body limit's default (gateway.max_body_bytes): a line is one request body plus its envelope.
+MAX_LINE_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -58,8 +61,11 @@ def new_id(prefix: str) -> str:
     return f"{prefix}{uuid.uuid4().hex}"
 
 
-def parse_line(raw: bytes | str, line: int, default_task: str | None = None) -> BatchItem | LineError:
-    """One input line as a chat or task request, or the error naming what is wrong with it."""
+def parse_line(raw: bytes | str | None, line: int, default_task: str | None = None) -> BatchItem | LineError:
+    """One input line as a chat or task request, or the error naming what is wrong with it
+    (``None``: a line over ``MAX_LINE_BYTES``, skipped unread by ``read_lines``)."""
+    if raw is None:
+        return LineError(line, "line_too_large", f"Line {line} is longer than {MAX_LINE_BYTES} bytes.")
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
@@ -83,16 +89,28 @@ def parse_line(raw: bytes | str, line: int, default_task: str | None = None) -> 
         return LineError(line, "invalid_request", text, param, custom_id)
 
 
+def read_lines(f: IO[bytes], limit: int = MAX_LINE_BYTES) -> Iterator[bytes | None]:
+    """Every line of ``f``, newline included; ``None`` for a line over ``limit`` bytes, which is
+    read past a MiB at a time and never held: one line of a 200 MB file cannot take 200 MB."""
+    while raw := f.readline(limit + 1):
+        if len(raw) <= limit or raw.endswith(b"\n"):
+            yield raw
+            continue
+        while (rest := f.readline(1 << 20)) and not rest.endswith(b"\n"):
+            pass
+        yield None
+
+
 def count_lines(path: Path) -> int:
-    """Non-blank lines, streamed (never the whole file in memory)."""
+    """Non-blank lines (a line too long to read counts: it gets an error line), streamed."""
     with path.open("rb") as f:
-        return sum(1 for raw in f if raw.strip())
+        return sum(1 for raw in read_lines(f) if raw is None or raw.strip())
 
 
-def iter_lines(f: IO[bytes]) -> Iterator[tuple[int, bytes]]:
-    """(1-based line number, line) for every non-blank line."""
-    for number, raw in enumerate(f, start=1):
-        if raw.strip():
+def iter_lines(f: IO[bytes]) -> Iterator[tuple[int, bytes | None]]:
+    """(1-based line number, line) for every non-blank line; the line is None if too long to read."""
+    for number, raw in enumerate(read_lines(f), start=1):
+        if raw is None or raw.strip():
             yield number, raw
 
 

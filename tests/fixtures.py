@@ -160,6 +160,9 @@ def make_tasks_dir(directory: Path) -> Path:
     return directory
 
 
+MAX_UPLOAD_BYTES = 16 * 1024**2  # tasks.quotas.max_file_bytes of the main test app
+
+
 def make_config(http_port: int, listen_port: int, upstream_base_url: str, state: Path) -> dict[str, Any]:
     config = copy.deepcopy(local.load_serve_config(REPO / "configs" / "serve.yaml"))
     config["http_options"]["port"] = http_port
@@ -169,6 +172,8 @@ def make_config(http_port: int, listen_port: int, upstream_base_url: str, state:
         definitions_dir=str(make_tasks_dir(state / "tasks")),
         state_dir=str(state / "db"),
         lease_s=3,  # short, so the fault tests see lost leases requeued quickly
+        # Small enough that tests/serve/test_files.py can pass it (the default is 200 MiB).
+        quotas={**app["args"]["tasks"].get("quotas", {}), "max_file_bytes": MAX_UPLOAD_BYTES},
     )
     app["args"]["models"] += [*upstream_models(upstream_base_url), metrics_model(upstream_base_url)]
     app["runtime_env"] = {"env_vars": {"PROMPTFLEET_UPSTREAM_HOSTS": "127.0.0.1"}}

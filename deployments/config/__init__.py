@@ -350,6 +350,13 @@ class QuotasConfig(_Strict):
     max_files_per_key: int = Field(
         default=100, ge=1, le=1_000_000, description="Stored files (uploads and batch outputs) one key may keep."
     )
+    max_file_bytes: int = Field(
+        default=200 * 1024**2,
+        ge=1024,
+        le=1024**4,
+        description="Largest file one upload may store (OpenAI's limit for a batch input is 200 MB); a larger "
+        "upload is refused with 413 (`param: file`) before it is read, or as soon as it passes the limit.",
+    )
     max_file_bytes_per_key: int = Field(
         default=2 * 1024**3,
         ge=1024,

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from datetime import UTC, date, datetime
 from typing import Any
 
-from fastapi import FastAPI, Form, Query, Request
+from fastapi import FastAPI, Form, Header, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import ValidationError
 from ray.serve.handle import DeploymentHandle
@@ -32,6 +32,7 @@ from deployments.core.prompting import render_messages
 from deployments.core.replies import unwrap
 from deployments.errors import InvalidRequest, PromptfleetError
 from deployments.gateway.admin_routes import KeyAdmin
+from deployments.gateway.files import file_response
 from deployments.metering import KeyEntry, Meter
 from deployments.schemas import (
     BatchView,
@@ -50,7 +51,6 @@ from deployments.task_executor import check_input
 PAGE = 50
 CHART_DAYS = 14  # the usage chart without a start day
 MAX_CHART_DAYS = 31
-CHUNK_BYTES = 4 * 1024 * 1024
 Render = Callable[..., str]
 
 
@@ -332,21 +332,10 @@ class Pages:
             return back(request, "/batches")
 
         @app.get("/files/{file_id}/content")
-        async def file_content(file_id: str) -> StreamingResponse:
-            service = self._batches()
-            view = unwrap(await service.get_file.remote(None, file_id[:64]))
-
-            async def chunks() -> AsyncIterator[bytes]:
-                offset = 0
-                while offset < view.bytes:
-                    chunk: bytes = unwrap(await service.read_file.remote(None, view.id, offset, CHUNK_BYTES))
-                    if not chunk:
-                        return
-                    offset += len(chunk)
-                    yield chunk
-
-            return StreamingResponse(chunks(), media_type="application/octet-stream",
-                                     headers={"Content-Disposition": f'attachment; filename="{view.filename}"'})
+        async def file_content(
+            file_id: str, range_header: str | None = Header(None, alias="Range", max_length=200)
+        ) -> Response:
+            return await file_response(self._batches(), None, file_id[:64], range_header)
 
     def _batches(self) -> DeploymentHandle:
         if self.batches is None:

@@ -1,9 +1,11 @@
 """The OpenAI Files and Batches API of the Gateway (``client.files`` / ``client.batches`` work unchanged).
 
-    POST   /v1/files                    multipart upload (`file`, `purpose=batch`); up to MAX_FILE_BYTES
+    POST   /v1/files                    multipart upload (`file`, `purpose=batch`); up to
+                                        tasks.quotas.max_file_bytes (413 past it)
     GET    /v1/files?purpose=&limit=&after=   the caller's files, newest first
-    GET    /v1/files/{id}               the file object
-    GET    /v1/files/{id}/content       its bytes (input, or a batch's output / error lines)
+    GET    /v1/files/{id}               the file object (the admin: any key's)
+    GET    /v1/files/{id}/content       its bytes (input, or a batch's output / error lines), with
+                                        Content-Length, RFC 6266 name and `Range` (206/416)
     DELETE /v1/files/{id}
     POST   /v1/batches                  `{input_file_id, endpoint, completion_window, metadata}`:
                                         submits a Ray job running `jobs.batch`
@@ -14,56 +16,49 @@
                                         ?owner=<key id>)
 
 Calls the ``BatchService`` deployment, which owns files and batch records. Every file and batch
-belongs to its creator; someone else's id answers 404, exactly like an unknown one. An upload
-is spooled by the Gateway (Starlette's multipart parser) and handed over in chunks, so no
-process holds a whole file in memory.
+belongs to its creator; someone else's id answers 404, exactly like an unknown one (the admin
+may read any file, as it may read any batch, but deletes only its own). Bytes stream both ways
+in pieces (``deployments.gateway.files``), so no process holds a whole file in memory.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, File, Form, Path, Query, UploadFile
-from fastapi.responses import StreamingResponse
+from fastapi import APIRouter, Depends, Header, Path, Query, Request
+from fastapi.responses import Response, StreamingResponse
 from ray.serve.handle import DeploymentHandle
 
 from deployments.core.replies import unwrap
 from deployments.gateway.caller import Caller, get_caller, list_scope, run_scope
+from deployments.gateway.files import file_response, receive_upload
 from deployments.metering import Meter
 from deployments.schemas import BatchCreate, BatchList, BatchView, FileDeleted, FileList, FileView
 
 FILES_PATH = "/v1/files"  # the one route whose body may exceed gateway.max_body_bytes
-CHUNK_BYTES = 4 * 1024 * 1024
 
 FileId = Annotated[str, Path(max_length=64, description="A file id (`file-…`).")]
 BatchId = Annotated[str, Path(max_length=64, description="A batch id (`batch_…`).")]
 Owner = Annotated[Caller, Depends(get_caller)]
 
 
-def clean_filename(name: str | None) -> str:
-    base = (name or "").replace("\\", "/").rsplit("/", 1)[-1].strip()
-    return base[:255] or "upload.jsonl"
+# The request body of POST /v1/files, for the OpenAPI page (the route reads the stream itself).
+UPLOAD_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": ["file", "purpose"],
+    "properties": {
+        "file": {"type": "string", "format": "binary", "description": "A JSONL file of batch lines."},
+        "purpose": {"type": "string", "enum": ["batch"], "description": "Only `batch`."},
+    },
+}}}}}
 
 
-def build_batch_router(batches: DeploymentHandle[Any]) -> APIRouter:
+def build_batch_router(batches: DeploymentHandle[Any], max_file_bytes: int) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["batches"])
 
-    @router.post("/files", response_model=FileView)
-    async def upload_file(
-        caller: Owner,
-        file: Annotated[UploadFile, File(description="A JSONL file of batch lines.")],
-        purpose: Annotated[Literal["batch"], Form(description="Only `batch`.")],
-    ) -> FileView:
-        upload_id = unwrap(await batches.begin_upload.remote(caller.owner, clean_filename(file.filename)))
-        try:
-            while chunk := await file.read(CHUNK_BYTES):
-                unwrap(await batches.write_upload.remote(upload_id, chunk))
-            view: FileView = unwrap(await batches.finish_upload.remote(upload_id))
-        except BaseException:
-            await batches.abort_upload.remote(upload_id)
-            raise
-        return view
+    @router.post("/files", response_model=FileView, openapi_extra=UPLOAD_BODY)
+    async def upload_file(caller: Owner, request: Request) -> FileView:
+        """Upload a JSONL file of batch lines (multipart: `file`, `purpose=batch`), streamed to disk."""
+        return await receive_upload(request, batches, caller.owner, max_file_bytes)
 
     @router.get("/files", response_model=FileList)
     async def list_files(
@@ -77,29 +72,18 @@ def build_batch_router(batches: DeploymentHandle[Any]) -> APIRouter:
 
     @router.get("/files/{file_id}", response_model=FileView)
     async def get_file(file_id: FileId, caller: Owner) -> FileView:
-        result: FileView = unwrap(await batches.get_file.remote(caller.owner, file_id))
+        result: FileView = unwrap(await batches.get_file.remote(run_scope(caller), file_id))
         return result
 
-    @router.get("/files/{file_id}/content", response_class=StreamingResponse)
-    async def file_content(file_id: FileId, caller: Owner) -> StreamingResponse:
-        view: FileView = unwrap(await batches.get_file.remote(caller.owner, file_id))
-
-        async def chunks() -> AsyncIterator[bytes]:
-            offset = 0
-            while offset < view.bytes:
-                chunk: bytes = unwrap(
-                    await batches.read_file.remote(caller.owner, file_id, offset, CHUNK_BYTES)
-                )
-                if not chunk:
-                    return
-                offset += len(chunk)
-                yield chunk
-
-        return StreamingResponse(
-            chunks(),
-            media_type="application/octet-stream",
-            headers={"Content-Disposition": f'attachment; filename="{view.filename}"'},
-        )
+    @router.get("/files/{file_id}/content", response_class=StreamingResponse,
+                responses={206: {"description": "The bytes a `Range` header asked for."},
+                           416: {"description": "The `Range` asks for no byte of the file."}})
+    async def file_content(
+        file_id: FileId, caller: Owner,
+        range_header: Annotated[str | None, Header(alias="Range", max_length=200,
+                                                   description="One `bytes=first-last` range.")] = None,
+    ) -> Response:
+        return await file_response(batches, run_scope(caller), file_id, range_header)
 
     @router.delete("/files/{file_id}", response_model=FileDeleted)
     async def delete_file(file_id: FileId, caller: Owner) -> FileDeleted:

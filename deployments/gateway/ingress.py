@@ -60,6 +60,7 @@ from deployments.gateway.admin_routes import KeyAdmin, build_admin_router
 from deployments.gateway.auth import Authenticator
 from deployments.gateway.batch_routes import FILES_PATH, build_batch_router
 from deployments.gateway.chat_routes import ChatRoutes
+from deployments.gateway.files import FORM_OVERHEAD_BYTES
 from deployments.gateway.health import HealthCheck
 from deployments.gateway.listener import Listener
 from deployments.gateway.prompt_routes import build_prompt_router
@@ -70,7 +71,6 @@ from deployments.logs import watch_serve_log
 from deployments.metering import Meter
 from deployments.model_calls import HandleTransport, ModelCalls
 from deployments.schemas import Liveness, Readiness
-from deployments.store.batches import MAX_FILE_BYTES
 from deployments.telemetry import GATEWAY_METRICS, metrics_for
 
 logger = logging.getLogger("ray.serve")
@@ -180,17 +180,21 @@ class BodySizeLimit:
     into a 400 of its own).
     """
 
-    def __init__(self, app: ASGIApp, limit: int, path_limits: dict[str, int] | None = None) -> None:
+    def __init__(
+        self, app: ASGIApp, limit: int, path_limits: dict[str, tuple[int, RequestTooLarge]] | None = None
+    ) -> None:
         self.app = app
         self.limit = limit
-        self.path_limits = path_limits or {}  # exact paths with a limit of their own (file uploads)
+        # Exact paths with a limit of their own, and the error naming it (file uploads: `file`).
+        self.path_limits = path_limits or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.path_limits.get(route_path(scope), self.limit)
-        too_large = RequestTooLarge(f"The request body is larger than the limit of {limit} bytes.", param=None)
+        limit, too_large = self.path_limits.get(route_path(scope)) or (
+            self.limit, RequestTooLarge(f"The request body is larger than the limit of {self.limit} bytes.", param=None)
+        )
         for name, value in scope.get("headers", []):
             if name == b"content-length" and value.isdigit() and int(value) > limit:
                 await refuse(too_large, scope, receive, send)
@@ -264,7 +268,7 @@ class Gateway:
             build_task_router(self.tasks, store, runner, self.meter, args.auth.enabled),
             build_prompt_router(args, self.tasks, store),
             build_admin_router(store, self.auth, self.meter, batches),
-            *([build_batch_router(batches)] if batches is not None else []),
+            *([build_batch_router(batches, args.tasks.quotas.max_file_bytes)] if batches is not None else []),
         ]
         self.console = build_console(
             Pages(
@@ -282,7 +286,10 @@ class Gateway:
         # Outermost first: the metrics, the request's id, who is calling (headers only), the body's size,
         # the routes.
         api = self.build_api()
-        limited = BodySizeLimit(api, limit=args.gateway.max_body_bytes, path_limits={FILES_PATH: MAX_FILE_BYTES})
+        max_file = args.tasks.quotas.max_file_bytes
+        file_too_large = RequestTooLarge(f"file: larger than the limit of {max_file} bytes", param="file")
+        limited = BodySizeLimit(api, limit=args.gateway.max_body_bytes,
+                                path_limits={FILES_PATH: (max_file + FORM_OVERHEAD_BYTES, file_too_large)})
         app_name = serve.get_replica_context().app_name
         self.asgi_app = RequestMetrics(
             RequestIds(AuthGate(limited, self.auth), app_name, args.logs.access_log),

@@ -51,7 +51,7 @@ class BatchResponse(OwnBody):
 
 class BatchLineError(OwnBody):
     code: str = Field(description="`invalid_json_line`, `invalid_request`, `duplicate_custom_id`, "
-                      "`model_not_found`, …")
+                      "`model_not_found`, `line_too_large`, …")
     message: str = Field(description="What is wrong, naming the field.")
     param: str | None = Field(default=None, description="Dotted path of the offending field, if one.")
     line: int | None = Field(default=None, description="1-based line number in the input file.")

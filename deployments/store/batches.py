@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from deployments.config import QuotasConfig
+from deployments.core.files import LineCounter
 from deployments.core.retention import Cutoffs, expired_batches, expired_files
 from deployments.errors import Conflict, InvalidRequest, NotFound, Overloaded, QuotaExceeded, RequestTooLarge
 from deployments.schemas import (
@@ -44,7 +45,9 @@ from deployments.schemas import (
 )
 from deployments.store.private import private_dir, write_private
 
-MAX_FILE_BYTES = 200 * 1024 * 1024  # OpenAI's limit for a batch input file
+# The most bytes one handle call carries (a piece of an upload or a download): a quarter of the
+# 4 MiB that one Serve handle call's message may hold (deployments.gateway.files says why).
+PIECE_BYTES = 1024 * 1024
 MAX_JOB_STARTS = 3  # a batch whose job is lost (node or cluster restart) is resumed this often
 COMPLETION_WINDOW_S = 24 * 3600
 TERMINAL = frozenset({"completed", "failed", "cancelled", "expired"})
@@ -56,6 +59,16 @@ Action = Literal["none", "submit", "finalize"]
 
 def _new_id(prefix: str) -> str:
     return prefix + secrets.token_hex(12)
+
+
+@dataclass
+class Upload:
+    """An upload in progress: whose, its display name, and what arrived so far."""
+
+    owner: str
+    filename: str
+    size: int = 0
+    lines: LineCounter = field(default_factory=LineCounter)
 
 
 @dataclass
@@ -183,11 +196,11 @@ def advance(batch: BatchRecord, job: JobState | None, progress: BatchProgress | 
 
 class BatchStore:
     def __init__(
-        self, root: Path, max_file_bytes: int = MAX_FILE_BYTES, quotas: QuotasConfig | None = None
+        self, root: Path, max_file_bytes: int | None = None, quotas: QuotasConfig | None = None
     ) -> None:
         self.root = root
-        self.max_file_bytes = max_file_bytes
         self.quotas = quotas or QuotasConfig()
+        self.max_file_bytes = self.quotas.max_file_bytes if max_file_bytes is None else max_file_bytes
         private_dir(root.parent)  # tasks.state_dir: the run store's SQLite file may live there too
         for sub in ("files", "uploads", "batches"):
             private_dir(root / sub)
@@ -196,7 +209,7 @@ class BatchStore:
             stale.unlink()  # uploads do not survive a restart: their clients got an error
         self.files: dict[str, FileRecord] = {r.id: r for r in self._load(root / "files", FileRecord)}
         self.batches: dict[str, BatchRecord] = {r.id: r for r in self._load(root / "batches", BatchRecord)}
-        self.uploads: dict[str, tuple[str, str, int]] = {}  # upload id -> owner, filename, bytes so far
+        self.uploads: dict[str, Upload] = {}
 
     @staticmethod
     def _load(directory: Path, cls: Any) -> list[Any]:
@@ -216,7 +229,7 @@ class BatchStore:
     def stored(self, owner: str) -> tuple[int, int]:
         """Files and bytes ``owner`` holds, uploads in progress included."""
         files = [r.bytes for r in self.files.values() if r.owner == owner]
-        uploads = [size for upload_owner, _, size in self.uploads.values() if upload_owner == owner]
+        uploads = [upload.size for upload in self.uploads.values() if upload.owner == owner]
         return len(files) + len(uploads), sum(files) + sum(uploads)
 
     def _check_files_quota(self, owner: str) -> None:
@@ -246,16 +259,17 @@ class BatchStore:
         self._check_files_quota(owner)
         upload_id = _new_id("upload-")
         write_private(self.root / "uploads" / f"{upload_id}.part", b"")
-        self.uploads[upload_id] = (owner, filename, 0)
+        self.uploads[upload_id] = Upload(owner, filename)
         return upload_id
 
     def write_upload(self, upload_id: str, chunk: bytes) -> None:
-        owner, filename, size = self.uploads[upload_id]
-        size += len(chunk)
-        if size > self.max_file_bytes:
+        upload = self.uploads.get(upload_id)
+        if upload is None:
+            raise NotFound("The upload ended (it failed, or it is already stored).", param="file")
+        if upload.size + len(chunk) > self.max_file_bytes:
             self.abort_upload(upload_id)
             raise RequestTooLarge(f"file: larger than the limit of {self.max_file_bytes} bytes", param="file")
-        _, stored = self.stored(owner)
+        _, stored = self.stored(upload.owner)
         if stored + len(chunk) > self.quotas.max_file_bytes_per_key:
             self.abort_upload(upload_id)
             raise QuotaExceeded(
@@ -265,21 +279,20 @@ class BatchStore:
             )
         with (self.root / "uploads" / f"{upload_id}.part").open("ab") as f:
             f.write(chunk)
-        self.uploads[upload_id] = (owner, filename, size)
+        upload.size += len(chunk)
+        upload.lines.feed(chunk)
 
     def finish_upload(self, upload_id: str, now: int | None = None) -> FileRecord:
-        owner, filename, size = self.uploads.pop(upload_id)
+        upload = self.uploads.pop(upload_id, None)
+        if upload is None:
+            raise NotFound("The upload ended (it failed, or it is already stored).", param="file")
         part = self.root / "uploads" / f"{upload_id}.part"
-        lines = 0
-        with part.open("rb") as f:
-            for raw in f:
-                lines += bool(raw.strip())
-        if lines == 0:
+        if upload.lines.lines == 0:
             part.unlink()
             raise InvalidRequest("file: the file has no lines", param="file")
         record = FileRecord(
-            id=_new_id("file-"), owner=owner, filename=filename, purpose="batch", bytes=size,
-            created_at=now or int(time.time()), path="", lines=lines,
+            id=_new_id("file-"), owner=upload.owner, filename=upload.filename, purpose="batch", bytes=upload.size,
+            created_at=now or int(time.time()), path="", lines=upload.lines.lines,
         )
         record.path = f"files/{record.id}.jsonl"
         os.replace(part, self.root / record.path)
@@ -299,10 +312,17 @@ class BatchStore:
         return record
 
     def read_file(self, owner: str | None, file_id: str, offset: int, size: int) -> bytes:
+        """Up to ``min(size, PIECE_BYTES)`` bytes of the file from ``offset``.
+
+        Safe on a thread of its own (records are only looked up): a file deleted meanwhile is
+        ``NotFound``, as if it had been gone before."""
         record = self.get_file(owner, file_id)
-        with (self.root / record.path).open("rb") as f:
-            f.seek(offset)
-            return f.read(size)
+        try:
+            with (self.root / record.path).open("rb") as f:
+                f.seek(max(0, offset))
+                return f.read(max(0, min(size, PIECE_BYTES)))
+        except FileNotFoundError:
+            raise NotFound(f"No file with id '{file_id}'.", param="file_id") from None
 
     def list_files(
         self, owner: str, purpose: str | None, limit: int, after: str | None

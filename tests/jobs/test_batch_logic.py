@@ -23,7 +23,7 @@ from deployments.errors import (
 from deployments.schemas import BatchChatLine, BatchProgress, BatchTaskLine, ChatCompletionRequest
 from deployments.store.batches import MAX_JOB_STARTS, BatchStore, JobState, advance
 from jobs import batch
-from jobs.batchlines import LineError, parse_line
+from jobs.batchlines import MAX_LINE_BYTES, LineError, parse_line
 from tests.waiting import until
 
 
@@ -146,6 +146,18 @@ def test_bad_lines_become_error_lines_and_the_rest_runs(tmp_path: Path) -> None:
     assert errors[4]["error"]["param"] == "custom_id" and errors[4]["custom_id"] == "ok-1"
     assert errors[5]["error"]["param"] == "body.model" and errors[5]["response"] is None
     assert sorted(backend.calls) == ["hi", "t", "two"]
+
+
+def test_a_line_too_long_to_read_is_an_error_line_and_the_rest_runs(tmp_path: Path) -> None:
+    text = "x" * (MAX_LINE_BYTES + 1)
+    (tmp_path / "in.jsonl").write_text(json.dumps(chat("first")) + "\n" + json.dumps(chat("huge", text=text))
+                                       + "\n" + json.dumps(chat("last", text="last")) + "\n")
+    backend = FakeBackend()
+    assert batch.main(["--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")],
+                      backend=backend) == 0
+    lines = {line["custom_id"] or line["error"]["line"]: line for line in read_jsonl(tmp_path / "out.jsonl")}
+    assert set(lines) == {"first", "last", 2}
+    assert lines[2]["error"]["code"] == "line_too_large" and sorted(backend.calls) == ["hi", "last"]
 
 
 def test_resume_skips_done_lines_and_cuts_a_torn_line(tmp_path: Path) -> None:
