@@ -35,7 +35,7 @@ from pydantic import ValidationError
 from deployments.config import TasksConfig
 from deployments.core.prompting import format_json_path, template_environment
 from deployments.core.structured import schema_problems
-from deployments.core.taskdefs import TaskConfigError, TaskDefinition
+from deployments.core.taskdefs import STORED, TaskConfigError, TaskDefinition
 
 __all__ = [
     "DEFAULT_MAX_DEFINITION_BYTES",
@@ -296,14 +296,15 @@ def load_task_definitions(directory: Path, models: Mapping[str, str] | None = No
 
 
 def parse_definition(data: dict[str, Any], source: str = "<store>") -> TaskDefinition:
-    """A stored definition (canonical JSON, already checked when it was stored)."""
-    defn = TaskDefinition.model_validate(data)
+    """A stored definition (canonical JSON, already checked when it was stored: ``taskdefs.STORED``)."""
+    defn = TaskDefinition.model_validate(data, context=STORED)
     defn._source = source
     return defn
 
 
 def parse_stored(definition: str, source: str = "<store>") -> TaskDefinition:
-    """``parse_definition`` of a stored definition's canonical JSON text (a catalogue page's)."""
-    defn = TaskDefinition.model_validate_json(definition)
+    """``parse_definition`` of a stored definition's canonical JSON text (a catalogue page's), without
+    repeating the checks it passed when it was stored (``taskdefs.STORED``)."""
+    defn = TaskDefinition.model_validate_json(definition, context=STORED)
     defn._source = source
     return defn
