@@ -44,7 +44,8 @@ def item(i: int, prompt_bytes: int, marker: str = "") -> VersionInput:
     defn = TaskDefinition.model_validate({
         "name": name, "description": "A task of the big catalogue.", "model": "fake",
         "input_schema": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},
-        "output_schema": {"type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"]},
+        "output_schema": {"type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"],
+                          "additionalProperties": False},
         "prompt": f"{name}: {filler} {{{{ text }}}}",
     })
     return VersionInput(name=name, definition=canonical(defn), content_hash=content_hash(defn), source=f"# {name}\n")

@@ -11,7 +11,6 @@ and oversized files are refused with a 400 naming the file, and a normal push be
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import time
 from collections.abc import Iterator
@@ -24,7 +23,7 @@ import yaml
 from deployments.core.taskdefs import TaskDefinition
 from deployments.core.taskfile import canonical, content_hash
 from deployments.store.tasks import VersionInput
-from tests.fixtures import ServeApp, free_port, upstream_models
+from tests.fixtures import ServeApp, beside, free_port, upstream_models
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.serve
@@ -41,7 +40,8 @@ def task(name: str, prompt: str) -> dict[str, Any]:
     return {
         "name": name, "description": "A task of the big catalogue.", "model": "fake",
         "input_schema": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},
-        "output_schema": {"type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"]},
+        "output_schema": {"type": "object", "properties": {"label": {"type": "string"}}, "required": ["label"],
+                          "additionalProperties": False},
         "prompt": prompt,
     }
 
@@ -113,20 +113,10 @@ class Catalogue:
 
 @pytest.fixture(scope="module")
 def catalogue(serve_app: ServeApp, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Catalogue]:
-    from cluster import local
-
     port = free_port()
-    config = copy.deepcopy(serve_app.config)
-    config["applications"].append(catalogue_app(serve_app.upstream.base_url, tmp_path_factory.mktemp("cat"), port))
-    local.deploy(config, serve_app.dashboard)
-    try:
-        local.wait_until_running(serve_app.dashboard, [APP], timeout_s=300, echo=False)
-        catalogue = Catalogue(serve_app, port)
-        wait_for(lambda: catalogue.call("GET", "/tasks").status_code == 200, 60, interval_s=0.2,
-                 message="the catalogue app to answer")
-        yield catalogue
-    finally:
-        local.deploy(serve_app.config, serve_app.dashboard)  # back to the session's two applications
+    application = catalogue_app(serve_app.upstream.base_url, tmp_path_factory.mktemp("cat"), port)
+    with beside(serve_app, application, f"http://127.0.0.1:{port}/v1/tasks"):
+        yield Catalogue(serve_app, port)
 
 
 def gateway_actors(app: ServeApp) -> list[Any]:
