@@ -122,6 +122,7 @@ class CatalogueFollower:
         self.refreshed_at: float | None = None  # monotonic time of the last refresh that reached the store
         self.last_error: str | None = None
         self.broken: tuple[str, ...] = ()  # tasks whose active definition does not load on this replica
+        self.first_load_s: float | None = None  # how long the first load (every page, parsed) took
 
     def start(self) -> None:
         if self.loop is None:
@@ -165,6 +166,7 @@ class CatalogueFollower:
     async def _catch_up(self) -> None:
         """Fetch every page of the change to the store's current version, then apply it at once."""
         since = self.catalogue.version
+        started = time.monotonic()
         page = await self._page(since, None, "")
         if page.version == since and not page.entries:
             return
@@ -184,6 +186,8 @@ class CatalogueFollower:
         else:
             raise RuntimeError("the task catalogue did not end within MAX_PAGES pages")
         self.catalogue.apply(target, changed, full, tuple(broken))
+        if since is None:
+            self.first_load_s = time.monotonic() - started
         if full or broken:
             self.broken = tuple(sorted(set(broken)))
         else:
@@ -200,6 +204,7 @@ class CatalogueFollower:
             state="loading" if not self.catalogue.loaded else "stale" if stale else "current",
             refreshed_s_ago=None if age is None else round(age, 3), error=self.last_error,
             not_loaded=list(self.broken[:20]),
+            first_load_s=None if self.first_load_s is None else round(self.first_load_s, 3),
         )
 
     async def ready(self) -> Catalogue:

@@ -52,6 +52,9 @@ class CatalogueStatus(BaseModel):
         description="Tasks whose active definition this replica cannot load (it keeps their last good one); "
         "at most 20 names."
     )
+    first_load_s: float | None = Field(
+        default=None, description="Seconds this replica's first load took (every page fetched and parsed)."
+    )
 
 
 class Readiness(BaseModel):
