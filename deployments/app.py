@@ -49,7 +49,8 @@ def seed_tasks(args: AppArgs) -> list[VersionInput]:
     """The deploy's task files, checked (a broken file fails the deploy, naming file, line and field)
     and ready to seed the TaskStore's versions (``store.tasks``: a file unchanged since the last deploy
     leaves a pushed version active)."""
-    checked = load_task_files(args.tasks.definitions_path(), {m.name: m.provider for m in args.models})
+    checked = load_task_files(args.tasks.definitions_path(), {m.name: m.provider for m in args.models},
+                              args.tasks.max_definition_bytes)
     return [
         VersionInput(name=c.definition.name, definition=canonical(c.definition),
                      content_hash=content_hash(c.definition), source=c.source)

@@ -2,14 +2,20 @@
 
 Used by the Gateway (the catalogue, input checks, the version a submitted run is pinned to) and
 the TaskRunner (the definition of the version a run executes). A background loop asks the
-TaskStore every ``tasks.catalogue_poll_s`` whether the catalogue changed (``task_snapshot``: one
-primary-key read of the catalogue version; the active definitions only when it changed), so a
-push or rollback reaches every replica within that period plus one round trip, and a request
-never waits for the store. The replica that served a push refreshes at once.
+TaskStore every ``tasks.catalogue_poll_s`` what changed since this replica's catalogue version
+(``task_changes``: one primary-key read when nothing did). A change comes in pages (at most
+``store.tasks.PAGE_COUNT`` tasks and ``PAGE_BYTES`` of definitions each, all of one catalogue
+version) and is applied whole once its last page is in, so a replica moves from one consistent
+version to the next and never holds half a push; a new replica pages in the whole catalogue the
+same way. No call carries the whole catalogue, so a catalogue of any size reaches every replica.
+A push or rollback therefore shows on every replica within ``catalogue_poll_s`` plus the time to
+fetch and parse its pages (milliseconds for a push; seconds for a first load of 50 MB). The
+replica that served a push refreshes before answering.
 
 Versions are immutable, so definitions of other versions than the active one (a queued run pinned
-before a push) are fetched once from the store and cached. Before the first snapshot has loaded,
-requests get 503; if the store cannot be reached later, the last catalogue stays in use.
+before a push) are fetched once from the store and cached. Before the first load has finished,
+requests get 503. If the store cannot be reached later the last catalogue stays in use, and
+``status()`` says how old it is (``/readyz`` of a Gateway turns ``unavailable`` once it is stale).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,14 +31,21 @@ from typing import Any
 
 from deployments.core.replies import unwrap
 from deployments.core.taskdefs import TaskDefinition
-from deployments.core.taskfile import parse_definition
+from deployments.core.taskfile import parse_definition, parse_stored
 from deployments.errors import Overloaded, TaskNotFound
-from deployments.store.tasks import TaskSnapshot, TaskVersion
+from deployments.schemas import CatalogueStatus
+from deployments.store.tasks import CatalogueEntry, CataloguePage, TaskVersion
 
-__all__ = ["ActiveTask", "Catalogue", "CatalogueFollower"]
+__all__ = ["ActiveTask", "Catalogue", "CatalogueFollower", "stale_after_s"]
 
 logger = logging.getLogger("ray.serve")
 MAX_CACHED_VERSIONS = 256
+MAX_PAGES = 100_000  # a change of more pages than this is a store that keeps answering "more": give up on it
+
+
+def stale_after_s(poll_s: float) -> float:
+    """How long without a successful refresh before a replica's catalogue counts as stale."""
+    return 30.0 + 10 * poll_s
 
 
 @dataclass(frozen=True)
@@ -41,13 +55,23 @@ class ActiveTask:
     content_hash: str
 
 
-def _active(stored: TaskVersion) -> ActiveTask:
-    source = f"{stored.name} v{stored.version}"
-    return ActiveTask(parse_definition(stored.definition, source), stored.version, stored.content_hash)
+def _parse_page(entries: list[CatalogueEntry]) -> tuple[dict[str, ActiveTask], list[str]]:
+    """The page's tasks, and the names of those whose definition does not load here."""
+    parsed: dict[str, ActiveTask] = {}
+    broken: list[str] = []
+    for entry in entries:
+        try:
+            definition = parse_stored(entry.definition, f"{entry.name} v{entry.version}")
+        except Exception:
+            logger.exception("task %s v%d does not load; keeping the last one", entry.name, entry.version)
+            broken.append(entry.name)
+            continue
+        parsed[entry.name] = ActiveTask(definition, entry.version, entry.content_hash)
+    return parsed, broken
 
 
 class Catalogue:
-    """Pure: the active tasks as of the last snapshot, and a bounded cache of other versions."""
+    """Pure: the active tasks as of catalogue ``version``, and a bounded cache of other versions."""
 
     def __init__(self) -> None:
         self.version: int | None = None
@@ -58,22 +82,19 @@ class Catalogue:
     def loaded(self) -> bool:
         return self.version is not None
 
-    def apply(self, snapshot: TaskSnapshot) -> None:
-        if snapshot.active is not None:
-            tasks = {}
-            for stored in snapshot.active:
-                # Parsed only when the catalogue changed: a definition that no longer parses (a newer
-                # release's field) keeps its last good version here rather than taking the task away.
-                try:
-                    tasks[stored.name] = _active(stored)
-                except Exception:
-                    logger.exception("task %s v%d does not load; keeping the last one", stored.name, stored.version)
-                    if stored.name in self.tasks:
-                        tasks[stored.name] = self.tasks[stored.name]
-            self.tasks = tasks
-            for entry in tasks.values():
-                self.remember(entry.definition.name, entry.version, entry.definition)
-        self.version = snapshot.version
+    def apply(self, version: int, changed: dict[str, ActiveTask], full: bool = False,
+              broken: tuple[str, ...] = ()) -> None:
+        """Move to ``version``: ``changed`` replaces the catalogue (``full``) or updates it. A task in
+        ``broken`` (its new definition does not load here, e.g. a newer release's field) keeps its last
+        good version rather than being taken away."""
+        if full:
+            kept = {name: self.tasks[name] for name in broken if name in self.tasks}
+            self.tasks = {**kept, **changed}
+        else:
+            self.tasks = {**self.tasks, **changed}
+        for entry in changed.values():
+            self.remember(entry.definition.name, entry.version, entry.definition)
+        self.version = version
 
     def remember(self, name: str, version: int, definition: TaskDefinition) -> None:
         self.versions[(name, version)] = definition
@@ -91,13 +112,17 @@ class Catalogue:
 class CatalogueFollower:
     """A ``Catalogue`` kept fresh from the TaskStore (see the module docstring)."""
 
-    def __init__(self, snapshot: Callable[[int | None], Any], fetch: Callable[[str, int], Any],
+    def __init__(self, changes: Callable[[int | None, int | None, str], Any], fetch: Callable[[str, int], Any],
                  poll_s: float) -> None:
-        # ``snapshot``/``fetch``: the TaskStore handle's ``task_snapshot.remote``/``task_version.remote``.
-        self.snapshot, self.fetch, self.poll_s = snapshot, fetch, poll_s
+        # ``changes``/``fetch``: the TaskStore handle's ``task_changes.remote``/``task_version.remote``.
+        self.changes, self.fetch, self.poll_s = changes, fetch, poll_s
         self.catalogue = Catalogue()
         self.loop: asyncio.Task[None] | None = None
         self.refreshing: asyncio.Task[None] | None = None
+        self.refreshed_at: float | None = None  # monotonic time of the last refresh that reached the store
+        self.last_error: str | None = None
+        self.broken: tuple[str, ...] = ()  # tasks whose active definition does not load on this replica
+        self.first_load_s: float | None = None  # how long the first load (every page, parsed) took
 
     def start(self) -> None:
         if self.loop is None:
@@ -126,8 +151,61 @@ class CatalogueFollower:
         await asyncio.shield(self.refreshing)
 
     async def _refresh(self) -> None:
-        snapshot: TaskSnapshot = unwrap(await self.snapshot(self.catalogue.version))
-        self.catalogue.apply(snapshot)
+        try:
+            await self._catch_up()
+        except Exception as exc:
+            self.last_error = type(exc).__name__
+            raise
+        self.last_error = None
+        self.refreshed_at = time.monotonic()
+
+    async def _page(self, since: int | None, version: int | None, after: str) -> CataloguePage:
+        page: CataloguePage = unwrap(await self.changes(since, version, after))
+        return page
+
+    async def _catch_up(self) -> None:
+        """Fetch every page of the change to the store's current version, then apply it at once."""
+        since = self.catalogue.version
+        started = time.monotonic()
+        page = await self._page(since, None, "")
+        if page.version == since and not page.entries:
+            return
+        target, full = page.version, page.full
+        changed: dict[str, ActiveTask] = {}
+        broken: list[str] = []
+        for _ in range(MAX_PAGES):
+            # Parsed in a thread, page by page: a first load of thousands of tasks must not hold the loop.
+            parsed, failed = await asyncio.to_thread(_parse_page, page.entries)
+            changed.update(parsed)
+            broken += failed
+            if page.after is None:
+                break
+            page = await self._page(since, target, page.after)
+            if page.version != target or page.full != full:  # the store was replaced meanwhile: next poll
+                raise RuntimeError("the task catalogue changed under a paged refresh")
+        else:
+            raise RuntimeError("the task catalogue did not end within MAX_PAGES pages")
+        self.catalogue.apply(target, changed, full, tuple(broken))
+        if since is None:
+            self.first_load_s = time.monotonic() - started
+        if full or broken:
+            self.broken = tuple(sorted(set(broken)))
+        else:
+            self.broken = tuple(n for n in self.broken if n not in changed)
+        logger.info("task catalogue at version %d (%d tasks, %d changed)", target, len(self.catalogue.tasks),
+                    len(changed))
+
+    def status(self) -> CatalogueStatus:
+        """What this replica holds, and whether it is keeping up (``/readyz``, ``catalogue_status``)."""
+        age = None if self.refreshed_at is None else time.monotonic() - self.refreshed_at
+        stale = age is None or age > stale_after_s(self.poll_s)
+        return CatalogueStatus(
+            version=self.catalogue.version, tasks=len(self.catalogue.tasks),
+            state="loading" if not self.catalogue.loaded else "stale" if stale else "current",
+            refreshed_s_ago=None if age is None else round(age, 3), error=self.last_error,
+            not_loaded=list(self.broken[:20]),
+            first_load_s=None if self.first_load_s is None else round(self.first_load_s, 3),
+        )
 
     async def ready(self) -> Catalogue:
         """The catalogue, loading it first if this replica has none yet (503 if the store is away)."""

@@ -24,6 +24,7 @@ import logging
 import uuid
 from typing import Any
 
+from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.catalogue import CatalogueFollower
@@ -34,6 +35,7 @@ from deployments.errors import PromptfleetError
 from deployments.logs import watch_serve_log
 from deployments.metering import Meter
 from deployments.model_calls import HandleTransport, ModelCalls
+from deployments.schemas import CatalogueStatus
 from deployments.store import RunRecord
 from deployments.task_executor import TaskExecutor
 from deployments.telemetry import RUNNER_METRICS, metrics_for
@@ -85,7 +87,7 @@ class TaskRunner:
     ) -> None:
         watch_serve_log()
         self.meter = Meter(store, limiter, admission) if limiter is not None else None
-        self.tasks = CatalogueFollower(store.task_snapshot.remote, store.task_version.remote, config.catalogue_poll_s)
+        self.tasks = CatalogueFollower(store.task_changes.remote, store.task_version.remote, config.catalogue_poll_s)
         self.tasks.start()
         recorder = metrics_for(metrics)
         recorder.declare(*RUNNER_METRICS)
@@ -115,6 +117,10 @@ class TaskRunner:
         return await replying(self.executor.execute(
             name, task_input, payer, True, background, version, model, request_id=request_id
         ))
+
+    async def catalogue_status(self) -> tuple[str, CatalogueStatus]:
+        """This replica's id and the task catalogue it holds (operators and tests, through a handle)."""
+        return serve.get_replica_context().replica_id.unique_id, self.tasks.status()
 
     async def __del__(self) -> None:
         """Serve stops this replica (scale-down, redeploy, shutdown): hand its runs back at once,

@@ -63,7 +63,7 @@ from deployments.store import usage as usage_rows
 from deployments.store.keys import ApiKey, KeySnapshot, KeyStore
 from deployments.store.records import UsageRecord
 from deployments.store.runs import RunMove
-from deployments.store.tasks import TaskActivation, TaskSnapshot, TaskVersion, TaskVersionStore, VersionInput
+from deployments.store.tasks import CataloguePage, TaskActivation, TaskVersion, TaskVersionStore, VersionInput
 from deployments.telemetry import STORE_METRICS, metrics_for, start_sampling
 
 logger = logging.getLogger("ray.serve")
@@ -408,9 +408,10 @@ class TaskStore:
 
     # -- task versions (the catalogue every Gateway and TaskRunner follows) --------------------
 
-    async def task_snapshot(self, known_version: int | None) -> Reply[TaskSnapshot]:
-        """The active task versions unless the caller has ``known_version`` (one primary-key read then)."""
-        return await replying(self._user(self.tasks.snapshot, known_version))
+    async def task_changes(self, since: int | None, version: int | None, after: str) -> Reply[CataloguePage]:
+        """One bounded page of the catalogue's change from ``since`` to ``version`` (``TaskVersionStore.changes``;
+        one primary-key read when nothing changed)."""
+        return await replying(self._user(self.tasks.changes, since, version, after))
 
     async def task_version(self, name: str, version: int) -> Reply[TaskVersion]:
         return await replying(self._user(self.tasks.get, name, version))

@@ -341,6 +341,22 @@ def serve_app(upstream: FakeUpstream, tmp_path_factory: pytest.TempPathFactory) 
         ray.shutdown()
 
 
+@contextlib.contextmanager
+def beside(serve_app: ServeApp, application: dict[str, Any], ready: str) -> Iterator[None]:
+    """Deploy ``application`` beside the session's two (for one test module), wait until its URL
+    ``ready`` answers 200, and put the session's applications back afterwards."""
+    config = copy.deepcopy(serve_app.config)
+    config["applications"].append(application)
+    local.deploy(config, serve_app.dashboard)
+    try:
+        local.wait_until_running(serve_app.dashboard, [application["name"]], timeout_s=300, echo=False)
+        wait_for(lambda: httpx.get(ready, timeout=30).status_code == 200, 60, interval_s=0.2,
+                 message=f"{application['name']} to answer")
+        yield
+    finally:
+        local.deploy(serve_app.config, serve_app.dashboard)
+
+
 @pytest.fixture
 def app(serve_app: ServeApp) -> Iterator[ServeApp]:
     """The session's app, left by each test as the next one expects it (see ``settle``)."""

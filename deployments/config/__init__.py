@@ -456,7 +456,14 @@ class TasksConfig(_Strict):
     catalogue_poll_s: float = Field(
         default=1.0, gt=0, le=60,
         description="How often every Gateway and TaskRunner replica asks the store whether the task catalogue "
-        "changed (one primary-key read); a `promptfleet tasks push` or `rollback` reaches every replica within it.",
+        "changed (one primary-key read); a `promptfleet tasks push` or `rollback` reaches every replica within it "
+        "plus the time to fetch the change in pages of at most 1 MiB.",
+    )
+    max_definition_bytes: int = Field(
+        default=512 * 1024, ge=4096, le=2 * 1024 * 1024,
+        description="Largest stored task definition (its canonical JSON, in bytes); a task file over it is refused "
+        "at deploy, `tasks check` and `tasks push` (400 naming the file). At most 2 MiB, so every page of the "
+        "catalogue stays far below Ray's message limit.",
     )
     quotas: QuotasConfig = Field(
         default_factory=QuotasConfig, description="Per-key quotas on stored files and batches; the batch cap."

@@ -17,15 +17,25 @@ from typing import Any
 from jinja2 import TemplateError, nodes
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, field_validator
 
 from deployments.core.prompting import format_json_path, template_environment
 
-__all__ = ["Example", "Expectation", "Judge", "TaskConfigError", "TaskDefinition"]
+__all__ = ["STORED", "Example", "Expectation", "Judge", "TaskConfigError", "TaskDefinition"]
 
 
 class TaskConfigError(ValueError):
     """A task definition file is invalid. The message names the file and the field."""
+
+
+STORED: dict[str, Any] = {"stored": True}
+"""Validation context of a definition read back from the store (``taskfile.parse_stored``): it was
+checked whole when it was stored, so the JSON Schema meta-validation and template compilation
+(milliseconds per task: most of a replica's first load of a large catalogue) are not repeated."""
+
+
+def _stored(info: ValidationInfo) -> bool:
+    return isinstance(info.context, dict) and info.context.get("stored") is True
 
 
 def _check_schema(schema: dict[str, Any]) -> dict[str, Any]:
@@ -112,8 +122,8 @@ class Expectation(BaseModel):
 
     @field_validator("json_schema")
     @classmethod
-    def _schema_valid(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        return None if value is None else _check_schema(value)
+    def _schema_valid(cls, value: dict[str, Any] | None, info: ValidationInfo) -> dict[str, Any] | None:
+        return None if value is None or _stored(info) else _check_schema(value)
 
 
 class Example(BaseModel):
@@ -181,8 +191,9 @@ class TaskDefinition(BaseModel):
 
     @field_validator("input_schema")
     @classmethod
-    def _input_schema_valid(cls, value: dict[str, Any]) -> dict[str, Any]:
-        _check_schema(value)
+    def _input_schema_valid(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        if not _stored(info):
+            _check_schema(value)
         # The input is rendered as template variables, so it has to be an object.
         if value.get("type") != "object":
             raise ValueError('must have "type": "object" (the input is a JSON object)')
@@ -190,10 +201,10 @@ class TaskDefinition(BaseModel):
 
     @field_validator("output_schema")
     @classmethod
-    def _output_schema_valid(cls, value: dict[str, Any]) -> dict[str, Any]:
-        return _check_schema(value)
+    def _output_schema_valid(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        return value if _stored(info) else _check_schema(value)
 
     @field_validator("system", "prompt")
     @classmethod
-    def _template_valid(cls, value: str | None) -> str | None:
-        return None if value is None else _check_template(value)
+    def _template_valid(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return value if value is None or _stored(info) else _check_template(value)

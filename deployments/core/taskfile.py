@@ -8,6 +8,11 @@ variables against the input schema, file name == task name, examples (inputs val
 templates), and, given the models (name → provider), that every model exists and that the output
 schema is one the model's structured-output support can express (``core.structured``).
 
+YAML anchors and aliases (``&a``, ``*a``, ``<<: *a``) are refused, naming their line: an alias is
+expanded into the stored definition (a few aliases of aliases grow a small file ~900×). The stored
+definition (canonical JSON) has a size limit too (``tasks.max_definition_bytes``, default
+``DEFAULT_MAX_DEFINITION_BYTES``): a file over it is a problem naming the file, not a failure later.
+
 Lines come from PyYAML's node marks (``yaml.compose``): a field path such as
 ``output_schema.properties.label`` is looked up in the node tree, and the deepest node found names
 the line. Pure: no I/O but reading the files handed to ``load_task_definitions``.
@@ -27,11 +32,13 @@ from jinja2 import meta
 from jsonschema import Draft202012Validator
 from pydantic import ValidationError
 
+from deployments.config import TasksConfig
 from deployments.core.prompting import format_json_path, template_environment
 from deployments.core.structured import schema_problems
-from deployments.core.taskdefs import TaskConfigError, TaskDefinition
+from deployments.core.taskdefs import STORED, TaskConfigError, TaskDefinition
 
 __all__ = [
+    "DEFAULT_MAX_DEFINITION_BYTES",
     "CheckedTask",
     "Problem",
     "check_files",
@@ -40,10 +47,34 @@ __all__ = [
     "content_hash",
     "load_task_definitions",
     "load_task_files",
+    "parse_stored",
     "task_files",
 ]
 
 Path_ = tuple[str | int, ...]
+DEFAULT_MAX_DEFINITION_BYTES = TasksConfig.model_fields["max_definition_bytes"].default
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing anchors and aliases where it meets them (see the module docstring)."""
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        event = self.peek_event()  # type: ignore[no-untyped-call]
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.MarkedYAMLError(
+                problem="anchors and aliases (&name, *name, <<: *name) are not accepted; write the value out",
+                problem_mark=event.start_mark)
+        return super().compose_node(parent, index)
+
+
+def _load(text: str) -> tuple[yaml.Node | None, Any]:
+    """The document's node tree (for lines) and its data, from one parse."""
+    loader = _NoAliasLoader(text)
+    try:
+        root = loader.get_single_node()
+        return root, loader.construct_document(root) if root is not None else None
+    finally:
+        loader.dispose()
 
 
 @dataclass(frozen=True)
@@ -158,24 +189,24 @@ def _semantic_problems(defn: TaskDefinition, stem: str | None, models: Mapping[s
 
 
 def check_text(text: str, file: str, models: Mapping[str, str] | None = None,
-               stem: str | None = None) -> CheckedTask:
+               stem: str | None = None, max_definition_bytes: int = DEFAULT_MAX_DEFINITION_BYTES) -> CheckedTask:
     """Check one task file's ``text``; ``file`` names it in problems, ``stem`` (the file name without
     its suffix) must equal the task's name if given, ``models`` (name → ``llamacpp``/``openai``)
-    enables the model checks."""
+    enables the model checks; its canonical definition may be at most ``max_definition_bytes``."""
     try:
-        return _check_text(text, file, models, stem)
+        return _check_text(text, file, models, stem, max_definition_bytes)
     except RecursionError:  # `[[[[…` a few thousand deep: the parsers and schema walks recurse
         return CheckedTask(file, text, None, [Problem(file, "", "nested too deeply to check")])
 
 
-def _check_text(text: str, file: str, models: Mapping[str, str] | None, stem: str | None) -> CheckedTask:
+def _check_text(text: str, file: str, models: Mapping[str, str] | None, stem: str | None,
+                max_definition_bytes: int) -> CheckedTask:
     def problem(path: Path_, message: str, warning: bool = False) -> Problem:
         return Problem(file, format_json_path(path), message, _line_of(root, path), warning)
 
     root: yaml.Node | None = None
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        root, data = _load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         reason = " ".join(str(getattr(exc, "problem", None) or exc).split())
@@ -190,6 +221,11 @@ def _check_text(text: str, file: str, models: Mapping[str, str] | None, stem: st
                     for err in exc.errors(include_url=False)]
         return CheckedTask(file, text, None, problems)
     defn._source = file
+    size = len(canonical(defn).encode())
+    if size > max_definition_bytes:
+        return CheckedTask(file, text, None, [Problem(
+            file, "", f"the stored definition would be {size} bytes, over the limit of {max_definition_bytes} "
+            "(tasks.max_definition_bytes)")])
     problems = [problem(path, message, warning) for path, message, warning in _semantic_problems(defn, stem, models)]
     accepted = defn if not any(not p.warning for p in problems) else None
     return CheckedTask(file, text, accepted, problems)
@@ -206,12 +242,13 @@ def task_files(paths: Iterable[Path]) -> list[Path]:
     return files
 
 
-def check_sources(sources: Sequence[tuple[str, str]], models: Mapping[str, str] | None = None) -> list[CheckedTask]:
+def check_sources(sources: Sequence[tuple[str, str]], models: Mapping[str, str] | None = None,
+                  max_definition_bytes: int = DEFAULT_MAX_DEFINITION_BYTES) -> list[CheckedTask]:
     """Check each ``(file name, text)``, and that no two define the same task."""
     checked: list[CheckedTask] = []
     names: dict[str, str] = {}
     for file, text in sources:
-        result = check_text(text, file, models, stem=PurePath(file).stem)
+        result = check_text(text, file, models, stem=PurePath(file).stem, max_definition_bytes=max_definition_bytes)
         if result.definition is not None:
             name = result.definition.name
             if name in names:
@@ -224,7 +261,8 @@ def check_sources(sources: Sequence[tuple[str, str]], models: Mapping[str, str] 
     return checked
 
 
-def check_files(files: Sequence[Path], models: Mapping[str, str] | None = None) -> list[CheckedTask]:
+def check_files(files: Sequence[Path], models: Mapping[str, str] | None = None,
+                max_definition_bytes: int = DEFAULT_MAX_DEFINITION_BYTES) -> list[CheckedTask]:
     """``check_sources`` of files on disk; a file that cannot be read is a problem of its own."""
     sources: list[tuple[str, str]] = []
     unreadable: list[CheckedTask] = []
@@ -233,10 +271,11 @@ def check_files(files: Sequence[Path], models: Mapping[str, str] | None = None) 
             sources.append((str(path), path.read_text(encoding="utf-8")))
         except (OSError, UnicodeDecodeError) as exc:
             unreadable.append(CheckedTask(str(path), "", None, [Problem(str(path), "", f"cannot read file: {exc}")]))
-    return unreadable + check_sources(sources, models)
+    return unreadable + check_sources(sources, models, max_definition_bytes)
 
 
-def load_task_files(directory: Path, models: Mapping[str, str] | None = None) -> list[CheckedTask]:
+def load_task_files(directory: Path, models: Mapping[str, str] | None = None,
+                    max_definition_bytes: int = DEFAULT_MAX_DEFINITION_BYTES) -> list[CheckedTask]:
     """Check every ``*.yaml`` / ``*.yml`` file in ``directory`` (not recursive): the deploy's task files.
 
     Raises ``TaskConfigError`` listing every error found, one per line, each as
@@ -244,7 +283,7 @@ def load_task_files(directory: Path, models: Mapping[str, str] | None = None) ->
     """
     if not directory.is_dir():
         raise TaskConfigError(f"{directory}: task definition directory does not exist")
-    checked = check_files(task_files([directory]), models)
+    checked = check_files(task_files([directory]), models, max_definition_bytes)
     problems = [str(p) for c in checked for p in c.errors]
     if problems:
         raise TaskConfigError("\n".join(problems))
@@ -257,7 +296,15 @@ def load_task_definitions(directory: Path, models: Mapping[str, str] | None = No
 
 
 def parse_definition(data: dict[str, Any], source: str = "<store>") -> TaskDefinition:
-    """A stored definition (canonical JSON, already checked when it was stored)."""
-    defn = TaskDefinition.model_validate(data)
+    """A stored definition (canonical JSON, already checked when it was stored: ``taskdefs.STORED``)."""
+    defn = TaskDefinition.model_validate(data, context=STORED)
+    defn._source = source
+    return defn
+
+
+def parse_stored(definition: str, source: str = "<store>") -> TaskDefinition:
+    """``parse_definition`` of a stored definition's canonical JSON text (a catalogue page's), without
+    repeating the checks it passed when it was stored (``taskdefs.STORED``)."""
+    defn = TaskDefinition.model_validate_json(definition, context=STORED)
     defn._source = source
     return defn

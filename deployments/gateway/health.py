@@ -5,7 +5,8 @@ does, so a liveness probe never restarts a Gateway because a model or the store 
 
 ``/readyz`` (readiness) answers 200 when the TaskStore answers its health check and at least one
 model can serve — one of its worker replicas answers ``readiness()`` and, for an upstream model,
-that worker can reach the upstream — each within ``timeout_s``; else 503. The body says it per
+that worker can reach the upstream — each within ``timeout_s`` — and this replica's task catalogue is
+loaded and current (``CatalogueFollower.status``); else 503. The body says it per
 model (``Readiness`` in the schema module), for a person looking at a node. The checks go through
 the same ``DeploymentHandle``s requests use, so they see what a request would see from this node.
 A load balancer may probe as often as it likes: one check runs at a time per Gateway replica and
@@ -20,7 +21,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
-from deployments.schemas import ModelReadiness, Readiness
+from deployments.schemas import CatalogueStatus, ModelReadiness, Readiness
 
 Probe = Callable[[], Awaitable[Any]]
 DOWN = ModelReadiness(replicas="down", upstream="unknown")
@@ -46,8 +47,10 @@ class HealthCheck:
     """Cached, single-flight readiness of one Gateway replica (see the module docstring)."""
 
     def __init__(self, store: Probe, models: Mapping[str, Probe], node: str,
-                 timeout_s: float = 5.0, ttl_s: float = 1.0) -> None:
+                 timeout_s: float = 5.0, ttl_s: float = 1.0,
+                 catalogue: Callable[[], CatalogueStatus] | None = None) -> None:
         self.store = store
+        self.catalogue = catalogue
         self.models = dict(models)
         self.node = node
         self.timeout_s = timeout_s
@@ -68,11 +71,14 @@ class HealthCheck:
             _answers(self.store, self.timeout_s),
             asyncio.gather(*(_model(self.models[n], self.timeout_s) for n in names)),
         )
+        catalogue = self.catalogue() if self.catalogue is not None else None
+        catalogue_ok = catalogue is None or catalogue.state == "current"
         readiness = Readiness(
-            status="ok" if store_ok and any(m.serving for m in models) else "unavailable",
+            status="ok" if store_ok and catalogue_ok and any(m.serving for m in models) else "unavailable",
             store="ok" if store_ok else "unreachable",
             models=dict(zip(names, models, strict=True)),
             node=self.node,
+            catalogue=catalogue,
         )
         self._last = (time.monotonic(), readiness)
         return readiness

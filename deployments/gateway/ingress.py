@@ -70,7 +70,7 @@ from deployments.gateway.task_routes import build_task_router
 from deployments.logs import watch_serve_log
 from deployments.metering import Meter
 from deployments.model_calls import HandleTransport, ModelCalls
-from deployments.schemas import Liveness, Readiness
+from deployments.schemas import CatalogueStatus, Liveness, Readiness
 from deployments.telemetry import GATEWAY_METRICS, metrics_for
 
 logger = logging.getLogger("ray.serve")
@@ -255,12 +255,13 @@ class Gateway:
         self.metrics = metrics_for(args.metrics)
         self.metrics.declare(*GATEWAY_METRICS)
         self.tasks = CatalogueFollower(
-            store.task_snapshot.remote, store.task_version.remote, args.tasks.catalogue_poll_s
+            store.task_changes.remote, store.task_version.remote, args.tasks.catalogue_poll_s
         )
         self.health = HealthCheck(
             store=store.check_health.remote,
             models={name: handle.readiness.remote for name, handle in workers.items()},
             node=get_node_ip_address(),
+            catalogue=self.tasks.status,
         )
         self.liveness = Liveness(status="ok", node=self.health.node)
         self.routers = [
@@ -295,6 +296,10 @@ class Gateway:
             RequestIds(AuthGate(limited, self.auth), app_name, args.logs.access_log),
             self.metrics, (m.name for m in args.models), api.routes,
         )
+
+    async def catalogue_status(self) -> tuple[str, CatalogueStatus]:
+        """This replica's id and the task catalogue it holds (operators and tests, through a handle)."""
+        return serve.get_replica_context().replica_id.unique_id, self.tasks.status()
 
     def __serve_build_asgi_app__(self) -> ASGIApp:
         return self.asgi_app

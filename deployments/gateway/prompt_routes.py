@@ -3,11 +3,18 @@
     POST /v1/tasks/check                   check task files (the same checks as a push), store nothing
     POST /v1/tasks/push                    check and publish task files: new versions become active on
                                            every Gateway and TaskRunner replica within
-                                           ``tasks.catalogue_poll_s``; refused whole if any file has an error
+                                           ``tasks.catalogue_poll_s`` plus one paged fetch (``catalogue``);
+                                           refused whole if any file has an error
     GET  /v1/tasks/{name}/versions         every version (hash, author, time, active) and activation
     GET  /v1/tasks/{name}/versions/{v}     one version, with its file text
     POST /v1/tasks/{name}/rollback         make a stored version active again
     POST /v1/tasks/{name}/render           the exact messages a run would send (active or given version)
+
+A 200 from push or rollback means the change is committed in the TaskStore, whose catalogue version
+every replica follows in bounded pages (so nothing stops a replica from applying it), and that this
+replica applied it before answering. A file with YAML anchors/aliases or whose stored definition
+is over ``tasks.max_definition_bytes`` is a 400 naming it; so is a push over ``MAX_PUSH_BYTES``
+stored (it would be one call to the store).
 
 All need the admin key or a key with the ``prompts`` scope (``auth.require_prompts``); with
 authentication off anyone may. Runs already submitted keep the version they were pinned to.
@@ -43,7 +50,7 @@ from deployments.schemas import (
     TaskRollback,
     TaskVersionView,
 )
-from deployments.store.tasks import TaskVersion, VersionInput
+from deployments.store.tasks import MAX_PUSH_BYTES, TaskVersion, VersionInput
 
 logger = logging.getLogger("ray.serve")
 TaskName = Annotated[str, Path(max_length=64)]
@@ -76,7 +83,8 @@ def build_prompt_router(args: AppArgs, tasks: CatalogueFollower, store: Deployme
 
     async def check(body: TaskFiles) -> list[CheckedTask]:
         # Off the event loop: the llama.cpp grammar check compiles the schema.
-        return await asyncio.to_thread(check_sources, [(f.file, f.source) for f in body.files], models)
+        return await asyncio.to_thread(check_sources, [(f.file, f.source) for f in body.files], models,
+                                       args.tasks.max_definition_bytes)
 
     @router.post("/tasks/check", response_model=TaskCheckResult)
     async def check_tasks(body: TaskFiles, caller: Caller = prompts) -> TaskCheckResult:
@@ -100,6 +108,10 @@ def build_prompt_router(args: AppArgs, tasks: CatalogueFollower, store: Deployme
                          content_hash=content_hash(c.definition), source=c.source)
             for c in checked if c.definition is not None
         ]
+        size = sum(len(i.definition.encode()) + len(i.source.encode()) for i in items)
+        if size > MAX_PUSH_BYTES:
+            raise InvalidRequest(f"The push would store {size} bytes (definitions and file texts), over the limit of "
+                                 f"{MAX_PUSH_BYTES} per push; push the files in several smaller pushes.", param="files")
         pushed = unwrap(await store.push_tasks.remote(items, caller.author))
         await refresh()
         return TaskPushResult(

@@ -41,7 +41,7 @@ from deployments.schemas.chat import (
     ResponseFormat,
     StreamOptions,
 )
-from deployments.schemas.health import Liveness, ModelReadiness, Readiness
+from deployments.schemas.health import CatalogueStatus, Liveness, ModelReadiness, Readiness
 from deployments.schemas.keys import (
     DayTokens,
     KeyCreate,
@@ -107,6 +107,7 @@ __all__ = [
     "BookingAsk",
     "Budget",
     "BudgetState",
+    "CatalogueStatus",
     "ChatCompletionRequest",
     "ChatMessage",
     "ChatReply",

@@ -8,6 +8,14 @@ task. One version per task is *active*: the one new runs get. Every change of an
 ``task_catalogue`` version, so Gateway and TaskRunner replicas ask "did the catalogue change?"
 with one primary-key read (the pattern of ``key_version`` in ``keys.py``).
 
+Catalogue pages (``changes``): each activation row records the catalogue version it made, so the
+catalogue *as of* any version V is, per task, its latest activation at or below V — history is
+append-only and versions are immutable, so a page read while others push still describes exactly
+V. A replica at version S asks for the tasks changed in (S, V] (every task when it has none), in
+pages of at most ``PAGE_COUNT`` tasks and ``PAGE_BYTES`` of definitions (a page holds at least one
+task; a definition is at most ``tasks.max_definition_bytes``), ordered by name, each page naming
+the V it belongs to and where the next one starts. No call carries the whole catalogue.
+
 Content hash: SHA-256 of the canonical JSON of the parsed definition (``core.taskfile``), so
 comments and formatting do not make a new version; pushing what is already active changes
 nothing.
@@ -30,9 +38,26 @@ from typing import Any
 from deployments.errors import Conflict, NotFound
 from deployments.store.database import Database, DatabaseBacked, Dialect, Location, Row, Tx
 
-__all__ = ["TaskActivation", "TaskSnapshot", "TaskVersion", "TaskVersionStore", "VersionInput"]
+__all__ = [
+    "MAX_PUSH_BYTES",
+    "PAGE_BYTES",
+    "PAGE_COUNT",
+    "CatalogueEntry",
+    "CataloguePage",
+    "TaskActivation",
+    "TaskVersion",
+    "TaskVersionStore",
+    "VersionInput",
+]
 
 DEPLOY_AUTHOR = "deploy"
+# Far below Ray's message limit (gRPC's 4 MiB default, and the object store's per-call overhead):
+# a full load of a 50 MB catalogue is ~50 calls, a push's delta usually one.
+PAGE_BYTES = 1024 * 1024
+PAGE_COUNT = 256
+# One push is one call to the store (one transaction): its definitions and file texts together. Room
+# for the largest definition (tasks.max_definition_bytes <= 2 MiB) and its file (<= 200 kB).
+MAX_PUSH_BYTES = 3 * 1024 * 1024
 _TASK_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # TaskDefinition.name: anything else names no task
 
 
@@ -59,7 +84,8 @@ def schema(d: Dialect) -> list[str]:
             version  INTEGER NOT NULL,
             action   {d.text} NOT NULL,               -- deploy, push, rollback
             actor    {d.text} NOT NULL,
-            at       DOUBLE PRECISION NOT NULL
+            at       DOUBLE PRECISION NOT NULL,
+            catalogue_version BIGINT                  -- the task_catalogue version it made (0: before pages)
         )""",
         """CREATE TABLE IF NOT EXISTS task_catalogue (
             id       INTEGER PRIMARY KEY CHECK (id = 1),
@@ -100,11 +126,27 @@ class TaskActivation:
 
 
 @dataclass(frozen=True)
-class TaskSnapshot:
-    """What a replica's catalogue polls for: the active versions unless it has ``version`` already."""
+class CatalogueEntry:
+    """One task of a catalogue page: its active version and definition (canonical JSON text)."""
+
+    name: str
+    version: int
+    content_hash: str
+    definition: str
+
+
+@dataclass(frozen=True)
+class CataloguePage:
+    """Part of the change from the caller's catalogue version to ``version`` (see ``changes``).
+
+    ``full``: the entries (with the other pages of ``version``) are the whole catalogue, to replace
+    the caller's (it had none, or the store is behind it); else they update it. ``after``: pass it
+    to get the next page of the same ``version``; None on the last page."""
 
     version: int
-    active: list[TaskVersion] | None
+    entries: list[CatalogueEntry]
+    after: str | None
+    full: bool
 
 
 _VERSION_COLUMNS = "v.name, v.version, v.content_hash, v.definition, v.source, v.author, v.created_at"
@@ -137,6 +179,16 @@ class TaskVersionStore(DatabaseBacked):
 
     def _check_schema(self, tx: Tx) -> None:
         tx.run("INSERT INTO task_catalogue (id, version) VALUES (1, 0) ON CONFLICT (id) DO NOTHING")
+        # Migration: activations stored before catalogue pages carry no catalogue version. They get 0,
+        # and ties among them go by seq (their order), so the latest is still each task's active one.
+        if self._db.dialect.name == "postgresql":
+            tx.run("ALTER TABLE task_activations ADD COLUMN IF NOT EXISTS catalogue_version BIGINT")
+        elif not any(r["name"] == "catalogue_version" for r in tx.rows("PRAGMA table_info(task_activations)")):
+            tx.run("ALTER TABLE task_activations ADD COLUMN catalogue_version BIGINT")
+        tx.run("UPDATE task_activations SET catalogue_version = 0 WHERE catalogue_version IS NULL")
+        tx.run("CREATE INDEX IF NOT EXISTS task_activations_by_name"
+               " ON task_activations (name, catalogue_version, seq)")
+        tx.run("CREATE INDEX IF NOT EXISTS task_activations_by_catalogue ON task_activations (catalogue_version)")
 
     # -- writing -----------------------------------------------------------------------------
 
@@ -171,9 +223,11 @@ class TaskVersionStore(DatabaseBacked):
                 " ON CONFLICT (name) DO UPDATE SET version = excluded.version, deployed_hash = excluded.deployed_hash",
                 name, version, deployed_hash,
             )
-        tx.run("INSERT INTO task_activations (name, version, action, actor, at) VALUES (?, ?, ?, ?, ?)",
-               name, version, action, actor, now)
         tx.run("UPDATE task_catalogue SET version = version + 1 WHERE id = 1")
+        row = tx.one("SELECT version FROM task_catalogue WHERE id = 1")
+        assert row is not None
+        tx.run("INSERT INTO task_activations (name, version, action, actor, at, catalogue_version)"
+               " VALUES (?, ?, ?, ?, ?, ?)", name, version, action, actor, now, int(row["version"]))
 
     def push(self, items: list[VersionInput], author: str, now: float | None = None) -> list[tuple[str, int, bool]]:
         """Store and activate ``items`` together (one transaction: all or none).
@@ -238,19 +292,47 @@ class TaskVersionStore(DatabaseBacked):
         assert row is not None
         return int(row["version"])
 
-    def snapshot(self, known_version: int | None = None) -> TaskSnapshot:
-        """The active version of every task, unless the caller has ``known_version`` already."""
-        with self._db.transaction() as tx:
+    def changes(self, since: int | None, version: int | None = None, after: str = "",
+                max_bytes: int = PAGE_BYTES, max_count: int = PAGE_COUNT) -> CataloguePage:
+        """One page of the change from catalogue version ``since`` (None: none yet) to ``version``
+        (None: the current one; then, if that is ``since``, an empty last page from one primary-key
+        read), starting after the task named ``after``. See the module docstring."""
+        with self._db.autocommit() as tx:
             row = tx.one("SELECT version FROM task_catalogue WHERE id = 1")
             assert row is not None
-            version = int(row["version"])
-            if version == known_version:
-                return TaskSnapshot(version=version, active=None)
+            current = int(row["version"])
+            if version is None:
+                version = current
+                if since == current:
+                    return CataloguePage(version=current, entries=[], after=None, full=False)
+            elif version > current:  # the database was replaced under the caller: start again
+                version = current
+                since, after = None, ""
+            full = since is None or since > version  # the store is behind the caller: replace its catalogue
+            low = -1 if full else since
+            # Per task, its latest activation at or below ``version``, if that is above ``low``.
             rows = tx.rows(
-                f"SELECT {_VERSION_COLUMNS} FROM task_active a"
-                " JOIN task_versions v ON v.name = a.name AND v.version = a.version ORDER BY v.name"
+                "SELECT a.name, a.version FROM task_activations a"
+                " WHERE a.name > ? AND a.catalogue_version > ? AND a.catalogue_version <= ?"
+                " AND NOT EXISTS (SELECT 1 FROM task_activations b WHERE b.name = a.name"
+                " AND b.catalogue_version <= ? AND (b.catalogue_version > a.catalogue_version"
+                " OR (b.catalogue_version = a.catalogue_version AND b.seq > a.seq)))"
+                " ORDER BY a.name LIMIT ?",
+                after, low, version, version, max_count + 1,
             )
-        return TaskSnapshot(version=version, active=[_version(r, active=True) for r in rows])
+            entries: list[CatalogueEntry] = []
+            size = 0
+            for r in rows[:max_count]:
+                stored = tx.one("SELECT content_hash, definition FROM task_versions WHERE name = ? AND version = ?",
+                                r["name"], r["version"])
+                assert stored is not None
+                definition: str = stored["definition"]
+                size += len(definition.encode())
+                if entries and size > max_bytes:
+                    break
+                entries.append(CatalogueEntry(r["name"], int(r["version"]), stored["content_hash"], definition))
+        more = len(entries) < len(rows)
+        return CataloguePage(version=version, entries=entries, after=entries[-1].name if more else None, full=full)
 
     def get(self, name: str, version: int) -> TaskVersion:
         _check_name(name, version)
@@ -265,12 +347,14 @@ class TaskVersionStore(DatabaseBacked):
         return _version(row, active=row["active_version"] == version)
 
     def history(self, name: str) -> tuple[list[TaskVersion], list[TaskActivation]]:
-        """Every version of ``name`` (newest first, the active one marked) and every activation."""
+        """Every version of ``name`` (newest first, the active one marked; definitions and sources left
+        empty: ``get`` has them) and every activation."""
         _check_name(name)
         with self._db.transaction() as tx:
             active = tx.one("SELECT version FROM task_active WHERE name = ?", name)
-            rows = tx.rows(f"SELECT {_VERSION_COLUMNS} FROM task_versions v WHERE v.name = ? ORDER BY v.version DESC",
-                           name)
+            # Without definitions and file texts: a long history of large files must not make one huge reply.
+            rows = tx.rows("SELECT v.name, v.version, v.content_hash, '{}' AS definition, '' AS source, v.author,"
+                           " v.created_at FROM task_versions v WHERE v.name = ? ORDER BY v.version DESC", name)
             events = tx.rows("SELECT name, version, action, actor, at FROM task_activations WHERE name = ?"
                              " ORDER BY seq DESC", name)
         if not rows:

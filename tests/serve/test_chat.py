@@ -240,6 +240,7 @@ def test_prompt_longer_than_context_is_400(app: ServeApp) -> None:
 def test_healthz_and_docs(app: ServeApp) -> None:
     health = httpx.get(f"{app.url}/readyz", timeout=10).json()
     assert health["status"] == "ok" and "smollm2" in health["models"]
+    assert health["catalogue"]["state"] == "current" and health["catalogue"]["tasks"] >= 1
     spec = httpx.get(f"{app.url}/openapi.json", timeout=10).json()
     assert "/v1/chat/completions" in spec["paths"]
     assert httpx.get(f"{app.url}/docs", timeout=10).status_code == 200

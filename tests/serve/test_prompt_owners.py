@@ -11,7 +11,6 @@ runs examples against it (and, once, against the embedded model of the main appl
 from __future__ import annotations
 
 import contextlib
-import copy
 import io
 import time
 from collections.abc import Iterator
@@ -22,8 +21,8 @@ import httpx
 import pytest
 import yaml
 
-from cluster import cli, local
-from tests.fixtures import ADMIN_KEY, REPO, ServeApp, free_port, upstream_models
+from cluster import cli
+from tests.fixtures import ADMIN_KEY, REPO, ServeApp, beside, free_port, upstream_models
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.serve
@@ -113,17 +112,13 @@ class Owners:
 @pytest.fixture(scope="module")
 def owners(serve_app: ServeApp, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Owners]:
     port = free_port()
-    config = copy.deepcopy(serve_app.config)
-    config["applications"].append(owners_app(serve_app.upstream.base_url, tmp_path_factory.mktemp("owners"), port))
-    local.deploy(config, serve_app.dashboard)
-    try:
-        local.wait_until_running(serve_app.dashboard, [APP], timeout_s=300, echo=False)
+    application = owners_app(serve_app.upstream.base_url, tmp_path_factory.mktemp("owners"), port)
+    # /v1/tasks needs the admin key here (authentication is on): /healthz says the listener is up.
+    with beside(serve_app, application, f"http://127.0.0.1:{port}/healthz"):
         owners = Owners(serve_app, port)
         wait_for(lambda: owners.call("GET", "/tasks").status_code == 200, 60, interval_s=0.2,
                  message="the owners app to answer")
         yield owners
-    finally:
-        local.deploy(serve_app.config, serve_app.dashboard)  # back to the session's two applications
 
 
 def test_two_gateways_and_two_runners(owners: Owners) -> None:

@@ -10,7 +10,7 @@ import pytest
 from deployments.config import NODE_IP, GatewayConfig
 from deployments.gateway.health import HealthCheck
 from deployments.gateway.placement import OnePerNode, count_gateway_nodes
-from deployments.schemas import ModelReadiness
+from deployments.schemas import CatalogueStatus, ModelReadiness
 
 NODES = [
     {"Alive": True, "Resources": {"CPU": 2.0, "promptfleet_gateway": 1.0}},
@@ -123,3 +123,11 @@ def test_probes_share_one_check_and_reuse_it_for_ttl() -> None:
 
     asyncio.run(twice())
     assert store.calls == 3
+
+
+@pytest.mark.parametrize(("state", "status"), [("current", "ok"), ("stale", "unavailable"), ("loading", "unavailable")])
+def test_readiness_carries_the_catalogue_and_a_stale_one_is_unavailable(state: str, status: str) -> None:
+    catalogue = CatalogueStatus(version=7, tasks=3, state=state, refreshed_s_ago=1.0, error=None, not_loaded=[])
+    check = HealthCheck(Probe(), {"m": Probe()}, node="n", catalogue=lambda: catalogue)
+    health = asyncio.run(check.check())
+    assert health.status == status and health.catalogue == catalogue

@@ -224,3 +224,24 @@ def test_hostile_text_is_a_problem_not_a_crash() -> None:
     for text in ["[" * 20_000, "a: " + "{b: " * 5000 + "1" + "}" * 5000, "\x00", "name: !!python/object:os.system x"]:
         checked = check_text(text, "x.yaml", MODELS, stem="x")
         assert checked.definition is None and checked.problems, text[:40]
+
+
+def test_yaml_anchors_and_aliases_are_refused_naming_the_line() -> None:
+    """Aliases expand into the stored definition: a few nested ones made a small file ~900x larger."""
+    aliased = GOOD.replace("  properties:\n    text: {type: string}", "  properties: &props\n    text: {type: string}")
+    aliased += "extra: *props\n"
+    assert problems(aliased) == ["label.yaml:6: invalid YAML: anchors and aliases (&name, *name, <<: *name) "
+                                 "are not accepted; write the value out"]
+    laughs = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{n}: &{n} [{', '.join(['*' + p] * 9)}]\n" for p, n in zip("abcdefg", "bcdefgh", strict=True))
+    (found,) = problems(laughs)
+    assert found.startswith("label.yaml:1: invalid YAML: anchors and aliases")
+    assert problems(GOOD) == []  # and a plain file still passes
+
+
+def test_a_definition_over_the_size_limit_is_a_problem_naming_the_file() -> None:
+    big = GOOD.replace('"Label: {{ text }}"', '"Label: {{ text }} ' + "y" * 6000 + '"')
+    (found,) = [str(p) for p in check_text(big, "label.yaml", MODELS, stem="label", max_definition_bytes=5000).problems]
+    assert re.fullmatch(r"label\.yaml: the stored definition would be \d+ bytes, over the limit of 5000 "
+                        r"\(tasks\.max_definition_bytes\)", found), found
+    assert check_text(big, "label.yaml", MODELS, stem="label", max_definition_bytes=8000).definition is not None

@@ -4,6 +4,7 @@ and runs pinned to their version."""
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,12 +12,12 @@ from typing import Any
 
 import pytest
 
-from deployments.catalogue import Catalogue, CatalogueFollower
+from deployments.catalogue import CatalogueFollower
 from deployments.core.taskdefs import TaskDefinition
 from deployments.core.taskfile import canonical, content_hash
 from deployments.errors import Conflict, NotFound, Overloaded, TaskNotFound
 from deployments.store import RunStore, open_database
-from deployments.store.tasks import TaskVersionStore, VersionInput
+from deployments.store.tasks import CataloguePage, TaskVersionStore, VersionInput
 from tests.waiting import until
 
 
@@ -40,9 +41,9 @@ def store(fresh_location: Callable[[], str]) -> Iterator[TaskVersionStore]:
 
 
 def active(store: TaskVersionStore) -> dict[str, int]:
-    snapshot = store.snapshot()
-    assert snapshot.active is not None
-    return {v.name: v.version for v in snapshot.active}
+    page = store.changes(None)
+    assert page.after is None and page.full
+    return {e.name: e.version for e in page.entries}
 
 
 def test_seed_creates_version_one_and_redeploys_of_the_same_files_change_nothing(store: TaskVersionStore) -> None:
@@ -99,13 +100,14 @@ def test_rollback_moves_the_pointer_and_bumps_the_catalogue(store: TaskVersionSt
         store.history("nope")
 
 
-def test_snapshot_sends_definitions_only_when_the_catalogue_changed(store: TaskVersionStore) -> None:
+def test_changes_send_definitions_only_when_the_catalogue_changed(store: TaskVersionStore) -> None:
     store.seed([item()], now=1)
-    first = store.snapshot()
-    assert first.active is not None and first.active[0].definition["prompt"] == "Label: {{ text }}"
-    assert store.snapshot(first.version).active is None
+    first = store.changes(None)
+    assert json.loads(first.entries[0].definition)["prompt"] == "Label: {{ text }}"
+    assert store.changes(first.version) == CataloguePage(version=first.version, entries=[], after=None, full=False)
     store.push([item("v2: {{ text }}")], author="admin")
-    assert store.snapshot(first.version).active is not None
+    changed = store.changes(first.version)
+    assert [(e.name, e.version) for e in changed.entries] == [("label", 2)] and not changed.full
     assert store.get("label", 1).definition["prompt"] == "Label: {{ text }}" and not store.get("label", 1).active
 
 
@@ -137,7 +139,7 @@ def test_task_versions_share_the_task_stores_database(tmp_path: Path) -> None:
     try:
         TaskVersionStore(database).seed([item()])
         RunStore(database)
-        assert TaskVersionStore(database).snapshot().version == 1
+        assert TaskVersionStore(database).changes(None).version == 1
     finally:
         database.close()
 
@@ -150,14 +152,14 @@ class FakeStore:
 
     def __init__(self, versions: TaskVersionStore) -> None:
         self.versions = versions
-        self.snapshots = self.fetches = 0
+        self.pages = self.fetches = 0
         self.down = False
 
-    async def snapshot(self, known: int | None) -> Any:
-        self.snapshots += 1
+    async def changes(self, since: int | None, version: int | None, after: str) -> Any:
+        self.pages += 1
         if self.down:
             raise ConnectionError("store away")
-        return self.versions.snapshot(known)
+        return self.versions.changes(since, version, after)
 
     async def fetch(self, name: str, version: int) -> Any:
         self.fetches += 1
@@ -168,7 +170,7 @@ def test_catalogue_follows_pushes_and_caches_pinned_versions(tmp_path: Path) -> 
     versions = TaskVersionStore(tmp_path / "db.sqlite3")
     versions.seed([item()])
     fake = FakeStore(versions)
-    follower = CatalogueFollower(fake.snapshot, fake.fetch, poll_s=0.01)
+    follower = CatalogueFollower(fake.changes, fake.fetch, poll_s=0.01)
 
     async def scenario() -> None:
         assert (await follower.active("label")).version == 1
@@ -176,7 +178,7 @@ def test_catalogue_follows_pushes_and_caches_pinned_versions(tmp_path: Path) -> 
         await follower.refresh()
         entry = await follower.active("label")
         assert (entry.version, entry.definition.prompt) == (2, "v2: {{ text }}")
-        fresh = CatalogueFollower(fake.snapshot, fake.fetch, poll_s=0.01)  # a replica started after the push
+        fresh = CatalogueFollower(fake.changes, fake.fetch, poll_s=0.01)  # a replica started after the push
         old, number = await fresh.definition("label", 1)  # a run pinned before the push
         assert (old.prompt, number) == ("Label: {{ text }}", 1)
         await fresh.definition("label", 1)
@@ -184,10 +186,10 @@ def test_catalogue_follows_pushes_and_caches_pinned_versions(tmp_path: Path) -> 
         with pytest.raises(TaskNotFound):
             await follower.active("nope")
         fake.down = True
-        asked = fake.snapshots
+        asked = fake.pages
         follower.start()
         # The loop keeps the last catalogue while the store is away (it asked, and failed, twice).
-        await until(lambda: fake.snapshots >= asked + 2, message="the follower polled the store")
+        await until(lambda: fake.pages >= asked + 2, message="the follower polled the store")
         assert (await follower.active("label")).version == 2
         await follower.stop()
 
@@ -199,7 +201,7 @@ def test_catalogue_before_its_first_load_answers_503(tmp_path: Path) -> None:
     versions = TaskVersionStore(tmp_path / "db.sqlite3")
     fake = FakeStore(versions)
     fake.down = True
-    follower = CatalogueFollower(fake.snapshot, fake.fetch, poll_s=1)
+    follower = CatalogueFollower(fake.changes, fake.fetch, poll_s=1)
     with pytest.raises(Overloaded):
         asyncio.run(follower.active("label"))
     versions.close()
@@ -207,12 +209,22 @@ def test_catalogue_before_its_first_load_answers_503(tmp_path: Path) -> None:
 
 def test_a_stored_definition_that_no_longer_loads_keeps_the_last_good_one(tmp_path: Path) -> None:
     versions = TaskVersionStore(tmp_path / "db.sqlite3")
-    versions.seed([item()])
-    catalogue = Catalogue()
-    catalogue.apply(versions.snapshot())
-    versions.push([VersionInput(name="label", definition='{"name": "label"}', content_hash="h", source="")], "admin")
-    catalogue.apply(versions.snapshot())
-    assert catalogue.get("label").version == 1
+    versions.seed([item(), item(name="other")])
+    fake = FakeStore(versions)
+    follower = CatalogueFollower(fake.changes, fake.fetch, poll_s=1)
+
+    async def scenario() -> None:
+        await follower.refresh()
+        versions.push([VersionInput(name="label", definition='{"name": "label"}', content_hash="h", source=""),
+                       item("v2: {{ text }}", name="other")], "admin")
+        await follower.refresh()
+        assert follower.catalogue.get("label").version == 1 and follower.catalogue.get("other").version == 2
+        assert follower.status().not_loaded == ["label"]
+        fresh = CatalogueFollower(fake.changes, fake.fetch, poll_s=1)  # a new replica: the good ones only
+        await fresh.refresh()
+        assert sorted(fresh.catalogue.tasks) == ["other"] and fresh.status().not_loaded == ["label"]
+
+    asyncio.run(scenario())
     versions.close()
 
 
