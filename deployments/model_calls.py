@@ -147,9 +147,9 @@ class ModelCalls:
         return self.meter.share(payer, background) if self.meter is not None else None
 
     def estimate(self, request: ChatCompletionRequest) -> int:
-        """Tokens booked on a key's tpm before the call: bounded by the model's output limit."""
+        """Tokens booked on a key's tpm before the call: bounded by the model's output limit, per choice."""
         limit = self.models[request.model].output_limit
-        return prompt_tokens(request.messages) + completion_budget(request.effective_max_tokens, limit)
+        return prompt_tokens(request.messages) + request.n * completion_budget(request.effective_max_tokens, limit)
 
     async def _admit(self, payer: KeyEntry | None, tokens: int, wait_s: float) -> int:
         if self.meter is None:

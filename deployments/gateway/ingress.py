@@ -64,6 +64,7 @@ from deployments.gateway.health import HealthCheck
 from deployments.gateway.listener import Listener
 from deployments.gateway.prompt_routes import build_prompt_router
 from deployments.gateway.request_metrics import RequestMetrics
+from deployments.gateway.responses_routes import ResponsesRoutes
 from deployments.gateway.task_routes import build_task_router
 from deployments.logs import watch_serve_log
 from deployments.metering import Meter
@@ -258,8 +259,10 @@ class Gateway:
             node=get_node_ip_address(),
         )
         self.liveness = Liveness(status="ok", node=self.health.node)
+        calls = ModelCalls(args.models, HandleTransport(workers), self.meter, self.metrics)
         self.routers = [
-            ChatRoutes(ModelCalls(args.models, HandleTransport(workers), self.meter, self.metrics)).router(),
+            ChatRoutes(calls).router(),
+            ResponsesRoutes(calls).router(),
             build_task_router(self.tasks, store, runner, self.meter, args.auth.enabled),
             build_prompt_router(args, self.tasks, store),
             build_admin_router(store, self.auth, self.meter, batches),

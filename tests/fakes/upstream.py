@@ -13,7 +13,9 @@ Serves, over real HTTP (raw ASGI under uvicorn; httptools + uvloop when installe
 
 Answers are deterministic: ``"echo: " + <last user message>`` cut to 200 characters, or with
 ``response_format`` ``json_object`` / ``json_schema`` a JSON document (for a schema, the instance
-built by :func:`minimal_instance`).
+built by :func:`minimal_instance`). With ``tools`` (and ``tool_choice`` not ``none``; for ``auto``,
+unless the last message is a tool result) the answer is one call of the named or first function,
+its arguments the minimal instance of its parameters (streamed as OpenAI streams tool calls).
 
 Fault modes (:class:`FaultConfig`): ``ok`` (optional ``latency_ms``), ``rate_limit`` (429 with
 ``Retry-After``), ``error`` (500), ``slow`` (``delay_s``, then normal), ``hang`` (no answer until
@@ -325,10 +327,30 @@ def _head(request: dict[str, Any], obj: str) -> dict[str, Any]:
             "created": int(time.time()), "model": request.get("model", "fake-model")}
 
 
+def _tool_call(request: dict[str, Any]) -> dict[str, Any] | None:
+    """The call the fake makes: with tools, unless ``tool_choice`` is ``none`` or (``auto``) the last
+    message is a tool result; the named function or the first, arguments built from its schema."""
+    tools = [t.get("function") or {} for t in request.get("tools") or [] if isinstance(t, dict)]
+    choice = request.get("tool_choice") or "auto"
+    messages = request.get("messages") or [{}]
+    if not tools or choice == "none" or (choice == "auto" and messages[-1].get("role") == "tool"):
+        return None
+    if isinstance(choice, dict):
+        tools = [t for t in tools if t.get("name") == (choice.get("function") or {}).get("name")] or tools
+    function = tools[0]
+    arguments = minimal_instance(function.get("parameters") or {"type": "object"})
+    return {"id": f"call_fake{time.monotonic_ns():x}", "type": "function",
+            "function": {"name": function.get("name"), "arguments": json.dumps(arguments)}}
+
+
 async def _complete(send: Send, request: dict[str, Any]) -> None:
-    content = _answer(request)
-    message = {"role": "assistant", "content": content}
+    call = _tool_call(request)
+    content = _answer(request) if call is None else ""
+    message: dict[str, Any] = {"role": "assistant", "content": content}
     choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
+    if call is not None:
+        message.update(content=None, tool_calls=[call])
+        choice["finish_reason"] = "tool_calls"
     await _respond(send, 200, {**_head(request, "chat.completion"), "choices": [choice],
                                "usage": _usage(request, content)})
 
@@ -344,10 +366,18 @@ async def _stream(send: Send, request: dict[str, Any], drop: bool) -> None:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         return b"data: " + json.dumps({**head, "choices": [choice]}).encode() + b"\n\n"
 
-    step = max(1, -(-len(content) // 4))  # ceil: at most 4 content pieces
+    call = _tool_call(request)
     events = [event({"role": "assistant", "content": ""})]
+    if call is not None:
+        content, arguments = "", call["function"]["arguments"]
+        events.append(event({"tool_calls": [{"index": 0, "id": call["id"], "type": "function",
+                                              "function": {"name": call["function"]["name"], "arguments": ""}}]}))
+        half = len(arguments) // 2
+        events += [event({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+                   for piece in (arguments[:half], arguments[half:]) if piece]
+    step = max(1, -(-len(content) // 4))  # ceil: at most 4 content pieces
     events += [event({"content": content[i:i + step]}) for i in range(0, len(content), step)]
-    events.append(event({}, "stop"))
+    events.append(event({}, "stop" if call is None else "tool_calls"))
     if include_usage:
         last = {**head, "choices": [], "usage": _usage(request, content)}
         events.append(b"data: " + json.dumps(last).encode() + b"\n\n")
