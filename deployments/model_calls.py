@@ -46,7 +46,8 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from deployments import request_ids
-from deployments.config import ModelConfig
+from deployments.config import Capability, ModelConfig
+from deployments.core.capabilities import require_capability
 from deployments.core.tokens import StreamCounter, completion_budget, prompt_tokens, reply_tokens
 from deployments.errors import InvalidRequest, ModelNotFound, Overloaded, PromptfleetError
 from deployments.metering import KeyEntry, Meter
@@ -116,13 +117,24 @@ class ModelCalls:
 
     # -- before the call -------------------------------------------------------------------
 
-    def chain(self, request: ChatCompletionRequest, fallbacks: Sequence[str] | None = None) -> list[str]:
-        """The models to try, in order (``fallbacks``, e.g. a task's, replace the model's own);
-        400/404 if the request cannot go to its model."""
-        config = self.models.get(request.model)
+    def config(self, model: str, capability: Capability) -> ModelConfig:
+        """The config of ``model``: 404 naming ``model`` if there is none, 400 naming it if the model
+        does not serve ``capability`` (``core.capabilities``)."""
+        config = self.models.get(model)
         if config is None:
-            raise ModelNotFound(f"The model '{request.model}' does not exist.", param="model")
-        asked = request.effective_max_tokens
+            raise ModelNotFound(f"The model '{model}' does not exist.", param="model")
+        require_capability(config, capability)
+        return config
+
+    def chain(
+        self, request: Any, fallbacks: Sequence[str] | None = None, capability: Capability = "chat"
+    ) -> list[str]:
+        """The models to try, in order (``fallbacks``, e.g. a task's, replace the model's own; those
+        lacking ``capability`` are skipped); 400/404 if the request cannot go to its model.
+        ``request``: a validated body with ``model`` (and ``effective_max_tokens``/``max_tokens_field``
+        for the generating routes)."""
+        config = self.config(request.model, capability)
+        asked = getattr(request, "effective_max_tokens", None)
         if asked is not None and asked > config.output_limit:
             field = request.max_tokens_field
             raise InvalidRequest(
@@ -131,7 +143,8 @@ class ModelCalls:
                 param=field,
             )
         chain = config.fallback_models if fallbacks is None else fallbacks
-        return [request.model, *(m for m in chain if m in self.models and m != request.model)]
+        return [request.model, *(m for m in chain if m in self.models and m != request.model
+                                 and capability in self.models[m].capabilities)]
 
     def wait_s(self, model: str, client_timeout_s: float | None) -> float:
         """How long an HTTP request for ``model`` may wait for its key's rate-limit slot: the client's
