@@ -39,8 +39,19 @@ from deployments.schemas import (
     BatchResponse,
     BatchTaskLine,
 )
+from deployments.schemas.batches import (
+    BATCH_COMPLETIONS_URL,
+    BATCH_EMBEDDINGS_URL,
+    BatchCompletionLine,
+    BatchEmbeddingLine,
+)
 
-BatchItem = BatchChatLine | BatchTaskLine
+BatchItem = BatchChatLine | BatchEmbeddingLine | BatchCompletionLine | BatchTaskLine
+# The model lines, by url (anything else is read as a chat line, whose error names `url`).
+MODEL_LINES: dict[str, type[BatchChatLine | BatchEmbeddingLine | BatchCompletionLine]] = {
+    BATCH_EMBEDDINGS_URL: BatchEmbeddingLine,
+    BATCH_COMPLETIONS_URL: BatchCompletionLine,
+}
 
 
 @dataclass(frozen=True)
@@ -74,7 +85,8 @@ def parse_line(raw: bytes | str, line: int, default_task: str | None = None) -> 
     try:
         if is_task:
             return BatchTaskLine.model_validate(data)
-        return BatchChatLine.model_validate(data)
+        line_class = MODEL_LINES.get(data["url"], BatchChatLine) if isinstance(data.get("url"), str) else BatchChatLine
+        return line_class.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(part) for part in first["loc"]) or None

@@ -117,6 +117,9 @@ class LlamaCppModel(_ModelBase):
             # llama.cpp's embedding context pools instead of producing logits: it cannot also generate.
             raise ValueError("a llamacpp model with the `embeddings` capability cannot have another one "
                              "(configure the same GGUF twice: one generating, one embedding)")
+        if "embeddings" in self.capabilities and self.n_batch > self.n_ctx:
+            # The sequences of one batch share the context.
+            raise ValueError(f"n_batch ({self.n_batch}) exceeds n_ctx ({self.n_ctx}) for an embedding model")
         if self.max_output_tokens is not None and self.max_output_tokens > self.n_ctx:
             raise ValueError(f"max_output_tokens ({self.max_output_tokens}) exceeds n_ctx ({self.n_ctx})")
         if self.default_max_tokens > self.output_limit:
@@ -516,6 +519,10 @@ class AppArgs(_Strict):
 
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)
+
+    def task_models(self) -> dict[str, str]:
+        """Name → provider of the models tasks may run on: those that chat (tasks call chat)."""
+        return {m.name: m.provider for m in self.models if "chat" in m.capabilities}
 
 
 def embedded_model_path() -> Path:
