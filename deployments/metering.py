@@ -53,10 +53,7 @@ logger = logging.getLogger("ray.serve")
 
 FLUSH_INTERVAL_S = 1.0
 KEY_TTL_S = 5.0  # how long ``account`` trusts a key record fetched from the TaskStore
-MAX_CACHED = 10_000
-# Whom usage without a key is recorded for when authentication is off: the owner the Gateway gives
-# such callers (``gateway.caller.ANONYMOUS``), so a tenant-scoped usage query finds it too.
-ANONYMOUS_OWNER = "anonymous"  # per-key budgets and shares kept ready (a plain cache: cleared when full)
+MAX_CACHED = 10_000  # per-key budgets and shares kept ready (a plain cache: cleared when full)
 
 
 @dataclass
@@ -87,8 +84,9 @@ class Meter:
         anonymous: str | None = None,
     ) -> None:
         self.store = store
-        # With authentication off, calls without a key are recorded under this owner (``ANONYMOUS_OWNER``),
-        # so /v1/usage and the console show a local start's traffic; None: they are not recorded.
+        # With authentication off, calls without a key are recorded under this owner
+        # (``store.keys.ANONYMOUS_OWNER``, the owner ``gateway.caller.ANONYMOUS`` has), so /v1/usage and
+        # the console show a local start's traffic; None: they are not recorded.
         self.anonymous = anonymous
         self.admission = admission or AdmissionConfig()
         # A key's own budget never queues (one tenant): its bookings are answered at once, so a plain

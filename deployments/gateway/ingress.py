@@ -69,10 +69,11 @@ from deployments.gateway.prompt_routes import build_prompt_router
 from deployments.gateway.request_metrics import RequestMetrics
 from deployments.gateway.task_routes import build_task_router
 from deployments.logs import watch_serve_log
-from deployments.metering import ANONYMOUS_OWNER, Meter
+from deployments.metering import Meter
 from deployments.model_calls import HandleTransport, ModelCalls
 from deployments.schemas import Liveness, Readiness
 from deployments.store.batches import MAX_FILE_BYTES
+from deployments.store.keys import ANONYMOUS_OWNER
 from deployments.telemetry import GATEWAY_METRICS, metrics_for
 
 logger = logging.getLogger("ray.serve")

@@ -291,15 +291,25 @@ class LlamaCppProvider:
         kwargs["seed"] = kwargs["seed"] % 2**32 if "seed" in kwargs else self.config.seed
         return kwargs
 
-    def _complete_one(self, prompt: Any, kwargs: dict[str, Any], stream: bool) -> Any:
+    def _does_not_fit(self, exc: ValueError) -> InvalidRequest:
+        logger.info("llama.cpp rejected a completion: %s", exc)
+        return InvalidRequest(f"The prompt does not fit the context of model '{self.config.name}' "
+                              f"({self.config.n_ctx} tokens).", param="prompt")
+
+    def _complete_one(self, prompt: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
         """llama.cpp's create_completion for one prompt; a prompt that does not fit is a 400 naming it."""
         try:
-            return self.llm.create_completion(prompt=prompt, stream=stream, **kwargs)
+            result: dict[str, Any] = self.llm.create_completion(prompt=prompt, **kwargs)  # type: ignore[assignment]
         except ValueError as exc:
-            logger.info("llama.cpp rejected a completion: %s", exc)
-            raise InvalidRequest(
-                f"The prompt and max_tokens do not fit the context of model '{self.config.name}' "
-                f"({self.config.n_ctx} tokens).", param="prompt") from None
+            raise self._does_not_fit(exc) from None
+        return result
+
+    def _stream_one(self, prompt: Any, kwargs: dict[str, Any]) -> Iterator[dict[str, Any]]:
+        """The chunks of one prompt's completion (llama.cpp checks the prompt at the first one)."""
+        try:
+            yield from self.llm.create_completion(prompt=prompt, stream=True, **kwargs)  # type: ignore[misc]
+        except ValueError as exc:
+            raise self._does_not_fit(exc) from None
 
     async def complete(self, body: dict[str, Any], share: Share | None = None) -> dict[str, Any]:
         """A ``text_completion`` for ``body`` (a validated ``CompletionRequest``): one choice per prompt."""
@@ -313,7 +323,7 @@ class LlamaCppProvider:
             choices: list[dict[str, Any]] = []
             prompt_tokens = completion_tokens = 0
             for index, prompt in enumerate(prompts):
-                result: dict[str, Any] = self._complete_one(prompt, kwargs, stream=False)
+                result = self._complete_one(prompt, kwargs)
                 choice = result["choices"][0]
                 choice["index"] = index
                 choices.append(choice)
@@ -347,7 +357,7 @@ class LlamaCppProvider:
             for index, prompt in enumerate(prompts):
                 n_prompt = len(prompt) if isinstance(prompt, list) else len(
                     self.llm.tokenize(prompt.encode(), add_bos=True, special=False))
-                for chunk in self._complete_one(prompt, kwargs, stream=True):
+                for chunk in self._stream_one(prompt, kwargs):
                     if stop.is_set():
                         return
                     chunk["choices"][0]["index"] = index
