@@ -32,6 +32,7 @@ from typing import IO, Any
 from pydantic import ValidationError
 
 from deployments.schemas import (
+    BATCH_CHAT_URL,
     BatchChatLine,
     BatchLineError,
     BatchOutputLine,
@@ -39,8 +40,19 @@ from deployments.schemas import (
     BatchResponse,
     BatchTaskLine,
 )
+from deployments.schemas.batches import (
+    BATCH_COMPLETIONS_URL,
+    BATCH_EMBEDDINGS_URL,
+    BatchCompletionLine,
+    BatchEmbeddingLine,
+)
 
-BatchItem = BatchChatLine | BatchTaskLine
+BatchItem = BatchChatLine | BatchEmbeddingLine | BatchCompletionLine | BatchTaskLine
+# The model lines other than chat, by url.
+MODEL_LINES: dict[str, type[BatchChatLine | BatchEmbeddingLine | BatchCompletionLine]] = {
+    BATCH_EMBEDDINGS_URL: BatchEmbeddingLine,
+    BATCH_COMPLETIONS_URL: BatchCompletionLine,
+}
 
 
 @dataclass(frozen=True)
@@ -74,7 +86,11 @@ def parse_line(raw: bytes | str, line: int, default_task: str | None = None) -> 
     try:
         if is_task:
             return BatchTaskLine.model_validate(data)
-        return BatchChatLine.model_validate(data)
+        url = data.get("url")
+        if isinstance(url, str) and url != BATCH_CHAT_URL and url not in MODEL_LINES:
+            urls = ", ".join([BATCH_CHAT_URL, *MODEL_LINES])
+            return LineError(line, "invalid_request", f"Line {line}: url: must be one of {urls}.", "url", custom_id)
+        return MODEL_LINES.get(url, BatchChatLine).model_validate(data)  # type: ignore[arg-type]
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(part) for part in first["loc"]) or None

@@ -193,6 +193,11 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = Field(description="Unix time the application started.")
     owned_by: str = Field(description="`promptfleet` and the provider kind, e.g. `promptfleet:llamacpp`.")
+    capabilities: list[str] = Field(
+        default_factory=list,
+        description="What the model is called for: `chat`, `completions`, `responses`, `embeddings` "
+        "(a promptfleet extension of OpenAI's model object; the openai client keeps it as an extra field).",
+    )
 
 
 class ModelList(BaseModel):

@@ -4,6 +4,9 @@ Serves, over real HTTP (raw ASGI under uvicorn; httptools + uvloop when installe
 
     POST /v1/chat/completions  OpenAI chat completion; ``"stream": true`` answers SSE chunks and
                                ``stream_options.include_usage`` adds a usage chunk before [DONE]
+    POST /v1/embeddings        deterministic unit vectors (``fake_vector``; ``dimensions`` long,
+                               default 8; ``encoding_format: base64`` as OpenAI encodes it)
+    POST /v1/completions       ``"echo: " + <prompt>`` per prompt, JSON or SSE ``text_completion``
     GET  /v1/models[/<id>]     ``fake-model`` (a requested id is echoed back)
     POST /_control/config      ``{"mode": ..., **params}`` replaces the fault config (400 if bad)
     POST /_control/reset       back to the start-up config (mode ``ok``), zeroed stats
@@ -37,13 +40,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import collections
 import dataclasses
+import hashlib
 import http.client
 import json
 import logging
 import signal
 import socket
+import struct
 import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -180,8 +186,8 @@ class FakeUpstreamApp:
                 (v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
             key = self.control.config.api_key
             authorized = key is None or authorization == f"Bearer {key}"
-            if method == "POST" and path == "/v1/chat/completions":
-                await self._chat(receive, send, authorization, authorized)
+            if method == "POST" and path in _ROUTES:
+                await self._chat(receive, send, authorization, authorized, _ROUTES[path])
             elif not authorized:
                 await _error(send, 401, "Incorrect API key provided.", "invalid_request_error",
                              "invalid_api_key")
@@ -210,7 +216,7 @@ class FakeUpstreamApp:
                          "not_found")
 
     async def _chat(
-        self, receive: Receive, send: Send, authorization: str | None, authorized: bool
+        self, receive: Receive, send: Send, authorization: str | None, authorized: bool, kind: str = "chat"
     ) -> None:
         body = await _read_body(receive)
         config = self.control.begin_call(authorization, authorized)
@@ -227,7 +233,7 @@ class FakeUpstreamApp:
                 await _error(send, 400, "The body is not a JSON object.", "invalid_request_error",
                              "invalid_json")
                 return
-            self.control.record_prompt(_last_user_text(request))
+            self.control.record_prompt(_last_user_text(request) if kind == "chat" else _prompt_text(request))
             stream, mode = bool(request.get("stream")), config.mode
             if mode == "rate_limit":
                 await _error(send, 429, "Rate limit reached (injected by the fake upstream).",
@@ -243,13 +249,16 @@ class FakeUpstreamApp:
             else:
                 if mode == "ok" and config.latency_ms > 0:
                     await asyncio.sleep(config.latency_ms / 1000)
-                if stream:
-                    await _stream(send, request, drop=mode in ("drop_stream", "stall_stream"))
+                if kind == "embeddings":
+                    await _embeddings(send, request)
+                elif stream:
+                    streamer = _stream if kind == "chat" else _text_stream
+                    await streamer(send, request, drop=mode in ("drop_stream", "stall_stream"))
                     if mode == "stall_stream":
                         # Two chunks, then nothing until the client hangs up (counted in in_flight).
                         await self._wait(receive, None)
                 else:
-                    await _complete(send, request)
+                    await (_complete if kind == "chat" else _text_complete)(send, request)
         finally:
             self.control.end_call()
 
@@ -386,6 +395,90 @@ async def _stream(send: Send, request: dict[str, Any], drop: bool) -> None:
     for data in events[:2] if drop else events:
         await send({"type": "http.response.body", "body": data, "more_body": True})
     if not drop:  # returning mid-body makes uvicorn close the connection: a truncated stream
+        await send({"type": "http.response.body", "body": b""})
+
+
+# The model routes: each one answers in its own shape, with the same fault modes.
+_ROUTES = {"/v1/chat/completions": "chat", "/v1/embeddings": "embeddings", "/v1/completions": "completions"}
+FAKE_DIMENSIONS = 8  # length of the fake's embedding vectors unless a request sets `dimensions`
+
+
+def _prompt_text(request: dict[str, Any]) -> str:
+    """The text of an embeddings `input` or a completions `prompt` (strings joined; token ids as numbers)."""
+    value = request.get("input", request.get("prompt"))
+    if isinstance(value, list):
+        return " ".join(v if isinstance(v, str) else json.dumps(v) for v in value)
+    return str(value or "")
+
+
+def _items(value: Any) -> list[Any]:
+    if isinstance(value, list) and value and isinstance(value[0], (str, list)):
+        return value
+    return [value]
+
+
+def fake_vector(item: Any, dimensions: int = FAKE_DIMENSIONS) -> list[float]:
+    """A deterministic unit vector for one input (a string or a token list)."""
+    digest = hashlib.sha256(json.dumps(item).encode()).digest()
+    raw = [(digest[i % len(digest)] - 127.5) / 127.5 for i in range(dimensions)]
+    norm = sum(v * v for v in raw) ** 0.5 or 1.0
+    return [v / norm for v in raw]
+
+
+async def _embeddings(send: Send, request: dict[str, Any]) -> None:
+    items = _items(request.get("input"))
+    dimensions = request.get("dimensions") or FAKE_DIMENSIONS
+    data = []
+    for index, item in enumerate(items):
+        vector: Any = fake_vector(item, dimensions)
+        if request.get("encoding_format") == "base64":
+            vector = base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode()
+        data.append({"object": "embedding", "index": index, "embedding": vector})
+    tokens = sum(len(i) if isinstance(i, list) else len(str(i).split()) for i in items)
+    await _respond(send, 200, {"object": "list", "data": data, "model": request.get("model", "fake-model"),
+                               "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+def _text_answer(prompt: Any) -> str:
+    return ("echo: " + (prompt if isinstance(prompt, str) else json.dumps(prompt)))[:200]
+
+
+def _text_usage(prompts: list[Any], texts: list[str]) -> dict[str, int]:
+    prompt = sum(len(p) if isinstance(p, list) else len(str(p).split()) for p in prompts)
+    completion = sum(len(t.split()) for t in texts)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _text_complete(send: Send, request: dict[str, Any]) -> None:
+    prompts = _items(request.get("prompt"))
+    texts = [_text_answer(p) for p in prompts]
+    choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": "stop"} for i, t in enumerate(texts)]
+    head = {**_head(request, "text_completion"), "id": f"cmpl-fake{time.monotonic_ns():x}"}
+    await _respond(send, 200, {**head, "choices": choices, "usage": _text_usage(prompts, texts)})
+
+
+async def _text_stream(send: Send, request: dict[str, Any], drop: bool) -> None:
+    prompts = _items(request.get("prompt"))
+    texts = [_text_answer(p) for p in prompts]
+    head = {**_head(request, "text_completion"), "id": f"cmpl-fake{time.monotonic_ns():x}"}
+
+    def event(index: int, text: str, finish: str | None = None) -> bytes:
+        choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+        return b"data: " + json.dumps({**head, "choices": [choice]}).encode() + b"\n\n"
+
+    events = []
+    for index, text in enumerate(texts):
+        step = max(1, -(-len(text) // 4))
+        events += [event(index, text[i:i + step]) for i in range(0, len(text), step)]
+        events.append(event(index, "", "stop"))
+    if (request.get("stream_options") or {}).get("include_usage"):
+        last = {**head, "choices": [], "usage": _text_usage(prompts, texts)}
+        events.append(b"data: " + json.dumps(last).encode() + b"\n\n")
+    events.append(b"data: [DONE]\n\n")
+    await send({"type": "http.response.start", "status": 200, "headers": _SSE})
+    for data in events[:2] if drop else events:
+        await send({"type": "http.response.body", "body": data, "more_body": True})
+    if not drop:
         await send({"type": "http.response.body", "body": b""})
 
 

@@ -112,3 +112,26 @@ def test_call_event_sequence() -> None:
         "response.output_item.done", "response.completed"]
     item = out[-1]["response"]["output"][0]
     assert item["type"] == "function_call" and item["call_id"] == "c" and json.loads(item["arguments"]) == {"a": 1}
+
+
+# -- the capability: a model must declare `responses` ------------------------------------------
+
+
+def test_a_model_without_responses_is_a_400_naming_model() -> None:
+    from deployments.config import OpenAIModel
+    from deployments.model_calls import ModelCalls
+    from tests.fakes.workers import FakeWorkers
+    from tests.unit.test_model_calls import run
+
+    def upstream(name: str, *capabilities: str) -> OpenAIModel:
+        return OpenAIModel(provider="openai", name=name, base_url="http://127.0.0.1:1/v1",
+                           capabilities=list(capabilities))  # type: ignore[arg-type]
+
+    calls = ModelCalls([upstream("chat-only", "chat"), upstream("both", "chat", "responses")], FakeWorkers())
+    with pytest.raises(InvalidRequest) as caught:
+        run(calls.complete(responses.to_chat(create(model="chat-only")), capability="responses"))
+    assert caught.value.param == "model"
+    with pytest.raises(InvalidRequest):
+        run(calls.stream(responses.to_chat(create(model="chat-only", stream=True)), capability="responses"))
+    answer = run(calls.complete(responses.to_chat(create(model="both")), capability="responses"))
+    assert responses.from_chat(create(model="both"), answer)["output"][0]["content"][0]["text"]
