@@ -71,12 +71,14 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from deployments import names
 from deployments.config import MetricsConfig
+from deployments.core import responses
 from deployments.core.requestids import is_sane, new_request_id
 from deployments.core.retry import BackoffPolicy
 from deployments.errors import Overloaded, PromptfleetError
 from deployments.schemas import BatchTaskLine, ChatCompletionRequest
 from deployments.schemas.completions import CompletionRequest
 from deployments.schemas.embeddings import EmbeddingRequest
+from deployments.schemas.responses import ResponseCreate
 from deployments.telemetry import BATCH_DRIVER_METRICS, NULL, Metrics, metrics_for
 
 if TYPE_CHECKING:
@@ -105,9 +107,9 @@ LINE_WAIT_S = 30.0  # how long a line may wait for its slot under the key's rpm/
 EXIT_OK, EXIT_SETUP, EXIT_STOPPED = 0, 3, 130
 
 Result = dict[str, Any] | PromptfleetError
-ModelRequest = ChatCompletionRequest | EmbeddingRequest | CompletionRequest
+ModelRequest = ChatCompletionRequest | EmbeddingRequest | CompletionRequest | ResponseCreate
 # The `kind` label of a model line's metric, by url.
-LINE_KINDS = {"/v1/embeddings": "embeddings", "/v1/completions": "completions"}
+LINE_KINDS = {"/v1/embeddings": "embeddings", "/v1/completions": "completions", "/v1/responses": "responses"}
 
 
 class SetupError(RuntimeError):
@@ -189,6 +191,10 @@ class ServeBackend:
             payer = await self.meter.account(self.key_id) if self.meter is not None else None
             if isinstance(request, EmbeddingRequest):
                 return await calls.embed(request, payer, wait_s=LINE_WAIT_S, request_id=request_id, background=True)
+            if isinstance(request, ResponseCreate):  # a chat call, in the Responses shape (core.responses)
+                completion = await calls.complete(responses.to_chat(request), payer, wait_s=LINE_WAIT_S,
+                                                  request_id=request_id, background=True, capability="responses")
+                return responses.from_chat(request, completion)
             if isinstance(request, CompletionRequest):
                 return await calls.text_complete(request, payer, wait_s=LINE_WAIT_S, request_id=request_id,
                                                  background=True)

@@ -43,15 +43,18 @@ from deployments.schemas import (
 from deployments.schemas.batches import (
     BATCH_COMPLETIONS_URL,
     BATCH_EMBEDDINGS_URL,
+    BATCH_RESPONSES_URL,
     BatchCompletionLine,
     BatchEmbeddingLine,
+    BatchResponseLine,
 )
 
-BatchItem = BatchChatLine | BatchEmbeddingLine | BatchCompletionLine | BatchTaskLine
+BatchItem = BatchChatLine | BatchEmbeddingLine | BatchCompletionLine | BatchResponseLine | BatchTaskLine
 # The model lines other than chat, by url.
-MODEL_LINES: dict[str, type[BatchChatLine | BatchEmbeddingLine | BatchCompletionLine]] = {
+MODEL_LINES: dict[str, type[BatchChatLine | BatchEmbeddingLine | BatchCompletionLine | BatchResponseLine]] = {
     BATCH_EMBEDDINGS_URL: BatchEmbeddingLine,
     BATCH_COMPLETIONS_URL: BatchCompletionLine,
+    BATCH_RESPONSES_URL: BatchResponseLine,
 }
 
 

@@ -6,7 +6,8 @@
 ``core.responses`` translates the request into a chat request and the answer back; the call goes
 through ``deployments.model_calls.ModelCalls`` exactly as a chat call does (the caller's key,
 limits, admission, budget, fallbacks, metering, request id, metrics), so the two cannot drift
-apart; the model must declare the ``responses`` capability (else a 400 naming ``model``). An error naming a chat field is renamed to the Responses field the client sent.
+apart; the model must declare the ``responses`` capability (else a 400 naming ``model``).
+An error naming a chat field is renamed to the Responses field the client sent.
 
 A stream is SSE with one ``event:`` line per event (as OpenAI sends them); an error after the 200
 is an ``error`` event, and the stream ends without ``response.completed``.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -145,3 +146,33 @@ def test_a_spent_budget_is_refused(app: ServeApp) -> None:
     assert app.upstream.stats()["calls"] == calls_before
     # Under its budget, a key is served on the same route.
     assert tenant_client(app, new_key(app)["key"]).responses.create(model="fake", input="hi").output_text
+
+
+def test_responses_lines_in_a_mixed_batch(app: ServeApp, tmp_path: Path) -> None:
+    """`jobs.batch` (as `ray job submit` runs it, in-process here): chat and /v1/responses lines mixed,
+    a structured response on the embedded model, and a refused field as that line's 400."""
+    from jobs import batch
+
+    def line(custom_id: str, url: str, body: dict[str, Any]) -> dict[str, Any]:
+        return {"custom_id": custom_id, "method": "POST", "url": url, "body": body}
+
+    lines = [
+        line("chat", "/v1/chat/completions", {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}),
+        line("resp", "/v1/responses", {"model": "fake", "input": "hello"}),
+        line("resp-json", "/v1/responses", {
+            "model": "smollm2", "input": "A big city, as JSON.", "max_output_tokens": 80,
+            "text": {"format": {"type": "json_schema", "name": "p", "schema": PLACE}}}),
+        line("resp-refused", "/v1/responses", {"model": "fake", "input": "x", "reasoning": {"effort": "low"}}),
+    ]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(item) + "\n" for item in lines))
+    code = batch.main(["--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"),
+                       "--errors", str(tmp_path / "errors.jsonl"), "--progress-every", "5"])
+    assert code == 0
+    out = {o["custom_id"]: o for o in map(json.loads, (tmp_path / "out.jsonl").read_text().splitlines())}
+    assert out["chat"]["response"]["body"]["object"] == "chat.completion"
+    body = out["resp"]["response"]["body"]
+    assert body["object"] == "response" and body["output"][0]["content"][0]["text"] == "echo: hello"
+    structured = out["resp-json"]["response"]["body"]["output"][0]["content"][0]["text"]
+    jsonschema.validate(json.loads(structured), PLACE)
+    refused = out["resp-refused"]["response"]
+    assert refused["status_code"] == 400 and refused["body"]["error"]["param"] == "reasoning"

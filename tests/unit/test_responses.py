@@ -135,3 +135,16 @@ def test_a_model_without_responses_is_a_400_naming_model() -> None:
         run(calls.stream(responses.to_chat(create(model="chat-only", stream=True)), capability="responses"))
     answer = run(calls.complete(responses.to_chat(create(model="both")), capability="responses"))
     assert responses.from_chat(create(model="both"), answer)["output"][0]["content"][0]["text"]
+
+
+def test_responses_batch_lines() -> None:
+    from jobs.batchlines import LineError, parse_line
+
+    def parsed(body: dict[str, Any]) -> Any:
+        return parse_line(json.dumps({"custom_id": "c", "method": "POST", "url": "/v1/responses", "body": body}), 1)
+
+    assert type(parsed({"model": "m", "input": "x"})).__name__ == "BatchResponseLine"
+    streaming = parsed({"model": "m", "input": "x", "stream": True})
+    assert isinstance(streaming, LineError) and streaming.param == "body"
+    stored = parsed({"model": "m", "input": "x", "store": True})
+    assert isinstance(stored, LineError) and stored.param == "body.store"
