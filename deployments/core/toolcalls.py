@@ -110,6 +110,10 @@ def plan(body: dict[str, Any], model: str) -> ToolPlan:
 def _function(tool: dict[str, Any], index: int, model: str) -> dict[str, Any]:
     function = tool["function"]
     parameters = function.get("parameters") or {"type": "object", "properties": {}}
+    if parameters.get("type", "object") != "object":
+        # Arguments are a JSON object (OpenAI's rule too); anything else could not be read back as a call.
+        raise InvalidRequest("A function's parameters must be an object schema (\"type\": \"object\").",
+                             param=f"tools[{index}].function.parameters.type")
     _check(parameters, f"tools[{index}].function.parameters", model)
     listed: dict[str, Any] = {"name": function["name"]}
     if function.get("description"):

@@ -77,6 +77,13 @@ def test_stream_event_order_async_on_upstream(app: ServeApp) -> None:
     assert events[-1].response.output_text == "echo: hello there"
 
 
+def test_stream_helper_of_the_client(app: ServeApp) -> None:
+    with app.client().responses.stream(model="fake", input="hello there") as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert "".join(deltas) == final.output_text == "echo: hello there"
+
+
 def test_upstream_translated_with_tools_and_results(app: ServeApp) -> None:
     client = app.client()
     first = client.responses.create(model="fake", input="Weather in Paris?", tools=[WEATHER],  # type: ignore[list-item]

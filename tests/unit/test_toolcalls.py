@@ -73,6 +73,8 @@ def test_hostile_parameters_are_a_400_naming_them() -> None:
     ({"top_logprobs": 2}, "top_logprobs"),
     ({"logit_bias": {"1": 2}}, "logit_bias"),
     ({"top_k": 5}, "top_k"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+     "tools[0].function.parameters.type"),
     ({"tools": [WEATHER], "response_format": {"type": "json_object"}}, "response_format"),
     ({"messages": [{"role": "user", "content": "x", "audio": {}}]}, "messages[0].audio"),
     ({"messages": [{"role": "tool", "tool_call_id": "nope", "content": "x"}]}, "messages[0].tool_call_id"),
