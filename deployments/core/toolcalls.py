@@ -13,8 +13,11 @@ own way):
   ``response_format`` hold hostile schemas off (``core.grammar``).
 - **tool_choice.** ``required``: the grammar is the call and nothing else. A named function: the
   call with that one function. ``none``: no tools in the prompt, no grammar, plain text. ``auto``:
-  the grammar is *either* the call *or* plain text that does not start with ``{`` — the model
-  chooses with its first token (``{`` opens a call), and the prompt tells it when to call.
+  the model starts without a grammar and chooses with its first non-blank token: ``{`` opens a
+  call — that start is dropped and the answer is generated again under the call's grammar (the
+  prompt is still in llama.cpp's cache, so this costs about one token) — anything else is a text
+  answer, generated unconstrained. (A grammar "call or text" would hold text answers to a grammar
+  too, and decoding under a grammar runs at about half speed: measured 8.3 against 14.7 tok/s.)
 - **Turns.** An assistant message's ``tool_calls`` are shown to the model as the JSON it would have
   written; a ``role: tool`` message becomes a user message "Result of <function> …" (chat templates
   of many GGUFs know no ``tool`` role), and must answer a call of an earlier assistant message.
@@ -57,19 +60,23 @@ class ToolPlan:
     def calls(self) -> bool:
         return self.mode != "none" and bool(self.functions)
 
+    @property
+    def probes(self) -> bool:
+        """``auto``: the answer starts unconstrained, and becomes a call if it opens with ``{``."""
+        return self.mode == "auto" and self.calls
+
     def gbnf(self) -> str | None:
-        """The llama.cpp grammar of the answer (None: unconstrained text)."""
+        """The llama.cpp grammar the answer starts under (None: unconstrained text)."""
+        return self.call_gbnf() if self.mode == "required" else None
+
+    def call_gbnf(self) -> str | None:
+        """The grammar of one call of one of the functions."""
         if not self.calls or self.schema is None:
             return None
         from llama_cpp.llama_grammar import json_schema_to_gbnf
 
         call: str = json_schema_to_gbnf(json.dumps(self.schema))
-        if self.mode == "required":
-            return call
-        # auto: either the call, or text whose first character is not '{' (nor blank, so the model
-        # cannot start with a blank and then open a call the grammar would not check).
-        renamed = re.sub(r"^root ::=", "tool-call ::=", call, count=1, flags=re.M)
-        return f'root ::= tool-call | free-text\nfree-text ::= [^{{ \\t\\n\\r] [^\\x00]*\n{renamed}'
+        return call
 
     def system_prompt(self) -> str:
         listed = json.dumps(self.functions, ensure_ascii=False)

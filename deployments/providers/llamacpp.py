@@ -124,26 +124,51 @@ class LlamaCppProvider:
         self.queued -= 1
         self.metrics.local_queue(self.config.name, self.queued)
 
-    def _grammar(self, chat: LocalChat) -> dict[str, Any]:
-        """The extra kwargs of a tool plan's grammar (built on the generation thread: llama.cpp
-        parses grammars recursively, and that thread has the stack for it)."""
-        gbnf = chat.tools.gbnf()
+    @staticmethod
+    def _grammar(gbnf: str | None) -> dict[str, Any]:
+        """The kwargs of a grammar (built on the generation thread: llama.cpp parses grammars
+        recursively, and that thread has the stack for it)."""
         if gbnf is None:
             return {}
         from llama_cpp.llama_grammar import LlamaGrammar
 
         return {"grammar": LlamaGrammar.from_string(gbnf, verbose=False)}
 
+    def _opens_call(self, kwargs: dict[str, Any]) -> bool:
+        """``tool_choice: auto``: whether the model, unconstrained, starts its answer with ``{`` (a
+        call). Generates only up to its first non-blank text; the prompt stays in llama.cpp's cache
+        for the generation that follows (same seed, so a text answer starts the same way again)."""
+        probe: Iterator[dict[str, Any]] = self.llm.create_chat_completion(**kwargs, stream=True)  # type: ignore[assignment]
+        text = ""
+        try:
+            for chunk in probe:
+                choices = chunk.get("choices") or [{}]
+                text += (choices[0].get("delta") or {}).get("content") or ""
+                if text.strip():
+                    break
+        finally:
+            close = getattr(probe, "close", None)
+            if close is not None:
+                close()
+        return text.lstrip().startswith("{")
+
+    def _choice_grammar(self, kwargs: dict[str, Any], chat: LocalChat) -> dict[str, Any]:
+        """The grammar one choice is generated under: the plan's, or for ``auto`` the call's when
+        the model opens a call."""
+        if chat.tools.probes:
+            return self._grammar(chat.tools.call_gbnf() if self._opens_call(kwargs) else None)
+        return self._grammar(chat.tools.gbnf())
+
     def _generate(self, chat: LocalChat) -> dict[str, Any]:
         """All of the body's choices, one generation after another."""
         self._check_fits(chat.kwargs[0])
-        extra = self._grammar(chat)
         started = time.monotonic()
         choices: list[dict[str, Any]] = []
         prompt = completion = 0
         result: dict[str, Any] = {}
         for index, kwargs in enumerate(chat.kwargs):
             try:
+                extra = self._choice_grammar(kwargs, chat)
                 result = self.llm.create_chat_completion(**kwargs, **extra)  # type: ignore[assignment]
             except ValueError as exc:
                 # llama.cpp's ValueErrors are about the prompt not fitting; its text stays in our logs.
@@ -189,12 +214,12 @@ class LlamaCppProvider:
         def produce() -> None:
             try:
                 self._check_fits(chat.kwargs[0])
-                extra = self._grammar(chat)
                 started = time.monotonic()
                 n_prompt = n_completion = 0
                 for index, kwargs in enumerate(chat.kwargs):
                     if stop.is_set():
                         break
+                    extra = self._choice_grammar(kwargs, chat)
                     tokens = self._stream_choice(index, {**kwargs, **extra, "stream": True}, chat, stop, put)
                     n_completion += tokens
                     n_prompt = n_prompt or max(self.llm.n_tokens - tokens, 0)

@@ -65,6 +65,37 @@ def test_named_tool_choice_calls_that_function(app: ServeApp) -> None:
     arguments_of(reply, TIME_PARAMS)
 
 
+def earlier_call(number: int, city: str) -> dict[str, Any]:
+    arguments = json.dumps({"city": city, "unit": "celsius"})
+    return {"role": "assistant", "content": None, "tool_calls": [
+        {"id": f"call_{number}", "type": "function", "function": {"name": "get_weather", "arguments": arguments}}]}
+
+
+# Two earlier turns in which the assistant called the tool: SmolLM2 then opens its answer with a call.
+HISTORY = [
+    {"role": "user", "content": "Weather in London?"}, earlier_call(1, "London"),
+    {"role": "tool", "tool_call_id": "call_1", "content": "rain"}, {"role": "assistant", "content": "It rains."},
+    {"role": "user", "content": "Weather in Rome?"}, earlier_call(2, "Rome"),
+    {"role": "tool", "tool_call_id": "call_2", "content": "sun"}, {"role": "assistant", "content": "It is sunny."},
+    {"role": "user", "content": "Weather in Paris?"},
+]
+
+
+def test_auto_lets_the_model_choose_a_call_or_text(app: ServeApp) -> None:
+    client = app.client()
+    called = client.chat.completions.create(model="smollm2", messages=HISTORY, tools=[WEATHER], max_tokens=60,
+                                            temperature=0)
+    assert called.choices[0].finish_reason == "tool_calls"
+    arguments_of(called, WEATHER_PARAMS)
+    calls, finish = reassemble(list(client.chat.completions.create(
+        model="smollm2", messages=HISTORY, tools=[WEATHER], max_tokens=60, temperature=0, stream=True)))
+    assert finish == "tool_calls"
+    jsonschema.validate(json.loads(calls[0]["arguments"]), WEATHER_PARAMS)
+    text = client.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Say hello."}],
+                                          tools=[WEATHER], max_tokens=12, temperature=0)
+    assert text.choices[0].message.tool_calls is None and text.choices[0].message.content
+
+
 def test_tool_choice_none_answers_text(app: ServeApp) -> None:
     reply = app.client().chat.completions.create(model="smollm2", messages=ASK, tools=[WEATHER],
                                                  tool_choice="none", max_tokens=16)

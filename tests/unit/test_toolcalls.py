@@ -41,12 +41,14 @@ def test_modes() -> None:
 
 def test_required_grammar_is_only_the_call() -> None:
     gbnf = toolcalls.plan(body(tools=[WEATHER, TIME], tool_choice="required"), "local").gbnf()
-    assert gbnf is not None and "free-text" not in gbnf and "get_weather" in gbnf and "get_time" in gbnf
+    assert gbnf is not None and "get_weather" in gbnf and "get_time" in gbnf
 
 
-def test_auto_grammar_allows_text_or_call() -> None:
-    gbnf = toolcalls.plan(body(tools=[WEATHER]), "local").gbnf()
-    assert gbnf is not None and gbnf.startswith("root ::= tool-call | free-text")
+def test_auto_starts_free_and_has_the_call_grammar_for_a_call() -> None:
+    tool_plan = toolcalls.plan(body(tools=[WEATHER]), "local")
+    assert tool_plan.probes and tool_plan.gbnf() is None
+    gbnf = tool_plan.call_gbnf()
+    assert gbnf is not None and "get_weather" in gbnf
     from llama_cpp.llama_grammar import LlamaGrammar
 
     LlamaGrammar.from_string(gbnf, verbose=False)  # llama.cpp parses it
