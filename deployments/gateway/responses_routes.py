@@ -88,7 +88,8 @@ async def events(
         async for chunk in chunks:
             if isinstance(chunk, PromptfleetError):
                 error = _renamed(chunk).to_body(request_id)["error"]
-                yield _sse({"type": "error", "sequence_number": sequence.sequence, **error, "error": error})
+                # OpenAI's error event: its fields at the top level; `error` too, which the client raises.
+                yield _sse({**error, "type": "error", "sequence_number": sequence.sequence, "error": error})
                 return
             for event in sequence.chunk(chunk):
                 yield _sse(event)

@@ -148,3 +148,25 @@ def test_responses_batch_lines() -> None:
     assert isinstance(streaming, LineError) and streaming.param == "body"
     stored = parsed({"model": "m", "input": "x", "store": True})
     assert isinstance(stored, LineError) and stored.param == "body.store"
+
+
+def test_an_error_mid_stream_is_an_error_event_and_no_completed() -> None:
+    import asyncio
+    from collections.abc import AsyncGenerator
+
+    from deployments.errors import Overloaded, PromptfleetError
+    from deployments.gateway.responses_routes import events
+
+    async def chunks() -> AsyncGenerator[dict[str, Any] | PromptfleetError, None]:
+        yield chunk({"content": "Hel"})
+        yield Overloaded("Model 'm' is temporarily unavailable; retry shortly.", retry_after=1)
+
+    async def collect() -> list[str]:
+        return [text async for text in events(create(stream=True), chunks(), "req-1")]
+
+    sent = asyncio.run(collect())
+    names = [text.split("\n")[0] for text in sent]
+    assert names[-1] == "event: error" and "event: response.completed" not in names
+    last = json.loads(sent[-1].split("\n")[1][len("data: "):])
+    assert last["type"] == "error" and last["error"]["request_id"] == "req-1"
+    assert last["sequence_number"] == len(sent) - 1
