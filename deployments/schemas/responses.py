@@ -14,7 +14,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from deployments.schemas.base import OpenAIBody, check_depth
-from deployments.schemas.chat import MAX_TOKENS_LIMIT
+from deployments.schemas.chat import MAX_TOKENS_LIMIT, FunctionDef
 
 
 class TextFormat(OpenAIBody):
@@ -41,14 +41,10 @@ class TextConfig(OpenAIBody):
     format: TextFormat | None = Field(default=None, description="The output's format.")
 
 
-class FunctionTool(OpenAIBody):
-    type: Literal["function"] = Field(description="Only function tools.")
-    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Function name.")
-    description: str | None = Field(default=None, description="What the function does, for the model.")
-    parameters: dict[str, Any] | None = Field(default=None, description="JSON Schema of the arguments.")
-    strict: bool | None = Field(default=None, description="Strict schema adherence (upstream).")
+class FunctionTool(FunctionDef):
+    """A Responses function tool: chat's function definition, flat, with its `type`."""
 
-    _schema_depth = field_validator("parameters")(classmethod(lambda cls, value: check_depth(value)))
+    type: Literal["function"] = Field(description="Only function tools.")
 
 
 class NamedFunctionChoice(OpenAIBody):

@@ -159,9 +159,7 @@ def test_responses_lines_in_a_mixed_batch(app: ServeApp, tmp_path: Path) -> None
     """`jobs.batch` (as `ray job submit` runs it, in-process here): chat and /v1/responses lines mixed,
     a structured response on the embedded model, and a refused field as that line's 400."""
     from jobs import batch
-
-    def line(custom_id: str, url: str, body: dict[str, Any]) -> dict[str, Any]:
-        return {"custom_id": custom_id, "method": "POST", "url": url, "body": body}
+    from tests.serve.test_route_metering import line
 
     lines = [
         line("chat", "/v1/chat/completions", {"model": "fake", "messages": [{"role": "user", "content": "hi"}]}),
