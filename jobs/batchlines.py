@@ -217,8 +217,10 @@ class Progress:
 
     def add_usage(self, usage: Any) -> None:
         if isinstance(usage, dict):
-            for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
-                value = usage.get(name)
+            # A response's usage names them input/output tokens.
+            for name, other in (("prompt_tokens", "input_tokens"), ("completion_tokens", "output_tokens"),
+                                ("total_tokens", "total_tokens")):
+                value = usage.get(name, usage.get(other))
                 if isinstance(value, int):
                     setattr(self, name, getattr(self, name) + value)
 

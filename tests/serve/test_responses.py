@@ -179,5 +179,6 @@ def test_responses_lines_in_a_mixed_batch(app: ServeApp, tmp_path: Path) -> None
     assert body["object"] == "response" and body["output"][0]["content"][0]["text"] == "echo: hello"
     structured = out["resp-json"]["response"]["body"]["output"][0]["content"][0]["text"]
     jsonschema.validate(json.loads(structured), PLACE)
-    refused = out["resp-refused"]["response"]
+    failed = {o["custom_id"]: o for o in map(json.loads, (tmp_path / "errors.jsonl").read_text().splitlines())}
+    refused = failed["resp-refused"]["response"]
     assert refused["status_code"] == 400 and refused["body"]["error"]["param"] == "reasoning"

@@ -170,3 +170,12 @@ def test_an_error_mid_stream_is_an_error_event_and_no_completed() -> None:
     last = json.loads(sent[-1].split("\n")[1][len("data: "):])
     assert last["type"] == "error" and last["error"]["request_id"] == "req-1"
     assert last["sequence_number"] == len(sent) - 1
+
+
+def test_batch_progress_counts_response_usage() -> None:
+    from jobs.batchlines import Done, Progress
+
+    progress = Progress(total=2, done_before=Done())
+    progress.add_usage({"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5})
+    progress.add_usage(responses.usage_of({"prompt_tokens": 4, "completion_tokens": 1}))
+    assert (progress.prompt_tokens, progress.completion_tokens, progress.total_tokens) == (7, 3, 10)
