@@ -26,6 +26,7 @@ import httpx
 
 from cluster import local
 from cluster.task_tests import run_examples, table
+from deployments.config import TEXT_CAPABILITIES
 from deployments.core.prompting import render_messages, response_format_for, validate_input
 from deployments.core.taskdefs import TaskDefinition
 from deployments.core.taskfile import CheckedTask, check_files, task_files
@@ -108,16 +109,18 @@ def call(http: httpx.Client, method: str, path: str, **kwargs: Any) -> Any:
 
 
 def config_models(path: Path) -> dict[str, str]:
-    """Model name → provider of a Serve config's first application."""
+    """Model name → provider of a Serve config's first application: the models that chat (tasks call chat)."""
     config = local.load_serve_config(path)
     models = config["applications"][0].get("args", {}).get("models", [])
-    return {m["name"]: m.get("provider", "") for m in models}
+    return {m["name"]: m.get("provider", "") for m in models if "chat" in m.get("capabilities", TEXT_CAPABILITIES)}
 
 
 def cluster_models(http: httpx.Client) -> dict[str, str]:
-    """Model name → provider, from the cluster's /v1/models (``owned_by`` is ``promptfleet:<provider>``)."""
+    """Model name → provider, from the cluster's /v1/models (``owned_by`` is ``promptfleet:<provider>``): the
+    models that chat."""
     cards = call(http, "GET", "/models")["data"]
-    return {c["id"]: str(c.get("owned_by", "")).removeprefix(PROVIDER_PREFIX) for c in cards}
+    return {c["id"]: str(c.get("owned_by", "")).removeprefix(PROVIDER_PREFIX) for c in cards
+            if "chat" in c.get("capabilities", TEXT_CAPABILITIES)}
 
 
 def print_checked(checked: list[CheckedTask]) -> tuple[int, int]:

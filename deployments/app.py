@@ -23,6 +23,7 @@ from deployments.core.taskfile import canonical, content_hash, load_task_files
 from deployments.gateway.ingress import Gateway
 from deployments.model_worker import ModelWorker
 from deployments.rate_limiter import RateLimiter
+from deployments.store.keys import ANONYMOUS_OWNER
 from deployments.store.tasks import VersionInput
 from deployments.task_runner import TaskRunner
 from deployments.task_store import TaskStore
@@ -49,8 +50,7 @@ def seed_tasks(args: AppArgs) -> list[VersionInput]:
     """The deploy's task files, checked (a broken file fails the deploy, naming file, line and field)
     and ready to seed the TaskStore's versions (``store.tasks``: a file unchanged since the last deploy
     leaves a pushed version active)."""
-    checked = load_task_files(args.tasks.definitions_path(), {m.name: m.provider for m in args.models},
-                              args.tasks.max_definition_bytes)
+    checked = load_task_files(args.tasks.definitions_path(), args.task_models(), args.tasks.max_definition_bytes)
     return [
         VersionInput(name=c.definition.name, definition=canonical(c.definition),
                      content_hash=content_hash(c.definition), source=c.source)
@@ -81,7 +81,8 @@ def build_app(args: AppArgs) -> Application:
     runner = (
         serve.deployment(TaskRunner)
         .options(name=names.TASK_RUNNER, max_ongoing_requests=1000)
-        .bind(workers, store, args.tasks, args.models, limiter, args.admission, args.metrics)
+        .bind(workers, store, args.tasks, args.models, limiter, args.admission, args.metrics,
+              anonymous=None if args.auth.enabled else ANONYMOUS_OWNER)
     )
     batches = (
         serve.deployment(BatchService)

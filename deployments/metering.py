@@ -81,8 +81,13 @@ class Meter:
         limiter: DeploymentHandle,
         admission: AdmissionConfig | None = None,
         key_ttl_s: float = KEY_TTL_S,
+        anonymous: str | None = None,
     ) -> None:
         self.store = store
+        # With authentication off, calls without a key are recorded under this owner
+        # (``store.keys.ANONYMOUS_OWNER``, the owner ``gateway.caller.ANONYMOUS`` has), so /v1/usage and
+        # the console show a local start's traffic; None: they are not recorded.
+        self.anonymous = anonymous
         self.admission = admission or AdmissionConfig()
         # A key's own budget never queues (one tenant): its bookings are answered at once, so a plain
         # call does (cheaper than the stream a shared model budget needs).
@@ -222,18 +227,25 @@ class Meter:
             settled.set()  # the calls waiting for this key's budget look again
 
     def record(self, entry: KeyEntry | None, model: str, usage: Usage, booked: int = 0) -> None:
-        """Count a finished call's tokens for the key (and settle what ``admit`` held and booked)."""
+        """Count a finished call's tokens for the key (and settle what ``admit`` held and booked); a call
+        without a key counts for ``anonymous`` when that is set (authentication off)."""
         if entry is None:
+            if self.anonymous is not None:
+                self._pend(self.anonymous, model, usage)
             return
         key = entry.key
-        row = self.pending[(key.id, model)]
-        row[0] += 1
-        row[1] += usage.prompt_tokens
-        row[2] += usage.completion_tokens
+        self._pend(key.id, model, usage)
         entry.tokens_since_fetch += usage.prompt_tokens + usage.completion_tokens
         self._release(key, booked)
         if booked and key.tpm:
             self.budgets.settle(f"key:{key.id}", self._budget(key), usage.total_tokens - booked)
+
+    def _pend(self, key_id: str, model: str, usage: Usage) -> None:
+        """Add a call's usage to the rows written about once a second."""
+        row = self.pending[(key_id, model)]
+        row[0] += 1
+        row[1] += usage.prompt_tokens
+        row[2] += usage.completion_tokens
         if self.flusher is None or self.flusher.done():
             self.flusher = asyncio.get_running_loop().create_task(self._flush_soon())
 

@@ -46,11 +46,16 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from deployments import request_ids
-from deployments.config import ModelConfig
+from deployments.config import Capability, ModelConfig
+from deployments.core.capabilities import require_capability
 from deployments.core.tokens import StreamCounter, completion_budget, prompt_tokens, reply_tokens
 from deployments.errors import InvalidRequest, ModelNotFound, Overloaded, PromptfleetError
 from deployments.metering import KeyEntry, Meter
 from deployments.schemas import ChatCompletionRequest, ChatReply, ModelCall, Share, StreamEnd, Usage
+from deployments.schemas.calls import BodyCall
+from deployments.schemas.completions import DEFAULT_MAX_TOKENS, CompletionRequest
+from deployments.schemas.embeddings import EmbeddingRequest
+from deployments.schemas.inputs import item_tokens
 from deployments.telemetry import NULL, Metrics
 
 logger = logging.getLogger("ray.serve")
@@ -75,6 +80,14 @@ class Transport(Protocol):
 
     def stream(self, model: str, call: ModelCall) -> WorkerStream: ...
 
+    def send(self, model: str, method: str, call: BodyCall) -> Awaitable[Any]:
+        """A worker's JSON method for the other routes (``embed``, ``complete``)."""
+        ...
+
+    def open(self, model: str, method: str, call: BodyCall) -> WorkerStream:
+        """A worker's streaming method for the other routes (``complete_stream``)."""
+        ...
+
 
 class HandleTransport:
     """The ``ModelWorker`` deployments, through their Serve handles."""
@@ -89,6 +102,14 @@ class HandleTransport:
 
     def stream(self, model: str, call: ModelCall) -> WorkerStream:
         generator: WorkerStream = self.streams[model].chat_stream.remote(call)
+        return generator
+
+    def send(self, model: str, method: str, call: BodyCall) -> Awaitable[Any]:
+        response: Awaitable[Any] = getattr(self.workers[model], method).remote(call)
+        return response
+
+    def open(self, model: str, method: str, call: BodyCall) -> WorkerStream:
+        generator: WorkerStream = getattr(self.streams[model], method).remote(call)
         return generator
 
 
@@ -116,13 +137,24 @@ class ModelCalls:
 
     # -- before the call -------------------------------------------------------------------
 
-    def chain(self, request: ChatCompletionRequest, fallbacks: Sequence[str] | None = None) -> list[str]:
-        """The models to try, in order (``fallbacks``, e.g. a task's, replace the model's own);
-        400/404 if the request cannot go to its model."""
-        config = self.models.get(request.model)
+    def config(self, model: str, capability: Capability) -> ModelConfig:
+        """The config of ``model``: 404 naming ``model`` if there is none, 400 naming it if the model
+        does not serve ``capability`` (``core.capabilities``)."""
+        config = self.models.get(model)
         if config is None:
-            raise ModelNotFound(f"The model '{request.model}' does not exist.", param="model")
-        asked = request.effective_max_tokens
+            raise ModelNotFound(f"The model '{model}' does not exist.", param="model")
+        require_capability(config, capability)
+        return config
+
+    def chain(
+        self, request: Any, fallbacks: Sequence[str] | None = None, capability: Capability = "chat"
+    ) -> list[str]:
+        """The models to try, in order (``fallbacks``, e.g. a task's, replace the model's own; those
+        lacking ``capability`` are skipped); 400/404 if the request cannot go to its model.
+        ``request``: a validated body with ``model`` (and ``effective_max_tokens``/``max_tokens_field``
+        for the generating routes)."""
+        config = self.config(request.model, capability)
+        asked = getattr(request, "effective_max_tokens", None)
         if asked is not None and asked > config.output_limit:
             field = request.max_tokens_field
             raise InvalidRequest(
@@ -131,7 +163,8 @@ class ModelCalls:
                 param=field,
             )
         chain = config.fallback_models if fallbacks is None else fallbacks
-        return [request.model, *(m for m in chain if m in self.models and m != request.model)]
+        return [request.model, *(m for m in chain if m in self.models and m != request.model
+                                 and capability in self.models[m].capabilities)]
 
     def wait_s(self, model: str, client_timeout_s: float | None) -> float:
         """How long an HTTP request for ``model`` may wait for its key's rate-limit slot: the client's
@@ -147,9 +180,9 @@ class ModelCalls:
         return self.meter.share(payer, background) if self.meter is not None else None
 
     def estimate(self, request: ChatCompletionRequest) -> int:
-        """Tokens booked on a key's tpm before the call: bounded by the model's output limit."""
+        """Tokens booked on a key's tpm before the call: bounded by the model's output limit, per choice."""
         limit = self.models[request.model].output_limit
-        return prompt_tokens(request.messages) + completion_budget(request.effective_max_tokens, limit)
+        return prompt_tokens(request.messages) + request.n * completion_budget(request.effective_max_tokens, limit)
 
     async def _admit(self, payer: KeyEntry | None, tokens: int, wait_s: float) -> int:
         if self.meter is None:
@@ -177,13 +210,15 @@ class ModelCalls:
         request_id: str | None = None,
         fallbacks: Sequence[str] | None = None,
         background: bool = False,
+        capability: Capability = "chat",
     ) -> dict[str, Any]:
         """The completion body (``model`` names the model that answered); raises PromptfleetError.
 
         ``wait_s``: how long the payer's rpm/tpm may make the call wait (0: 429 at once).
         ``background``: an async task run or a batch line, served behind the payer's interactive
-        calls in a limited model's fair queue."""
-        chain = self.chain(request, fallbacks)
+        calls in a limited model's fair queue. ``capability``: what the caller's route needs of the
+        model (``responses`` for a response made with this chat call)."""
+        chain = self.chain(request, fallbacks, capability)
         estimate = self.estimate(request)
         booked = await self._admit(payer, estimate, wait_s)
         call_id = request_id or request_ids.current() or request_ids.new_request_id()
@@ -200,25 +235,24 @@ class ModelCalls:
     async def _first_answer(
         self, chain: list[str], request: ChatCompletionRequest, call_id: str, share: Share | None
     ) -> tuple[ChatReply, str]:
-        async def attempt(model: str, call: ModelCall) -> tuple[bool, Any]:
+        async def attempt(model: str, call: Any) -> tuple[bool, Any]:
             result = await self.transport.chat(model, call)
             return isinstance(result, ChatReply), result
 
-        reply, model = await self._along(chain, request, call_id, share, attempt)
+        reply, model = await self._along(chain, _chat_calls(request, call_id, share), attempt)
         return reply, model
 
     async def _along(
         self,
         chain: list[str],
-        request: ChatCompletionRequest,
-        call_id: str,
-        share: Share | None,
-        attempt: Callable[[str, ModelCall], Awaitable[tuple[bool, Any]]],
+        build: Callable[[str], Any],
+        attempt: Callable[[str, Any], Awaitable[tuple[bool, Any]]],
     ) -> tuple[Any, str]:
-        """Try ``attempt`` on each model of ``chain`` until one answers (``(True, answer)``); go on
-        after an error whose class is transient, raise any other (and the last model's)."""
+        """Try ``attempt`` with the call ``build(model)`` on each model of ``chain`` until one answers
+        (``(True, answer)``); go on after an error whose class is transient, raise any other (and the
+        last model's)."""
         for index, model in enumerate(chain):
-            call = ModelCall(request=_for_model(request, model), request_id=call_id, share=share)
+            call = build(model)
             try:
                 answered, result = await attempt(model, call)
             except BackPressureError:
@@ -245,30 +279,33 @@ class ModelCalls:
         wait_s: float = 0.0,
         request_id: str | None = None,
         background: bool = False,
+        capability: Capability = "chat",
     ) -> AsyncGenerator[dict[str, Any] | PromptfleetError, None]:
         """Open the stream; errors before its first chunk raise (so they get their status code, or
         a fallback). Returns the chunks to relay, ending with an error value if one happens later.
         The usage is recorded when the returned iterator ends, however it ends."""
         started = time.monotonic()
-        chain = self.chain(request)
+        chain = self.chain(request, capability=capability)
         estimate = self.estimate(request)
         booked = await self._admit(payer, estimate, wait_s)
         call_id = request_id or request_ids.current() or request_ids.new_request_id()
         try:
-            chunks, first, model = await self._open(chain, request, call_id, self._share(payer, background))
+            chunks, first, model = await self._open(
+                chain, _chat_calls(request, call_id, self._share(payer, background)), self.transport.stream)
         except BaseException:
             self._refund(payer, booked)
             raise
         self.metrics.first_token(model, time.monotonic() - started)
-        return self._relay(chunks, first, model, request, payer, booked)
+        return self._relay(chunks, first, model, prompt_tokens(request.messages), payer, booked)
 
     async def _open(
-        self, chain: list[str], request: ChatCompletionRequest, call_id: str, share: Share | None
+        self, chain: list[str], build: Callable[[str], Any], open_stream: Callable[[str, Any], WorkerStream]
     ) -> tuple[WorkerStream, Any, str]:
-        """Start the stream on the first model of ``chain`` whose first item is not an error."""
+        """Start the stream (``open_stream(model, build(model))``) on the first model of ``chain`` whose
+        first item is not an error."""
 
-        async def attempt(model: str, call: ModelCall) -> tuple[bool, Any]:
-            chunks = self.transport.stream(model, call)
+        async def attempt(model: str, call: Any) -> tuple[bool, Any]:
+            chunks = open_stream(model, call)
             try:
                 first: Any = await chunks.__anext__()
             except StopAsyncIteration:
@@ -281,7 +318,7 @@ class ModelCalls:
             chunks.cancel()
             return False, first
 
-        (chunks, first), model = await self._along(chain, request, call_id, share, attempt)
+        (chunks, first), model = await self._along(chain, build, attempt)
         return chunks, first, model
 
     async def _relay(
@@ -289,10 +326,12 @@ class ModelCalls:
         chunks: WorkerStream,
         first: Any,
         model: str,
-        request: ChatCompletionRequest,
+        prompt: int,
         payer: KeyEntry | None,
         booked: int,
     ) -> AsyncGenerator[dict[str, Any] | PromptfleetError, None]:
+        """Relay a stream's chunks; record its usage at the end (counted from what was relayed, with
+        the ``prompt`` estimate, when the worker's ``StreamEnd`` did not come)."""
         counter = StreamCounter()
         usage: Usage | None = None
         item = first
@@ -319,13 +358,111 @@ class ModelCalls:
             # Finished, failed, or the client went away (the consumer closed us): stop the worker's
             # generation, then bill what was produced.
             chunks.cancel()
-            self._record(payer, model, usage or counted(request, counter.completion_tokens), booked)
+            self._record(payer, model, usage or estimated(prompt, counter.completion_tokens), booked)
+
+    # -- the other routes: embeddings, text completions -------------------------------------
+    # The same steps as chat (capability and chain, admission, fallbacks, Ray failures, usage),
+    # with a ``BodyCall`` to the worker's ``method``.
+
+    async def embed(
+        self, request: EmbeddingRequest, payer: KeyEntry | None = None, *, wait_s: float = 0.0,
+        request_id: str | None = None, background: bool = False,
+    ) -> dict[str, Any]:
+        """The embedding response for ``request`` (``model`` names the model that answered)."""
+        chain = self.chain(request, capability="embeddings")
+        return await self._json(chain, "embed", request, request.estimate(), payer, wait_s, request_id, background)
+
+    async def text_complete(
+        self, request: CompletionRequest, payer: KeyEntry | None = None, *, wait_s: float = 0.0,
+        request_id: str | None = None, background: bool = False,
+    ) -> dict[str, Any]:
+        """The ``text_completion`` for ``request``."""
+        chain = self.chain(request, capability="completions")
+        return await self._json(chain, "complete", request, self.completion_estimate(request), payer, wait_s,
+                                request_id, background)
+
+    async def text_stream(
+        self, request: CompletionRequest, payer: KeyEntry | None = None, *, wait_s: float = 0.0,
+        request_id: str | None = None, background: bool = False,
+    ) -> AsyncGenerator[dict[str, Any] | PromptfleetError, None]:
+        """Open a /v1/completions stream, as ``stream`` does for chat."""
+        started = time.monotonic()
+        chain = self.chain(request, capability="completions")
+        booked = await self._admit(payer, self.completion_estimate(request), wait_s)
+        call_id = request_id or request_ids.current() or request_ids.new_request_id()
+        build = _body_calls(request, call_id, self._share(payer, background))
+        try:
+            chunks, first, model = await self._open(
+                chain, build, lambda model, call: self.transport.open(model, "complete_stream", call))
+        except BaseException:
+            self._refund(payer, booked)
+            raise
+        self.metrics.first_token(model, time.monotonic() - started)
+        prompt = sum(item_tokens(p) for p in request.prompts())
+        return self._relay(chunks, first, model, prompt, payer, booked)
+
+    def completion_estimate(self, request: CompletionRequest) -> int:
+        """Tokens booked before a /v1/completions call: its prompts and each one's output, bounded."""
+        limit = self.models[request.model].output_limit
+        prompts = request.prompts()
+        per_prompt = completion_budget(request.max_tokens or DEFAULT_MAX_TOKENS, limit)
+        return sum(item_tokens(p) for p in prompts) + per_prompt * len(prompts) * request.n
+
+    async def _json(
+        self, chain: list[str], method: str, request: EmbeddingRequest | CompletionRequest, estimate: int,
+        payer: KeyEntry | None, wait_s: float, request_id: str | None, background: bool,
+    ) -> dict[str, Any]:
+        booked = await self._admit(payer, estimate, wait_s)
+        call_id = request_id or request_ids.current() or request_ids.new_request_id()
+
+        async def attempt(model: str, call: BodyCall) -> tuple[bool, Any]:
+            result = await self.transport.send(model, method, call)
+            return isinstance(result, ChatReply), result
+
+        try:
+            reply, model = await self._along(chain, _body_calls(request, call_id, self._share(payer, background)),
+                                             attempt)
+        except BaseException:
+            self._refund(payer, booked)
+            raise
+        usage = reply.usage or _body_usage(reply.completion, estimate)
+        self._record(payer, model, usage, booked)
+        return dict(reply.completion)
+
+
+def _body_calls(
+    request: EmbeddingRequest | CompletionRequest, call_id: str, share: Share | None
+) -> Callable[[str], BodyCall]:
+    """The call for each model of a chain: the body as the client set it, named for that model."""
+    body = request.model_dump(exclude_unset=True, exclude_none=True)
+    return lambda model: BodyCall.model_construct(body={**body, "model": model}, request_id=call_id, share=share)
+
+
+def _body_usage(answer: dict[str, Any], estimate: int) -> Usage:
+    """The usage of an embedding or completion answer whose ``usage`` lacks completion tokens (an
+    embedding response has only ``prompt_tokens``); the estimate when it has none at all."""
+    usage = answer.get("usage")
+    if isinstance(usage, dict) and isinstance(usage.get("prompt_tokens"), int):
+        completion = usage.get("completion_tokens")
+        return estimated(usage["prompt_tokens"], completion if isinstance(completion, int) else 0)
+    if answer.get("object") == "text_completion":
+        completion = reply_tokens(answer)
+        return estimated(max(estimate - completion, 0), completion)
+    return estimated(estimate, 0)
 
 
 def counted(request: ChatCompletionRequest, completion_tokens: int) -> Usage:
     """Usage counted on our side (the provider gave none): prompt estimate plus ``completion_tokens``."""
-    prompt = prompt_tokens(request.messages)
+    return estimated(prompt_tokens(request.messages), completion_tokens)
+
+
+def estimated(prompt: int, completion_tokens: int) -> Usage:
     return Usage(prompt_tokens=prompt, completion_tokens=completion_tokens, total_tokens=prompt + completion_tokens)
+
+
+def _chat_calls(request: ChatCompletionRequest, call_id: str, share: Share | None) -> Callable[[str], ModelCall]:
+    """The chat call for each model of a chain."""
+    return lambda model: ModelCall(request=_for_model(request, model), request_id=call_id, share=share)
 
 
 def _for_model(request: ChatCompletionRequest, model: str) -> ChatCompletionRequest:

@@ -1,6 +1,8 @@
 """ModelWorker: one autoscaling Serve deployment per configured model.
 
-Serves: ``chat(call)`` and ``chat_stream(call)`` (a streaming handle method), and
+Serves: ``chat(call)`` and ``chat_stream(call)`` (a streaming handle method); ``embed(call)``,
+``complete(call)`` and ``complete_stream(call)`` for /v1/embeddings and /v1/completions (a
+``BodyCall``: same conventions, the answer body in a ``ChatReply``); and
 ``describe()`` (its ``ModelConfig``, for batch drivers that build the model call path
 outside the Gateway); called through a ``DeploymentHandle`` by the one model call
 path, ``deployments.model_calls.ModelCalls`` (in the Gateway, the TaskRunner and
@@ -38,7 +40,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -50,6 +52,7 @@ from deployments.config import LogsConfig, MetricsConfig, ModelConfig, OpenAIMod
 from deployments.errors import PromptfleetError
 from deployments.providers import Provider, build_provider
 from deployments.schemas import ChatReply, ModelCall, ModelReadiness, StreamEnd
+from deployments.schemas.calls import BodyCall
 from deployments.telemetry import LOCAL_WORKER_METRICS, UPSTREAM_WORKER_METRICS, metrics_for
 
 logger = logging.getLogger("ray.serve")
@@ -148,6 +151,60 @@ class ModelWorker:
             yield exc
         finally:
             self._served(call, True, started, outcome, "".join(parts) if parts is not None else None)
+
+    # -- embeddings and text completions: the same conventions as chat -------------------------
+
+    def _capped(self, call: BodyCall) -> dict[str, Any]:
+        body = dict(call.body)
+        if body.get("max_tokens", 0) > self.model.output_limit:
+            body["max_tokens"] = self.model.output_limit
+        return body
+
+    async def _reply(self, call: BodyCall, what: str, answer: Awaitable[dict[str, Any]]) -> ChatResult:
+        request_ids.use(call.request_id)
+        started = time.perf_counter()
+        try:
+            body = await answer
+        except PromptfleetError as exc:
+            self._served_body(what, False, started, exc.code)
+            return exc
+        except BaseException as exc:
+            self._served_body(what, False, started,
+                              "cancelled" if isinstance(exc, asyncio.CancelledError) else "crashed")
+            raise
+        self._served_body(what, False, started, "ok")
+        return ChatReply.of(body)
+
+    def _served_body(self, what: str, stream: bool, started: float, outcome: str) -> None:
+        """The call's log line (no content: inputs and vectors are not logged)."""
+        if self.log_calls:
+            latency_ms = round((time.perf_counter() - started) * 1000, 1)
+            logger.info("served %s %s%s: %s in %.1fms", what, self.model.name, " (stream)" if stream else "",
+                        outcome, latency_ms, extra={"model": self.model.name, "stream": stream,
+                                                    "outcome": outcome, "latency_ms": latency_ms})
+
+    async def embed(self, call: BodyCall) -> ChatResult:
+        """/v1/embeddings: a ``ChatReply`` whose ``completion`` is the embedding response."""
+        return await self._reply(call, "embeddings", self.provider.embed(call.body, call.share))
+
+    async def complete(self, call: BodyCall) -> ChatResult:
+        """/v1/completions, JSON: a ``ChatReply`` whose ``completion`` is the ``text_completion``."""
+        return await self._reply(call, "completions", self.provider.complete(self._capped(call), call.share))
+
+    async def complete_stream(self, call: BodyCall) -> AsyncIterator[StreamItem]:
+        """/v1/completions, streaming: ``text_completion`` chunks, then a ``StreamEnd`` (or an error last)."""
+        request_ids.use(call.request_id)
+        started = time.perf_counter()
+        outcome = "cancelled"
+        try:
+            async for chunk in self.provider.complete_stream(self._capped(call), call.share):
+                yield chunk
+            outcome = "ok"
+        except PromptfleetError as exc:
+            outcome = exc.code
+            yield exc
+        finally:
+            self._served_body("completions", True, started, outcome)
 
     async def describe(self) -> ModelConfig:
         return self.model

@@ -84,9 +84,11 @@ class TaskRunner:
         limiter: DeploymentHandle | None = None,
         admission: AdmissionConfig | None = None,
         metrics: MetricsConfig | None = None,
+        anonymous: str | None = None,
     ) -> None:
         watch_serve_log()
-        self.meter = Meter(store, limiter, admission) if limiter is not None else None
+        # ``anonymous``: record runs without a key under this owner (authentication off).
+        self.meter = Meter(store, limiter, admission, anonymous=anonymous) if limiter is not None else None
         self.tasks = CatalogueFollower(store.task_changes.remote, store.task_version.remote, config.catalogue_poll_s)
         self.tasks.start()
         recorder = metrics_for(metrics)

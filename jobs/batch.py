@@ -72,10 +72,14 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from deployments import names
 from deployments.config import MetricsConfig
+from deployments.core import responses
 from deployments.core.requestids import is_sane, new_request_id
 from deployments.core.retry import BackoffPolicy
 from deployments.errors import Overloaded, PromptfleetError
-from deployments.schemas import BatchChatLine, BatchTaskLine, ChatCompletionRequest
+from deployments.schemas import BatchTaskLine, ChatCompletionRequest
+from deployments.schemas.completions import CompletionRequest
+from deployments.schemas.embeddings import EmbeddingRequest
+from deployments.schemas.responses import ResponseCreate
 from deployments.telemetry import BATCH_DRIVER_METRICS, NULL, Metrics, metrics_for
 
 if TYPE_CHECKING:
@@ -104,6 +108,9 @@ LINE_WAIT_S = 30.0  # how long a line may wait for its slot under the key's rpm/
 EXIT_OK, EXIT_SETUP, EXIT_STOPPED = 0, 3, 130
 
 Result = dict[str, Any] | PromptfleetError
+ModelRequest = ChatCompletionRequest | EmbeddingRequest | CompletionRequest | ResponseCreate
+# The `kind` label of a model line's metric, by url.
+LINE_KINDS = {"/v1/embeddings": "embeddings", "/v1/completions": "completions", "/v1/responses": "responses"}
 
 
 class SetupError(RuntimeError):
@@ -115,7 +122,9 @@ class Backend(Protocol):
 
     def has_model(self, model: str) -> bool: ...
 
-    def chat(self, request: ChatCompletionRequest, request_id: str) -> Awaitable[Result]: ...
+    def chat(self, request: ModelRequest, request_id: str) -> Awaitable[Result]:
+        """A model line's request: chat, embeddings or text completion (by its type)."""
+        ...
 
     def run_task(self, task: str, task_input: dict[str, Any], request_id: str) -> Awaitable[Result]: ...
 
@@ -177,10 +186,19 @@ class ServeBackend:
     def has_model(self, model: str) -> bool:
         return model in self.models
 
-    async def chat(self, request: ChatCompletionRequest, request_id: str) -> Result:
+    async def chat(self, request: ModelRequest, request_id: str) -> Result:
         try:
             calls = await self._calls()
             payer = await self.meter.account(self.key_id) if self.meter is not None else None
+            if isinstance(request, EmbeddingRequest):
+                return await calls.embed(request, payer, wait_s=LINE_WAIT_S, request_id=request_id, background=True)
+            if isinstance(request, ResponseCreate):  # a chat call, in the Responses shape (core.responses)
+                completion = await calls.complete(responses.to_chat(request), payer, wait_s=LINE_WAIT_S,
+                                                  request_id=request_id, background=True, capability="responses")
+                return responses.from_chat(request, completion)
+            if isinstance(request, CompletionRequest):
+                return await calls.text_complete(request, payer, wait_s=LINE_WAIT_S, request_id=request_id,
+                                                 background=True)
             return await calls.complete(request, payer, wait_s=LINE_WAIT_S, request_id=request_id, background=True)
         except PromptfleetError as exc:
             return exc
@@ -309,7 +327,7 @@ class BatchRun:
                                          f"{custom_id!r} appears on an earlier line.", "custom_id", custom_id)
                     elif custom_id is not None:
                         seen.add(custom_id)
-                    if isinstance(item, BatchChatLine) and not self.backend.has_model(item.body.model):
+                    if not isinstance(item, (BatchTaskLine, LineError)) and not self.backend.has_model(item.body.model):
                         item = LineError(number, "model_not_found", f"Line {number}: body.model: the model "
                                          f"{item.body.model!r} does not exist.", "body.model", custom_id)
                     if isinstance(item, LineError):
@@ -337,7 +355,7 @@ class BatchRun:
         self, item: BatchItem, number: int, progress: Progress, writer: OutputWriter, slots: asyncio.Semaphore
     ) -> None:
         request_id = f"{self.options.request_id_prefix}-{number}"
-        kind = "task" if isinstance(item, BatchTaskLine) else "chat"
+        kind = "task" if isinstance(item, BatchTaskLine) else LINE_KINDS.get(item.url, "chat")
         try:
             result = await self._call_with_retries(item, request_id)
             if isinstance(result, PromptfleetError):

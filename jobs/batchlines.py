@@ -32,6 +32,7 @@ from typing import IO, Any
 from pydantic import ValidationError
 
 from deployments.schemas import (
+    BATCH_CHAT_URL,
     BatchChatLine,
     BatchLineError,
     BatchOutputLine,
@@ -39,8 +40,22 @@ from deployments.schemas import (
     BatchResponse,
     BatchTaskLine,
 )
+from deployments.schemas.batches import (
+    BATCH_COMPLETIONS_URL,
+    BATCH_EMBEDDINGS_URL,
+    BATCH_RESPONSES_URL,
+    BatchCompletionLine,
+    BatchEmbeddingLine,
+    BatchResponseLine,
+)
 
-BatchItem = BatchChatLine | BatchTaskLine
+BatchItem = BatchChatLine | BatchEmbeddingLine | BatchCompletionLine | BatchResponseLine | BatchTaskLine
+# The model lines other than chat, by url.
+MODEL_LINES: dict[str, type[BatchChatLine | BatchEmbeddingLine | BatchCompletionLine | BatchResponseLine]] = {
+    BATCH_EMBEDDINGS_URL: BatchEmbeddingLine,
+    BATCH_COMPLETIONS_URL: BatchCompletionLine,
+    BATCH_RESPONSES_URL: BatchResponseLine,
+}
 # A longer input line is not read: it gets a `line_too_large` error line. Eight times the HTTP
 # body limit's default (gateway.max_body_bytes): a line is one request body plus its envelope.
 MAX_LINE_BYTES = 8 * 1024 * 1024
@@ -80,7 +95,11 @@ def parse_line(raw: bytes | str | None, line: int, default_task: str | None = No
     try:
         if is_task:
             return BatchTaskLine.model_validate(data)
-        return BatchChatLine.model_validate(data)
+        url = data.get("url")
+        if isinstance(url, str) and url != BATCH_CHAT_URL and url not in MODEL_LINES:
+            urls = ", ".join([BATCH_CHAT_URL, *MODEL_LINES])
+            return LineError(line, "invalid_request", f"Line {line}: url: must be one of {urls}.", "url", custom_id)
+        return MODEL_LINES.get(url, BatchChatLine).model_validate(data)  # type: ignore[arg-type]
     except ValidationError as exc:
         first = exc.errors()[0]
         param = ".".join(str(part) for part in first["loc"]) or None
@@ -216,8 +235,10 @@ class Progress:
 
     def add_usage(self, usage: Any) -> None:
         if isinstance(usage, dict):
-            for name in ("prompt_tokens", "completion_tokens", "total_tokens"):
-                value = usage.get(name)
+            # A response's usage names them input/output tokens.
+            for name, other in (("prompt_tokens", "input_tokens"), ("completion_tokens", "output_tokens"),
+                                ("total_tokens", "total_tokens")):
+                value = usage.get(name, usage.get(other))
                 if isinstance(value, int):
                     setattr(self, name, getattr(self, name) + value)
 

@@ -76,7 +76,9 @@ def upstream_models(base_url: str) -> list[dict[str, Any]]:
     # A high breaker threshold keeps one test's injected failures from opening the circuit for the next.
     common = {"provider": "openai", "base_url": base_url, "upstream_model": "fake-model", "breaker_threshold": 1000}
     return [
-        {**common, "name": "fake", "timeout_s": 10, "max_retries": 0, "max_concurrency": 256},
+        # Every route (the fake upstream speaks them all); the others keep the default text routes.
+        {**common, "name": "fake", "timeout_s": 10, "max_retries": 0, "max_concurrency": 256,
+         "capabilities": ["chat", "completions", "responses", "embeddings"]},
         {**common, "name": "fake-retry", "timeout_s": 10, "max_retries": 2},
         {**common, "name": "fake-short", "timeout_s": 2, "max_retries": 0},
         # Shared limits (issue 4): 4 replicas share one budget of 300 requests per minute.

@@ -39,8 +39,21 @@ class _Strict(BaseModel):
 
 DEFAULT_ADMISSION_WAIT_S = 30.0
 
+# What a model can be called for: one per OpenAI route family (``deployments.capabilities``).
+Capability = Literal["chat", "completions", "embeddings", "responses"]
+# A generative model serves the text routes unless its config says otherwise.
+TEXT_CAPABILITIES: tuple[Capability, ...] = ("chat", "completions", "responses")
+
 
 class _ModelBase(_Strict):
+    capabilities: list[Capability] = Field(
+        default_factory=lambda: list(TEXT_CAPABILITIES),
+        min_length=1,
+        description="What the model is called for: `chat` (/v1/chat/completions), `completions` "
+        "(/v1/completions), `responses` (/v1/responses), `embeddings` (/v1/embeddings). A call to a route the "
+        "model lacks is a 400 naming `model`; GET /v1/models lists them. Default: the three text routes; an "
+        "embedding model says `[embeddings]`.",
+    )
     fallback_models: list[str] = Field(
         default_factory=list,
         description="Models tried in order when this one fails with a rate limit, an upstream error, "
@@ -85,8 +98,28 @@ class LlamaCppModel(_ModelBase):
         "Empty: `n_ctx` minus a small prompt reserve (the answer must fit the context with its prompt).",
     )
 
+    pooling: Literal["mean", "cls", "last"] = Field(
+        default="mean",
+        description="How an embedding model (`capabilities: [embeddings]`) pools its token vectors into one "
+        "vector per input (llama.cpp's pooling type); vectors are L2-normalized, as OpenAI's are.",
+    )
+    n_batch: int = Field(
+        default=512,
+        ge=32,
+        le=131072,
+        description="Tokens llama.cpp evaluates in one batch. An embedding request's inputs are packed into "
+        "batches of this many tokens (one input may not exceed it nor `n_ctx`).",
+    )
+
     @model_validator(mode="after")
     def _output_fits_context(self) -> LlamaCppModel:
+        if "embeddings" in self.capabilities and len(set(self.capabilities)) > 1:
+            # llama.cpp's embedding context pools instead of producing logits: it cannot also generate.
+            raise ValueError("a llamacpp model with the `embeddings` capability cannot have another one "
+                             "(configure the same GGUF twice: one generating, one embedding)")
+        if "embeddings" in self.capabilities and self.n_batch > self.n_ctx:
+            # The sequences of one batch share the context.
+            raise ValueError(f"n_batch ({self.n_batch}) exceeds n_ctx ({self.n_ctx}) for an embedding model")
         if self.max_output_tokens is not None and self.max_output_tokens > self.n_ctx:
             raise ValueError(f"max_output_tokens ({self.max_output_tokens}) exceeds n_ctx ({self.n_ctx})")
         if self.default_max_tokens > self.output_limit:
@@ -530,6 +563,10 @@ class AppArgs(_Strict):
 
     def model(self, name: str) -> ModelConfig | None:
         return next((m for m in self.models if m.name == name), None)
+
+    def task_models(self) -> dict[str, str]:
+        """Name → provider of the models tasks may run on: those that chat (tasks call chat)."""
+        return {m.name: m.provider for m in self.models if "chat" in m.capabilities}
 
 
 def embedded_model_path() -> Path:

@@ -54,6 +54,8 @@ def reply_tokens(completion: dict[str, Any]) -> int:
     for choice in completion.get("choices") or ():
         message = choice.get("message") if isinstance(choice, dict) else None
         text = _content_text(message.get("content")) if isinstance(message, dict) else ""
+        if not text and isinstance(choice, dict) and isinstance(choice.get("text"), str):
+            text = choice["text"]  # a /v1/completions choice
         total += max(1, text_tokens(text))
     return total
 
@@ -74,6 +76,11 @@ class StreamCounter:
         for choice in chunk.get("choices") or ():
             delta = choice.get("delta") if isinstance(choice, dict) else None
             if not isinstance(delta, dict):
+                # A /v1/completions chunk carries its text on the choice itself.
+                piece = choice.get("text") if isinstance(choice, dict) else None
+                if isinstance(piece, str) and piece:
+                    self.pieces += 1
+                    self.chars += len(piece)
                 continue
             text = _content_text(delta.get("content"))
             for call in delta.get("tool_calls") or ():

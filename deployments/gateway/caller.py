@@ -35,7 +35,7 @@ class Caller:
         return self.is_admin or (self.entry is not None and self.entry.key.scope == "prompts")
 
 
-ANONYMOUS = Caller(owner="anonymous")
+ANONYMOUS = Caller(owner="anonymous")  # store.keys.ANONYMOUS_OWNER: its usage is recorded under it
 
 
 async def get_caller(request: Request) -> Caller:

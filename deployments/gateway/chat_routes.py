@@ -40,7 +40,8 @@ class ChatRoutes:
         started = int(time.time())
         self.cards = ModelList(
             data=[
-                ModelCard(id=m.name, created=started, owned_by=f"promptfleet:{m.provider}")
+                ModelCard(id=m.name, created=started, owned_by=f"promptfleet:{m.provider}",
+                          capabilities=list(m.capabilities))
                 for m in calls.models.values()
             ]
         )

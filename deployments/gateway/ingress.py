@@ -1,6 +1,7 @@
 """Gateway: the FastAPI ingress of promptfleet.
 
-Serves: the OpenAI-compatible routes (``chat_routes``), tasks and runs
+Serves: the OpenAI-compatible routes (``chat_routes``, ``embedding_routes``,
+``completion_routes``), tasks and runs
 (``task_routes``), task management for prompt owners (``prompt_routes``), keys and
 usage (``admin_routes``), ``/healthz`` and ``/readyz`` (``health``), the OpenAPI page at
 ``/docs`` (its Swagger UI files served from the ``fastapi-swagger`` package: no CDN) and the
@@ -60,17 +61,21 @@ from deployments.gateway.admin_routes import KeyAdmin, build_admin_router
 from deployments.gateway.auth import Authenticator
 from deployments.gateway.batch_routes import FILES_PATH, build_batch_router
 from deployments.gateway.chat_routes import ChatRoutes
+from deployments.gateway.completion_routes import build_completion_router
+from deployments.gateway.embedding_routes import build_embedding_router
 from deployments.gateway.files import FORM_OVERHEAD_BYTES
 from deployments.gateway.health import HealthCheck
 from deployments.gateway.listener import Listener
 from deployments.gateway.prompt_routes import build_prompt_router
 from deployments.gateway.protocol import ListenerLimits
 from deployments.gateway.request_metrics import RequestMetrics
+from deployments.gateway.responses_routes import ResponsesRoutes
 from deployments.gateway.task_routes import build_task_router
 from deployments.logs import watch_serve_log
 from deployments.metering import Meter
 from deployments.model_calls import HandleTransport, ModelCalls
 from deployments.schemas import CatalogueStatus, Liveness, Readiness
+from deployments.store.keys import ANONYMOUS_OWNER
 from deployments.telemetry import GATEWAY_METRICS, metrics_for
 
 logger = logging.getLogger("ray.serve")
@@ -251,7 +256,8 @@ class Gateway:
         if args.auth.enabled and admin_key is None:
             logger.warning("auth is enabled but $%s is not set: no admin key", args.auth.admin_key_env)
         self.auth = Authenticator(args.auth, store, admin_key)
-        self.meter = Meter(store, limiter, args.admission)
+        self.meter = Meter(store, limiter, args.admission,
+                           anonymous=None if args.auth.enabled else ANONYMOUS_OWNER)
         self.metrics = metrics_for(args.metrics)
         self.metrics.declare(*GATEWAY_METRICS)
         self.tasks = CatalogueFollower(
@@ -264,8 +270,12 @@ class Gateway:
             catalogue=self.tasks.status,
         )
         self.liveness = Liveness(status="ok", node=self.health.node)
+        calls = ModelCalls(args.models, HandleTransport(workers), self.meter, self.metrics)
         self.routers = [
-            ChatRoutes(ModelCalls(args.models, HandleTransport(workers), self.meter, self.metrics)).router(),
+            ChatRoutes(calls).router(),
+            ResponsesRoutes(calls).router(),
+            build_embedding_router(calls),
+            build_completion_router(calls),
             build_task_router(self.tasks, store, runner, self.meter, args.auth.enabled),
             build_prompt_router(args, self.tasks, store),
             build_admin_router(store, self.auth, self.meter, batches),

@@ -70,7 +70,7 @@ def version_view(version: TaskVersion, with_source: bool = False) -> TaskVersion
 def build_prompt_router(args: AppArgs, tasks: CatalogueFollower, store: DeploymentHandle) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["task management"])
     enabled = args.auth.enabled
-    models = {m.name: m.provider for m in args.models}
+    models = args.task_models()
     prompts = Depends(checked_caller(require_prompts, enabled))  # a default, not Annotated: see auth.checked_caller
 
     async def refresh() -> None:

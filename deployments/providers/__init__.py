@@ -1,7 +1,8 @@
 """Providers: what a worker holds to produce completions.
 
 A provider turns an OpenAI-shaped chat body into a completion dict or a stream
-of chunk dicts ended by one ``schemas.StreamEnd`` (the usage of the generation,
+of chunk dicts ended by one ``schemas.StreamEnd`` (and likewise a /v1/completions body;
+an embeddings body into an embedding response) (the usage of the generation,
 whether or not the client asked for a usage chunk), and raises only
 ``deployments.errors`` exceptions. The body's ``max_tokens`` is within the
 model's ``output_limit`` (``ModelWorker`` sees to it).
@@ -28,6 +29,18 @@ class Provider(Protocol):
     async def chat(self, body: dict[str, Any], share: Share | None = None) -> dict[str, Any]: ...
 
     def stream(self, body: dict[str, Any], share: Share | None = None) -> AsyncIterator[dict[str, Any] | StreamEnd]: ...
+
+    async def embed(self, body: dict[str, Any], share: Share | None = None) -> dict[str, Any]:
+        """An OpenAI embedding response (``list`` of ``embedding`` objects, usage) for a validated body."""
+        ...
+
+    async def complete(self, body: dict[str, Any], share: Share | None = None) -> dict[str, Any]:
+        """A ``text_completion`` for a validated /v1/completions body."""
+        ...
+
+    def complete_stream(
+        self, body: dict[str, Any], share: Share | None = None
+    ) -> AsyncIterator[dict[str, Any] | StreamEnd]: ...
 
     async def close(self) -> None: ...
 

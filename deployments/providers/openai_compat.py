@@ -44,6 +44,8 @@ from deployments.errors import (
 )
 from deployments.providers.admission import UpstreamGuard
 from deployments.schemas import Share, StreamEnd, Usage
+from deployments.schemas.completions import DEFAULT_MAX_TOKENS
+from deployments.schemas.inputs import item_tokens, items
 from deployments.telemetry import NULL, Metrics
 
 # openai >= 3 runs on httpx2 (the successor of httpx, same API): clients, timeouts and the
@@ -63,6 +65,11 @@ def outcome(error: PromptfleetError) -> str:
     if isinstance(error, InvalidRequest):
         return "rejected"
     return "error"
+
+
+def input_tokens(value: Any) -> int:
+    """Estimated tokens of an embedding request's ``input`` (exact for token arrays)."""
+    return sum(item_tokens(item) for item in items(value)) if value else 0
 
 
 def translate_upstream_error(exc: Exception, model: str, max_retry_after_s: float = 60.0) -> PromptfleetError:
@@ -139,11 +146,24 @@ class OpenAIProvider:
         )
 
     async def chat(self, body: dict[str, Any], share: Share | None = None) -> dict[str, Any]:
-        payload = {**body, "model": self.upstream_model, "stream": False}
+        return await self._json("/chat/completions", body, self.estimate(body), share)
+
+    async def embed(self, body: dict[str, Any], share: Share | None = None) -> dict[str, Any]:
+        """Forwarded to the upstream's /embeddings (``dimensions``, ``encoding_format`` as sent)."""
+        return await self._json("/embeddings", body, input_tokens(body.get("input")), share)
+
+    async def complete(self, body: dict[str, Any], share: Share | None = None) -> dict[str, Any]:
+        """Forwarded to the upstream's /completions."""
+        return await self._json("/completions", body, self.completion_estimate(body), share)
+
+    async def _json(self, path: str, body: dict[str, Any], tokens: int, share: Share | None) -> dict[str, Any]:
+        payload = {**body, "model": self.upstream_model}
+        if path != "/embeddings":
+            payload["stream"] = False
 
         async def attempt(remaining_s: float) -> dict[str, Any]:
             result = await self.client.post(
-                "/chat/completions",
+                path,
                 cast_to=object,
                 body=payload,
                 options={"timeout": self._timeout(remaining_s)},
@@ -152,10 +172,10 @@ class OpenAIProvider:
                 raise UpstreamError(f"The upstream for model '{self.config.name}' sent a non-JSON answer.")
             return result
 
-        tokens = self.estimate(body)
         result = await self._call_with_retries(attempt, tokens, share)
-        usage = Usage.of(result.get("usage"))
-        self.guard.settle(tokens, usage.total_tokens if usage is not None else tokens)
+        usage = result.get("usage")
+        used = usage.get("total_tokens") if isinstance(usage, dict) else None
+        self.guard.settle(tokens, used if isinstance(used, int) else tokens)
         result["model"] = self.config.name
         return result
 
@@ -164,8 +184,25 @@ class OpenAIProvider:
         requested = body.get("max_completion_tokens") or body.get("max_tokens")
         return prompt_tokens(body.get("messages", ())) + completion_budget(requested, self.config.output_limit)
 
-    async def stream(
+    def completion_estimate(self, body: dict[str, Any]) -> int:
+        """Tokens to book for a /completions call: the prompts, and the output asked for each (bounded)."""
+        prompts = items(body["prompt"]) if "prompt" in body else []
+        per_prompt = completion_budget(body.get("max_tokens") or DEFAULT_MAX_TOKENS, self.config.output_limit)
+        return sum(item_tokens(p) for p in prompts) + per_prompt * max(len(prompts), 1) * (body.get("n") or 1)
+
+    def stream(self, body: dict[str, Any], share: Share | None = None) -> AsyncIterator[dict[str, Any] | StreamEnd]:
+        return self._sse("/chat/completions", body, self.estimate(body),
+                         prompt_tokens(body.get("messages", ())), share)
+
+    def complete_stream(
         self, body: dict[str, Any], share: Share | None = None
+    ) -> AsyncIterator[dict[str, Any] | StreamEnd]:
+        """Forwarded to the upstream's /completions as a stream."""
+        prompt = sum(item_tokens(p) for p in items(body["prompt"]))
+        return self._sse("/completions", body, self.completion_estimate(body), prompt, share)
+
+    async def _sse(
+        self, path: str, body: dict[str, Any], tokens: int, prompt_estimate: int, share: Share | None
     ) -> AsyncIterator[dict[str, Any] | StreamEnd]:
         client_wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         payload = {
@@ -177,7 +214,7 @@ class OpenAIProvider:
 
         async def open_stream(remaining_s: float) -> AsyncStream[object]:
             return await self.client.post(
-                "/chat/completions",
+                path,
                 cast_to=object,
                 body=payload,
                 options={"timeout": self._timeout(remaining_s)},
@@ -186,7 +223,6 @@ class OpenAIProvider:
             )
 
         # Retries cover opening the stream only: once a chunk went out, a retry would duplicate text.
-        tokens = self.estimate(body)
         upstream = await self._call_with_retries(open_stream, tokens, share)
         usage: Usage | None = None
         counter = StreamCounter()
@@ -206,8 +242,7 @@ class OpenAIProvider:
         finally:
             # Closing the response stops the upstream generation when our client went away.
             await upstream.close()
-            used = usage.total_tokens if usage is not None else (
-                prompt_tokens(body.get("messages", ())) + counter.completion_tokens)
+            used = usage.total_tokens if usage is not None else prompt_estimate + counter.completion_tokens
             self.guard.settle(tokens, used)
 
     async def close(self) -> None:

@@ -13,8 +13,16 @@ from pydantic import BaseModel, Field, field_validator
 
 from deployments.schemas.base import OpenAIBody, OwnBody
 from deployments.schemas.chat import ChatCompletionRequest
+from deployments.schemas.completions import CompletionRequest
+from deployments.schemas.embeddings import EmbeddingRequest
+from deployments.schemas.responses import ResponseCreate
 
 BATCH_CHAT_URL = "/v1/chat/completions"
+BATCH_EMBEDDINGS_URL = "/v1/embeddings"
+BATCH_COMPLETIONS_URL = "/v1/completions"
+BATCH_RESPONSES_URL = "/v1/responses"
+# A batch's endpoint; its lines may use any of these urls (and task lines), mixed in one file.
+BatchEndpoint = Literal["/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/responses"]
 
 
 class BatchChatLine(OwnBody):
@@ -22,12 +30,54 @@ class BatchChatLine(OwnBody):
 
     custom_id: str = Field(min_length=1, max_length=512, description="Caller's id; unique within a batch.")
     method: Literal["POST"] = Field(description="Always `POST`.")
-    url: Literal["/v1/chat/completions"] = Field(description="The endpoint; only chat completions.")
+    url: Literal["/v1/chat/completions"] = Field(description="The endpoint: `/v1/chat/completions` here; "
+                                                 "`/v1/embeddings` and `/v1/completions` lines may be mixed in.")
     body: ChatCompletionRequest = Field(description="A POST /v1/chat/completions body (`model` required).")
 
     @field_validator("body")
     @classmethod
     def _not_streaming(cls, value: ChatCompletionRequest) -> ChatCompletionRequest:
+        if value.stream:
+            raise ValueError("stream must be false in a batch")
+        return value
+
+
+class BatchEmbeddingLine(OwnBody):
+    """An input line of the OpenAI batch format: one embeddings request."""
+
+    custom_id: str = Field(min_length=1, max_length=512, description="Caller's id; unique within a batch.")
+    method: Literal["POST"] = Field(description="Always `POST`.")
+    url: Literal["/v1/embeddings"] = Field(description="The endpoint.")
+    body: EmbeddingRequest = Field(description="A POST /v1/embeddings body (`model` required).")
+
+
+class BatchCompletionLine(OwnBody):
+    """An input line of the OpenAI batch format: one legacy text completion request."""
+
+    custom_id: str = Field(min_length=1, max_length=512, description="Caller's id; unique within a batch.")
+    method: Literal["POST"] = Field(description="Always `POST`.")
+    url: Literal["/v1/completions"] = Field(description="The endpoint.")
+    body: CompletionRequest = Field(description="A POST /v1/completions body (`model` required).")
+
+    @field_validator("body")
+    @classmethod
+    def _not_streaming(cls, value: CompletionRequest) -> CompletionRequest:
+        if value.stream:
+            raise ValueError("stream must be false in a batch")
+        return value
+
+
+class BatchResponseLine(OwnBody):
+    """An input line of the OpenAI batch format: one response (``core.responses``: a chat call)."""
+
+    custom_id: str = Field(min_length=1, max_length=512, description="Caller's id; unique within a batch.")
+    method: Literal["POST"] = Field(description="Always `POST`.")
+    url: Literal["/v1/responses"] = Field(description="The endpoint.")
+    body: ResponseCreate = Field(description="A POST /v1/responses body (`model` required).")
+
+    @field_validator("body")
+    @classmethod
+    def _not_streaming(cls, value: ResponseCreate) -> ResponseCreate:
         if value.stream:
             raise ValueError("stream must be false in a batch")
         return value
@@ -110,8 +160,10 @@ class BatchCreate(OpenAIBody):
     """POST /v1/batches. Unknown fields (newer client options) are accepted and ignored."""
 
     input_file_id: str = Field(min_length=1, max_length=64, description="A file uploaded with purpose `batch`.")
-    endpoint: Literal["/v1/chat/completions"] = Field(description="Only `/v1/chat/completions`; task "
-                                                    "lines (`custom_id`, `task`, `input`) may be mixed in.")
+    endpoint: BatchEndpoint = Field(description="`/v1/chat/completions`, `/v1/embeddings`, `/v1/completions` or "
+                                    "`/v1/responses`; "
+                                    "lines of the other endpoints and task lines (`custom_id`, `task`, `input`) "
+                                    "may be mixed in.")
     completion_window: Literal["24h"] = Field(description="Only `24h` (not enforced: batches run to the end).")
     metadata: dict[str, str] | None = Field(default=None, description="Up to 16 string pairs, kept as given.")
 

@@ -99,3 +99,27 @@ class StreamEnd(BaseModel):
     """The last item of a worker's stream: what the generation used (None if the provider did not say)."""
 
     usage: Usage | None = None
+
+
+class BodyCall(BaseModel):
+    """One embeddings or text-completion call for a ModelWorker (``embed``, ``complete``,
+    ``complete_stream``): the OpenAI body the Gateway validated (``EmbeddingRequest`` /
+    ``CompletionRequest``, only the fields the client set; ``model`` is the configured model the call
+    is for, after fallbacks), its request id and payer. The answer is a ``ChatReply`` (its
+    ``completion`` is the route's response body) or, streaming, chunk dicts then a ``StreamEnd``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    body: dict[str, Any] = Field(description="The validated request body.")
+    request_id: str = Field(description="Id of the request this call serves (logs, error bodies).")
+    share: Share | None = Field(default=None, description="Who pays, for a limited model's fair share.")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Plain data across the handle (as ModelCall): the share as a tuple.
+        share = None if self.share is None else (self.share.tenant, self.share.weight, self.share.background)
+        return (_body_call, (self.body, self.request_id, share))
+
+
+def _body_call(body: dict[str, Any], request_id: str, share: tuple[str, float | None, bool] | None) -> BodyCall:
+    shared = None if share is None else Share.model_construct(tenant=share[0], weight=share[1], background=share[2])
+    return BodyCall.model_construct(body=body, request_id=request_id, share=shared)

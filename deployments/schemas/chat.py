@@ -12,6 +12,7 @@ from deployments.schemas.base import OpenAIBody, check_depth
 # arithmetic or a C library (a 400-digit `max_tokens` is a 400 naming the field). A model's own
 # output limit (`max_output_tokens` in its config) is checked on top, by the model call path.
 MAX_TOKENS_LIMIT = 1_048_576
+MAX_CHOICES = 8  # `n`: a local model generates them one after another
 INT64_MAX = 2**63 - 1
 
 
@@ -23,14 +24,44 @@ class ChatMessage(OpenAIBody):
         default=None, description="Text, or a list of content parts (`{type: text, text}`)."
     )
     name: str | None = Field(default=None, description="Optional participant name.")
+    tool_calls: list[dict[str, Any]] | None = Field(
+        default=None, description="An assistant message's calls: `{id, type: function, function: {name, arguments}}`."
+    )
+    tool_call_id: str | None = Field(default=None, description="A `tool` message: the id of the call it answers.")
 
-    _content_depth = field_validator("content")(classmethod(lambda cls, value: check_depth(value)))
+    _content_depth = field_validator("content", "tool_calls")(classmethod(lambda cls, value: check_depth(value)))
 
 
 class StreamOptions(OpenAIBody):
     include_usage: bool = Field(
         default=False, strict=True, description="Send a last chunk with `usage` and empty `choices`."
     )
+
+
+class FunctionDef(OpenAIBody):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$", description="Function name (letters, digits, _ and -).")
+    description: str | None = Field(default=None, description="What the function does, for the model.")
+    parameters: dict[str, Any] | None = Field(
+        default=None, description="JSON Schema of the arguments (an object); a local model's grammar holds the "
+        "arguments to it."
+    )
+    strict: bool | None = Field(default=None, description="Upstream: OpenAI's strict schema adherence.")
+
+    _schema_depth = field_validator("parameters")(classmethod(lambda cls, value: check_depth(value)))
+
+
+class Tool(OpenAIBody):
+    type: Literal["function"] = Field(description="Only function tools.")
+    function: FunctionDef = Field(description="The function the model may call.")
+
+
+class NamedFunction(OpenAIBody):
+    name: str = Field(description="The function to call.")
+
+
+class NamedToolChoice(OpenAIBody):
+    type: Literal["function"] = Field(description="`function`.")
+    function: NamedFunction = Field(description="The function the model must call.")
 
 
 class ResponseFormat(OpenAIBody):
@@ -76,7 +107,9 @@ class ChatCompletionRequest(OpenAIBody):
     top_p: float | None = Field(
         default=None, strict=True, allow_inf_nan=False, gt=0, le=1, description="Nucleus sampling."
     )
-    n: int = Field(default=1, strict=True, description="Number of choices; only 1 is supported.")
+    n: int = Field(
+        default=1, strict=True, ge=1, le=MAX_CHOICES, description=f"Number of choices (at most {MAX_CHOICES})."
+    )
     stop: str | list[str] | None = Field(default=None, description="Stop sequence(s), at most 4.")
     seed: int | None = Field(
         default=None, strict=True, ge=-INT64_MAX - 1, le=INT64_MAX, description="Sampling seed (64-bit)."
@@ -98,13 +131,26 @@ class ChatCompletionRequest(OpenAIBody):
         default=None, description="`text`, `json_object` or `json_schema` (grammar-constrained locally)."
     )
     user: str | None = Field(default=None, description="End-user id, for the operator's records.")
+    tools: list[Tool] | None = Field(
+        default=None, max_length=128, description="Functions the model may call (grammar-constrained locally)."
+    )
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        default=None, description="`none`, `auto` (default with tools), `required`, or `{type: function, function: "
+        "{name}}`."
+    )
+    parallel_tool_calls: bool | None = Field(
+        default=None, strict=True, description="Upstream: several calls per turn. A local model makes one."
+    )
 
     # Field validators (not one model validator) so a 400 names the offending field.
-    @field_validator("n")
+    @field_validator("tool_choice")
     @classmethod
-    def _one_choice(cls, value: int) -> int:
-        if value != 1:
-            raise ValueError("only n=1 is supported")
+    def _choice_has_tools(cls, value: Any, info: ValidationInfo) -> Any:
+        tools = info.data.get("tools") or []
+        if isinstance(value, NamedToolChoice) and value.function.name not in {t.function.name for t in tools}:
+            raise ValueError(f"function {value.function.name!r} is not in tools")
+        if value == "required" and not tools:
+            raise ValueError("'required' needs tools")
         return value
 
     @field_validator("stop")
@@ -147,6 +193,11 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int = Field(description="Unix time the application started.")
     owned_by: str = Field(description="`promptfleet` and the provider kind, e.g. `promptfleet:llamacpp`.")
+    capabilities: list[str] = Field(
+        default_factory=list,
+        description="What the model is called for: `chat`, `completions`, `responses`, `embeddings` "
+        "(a promptfleet extension of OpenAI's model object; the openai client keeps it as an extra field).",
+    )
 
 
 class ModelList(BaseModel):

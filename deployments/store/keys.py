@@ -39,6 +39,9 @@ SCOPES = ("tenant", "prompts")
 DEFAULT_LIST_LIMIT = 20  # OpenAI's admin key list: 20 by default, at most 100
 MAX_LIST_LIMIT = 100
 _KEY_ID = re.compile(r"key_[0-9a-f]{16}")
+# Usage of calls without a key (authentication off) is recorded under this owner
+# (``metering.Meter(anonymous=...)``); it is no key id, but its usage can be read like one.
+ANONYMOUS_OWNER = "anonymous"
 _KEY_HASH = re.compile(r"[0-9a-f]{64}")
 
 
@@ -326,7 +329,7 @@ class KeyStore(DatabaseBacked):
     ) -> tuple[list[dict[str, Any]], str | None]:
         """A page of usage rows (newest day first, then key and model) and the next page's cursor;
         every key's when ``key_id`` is empty, days ``since``..``until`` (YYYY-MM-DD, both included)."""
-        if key_id and _KEY_ID.fullmatch(key_id) is None:
+        if key_id and key_id != ANONYMOUS_OWNER and _KEY_ID.fullmatch(key_id) is None:
             return [], None  # not a key id, so no key's usage (and no NUL reaches PostgreSQL)
         with self._db.autocommit() as tx:
             return usage_rows.page(tx, key_id=key_id or None, since=since, until=until, limit=limit, cursor=cursor)

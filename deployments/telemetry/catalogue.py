@@ -168,7 +168,8 @@ OLDEST_QUEUED = _spec(
     unit="s")
 BATCH_LINES = _spec(
     "batch_lines", C, ("kind", "outcome"),
-    "Batch lines processed by batch jobs, kind=chat|task|invalid (a line that could not be run), "
+    "Batch lines processed by batch jobs, kind=chat|embeddings|completions|task|invalid (a line that could "
+    "not be run), "
     "outcome=done|failed.",
     "Batch throughput and failure rate.",
     unit="short")

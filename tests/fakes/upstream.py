@@ -4,6 +4,9 @@ Serves, over real HTTP (raw ASGI under uvicorn; httptools + uvloop when installe
 
     POST /v1/chat/completions  OpenAI chat completion; ``"stream": true`` answers SSE chunks and
                                ``stream_options.include_usage`` adds a usage chunk before [DONE]
+    POST /v1/embeddings        deterministic unit vectors (``fake_vector``; ``dimensions`` long,
+                               default 8; ``encoding_format: base64`` as OpenAI encodes it)
+    POST /v1/completions       ``"echo: " + <prompt>`` per prompt, JSON or SSE ``text_completion``
     GET  /v1/models[/<id>]     ``fake-model`` (a requested id is echoed back)
     POST /_control/config      ``{"mode": ..., **params}`` replaces the fault config (400 if bad)
     POST /_control/reset       back to the start-up config (mode ``ok``), zeroed stats
@@ -13,7 +16,9 @@ Serves, over real HTTP (raw ASGI under uvicorn; httptools + uvloop when installe
 
 Answers are deterministic: ``"echo: " + <last user message>`` cut to 200 characters, or with
 ``response_format`` ``json_object`` / ``json_schema`` a JSON document (for a schema, the instance
-built by :func:`minimal_instance`).
+built by :func:`minimal_instance`). With ``tools`` (and ``tool_choice`` not ``none``; for ``auto``,
+unless the last message is a tool result) the answer is one call of the named or first function,
+its arguments the minimal instance of its parameters (streamed as OpenAI streams tool calls).
 
 Fault modes (:class:`FaultConfig`): ``ok`` (optional ``latency_ms``), ``rate_limit`` (429 with
 ``Retry-After``), ``error`` (500), ``slow`` (``delay_s``, then normal), ``hang`` (no answer until
@@ -35,13 +40,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import collections
 import dataclasses
+import hashlib
 import http.client
 import json
 import logging
 import signal
 import socket
+import struct
 import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -178,8 +186,8 @@ class FakeUpstreamApp:
                 (v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
             key = self.control.config.api_key
             authorized = key is None or authorization == f"Bearer {key}"
-            if method == "POST" and path == "/v1/chat/completions":
-                await self._chat(receive, send, authorization, authorized)
+            if method == "POST" and path in _ROUTES:
+                await self._chat(receive, send, authorization, authorized, _ROUTES[path])
             elif not authorized:
                 await _error(send, 401, "Incorrect API key provided.", "invalid_request_error",
                              "invalid_api_key")
@@ -208,7 +216,7 @@ class FakeUpstreamApp:
                          "not_found")
 
     async def _chat(
-        self, receive: Receive, send: Send, authorization: str | None, authorized: bool
+        self, receive: Receive, send: Send, authorization: str | None, authorized: bool, kind: str = "chat"
     ) -> None:
         body = await _read_body(receive)
         config = self.control.begin_call(authorization, authorized)
@@ -225,7 +233,7 @@ class FakeUpstreamApp:
                 await _error(send, 400, "The body is not a JSON object.", "invalid_request_error",
                              "invalid_json")
                 return
-            self.control.record_prompt(_last_user_text(request))
+            self.control.record_prompt(_last_user_text(request) if kind == "chat" else _prompt_text(request))
             stream, mode = bool(request.get("stream")), config.mode
             if mode == "rate_limit":
                 await _error(send, 429, "Rate limit reached (injected by the fake upstream).",
@@ -241,13 +249,16 @@ class FakeUpstreamApp:
             else:
                 if mode == "ok" and config.latency_ms > 0:
                     await asyncio.sleep(config.latency_ms / 1000)
-                if stream:
-                    await _stream(send, request, drop=mode in ("drop_stream", "stall_stream"))
+                if kind == "embeddings":
+                    await _embeddings(send, request)
+                elif stream:
+                    streamer = _stream if kind == "chat" else _text_stream
+                    await streamer(send, request, drop=mode in ("drop_stream", "stall_stream"))
                     if mode == "stall_stream":
                         # Two chunks, then nothing until the client hangs up (counted in in_flight).
                         await self._wait(receive, None)
                 else:
-                    await _complete(send, request)
+                    await (_complete if kind == "chat" else _text_complete)(send, request)
         finally:
             self.control.end_call()
 
@@ -325,10 +336,30 @@ def _head(request: dict[str, Any], obj: str) -> dict[str, Any]:
             "created": int(time.time()), "model": request.get("model", "fake-model")}
 
 
+def _tool_call(request: dict[str, Any]) -> dict[str, Any] | None:
+    """The call the fake makes: with tools, unless ``tool_choice`` is ``none`` or (``auto``) the last
+    message is a tool result; the named function or the first, arguments built from its schema."""
+    tools = [t.get("function") or {} for t in request.get("tools") or [] if isinstance(t, dict)]
+    choice = request.get("tool_choice") or "auto"
+    messages = request.get("messages") or [{}]
+    if not tools or choice == "none" or (choice == "auto" and messages[-1].get("role") == "tool"):
+        return None
+    if isinstance(choice, dict):
+        tools = [t for t in tools if t.get("name") == (choice.get("function") or {}).get("name")] or tools
+    function = tools[0]
+    arguments = minimal_instance(function.get("parameters") or {"type": "object"})
+    return {"id": f"call_fake{time.monotonic_ns():x}", "type": "function",
+            "function": {"name": function.get("name"), "arguments": json.dumps(arguments)}}
+
+
 async def _complete(send: Send, request: dict[str, Any]) -> None:
-    content = _answer(request)
-    message = {"role": "assistant", "content": content}
+    call = _tool_call(request)
+    content = _answer(request) if call is None else ""
+    message: dict[str, Any] = {"role": "assistant", "content": content}
     choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
+    if call is not None:
+        message.update(content=None, tool_calls=[call])
+        choice["finish_reason"] = "tool_calls"
     await _respond(send, 200, {**_head(request, "chat.completion"), "choices": [choice],
                                "usage": _usage(request, content)})
 
@@ -344,10 +375,18 @@ async def _stream(send: Send, request: dict[str, Any], drop: bool) -> None:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
         return b"data: " + json.dumps({**head, "choices": [choice]}).encode() + b"\n\n"
 
-    step = max(1, -(-len(content) // 4))  # ceil: at most 4 content pieces
+    call = _tool_call(request)
     events = [event({"role": "assistant", "content": ""})]
+    if call is not None:
+        content, arguments = "", call["function"]["arguments"]
+        events.append(event({"tool_calls": [{"index": 0, "id": call["id"], "type": "function",
+                                              "function": {"name": call["function"]["name"], "arguments": ""}}]}))
+        half = len(arguments) // 2
+        events += [event({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+                   for piece in (arguments[:half], arguments[half:]) if piece]
+    step = max(1, -(-len(content) // 4))  # ceil: at most 4 content pieces
     events += [event({"content": content[i:i + step]}) for i in range(0, len(content), step)]
-    events.append(event({}, "stop"))
+    events.append(event({}, "stop" if call is None else "tool_calls"))
     if include_usage:
         last = {**head, "choices": [], "usage": _usage(request, content)}
         events.append(b"data: " + json.dumps(last).encode() + b"\n\n")
@@ -356,6 +395,90 @@ async def _stream(send: Send, request: dict[str, Any], drop: bool) -> None:
     for data in events[:2] if drop else events:
         await send({"type": "http.response.body", "body": data, "more_body": True})
     if not drop:  # returning mid-body makes uvicorn close the connection: a truncated stream
+        await send({"type": "http.response.body", "body": b""})
+
+
+# The model routes: each one answers in its own shape, with the same fault modes.
+_ROUTES = {"/v1/chat/completions": "chat", "/v1/embeddings": "embeddings", "/v1/completions": "completions"}
+FAKE_DIMENSIONS = 8  # length of the fake's embedding vectors unless a request sets `dimensions`
+
+
+def _prompt_text(request: dict[str, Any]) -> str:
+    """The text of an embeddings `input` or a completions `prompt` (strings joined; token ids as numbers)."""
+    value = request.get("input", request.get("prompt"))
+    if isinstance(value, list):
+        return " ".join(v if isinstance(v, str) else json.dumps(v) for v in value)
+    return str(value or "")
+
+
+def _items(value: Any) -> list[Any]:
+    if isinstance(value, list) and value and isinstance(value[0], (str, list)):
+        return value
+    return [value]
+
+
+def fake_vector(item: Any, dimensions: int = FAKE_DIMENSIONS) -> list[float]:
+    """A deterministic unit vector for one input (a string or a token list)."""
+    digest = hashlib.sha256(json.dumps(item).encode()).digest()
+    raw = [(digest[i % len(digest)] - 127.5) / 127.5 for i in range(dimensions)]
+    norm = sum(v * v for v in raw) ** 0.5 or 1.0
+    return [v / norm for v in raw]
+
+
+async def _embeddings(send: Send, request: dict[str, Any]) -> None:
+    items = _items(request.get("input"))
+    dimensions = request.get("dimensions") or FAKE_DIMENSIONS
+    data = []
+    for index, item in enumerate(items):
+        vector: Any = fake_vector(item, dimensions)
+        if request.get("encoding_format") == "base64":
+            vector = base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode()
+        data.append({"object": "embedding", "index": index, "embedding": vector})
+    tokens = sum(len(i) if isinstance(i, list) else len(str(i).split()) for i in items)
+    await _respond(send, 200, {"object": "list", "data": data, "model": request.get("model", "fake-model"),
+                               "usage": {"prompt_tokens": tokens, "total_tokens": tokens}})
+
+
+def _text_answer(prompt: Any) -> str:
+    return ("echo: " + (prompt if isinstance(prompt, str) else json.dumps(prompt)))[:200]
+
+
+def _text_usage(prompts: list[Any], texts: list[str]) -> dict[str, int]:
+    prompt = sum(len(p) if isinstance(p, list) else len(str(p).split()) for p in prompts)
+    completion = sum(len(t.split()) for t in texts)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _text_complete(send: Send, request: dict[str, Any]) -> None:
+    prompts = _items(request.get("prompt"))
+    texts = [_text_answer(p) for p in prompts]
+    choices = [{"index": i, "text": t, "logprobs": None, "finish_reason": "stop"} for i, t in enumerate(texts)]
+    head = {**_head(request, "text_completion"), "id": f"cmpl-fake{time.monotonic_ns():x}"}
+    await _respond(send, 200, {**head, "choices": choices, "usage": _text_usage(prompts, texts)})
+
+
+async def _text_stream(send: Send, request: dict[str, Any], drop: bool) -> None:
+    prompts = _items(request.get("prompt"))
+    texts = [_text_answer(p) for p in prompts]
+    head = {**_head(request, "text_completion"), "id": f"cmpl-fake{time.monotonic_ns():x}"}
+
+    def event(index: int, text: str, finish: str | None = None) -> bytes:
+        choice = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+        return b"data: " + json.dumps({**head, "choices": [choice]}).encode() + b"\n\n"
+
+    events = []
+    for index, text in enumerate(texts):
+        step = max(1, -(-len(text) // 4))
+        events += [event(index, text[i:i + step]) for i in range(0, len(text), step)]
+        events.append(event(index, "", "stop"))
+    if (request.get("stream_options") or {}).get("include_usage"):
+        last = {**head, "choices": [], "usage": _text_usage(prompts, texts)}
+        events.append(b"data: " + json.dumps(last).encode() + b"\n\n")
+    events.append(b"data: [DONE]\n\n")
+    await send({"type": "http.response.start", "status": 200, "headers": _SSE})
+    for data in events[:2] if drop else events:
+        await send({"type": "http.response.body", "body": data, "more_body": True})
+    if not drop:
         await send({"type": "http.response.body", "body": b""})
 
 

@@ -109,6 +109,42 @@ class FakeWorkers:
         self.streams.append(stream)
         return stream
 
+    # The other routes (``embed``, ``complete``, ``complete_stream``), answered the same way.
+
+    def send(self, model: str, method: str, call: Any) -> Awaitable[Any]:
+        self.calls.append((model, call))
+        step = self._next(model)
+
+        async def answer() -> Any:
+            await asyncio.sleep(0)
+            if isinstance(step, BaseException) and not isinstance(step, PromptfleetError):
+                raise step
+            if step != "ok":
+                return step
+            if method == "embed":
+                # As the workers answer: usage with prompt tokens only (no ``Usage`` on the reply).
+                data = [{"object": "embedding", "index": 0, "embedding": [0.6, 0.8]}]
+                return ChatReply(completion={"object": "list", "data": data, "model": model,
+                                             "usage": {"prompt_tokens": 5, "total_tokens": 5}})
+            completion = {"id": "cmpl-fake", "object": "text_completion", "model": model,
+                          "choices": [{"index": 0, "text": "".join(self.chunks), "finish_reason": "stop"}]}
+            return ChatReply.of({**completion, "usage": self.usage.model_dump()} if self.usage else completion)
+
+        return answer()
+
+    def open(self, model: str, method: str, call: Any) -> FakeStream:
+        self.calls.append((model, call))
+        step = self._next(model)
+        if step == "ok":
+            items: list[Any] = [{"id": "cmpl-fake", "object": "text_completion", "model": model,
+                                 "choices": [{"index": 0, "text": text}]} for text in self.chunks]
+            items.append(StreamEnd(usage=self.usage))
+        else:
+            items = list(step) if isinstance(step, list) else [step]
+        stream = FakeStream(items)
+        self.streams.append(stream)
+        return stream
+
     def models_called(self) -> list[str]:
         return [model for model, _ in self.calls]
 

@@ -105,7 +105,7 @@ def test_unknown_model_is_not_found(app: ServeApp) -> None:
         ({"model": "fake", "messages": []}, "messages"),
         ({"model": "fake", "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
         ({"model": "fake", "messages": HELLO, "temperature": 7}, "temperature"),
-        ({"model": "fake", "messages": HELLO, "n": 3}, "n"),
+        ({"model": "fake", "messages": HELLO, "n": 9}, "n"),
         ({"model": "fake", "messages": HELLO, "max_tokens": 0}, "max_tokens"),
         ({"model": "fake", "messages": HELLO, "stream_options": {"include_usage": True}}, "stream_options"),
         ({"model": "fake", "messages": HELLO, "response_format": {"type": "json_schema"}}, "response_format"),
@@ -123,7 +123,7 @@ def test_bad_body_names_the_field(app: ServeApp, body: dict[str, object], param:
 
 def test_bad_body_through_openai_client(app: ServeApp) -> None:
     with pytest.raises(openai.BadRequestError) as caught:
-        app.client().chat.completions.create(model="fake", messages=HELLO, n=2)
+        app.client().chat.completions.create(model="fake", messages=HELLO, n=9)
     assert isinstance(caught.value.body, dict) and caught.value.body["param"] == "n"
 
 

@@ -36,7 +36,9 @@ def test_max_completion_tokens_wins() -> None:
 @pytest.mark.parametrize(
     ("extra", "loc"),
     [
-        ({"n": 2}, ("n",)),
+        ({"n": 9}, ("n",)),
+        ({"tool_choice": "required"}, ("tool_choice",)),
+        ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, ("tools", 0, "function", "name")),
         ({"stream_options": {"include_usage": True}}, ("stream_options",)),
         ({"temperature": -1}, ("temperature",)),
         ({"response_format": {"type": "json_schema"}}, ("response_format",)),
@@ -67,7 +69,8 @@ def first_error_field(body: dict[str, object]) -> str:
         ({"max_completion_tokens": 10**20}, "max_completion_tokens"),
         ({"seed": 2**63}, "seed"),
         ({"seed": -(2**63) - 1}, "seed"),
-        ({"n": 2}, "n"),
+        ({"n": 9}, "n"),
+        ({"n": 0}, "n"),
         ({"top_logprobs": 21}, "top_logprobs"),
         ({"logit_bias": {"1": 101}}, "logit_bias"),
         ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias"),
@@ -123,7 +126,8 @@ def test_json_depth_is_counted_without_recursion() -> None:
          ("response_format", "json_schema")),
         ({"x_vendor": nested(200)}, ()),
         ({"messages": [{"role": "user", "content": [nested(200)]}]}, ("messages", 0, "content")),
-        ({"messages": [{"role": "user", "content": "hi", "tool_calls": [nested(200)]}]}, ("messages", 0)),
+        ({"messages": [{"role": "user", "content": "hi", "tool_calls": [nested(200)]}]},
+             ("messages", 0, "tool_calls")),
     ],
 )
 def test_values_nested_too_deep_name_their_field(body: dict[str, object], loc: tuple[object, ...]) -> None:
