@@ -1,8 +1,8 @@
 """ModelCalls: the one path by which anything calls a model — chat, streams, embeddings, text
 completions, task runs, batch lines.
 
-Used by the Gateway's model routes (chat, embeddings, completions), by ``TaskExecutor`` (sync and async task runs, in the
-TaskRunner replicas) and by batch jobs' driver processes (``jobs.batch``). Calls the
+Used by the Gateway's model routes (chat, embeddings, completions), by ``TaskExecutor`` (sync and
+async task runs, in the TaskRunner replicas) and by batch jobs' driver processes (``jobs.batch``). Calls the
 ``ModelWorker`` deployments through a ``Transport`` and meters keys through a ``Meter``.
 Owns nothing but per-process caches.
 
