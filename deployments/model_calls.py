@@ -1,14 +1,16 @@
-"""ModelCalls: the one path by which anything calls a model — chat, streams, task runs, batch lines.
+"""ModelCalls: the one path by which anything calls a model — chat, streams, embeddings, text
+completions, task runs, batch lines.
 
-Used by the Gateway's chat routes, by ``TaskExecutor`` (sync and async task runs, in the
-TaskRunner replicas) and by batch jobs' driver processes (``jobs.batch``). Calls the
+Used by the Gateway's model routes (chat, embeddings, completions), by ``TaskExecutor`` (sync and
+async task runs, in the TaskRunner replicas) and by batch jobs' driver processes (``jobs.batch``). Calls the
 ``ModelWorker`` deployments through a ``Transport`` and meters keys through a ``Meter``.
 Owns nothing but per-process caches.
 
 For one call it:
 
-1. resolves the model and its fallback chain (404 ``model_not_found`` naming ``model``) and
-   checks the request against the model's output limit (400 naming ``max_tokens`` or
+1. resolves the model and its fallback chain (404 ``model_not_found`` naming ``model``; 400 naming
+   ``model`` when it lacks the route's capability, ``core.capabilities``; fallback models without it
+   are skipped) and checks the request against the model's output limit (400 naming ``max_tokens`` or
    ``max_completion_tokens``);
 2. meters the payer key: ``Meter.admit`` (budget, rpm, tpm with a token estimate bounded by the
    model's output limit) before anything is sent;
@@ -19,6 +21,9 @@ For one call it:
    flight — become ``Overloaded`` (503 with Retry-After) for that model;
 4. records the usage for the payer; a call that was refused, failed or was cancelled settles
    its tpm booking instead.
+
+Embeddings and text completions take the same steps with a ``BodyCall`` to the worker's ``embed``,
+``complete`` or ``complete_stream`` (``Transport.send`` / ``open``).
 
 Streams are billed whether or not the client asked for ``include_usage`` and whether or not it
 stayed to the end: the worker's ``StreamEnd`` carries the provider's count; when the stream ends
@@ -296,7 +301,7 @@ class ModelCalls:
             self._refund(payer, booked)
             raise
         self.metrics.first_token(model, time.monotonic() - started)
-        return self._relay(chunks, first, model, prompt_tokens(request.messages), payer, booked)
+        return self._relay(chunks, first, model, lambda: prompt_tokens(request.messages), payer, booked)
 
     async def _open(
         self, chain: list[str], build: Callable[[str], Any], open_stream: Callable[[str, Any], WorkerStream]
@@ -326,12 +331,12 @@ class ModelCalls:
         chunks: WorkerStream,
         first: Any,
         model: str,
-        prompt: int,
+        prompt: Callable[[], int],
         payer: KeyEntry | None,
         booked: int,
     ) -> AsyncGenerator[dict[str, Any] | PromptfleetError, None]:
         """Relay a stream's chunks; record its usage at the end (counted from what was relayed, with
-        the ``prompt`` estimate, when the worker's ``StreamEnd`` did not come)."""
+        the ``prompt()`` estimate, when the worker's ``StreamEnd`` did not come)."""
         counter = StreamCounter()
         usage: Usage | None = None
         item = first
@@ -358,7 +363,7 @@ class ModelCalls:
             # Finished, failed, or the client went away (the consumer closed us): stop the worker's
             # generation, then bill what was produced.
             chunks.cancel()
-            self._record(payer, model, usage or estimated(prompt, counter.completion_tokens), booked)
+            self._record(payer, model, usage or estimated(prompt(), counter.completion_tokens), booked)
 
     # -- the other routes: embeddings, text completions -------------------------------------
     # The same steps as chat (capability and chain, admission, fallbacks, Ray failures, usage),
@@ -398,8 +403,8 @@ class ModelCalls:
             self._refund(payer, booked)
             raise
         self.metrics.first_token(model, time.monotonic() - started)
-        prompt = sum(item_tokens(p) for p in request.prompts())
-        return self._relay(chunks, first, model, prompt, payer, booked)
+        return self._relay(chunks, first, model, lambda: sum(item_tokens(p) for p in request.prompts()), payer,
+                           booked)
 
     def completion_estimate(self, request: CompletionRequest) -> int:
         """Tokens booked before a /v1/completions call: its prompts and each one's output, bounded."""

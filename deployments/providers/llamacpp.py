@@ -36,8 +36,11 @@ from deployments.core.grammar import GENERATION_STACK_BYTES
 from deployments.core.localchat import LocalChat
 from deployments.core.structured import schema_problems
 from deployments.errors import InvalidRequest, PromptfleetError
-from deployments.providers.llamacpp_text import LlamaCppCompletions
+from deployments.providers import llamacpp_embed
+from deployments.providers.llamacpp_text import LlamaCppCompletions, refuse_unknown
 from deployments.schemas import Share, StreamEnd, Usage
+from deployments.schemas.embeddings import EmbeddingRequest
+from deployments.schemas.inputs import items
 from deployments.telemetry import NULL, Metrics
 
 logger = logging.getLogger("ray.serve")
@@ -290,9 +293,7 @@ class LlamaCppProvider(LlamaCppCompletions):
     async def embed(self, body: dict[str, Any], share: Share | None = None) -> dict[str, Any]:
         """An OpenAI embedding response for ``body`` (a validated ``EmbeddingRequest``): all its inputs
         in llama.cpp batches of ``n_batch`` tokens (``llamacpp_embed``), on the generation thread."""
-        from deployments.providers import llamacpp_embed
-        from deployments.schemas.inputs import items
-
+        refuse_unknown(body, EmbeddingRequest, self.config.name)
         n_embd = self.llm.n_embd()
         dimensions = body.get("dimensions")
         if dimensions is not None and dimensions != n_embd:

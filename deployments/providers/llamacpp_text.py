@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 from deployments.config import LlamaCppModel
 from deployments.errors import InvalidRequest, PromptfleetError
 from deployments.schemas import Share, StreamEnd, Usage
+from deployments.schemas.base import OpenAIBody
+from deployments.schemas.completions import CompletionRequest
 from deployments.schemas.inputs import items
 from deployments.telemetry import Metrics
 
@@ -39,6 +41,14 @@ _SAMPLING_FIELDS = ("temperature", "top_p", "stop", "seed", "presence_penalty", 
 _DONE = object()
 
 
+def refuse_unknown(body: dict[str, Any], schema: type[OpenAIBody], model: str) -> None:
+    """400 naming the first field of ``body`` that ``schema`` does not know: upstreams get unknown fields
+    as sent, a local model would drop them silently."""
+    for name in body:
+        if name not in schema.model_fields:
+            raise InvalidRequest(f"{name}: unknown field, not supported by local model '{model}'.", param=name)
+
+
 class LlamaCppCompletions:
     """Text completions; ``LlamaCppProvider`` supplies the model, its thread and its metrics."""
 
@@ -49,6 +59,7 @@ class LlamaCppCompletions:
     _enqueued: Callable[[asyncio.Future[Any]], None]
 
     def _completion_kwargs(self, body: dict[str, Any]) -> dict[str, Any]:
+        refuse_unknown(body, CompletionRequest, self.config.name)
         for name in LOCAL_COMPLETION_REFUSED:
             if body.get(name) is not None:
                 raise InvalidRequest(f"{name}: not supported by local model '{self.config.name}'.", param=name)

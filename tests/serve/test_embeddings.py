@@ -140,6 +140,7 @@ def test_the_client_raises_bad_request_for_a_capability_mismatch(app: ServeApp) 
         ({"model": EMBED, "input": "word " * 600}, "input"),  # more than a batch of tokens
         ({"model": EMBED, "input": {"text": "hi"}}, "input"),
         ({"model": EMBED, "input": "hi", "encoding_format": "hex"}, "encoding_format"),
+        ({"model": EMBED, "input": "hi", "truncate": True}, "truncate"),  # unknown: a local model refuses it
         ({"model": EMBED}, "input"),
         ({"input": "hi"}, "model"),
     ],

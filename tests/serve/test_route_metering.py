@@ -99,10 +99,12 @@ def test_a_mixed_batch_file_runs_through_jobs_batch(app: ServeApp, tmp_path: Pat
     assert embedded["model"] == "smollm2-embed" and len(embedded["data"]) == 2
     assert isinstance(out["embed-b64"]["response"]["body"]["data"][0]["embedding"], str)
     assert out["complete"]["response"]["body"]["choices"][0]["text"] == "echo: four"
-    assert out["wrong"]["response"]["status_code"] == 400
-    assert out["wrong"]["response"]["body"]["error"]["param"] == "model"
-    errors = [json.loads(e) for e in (tmp_path / "errors.jsonl").read_text().splitlines()]
-    assert any(e["custom_id"] == "bad" and e["error"]["param"] == "body" for e in errors), errors
+    # Lines that failed go to --errors: one that ran (400 naming `model`), one that could not run.
+    errors = {e["custom_id"]: e for e in map(json.loads, (tmp_path / "errors.jsonl").read_text().splitlines())}
+    assert set(out) == {"chat", "embed", "embed-b64", "complete"} and set(errors) == {"wrong", "bad"}
+    assert errors["wrong"]["response"]["status_code"] == 400
+    assert errors["wrong"]["response"]["body"]["error"]["param"] == "model"
+    assert errors["bad"]["error"]["param"] == "body"
 
 
 def test_a_mixed_batch_through_the_batches_api_is_billed_to_its_key(app: ServeApp) -> None:
