@@ -39,7 +39,8 @@ class ScriptedStore:
     async def renew(self, run_id: str, token: str) -> bool:
         return token == "t2"  # t1's lease expired and the run was claimed again
 
-    async def complete(self, run_id: str, token: str, result: Any, usage: Any, owner: str) -> bool:
+    async def complete(self, run_id: str, token: str, result: Any, usage: Any, owner: str,
+                       messages: Any = None) -> bool:
         self.completed.append(token)
         return token == "t2"
 
@@ -96,8 +97,9 @@ class StoreQueue:
         self.renewals += 1
         return self.store.renew(run_id, token, self.lease_s)
 
-    async def complete(self, run_id: str, token: str, result: Any, usage: Any, owner: str) -> bool:
-        return self.store.complete(run_id, token, result=result, usage=usage)
+    async def complete(self, run_id: str, token: str, result: Any, usage: Any, owner: str,
+                       messages: Any = None) -> bool:
+        return self.store.complete(run_id, token, result=result, usage=usage, messages=messages)
 
     async def fail(self, run_id: str, token: str, error: dict[str, Any]) -> bool:
         return self.store.fail(run_id, token, error=error)
