@@ -391,9 +391,10 @@ _LIPSUM_MAX_WORDS = 100_000  # generate_lorem_ipsum is a Python loop with no che
 
 def _lipsum(n: int = 5, html: bool = True, min: int = 20, max: int = 100) -> str:
     words = n * max
-    if words > _LIPSUM_MAX_WORDS:
-        raise RenderLimitExceeded("render_max_chars", f"lipsum() is limited to {_LIPSUM_MAX_WORDS:,} words (n × max)")
     _active().need(words * 12)  # a word and its space, generously
+    if words > _LIPSUM_MAX_WORDS:
+        raise RenderLimitExceeded("render_max_chars", f"lipsum() is limited to {_LIPSUM_MAX_WORDS:,} words (n × max) "
+                                  "whatever tasks.render_max_chars allows")
     return generate_lorem_ipsum(n, html, min, max)
 
 
