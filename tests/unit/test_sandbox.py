@@ -68,7 +68,7 @@ def test_a_hostile_template_stops_at_its_budget_naming_the_limit(source: str, va
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with pytest.raises(RenderLimitExceeded) as info:
         render_template(source, variables, SMALL)
-    assert info.value.limit == limit and f"tasks.{limit}" in info.value.message or "bits" in info.value.message
+    assert (info.value.limit == limit and f"tasks.{limit}" in info.value.message) or "bits" in info.value.message
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert grown_mb < 200, grown_mb  # bounded by the work budget, not by what the template asked for
 
@@ -82,10 +82,11 @@ def test_integers_are_capped_in_bits() -> None:
                         "{% endfor %}", {}, SMALL)
 
 
+NAMED = [{"name": "a"}, {"name": "b"}]
 ORDINARY = [
     ("Hello {{ name }}!", {"name": "Ada"}),
-    ("{% for i in items %}{{ loop.index }}. {{ i.name|upper }}\n{% endfor %}", {"items": [{"name": "a"}, {"name": "b"}]}),
-    ("{{ items|map(attribute='name')|join(', ') }} {{ items|length }}", {"items": [{"name": "a"}, {"name": "b"}]}),
+    ("{% for i in items %}{{ loop.index }}. {{ i.name|upper }}\n{% endfor %}", {"items": NAMED}),
+    ("{{ items|map(attribute='name')|join(', ') }} {{ items|length }}", {"items": NAMED}),
     ("{{ 'ab' * 3 }} {{ [1, 2] + [3] }} {{ 2 ** 10 }} {{ 7 % 3 }} {{ '%05.1f' % 3.14159 }} {{ '{:>6}'.format('x') }}",
      {}),
     ("{{ name ~ '!' ~ 1 }} {{ name|center(9) }}|{{ 'a\nb'|indent(2, first=true) }}", {"name": "Ada"}),
@@ -96,7 +97,8 @@ ORDINARY = [
      " {{ range(7)|slice(3)|list }}", {}),
     ("{% macro item(x) %}<{{ x }}>{% endmacro %}{% for x in 'abc' %}{{ item(x) }}{% endfor %}"
      "{% set block %}in {{ 'a set block' }}{% endset %} {{ block }} {{ lipsum(1, false, 5, 6)|wordcount }}", {}),
-    ("{{ data|tojson }} {{ data|dictsort }} {{ data.items()|list }} {{ 'x,y'.split(',') }}", {"data": {"b": 1, "a": 2}}),
+    ("{{ data|tojson }} {{ data|dictsort }} {{ data.items()|list }} {{ 'x,y'.split(',') }}",
+     {"data": {"b": 1, "a": 2}}),
 ]
 
 
@@ -228,8 +230,9 @@ def test_ordinary_templates_pass_the_render_check() -> None:
 
 
 @pytest.mark.parametrize("schema, expected", [
-    ({"type": "object", "properties": {"s": {"type": "string", "minLength": 3}, "i": {"type": "integer", "minimum": 4},
-                                       "e": {"enum": ["x", "y"]}, "a": {"type": "array", "items": {"type": "boolean"}}}},
+    ({"type": "object", "properties": {"s": {"type": "string", "minLength": 3},
+                                       "i": {"type": "integer", "minimum": 4}, "e": {"enum": ["x", "y"]},
+                                       "a": {"type": "array", "items": {"type": "boolean"}}}},
      {"s": "xxx", "i": 5, "e": "x", "a": [True]}),
     ({"type": "object", "properties": {"d": {"type": "string", "format": "date"}, "o": {"type": ["null", "number"]}}},
      {"d": "2024-01-31", "o": 1.0}),
