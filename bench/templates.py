@@ -34,7 +34,8 @@ from deployments.errors import TemplateFailed
 
 NESTED = "{% for a in items %}{% for b in items %}{% if a == b %}{% endif %}{% endfor %}{% endfor %}{{ text }}"
 ORDINARY = ("You label support tickets for {{ company }}.\n{% for item in items %}- {{ item.name|title }}: "
-            "{{ item.note|truncate(80) }}\n{% endfor %}Ticket:\n{{ text|trim }}\nAnswer in {{ lang|default('English') }}.")
+            "{{ item.note|truncate(80) }}\n{% endfor %}Ticket:\n{{ text|trim }}\n"
+            "Answer in {{ lang|default('English') }}.")
 
 
 def rss_mb() -> float:
