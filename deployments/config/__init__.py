@@ -19,7 +19,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from deployments.core.sandbox import RenderLimits
+from deployments.core.render_budget import RenderLimits
 
 # Tokens of the context kept for the prompt when a local model's output limit is derived from n_ctx.
 LLAMACPP_PROMPT_RESERVE = 16

@@ -1,13 +1,14 @@
 """The bounded Jinja2 sandbox task templates render in: every render has a time and a size budget.
 
 Pure logic, used by ``deployments.core.prompting`` (and through it by the Gateway, the TaskRunner, the
-push checks and the CLI). Owns no state beyond the budget of the render running in this thread.
+push checks and the CLI). Owns no state; the budget of the render in progress lives in
+``deployments.core.render_budget``.
 
 Jinja's ``SandboxedEnvironment`` keeps templates away from Python internals, but it bounds only
 ``range``: ``'x' * 10**9``, ``[0] * 10**9``, ``'x'|center(10**9)``, ``lipsum(10**6)``, nested loops
 over a large input, or a string doubled in a loop each stall the process and grow it by gigabytes.
 A Python thread cannot be stopped from outside, so the sandbox stops itself. Every render carries a
-``_Budget``:
+``Budget``:
 
 * **time** — a deadline checked every few dozen steps; a step is a loop iteration, a call, an
   intercepted operator, a filter or an output (the compiled template is rewritten so every ``for``
@@ -29,14 +30,10 @@ time.
 
 from __future__ import annotations
 
-import contextvars
 import math
 import re
-import time
 import types
 from collections.abc import Callable, Iterable, Iterator, Sized
-from contextlib import contextmanager
-from dataclasses import dataclass, field
 from functools import update_wrapper, wraps
 from typing import Any
 
@@ -49,6 +46,20 @@ from jinja2.sandbox import SandboxedEnvironment, SandboxedFormatter
 from jinja2.utils import generate_lorem_ipsum
 from jinja2.visitor import NodeTransformer
 
+from deployments.core.render_budget import (
+    CHECK_EVERY,
+    DEFAULT_LIMITS,
+    ITEM_CHARS,
+    MAX_INT_BITS,
+    WORK_FACTOR,
+    Budget,
+    RenderLimitExceeded,
+    RenderLimits,
+    active,
+    budget_for,
+    size,
+)
+
 __all__ = [
     "DEFAULT_LIMITS",
     "MAX_INT_BITS",
@@ -58,142 +69,6 @@ __all__ = [
     "RenderLimits",
     "budget_for",
 ]
-
-WORK_FACTOR = 8
-"""What the operations of one render may produce in total, as a multiple of its output budget."""
-MAX_INT_BITS = 65_536
-"""Largest integer a template may compute (about 19,700 digits)."""
-_ITEM_CHARS = 8  # a list, tuple or dict item counts as this many characters of work
-_CHECK_EVERY = 32  # steps between two looks at the clock
-_YIELD_EVERY_S = 0.001  # how long a render holds the GIL before it lets other threads in
-
-
-@dataclass(frozen=True)
-class RenderLimits:
-    """Budgets of one render (all the templates of one task: system and prompt together)."""
-
-    timeout_s: float = 1.0
-    max_chars: int = 1_000_000
-
-    @property
-    def max_work(self) -> int:
-        return WORK_FACTOR * self.max_chars
-
-
-DEFAULT_LIMITS = RenderLimits()
-
-
-class RenderLimitExceeded(Exception):
-    """A render went over one of its budgets. ``limit`` is the config key that sets it, ``message``
-    says what happened in words a task's owner can act on."""
-
-    def __init__(self, limit: str, message: str) -> None:
-        super().__init__(message)
-        self.limit = limit
-        self.message = message
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return type(self), (self.limit, self.message)
-
-
-@dataclass
-class _Budget:
-    limits: RenderLimits
-    deadline: float
-    work_left: int
-    steps: int = 0
-    yielded_at: float = field(default_factory=time.monotonic)
-
-    def tick(self) -> None:
-        self.steps += 1
-        if self.steps % _CHECK_EVERY == 0:
-            self.check_clock()
-
-    def check_clock(self) -> None:
-        now = time.monotonic()
-        if now > self.deadline:
-            raise RenderLimitExceeded(
-                "render_timeout_s",
-                f"rendering took longer than its time budget of {self.limits.timeout_s:g}s "
-                "(tasks.render_timeout_s)",
-            )
-        if now - self.yielded_at > _YIELD_EVERY_S:
-            time.sleep(0)  # releases the GIL: a waiting event loop runs now, not at the next switch interval
-            self.yielded_at = time.monotonic()
-
-    def need(self, size: int | float) -> None:
-        """Refuse an operation that would produce ``size`` characters of work, before it runs."""
-        if size > self.work_left:
-            raise RenderLimitExceeded(
-                "render_max_chars",
-                f"the template's operations would produce more than {self.limits.max_work:,} characters "
-                f"({WORK_FACTOR} × tasks.render_max_chars of {self.limits.max_chars:,})",
-            )
-
-    def charge(self, size: int) -> None:
-        self.need(size)
-        self.work_left -= size
-
-    def produced(self, value: Any) -> Any:
-        """Charge what an operation returned; hand it back."""
-        self.tick()
-        size = _size(value)
-        if size:
-            self.charge(size)
-        return value
-
-    def collect(self, chunks: Iterable[str]) -> str:
-        """Join a template's output chunks, within the output budget."""
-        out: list[str] = []
-        total = 0
-        for chunk in chunks:
-            total += len(chunk)
-            if total > self.limits.max_chars:
-                raise RenderLimitExceeded(
-                    "render_max_chars",
-                    f"the rendered prompt is longer than {self.limits.max_chars:,} characters "
-                    "(tasks.render_max_chars)",
-                )
-            self.tick()
-            out.append(chunk)
-        self.check_clock()
-        return "".join(out)
-
-
-_BUDGET: contextvars.ContextVar[_Budget | None] = contextvars.ContextVar("render_budget", default=None)
-
-
-@contextmanager
-def budget_for(limits: RenderLimits) -> Iterator[_Budget]:
-    """Make ``limits`` the budget of every render in this block (one budget shared by all of them);
-    inside an enclosing block, the enclosing budget stays."""
-    current = _BUDGET.get()
-    if current is not None:
-        yield current
-        return
-    budget = _Budget(limits, time.monotonic() + limits.timeout_s, limits.max_work)
-    token = _BUDGET.set(budget)
-    try:
-        yield budget
-    finally:
-        _BUDGET.reset(token)
-
-
-def _active() -> _Budget:
-    budget = _BUDGET.get()
-    if budget is None:
-        # Only the compiler's constant folding calls these outside a render; raising makes it leave
-        # the expression to run time (Jinja turns any exception there into ``Impossible``).
-        raise RuntimeError("no render budget is active")
-    return budget
-
-
-def _size(value: Any) -> int:
-    if isinstance(value, str | bytes | bytearray):
-        return len(value)
-    if isinstance(value, list | tuple | dict | set | frozenset):
-        return len(value) * _ITEM_CHARS
-    return 0
 
 
 def _int_bits(value: Any) -> int:
@@ -206,7 +81,7 @@ _PRINTF_SPEC = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d+)?(?:\.(\*|\d+))?")
 _NUMBER = re.compile(r"\d+")
 
 
-def _check_printf(budget: _Budget, template: str | bytes, args: Any) -> None:
+def _check_printf(budget: Budget, template: str | bytes, args: Any) -> None:
     """``'%999999999d' % 1`` or ``'%*d' % (10**9, 1)``: refuse widths the budget cannot hold."""
     text = template.decode("latin-1") if isinstance(template, bytes) else template
     star = False
@@ -223,12 +98,12 @@ def _check_printf(budget: _Budget, template: str | bytes, args: Any) -> None:
                 budget.need(abs(value))
 
 
-def _binop(budget: _Budget, op: str, left: Any, right: Any) -> None:
+def _binop(budget: Budget, op: str, left: Any, right: Any) -> None:
     """Check, before it runs, an operator whose result could outgrow its operands."""
     if op == "*":
         for seq, times in ((left, right), (right, left)):
             if isinstance(seq, Sized) and not isinstance(seq, dict) and isinstance(times, int):
-                budget.need(max(_size(seq), 1) * max(times, 0))
+                budget.need(max(size(seq), 1) * max(times, 0))
         if isinstance(left, int) and isinstance(right, int) and _int_bits(left) + _int_bits(right) > MAX_INT_BITS:
             raise _too_big()
     elif op == "**":
@@ -237,7 +112,7 @@ def _binop(budget: _Budget, op: str, left: Any, right: Any) -> None:
                 raise _too_big()
     elif op == "+":
         if isinstance(left, Sized) and isinstance(right, Sized):
-            budget.need(_size(left) + _size(right))
+            budget.need(size(left) + size(right))
     elif op == "%" and isinstance(left, str | bytes):
         _check_printf(budget, left, right)
 
@@ -254,7 +129,7 @@ _WIDTH_METHODS = frozenset({"center", "ljust", "rjust", "zfill"})
 _GROWING_MUTATORS = frozenset({"extend", "update", "__iadd__"})
 
 
-def _check_call(budget: _Budget, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+def _check_call(budget: Budget, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
     """Check a call of a method that can produce far more than its receiver; returns the arguments
     to call it with (an iterable given to ``join`` is read once, here)."""
     if not isinstance(func, types.BuiltinMethodType | types.MethodType):
@@ -273,22 +148,22 @@ def _check_call(budget: _Budget, func: Any, args: tuple[Any, ...], kwargs: dict[
             count = owner.count(old) if old else len(owner) + 1  # type: ignore[arg-type]  # a str's or bytes' own
             if len(args) > 2 and isinstance(args[2], int) and args[2] >= 0:
                 count = min(count, args[2])
-            budget.need(len(owner) + count * _size(new))
+            budget.need(len(owner) + count * size(new))
         elif name == "join" and args:
             items = list(_counted(budget, args[0]))
-            budget.need(sum(_size(item) for item in items) + len(owner) * len(items))
+            budget.need(sum(size(item) for item in items) + len(owner) * len(items))
             return (items, *args[1:])
         elif name == "translate" and isinstance(arg, dict):
-            longest = max((_size(v) for v in arg.values()), default=1)
+            longest = max((size(v) for v in arg.values()), default=1)
             budget.need(len(owner) * max(longest, 1))
     elif isinstance(owner, list | dict | set) and name in _GROWING_MUTATORS and args:
-        budget.charge(_size(owner) + (_size(args[0]) or _ITEM_CHARS * 16))
+        budget.charge(size(owner) + (size(args[0]) or ITEM_CHARS * 16))
     elif isinstance(owner, list) and name in {"append", "insert"}:
-        budget.charge(_ITEM_CHARS)
+        budget.charge(ITEM_CHARS)
     return args
 
 
-def _counted(budget: _Budget, iterable: Iterable[Any]) -> Iterator[Any]:
+def _counted(budget: Budget, iterable: Iterable[Any]) -> Iterator[Any]:
     for item in iterable:
         budget.tick()
         yield item
@@ -298,7 +173,7 @@ class _BoundedFormatter(SandboxedFormatter):
     """``'{:>999999999}'.format(1)``: a width or precision is checked before the field is formatted."""
 
     def format_field(self, value: Any, format_spec: str) -> Any:
-        budget = _active()
+        budget = active()
         for number in _NUMBER.findall(format_spec):
             budget.need(int(number))
         return budget.produced(super().format_field(value, format_spec))
@@ -308,14 +183,14 @@ class _BoundedFormatter(SandboxedFormatter):
 
 
 def _center(value: Any, width: int = 80) -> str:
-    _active().need(width)
+    active().need(width)
     return str(value).center(width)
 
 
 def _indent(s: Any, width: int | str = 4, first: bool = False, blank: bool = False) -> str:
     text = str(s)
     step = len(width) if isinstance(width, str) else width
-    _active().need(len(text) + (text.count("\n") + 2) * max(step, 0))
+    active().need(len(text) + (text.count("\n") + 2) * max(step, 0))
     return FILTERS["indent"](text, width, first, blank)  # type: ignore[no-any-return]
 
 
@@ -324,7 +199,7 @@ def _format(value: Any, *args: Any, **kwargs: Any) -> str:
         raise TypeError("can't handle positional and keyword arguments at the same time")
     text = str(value)
     values = kwargs or args
-    _check_printf(_active(), text, values)
+    _check_printf(active(), text, values)
     return text % values
 
 
@@ -334,13 +209,13 @@ def _replace(eval_ctx: EvalContext, s: Any, old: Any, new: Any, count: int | Non
     occurrences = text.count(old) if old else len(text) + 1
     if count is not None:
         occurrences = min(occurrences, max(count, 0))
-    _active().need(len(text) + occurrences * len(new))
+    active().need(len(text) + occurrences * len(new))
     return text.replace(old, new, -1 if count is None else count)
 
 
 @pass_environment
 def _join(environment: SandboxedEnvironment, value: Iterable[Any], d: Any = "", attribute: Any = None) -> str:
-    budget = _active()
+    budget = active()
     if attribute is not None:
         value = map(make_attrgetter(environment, attribute), value)
     sep = str(d)
@@ -367,13 +242,13 @@ def _sum(environment: BoundedEnvironment, iterable: Iterable[Any], attribute: An
 
 
 def _slice(value: Iterable[Any], slices: int, fill_with: Any = None) -> Iterator[list[Any]]:
-    _active().need(slices * _ITEM_CHARS)
+    active().need(slices * ITEM_CHARS)
     return sync_do_slice(value, slices, fill_with)  # type: ignore[arg-type]
 
 
 def _batch(value: Iterable[Any], linecount: int, fill_with: Any = None) -> Iterator[list[Any]]:
     if fill_with is not None:
-        _active().need(linecount * _ITEM_CHARS)
+        active().need(linecount * ITEM_CHARS)
     return FILTERS["batch"](value, linecount, fill_with)  # type: ignore[no-any-return]
 
 
@@ -381,7 +256,7 @@ def _batch(value: Iterable[Any], linecount: int, fill_with: Any = None) -> Itera
 def _wordwrap(environment: SandboxedEnvironment, s: Any, width: int = 79, break_long_words: bool = True,
               wrapstring: str | None = None, break_on_hyphens: bool = True) -> str:
     text = str(s)
-    _active().need(len(text) * (1 + len(wrapstring or environment.newline_sequence)))
+    active().need(len(text) * (1 + len(wrapstring or environment.newline_sequence)))
     return FILTERS["wordwrap"](environment, text, width, break_long_words, wrapstring,  # type: ignore[no-any-return]
                                break_on_hyphens)
 
@@ -391,7 +266,7 @@ _LIPSUM_MAX_WORDS = 100_000  # generate_lorem_ipsum is a Python loop with no che
 
 def _lipsum(n: int = 5, html: bool = True, min: int = 20, max: int = 100) -> str:
     words = n * max
-    _active().need(words * 12)  # a word and its space, generously
+    active().need(words * 12)  # a word and its space, generously
     if words > _LIPSUM_MAX_WORDS:
         raise RenderLimitExceeded("render_max_chars", f"lipsum() is limited to {_LIPSUM_MAX_WORDS:,} words (n × max) "
                                   "whatever tasks.render_max_chars allows")
@@ -400,9 +275,9 @@ def _lipsum(n: int = 5, html: bool = True, min: int = 20, max: int = 100) -> str
 
 def _iterate(value: Any) -> Iterator[Any]:
     """Every ``for`` of a template iterates through this (a step per item; the clock every few)."""
-    budget = _active()
+    budget = active()
     for count, item in enumerate(value, 1):
-        if not count % _CHECK_EVERY:  # inlined tick(): this is the innermost loop of a template
+        if not count % CHECK_EVERY:  # inlined tick(): this is the innermost loop of a template
             budget.check_clock()
         yield item
 
@@ -411,7 +286,7 @@ def _output(value: Any) -> str:
     """Every output expression and text block passes this (also inside ``set`` blocks and macros,
     whose output is collected in memory rather than returned)."""
     text = str(value)
-    budget = _active()
+    budget = active()
     budget.tick()
     budget.charge(len(text))
     return text
@@ -419,7 +294,7 @@ def _output(value: Any) -> str:
 
 def _concat(values: list[Any]) -> str:
     """``a ~ b``: the total length is checked before the strings are joined."""
-    budget = _active()
+    budget = active()
     parts = [str(v) for v in values]
     budget.need(sum(map(len, parts)))
     return budget.produced("".join(parts))  # type: ignore[no-any-return]
@@ -430,7 +305,7 @@ def _charging(func: Callable[..., Any]) -> Callable[..., Any]:
 
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        budget = _active()
+        budget = active()
         budget.tick()
         return budget.produced(func(*args, **kwargs))
 
@@ -499,13 +374,13 @@ class BoundedEnvironment(SandboxedEnvironment):
         return tree  # type: ignore[no-any-return]
 
     def call_binop(self, context: Context, operator: str, left: Any, right: Any) -> Any:
-        budget = _active()
+        budget = active()
         budget.tick()
         _binop(budget, operator, left, right)
         return budget.produced(super().call_binop(context, operator, left, right))
 
     def call(__self, __context: Context, __obj: Any, *args: Any, **kwargs: Any) -> Any:
-        budget = _active()
+        budget = active()
         budget.tick()
         if not __self.is_safe_callable(__obj):
             raise SecurityError(f"{__obj!r} is not safely callable")
