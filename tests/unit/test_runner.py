@@ -76,7 +76,8 @@ class ScriptedExecutor:
         if self.errors:
             raise self.errors.pop(0)
         usage = {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}
-        return {"task": name, "output": {"label": "a"}, "model": "m", "attempts": 1, "usage": usage}
+        return {"task": name, "output": {"label": "a"}, "model": "m", "attempts": 1, "usage": usage,
+                "messages": [{"role": "user", "content": f"Label: {task_input.get('text')}"}]}
 
 
 class StoreQueue:
@@ -223,7 +224,8 @@ def run_one(executor: ScriptedExecutor, **loop_options: Any) -> RunRecord:
             loop = new_loop(StoreQueue(store, lease_s=600), executor, **loop_options)
             loop.start()
             try:
-                return await until(lambda: (r := store.get(run_id, "alice")).terminal and r)
+                ended = await until(lambda: (r := store.get(run_id, "alice")).terminal and r)
+                return dataclasses.replace(ended, messages=store.messages(run_id))
             finally:
                 await loop.stop()
 
@@ -256,6 +258,8 @@ def test_a_finished_run_is_completed_with_its_usage() -> None:
     assert run.status is RunStatus.SUCCEEDED
     assert run.result == {"task": "t", "output": {"label": "a"}, "model": "m", "attempts": 1}
     assert run.usage == {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}
+    # The messages it sent are stored beside the result (for the console), not in it (for clients).
+    assert run.messages is not None and run.messages[0]["content"].startswith("Label: ")
 
 
 def test_the_lease_keeper_renews_and_stops_work_whose_lease_is_gone() -> None:
