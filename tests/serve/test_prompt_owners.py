@@ -379,6 +379,8 @@ def test_a_hostile_template_cannot_stall_other_tenants(owners: Owners) -> None:
     finally:
         client.close()
 
+    print(f"medians (s) before {baseline}, while hostile templates render {under_attack}; "
+          f"{len(outcomes)} hostile calls")  # shown with -s: the numbers of docs/_incoming/templates.md
     for name, usual in baseline.items():
         # Generous: two cores are shared with the hostile renders and the rest of the machine. Rendered on the
         # event loop, each of these waited for a whole render (1 s here, 16 s in the issue).
