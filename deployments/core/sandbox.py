@@ -300,16 +300,59 @@ def _concat(values: list[Any]) -> str:
     return budget.produced("".join(parts))  # type: ignore[no-any-return]
 
 
-def _charging(func: Callable[..., Any]) -> Callable[..., Any]:
-    """A filter that charges what it returns."""
+MAX_FILTER_ITEMS = 100_000
+"""Most items (or characters, of a string) a filter that loops in Python over its input may take."""
+# These loop over their input inside one call (a sort's key function, a pretty-printer, a generator the
+# ``list`` filter drains in C), where no step is counted: capping the input bounds the call's time
+# (100,000 items: tens of milliseconds), as Jinja caps ``range``.
+_LOOPING_FILTERS = frozenset({
+    "list", "sort", "unique", "groupby", "dictsort", "map", "select", "reject", "selectattr", "rejectattr",
+    "min", "max", "batch", "slice", "pprint",
+})
+
+
+def _charging(name: str, func: Callable[..., Any]) -> Callable[..., Any]:
+    """A filter that charges what it returns (and, if it loops over its input, caps that input)."""
+    value_at = 1 if getattr(func, "jinja_pass_arg", None) is not None else 0
+    looping = name in _LOOPING_FILTERS
 
     @wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         budget = active()
         budget.tick()
+        if looping and len(args) > value_at and isinstance(args[value_at], Sized):
+            count = len(args[value_at])
+            if count > MAX_FILTER_ITEMS:
+                raise RenderLimitExceeded(
+                    "max_filter_items", f"the filter '{name}' takes at most {MAX_FILTER_ITEMS:,} items, not {count:,}"
+                )
         return budget.produced(func(*args, **kwargs))
 
     return wrapper
+
+
+_WHITESPACE = re.compile(r"\s")
+_URLIZE_CHUNK = 4096
+
+
+@pass_eval_context
+def _urlize(eval_ctx: EvalContext, value: Any, *args: Any, **kwargs: Any) -> str:
+    """``urlize`` a piece at a time (cut at whitespace: it treats each word on its own, so the result is
+    the same), with a step between pieces: on a megabyte it is a second of regular expressions."""
+    budget = active()
+    text = str(value)
+    pieces: list[str] = []
+    start = 0
+    while start < len(text):
+        end = start + _URLIZE_CHUNK
+        if end < len(text):
+            found = _WHITESPACE.search(text, end)
+            end = found.start() if found else len(text)
+        pieces.append(FILTERS["urlize"](eval_ctx, text[start:end], *args, **kwargs))
+        budget.tick()
+        budget.check_clock()
+        start = end
+    return budget.produced("".join(pieces))  # type: ignore[no-any-return]
 
 
 _CHECKED_FILTERS: dict[str, Callable[..., Any]] = {
@@ -322,6 +365,7 @@ _CHECKED_FILTERS: dict[str, Callable[..., Any]] = {
     "slice": _slice,
     "batch": _batch,
     "wordwrap": _wordwrap,
+    "urlize": _urlize,
 }
 _ITERATE, _OUTPUT, _CONCAT = "_pf_iterate", "_pf_output", "_pf_concat"
 
@@ -364,7 +408,7 @@ class BoundedEnvironment(SandboxedEnvironment):
         self.limits = limits
         self.template_class = BoundedTemplate
         for name, func in self.filters.items():
-            self.filters[name] = _CHECKED_FILTERS.get(name) or _charging(func)
+            self.filters[name] = _CHECKED_FILTERS.get(name) or _charging(name, func)
         self.filters.update({_ITERATE: _iterate, _OUTPUT: _output, _CONCAT: _concat})
         self.globals["lipsum"] = _lipsum
 
