@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
@@ -55,6 +56,8 @@ __all__ = [
 ]
 
 Path_ = tuple[str | int, ...]
+RENDER_CHECK_FACTOR = 4  # the render checks of one push may take this many render timeouts …
+RENDER_CHECK_MIN_S = 10.0  # … and at least this long
 
 
 @dataclass(frozen=True)
@@ -179,9 +182,18 @@ def sample_input(input_schema: dict[str, Any]) -> dict[str, Any] | None:
     return value if validator.is_valid(value) else None
 
 
-def _render_problems(defn: TaskDefinition, limits: RenderLimits) -> list[tuple[Path_, str, bool]]:
+def render_check_deadline(limits: RenderLimits) -> float:
+    """When the render checks of one check or push must be done by (monotonic): each template renders
+    within ``limits``, and all of them within ``RENDER_CHECK_FACTOR`` × its timeout (at least
+    ``RENDER_CHECK_MIN_S``), so a push of many slow templates cannot hold a Gateway thread and a core
+    for minutes."""
+    return time.monotonic() + max(RENDER_CHECK_MIN_S, RENDER_CHECK_FACTOR * limits.timeout_s)
+
+
+def _render_problems(defn: TaskDefinition, limits: RenderLimits, deadline: float) -> list[tuple[Path_, str, bool]]:
     """Render the task's templates with each valid example input (or, without examples, a sample input
-    from the input schema) as a run would: an error names the template field and the input."""
+    from the input schema) as a run would: an error names the template field and the input. Past
+    ``deadline`` (shared by the files of one push) a render is refused unchecked."""
     validator = Draft202012Validator(defn.input_schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
     inputs = [(f"example '{e.name}'", e.input) for e in defn.examples if validator.is_valid(e.input)]
     if not defn.examples:
@@ -193,6 +205,14 @@ def _render_problems(defn: TaskDefinition, limits: RenderLimits) -> list[tuple[P
                        sample)]
     found: list[tuple[Path_, str, bool]] = []
     for what, value in inputs:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return [(("prompt",), "not checked: the render checks of this push took longer than "
+                     f"{max(RENDER_CHECK_MIN_S, RENDER_CHECK_FACTOR * limits.timeout_s):g}s in total; push fewer "
+                     "files at once",
+                     False)]
+        if left < limits.timeout_s:
+            limits = RenderLimits(timeout_s=left, max_chars=limits.max_chars)
         with budget_for(limits):  # one budget for both templates, as a run has
             for field in ("system", "prompt"):
                 source = getattr(defn, field)
@@ -212,7 +232,7 @@ def _render_problems(defn: TaskDefinition, limits: RenderLimits) -> list[tuple[P
 
 
 def _semantic_problems(defn: TaskDefinition, stem: str | None, models: Mapping[str, str] | None,
-                       limits: RenderLimits | None = DEFAULT_LIMITS) -> list[tuple[Path_, str, bool]]:
+                       limits: RenderLimits | None, deadline: float) -> list[tuple[Path_, str, bool]]:
     """(path, message, warning) of what the model validation cannot see on its own."""
     found: list[tuple[Path_, str, bool]] = []
     if stem is not None and stem != defn.name:
@@ -239,7 +259,7 @@ def _semantic_problems(defn: TaskDefinition, stem: str | None, models: Mapping[s
                 found.append((("examples", i, "expect", "judge", "prompt"),
                               f"judge template variable '{var}' is neither 'input' nor 'output'", False))
     if limits is not None and not found:  # a task with other errors would not render meaningfully
-        found += _render_problems(defn, limits)
+        found += _render_problems(defn, limits, deadline)
     if models is not None:
         listing = ", ".join(sorted(models)) or "none"
         named: list[tuple[Path_, str]] = [(("model",), defn.model)]
@@ -260,19 +280,21 @@ def _semantic_problems(defn: TaskDefinition, stem: str | None, models: Mapping[s
 
 
 def check_text(text: str, file: str, models: Mapping[str, str] | None = None,
-               stem: str | None = None, limits: RenderLimits | None = DEFAULT_LIMITS) -> CheckedTask:
+               stem: str | None = None, limits: RenderLimits | None = DEFAULT_LIMITS,
+               deadline: float | None = None) -> CheckedTask:
     """Check one task file's ``text``; ``file`` names it in problems, ``stem`` (the file name without
     its suffix) must equal the task's name if given, ``models`` (name → ``llamacpp``/``openai``)
     enables the model checks, ``limits`` are the render budgets its templates must render within
-    (None: no render check)."""
+    (None: no render check), ``deadline`` ends the render checks (``render_check_deadline``)."""
     try:
-        return _check_text(text, file, models, stem, limits)
+        return _check_text(text, file, models, stem, limits,
+                           deadline if deadline is not None else render_check_deadline(limits or DEFAULT_LIMITS))
     except RecursionError:  # `[[[[…` a few thousand deep: the parsers and schema walks recurse
         return CheckedTask(file, text, None, [Problem(file, "", "nested too deeply to check")])
 
 
 def _check_text(text: str, file: str, models: Mapping[str, str] | None, stem: str | None,
-                limits: RenderLimits | None) -> CheckedTask:
+                limits: RenderLimits | None, deadline: float) -> CheckedTask:
     def problem(path: Path_, message: str, warning: bool = False) -> Problem:
         return Problem(file, format_json_path(path), message, _line_of(root, path), warning)
 
@@ -294,7 +316,7 @@ def _check_text(text: str, file: str, models: Mapping[str, str] | None, stem: st
                     for err in exc.errors(include_url=False)]
         return CheckedTask(file, text, None, problems)
     defn._source = file
-    found = _semantic_problems(defn, stem, models, limits)
+    found = _semantic_problems(defn, stem, models, limits, deadline)
     problems = [problem(path, message, warning) for path, message, warning in found]
     accepted = defn if not any(not p.warning for p in problems) else None
     return CheckedTask(file, text, accepted, problems)
@@ -317,8 +339,9 @@ def check_sources(sources: Sequence[tuple[str, str]], models: Mapping[str, str] 
     the same task."""
     checked: list[CheckedTask] = []
     names: dict[str, str] = {}
+    deadline = render_check_deadline(limits or DEFAULT_LIMITS)
     for file, text in sources:
-        result = check_text(text, file, models, stem=PurePath(file).stem, limits=limits)
+        result = check_text(text, file, models, stem=PurePath(file).stem, limits=limits, deadline=deadline)
         if result.definition is not None:
             name = result.definition.name
             if name in names:
