@@ -163,10 +163,12 @@ class TemplateRenderer:
     """Renders task templates in a few worker threads of this process, within ``limits``.
 
     ``render`` never runs a template on the caller's event loop. The threads share the GIL, so more
-    of them would not render faster; ``threads`` only lets a short render start while a long one
-    runs out its budget."""
+    of them would not render faster; ``threads`` lets short renders run beside long ones that are
+    running out their budget (the deadline is wall time, so hostile renders sharing the threads each
+    get less CPU, not more time). Beyond ``threads`` renders at once, renders wait in line; memory is
+    at most ``threads`` × one render's work budget."""
 
-    def __init__(self, limits: RenderLimits = DEFAULT_LIMITS, threads: int = 4) -> None:
+    def __init__(self, limits: RenderLimits = DEFAULT_LIMITS, threads: int = 8) -> None:
         self.limits = limits
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="promptfleet-render")
 
