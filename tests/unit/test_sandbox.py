@@ -5,6 +5,7 @@ their event loop; push checks render examples (or a sample input) in the same sa
 from __future__ import annotations
 
 import asyncio
+import os
 import pickle
 import resource
 import threading
@@ -15,7 +16,7 @@ import pytest
 from jinja2.sandbox import SandboxedEnvironment
 
 from deployments.core import taskfile
-from deployments.core.prompting import TemplateRenderer, render_messages, render_template
+from deployments.core.prompting import RENDER_NICENESS, TemplateRenderer, render_messages, render_template
 from deployments.core.sandbox import MAX_INT_BITS, RenderLimitExceeded, RenderLimits
 from deployments.core.taskdefs import TaskDefinition
 from deployments.core.taskfile import check_sources, check_text, sample_input
@@ -193,16 +194,19 @@ def test_the_renderer_renders_in_a_worker_thread_while_the_loop_runs_on() -> Non
     loop_ticks = asyncio.run(main())
     assert loop_ticks > 10, loop_ticks  # the loop kept turning while the render ran out its budget
     thread_names: list[str] = []
+    niceness: list[int] = []
 
     async def ordinary() -> list[dict[str, str]]:
         return await roomy.render(task("{{ text }}{{ name() }}"), {"text": "ok", "name": record_thread})
 
     def record_thread() -> str:
         thread_names.append(threading.current_thread().name)
+        niceness.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
         return "!"
 
     assert asyncio.run(ordinary()) == [{"role": "user", "content": "ok!"}]
     assert thread_names[0].startswith("promptfleet-render")
+    assert niceness[0] >= RENDER_NICENESS  # a long render gives way to the event loops on a busy machine
 
 
 # -- the push check renders in the same sandbox --------------------------------------------------
