@@ -381,9 +381,10 @@ def test_a_hostile_template_cannot_stall_other_tenants(owners: Owners) -> None:
     print(f"medians (s) before {baseline}, while hostile templates render {under_attack}; "
           f"{len(outcomes)} hostile calls")  # shown with -s: the numbers of docs/_incoming/templates.md
     for name, usual in baseline.items():
-        # Generous: two cores are shared with the hostile renders and the rest of the machine. Rendered on the
-        # event loop, each of these waited for a whole render (1 s here, 16 s in the issue).
-        assert under_attack[name] <= 10 * usual, (name, usual, under_attack[name])
+        # Generous: two cores are shared with the hostile renders and the rest of the machine, and the fake
+        # upstream shares this process with the attackers (measured: models 1.4 -> 1.9 ms, chat 6.0 -> 52 ms).
+        # Rendered on the event loop, each of these waited for whole renders (1 s here, 16 s in the issue).
+        assert under_attack[name] <= 20 * usual, (name, usual, under_attack[name])
     assert ordinary.status_code == 200, ordinary.text
     assert len(outcomes) >= 3
     for response in outcomes:
