@@ -27,7 +27,7 @@ def add_parser(sub: Any) -> None:
     create.add_argument("--tpm", type=int, help="tokens per minute")
     create.add_argument("--token-budget", type=int, help="total tokens the key may use")
     create.add_argument("--weight", type=float, default=1.0,
-                        help="share of a busy model's budget against other keys (default: %(default)s)")
+                        help="share of a busy model's budget against other keys, 0.01 to 100 (default: %(default)s)")
     create.add_argument("--scope", choices=("tenant", "prompts"), default="tenant",
                         help="prompts: may also check, push and roll back tasks (default: %(default)s)")
     actions.add_parser("list", help="list every key, oldest first (never the keys themselves)")

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 from deployments import request_ids
 from deployments.core.output import run_with_repair
-from deployments.core.prompting import render_messages, response_format_for, validate_input
+from deployments.core.prompting import TemplateRenderer, response_format_for, validate_input
 from deployments.core.taskdefs import TaskDefinition
 from deployments.errors import TRANSIENT, InvalidRequest, TaskNotFound, UpstreamTimeout
 from deployments.model_calls import ModelCalls
@@ -50,9 +50,13 @@ class StaticDefinitions:
 class TaskExecutor:
     """Runs one task once (with its repair loop and fallback models). Plain class: tested with fakes."""
 
-    def __init__(self, tasks: Mapping[str, TaskDefinition] | Definitions, calls: ModelCalls) -> None:
+    def __init__(
+        self, tasks: Mapping[str, TaskDefinition] | Definitions, calls: ModelCalls,
+        renderer: TemplateRenderer | None = None,
+    ) -> None:
         self.tasks: Definitions = StaticDefinitions(tasks) if isinstance(tasks, Mapping) else tasks
         self.calls = calls
+        self.renderer = renderer or TemplateRenderer()
 
     async def execute(
         self,
@@ -80,7 +84,7 @@ class TaskExecutor:
         if model is not None:
             defn = defn.model_copy(update={"model": model, "fallback_models": []})
         validate_input(defn, task_input)
-        messages = render_messages(defn, task_input)
+        messages = await self.renderer.render(defn, task_input)  # in a worker thread, within its budgets
         meter = self.calls.meter
         account = await meter.account(payer) if meter is not None else None
         wait_s = defn.timeout_s if wait else 0.0
@@ -114,6 +118,7 @@ class TaskExecutor:
             "attempts": repaired.attempts,
             "usage": repaired.usage,
             "task_version": version,
+            "messages": messages,  # what the first call sent: a queued run stores it (RunLoop)
         }
 
 

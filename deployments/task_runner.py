@@ -29,6 +29,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.catalogue import CatalogueFollower
 from deployments.config import AdmissionConfig, MetricsConfig, ModelConfig, TasksConfig
+from deployments.core.prompting import TemplateRenderer
 from deployments.core.replies import Reply, replying, unwrap
 from deployments.core.runloop import RunLoop
 from deployments.errors import PromptfleetError
@@ -57,9 +58,10 @@ class StoreQueue:
         return bool(unwrap(await self.store.renew.remote(run_id, lease_token)))
 
     async def complete(
-        self, run_id: str, lease_token: str, result: dict[str, Any], usage: dict[str, Any], owner: str
+        self, run_id: str, lease_token: str, result: dict[str, Any], usage: dict[str, Any], owner: str,
+        messages: list[dict[str, str]] | None = None,
     ) -> bool:
-        return bool(unwrap(await self.store.complete.remote(run_id, lease_token, result, usage, owner)))
+        return bool(unwrap(await self.store.complete.remote(run_id, lease_token, result, usage, owner, messages)))
 
     async def fail(self, run_id: str, lease_token: str, error: dict[str, Any]) -> bool:
         return bool(unwrap(await self.store.fail.remote(run_id, lease_token, error)))
@@ -94,7 +96,7 @@ class TaskRunner:
         recorder = metrics_for(metrics)
         recorder.declare(*RUNNER_METRICS)
         calls = ModelCalls(models or [], HandleTransport(workers), self.meter, recorder)
-        self.executor = TaskExecutor(self.tasks, calls)
+        self.executor = TaskExecutor(self.tasks, calls, TemplateRenderer(config.render_limits()))
         self.loop = RunLoop(
             StoreQueue(store),
             self.executor,
@@ -116,9 +118,14 @@ class TaskRunner:
         ``background`` (batch task lines) puts them behind the payer's interactive calls; ``model``
         runs it on another model (``promptfleet tasks test --model``). ``request_id``: the id the calls
         go by (a batch line's); None: the calling request's."""
-        return await replying(self.executor.execute(
-            name, task_input, payer, True, background, version, model, request_id=request_id
-        ))
+        async def execute() -> dict[str, Any]:
+            result = await self.executor.execute(
+                name, task_input, payer, True, background, version, model, request_id=request_id
+            )
+            result.pop("messages", None)  # stored for queued runs only; the caller has its answer
+            return result
+
+        return await replying(execute())
 
     async def catalogue_status(self) -> tuple[str, CatalogueStatus]:
         """This replica's id and the task catalogue it holds (operators and tests, through a handle)."""

@@ -199,7 +199,8 @@ class TaskStore:
         return await replying(self._run_detail(run_id))
 
     async def _run_detail(self, run_id: str) -> RunDetail:
-        return (await self._user(self.store.get, run_id, None)).detail()
+        run = await self._user(self.store.get, run_id, None)
+        return run.detail(messages=await self._user(self.store.messages, run.id))
 
     async def list_details(
         self, owner: str | None, status: str | None, task: str | None, limit: int, cursor: str | None
@@ -253,16 +254,19 @@ class TaskStore:
         return await replying(self._lease(self.store.renew, run_id, lease_token, self.config.lease_s))
 
     async def complete(
-        self, run_id: str, lease_token: str, result: dict[str, Any], usage: dict[str, Any], owner: str | None = None
+        self, run_id: str, lease_token: str, result: dict[str, Any], usage: dict[str, Any], owner: str | None = None,
+        messages: list[dict[str, str]] | None = None,
     ) -> Reply[bool]:
-        return await replying(self._complete(run_id, lease_token, result, usage, owner))
+        return await replying(self._complete(run_id, lease_token, result, usage, owner, messages))
 
     async def _complete(
-        self, run_id: str, lease_token: str, result: dict[str, Any], usage: dict[str, Any], owner: str | None
+        self, run_id: str, lease_token: str, result: dict[str, Any], usage: dict[str, Any], owner: str | None,
+        messages: list[dict[str, str]] | None = None,
     ) -> bool:
         # Usage is not billed here: every model call of the run was metered to its key as it
         # was made (``deployments.model_calls``), the calls of a lost attempt included.
-        won = await self._lease(self.store.complete, run_id, lease_token, result=result, usage=usage)
+        won = await self._lease(self.store.complete, run_id, lease_token, result=result, usage=usage,
+                                messages=messages)
         self._notify_finished(run_id)
         return won
 

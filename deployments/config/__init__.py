@@ -19,6 +19,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from deployments.core.render_budget import RenderLimits
+
 # Tokens of the context kept for the prompt when a local model's output limit is derived from n_ctx.
 LLAMACPP_PROMPT_RESERVE = 16
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
@@ -351,7 +353,7 @@ class AdmissionConfig(_Strict):
     )
     background_share: float = Field(
         default=0.25,
-        gt=0,
+        ge=0.01,  # 1 / background_share is a lane's step in the fair queue: kept finite and <= 100
         le=1,
         description="Weight of a key's async task runs and batch lines against its interactive calls "
         "when both wait for the same model: they count against the key's share, served "
@@ -498,12 +500,26 @@ class TasksConfig(_Strict):
         "at deploy, `tasks check` and `tasks push` (400 naming the file). At most 2 MiB, so every page of the "
         "catalogue stays far below Ray's message limit.",
     )
+    render_timeout_s: float = Field(
+        default=1.0, gt=0, le=60,
+        description="Time budget of rendering one task's templates (system and prompt together), in a worker "
+        "thread of the Gateway or TaskRunner; past it the run fails with 422 `template_error`.",
+    )
+    render_max_chars: int = Field(
+        default=1_000_000, ge=1000, le=100_000_000,
+        description="Output budget of one render, in characters; the template's operations (`*`, `join`, "
+        "`center`, loops' output, …) may produce 8 times this in total. Past either: 422 `template_error`.",
+    )
     quotas: QuotasConfig = Field(
         default_factory=QuotasConfig, description="Per-key quotas on stored files and batches; the batch cap."
     )
     retention: RetentionConfig = Field(
         default_factory=RetentionConfig, description="Expiry of files, finished runs and batches, idempotency keys."
     )
+
+    def render_limits(self) -> RenderLimits:
+        """The budgets of one render (``render_timeout_s``, ``render_max_chars``)."""
+        return RenderLimits(timeout_s=self.render_timeout_s, max_chars=self.render_max_chars)
 
     @field_validator("database_url")
     @classmethod

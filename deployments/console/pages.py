@@ -28,7 +28,6 @@ from deployments import request_ids
 from deployments.catalogue import CatalogueFollower
 from deployments.console.charts import bar_chart, day_points
 from deployments.console.overview import Overview
-from deployments.core.prompting import render_messages
 from deployments.core.replies import unwrap
 from deployments.errors import InvalidRequest, PromptfleetError
 from deployments.gateway.admin_routes import KeyAdmin
@@ -196,16 +195,10 @@ class Pages:
 
         @app.get("/runs/{run_id}", response_class=HTMLResponse)
         async def run(request: Request, run_id: str) -> HTMLResponse:
+            # The messages the run's first model call sent, as stored when it succeeded: never rendered
+            # again here (a page re-fetched every few seconds would re-run the template each time).
             detail: RunDetail = unwrap(await self.store.run_detail.remote(run_id[:64]))
-            messages, render_error = None, None
-            try:
-                # The version the run is pinned to (runs from before versioning: the active one).
-                defn, _ = await self.tasks.definition(detail.task, detail.task_version)
-                messages = render_messages(defn, detail.input)  # what the executor sent, first attempt
-            except PromptfleetError as exc:
-                render_error = exc.message
-            return page("run.html", request, nav="runs", run=detail, messages=messages, render_error=render_error,
-                        now=time.time())
+            return page("run.html", request, nav="runs", run=detail, messages=detail.messages, now=time.time())
 
         @app.post("/runs/{run_id}/cancel")
         async def cancel_run(request: Request, run_id: str) -> RedirectResponse:

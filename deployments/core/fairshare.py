@@ -25,14 +25,34 @@ against its key's share and runs behind its interactive work without starving.
 Memory is a deque entry per waiting call, bounded per tenant
 (``max_queued_per_tenant``); idle tenants' tags are dropped once the virtual
 clock passes them (they would restart at the clock anyway).
+
+Arithmetic: a weight is clamped to ``[MIN_WEIGHT, MAX_WEIGHT]`` whatever its
+source (a key stored before the bounds, a caller that skipped validation), so
+one call moves a tag by at most ``1 / MIN_WEIGHT`` (100) and at least
+``1 / MAX_WEIGHT`` (0.01). Tags only grow, so once the virtual clock passes
+``REBASE_AT`` every tag is shifted down by the smallest (a no-op for the order,
+which compares differences only): tags stay below ~2**32, where a float still
+resolves the smallest step to ~1e-6, instead of drifting to where ``tag + 0.01``
+rounds back to ``tag``. Each tenant's lane tags are rebased the same way.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 
+from deployments.schemas.keys import MAX_WEIGHT, MIN_WEIGHT
+
 MAX_REMEMBERED = 100_000  # tenants whose weight is remembered while idle
+REBASE_AT = 2.0**32  # virtual time past which tags are shifted back towards 0
+
+
+def clamp_weight(weight: float) -> float:
+    """``weight`` within the accepted bounds (a NaN or non-positive weight counts as 1, the default)."""
+    if math.isnan(weight) or weight <= 0:
+        return 1.0
+    return min(MAX_WEIGHT, max(MIN_WEIGHT, weight))
 
 
 @dataclass(eq=False)
@@ -72,8 +92,8 @@ class FairQueue:
     """The waiting calls of one budget, handed out by weighted fair share of tenants."""
 
     def __init__(self, max_queued_per_tenant: int = 1000, background_share: float = 0.25) -> None:
-        if max_queued_per_tenant < 1 or not 0 < background_share <= 1:
-            raise ValueError("max_queued_per_tenant must be >= 1 and 0 < background_share <= 1")
+        if max_queued_per_tenant < 1 or not MIN_WEIGHT <= background_share <= 1:
+            raise ValueError(f"max_queued_per_tenant must be >= 1 and {MIN_WEIGHT} <= background_share <= 1")
         self.max_queued_per_tenant = max_queued_per_tenant
         self.background_share = background_share
         self.active: dict[str, _Tenant] = {}
@@ -98,6 +118,7 @@ class FairQueue:
         if weight is None:
             weight = self.weight(waiter.tenant)
         else:
+            weight = clamp_weight(weight)
             if len(self.weights) >= MAX_REMEMBERED and waiter.tenant not in self.weights:
                 self.weights.clear()
             self.weights[waiter.tenant] = weight
@@ -123,12 +144,18 @@ class FairQueue:
         tenant = self._next_tenant()
         if tenant is None:
             raise IndexError("no call is waiting")
+        if tenant.tag > REBASE_AT:
+            self._rebase(tenant.tag)  # before the step below, which would be lost at such a magnitude
         lane = tenant.head_lane()
         waiter = tenant.lanes[lane].popleft()
         self.clock = tenant.tag
         tenant.tag += 1.0 / tenant.weight
         tenant.lane_clock = tenant.lane_tags[lane]
         tenant.lane_tags[lane] += 1.0 if lane == 0 else 1.0 / self.background_share
+        if tenant.lane_clock > REBASE_AT:
+            shift = tenant.lane_clock
+            tenant.lane_clock = 0.0
+            tenant.lane_tags = [max(0.0, tag - shift) for tag in tenant.lane_tags]
         self.size -= 1
         if not tenant:
             self._retire(waiter.tenant, tenant)
@@ -155,7 +182,7 @@ class FairQueue:
 
     def share(self, tenant: str, weight: float | None) -> float:
         """The fraction of slots ``tenant`` gets while everyone now waiting keeps waiting (with it)."""
-        weight = self.weight(tenant) if weight is None else weight
+        weight = self.weight(tenant) if weight is None else clamp_weight(weight)
         total = sum(t.weight for name, t in self.active.items() if name != tenant) + weight
         return weight / total
 
@@ -166,6 +193,15 @@ class FairQueue:
             if best is None or (tenant.tag, tenant.seq) < (best.tag, best.seq):
                 best = tenant
         return best
+
+    def _rebase(self, shift: float) -> None:
+        """Shift every tag and the clock down by ``shift``, the smallest active tag (the order of
+        tenants is unchanged; idle tags behind it mean no more than the clock)."""
+        self.clock = max(0.0, self.clock - shift)
+        for tenant in self.active.values():
+            tenant.tag = max(0.0, tenant.tag - shift)
+        # Idle tags at or behind the clock mean nothing more than the clock itself.
+        self.idle_tags = {n: tag - shift for n, tag in self.idle_tags.items() if tag > shift}
 
     def _retire(self, name: str, tenant: _Tenant) -> None:
         del self.active[name]

@@ -54,7 +54,8 @@ class RunQueue(Protocol):
     async def renew(self, run_id: str, lease_token: str) -> bool: ...
 
     async def complete(
-        self, run_id: str, lease_token: str, result: dict[str, Any], usage: dict[str, Any], owner: str
+        self, run_id: str, lease_token: str, result: dict[str, Any], usage: dict[str, Any], owner: str,
+        messages: list[dict[str, str]] | None = None,
     ) -> bool: ...
 
     async def fail(self, run_id: str, lease_token: str, error: dict[str, Any]) -> bool: ...
@@ -253,7 +254,8 @@ class RunLoop:
             await self._hand_back_failure(run, token, exc)
             return
         usage = result.pop("usage", None) or {}
-        await self.queue.complete(run.id, token, result, usage, run.owner)
+        messages = result.pop("messages", None)  # kept beside the result, for the console; not shown to clients
+        await self.queue.complete(run.id, token, result, usage, run.owner, messages)
 
     async def _hand_back_failure(self, run: RunRecord, token: str, exc: Exception) -> None:
         if self.transient(exc) and run.attempt < self.max_starts:

@@ -5,8 +5,11 @@ One checker for every place a task enters the system — the deploy (``load_task
 (text sent by the CLI) — so a file that passes ``check`` is one the cluster accepts. It checks:
 YAML syntax, fields and types (``TaskDefinition``), both JSON Schemas, template syntax, template
 variables against the input schema, file name == task name, examples (inputs valid, judge
-templates), and, given the models (name → provider), that every model exists and that the output
-schema is one the model's structured-output support can express (``core.structured``).
+templates), that the templates render — with each example's input, or without examples with a
+sample input made from the input schema — in the same bounded sandbox and budgets as a run
+(``core.sandbox``: a template that can never render is refused before it ships), and, given the
+models (name → provider), that every model exists and that the output schema is one the model's
+structured-output support can express (``core.structured``).
 
 YAML anchors and aliases (``&a``, ``*a``, ``<<: *a``) are refused, naming their line: an alias is
 expanded into the stored definition (a few aliases of aliases grow a small file ~900×). The stored
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
@@ -33,7 +37,14 @@ from jsonschema import Draft202012Validator
 from pydantic import ValidationError
 
 from deployments.config import TasksConfig
-from deployments.core.prompting import format_json_path, template_environment
+from deployments.core.prompting import (
+    DEFAULT_LIMITS,
+    RenderLimits,
+    format_json_path,
+    render_template,
+    template_environment,
+)
+from deployments.core.sandbox import RenderLimitExceeded, budget_for
 from deployments.core.structured import schema_problems
 from deployments.core.taskdefs import STORED, TaskConfigError, TaskDefinition
 
@@ -48,6 +59,7 @@ __all__ = [
     "load_task_definitions",
     "load_task_files",
     "parse_stored",
+    "sample_input",
     "task_files",
 ]
 
@@ -75,6 +87,10 @@ def _load(text: str) -> tuple[yaml.Node | None, Any]:
         return root, loader.construct_document(root) if root is not None else None
     finally:
         loader.dispose()
+
+
+RENDER_CHECK_FACTOR = 4  # the render checks of one push may take this many render timeouts …
+RENDER_CHECK_MIN_S = 10.0  # … and at least this long
 
 
 @dataclass(frozen=True)
@@ -142,8 +158,114 @@ def _template_variables(source: str) -> set[str]:
     return meta.find_undeclared_variables(template_environment().parse(source))
 
 
-def _semantic_problems(defn: TaskDefinition, stem: str | None, models: Mapping[str, str] | None) -> list[
-        tuple[Path_, str, bool]]:
+_SAMPLE_FORMATS = {
+    "date": "2024-01-31", "date-time": "2024-01-31T12:00:00Z", "time": "12:00:00Z", "email": "someone@example.com",
+    "uri": "https://example.com/", "uuid": "00000000-0000-4000-8000-000000000000", "hostname": "example.com",
+    "ipv4": "192.0.2.1", "ipv6": "2001:db8::1",
+}
+
+
+def _sample(schema: Any, depth: int = 0) -> Any:
+    """A small value ``schema`` probably accepts (checked by the caller)."""
+    if not isinstance(schema, Mapping) or depth > 20:
+        return None
+    for key in ("const", "default"):
+        if key in schema:
+            return schema[key]
+    for key in ("enum", "examples"):
+        if isinstance(schema.get(key), list) and schema[key]:
+            return schema[key][0]
+    for key in ("anyOf", "oneOf", "allOf"):
+        if isinstance(schema.get(key), list) and schema[key]:
+            return _sample(schema[key][0], depth + 1)
+    kind = schema.get("type")
+    if isinstance(kind, list):
+        kind = next((k for k in kind if k != "null"), "null")
+    if kind == "object" or (kind is None and "properties" in schema):
+        properties = schema.get("properties", {})
+        value = {name: _sample(sub, depth + 1) for name, sub in properties.items()} if isinstance(
+            properties, Mapping) else {}
+        for name in schema.get("required", []) if isinstance(schema.get("required"), list) else []:
+            value.setdefault(str(name), "x")
+        return value
+    if kind == "array":
+        count = schema.get("minItems", 1) if isinstance(schema.get("minItems", 1), int) else 1
+        return [_sample(schema.get("items", {}), depth + 1) for _ in range(min(max(count, 1), 10))]
+    if kind == "string":
+        fmt = schema.get("format")
+        if fmt in _SAMPLE_FORMATS:
+            return _SAMPLE_FORMATS[fmt]
+        length = schema.get("minLength", 5)
+        return "x" * (min(length, 1000) if isinstance(length, int) else 5)
+    if kind in ("integer", "number"):
+        low = schema.get("minimum", schema.get("exclusiveMinimum", 0))
+        low = low if isinstance(low, int | float) and not isinstance(low, bool) else 0
+        return int(low) + 1 if kind == "integer" else float(low) + 1
+    if kind == "boolean":
+        return True
+    return None
+
+
+def sample_input(input_schema: dict[str, Any]) -> dict[str, Any] | None:
+    """A small input ``input_schema`` accepts (every property given), or None if none is found simply."""
+    value = _sample(input_schema)
+    if not isinstance(value, dict):
+        return None
+    validator = Draft202012Validator(input_schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+    return value if validator.is_valid(value) else None
+
+
+def render_check_deadline(limits: RenderLimits) -> float:
+    """When the render checks of one check or push must be done by (monotonic): each template renders
+    within ``limits``, and all of them within ``RENDER_CHECK_FACTOR`` × its timeout (at least
+    ``RENDER_CHECK_MIN_S``), so a push of many slow templates cannot hold a Gateway thread and a core
+    for minutes."""
+    return time.monotonic() + max(RENDER_CHECK_MIN_S, RENDER_CHECK_FACTOR * limits.timeout_s)
+
+
+def _render_problems(defn: TaskDefinition, limits: RenderLimits, deadline: float) -> list[tuple[Path_, str, bool]]:
+    """Render the task's templates with each valid example input (or, without examples, a sample input
+    from the input schema) as a run would: an error names the template field and the input. Past
+    ``deadline`` (shared by the files of one push) a render is refused unchecked."""
+    validator = Draft202012Validator(defn.input_schema, format_checker=Draft202012Validator.FORMAT_CHECKER)
+    inputs = [(f"example '{e.name}'", e.input) for e in defn.examples if validator.is_valid(e.input)]
+    if not defn.examples:
+        sample = sample_input(defn.input_schema)
+        if sample is not None:
+            shown = json.dumps(sample, ensure_ascii=False)
+            shown = shown if len(shown) <= 200 else shown[:199] + "…"
+            inputs = [(f"a sample input made from input_schema ({shown}; add an example to choose the input)",
+                       sample)]
+    found: list[tuple[Path_, str, bool]] = []
+    for what, value in inputs:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return [(("prompt",), "not checked: the render checks of this push took longer than "
+                     f"{max(RENDER_CHECK_MIN_S, RENDER_CHECK_FACTOR * limits.timeout_s):g}s in total; push fewer "
+                     "files at once",
+                     False)]
+        if left < limits.timeout_s:
+            limits = RenderLimits(timeout_s=left, max_chars=limits.max_chars)
+        with budget_for(limits):  # one budget for both templates, as a run has
+            for field in ("system", "prompt"):
+                source = getattr(defn, field)
+                if source is None:
+                    continue
+                try:
+                    render_template(source, value, limits)
+                except RenderLimitExceeded as exc:
+                    reason = exc.message
+                except Exception as exc:  # whatever a run would get as a 422 template_error or 400
+                    reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+                else:
+                    continue
+                found.append(((field,), f"the template cannot render with {what}: {reason}", False))
+                break
+    return found
+
+
+def _semantic_problems(defn: TaskDefinition, stem: str | None, models: Mapping[str, str] | None,
+                       limits: RenderLimits | None, deadline: float) -> list[tuple[Path_, str, bool]]:
     """(path, message, warning) of what the model validation cannot see on its own."""
     found: list[tuple[Path_, str, bool]] = []
     if stem is not None and stem != defn.name:
@@ -169,6 +291,8 @@ def _semantic_problems(defn: TaskDefinition, stem: str | None, models: Mapping[s
             for var in sorted(_template_variables(judge.prompt) - {"input", "output"}):
                 found.append((("examples", i, "expect", "judge", "prompt"),
                               f"judge template variable '{var}' is neither 'input' nor 'output'", False))
+    if limits is not None and not found:  # a task with other errors would not render meaningfully
+        found += _render_problems(defn, limits, deadline)
     if models is not None:
         listing = ", ".join(sorted(models)) or "none"
         named: list[tuple[Path_, str]] = [(("model",), defn.model)]
@@ -189,18 +313,22 @@ def _semantic_problems(defn: TaskDefinition, stem: str | None, models: Mapping[s
 
 
 def check_text(text: str, file: str, models: Mapping[str, str] | None = None,
-               stem: str | None = None, max_definition_bytes: int = DEFAULT_MAX_DEFINITION_BYTES) -> CheckedTask:
+               stem: str | None = None, max_definition_bytes: int = DEFAULT_MAX_DEFINITION_BYTES,
+               limits: RenderLimits | None = DEFAULT_LIMITS, deadline: float | None = None) -> CheckedTask:
     """Check one task file's ``text``; ``file`` names it in problems, ``stem`` (the file name without
     its suffix) must equal the task's name if given, ``models`` (name → ``llamacpp``/``openai``)
-    enables the model checks; its canonical definition may be at most ``max_definition_bytes``."""
+    enables the model checks; its canonical definition may be at most ``max_definition_bytes``;
+    ``limits`` are the render budgets its templates must render within (None: no render check),
+    ``deadline`` ends the render checks (``render_check_deadline``)."""
     try:
-        return _check_text(text, file, models, stem, max_definition_bytes)
+        return _check_text(text, file, models, stem, max_definition_bytes, limits,
+                           deadline if deadline is not None else render_check_deadline(limits or DEFAULT_LIMITS))
     except RecursionError:  # `[[[[…` a few thousand deep: the parsers and schema walks recurse
         return CheckedTask(file, text, None, [Problem(file, "", "nested too deeply to check")])
 
 
 def _check_text(text: str, file: str, models: Mapping[str, str] | None, stem: str | None,
-                max_definition_bytes: int) -> CheckedTask:
+                max_definition_bytes: int, limits: RenderLimits | None, deadline: float) -> CheckedTask:
     def problem(path: Path_, message: str, warning: bool = False) -> Problem:
         return Problem(file, format_json_path(path), message, _line_of(root, path), warning)
 
@@ -226,7 +354,8 @@ def _check_text(text: str, file: str, models: Mapping[str, str] | None, stem: st
         return CheckedTask(file, text, None, [Problem(
             file, "", f"the stored definition would be {size} bytes, over the limit of {max_definition_bytes} "
             "(tasks.max_definition_bytes)")])
-    problems = [problem(path, message, warning) for path, message, warning in _semantic_problems(defn, stem, models)]
+    found = _semantic_problems(defn, stem, models, limits, deadline)
+    problems = [problem(path, message, warning) for path, message, warning in found]
     accepted = defn if not any(not p.warning for p in problems) else None
     return CheckedTask(file, text, accepted, problems)
 
@@ -243,12 +372,16 @@ def task_files(paths: Iterable[Path]) -> list[Path]:
 
 
 def check_sources(sources: Sequence[tuple[str, str]], models: Mapping[str, str] | None = None,
-                  max_definition_bytes: int = DEFAULT_MAX_DEFINITION_BYTES) -> list[CheckedTask]:
-    """Check each ``(file name, text)``, and that no two define the same task."""
+                  max_definition_bytes: int = DEFAULT_MAX_DEFINITION_BYTES,
+                  limits: RenderLimits | None = DEFAULT_LIMITS) -> list[CheckedTask]:
+    """Check each ``(file name, text)`` (templates rendered within ``limits``), and that no two define
+    the same task."""
     checked: list[CheckedTask] = []
     names: dict[str, str] = {}
+    deadline = render_check_deadline(limits or DEFAULT_LIMITS)
     for file, text in sources:
-        result = check_text(text, file, models, stem=PurePath(file).stem, max_definition_bytes=max_definition_bytes)
+        result = check_text(text, file, models, stem=PurePath(file).stem,
+                            max_definition_bytes=max_definition_bytes, limits=limits, deadline=deadline)
         if result.definition is not None:
             name = result.definition.name
             if name in names:
@@ -271,7 +404,7 @@ def check_files(files: Sequence[Path], models: Mapping[str, str] | None = None,
             sources.append((str(path), path.read_text(encoding="utf-8")))
         except (OSError, UnicodeDecodeError) as exc:
             unreadable.append(CheckedTask(str(path), "", None, [Problem(str(path), "", f"cannot read file: {exc}")]))
-    return unreadable + check_sources(sources, models, max_definition_bytes)
+    return unreadable + check_sources(sources, models, max_definition_bytes=max_definition_bytes)
 
 
 def load_task_files(directory: Path, models: Mapping[str, str] | None = None,

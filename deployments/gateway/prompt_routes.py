@@ -31,7 +31,7 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.catalogue import CatalogueFollower
 from deployments.config import AppArgs
-from deployments.core.prompting import render_messages, response_format_for, validate_input
+from deployments.core.prompting import TemplateRenderer, response_format_for, validate_input
 from deployments.core.replies import unwrap
 from deployments.core.taskfile import CheckedTask, Problem, canonical, check_sources, content_hash
 from deployments.errors import InvalidRequest
@@ -72,6 +72,8 @@ def build_prompt_router(args: AppArgs, tasks: CatalogueFollower, store: Deployme
     enabled = args.auth.enabled
     models = args.task_models()
     prompts = Depends(checked_caller(require_prompts, enabled))  # a default, not Annotated: see auth.checked_caller
+    limits = args.tasks.render_limits()
+    renderer = TemplateRenderer(limits)
 
     async def refresh() -> None:
         """This replica follows a change it made at once (the others within catalogue_poll_s). The change
@@ -82,9 +84,10 @@ def build_prompt_router(args: AppArgs, tasks: CatalogueFollower, store: Deployme
             logger.warning("could not refresh the task catalogue after a change", exc_info=True)
 
     async def check(body: TaskFiles) -> list[CheckedTask]:
-        # Off the event loop: the llama.cpp grammar check compiles the schema.
+        # Off the event loop: the llama.cpp grammar check compiles the schema, and every task's examples
+        # (or a sample input) are rendered, each within the render budgets.
         return await asyncio.to_thread(check_sources, [(f.file, f.source) for f in body.files], models,
-                                       args.tasks.max_definition_bytes)
+                                       max_definition_bytes=args.tasks.max_definition_bytes, limits=limits)
 
     @router.post("/tasks/check", response_model=TaskCheckResult)
     async def check_tasks(body: TaskFiles, caller: Caller = prompts) -> TaskCheckResult:
@@ -151,7 +154,7 @@ def build_prompt_router(args: AppArgs, tasks: CatalogueFollower, store: Deployme
     ) -> TaskRendered:
         defn, version = await tasks.definition(name, body.version)
         validate_input(defn, body.input)
-        return TaskRendered(task=name, version=version, model=defn.model, messages=render_messages(defn, body.input),
-                            response_format=response_format_for(defn))
+        return TaskRendered(task=name, version=version, model=defn.model,
+                            messages=await renderer.render(defn, body.input), response_format=response_format_for(defn))
 
     return router

@@ -8,6 +8,12 @@ from pydantic import Field
 
 from deployments.schemas.base import OwnBody
 
+# A key's fair-share weight. The fair queue advances a tenant's virtual time by 1/weight per call, so the
+# bounds keep that step within [0.01, 100] (no infinity from a subnormal, no step lost to rounding) and
+# the ratio between two keys within 10,000 : 1.
+MIN_WEIGHT = 0.01
+MAX_WEIGHT = 100.0
+
 
 class KeyLimits(OwnBody):
     """Body of PATCH /v1/admin/keys/{id}: the limits it names change (`null`: unlimited), the others
@@ -23,9 +29,9 @@ class KeyLimits(OwnBody):
         default=None, ge=1, le=10**15, description="Total tokens this key may ever use."
     )
     weight: float = Field(
-        default=1.0, gt=0, le=1000,
-        description="Share of a shared model budget when keys wait for it together: a key of weight 2 gets "
-        "twice the calls of a key of weight 1 while both have calls waiting.",
+        default=1.0, ge=MIN_WEIGHT, le=MAX_WEIGHT, allow_inf_nan=False,
+        description=f"Share of a shared model budget when keys wait for it together: a key of weight 2 gets "
+        f"twice the calls of a key of weight 1 while both have calls waiting ({MIN_WEIGHT:g} to {MAX_WEIGHT:g}).",
     )
 
 

@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import ConfigDict, Field
 
 from deployments.schemas.base import OwnBody
+from deployments.schemas.keys import MAX_WEIGHT, MIN_WEIGHT
 
 
 class Budget(OwnBody):
@@ -33,7 +34,7 @@ class Share(OwnBody):
 
     tenant: str = Field(max_length=200, description="The key id (or `anonymous`): the unit of fairness.")
     weight: float | None = Field(
-        default=1.0, gt=0, le=1000,
+        default=1.0, ge=MIN_WEIGHT, le=MAX_WEIGHT, allow_inf_nan=False,
         description="The key's `weight`; empty: the weight its interactive calls last brought (1 if none).",
     )
     background: bool = Field(

@@ -181,6 +181,9 @@ class RunDetail(RunView):
     idempotency_key: str | None = Field(description="The Idempotency-Key it was submitted with, if any.")
     worker_id: str | None = Field(description="The TaskRunner replica that last held it.")
     available_at: float | None = Field(description="A queued run waiting out a backoff is not started before this.")
+    messages: list[dict[str, str]] | None = Field(
+        default=None, description="The chat messages the run's first model call sent (stored when it succeeded)."
+    )
 
 
 class RunDetailList(OwnBody):

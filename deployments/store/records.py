@@ -72,6 +72,9 @@ class RunRecord:
     available_at: float | None = None  # a queued run is not claimed before this (a backoff)
     task_version: int | None = None  # the task version it runs with, pinned at submit
     request_id: str | None = None  # the submitting request's id; its model calls go by it
+    # The chat messages its first model call sent, stored when it succeeded. Not in COLUMNS (up to
+    # tasks.render_max_chars each): only ``RunStore.messages`` reads them, for the console's run page.
+    messages: list[dict[str, str]] | None = None
 
     @property
     def terminal(self) -> bool:
@@ -94,8 +97,9 @@ class RunRecord:
             request_id=self.request_id,
         )
 
-    def detail(self) -> RunDetail:
-        """What the admin's console shows: the view, its owner and input (never the lease token)."""
+    def detail(self, messages: list[dict[str, str]] | None = None) -> RunDetail:
+        """What the admin's console shows: the view, its owner and input (never the lease token), and
+        ``messages``: what its model call was sent, if stored."""
         return RunDetail(
             **self.view().model_dump(),
             owner=self.owner,
@@ -104,6 +108,7 @@ class RunRecord:
             idempotency_key=self.idempotency_key,
             worker_id=self.worker_id,
             available_at=self.available_at,
+            messages=messages,
         )
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import secrets
 import threading
@@ -123,13 +124,17 @@ def schema(d: Dialect) -> list[str]:
     ]
 
 
-def _add_task_version(tx: Tx, dialect: Dialect) -> None:
-    """The task version a run is pinned to (issue 14): added beside the schema version's migrations,
-    like ``api_keys.weight``, so databases of any version gain it once. Empty for runs queued before."""
+def _add_column(tx: Tx, dialect: Dialect, name: str, sql_type: str) -> None:
+    """A column added beside the schema version's migrations, like ``api_keys.weight``, so databases of
+    any version gain it once: ``task_version``, the task version a run is pinned to (issue 14; empty for
+    runs queued before), and ``messages``, what a succeeded run's first model call was sent (issue 19)."""
     if dialect.name == "postgresql":
-        tx.run("ALTER TABLE runs ADD COLUMN IF NOT EXISTS task_version INTEGER")
-    elif not any(row["name"] == "task_version" for row in tx.rows("PRAGMA table_info(runs)")):
-        tx.run("ALTER TABLE runs ADD COLUMN task_version INTEGER")
+        tx.run(f"ALTER TABLE runs ADD COLUMN IF NOT EXISTS {name} {sql_type}")
+    elif not any(row["name"] == name for row in tx.rows("PRAGMA table_info(runs)")):
+        tx.run(f"ALTER TABLE runs ADD COLUMN {name} {sql_type}")
+
+
+_WRITTEN_AS_JSON = JSON_COLUMNS | {"messages"}
 
 
 class RunStore(DatabaseBacked):
@@ -169,7 +174,8 @@ class RunStore(DatabaseBacked):
                 for statement in statements:
                     tx.run(statement)
             tx.run("UPDATE schema_version SET version = ?", SCHEMA_VERSION)
-        _add_task_version(tx, self._db.dialect)
+        _add_column(tx, self._db.dialect, "task_version", "INTEGER")
+        _add_column(tx, self._db.dialect, "messages", self._db.dialect.text)
 
     def _load(self, tx: Tx, run_id: str, owner: str | None = None, *, lock: bool = False) -> RunRecord:
         sql, args = f"SELECT {COLUMNS} FROM runs WHERE id = ?", [run_id]
@@ -212,7 +218,7 @@ class RunStore(DatabaseBacked):
         if new.terminal:
             changes["finished_at"] = now
         columns = {
-            column: dumps(value) if column in JSON_COLUMNS and value is not None else value
+            column: dumps(value) if column in _WRITTEN_AS_JSON and value is not None else value
             for column, value in changes.items()
         }
         columns["status"] = new.status.value
@@ -455,10 +461,24 @@ class RunStore(DatabaseBacked):
             return True
 
     def complete(
-        self, run_id: str, lease_token: str, *, result: Any, usage: dict[str, Any], now: float | None = None
+        self, run_id: str, lease_token: str, *, result: Any, usage: dict[str, Any],
+        messages: list[dict[str, str]] | None = None, now: float | None = None,
     ) -> bool:
-        """Store the validated result: True if this call won, False if the lease was stale."""
-        return self._finish(run_id, lease_token, RunEvent.SUCCEED, now_or(now), result=result, usage=usage)
+        """Store the validated result (and the messages its first model call sent): True if this call
+        won, False if the lease was stale."""
+        return self._finish(run_id, lease_token, RunEvent.SUCCEED, now_or(now), result=result, usage=usage,
+                            messages=messages)
+
+    def messages(self, run_id: str) -> list[dict[str, str]] | None:
+        """The messages stored with a succeeded run (None: not stored, or no such run)."""
+        if not is_run_id(run_id):
+            return None
+        with self._db.autocommit() as tx:
+            row = tx.one("SELECT messages FROM runs WHERE id = ?", run_id)
+        if row is None or row["messages"] is None:
+            return None
+        stored: list[dict[str, str]] = json.loads(row["messages"])
+        return stored
 
     def fail(
         self,

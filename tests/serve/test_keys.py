@@ -127,6 +127,12 @@ def test_admin_changes_a_keys_limits(app: ServeApp) -> None:
     assert httpx.patch(path, json={"token_budget": 10**6}, headers=tenant).status_code == 403
     bad = admin(app, "PATCH", f"/admin/keys/{created['id']}", json={"rpm": 0})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "rpm"
+    for weight in (5e-324, 0, 0.001, 100.5, 1e308):  # 5e-324 pushed the fair queue's clock to infinity
+        bad = admin(app, "PATCH", f"/admin/keys/{created['id']}", json={"weight": weight})
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "weight", (weight, bad.text)
+    for weight in (0.01, 100):  # the bounds themselves are accepted
+        edge = admin(app, "PATCH", f"/admin/keys/{created['id']}", json={"weight": weight})
+        assert edge.status_code == 200 and edge.json()["weight"] == weight, edge.text
     assert admin(app, "PATCH", "/admin/keys/key_0000000000000000", json={}).status_code == 404
     changed = admin(app, "PATCH", f"/admin/keys/{created['id']}", json={"token_budget": 10**6, "weight": 2})
     assert changed.status_code == 200, changed.text

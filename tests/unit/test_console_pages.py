@@ -147,3 +147,23 @@ def test_the_csv_export_streams_every_matching_row_in_pages(tmp_path: Path) -> N
         assert bad.status_code == 400 and "until" in bad.text
 
     with_console(tmp_path, scenario)
+
+
+def test_the_run_page_shows_the_messages_the_run_stored_without_rendering(tmp_path: Path) -> None:
+    """Issue 19: the run page (re-fetched every few seconds) re-rendered the task's template each time.
+    It shows what the run's first model call sent, as stored; this console has no task catalogue at all."""
+
+    async def scenario(service: TaskStore, client: httpx.AsyncClient) -> None:
+        store = service.store
+        run, _ = store.create_run(task="label", input={"text": "<b>hi</b>"}, owner="anonymous", idempotency_key=None)
+        waiting = (await client.get(f"/runs/{run.id}")).text
+        assert "Kept once the run succeeds" in waiting
+        (claimed,) = store.claim(worker_id="w", lease_s=30)
+        assert claimed.lease_token is not None
+        sent = [{"role": "system", "content": "Label it."}, {"role": "user", "content": "Text: <b>hi</b>"}]
+        assert store.complete(run.id, claimed.lease_token, result={"output": {"label": "a"}}, usage={}, messages=sent)
+        page = await client.get(f"/runs/{run.id}")
+        assert page.status_code == 200, page.text
+        assert "Label it." in page.text and "Text: &lt;b&gt;hi&lt;/b&gt;" in page.text  # escaped, as stored
+
+    with_console(tmp_path, scenario)

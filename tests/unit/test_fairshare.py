@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
 from collections import Counter
 
 import pytest
@@ -11,9 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deployments.config import AdmissionConfig
-from deployments.core.fairshare import FairQueue, Waiter
+from deployments.core.fairshare import REBASE_AT, FairQueue, Waiter, clamp_weight
 from deployments.core.limits import Granted, Queued, RateLimiterCore, Refused
-from deployments.schemas import BookingAsk, Budget, Share
+from deployments.schemas import BookingAsk, Budget, KeyLimits, Share
+from deployments.schemas.keys import MAX_WEIGHT, MIN_WEIGHT
 
 tickets = itertools.count(1)
 
@@ -116,6 +118,74 @@ def test_weight_none_uses_the_weight_the_key_last_brought() -> None:
         queue.push(waiter("A", background=True), None)
         queue.push(waiter("B"), None)
     assert Counter(w.tenant for w in serve(queue, 40))["A"] == 30
+
+
+# -- weights: bounds and the virtual clock's arithmetic ---------------------------------------
+
+accepted_weights = st.floats(MIN_WEIGHT, MAX_WEIGHT, allow_nan=False, allow_infinity=False)
+
+
+@pytest.mark.parametrize("weight", [5e-324, 0.0, -1.0, 0.009, 100.5, 1000.0, float("inf"), float("nan")])
+def test_weights_outside_the_bounds_are_refused_by_the_api(weight: float) -> None:
+    with pytest.raises(ValueError, match="weight"):
+        KeyLimits(weight=weight)
+    with pytest.raises(ValueError, match="weight"):
+        Share(tenant="k", weight=weight)
+
+
+@pytest.mark.parametrize("weight", [MIN_WEIGHT, 1.0, MAX_WEIGHT])
+def test_weights_inside_the_bounds_are_accepted(weight: float) -> None:
+    assert KeyLimits(weight=weight).weight == weight and Share(tenant="k", weight=weight).weight == weight
+
+
+def queue_is_finite(queue: FairQueue) -> bool:
+    tags = [queue.clock, *queue.idle_tags.values()]
+    for tenant in queue.active.values():
+        tags += [tenant.tag, tenant.lane_clock, *tenant.lane_tags]
+    return all(math.isfinite(tag) and 0 <= tag <= REBASE_AT + 1e4 for tag in tags)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    w_a=accepted_weights, w_b=accepted_weights, clock=st.sampled_from([0.0, REBASE_AT - 50.0, 1e15]),
+    background=st.booleans(), pops=st.integers(1, 400),
+)
+def test_any_accepted_weights_keep_the_clock_finite_and_the_split_fair(
+    w_a: float, w_b: float, clock: float, background: bool, pops: int
+) -> None:
+    """Two backlogged tenants at any accepted weights, with the virtual clock anywhere (a limiter that has
+    run for years, or a clock far past the rebase point, where a float no longer resolves a 0.01 step):
+    every tag stays finite and bounded, and every prefix of service stays within one slot per tenant of
+    the weighted split, across the rebase."""
+    queue = FairQueue(max_queued_per_tenant=1000, background_share=0.01)
+    queue.clock = clock
+    for _ in range(pops):
+        queue.push(waiter("A", background=background), w_a)
+        queue.push(waiter("B", background=background), w_b)
+    served: Counter[str] = Counter()
+    for n in range(1, pops + 1):
+        served[queue.pop().tenant] += 1
+        assert queue_is_finite(queue), queue.clock
+        ideal_b = n * w_b / (w_a + w_b)
+        assert abs(served["B"] - ideal_b) <= 1 + 1e-6, (n, served)
+
+
+@settings(max_examples=200, deadline=None)
+@given(weight=st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from([5e-324, 1e308, -0.0]),
+       calls=st.integers(1, 300))
+def test_any_float_given_to_the_queue_is_clamped(weight: float, calls: int) -> None:
+    """The fair queue itself cannot be pushed to infinity, NaN or lost steps by a weight that skipped the
+    API's validation (a key stored before the bounds): it counts the clamped weight."""
+    assert MIN_WEIGHT <= clamp_weight(weight) <= MAX_WEIGHT
+    queue = FairQueue(max_queued_per_tenant=1000)
+    queue.clock = REBASE_AT - 1000.0
+    for _ in range(calls):
+        queue.push(waiter("A"), weight)
+        queue.push(waiter("B"), 1.0)
+    for _ in range(calls):
+        queue.pop()
+        assert queue_is_finite(queue)
+    assert 0 < queue.share("A", weight) < 1
 
 
 # -- bursts and the restart rule ------------------------------------------------------------

@@ -39,7 +39,8 @@ class ScriptedStore:
     async def renew(self, run_id: str, token: str) -> bool:
         return token == "t2"  # t1's lease expired and the run was claimed again
 
-    async def complete(self, run_id: str, token: str, result: Any, usage: Any, owner: str) -> bool:
+    async def complete(self, run_id: str, token: str, result: Any, usage: Any, owner: str,
+                       messages: Any = None) -> bool:
         self.completed.append(token)
         return token == "t2"
 
@@ -75,7 +76,8 @@ class ScriptedExecutor:
         if self.errors:
             raise self.errors.pop(0)
         usage = {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}
-        return {"task": name, "output": {"label": "a"}, "model": "m", "attempts": 1, "usage": usage}
+        return {"task": name, "output": {"label": "a"}, "model": "m", "attempts": 1, "usage": usage,
+                "messages": [{"role": "user", "content": f"Label: {task_input.get('text')}"}]}
 
 
 class StoreQueue:
@@ -96,8 +98,9 @@ class StoreQueue:
         self.renewals += 1
         return self.store.renew(run_id, token, self.lease_s)
 
-    async def complete(self, run_id: str, token: str, result: Any, usage: Any, owner: str) -> bool:
-        return self.store.complete(run_id, token, result=result, usage=usage)
+    async def complete(self, run_id: str, token: str, result: Any, usage: Any, owner: str,
+                       messages: Any = None) -> bool:
+        return self.store.complete(run_id, token, result=result, usage=usage, messages=messages)
 
     async def fail(self, run_id: str, token: str, error: dict[str, Any]) -> bool:
         return self.store.fail(run_id, token, error=error)
@@ -221,7 +224,8 @@ def run_one(executor: ScriptedExecutor, **loop_options: Any) -> RunRecord:
             loop = new_loop(StoreQueue(store, lease_s=600), executor, **loop_options)
             loop.start()
             try:
-                return await until(lambda: (r := store.get(run_id, "alice")).terminal and r)
+                ended = await until(lambda: (r := store.get(run_id, "alice")).terminal and r)
+                return dataclasses.replace(ended, messages=store.messages(run_id))
             finally:
                 await loop.stop()
 
@@ -254,6 +258,8 @@ def test_a_finished_run_is_completed_with_its_usage() -> None:
     assert run.status is RunStatus.SUCCEEDED
     assert run.result == {"task": "t", "output": {"label": "a"}, "model": "m", "attempts": 1}
     assert run.usage == {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}
+    # The messages it sent are stored beside the result (for the console), not in it (for clients).
+    assert run.messages is not None and run.messages[0]["content"].startswith("Label: ")
 
 
 def test_the_lease_keeper_renews_and_stops_work_whose_lease_is_gone() -> None:

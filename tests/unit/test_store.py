@@ -650,3 +650,16 @@ def test_lease_races(open_store: OpenStore) -> None:
             max_examples=40, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
         ),
     )
+
+
+def test_a_succeeded_run_keeps_the_messages_it_sent_for_the_console(store: RunStore) -> None:
+    """Stored beside the result, read only one run at a time (not with listings), never re-rendered."""
+    run = new_run(store, now=100.0)
+    claimed = claim_one(store, now=101.0)
+    sent = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Text: t0 ✓"}]
+    assert store.messages(run.id) is None
+    assert claimed.lease_token is not None
+    assert store.complete(run.id, claimed.lease_token, result={"label": "a"}, usage={}, messages=sent, now=102.0)
+    assert store.messages(run.id) == sent
+    assert store.get(run.id, None).detail(messages=store.messages(run.id)).messages == sent
+    assert store.messages("run_" + "0" * 24) is None and store.messages("nonsense") is None
