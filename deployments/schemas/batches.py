@@ -25,62 +25,48 @@ BATCH_RESPONSES_URL = "/v1/responses"
 BatchEndpoint = Literal["/v1/chat/completions", "/v1/embeddings", "/v1/completions", "/v1/responses"]
 
 
-class BatchChatLine(OwnBody):
-    """An input line of the OpenAI batch format: one chat completion request."""
+class _ModelLine(OwnBody):
+    """An input line of the OpenAI batch format: one request to a model route, never a stream."""
 
     custom_id: str = Field(min_length=1, max_length=512, description="Caller's id; unique within a batch.")
     method: Literal["POST"] = Field(description="Always `POST`.")
-    url: Literal["/v1/chat/completions"] = Field(description="The endpoint: `/v1/chat/completions` here; "
-                                                 "`/v1/embeddings` and `/v1/completions` lines may be mixed in.")
-    body: ChatCompletionRequest = Field(description="A POST /v1/chat/completions body (`model` required).")
 
-    @field_validator("body")
+    @field_validator("body", check_fields=False)
     @classmethod
-    def _not_streaming(cls, value: ChatCompletionRequest) -> ChatCompletionRequest:
-        if value.stream:
+    def _not_streaming(cls, value: Any) -> Any:
+        if getattr(value, "stream", False):
             raise ValueError("stream must be false in a batch")
         return value
 
 
-class BatchEmbeddingLine(OwnBody):
-    """An input line of the OpenAI batch format: one embeddings request."""
+class BatchChatLine(_ModelLine):
+    """One chat completion request."""
 
-    custom_id: str = Field(min_length=1, max_length=512, description="Caller's id; unique within a batch.")
-    method: Literal["POST"] = Field(description="Always `POST`.")
+    url: Literal["/v1/chat/completions"] = Field(description="The endpoint: `/v1/chat/completions` here; "
+                                                 "`/v1/embeddings`, `/v1/completions` and `/v1/responses` "
+                                                 "lines may be mixed in.")
+    body: ChatCompletionRequest = Field(description="A POST /v1/chat/completions body (`model` required).")
+
+
+class BatchEmbeddingLine(_ModelLine):
+    """One embeddings request."""
+
     url: Literal["/v1/embeddings"] = Field(description="The endpoint.")
     body: EmbeddingRequest = Field(description="A POST /v1/embeddings body (`model` required).")
 
 
-class BatchCompletionLine(OwnBody):
-    """An input line of the OpenAI batch format: one legacy text completion request."""
+class BatchCompletionLine(_ModelLine):
+    """One legacy text completion request."""
 
-    custom_id: str = Field(min_length=1, max_length=512, description="Caller's id; unique within a batch.")
-    method: Literal["POST"] = Field(description="Always `POST`.")
     url: Literal["/v1/completions"] = Field(description="The endpoint.")
     body: CompletionRequest = Field(description="A POST /v1/completions body (`model` required).")
 
-    @field_validator("body")
-    @classmethod
-    def _not_streaming(cls, value: CompletionRequest) -> CompletionRequest:
-        if value.stream:
-            raise ValueError("stream must be false in a batch")
-        return value
 
+class BatchResponseLine(_ModelLine):
+    """One response (``core.responses``: a chat call)."""
 
-class BatchResponseLine(OwnBody):
-    """An input line of the OpenAI batch format: one response (``core.responses``: a chat call)."""
-
-    custom_id: str = Field(min_length=1, max_length=512, description="Caller's id; unique within a batch.")
-    method: Literal["POST"] = Field(description="Always `POST`.")
     url: Literal["/v1/responses"] = Field(description="The endpoint.")
     body: ResponseCreate = Field(description="A POST /v1/responses body (`model` required).")
-
-    @field_validator("body")
-    @classmethod
-    def _not_streaming(cls, value: ResponseCreate) -> ResponseCreate:
-        if value.stream:
-            raise ValueError("stream must be false in a batch")
-        return value
 
 
 class BatchTaskLine(OwnBody):

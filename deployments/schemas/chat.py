@@ -16,6 +16,20 @@ MAX_CHOICES = 8  # `n`: a local model generates them one after another
 INT64_MAX = 2**63 - 1
 
 
+
+def check_stops(value: str | list[str] | None) -> str | list[str] | None:
+    """A ``stop`` field validator's body (chat and completions): at most 4 sequences, as OpenAI's."""
+    if isinstance(value, list) and len(value) > 4:
+        raise ValueError("at most 4 stop sequences")
+    return value
+
+
+def only_when_streaming(value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+    """A ``stream_options`` field validator's body: the field needs ``stream: true`` (declared before it)."""
+    if value is not None and not info.data.get("stream"):
+        raise ValueError("only allowed when stream is true")
+    return value
+
 class ChatMessage(OpenAIBody):
     role: Literal["system", "developer", "user", "assistant", "tool"] = Field(
         description="Author of the message."
@@ -153,12 +167,7 @@ class ChatCompletionRequest(OpenAIBody):
             raise ValueError("'required' needs tools")
         return value
 
-    @field_validator("stop")
-    @classmethod
-    def _few_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, list) and len(value) > 4:
-            raise ValueError("at most 4 stop sequences")
-        return value
+    _few_stops = field_validator("stop")(classmethod(lambda cls, value: check_stops(value)))
 
     @field_validator("logit_bias")
     @classmethod
@@ -167,12 +176,8 @@ class ChatCompletionRequest(OpenAIBody):
             raise ValueError("biases must be between -100 and 100")
         return value
 
-    @field_validator("stream_options")
-    @classmethod
-    def _only_when_streaming(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
-        if value is not None and not info.data.get("stream"):
-            raise ValueError("only allowed when stream is true")
-        return value
+    _only_when_streaming = field_validator("stream_options")(
+        classmethod(lambda cls, value, info: only_when_streaming(value, info)))
 
     @property
     def effective_max_tokens(self) -> int | None:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, field_validator
 
 from deployments.schemas.base import OpenAIBody
-from deployments.schemas.chat import INT64_MAX, MAX_TOKENS_LIMIT, StreamOptions
+from deployments.schemas.chat import INT64_MAX, MAX_TOKENS_LIMIT, StreamOptions, check_stops, only_when_streaming
 from deployments.schemas.inputs import Item, check_items, items
 
 # OpenAI's default when a request sets no max_tokens.
@@ -64,19 +64,10 @@ class CompletionRequest(OpenAIBody):
 
     _prompt = field_validator("prompt")(classmethod(lambda cls, value: check_items(value)))
 
-    @field_validator("stop")
-    @classmethod
-    def _few_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(value, list) and len(value) > 4:
-            raise ValueError("at most 4 stop sequences")
-        return value
+    _few_stops = field_validator("stop")(classmethod(lambda cls, value: check_stops(value)))
 
-    @field_validator("stream_options")
-    @classmethod
-    def _only_when_streaming(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
-        if value is not None and not info.data.get("stream"):
-            raise ValueError("only allowed when stream is true")
-        return value
+    _only_when_streaming = field_validator("stream_options")(
+        classmethod(lambda cls, value, info: only_when_streaming(value, info)))
 
     def prompts(self) -> list[Item]:
         """The prompts one by one (a string or a token-id list each): one choice each."""
