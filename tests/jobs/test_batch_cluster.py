@@ -212,7 +212,9 @@ def test_openai_client_batches_end_to_end(app: ServeApp) -> None:
         client.files.create(file=("x.jsonl", b"{}\n"), purpose="assistants")
     assert bad.value.body["param"] == "purpose"  # type: ignore[index]
     with pytest.raises(openai.BadRequestError) as bad:
-        client.batches.create(input_file_id=uploaded.id, endpoint="/v1/embeddings", completion_window="24h")
+        # /v1/embeddings, /v1/completions and /v1/responses are batch endpoints too; moderations is not.
+        client.batches.create(input_file_id=uploaded.id, endpoint="/v1/moderations",  # type: ignore[arg-type]
+                              completion_window="24h")
     assert bad.value.body["param"] == "endpoint"  # type: ignore[index]
 
 
