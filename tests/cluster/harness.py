@@ -90,7 +90,9 @@ def cluster_config(upstream_base_url: str, state: Path, listen_port: int, http_p
         deployments.append({"name": "worker-smollm2", "num_replicas": 2, "max_replicas_per_node": 1,
                             "max_ongoing_requests": 4, "ray_actor_options": {"num_cpus": 1}})
     else:
+        local_workers = {f"worker-{m['name']}" for m in app["args"]["models"] if m["provider"] == "llamacpp"}
         app["args"]["models"] = [m for m in app["args"]["models"] if m["provider"] != "llamacpp"]
+        deployments = [d for d in deployments if d["name"] not in local_workers]  # the embedding model's too
         for shipped in (REPO / "configs" / "tasks").glob("*.yaml"):  # they run on the embedded model
             (state / "tasks" / shipped.name).unlink()
     # Every task is checked against the configured models at deploy: leave out the test tasks of
