@@ -86,8 +86,9 @@ def two_clusters(upstream: FakeUpstream, tmp_path: Path) -> Iterator[tuple[Start
             started_marks |= set(marks(state_dir).values())
         yield a, b, state_dir
     finally:
-        # Whatever the test left running: exactly the marked processes of these two clusters.
-        for mark in started_marks:
+        # Whatever the test left running: exactly the marked processes of these two clusters,
+        # a cluster whose start failed half-way included (its record is written before the deploy).
+        for mark in started_marks | set(marks(state_dir).values()):
             for pid in ownership.marked(mark):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
