@@ -36,7 +36,6 @@ import json
 import os
 import random
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -50,7 +49,14 @@ import httpx
 
 from bench.kit import fake_upstream
 from deployments.core.limits import window_capacity
-from tests.cluster.harness import HEAD_HOST, RAY, REPO, WORKER_HOSTS, LoopbackCluster, cluster_config, free_port
+from tests.cluster.harness import (
+    HEAD_HOST,
+    WORKER_HOSTS,
+    LoopbackCluster,
+    cluster_config,
+    free_port,
+    submit_batch_job,
+)
 from tests.fixtures import upstream_models
 
 HOSTS = [HEAD_HOST, *WORKER_HOSTS]
@@ -311,22 +317,6 @@ def run_faults(soak: Soak, plan: list[tuple[float, str, str]], rejoin_after: flo
 # -- batch ------------------------------------------------------------------------------------
 
 
-def submit_batch(cluster: LoopbackCluster, tmp: Path, lines: int) -> tuple[str, Path]:
-    requests = [{"custom_id": f"line-{i}", "method": "POST", "url": "/v1/chat/completions",
-                 "body": {"model": "fake-limited", "messages": [{"role": "user", "content": f"line {i}"}]}}
-                for i in range(lines)]
-    (tmp / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in requests))
-    submission_id = f"pf-chaos-{int(time.time())}"
-    env = {**cluster.env, "RAY_AUTH_MODE": "token"}
-    result = subprocess.run(
-        [RAY, "job", "submit", "--address", cluster.dashboard, "--submission-id", submission_id, "--no-wait",
-         "--working-dir", ".", "--", "python", "-m", "jobs.batch", "--input", str(tmp / "in.jsonl"),
-         "--output", str(tmp / "out.jsonl"), "--concurrency", "16", "--ray-address", cluster.gcs_address],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )
-    if result.returncode != 0:
-        raise RuntimeError(f"ray job submit failed: {result.stdout}{result.stderr}")
-    return submission_id, tmp / "out.jsonl"
 
 
 def job_status(cluster: LoopbackCluster, submission_id: str) -> str:
@@ -495,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             print("bringing the cluster up…", flush=True)
             cluster.bring_up({"worker-fake": 2, "worker-fake-limited": 2})
-            job_id, out = submit_batch(cluster, tmp, lines)
+            job_id, out = submit_batch_job(cluster, tmp, lines, model="fake-limited", concurrency=16, label="chaos")
             wall_started = time.time()
             started = time.monotonic()
             soak = Soak(cluster, started, started + seconds)

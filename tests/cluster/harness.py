@@ -331,3 +331,27 @@ class LoopbackCluster:
             self.head.kill()
             self.head = None
         shutil.rmtree(self.ray_tmp, ignore_errors=True)
+
+
+def submit_batch_job(cluster: LoopbackCluster, tmp: Path, lines: int, *, model: str, concurrency: int,
+                     label: str) -> tuple[str, Path]:
+    """`ray job submit --working-dir . -- python -m jobs.batch …`, as docs/usage/batches.md shows, from a shell
+    without the virtualenv on PATH: ``lines`` chat lines on ``model``; the submission id and the output path.
+    ``--ray-address`` names this cluster: several clusters share this machine, and a job's default
+    RAY_ADDRESS is the machine's most recently started one."""
+    requests = [{"custom_id": f"line-{i}", "method": "POST", "url": "/v1/chat/completions",
+                 "body": {"model": model, "messages": [{"role": "user", "content": f"line {i}"}]}}
+                for i in range(lines)]
+    (tmp / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in requests))
+    submission_id = f"pf-{label}-{int(time.time())}"
+    env = {**cluster.env, "RAY_AUTH_MODE": "token"}
+    result = subprocess.run(
+        [RAY, "job", "submit", "--address", cluster.dashboard, "--submission-id", submission_id, "--no-wait",
+         "--working-dir", ".", "--", "python", "-m", "jobs.batch", "--input", str(tmp / "in.jsonl"),
+         "--output", str(tmp / "out.jsonl"), "--concurrency", str(concurrency),
+         "--ray-address", cluster.gcs_address],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"ray job submit failed: {result.stdout}{result.stderr}")
+    return submission_id, tmp / "out.jsonl"

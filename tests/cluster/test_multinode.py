@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import threading
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ import openai
 import pytest
 
 from deployments.core.limits import window_capacity
-from tests.cluster.harness import HEAD_HOST, RAY, REPO, WORKER_HOSTS, LoopbackCluster
+from tests.cluster.harness import HEAD_HOST, WORKER_HOSTS, LoopbackCluster, submit_batch_job
 from tests.fakes.upstream import FakeUpstream
 from tests.fixtures import LIMITED_RPM
 from tests.serve.test_limits import closed_loop, max_in_window
@@ -118,24 +117,6 @@ def stream_chat(base_url: str, outcomes: list[dict[str, Any]], index: int) -> No
     outcomes.append(outcome)
 
 
-def submit_batch_job(cluster: LoopbackCluster, tmp: Path, lines: int) -> tuple[str, Path]:
-    """`ray job submit --working-dir . -- python -m jobs.batch …`, as docs/usage/batches.md shows, from a shell
-    without the virtualenv on PATH. ``--ray-address`` names this cluster: several clusters share this
-    machine, and a job's default RAY_ADDRESS is the machine's most recently started one."""
-    requests = [{"custom_id": f"line-{i}", "method": "POST", "url": "/v1/chat/completions",
-                 "body": {"model": "fake", "messages": [{"role": "user", "content": f"line {i}"}]}}
-                for i in range(lines)]
-    (tmp / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in requests))
-    submission_id = f"pf-multinode-{int(time.time())}"
-    env = {**cluster.env, "RAY_AUTH_MODE": "token"}
-    result = subprocess.run(
-        [RAY, "job", "submit", "--address", cluster.dashboard, "--submission-id", submission_id, "--no-wait",
-         "--working-dir", ".", "--", "python", "-m", "jobs.batch", "--input", str(tmp / "in.jsonl"),
-         "--output", str(tmp / "out.jsonl"), "--concurrency", "8", "--ray-address", cluster.gcs_address],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return submission_id, tmp / "out.jsonl"
 
 
 def job_status(cluster: LoopbackCluster, submission_id: str) -> str:
@@ -155,7 +136,7 @@ def test_losing_a_worker_node_loses_no_accepted_work(loopback_cluster: LoopbackC
     victim = next(h for h in reversed(WORKER_HOSTS) if h in cluster.replica_hosts("worker-fake"))
     survivors = [h for h in ALL_HOSTS if h != victim]
 
-    job_id, out = submit_batch_job(cluster, tmp_path, lines=300)
+    job_id, out = submit_batch_job(cluster, tmp_path, lines=300, model="fake", concurrency=8, label="multinode")
     cluster.wait_until("the batch job answering lines", lambda: len(output_lines(out)) >= 8, 300, 0.5)
     api = httpx.Client(base_url=f"{cluster.api(HEAD_HOST)}/v1", timeout=60)
     request.addfinalizer(api.close)
