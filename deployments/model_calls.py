@@ -46,15 +46,15 @@ import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
-from ray.exceptions import NodeDiedError, RayActorError, WorkerCrashedError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from deployments import request_ids
+from deployments.clients.failures import WORKER_GONE, overloaded, unavailable
 from deployments.config import Capability, ModelConfig
 from deployments.core.capabilities import require_capability
 from deployments.core.tokens import StreamCounter, completion_budget, prompt_tokens, reply_tokens
-from deployments.errors import InvalidRequest, ModelNotFound, Overloaded, PromptfleetError
+from deployments.errors import InvalidRequest, ModelNotFound, PromptfleetError
 from deployments.metering import KeyEntry, Meter
 from deployments.schemas import ChatCompletionRequest, ChatReply, ModelCall, Share, StreamEnd, Usage
 from deployments.schemas.calls import BodyCall
@@ -64,11 +64,6 @@ from deployments.schemas.inputs import item_tokens
 from deployments.telemetry import NULL, Metrics
 
 logger = logging.getLogger("ray.serve")
-
-# A replica (ActorDiedError, ActorUnavailableError are RayActorErrors), its worker process or its
-# node died with the call in flight; Serve replaces it. Nothing about the request: transient.
-WORKER_GONE = (RayActorError, WorkerCrashedError, NodeDiedError)
-
 
 class WorkerStream(Protocol):
     """A worker's streamed answer: chunk dicts, then a ``StreamEnd``, or an error value last."""
@@ -116,14 +111,6 @@ class HandleTransport:
     def open(self, model: str, method: str, call: BodyCall) -> WorkerStream:
         generator: WorkerStream = getattr(self.streams[model], method).remote(call)
         return generator
-
-
-def overloaded(model: str) -> Overloaded:
-    return Overloaded(f"Model '{model}' is at capacity; retry shortly.", retry_after=1)
-
-
-def unavailable(model: str) -> Overloaded:
-    return Overloaded(f"Model '{model}' is temporarily unavailable; retry shortly.", retry_after=1)
 
 
 def unexpected(model: str, value: Any) -> PromptfleetError:
