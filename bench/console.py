@@ -49,6 +49,9 @@ from typing import Any
 import httpx
 from fastapi import FastAPI
 
+from deployments.clients.keys import KeysClient
+from deployments.clients.runs import RunsClient
+from deployments.clients.sessions import SessionsClient
 from deployments.config import AuthConfig, TasksConfig
 from deployments.console.app import build_console, templates
 from deployments.console.pages import Pages
@@ -173,13 +176,13 @@ class NoMeter:
 def admin_app(store: Any) -> FastAPI:
     """The Gateway's key and usage routes at /v1 and the console at /console, authentication off."""
     handle: Any = Handle(store)
-    auth = Authenticator(AuthConfig(enabled=False), handle, None)
-    keys = KeyAdmin(handle, auth, None)
+    auth = Authenticator(AuthConfig(enabled=False), KeysClient(handle), None)
+    keys = KeyAdmin(KeysClient(handle), RunsClient(handle), auth, None)
     app = FastAPI()
-    app.include_router(build_admin_router(handle, auth, NoMeter(), None))  # type: ignore[arg-type]
-    pages = Pages(tasks=None, store=handle, batches=None, keys=keys, meter=NoMeter(),  # type: ignore[arg-type]
-                  overview=None, owner="anonymous")  # type: ignore[arg-type]
-    app.mount("/console", build_console(pages, auth))
+    app.include_router(build_admin_router(keys, NoMeter()))  # type: ignore[arg-type]
+    pages = Pages(tasks=None, runs=RunsClient(handle), batches=None, keys=keys,  # type: ignore[arg-type]
+                  meter=NoMeter(), overview=None, owner="anonymous")  # type: ignore[arg-type]
+    app.mount("/console", build_console(pages, auth, SessionsClient(handle)))
 
     async def anonymous(scope: Any, receive: Any, send: Any) -> None:
         # What the Gateway's AuthGate does with authentication off: every caller is anonymous (the admin).

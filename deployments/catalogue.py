@@ -25,11 +25,9 @@ import contextlib
 import logging
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
 
-from deployments.core.replies import unwrap
 from deployments.core.taskdefs import TaskDefinition
 from deployments.core.taskfile import parse_definition, parse_stored
 from deployments.errors import Overloaded, TaskNotFound
@@ -39,6 +37,8 @@ from deployments.store.tasks import CatalogueEntry, CataloguePage, TaskVersion
 __all__ = ["ActiveTask", "Catalogue", "CatalogueFollower", "stale_after_s"]
 
 logger = logging.getLogger("ray.serve")
+Changes = Callable[[int | None, int | None, str], Awaitable[CataloguePage]]
+Fetch = Callable[[str, int], Awaitable[TaskVersion]]
 MAX_CACHED_VERSIONS = 256
 MAX_PAGES = 100_000  # a change of more pages than this is a store that keeps answering "more": give up on it
 
@@ -112,9 +112,8 @@ class Catalogue:
 class CatalogueFollower:
     """A ``Catalogue`` kept fresh from the TaskStore (see the module docstring)."""
 
-    def __init__(self, changes: Callable[[int | None, int | None, str], Any], fetch: Callable[[str, int], Any],
-                 poll_s: float) -> None:
-        # ``changes``/``fetch``: the TaskStore handle's ``task_changes.remote``/``task_version.remote``.
+    def __init__(self, changes: Changes, fetch: Fetch, poll_s: float) -> None:
+        # ``changes``/``fetch``: ``clients.task_versions.TaskVersionsClient``'s ``changes``/``version``.
         self.changes, self.fetch, self.poll_s = changes, fetch, poll_s
         self.catalogue = Catalogue()
         self.loop: asyncio.Task[None] | None = None
@@ -160,8 +159,7 @@ class CatalogueFollower:
         self.refreshed_at = time.monotonic()
 
     async def _page(self, since: int | None, version: int | None, after: str) -> CataloguePage:
-        page: CataloguePage = unwrap(await self.changes(since, version, after))
-        return page
+        return await self.changes(since, version, after)
 
     async def _catch_up(self) -> None:
         """Fetch every page of the change to the store's current version, then apply it at once."""
@@ -229,7 +227,7 @@ class CatalogueFollower:
             return entry.definition, entry.version
         cached = catalogue.versions.get((name, version))
         if cached is None:
-            stored: TaskVersion = unwrap(await self.fetch(name, version))
+            stored = await self.fetch(name, version)
             cached = parse_definition(stored.definition, f"{name} v{version}")
             catalogue.remember(name, version, cached)
         return cached, version

@@ -41,9 +41,9 @@ from dataclasses import dataclass
 
 from ray.serve.handle import DeploymentHandle
 
+from deployments.clients.keys import KeysClient
 from deployments.config import DEFAULT_ADMISSION_WAIT_S, AdmissionConfig
 from deployments.core.booking import BudgetClient, answered_at_once
-from deployments.core.replies import unwrap
 from deployments.errors import AuthenticationFailed, PermissionDenied, RateLimited
 from deployments.schemas import Budget, Share, Usage
 from deployments.store.keys import ApiKey
@@ -77,13 +77,13 @@ def admission_wait(client_timeout_s: float | None, default_wait_s: float, max_wa
 class Meter:
     def __init__(
         self,
-        store: DeploymentHandle,
+        keys: KeysClient,
         limiter: DeploymentHandle,
         admission: AdmissionConfig | None = None,
         key_ttl_s: float = KEY_TTL_S,
         anonymous: str | None = None,
     ) -> None:
-        self.store = store
+        self.keys = keys
         # With authentication off, calls without a key are recorded under this owner
         # (``store.keys.ANONYMOUS_OWNER``, the owner ``gateway.caller.ANONYMOUS`` has), so /v1/usage and
         # the console show a local start's traffic; None: they are not recorded.
@@ -109,7 +109,7 @@ class Meter:
         now = time.monotonic()
         entry = self.accounts.get(key_id)
         if entry is None or now - entry.fetched_at > self.key_ttl_s:
-            key = unwrap(await self.store.get_key.remote(key_id))
+            key = await self.keys.get(key_id)
             if key is None:
                 raise AuthenticationFailed("The API key this work is billed to does not exist.")
             # Tokens this process recorded but has not yet written are still ours to count.
@@ -269,7 +269,7 @@ class Meter:
         rows = [UsageRecord(key_id, model, *r) for (key_id, model), r in self.pending.items()]
         self.pending.clear()
         try:
-            unwrap(await self.store.record_usage.remote(rows))
+            await self.keys.record_usage(rows)
         except Exception:
             logger.exception("could not record usage; %d rows kept for the next flush", len(rows))
             for usage in rows:

@@ -6,7 +6,7 @@ TaskStore and executes them.
 Calls: ``ModelWorker`` handles (the task's model, then its fallbacks) through the
 one model call path (``deployments.model_calls``), metered to the run's key (the
 ``RateLimiter`` for its rpm/tpm, the ``TaskStore`` for its budget and usage), and
-the ``TaskStore`` handle.
+the ``TaskStore`` (its runners' side: ``clients.runs.LeasesClient``).
 Owns: only the runs it currently holds a lease on, and its copy of the task catalogue
 (``deployments.catalogue``: followed from the TaskStore, so a push reaches it within
 ``tasks.catalogue_poll_s``; a queued run executes the version it was pinned to at submit). A replica that dies simply
@@ -28,46 +28,22 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments.catalogue import CatalogueFollower
+from deployments.clients.keys import KeysClient
+from deployments.clients.runs import LeasesClient
+from deployments.clients.task_versions import TaskVersionsClient
 from deployments.config import AdmissionConfig, MetricsConfig, ModelConfig, TasksConfig
 from deployments.core.prompting import TemplateRenderer
-from deployments.core.replies import Reply, replying, unwrap
+from deployments.core.replies import Reply, replying
 from deployments.core.runloop import RunLoop
 from deployments.errors import PromptfleetError
 from deployments.logs import watch_serve_log
 from deployments.metering import Meter
 from deployments.model_calls import HandleTransport, ModelCalls
 from deployments.schemas import CatalogueStatus
-from deployments.store import RunRecord
 from deployments.task_executor import TaskExecutor
 from deployments.telemetry import RUNNER_METRICS, metrics_for
 
 logger = logging.getLogger("ray.serve")
-
-
-class StoreQueue:
-    """The TaskStore handle as the ``RunQueue`` the loop needs: error values are raised here."""
-
-    def __init__(self, store: DeploymentHandle) -> None:
-        self.store = store
-
-    async def claim(self, worker_id: str, limit: int, wait_s: float) -> list[RunRecord]:
-        runs: list[RunRecord] = unwrap(await self.store.claim.remote(worker_id, limit, wait_s))
-        return runs
-
-    async def renew(self, run_id: str, lease_token: str) -> bool:
-        return bool(unwrap(await self.store.renew.remote(run_id, lease_token)))
-
-    async def complete(
-        self, run_id: str, lease_token: str, result: dict[str, Any], usage: dict[str, Any], owner: str,
-        messages: list[dict[str, str]] | None = None,
-    ) -> bool:
-        return bool(unwrap(await self.store.complete.remote(run_id, lease_token, result, usage, owner, messages)))
-
-    async def fail(self, run_id: str, lease_token: str, error: dict[str, Any]) -> bool:
-        return bool(unwrap(await self.store.fail.remote(run_id, lease_token, error)))
-
-    async def release(self, run_id: str, lease_token: str, delay_s: float) -> bool:
-        return bool(unwrap(await self.store.release.remote(run_id, lease_token, delay_s)))
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -90,15 +66,16 @@ class TaskRunner:
     ) -> None:
         watch_serve_log()
         # ``anonymous``: record runs without a key under this owner (authentication off).
-        self.meter = Meter(store, limiter, admission, anonymous=anonymous) if limiter is not None else None
-        self.tasks = CatalogueFollower(store.task_changes.remote, store.task_version.remote, config.catalogue_poll_s)
+        self.meter = Meter(KeysClient(store), limiter, admission, anonymous=anonymous) if limiter is not None else None
+        versions = TaskVersionsClient(store)
+        self.tasks = CatalogueFollower(versions.changes, versions.version, config.catalogue_poll_s)
         self.tasks.start()
         recorder = metrics_for(metrics)
         recorder.declare(*RUNNER_METRICS)
         calls = ModelCalls(models or [], HandleTransport(workers), self.meter, recorder)
         self.executor = TaskExecutor(self.tasks, calls, TemplateRenderer(config.render_limits()))
         self.loop = RunLoop(
-            StoreQueue(store),
+            LeasesClient(store),  # the TaskStore's lease lane
             self.executor,
             worker_id=f"runner-{uuid.uuid4().hex[:12]}",
             slots=config.runner_concurrency,

@@ -26,6 +26,17 @@ the oldest queued run's age are sampled every ``metrics.sample_interval_s`` on t
 
 Expected errors (404, 409, 503) are returned as values, never raised
 (``deployments.core.replies``); what the Gateway gets is a ``RunView``, never a lease token.
+
+Why one actor for runs, keys and usage, console sign-outs and task versions, and not one each:
+they are tables of one database, and this actor is what keeps access to it safe and fair. SQLite
+has one writer per file: actors of their own would queue on its lock in no particular order,
+where the two lanes above decide who goes first, so that a lease renewal waits for at most one
+user statement. And one single-replica actor pinned to the head node is one process to place,
+back up and restart (and one connection pool on PostgreSQL). Callers never see the mix: each
+surface has a client named for what it holds (``deployments.clients``: ``RunsClient``,
+``LeasesClient``, ``KeysClient``, ``SessionsClient``, ``TaskVersionsClient``). The deployment keeps
+its first name: renaming it would rename a part of every operator's running application, and what
+``serve status`` shows them, for no change in behaviour.
 """
 
 from __future__ import annotations

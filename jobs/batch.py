@@ -9,9 +9,10 @@ runs on (the head node by default), so give absolute paths when submitting to a 
 Each input line is a chat request in the OpenAI batch format or a task line (see
 ``jobs.batchlines``). Chat lines go through the same model call path as HTTP chat
 (``deployments.model_calls``: the model's fallbacks, its output limit, Ray failures → 503) to
-the ``ModelWorker`` deployments, task lines to the ``TaskRunner``, through ``DeploymentHandle``s
-of the running app: the same replicas and the same global limits as HTTP traffic. Nothing runs
-in this process but the bookkeeping and the metering.
+the ``ModelWorker`` deployments, task lines to the ``TaskRunner`` through the client the task
+route uses (``deployments.clients.runner``: the same 503 for a runner at capacity or one that
+died), through ``DeploymentHandle``s of the running app: the same replicas and the same global
+limits as HTTP traffic. Nothing runs in this process but the bookkeeping and the metering.
 
 Billing: with ``--key-id`` (the Batches API passes the batch owner's key id — never the key)
 every line is metered to that key like an HTTP request of it: a spent token budget or a revoked
@@ -75,7 +76,7 @@ from deployments.config import MetricsConfig
 from deployments.core import responses
 from deployments.core.requestids import is_sane, new_request_id
 from deployments.core.retry import BackoffPolicy
-from deployments.errors import Overloaded, PromptfleetError
+from deployments.errors import PromptfleetError
 from deployments.schemas import BatchTaskLine, ChatCompletionRequest
 from deployments.schemas.completions import CompletionRequest
 from deployments.schemas.embeddings import EmbeddingRequest
@@ -83,6 +84,7 @@ from deployments.schemas.responses import ResponseCreate
 from deployments.telemetry import BATCH_DRIVER_METRICS, NULL, Metrics, metrics_for
 
 if TYPE_CHECKING:
+    from deployments.clients.runner import RunnerClient
     from deployments.metering import Meter
     from deployments.model_calls import ModelCalls
 from jobs.batchlines import (
@@ -158,7 +160,9 @@ class ServeBackend:
             name.removeprefix(names.WORKER_PREFIX) for name in app.deployments if name.startswith(names.WORKER_PREFIX)
         }
         # Getting a handle is fine here; using it (even `handle.method`) must wait for the event loop.
-        self.runner = serve.get_deployment_handle(names.TASK_RUNNER, app_name)
+        from deployments.clients.runner import RunnerClient
+
+        self.runner: RunnerClient = RunnerClient(serve.get_deployment_handle(names.TASK_RUNNER, app_name))
         self.calls: ModelCalls | None = None
         self.meter: Meter | None = None
         self.connecting = asyncio.Lock()
@@ -168,6 +172,8 @@ class ServeBackend:
         (with RAY_SERVE_THROUGHPUT_OPTIMIZED their router runs on the caller's loop)."""
         from ray import serve
 
+        from deployments.clients.keys import KeysClient
+        from deployments.clients.workers import WorkerClient
         from deployments.metering import Meter
         from deployments.model_calls import HandleTransport, ModelCalls
 
@@ -176,9 +182,9 @@ class ServeBackend:
                 workers = {m: serve.get_deployment_handle(names.worker(m), self.app_name) for m in self.models}
                 # The models' configs (fallbacks, output limits) from the workers themselves: this
                 # driver has no copy of the app's arguments.
-                models = await asyncio.gather(*(handle.describe.remote() for handle in workers.values()))
+                models = await asyncio.gather(*(WorkerClient(handle, m).describe() for m, handle in workers.items()))
                 if self.key_id is not None:
-                    self.meter = Meter(serve.get_deployment_handle(names.TASK_STORE, self.app_name),
+                    self.meter = Meter(KeysClient(serve.get_deployment_handle(names.TASK_STORE, self.app_name)),
                                        serve.get_deployment_handle(names.RATE_LIMITER, self.app_name))
                 self.calls = ModelCalls(models, HandleTransport(workers), self.meter, self.metrics)
             return self.calls
@@ -214,20 +220,13 @@ class ServeBackend:
             raise SetupError(f"--key-id {self.key_id}: {exc.message}") from None
 
     async def run_task(self, task: str, task_input: dict[str, Any], request_id: str) -> Result:
-        from ray.serve.exceptions import BackPressureError
-
-        from deployments.model_calls import WORKER_GONE
-
+        # A runner at capacity or one that died mid-run is the client's 503 (the route's answer too);
+        # the line tries again on a live replica (``before_upstream``).
         try:
-            result = await self.runner.run.remote(task, task_input, self.key_id, True, request_id=request_id)
-        except BackPressureError:
-            return Overloaded("The task runners are at capacity.", retry_after=1)
-        except WORKER_GONE:
-            # The replica died mid-request; Serve routes the next try to a live one.
-            return Overloaded("The task runner serving the request died.", retry_after=1)
-        if isinstance(result, (dict, PromptfleetError)):
-            return result
-        return PromptfleetError("Unexpected result from the task runner.")
+            return await self.runner.run(task, task_input, payer=self.key_id, background=True,
+                                         request_id=request_id)
+        except PromptfleetError as exc:
+            return exc
 
     async def close(self) -> None:
         if self.meter is not None:

@@ -29,8 +29,8 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from deployments.clients.sessions import SessionsClient
 from deployments.console import session
-from deployments.core.replies import unwrap
 from deployments.errors import AuthenticationFailed, NotFound, PermissionDenied, PromptfleetError
 from deployments.gateway.auth import Authenticator
 
@@ -80,8 +80,9 @@ def is_loopback(host: str | None) -> bool:
 class Gate:
     """Who may open the console (see the module docstring)."""
 
-    def __init__(self, auth: Authenticator) -> None:
+    def __init__(self, auth: Authenticator, sessions: SessionsClient) -> None:
         self.auth = auth
+        self.sessions = sessions
         self.enabled = auth.config.enabled
         admin_key = auth.admin_key
         self.secret = session.session_secret(admin_key) if admin_key else None
@@ -125,7 +126,7 @@ class Gate:
         if self.secret is None:
             return None
         current = session.parse(self.secret, request.cookies.get(session.SESSION_COOKIE))
-        if current is None or unwrap(await self.auth.store.console_session_ended.remote(current.id)):
+        if current is None or await self.sessions.ended(current.id):
             return None
         return current
 
@@ -133,7 +134,7 @@ class Gate:
         """Record the request's session as ended: no replica accepts it again, copied or not."""
         current = session.parse(self.secret, request.cookies.get(session.SESSION_COOKIE)) if self.secret else None
         if current is not None:
-            unwrap(await self.auth.store.end_console_session.remote(current.id, current.expires_at))
+            await self.sessions.end(current.id, expires_at=current.expires_at)
 
     @staticmethod
     def refuse(request: Request, status: int, message: str) -> Response:
@@ -153,10 +154,10 @@ class PageSet(Protocol):
         """Add the pages to ``app``; ``render(template, request, **context)`` makes their HTML."""
 
 
-def build_console(pages: PageSet, auth: Authenticator) -> FastAPI:
+def build_console(pages: PageSet, auth: Authenticator, sessions: SessionsClient) -> FastAPI:
     """The console app; ``pages.register`` adds the pages behind the gate."""
     console = FastAPI(openapi_url=None, docs_url=None, redoc_url=None)
-    gate = Gate(auth)
+    gate = Gate(auth, sessions)
     env = templates()
     files = static_files()
 

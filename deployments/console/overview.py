@@ -21,12 +21,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ray.serve.handle import DeploymentHandle
-
+from deployments.clients.keys import KeysClient
+from deployments.clients.limiter import LimiterClient
+from deployments.clients.runs import RunsClient
 from deployments.console.charts import bar_chart, day_points
 from deployments.console.cluster import Deployments, Snapshot
 from deployments.console.prometheus import Rates, query_rates
-from deployments.core.replies import unwrap
 from deployments.gateway.health import HealthCheck
 from deployments.metering import Meter
 from deployments.schemas import LimiterState, Readiness
@@ -61,14 +61,16 @@ class Overview:
     def __init__(
         self,
         *,
-        store: DeploymentHandle,
-        limiter: DeploymentHandle,
+        runs: RunsClient,
+        keys: KeysClient,
+        limiter: LimiterClient,
         health: HealthCheck,
         meter: Meter,
         prometheus_host: str | None,
         deployments: Deployments | None = None,
     ) -> None:
-        self.store = store
+        self.runs = runs
+        self.keys = keys
         self.limiter = limiter
         self.health = health
         self.meter = meter
@@ -81,10 +83,10 @@ class Overview:
         results = await asyncio.gather(
             self.health.check(),
             self.deployments.get(),
-            self._unwrapped(self.store.count_by_status.remote()),
-            self.limiter.state.remote(),
-            self._unwrapped(self.store.today_by_model.remote()),
-            self._unwrapped(self.store.tokens_per_day.remote(DAYS)),
+            self.runs.count_by_status(),
+            self.limiter.state(),
+            self.keys.today_by_model(),
+            self.keys.tokens_per_day(DAYS),
             query_rates(self.prometheus_host),
             return_exceptions=True,
         )
@@ -116,7 +118,3 @@ class Overview:
             days_chart=bar_chart(days, title=f"Tokens per day ({DAYS} days)"),
             problems=problems,
         )
-
-    @staticmethod
-    async def _unwrapped(call: Any) -> Any:
-        return unwrap(await call)

@@ -1,9 +1,10 @@
 """The console's pages: overview, tasks, runs, keys and usage, batches.
 
-Every page is rendered on the server from the same handles and functions the JSON API uses: runs
-through the TaskStore (``list_details``/``run_detail`` are ``list_runs``/``get`` with the owner and
-input the admin may see), keys through ``admin_routes.KeyAdmin``, batches and their files through
-the BatchService with the admin's scope (``None``), budgets through ``Meter.check_budget``. Lists
+Every page is rendered on the server from the same clients and functions the JSON API uses
+(``deployments.clients``): runs through ``RunsClient`` (``list_details``/``detail`` are
+``list_runs``/``get`` with the owner and input the admin may see), keys and usage through
+``admin_routes.KeyAdmin`` and its ``KeysClient``, batches and their files through ``BatchClient``
+with the admin's scope (``None``), budgets through ``Meter.check_budget``. Lists
 are keyset-paginated (the store's cursor), so a page costs the same with 100,000 runs as with 10:
 runs, keys (newest first) and usage rows alike. Nothing loads a whole table: the usage chart is
 summed by the database over the days it shows, and the CSV export streams the rows page by page
@@ -22,26 +23,21 @@ from typing import Any
 from fastapi import FastAPI, Form, Header, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response, StreamingResponse
 from pydantic import ValidationError
-from ray.serve.handle import DeploymentHandle
 
 from deployments import request_ids
 from deployments.catalogue import CatalogueFollower
+from deployments.clients.batches import BatchClient
+from deployments.clients.runs import RunsClient
 from deployments.console.charts import bar_chart, day_points
 from deployments.console.overview import Overview
-from deployments.core.replies import unwrap
 from deployments.errors import InvalidRequest, PromptfleetError
 from deployments.gateway.admin_routes import KeyAdmin
 from deployments.gateway.files import file_response
 from deployments.metering import KeyEntry, Meter
 from deployments.schemas import (
     BatchView,
-    DayTokens,
     KeyCreate,
     KeyLimits,
-    RunDetail,
-    RunDetailList,
-    UsageCsv,
-    UsageList,
 )
 from deployments.store import usage as usage_rows
 from deployments.store.records import STATUSES, encode_cursor
@@ -116,15 +112,15 @@ class Pages:
         self,
         *,
         tasks: CatalogueFollower,
-        store: DeploymentHandle,
-        batches: DeploymentHandle | None,
+        runs: RunsClient,
+        batches: BatchClient | None,
         keys: KeyAdmin,
         meter: Meter,
         overview: Overview,
         owner: str,
     ) -> None:
         self.tasks = tasks
-        self.store = store
+        self.runs = runs
         self.batches = batches
         self.keys = keys
         self.meter = meter
@@ -162,9 +158,8 @@ class Pages:
             try:
                 task_input = parse_json_object(input, "input")
                 check_input(defn, task_input)  # the same check as POST /v1/tasks/{name}/submit
-                view, _ = unwrap(await self.store.create_run.remote(
-                    name, task_input, self.owner, None, entry.version, request_ids.current()
-                ))
+                view, _ = await self.runs.create(task=name, task_input=task_input, owner=self.owner,
+                                                 task_version=entry.version, request_id=request_ids.current())
             except PromptfleetError as exc:
                 return HTMLResponse(render("task.html", request, nav="tasks", task=defn, input_text=input,
                                            error=exc.message), status_code=exc.status_code)
@@ -184,9 +179,8 @@ class Pages:
             if status and status not in STATUSES:
                 raise InvalidRequest(f"status: unknown run status '{status[:20]}'.", param="status")
             started = time.perf_counter()
-            listing: RunDetailList = unwrap(await self.store.list_details.remote(
-                owner or None, status or None, task or None, PAGE, cursor or before_cursor(before)
-            ))
+            listing = await self.runs.list_details(owner=owner or None, status=status or None, task=task or None,
+                                                   limit=PAGE, cursor=cursor or before_cursor(before))
             filters = {"status": status, "task": task, "owner": owner, "before": before}
             return page("runs.html", request, nav="runs", runs=listing.data, next_cursor=listing.next_cursor,
                         filters=filters, query={k: v for k, v in filters.items() if v}, statuses=sorted(STATUSES),
@@ -197,29 +191,28 @@ class Pages:
         async def run(request: Request, run_id: str) -> HTMLResponse:
             # The messages the run's first model call sent, as stored when it succeeded: never rendered
             # again here (a page re-fetched every few seconds would re-run the template each time).
-            detail: RunDetail = unwrap(await self.store.run_detail.remote(run_id[:64]))
+            detail = await self.runs.detail(run_id[:64])
             return page("run.html", request, nav="runs", run=detail, messages=detail.messages, now=time.time())
 
         @app.post("/runs/{run_id}/cancel")
         async def cancel_run(request: Request, run_id: str) -> RedirectResponse:
-            unwrap(await self.store.cancel.remote(run_id[:64], None))
+            await self.runs.cancel(run_id[:64], owner=None)
             return back(request, f"/runs/{run_id[:64]}")
 
         @app.post("/runs/{run_id}/rerun")
         async def rerun(request: Request, run_id: str) -> RedirectResponse:
             """A new run of the same task and input, for the same owner (billed to its key, if it still may)."""
-            old: RunDetail = unwrap(await self.store.run_detail.remote(run_id[:64]))
+            old = await self.runs.detail(run_id[:64])
             entry = await self.tasks.active(old.task)  # a re-run gets the task's active version
             check_input(entry.definition, old.input)
             # The key as stored now (not a cached copy): its limits may have changed a moment ago.
             if old.owner.startswith("key_"):
-                key = unwrap(await self.store.get_key.remote(old.owner))
+                key = await self.keys.keys.get(old.owner)
                 if key is None:
                     raise InvalidRequest(f"The key {old.owner} of this run no longer exists.")
                 Meter.check_budget(KeyEntry(key=key, fetched_at=time.monotonic()))
-            view, _ = unwrap(await self.store.create_run.remote(
-                old.task, old.input, old.owner, None, entry.version, request_ids.current()
-            ))
+            view, _ = await self.runs.create(task=old.task, task_input=old.input, owner=old.owner,
+                                             task_version=entry.version, request_id=request_ids.current())
             return back(request, f"/runs/{view.id}")
 
         # -- keys and usage --------------------------------------------------------------------
@@ -276,12 +269,9 @@ class Pages:
             filters = {"key_id": key_id.strip(), "since": since, "until": until}
             days, last = chart_window(since or None, until or None, time.strftime("%Y-%m-%d", time.gmtime()))
             await self.meter.flush()  # this replica's last second too, as GET /v1/usage does
-            listing: UsageList = unwrap(await self.store.usage.remote(
-                filters["key_id"] or None, since or None, until or None, PAGE, cursor or None
-            ))
-            totals: list[DayTokens] = unwrap(await self.store.tokens_per_day.remote(
-                days, filters["key_id"] or None, last
-            ))
+            listing = await self.keys.keys.usage(key_id=filters["key_id"] or None, since=since or None,
+                                                 until=until or None, limit=PAGE, cursor=cursor or None)
+            totals = await self.keys.keys.tokens_per_day(days, key_id=filters["key_id"] or None, today=last)
             chart = bar_chart(day_points(totals, days, last), title="Tokens per day")
             return page("usage.html", request, nav="usage", rows=listing.data, next_cursor=listing.next_cursor,
                         chart=chart, chart_days=days, filters=filters, cursor=cursor,
@@ -294,16 +284,18 @@ class Pages:
             until: str = Query("", max_length=10),
         ) -> StreamingResponse:
             await self.meter.flush()
-            filters = (key_id.strip() or None, since or None, until or None)
+            usage = self.keys.keys
+            owner, first_day, last_day = key_id.strip() or None, since or None, until or None
             # The first page before the answer starts: a bad filter is still a 400 page, not a
             # 200 with a broken body. Then a page a store call, as the browser reads them.
-            first: UsageCsv = unwrap(await self.store.usage_csv.remote(*filters, None))
+            first = await usage.usage_csv(key_id=owner, since=first_day, until=last_day, cursor=None)
 
             async def pages() -> AsyncIterator[str]:
                 chunk = first
                 yield chunk.csv
                 while chunk.next_cursor is not None:
-                    chunk = unwrap(await self.store.usage_csv.remote(*filters, chunk.next_cursor))
+                    chunk = await usage.usage_csv(key_id=owner, since=first_day, until=last_day,
+                                                  cursor=chunk.next_cursor)
                     yield chunk.csv
 
             return StreamingResponse(pages(), media_type="text/csv; charset=utf-8",
@@ -313,7 +305,7 @@ class Pages:
 
         @app.get("/batches", response_class=HTMLResponse)
         async def batches(request: Request, after: str = Query("", max_length=64)) -> HTMLResponse:
-            listing = unwrap(await self._batches().list_batches.remote(None, PAGE, after or None))
+            listing = await self._batches().list_batches(None, PAGE, after or None)
             now = time.time()
             rows = [(b, batch_progress(b, now)) for b in listing.data]
             return page("batches.html", request, nav="batches", rows=rows, has_more=listing.has_more,
@@ -321,7 +313,7 @@ class Pages:
 
         @app.post("/batches/{batch_id}/cancel")
         async def cancel_batch(request: Request, batch_id: str) -> RedirectResponse:
-            unwrap(await self._batches().cancel_batch.remote(None, batch_id[:64]))
+            await self._batches().cancel_batch(None, batch_id[:64])
             return back(request, "/batches")
 
         @app.get("/files/{file_id}/content")
@@ -330,7 +322,7 @@ class Pages:
         ) -> Response:
             return await file_response(self._batches(), None, file_id[:64], range_header)
 
-    def _batches(self) -> DeploymentHandle:
+    def _batches(self) -> BatchClient:
         if self.batches is None:
             raise InvalidRequest("This application has no batch service.")
         return self.batches

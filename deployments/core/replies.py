@@ -3,12 +3,13 @@
 Every deployment shell (ModelWorker, TaskRunner, TaskStore, BatchService) *returns* an expected
 failure — a ``PromptfleetError`` such as 404, 409 or 503 — instead of raising it. A raised one
 would reach the caller as a ``RayTaskError`` hybrid carrying a formatted traceback of another
-process, and be logged as a replica failure; a returned one is a small pickle. The caller turns
-it back into an exception with ``unwrap`` at the point where it becomes HTTP (the Gateway's
-routes) or a decision (the TaskRunner's run loop). Anything unexpected still raises.
+process, and be logged as a replica failure; a returned one is a small pickle. The caller's
+typed client (``deployments.clients``) turns it back into an exception with ``unwrap``, so it
+reaches the routes as HTTP and the TaskRunner's run loop as a decision. Anything unexpected
+still raises.
 
     shell:   async def get(...) -> Reply[RunView]:  return await replying(self._get, ...)
-    caller:  view = unwrap(await store.get.remote(...))
+    client:  return unwrap(await self.handle.get.remote(...))   (``clients.failures.answer``)
 """
 
 from __future__ import annotations

@@ -22,9 +22,10 @@ import logging
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Path, Query
-from ray.serve.handle import DeploymentHandle
 
-from deployments.core.replies import unwrap
+from deployments.clients.batches import BatchClient
+from deployments.clients.keys import KeysClient
+from deployments.clients.runs import RunsClient
 from deployments.gateway.auth import Authenticator, checked_caller, require_admin
 from deployments.gateway.caller import Caller, get_caller
 from deployments.metering import Meter
@@ -40,17 +41,15 @@ def key_view(key: ApiKey) -> KeyView:
 
 
 class KeyAdmin:
-    """What the admin does to keys, for the JSON routes and the console alike (the caller is the admin)."""
+    """What the admin does to keys, for the JSON routes and the console alike (the caller is the admin).
+    A revoked key's queued runs and unfinished batches are cancelled with it."""
 
-    def __init__(self, store: DeploymentHandle, auth: Authenticator, batches: DeploymentHandle | None) -> None:
-        self.store, self.auth, self.batches = store, auth, batches
+    def __init__(self, keys: KeysClient, runs: RunsClient, auth: Authenticator, batches: BatchClient | None) -> None:
+        self.keys, self.runs, self.auth, self.batches = keys, runs, auth, batches
 
     async def create(self, body: KeyCreate) -> KeyCreated:
-        key, plain = unwrap(
-            await self.store.create_key.remote(
-                body.name, body.rpm, body.tpm, body.token_budget, body.weight, body.scope
-            )
-        )
+        key, plain = await self.keys.create(name=body.name, rpm=body.rpm, tpm=body.tpm,
+                                            token_budget=body.token_budget, weight=body.weight, scope=body.scope)
         self.auth.keys_changed()
         return KeyCreated(**dataclasses.asdict(key), key=plain)
 
@@ -59,43 +58,38 @@ class KeyAdmin:
         # a key's rpm must not silently lift its token budget.
         limits = body
         if body.model_fields_set != set(KeyLimits.model_fields):
-            current: ApiKey | None = unwrap(await self.store.get_key.remote(key_id))
+            current = await self.keys.get(key_id)
             if current is not None:  # (an unknown key: the store's 404 below)
                 kept = {name: getattr(current, name) for name in KeyLimits.model_fields
                         if name not in body.model_fields_set}
                 limits = body.model_copy(update=kept)
-        key = unwrap(
-            await self.store.set_key_limits.remote(key_id, limits.rpm, limits.tpm, limits.token_budget, limits.weight)
-        )
+        key = await self.keys.set_limits(key_id, rpm=limits.rpm, tpm=limits.tpm, token_budget=limits.token_budget,
+                                         weight=limits.weight)
         self.auth.keys_changed()
         return key_view(key)
 
     async def revoke(self, key_id: str) -> KeyView:
-        key = unwrap(await self.store.revoke_key.remote(key_id))
+        key = await self.keys.revoke(key_id)
         self.auth.forget(key_id)
         # Work the key queued must not run on after it: queued runs and unfinished batches end here
         # (running runs finish; their results stay with the revoked key).
-        runs = unwrap(await self.store.cancel_queued.remote(key_id))
-        cancelled = await self.batches.cancel_owner.remote(key_id) if self.batches is not None else 0
+        runs = await self.runs.cancel_queued(key_id)
+        cancelled = await self.batches.cancel_owner(key_id) if self.batches is not None else 0
         logger.info("revoked %s: cancelled %d queued runs, %s batches", key_id, runs, cancelled)
         return key_view(key)
 
     async def list(self, limit: int = DEFAULT_LIST_LIMIT, after: str | None = None, order: str = "asc") -> KeyList:
-        listing: KeyList = unwrap(await self.store.list_keys.remote(limit, after, order))
-        return listing
+        return await self.keys.list_keys(limit=limit, after=after, order=order)
 
 
-def build_admin_router(
-    store: DeploymentHandle, auth: Authenticator, meter: Meter, batches: DeploymentHandle | None = None
-) -> APIRouter:
+def build_admin_router(key_admin: KeyAdmin, meter: Meter) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["keys"])
-    enabled = auth.config.enabled
-    keys = KeyAdmin(store, auth, batches)
+    enabled = key_admin.auth.config.enabled
     admin = Depends(checked_caller(require_admin, enabled))  # a default, not Annotated: see auth.checked_caller
 
     @router.post("/admin/keys", status_code=201, response_model=KeyCreated)
     async def create_key(body: KeyCreate, caller: Caller = admin) -> KeyCreated:
-        return await keys.create(body)
+        return await key_admin.create(body)
 
     @router.get("/admin/keys", response_model=KeyList)
     async def list_keys(
@@ -107,19 +101,19 @@ def build_admin_router(
         order: Annotated[Literal["asc", "desc"], Query(description=(
             "Creation order: `asc` oldest first (the default), `desc` newest first."))] = "asc",
     ) -> KeyList:
-        return await keys.list(limit, after, order)
+        return await key_admin.list(limit, after, order)
 
     @router.patch("/admin/keys/{key_id}", response_model=KeyView)
     async def set_key_limits(
         key_id: Annotated[str, Path(max_length=64)], body: KeyLimits, caller: Caller = admin
     ) -> KeyView:
-        return await keys.set_limits(key_id, body)
+        return await key_admin.set_limits(key_id, body)
 
     @router.delete("/admin/keys/{key_id}", response_model=KeyView)
     async def revoke_key(
         key_id: Annotated[str, Path(max_length=64)], caller: Caller = admin
     ) -> KeyView:
-        return await keys.revoke(key_id)
+        return await key_admin.revoke(key_id)
 
     @router.get("/usage", response_model=UsageList)
     async def usage(
@@ -138,7 +132,6 @@ def build_admin_router(
         await meter.flush()  # include this replica's last second
         # A tenant's key_id is ignored, not refused: its own usage is all it may read.
         owner = key_id if caller.is_admin or not enabled else caller.owner
-        page: UsageList = unwrap(await store.usage.remote(owner, since, until, limit, cursor))
-        return page
+        return await key_admin.keys.usage(key_id=owner, since=since, until=until, limit=limit, cursor=cursor)
 
     return router

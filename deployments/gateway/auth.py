@@ -36,10 +36,9 @@ import time
 from collections.abc import Awaitable, Callable
 
 from fastapi import Depends, Request
-from ray.serve.handle import DeploymentHandle
 
+from deployments.clients.keys import KeysClient
 from deployments.config import AuthConfig
-from deployments.core.replies import unwrap
 from deployments.errors import AuthenticationFailed, Overloaded, PermissionDenied
 from deployments.gateway.caller import ANONYMOUS, Caller, get_caller
 from deployments.metering import KeyEntry
@@ -88,13 +87,13 @@ class Authenticator:
     def __init__(
         self,
         config: AuthConfig,
-        store: DeploymentHandle,
+        keys: KeysClient,
         admin_key: str | None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.config = config
-        self.store = store
+        self.keys = keys
         self.admin_key = admin_key
         self.clock, self.sleep = clock, sleep
         self.index = KeyIndex()
@@ -183,7 +182,7 @@ class Authenticator:
 
     async def _refresh(self, started: float) -> None:
         try:
-            snapshot: KeySnapshot = unwrap(await self.store.key_snapshot.remote(self.index.version, True))
+            snapshot = await self.keys.snapshot(known_version=self.index.version, with_usage=True)
         except Exception:
             # Keep the last index (a store restart must not lock every tenant out), and do not
             # ask again before the next period: a down store is not hammered by every request.

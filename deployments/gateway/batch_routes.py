@@ -15,7 +15,8 @@
     GET    /v1/batches?limit=&after=    the caller's batches, newest first (admin: every key's, or
                                         ?owner=<key id>)
 
-Calls the ``BatchService`` deployment, which owns files and batch records. Every file and batch
+Calls the ``BatchService`` deployment, which owns files and batch records, through its client
+(``clients.batches.BatchClient``). Every file and batch
 belongs to its creator; someone else's id answers 404, exactly like an unknown one (the admin
 may read any file, as it may read any batch, but deletes only its own). Bytes stream both ways
 in pieces (``deployments.gateway.files``), so no process holds a whole file in memory.
@@ -27,9 +28,8 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import Response, StreamingResponse
-from ray.serve.handle import DeploymentHandle
 
-from deployments.core.replies import unwrap
+from deployments.clients.batches import BatchClient
 from deployments.gateway.caller import Caller, get_caller, list_scope, run_scope
 from deployments.gateway.files import file_response, receive_upload
 from deployments.metering import Meter
@@ -52,7 +52,7 @@ UPLOAD_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {"mu
 }}}}}
 
 
-def build_batch_router(batches: DeploymentHandle[Any], max_file_bytes: int) -> APIRouter:
+def build_batch_router(batches: BatchClient, max_file_bytes: int) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["batches"])
 
     @router.post("/files", response_model=FileView, openapi_extra=UPLOAD_BODY)
@@ -67,13 +67,11 @@ def build_batch_router(batches: DeploymentHandle[Any], max_file_bytes: int) -> A
         limit: Annotated[int, Query(ge=1, le=10000)] = 100,
         after: Annotated[str | None, Query(max_length=64)] = None,
     ) -> FileList:
-        result: FileList = unwrap(await batches.list_files.remote(caller.owner, purpose, limit, after))
-        return result
+        return await batches.list_files(caller.owner, purpose, limit, after)
 
     @router.get("/files/{file_id}", response_model=FileView)
     async def get_file(file_id: FileId, caller: Owner) -> FileView:
-        result: FileView = unwrap(await batches.get_file.remote(run_scope(caller), file_id))
-        return result
+        return await batches.get_file(run_scope(caller), file_id)
 
     @router.get("/files/{file_id}/content", response_class=StreamingResponse,
                 responses={206: {"description": "The bytes a `Range` header asked for."},
@@ -87,25 +85,22 @@ def build_batch_router(batches: DeploymentHandle[Any], max_file_bytes: int) -> A
 
     @router.delete("/files/{file_id}", response_model=FileDeleted)
     async def delete_file(file_id: FileId, caller: Owner) -> FileDeleted:
-        unwrap(await batches.delete_file.remote(caller.owner, file_id))
+        await batches.delete_file(caller.owner, file_id)
         return FileDeleted(id=file_id, deleted=True)
 
     @router.post("/batches", response_model=BatchView)
     async def create_batch(body: BatchCreate, caller: Owner) -> BatchView:
         # A key whose budget is spent starts no new work (its lines are billed to it as they run).
         Meter.check_budget(caller.entry)
-        result: BatchView = unwrap(await batches.create_batch.remote(caller.owner, body))
-        return result
+        return await batches.create_batch(caller.owner, body)
 
     @router.get("/batches/{batch_id}", response_model=BatchView)
     async def get_batch(batch_id: BatchId, caller: Owner) -> BatchView:
-        result: BatchView = unwrap(await batches.get_batch.remote(run_scope(caller), batch_id))
-        return result
+        return await batches.get_batch(run_scope(caller), batch_id)
 
     @router.post("/batches/{batch_id}/cancel", response_model=BatchView)
     async def cancel_batch(batch_id: BatchId, caller: Owner) -> BatchView:
-        result: BatchView = unwrap(await batches.cancel_batch.remote(run_scope(caller), batch_id))
-        return result
+        return await batches.cancel_batch(run_scope(caller), batch_id)
 
     @router.get("/batches", response_model=BatchList)
     async def list_batches(
@@ -115,7 +110,6 @@ def build_batch_router(batches: DeploymentHandle[Any], max_file_bytes: int) -> A
         owner: Annotated[str | None, Query(max_length=64, description="Admin only: this key's batches.")] = None,
     ) -> BatchList:
         scope = list_scope(caller, owner)
-        result: BatchList = unwrap(await batches.list_batches.remote(scope, limit, after))
-        return result
+        return await batches.list_batches(scope, limit, after)
 
     return router

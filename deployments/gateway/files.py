@@ -2,8 +2,9 @@
 
 Serves ``batch_routes`` (``POST /v1/files``, ``GET /v1/files/{id}/content``) and the console's
 download (``GET /console/files/{id}/content``): one upload path and one download path.
-Calls the ``BatchService`` deployment (``begin_upload``/``write_upload``/``finish_upload``,
-``get_file``/``read_file``), which owns the bytes on its node's disk. Owns no state.
+Calls the ``BatchService`` deployment through ``clients.batches.BatchClient``
+(``begin_upload``/``write_upload``/``finish_upload``, ``get_file``/``read_file``), which owns the
+bytes on its node's disk. Owns no state.
 
 How the bytes cross processes: in pieces of ``PIECE_BYTES`` (1 MiB), one handle call each.
 A Serve handle call carries its arguments and result in one message, and one message may hold at
@@ -29,15 +30,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from ray.serve.handle import DeploymentHandle
 
 from deployments import request_ids
+from deployments.clients.batches import BatchClient
 from deployments.core.files import content_disposition, parse_range
-from deployments.core.replies import unwrap
 from deployments.core.uploadform import UploadForm
 from deployments.errors import InvalidRequest, PromptfleetError, RangeNotSatisfiable, RequestTooLarge
 from deployments.schemas import FileView
@@ -50,7 +49,7 @@ logger = logging.getLogger("ray.serve")
 FORM_OVERHEAD_BYTES = 64 * 1024
 
 
-async def receive_upload(request: Request, batches: DeploymentHandle[Any], owner: str, max_bytes: int) -> FileView:
+async def receive_upload(request: Request, batches: BatchClient, owner: str, max_bytes: int) -> FileView:
     """Store the ``file`` part of ``request``'s multipart body as a file of ``owner``."""
     form = UploadForm(request.headers.get("content-type"))
     upload_id: str | None = None
@@ -59,11 +58,12 @@ async def receive_upload(request: Request, batches: DeploymentHandle[Any], owner
 
     async def begin() -> str:
         check_purpose(form.fields.get("purpose"), required=False)  # before any byte is stored, if it came first
-        started: str = unwrap(await batches.begin_upload.remote(owner, form.filename))
-        return started
+        assert form.filename is not None  # set by the file part's headers (data, or finish(), needs one)
+        return await batches.begin_upload(owner, form.filename)
 
     async def write(piece: bytes) -> None:
-        unwrap(await batches.write_upload.remote(upload_id, piece))
+        assert upload_id is not None
+        await batches.write_upload(upload_id, piece)
 
     try:
         async for chunk in request.stream():
@@ -85,12 +85,16 @@ async def receive_upload(request: Request, batches: DeploymentHandle[Any], owner
             upload_id = await begin()  # an empty file: refused below, as a file with no lines
         if pending:
             await write(bytes(pending))
-        view: FileView = unwrap(await batches.finish_upload.remote(upload_id))
+        view = await batches.finish_upload(upload_id)
         upload_id = None
         return view
     finally:
         if upload_id is not None:
-            await batches.abort_upload.remote(upload_id)
+            try:
+                await batches.abort_upload(upload_id)
+            except PromptfleetError as exc:
+                # Cleanup only: the upload's own failure is what the client must hear.
+                logger.warning("upload %s was not aborted: %s", upload_id, exc.message)
 
 
 def check_purpose(purpose: str | None, required: bool) -> None:
@@ -101,10 +105,10 @@ def check_purpose(purpose: str | None, required: bool) -> None:
 
 
 async def file_response(
-    batches: DeploymentHandle[Any], owner: str | None, file_id: str, range_header: str | None
+    batches: BatchClient, owner: str | None, file_id: str, range_header: str | None
 ) -> Response:
     """The file's bytes as a download (``owner`` None: any owner's, for the admin)."""
-    view: FileView = unwrap(await batches.get_file.remote(owner, file_id))
+    view = await batches.get_file(owner, file_id)
     headers = {"Accept-Ranges": "bytes", "Content-Disposition": content_disposition(view.filename)}
     try:
         span = parse_range(range_header, view.bytes)
@@ -122,7 +126,7 @@ async def file_response(
         while offset < end:
             try:
                 size = min(PIECE_BYTES, end - offset)
-                piece: bytes = unwrap(await batches.read_file.remote(owner, view.id, offset, size))
+                piece = await batches.read_file(owner, view.id, offset, size)
             except PromptfleetError as exc:
                 # The headers are out: all that is left is to cut the body short of Content-Length.
                 logger.warning("download of %s cut at byte %d: %s", view.id, offset, exc.message)

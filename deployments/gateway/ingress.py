@@ -8,7 +8,9 @@ usage (``admin_routes``), ``/healthz`` and ``/readyz`` (``health``), the OpenAPI
 web console at ``/console`` (``deployments.console``) — on its own listener (``listener``) and through
 Serve's proxy.
 Calls: ``ModelWorker`` deployments (by model name), ``TaskRunner``,
-``TaskStore`` and ``RateLimiter``, through ``DeploymentHandle``s.
+``TaskStore``, ``BatchService`` and ``RateLimiter``, through their typed clients
+(``deployments.clients``, built here from the handles ``app.py`` binds) and, for model calls,
+``model_calls.HandleTransport``.
 Owns: an index of the active API keys and unflushed usage counts
 (``auth.Authenticator``, ``metering.Meter``), and its copy of the task catalogue
 (``deployments.catalogue``); any number of replicas can run.
@@ -42,6 +44,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments import request_ids
 from deployments.catalogue import CatalogueFollower
+from deployments.clients.batches import BatchClient
+from deployments.clients.keys import KeysClient
+from deployments.clients.limiter import LimiterClient
+from deployments.clients.runner import RunnerClient
+from deployments.clients.runs import RunsClient
+from deployments.clients.sessions import SessionsClient
+from deployments.clients.task_versions import TaskVersionsClient
+from deployments.clients.workers import WorkerClient
 from deployments.config import AppArgs
 from deployments.console.app import build_console
 from deployments.console.cluster import Deployments
@@ -255,44 +265,48 @@ class Gateway:
         admin_key = os.environ.get(args.auth.admin_key_env) or None
         if args.auth.enabled and admin_key is None:
             logger.warning("auth is enabled but $%s is not set: no admin key", args.auth.admin_key_env)
-        self.auth = Authenticator(args.auth, store, admin_key)
-        self.meter = Meter(store, limiter, args.admission,
+        # The TaskStore's surfaces, each named for what it holds (one actor: deployments.task_store).
+        runs, keys, versions = RunsClient(store), KeysClient(store), TaskVersionsClient(store)
+        batch_client = BatchClient(batches) if batches is not None else None
+        self.auth = Authenticator(args.auth, keys, admin_key)
+        self.meter = Meter(keys, limiter, args.admission,
                            anonymous=None if args.auth.enabled else ANONYMOUS_OWNER)
         self.metrics = metrics_for(args.metrics)
         self.metrics.declare(*GATEWAY_METRICS)
-        self.tasks = CatalogueFollower(
-            store.task_changes.remote, store.task_version.remote, args.tasks.catalogue_poll_s
-        )
+        self.tasks = CatalogueFollower(versions.changes, versions.version, args.tasks.catalogue_poll_s)
         self.health = HealthCheck(
-            store=store.check_health.remote,
-            models={name: handle.readiness.remote for name, handle in workers.items()},
+            store=runs.check_health,
+            models={name: WorkerClient(handle, name).readiness for name, handle in workers.items()},
             node=get_node_ip_address(),
             catalogue=self.tasks.status,
         )
         self.liveness = Liveness(status="ok", node=self.health.node)
         calls = ModelCalls(args.models, HandleTransport(workers), self.meter, self.metrics)
+        key_admin = KeyAdmin(keys, runs, self.auth, batch_client)
         self.routers = [
             ChatRoutes(calls).router(),
             ResponsesRoutes(calls).router(),
             build_embedding_router(calls),
             build_completion_router(calls),
-            build_task_router(self.tasks, store, runner, self.meter, args.auth.enabled),
-            build_prompt_router(args, self.tasks, store),
-            build_admin_router(store, self.auth, self.meter, batches),
-            *([build_batch_router(batches, args.tasks.quotas.max_file_bytes)] if batches is not None else []),
+            build_task_router(self.tasks, runs, RunnerClient(runner), self.meter, args.auth.enabled),
+            build_prompt_router(args, self.tasks, versions),
+            build_admin_router(key_admin, self.meter),
+            *([build_batch_router(batch_client, args.tasks.quotas.max_file_bytes)] if batch_client is not None else []),
         ]
         self.console = build_console(
             Pages(
                 tasks=self.tasks,
-                store=store,
-                batches=batches,
-                keys=KeyAdmin(store, self.auth, batches),
+                runs=runs,
+                batches=batch_client,
+                keys=key_admin,
                 meter=self.meter,
-                overview=Overview(store=store, limiter=limiter, health=self.health, meter=self.meter,
-                                  prometheus_host=os.environ.get(PROMETHEUS_ENV) or None, deployments=Deployments()),
+                overview=Overview(runs=runs, keys=keys, limiter=LimiterClient(limiter), health=self.health,
+                                  meter=self.meter, prometheus_host=os.environ.get(PROMETHEUS_ENV) or None,
+                                  deployments=Deployments()),
                 owner="admin" if args.auth.enabled else "anonymous",
             ),
             self.auth,
+            SessionsClient(store),
         )
         # Outermost first: the metrics, the request's id, who is calling (headers only), the body's size,
         # the routes.

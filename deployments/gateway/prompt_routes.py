@@ -27,12 +27,11 @@ import logging
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Path
-from ray.serve.handle import DeploymentHandle
 
 from deployments.catalogue import CatalogueFollower
+from deployments.clients.task_versions import TaskVersionsClient
 from deployments.config import AppArgs
 from deployments.core.prompting import TemplateRenderer, response_format_for, validate_input
-from deployments.core.replies import unwrap
 from deployments.core.taskfile import CheckedTask, Problem, canonical, check_sources, content_hash
 from deployments.errors import InvalidRequest
 from deployments.gateway.auth import checked_caller, require_prompts
@@ -67,7 +66,7 @@ def version_view(version: TaskVersion, with_source: bool = False) -> TaskVersion
                            source=version.source if with_source else None)
 
 
-def build_prompt_router(args: AppArgs, tasks: CatalogueFollower, store: DeploymentHandle) -> APIRouter:
+def build_prompt_router(args: AppArgs, tasks: CatalogueFollower, versions: TaskVersionsClient) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["task management"])
     enabled = args.auth.enabled
     models = args.task_models()
@@ -115,7 +114,7 @@ def build_prompt_router(args: AppArgs, tasks: CatalogueFollower, store: Deployme
         if size > MAX_PUSH_BYTES:
             raise InvalidRequest(f"The push would store {size} bytes (definitions and file texts), over the limit of "
                                  f"{MAX_PUSH_BYTES} per push; push the files in several smaller pushes.", param="files")
-        pushed = unwrap(await store.push_tasks.remote(items, caller.author))
+        pushed = await versions.push(items, author=caller.author)
         await refresh()
         return TaskPushResult(
             data=[TaskPushed(name=name, version=version, changed=changed) for name, version, changed in pushed],
@@ -124,10 +123,10 @@ def build_prompt_router(args: AppArgs, tasks: CatalogueFollower, store: Deployme
 
     @router.get("/tasks/{name}/versions", response_model=TaskHistory)
     async def task_history(name: TaskName, caller: Caller = prompts) -> TaskHistory:
-        versions, activations = unwrap(await store.task_history.remote(name))
+        stored, activations = await versions.history(name)
         return TaskHistory(
             name=name,
-            data=[version_view(v) for v in versions],
+            data=[version_view(v) for v in stored],
             activations=[TaskActivationView(version=a.version, action=a.action, actor=a.actor, at=a.at)
                          for a in activations],
         )
@@ -138,15 +137,15 @@ def build_prompt_router(args: AppArgs, tasks: CatalogueFollower, store: Deployme
         version: Annotated[int, Path(ge=1, le=2**31 - 1)],
         caller: Caller = prompts,
     ) -> TaskVersionView:
-        return version_view(unwrap(await store.task_version.remote(name, version)), with_source=True)
+        return version_view(await versions.version(name, version), with_source=True)
 
     @router.post("/tasks/{name}/rollback", response_model=TaskVersionView)
     async def rollback_task(
         name: TaskName, body: TaskRollback, caller: Caller = prompts
     ) -> TaskVersionView:
-        version = unwrap(await store.rollback_task.remote(name, body.version, caller.author))
+        active = await versions.rollback(name, version=body.version, actor=caller.author)
         await refresh()
-        return version_view(version)
+        return version_view(active)
 
     @router.post("/tasks/{name}/render", response_model=TaskRendered)
     async def render_task(

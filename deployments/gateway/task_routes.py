@@ -18,7 +18,9 @@ token budget is spent gets 403 here; the runs' model calls are metered to the ke
 they are made (the TaskRunner, through ``deployments.model_calls``): their key's rate
 limit paces them. Every run belongs to its creator; an id of someone else's run
 answers 404, exactly like an unknown id. The admin reads, long-polls, lists and cancels
-any tenant's runs.
+any tenant's runs. The TaskStore and the TaskRunner are reached through their typed clients
+(``deployments.clients``): a runner at capacity or one that dies mid-run is a 503 with
+Retry-After here, the same answer a batch's task line gets.
 """
 
 from __future__ import annotations
@@ -27,13 +29,12 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Path, Query
 from fastapi.responses import JSONResponse
-from ray.serve.exceptions import BackPressureError
-from ray.serve.handle import DeploymentHandle
 
 from deployments import request_ids
 from deployments.catalogue import Catalogue, CatalogueFollower
-from deployments.core.replies import unwrap
-from deployments.errors import InvalidRequest, Overloaded
+from deployments.clients.runner import RunnerClient
+from deployments.clients.runs import RunsClient
+from deployments.errors import InvalidRequest
 from deployments.gateway.auth import require_prompts
 from deployments.gateway.caller import Caller, get_caller, list_scope, run_scope
 from deployments.metering import Meter
@@ -62,7 +63,7 @@ def task_list(catalogue: Catalogue) -> TaskList:
 
 
 def build_task_router(
-    tasks: CatalogueFollower, store: DeploymentHandle, runner: DeploymentHandle, meter: Meter, auth_enabled: bool
+    tasks: CatalogueFollower, runs: RunsClient, runner: RunnerClient, meter: Meter, auth_enabled: bool
 ) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["tasks"])
     listed: dict[int | None, TaskList] = {}  # the catalogue page, built once per catalogue version
@@ -82,12 +83,7 @@ def build_task_router(
         if body.model is not None:
             require_prompts(caller, auth_enabled)
         meter.check_budget(caller.entry)
-        try:
-            result = await runner.run.remote(name, body.input, caller.key_id, False, entry.version, body.model)
-        except BackPressureError:
-            raise Overloaded("The task runners are at capacity; retry shortly.", retry_after=1) from None
-        result = unwrap(result)
-        return result
+        return await runner.run(name, body.input, payer=caller.key_id, version=entry.version, model=body.model)
 
     @router.post("/tasks/{name}/submit", status_code=202, response_model=RunView)
     async def submit_task(
@@ -101,10 +97,9 @@ def build_task_router(
         if body.model is not None:
             raise InvalidRequest("model: only POST /v1/tasks/{name}/run takes a model.", param="model")
         meter.check_budget(caller.entry)
-        view, created = unwrap(
-            await store.create_run.remote(
-                name, body.input, caller.owner, idempotency_key, entry.version, request_ids.current()
-            )
+        view, created = await runs.create(
+            task=name, task_input=body.input, owner=caller.owner, idempotency_key=idempotency_key,
+            task_version=entry.version, request_id=request_ids.current(),
         )
         return JSONResponse(
             view.model_dump(mode="json"),
@@ -118,15 +113,13 @@ def build_task_router(
         caller: Annotated[Caller, Depends(get_caller)],
         wait: Annotated[float, Query(ge=0, le=MAX_WAIT_S, description="Seconds to long-poll.")] = 0,
     ) -> RunView:
-        view: RunView = unwrap(await store.get.remote(run_id, run_scope(caller), wait))
-        return view
+        return await runs.get(run_id, owner=run_scope(caller), wait_s=wait)
 
     @router.post("/runs/{run_id}/cancel", response_model=RunView)
     async def cancel_run(
         run_id: Annotated[str, Path(max_length=64)], caller: Annotated[Caller, Depends(get_caller)]
     ) -> RunView:
-        view: RunView = unwrap(await store.cancel.remote(run_id, run_scope(caller)))
-        return view
+        return await runs.cancel(run_id, owner=run_scope(caller))
 
     @router.get("/runs", response_model=RunList)
     async def list_runs(
@@ -139,7 +132,7 @@ def build_task_router(
     ) -> RunList:
         if task is not None and task not in (await tasks.ready()).tasks:
             raise InvalidRequest(f"task: no task named '{task[:64]}'", param="task")
-        runs: RunList = unwrap(await store.list_runs.remote(list_scope(caller, owner), status, task, limit, cursor))
-        return runs
+        return await runs.list_runs(owner=list_scope(caller, owner), status=status, task=task, limit=limit,
+                                    cursor=cursor)
 
     return router

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from deployments.clients.keys import KeysClient
 from deployments.config import TasksConfig
 from deployments.core.replies import unwrap
 from deployments.metering import KeyEntry, Meter
@@ -41,7 +42,7 @@ class Metered:
     def __init__(self, tmp: Path) -> None:
         self.limiter = RecordingLimiter()
         self.store = TaskStore(TasksConfig(state_dir=str(tmp)))
-        self.meter = Meter(Handle(self.store), Handle(self.limiter))  # type: ignore[arg-type]
+        self.meter = Meter(KeysClient(Handle(self.store)), Handle(self.limiter))
 
     async def key(self, **limits: Any) -> KeyEntry:
         key, _ = unwrap(await self.store.create_key("tenant", limits.get("rpm"), limits.get("tpm"),

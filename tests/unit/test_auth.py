@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from starlette.requests import Request
 
+from deployments.clients.keys import KeysClient
 from deployments.config import AuthConfig
 from deployments.core.replies import Reply
 from deployments.errors import AuthenticationFailed, Overloaded, PermissionDenied, PromptfleetError
@@ -81,7 +82,7 @@ def clock() -> Clock:
 
 @pytest.fixture
 def auth(handle: StoreHandle, clock: Clock) -> Authenticator:
-    return Authenticator(AuthConfig(enabled=True, cache_ttl_s=TTL), handle, ADMIN_KEY,  # type: ignore[arg-type]
+    return Authenticator(AuthConfig(enabled=True, cache_ttl_s=TTL), KeysClient(handle), ADMIN_KEY,
                          clock=clock, sleep=clock.sleep)
 
 
@@ -101,7 +102,7 @@ def refused(auth: Authenticator, authorization: str | None) -> PromptfleetError:
 
 
 def test_auth_off_everyone_is_the_anonymous_caller(handle: StoreHandle) -> None:
-    auth = Authenticator(AuthConfig(enabled=False), handle, None)  # type: ignore[arg-type]
+    auth = Authenticator(AuthConfig(enabled=False), KeysClient(handle), None)
     req = request(None)
     assert asyncio.run(auth.authenticate(req)) is ANONYMOUS
     assert req.state.caller is ANONYMOUS

@@ -16,6 +16,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse
 from starlette.testclient import TestClient
 
+from deployments.clients.keys import KeysClient
+from deployments.clients.sessions import SessionsClient
 from deployments.config import AuthConfig
 from deployments.console import session
 from deployments.console.app import build_console, is_loopback, templates
@@ -217,7 +219,9 @@ class OnePage:
 
 
 def console_client(auth: Authenticator, host: str = "127.0.0.1") -> TestClient:
-    return TestClient(build_console(OnePage(), auth), client=(host, 5000), follow_redirects=False)
+    # The sessions are the same (fake) TaskStore's as the keys.
+    sessions = SessionsClient(auth.keys.handle)
+    return TestClient(build_console(OnePage(), auth, sessions), client=(host, 5000), follow_redirects=False)
 
 
 class Method:
@@ -248,7 +252,7 @@ def csrf_of(client: TestClient) -> str:
 
 def test_with_auth_off_the_console_is_open_on_loopback_only(tmp_path: Path) -> None:
     with KeyStore(tmp_path / "k.sqlite3") as store:
-        auth = Authenticator(AuthConfig(enabled=False), KeyHandle(store), None)  # type: ignore[arg-type]
+        auth = Authenticator(AuthConfig(enabled=False), KeysClient(KeyHandle(store)), None)
         local = console_client(auth).get("/")
         assert local.status_code == 200 and "Authentication is off" in local.text
         assert console_client(auth, host="192.0.2.10").get("/").status_code == 403
@@ -263,7 +267,7 @@ def test_with_auth_off_the_console_is_open_on_loopback_only(tmp_path: Path) -> N
 def test_with_auth_on_only_the_admin_gets_in(tmp_path: Path) -> None:
     with KeyStore(tmp_path / "k.sqlite3") as store:
         _, tenant = store.create("tenant")
-        auth = Authenticator(AuthConfig(enabled=True), KeyHandle(store), "pf-admin-key")  # type: ignore[arg-type]
+        auth = Authenticator(AuthConfig(enabled=True), KeysClient(KeyHandle(store)), "pf-admin-key")
         client = console_client(auth)
         assert client.get("/").headers["location"] == "/login"
         assert client.post("/act", data={}).status_code == 401
@@ -300,7 +304,7 @@ def test_with_auth_on_only_the_admin_gets_in(tmp_path: Path) -> None:
 def test_without_the_store_a_session_is_not_trusted_and_sign_out_says_so(tmp_path: Path) -> None:
     with KeyStore(tmp_path / "k.sqlite3") as store:
         handle = KeyHandle(store)
-        auth = Authenticator(AuthConfig(enabled=True), handle, "pf-admin-key")  # type: ignore[arg-type]
+        auth = Authenticator(AuthConfig(enabled=True), KeysClient(handle), "pf-admin-key")
         client = console_client(auth)
         token = csrf_of(client)
         assert client.post("/login", data={"key": "pf-admin-key", "csrf_token": token}).status_code == 303

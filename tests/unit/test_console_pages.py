@@ -19,6 +19,9 @@ from typing import Any
 
 import httpx
 
+from deployments.clients.keys import KeysClient
+from deployments.clients.runs import RunsClient
+from deployments.clients.sessions import SessionsClient
 from deployments.config import AuthConfig, TasksConfig
 from deployments.console.app import build_console
 from deployments.console.pages import PAGE, Pages
@@ -41,10 +44,13 @@ def with_console(tmp_path: Path, scenario: Callable[[TaskStore, httpx.AsyncClien
     async def go() -> None:
         service = TaskStore(TasksConfig(state_dir=str(tmp_path)))
         handle: Any = Handle(service)
-        auth = Authenticator(AuthConfig(enabled=False), handle, None)
-        pages = Pages(tasks=None, store=handle, batches=None, keys=KeyAdmin(handle, auth, None),  # type: ignore[arg-type]
+        auth = Authenticator(AuthConfig(enabled=False), KeysClient(handle), None)
+        runs = RunsClient(handle)
+        pages = Pages(tasks=None, runs=runs, batches=None,  # type: ignore[arg-type]
+                      keys=KeyAdmin(KeysClient(handle), runs, auth, None),
                       meter=NoMeter(), overview=None, owner="anonymous")  # type: ignore[arg-type]
-        transport = httpx.ASGITransport(app=build_console(pages, auth), client=("127.0.0.1", 5000))
+        transport = httpx.ASGITransport(app=build_console(pages, auth, SessionsClient(handle)),
+                                        client=("127.0.0.1", 5000))
         try:
             async with httpx.AsyncClient(transport=transport, base_url="http://console") as client:
                 await scenario(service, client)

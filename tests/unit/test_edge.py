@@ -15,6 +15,7 @@ import pytest
 from fastapi import FastAPI, Request
 from starlette.types import Message, Receive, Scope, Send
 
+from deployments.clients.keys import KeysClient
 from deployments.config import AuthConfig
 from deployments.gateway.auth import Authenticator
 from deployments.gateway.caller import Caller, get_caller
@@ -65,7 +66,7 @@ def make_app(limit: int = 1024) -> tuple[Any, dict[str, int], KeyStore]:
         await api(scope, counted, send)
 
     store = KeyStore()
-    auth = Authenticator(AuthConfig(enabled=True), store, admin_key="pf-admin")  # type: ignore[arg-type]
+    auth = Authenticator(AuthConfig(enabled=True), KeysClient(store), admin_key="pf-admin")
     return AuthGate(BodySizeLimit(counting, limit=limit), auth), reads, store
 
 

@@ -11,6 +11,7 @@ import pytest
 from pydantic import ValidationError
 
 from deployments import errors
+from deployments.clients.keys import KeysClient
 from deployments.config import LlamaCppModel, OpenAIModel
 from deployments.core.capabilities import require_capability
 from deployments.core.replies import unwrap
@@ -152,7 +153,7 @@ def test_embeddings_are_billed_to_the_key_and_a_spent_budget_is_403(tmp_path: Pa
 
 def test_calls_without_a_key_are_recorded_only_when_told_to(tmp_path: Path) -> None:
     async def scenario(m: Metered) -> None:
-        keyless = Meter(Handle(m.store), Handle(m.limiter), anonymous=ANONYMOUS_OWNER)  # type: ignore[arg-type]
+        keyless = Meter(KeysClient(Handle(m.store)), Handle(m.limiter), anonymous=ANONYMOUS_OWNER)
         await ModelCalls(MODELS, FakeWorkers(), keyless).embed(embedding())
         await ModelCalls(MODELS, FakeWorkers(), m.meter).embed(embedding())  # not told: not recorded
         await keyless.flush()

@@ -1,0 +1,20 @@
+"""The RateLimiter's state, for the console: ``LimiterClient``.
+
+Bookings and pauses — the limiter's hot path — go through the typed adapters that own them
+(``core.booking.BudgetClient`` built by ``metering.Meter`` and ``providers.admission.UpstreamGuard``);
+this client is the rest: the budgets and queues the console's overview shows. Ray's failures
+become ``Overloaded`` naming the rate limiter (``clients.failures``).
+"""
+
+from __future__ import annotations
+
+from deployments.clients.base import HandleClient
+from deployments.schemas import LimiterState
+
+
+class LimiterClient(HandleClient):
+    who = "The rate limiter"
+
+    async def state(self) -> LimiterState:
+        state: LimiterState = await self._answer(self.handle.state.remote())
+        return state
