@@ -6,6 +6,9 @@
 - The Gateway's HTTP layer (``deployments/gateway``) imports no deployment shell module: it talks
   to the shells through handles and the schema/record types, never their classes.
 - Pure logic (``deployments/core``) imports neither Ray nor a shell nor the HTTP layer.
+- Handles are called only by the typed clients (``deployments/clients``) and the typed adapters
+  listed in ``ADAPTERS``: nothing else touches a handle's ``.remote`` (docs/architecture.md
+  "Clients"), so mypy checks every call site and Ray's failures are mapped in one place.
 """
 
 from __future__ import annotations
@@ -18,6 +21,16 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("deployments", "jobs", "cluster")
+CLIENTS = "deployments.clients"
+# The typed adapters that call a handle themselves, by the last part of their module's name (so the
+# list survives a move to another package): the class that may, and a word its handle's expression
+# must contain. model_calls' HandleTransport: the model workers (the one model-call path); the
+# UpstreamGuard and the Meter: the RateLimiter's bookings and pauses (``core.booking.BudgetClient``).
+ADAPTERS = {
+    "model_calls": ("HandleTransport", "self."),
+    "admission": ("UpstreamGuard", "limiter"),
+    "metering": ("Meter", "limiter"),
+}
 SHELLS = frozenset(
     f"deployments.{name}" for name in ("model_worker", "task_runner", "task_store", "rate_limiter", "batch_service")
 )
@@ -148,3 +161,74 @@ def test_pure_logic_imports_no_ray_shell_or_http_layer(name: str) -> None:
     }
     assert not {m for m in external if m == "ray" or m.startswith(("ray.", "fastapi", "starlette"))}
     assert not imports(name, top_level=False) & (SHELLS | {n for n in MODULES if n.startswith("deployments.gateway")})
+
+
+# -- who calls a handle --------------------------------------------------------------------------
+
+
+def remote_uses(tree: ast.AST) -> list[tuple[str | None, str, int]]:
+    """Every ``<handle>.<method>.remote`` (or ``getattr(handle, m).remote``) — a call or a reference
+    handed on — as (the enclosing class, the expression, its line). A plain ``name.remote`` is not a
+    handle's method (a Ray task, or ``args.remote`` of a CLI)."""
+    found: list[tuple[str | None, str, int]] = []
+
+    def visit(node: ast.AST, cls: str | None) -> None:
+        if isinstance(node, ast.ClassDef):
+            cls = node.name
+        handle_method = isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute | ast.Call)
+        if handle_method and node.attr == "remote":
+            found.append((cls, ast.unparse(node.value), node.lineno))
+        for child in ast.iter_child_nodes(node):
+            visit(child, cls)
+
+    visit(tree, None)
+    return found
+
+
+def stray_handle_calls(name: str, tree: ast.AST) -> list[str]:
+    """The ``.remote`` uses of module ``name`` that neither a client nor an adapter may make."""
+    if name == CLIENTS or name.startswith(CLIENTS + "."):
+        return []
+    allowed = ADAPTERS.get(name.rpartition(".")[2])
+    return [f"{name}:{line}: {expression}.remote" for cls, expression, line in remote_uses(tree)
+            if allowed is None or cls != allowed[0] or allowed[1] not in expression]
+
+
+def test_only_clients_and_typed_adapters_call_handles() -> None:
+    strays = [s for name, path in MODULES.items() for s in stray_handle_calls(name, ast.parse(path.read_text()))]
+    assert strays == []
+
+
+def test_every_adapter_still_calls_a_handle() -> None:
+    """An adapter that no longer calls a handle leaves the list (it would excuse a stray one later)."""
+    for base, (cls, word) in ADAPTERS.items():
+        modules = [n for n in MODULES if n.rpartition(".")[2] == base]
+        assert len(modules) == 1, (base, modules)
+        uses = remote_uses(ast.parse(MODULES[modules[0]].read_text()))
+        assert any(c == cls and word in expression for c, expression, _ in uses), (base, cls)
+
+
+def test_the_handle_check_finds_calls_and_references_outside_clients() -> None:
+    code = ast.parse(
+        "class Routes:\n"
+        "    async def run(self):\n"
+        "        await self.store.get.remote('run_1')\n"  # a bare call
+        "        follow(self.store.task_changes.remote)\n"  # a reference handed on
+        "        parser.remote, task.remote()\n"  # a CLI flag, a Ray task: not handles
+        "class Meter:\n"
+        "    def __init__(self, store, limiter):\n"
+        "        self.budgets = BudgetClient(limiter.reserve_now.remote)\n"  # the adapter's own handle: fine
+        "        self.key = store.get_key.remote('key_1')\n"  # but not the store's
+    )
+    assert stray_handle_calls("deployments.gateway.task_routes", code) == [
+        "deployments.gateway.task_routes:3: self.store.get.remote",
+        "deployments.gateway.task_routes:4: self.store.task_changes.remote",
+        "deployments.gateway.task_routes:8: limiter.reserve_now.remote",
+        "deployments.gateway.task_routes:9: store.get_key.remote",
+    ]
+    assert stray_handle_calls("deployments.limits.metering", code) == [
+        "deployments.limits.metering:3: self.store.get.remote",
+        "deployments.limits.metering:4: self.store.task_changes.remote",
+        "deployments.limits.metering:9: store.get_key.remote",
+    ]
+    assert stray_handle_calls("deployments.clients.runs", code) == []
