@@ -23,6 +23,7 @@ The session fixture's lease is 3 s, so a lost lease is noticed within about 3 s.
 from __future__ import annotations
 
 import collections
+import json
 import sqlite3
 import threading
 import time
@@ -348,6 +349,54 @@ def test_gateway_replica_killed_loses_no_accepted_run(app: ServeApp, audit: Audi
         refusing_for_s=(max(refused_at) - killed_at) if refused_at else 0.0,
         all_done_s=max(r["finished_at"] for r in runs.values()) - killed_at,
     )
+
+
+@pytest.mark.timeout(SESSION_START_S + 200)
+def test_runner_replica_killed_mid_run_is_one_503_for_the_route_and_a_batch_line(
+    app: ServeApp, tmp_path: Path, record_property: Any
+) -> None:
+    """A synchronous run whose TaskRunner replica dies under it gets one answer, whichever way it
+    came (``deployments.clients.failures``): ``POST /v1/tasks/{name}/run`` and a batch's task line
+    both say 503 ``overloaded`` with Retry-After — the route used to answer 500, the line a 503 of
+    its own words. ``--max-attempts 1`` writes the line's first answer instead of re-trying it."""
+    from jobs import batch
+
+    app.upstream.configure(mode="slow", delay_s=25)  # both runs stay in their model call until the kill
+    (tmp_path / "in.jsonl").write_text(json.dumps({"custom_id": "line", "task": TASK, "input": {"text": "x"}}) + "\n")
+    answers: dict[str, Any] = {}
+
+    def route() -> None:
+        with httpx.Client(timeout=120) as client:
+            answers["route"] = client.post(f"{app.base_url}/tasks/{TASK}/run", json={"input": {"text": "y"}})
+
+    def line() -> None:
+        answers["batch"] = batch.main(["--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"),
+                                       "--max-attempts", "1", "--progress-every", "60"])
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = [pool.submit(line), pool.submit(route)]
+        wait_until(lambda: app.upstream.stats()["in_flight"] >= 2, 60, "both runs in their model call")
+        old_runner, killed_at = kill_replica(app, "TaskRunner")
+        for future in futures:
+            future.result(timeout=60)
+    answered_s = time.time() - killed_at
+    wait_for_new_replica(app, "TaskRunner", old_runner, timeout=60)
+
+    response = answers["route"]
+    assert response.status_code == 503, response.text
+    assert response.headers["Retry-After"] == "1"
+    assert answers["batch"] == batch.EXIT_OK
+    (written,) = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert written["custom_id"] == "line" and written["response"]["status_code"] == 503
+
+    def error(body: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in body["error"].items() if k != "request_id"}
+
+    assert error(written["response"]["body"]) == error(response.json()) == {
+        "message": "The task runner is temporarily unavailable; retry shortly.",
+        "type": "overloaded_error", "param": None, "code": "overloaded",
+    }
+    report(record_property, "runner_kill_sync", answered_s=answered_s)
 
 
 def small_config(upstream: FakeUpstream, state: Path) -> dict[str, Any]:
