@@ -192,7 +192,7 @@ class BatchStore(DatabaseBacked):
                     write_batch(tx, BatchRecord(**fields), replace=False)
         for path, _ in found:
             path.unlink()
-        for stale in (self.root / "files").glob("*.json.tmp"):
+        for stale in [*(self.root / "files").glob("*.json.tmp"), *(self.root / "batches").glob("*.json.tmp")]:
             stale.unlink()  # an earlier release's write that never finished
         logger.warning("imported %d file and batch records from %s into the database", len(found), self.root)
         return len(found)
