@@ -4,7 +4,7 @@ Deployment goes through the same REST API as ``serve deploy`` (the dashboard's
 ``/api/serve/applications/``), so what ``promptfleet start`` deploys is exactly
 what ``serve deploy configs/serve.yaml`` would, plus two things the file must
 not hold: secrets (the admin key, the database URL, upstream API keys, copied
-from this shell into the ``runtime_env`` of the one deployment that reads each)
+from this shell into the ``runtime_env`` of the deployments that read each)
 and ``PROMPTFLEET_*`` settings (into the application's ``runtime_env``).
 """
 
@@ -63,9 +63,14 @@ def load_serve_config(path: Path) -> dict[str, Any]:
 
 
 def secrets_by_deployment(args: AppArgs) -> dict[str, set[str]]:
-    """The environment variables holding secrets, by the one deployment that reads each: the admin
-    key (the Gateway), the database URL (the TaskStore), each model's API key (its worker)."""
-    secrets: dict[str, set[str]] = {names.GATEWAY: {args.auth.admin_key_env}, names.TASK_STORE: {DATABASE_URL_ENV}}
+    """The environment variables holding secrets, by the deployments that read each: the admin key
+    (the Gateway), the database URL (the TaskStore and the BatchService, which keep their records in
+    that one database), each model's API key (its worker)."""
+    secrets: dict[str, set[str]] = {
+        names.GATEWAY: {args.auth.admin_key_env},
+        names.TASK_STORE: {DATABASE_URL_ENV},
+        names.BATCH_SERVICE: {DATABASE_URL_ENV},
+    }
     for model in args.models:
         key_env = getattr(model, "api_key_env", None)
         if key_env:
@@ -74,10 +79,10 @@ def secrets_by_deployment(args: AppArgs) -> dict[str, set[str]]:
 
 
 def with_secrets(config: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
-    """Copy of ``config`` carrying, from ``environ``, each secret to the one deployment that needs it.
+    """Copy of ``config`` carrying, from ``environ``, each secret to the deployments that need it.
 
     The admin key (``auth.admin_key_env``) goes to the Gateway, ``PROMPTFLEET_DATABASE_URL`` to the
-    TaskStore, a model's ``api_key_env`` to that model's worker — each in the deployment's own
+    TaskStore and the BatchService, a model's ``api_key_env`` to that model's worker — each in the deployment's own
     ``ray_actor_options.runtime_env`` (Serve merges it with the application's ``env_vars``), so no
     other replica has them. Other ``PROMPTFLEET_*`` settings go to the whole application.
     """

@@ -3,10 +3,13 @@
 Serves: the Gateway's Files and Batches routes (``batch_routes``), through a handle.
 Calls: the Ray Jobs API (``JobSubmissionClient``): a batch is a Ray job running ``jobs.batch``,
 visible in the dashboard's Jobs tab with the batch id in its metadata.
-Owns: ``deployments.store.batches.BatchStore`` — a directory under ``tasks.state_dir`` on the
-node of this replica (pin it to the head node in serve.yaml, like the TaskStore). Each batch
-job is pinned to this same node (a node-id label selector), because it reads the input file
-and writes its output and progress files there directly.
+Owns: ``deployments.store.batches.BatchStore`` — the ``files`` and ``batches`` records, in the run
+store's database (``TasksConfig.store_location``: the SQLite file under ``tasks.state_dir``, or
+PostgreSQL), on a connection of its own (no Ray hop to the TaskStore per call; the store module
+says why), and the files' bytes in a directory under ``tasks.state_dir`` on the node of this
+replica (pin it to the head node in serve.yaml, like the TaskStore). Each batch job is pinned to
+this same node (a node-id label selector), because it reads the input file and writes its output
+and progress files there directly.
 
 Status is pulled, not pushed: reading a batch asks the Jobs API for its job's status and reads
 the job's progress file; when the job has ended, its output and error files are registered as
@@ -18,9 +21,13 @@ bytes (downloads) on a small pool of their own. File bytes cross handle calls in
 most ``store.batches.PIECE_BYTES`` (``deployments.gateway.files`` says why). Expected errors
 come back as values (``PromptfleetError``), not raised, as in ``deployments.model_worker``.
 An ``owner`` of ``None`` is the admin, who sees and cancels every owner's batches. Quotas are
-``tasks.quotas``; every ``tasks.retention.cleanup_interval_s`` expired files and finished
-batches are removed. Every ``metrics.sample_interval_s`` the unfinished batches are refreshed and
-the batches by status go to the ``promptfleet_batches`` gauge (``deployments.telemetry``).
+``tasks.quotas``. It runs the one retention job of all state (``retention``): every
+``tasks.retention.cleanup_interval_s`` expired files and finished batches (records and bytes),
+finished runs and old Idempotency-Keys are removed — here, because this is the one process with
+both the database and the files' disk; the runs' part goes through a ``RunStore`` on this
+process's connection, in bounded steps on a thread of its own. Every ``metrics.sample_interval_s``
+the unfinished batches are refreshed and the batches by status go to the ``promptfleet_batches``
+gauge (``deployments.telemetry``).
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 import shlex
 import sys
 import time
@@ -36,12 +44,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from deployments.cleanup import start_cleanup
+from deployments.cleanup import in_steps, start_cleanup
 from deployments.config import MetricsConfig, TasksConfig
 from deployments.core.retention import Cutoffs
 from deployments.errors import Conflict, PromptfleetError
 from deployments.schemas import BatchCreate, BatchList, BatchView, FileList, FileView
+from deployments.store import RunStore
 from deployments.store.batches import STATUSES, BatchRecord, BatchStore, JobState, advance
+from deployments.store.runs import EXPIRE_STEP
 from deployments.telemetry import metrics_for, start_sampling
 
 logger = logging.getLogger("ray.serve")
@@ -121,27 +131,29 @@ class BatchService:
     ) -> None:
         self.config = config
         self.metrics = metrics_for(metrics)
-        self.store = store or BatchStore(Path(config.state_dir).expanduser() / "batches", quotas=config.quotas)
+        # The replica's environment is where a database URL with a password may come from.
+        self.store = store or BatchStore(Path(config.state_dir).expanduser() / "batches", quotas=config.quotas,
+                                         database=config.store_location(os.environ))
         self.jobs = jobs or RayJobs()
         self._app_name = app_name
         self.io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batches")
         # Downloads read immutable bytes: threads of their own, so a slow Jobs API call on `io`
         # does not stall them, and several downloads go on at once.
         self.reads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="batch-reads")
-        self.cleanup = start_cleanup(config.retention.cleanup_interval_s, self.expire, "files and batches")
+        # Runs' retention shares this process's connection; their writes are the TaskStore's.
+        self.runs = RunStore(self.store.database)
+        self.sweeper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="retention")
+        self.cleanup = start_cleanup(config.retention.cleanup_interval_s, self.retention, "all state")
         interval = (metrics or MetricsConfig()).sample_interval_s
         self.sampler = start_sampling(self.metrics, interval, self.sample_metrics, "batches")
-        logger.info("batch store at %s", self.store.root)
+        logger.info("batch files at %s, records in %s", self.store.root, self.store.database.location)
 
     async def sample_metrics(self) -> None:
         """Batches by status, into the gauge (unfinished ones refreshed from their jobs first)."""
 
         def count() -> dict[str, int]:
             self._refresh_unfinished()
-            counts: dict[str, int] = {}
-            for batch in self.store.batches.values():
-                counts[batch.status] = counts.get(batch.status, 0) + 1
-            return counts
+            return self.store.count_by_status()
 
         counts = await self._io(count)
         if isinstance(counts, dict):
@@ -269,9 +281,26 @@ class BatchService:
 
         return await self._io(sweep)
 
+    async def retention(self, now: float | None = None) -> dict[str, int] | PromptfleetError:
+        """The one retention job: expired files and batches, then finished runs and old
+        Idempotency-Keys; returns how many of each were removed."""
+        moment = time.time() if now is None else now
+        removed = await self.expire(moment)
+        if isinstance(removed, PromptfleetError):
+            return removed
+        cutoffs = Cutoffs.at(self.config.retention, moment)
+        loop = asyncio.get_running_loop()
+        runs, keys = await in_steps(
+            lambda: loop.run_in_executor(
+                self.sweeper, self.runs.expire, cutoffs.runs_before, cutoffs.idempotency_before, EXPIRE_STEP
+            ),
+            EXPIRE_STEP,
+        )
+        return {"files": removed[0], "batches": removed[1], "runs": runs, "idempotency_keys": keys}
+
     def _refresh_unfinished(self) -> None:
         # At most quotas.max_batches of them: that many Jobs API calls.
-        for batch in [b for b in self.store.batches.values() if not b.terminal]:
+        for batch in self.store.all_unfinished():
             self._refresh(batch)
 
     # -- the job --------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
-"""The periodic retention cleanup that the TaskStore and BatchService shells run by themselves.
+"""The periodic retention cleanup: one job, run by the BatchService shell, for all state.
 
 ``start_cleanup`` schedules ``sweep`` every ``interval_s`` on the running event loop (a Serve
 replica constructs its deployment inside one). A sweep that fails is logged and tried again at
 the next interval; it never ends the loop. What expires is ``deployments.core.retention``'s call.
+``in_steps`` repeats a bounded delete until it removes less than a step, so no one call holds
+the database for long (lease renewals share it).
 """
 
 from __future__ import annotations
@@ -24,6 +26,17 @@ async def _every(interval_s: float, sweep: Callable[[], Awaitable[object]], name
             raise
         except Exception:
             logger.exception("retention cleanup of %s failed; trying again in %.0fs", name, interval_s)
+
+
+async def in_steps(step: Callable[[], Awaitable[tuple[int, int]]], size: int) -> tuple[int, int]:
+    """Call ``step`` (one bounded database call, removing up to ``size`` of each of two kinds) until
+    a call removes fewer than ``size`` of both; returns the two totals."""
+    total = (0, 0)
+    while True:
+        done = await step()
+        total = (total[0] + done[0], total[1] + done[1])
+        if max(done) < size:
+            return total
 
 
 def start_cleanup(

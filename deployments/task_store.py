@@ -17,8 +17,8 @@ long-poll reads, keys, usage). However much user traffic queues up, a lease rene
 at most the one user statement in flight, never for the queue behind it — renewals cannot be
 starved past the lease (tests/serve/test_flood.py). Two kinds of waiters are woken from the
 loop: runners long-polling ``claim`` for work, and clients long-polling a run until it ends.
-Every ``tasks.retention.cleanup_interval_s`` it deletes finished runs and forgets
-Idempotency-Keys past their retention (``expire``, on the user lane, in steps).
+Retention of runs is part of the one retention job, which the BatchService runs for all state
+(``deployments.cleanup``); ``expire`` does the same for runs alone, on the user lane, in steps.
 
 Metrics (``deployments.telemetry``): runs submitted, started, finished and lost to an expired
 lease are counted as the store commits them (``RunStore``'s observer); queue depth by status and
@@ -50,7 +50,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from deployments.cleanup import start_cleanup
+from deployments.cleanup import in_steps
 from deployments.config import MetricsConfig, TasksConfig
 from deployments.core.replies import Reply, replying
 from deployments.core.retention import Cutoffs
@@ -73,13 +73,12 @@ from deployments.store import RunRecord, RunStore, open_database
 from deployments.store import usage as usage_rows
 from deployments.store.keys import ApiKey, KeySnapshot, KeyStore
 from deployments.store.records import UsageRecord
-from deployments.store.runs import RunMove
+from deployments.store.runs import EXPIRE_STEP, RunMove
 from deployments.store.tasks import CataloguePage, TaskActivation, TaskVersion, TaskVersionStore, VersionInput
 from deployments.telemetry import STORE_METRICS, metrics_for, start_sampling
 
 logger = logging.getLogger("ray.serve")
 T = TypeVar("T")
-EXPIRE_STEP = 1000  # RunStore.expire's default limit: rows per database call
 
 
 class TaskStore:
@@ -110,7 +109,6 @@ class TaskStore:
         self.user_lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskstore-user")
         self.work_available = asyncio.Event()
         self.finished: dict[str, asyncio.Event] = {}
-        self.cleanup = start_cleanup(config.retention.cleanup_interval_s, self.expire, "runs")
         interval = (metrics or MetricsConfig()).sample_interval_s
         self.sampler = start_sampling(self.metrics, interval, self.sample_metrics, "run queue")
         logger.info("task store at %s", self.database.location)
@@ -305,15 +303,12 @@ class TaskStore:
         return await replying(self._user(self.store.cancel_queued, owner))
 
     async def expire(self, now: float | None = None) -> tuple[int, int]:
-        """Retention: delete finished runs and forget Idempotency-Keys past their periods, in
+        """Retention of runs: delete finished runs and forget Idempotency-Keys past their periods, in
         bounded steps so lease renewals get the database in between. Returns (deleted, forgotten)."""
         cutoffs = Cutoffs.at(self.config.retention, time.time() if now is None else now)
-        total = (0, 0)
-        while True:
-            step = await self._user(self.store.expire, cutoffs.runs_before, cutoffs.idempotency_before)
-            total = (total[0] + step[0], total[1] + step[1])
-            if max(step) < EXPIRE_STEP:
-                return total
+        return await in_steps(
+            lambda: self._user(self.store.expire, cutoffs.runs_before, cutoffs.idempotency_before), EXPIRE_STEP
+        )
 
     async def check_health(self) -> None:
         await self._lease(self.store.count_queued)

@@ -406,7 +406,7 @@ class QuotasConfig(_Strict):
 
 
 class RetentionConfig(_Strict):
-    """How long finished things are kept; a cleanup in the TaskStore and BatchService runs by itself."""
+    """How long finished things are kept; one cleanup job (in the BatchService) runs by itself."""
 
     files_s: float = Field(
         default=30 * 86400,
@@ -423,7 +423,8 @@ class RetentionConfig(_Strict):
         description="Seconds an Idempotency-Key is remembered; after that the same key creates a new run.",
     )
     cleanup_interval_s: float = Field(
-        default=600, ge=1, le=86400, description="How often the cleanup runs."
+        default=600, ge=1, le=86400,
+        description="How often the cleanup runs (one job: files, batches, runs, idempotency keys).",
     )
 
 
@@ -460,13 +461,14 @@ class TasksConfig(_Strict):
     )
     state_dir: str = Field(
         default="~/.promptfleet/state",
-        description="Directory of the SQLite run store (unless `database_url` is set) and of batch files, "
-        "on the node running the TaskStore and BatchService replicas.",
+        description="Directory of the SQLite database of all records (unless `database_url` is set) and of "
+        "the files' bytes, on the node running the TaskStore and BatchService replicas.",
     )
     database_url: str | None = Field(
         default=None,
         repr=False,
-        description="Keep runs, API keys and usage in PostgreSQL instead: a `postgresql://user@host:5432/db` "
+        description="Keep runs, API keys, usage, task versions and batch and file records in PostgreSQL "
+        "instead (file bytes stay under `state_dir`): a `postgresql://user@host:5432/db` "
         f"URL (libpq syntax). Empty: the environment variable `{DATABASE_URL_ENV}` if set (the place for "
         "a URL that carries a password; `promptfleet start` passes it to the replicas), else SQLite under "
         "`state_dir`.",

@@ -1,16 +1,29 @@
-"""BatchStore: uploaded files, batch records and their state machine, in one directory.
+"""BatchStore: uploaded files, batch records and their state machine: records in SQL, bytes on disk.
 
-Serves the ``BatchService`` deployment (a thin shell: one instance, one owner of the
-directory). Calls nothing; owns ``root``:
+Serves the ``BatchService`` deployment (a thin shell: one instance, the one writer of these
+records and bytes). Calls nothing; owns the ``files`` and ``batches`` tables of the run store's
+database (SQLite by default, PostgreSQL when configured; their shape: ``store.migrations``) and
+the directory ``root``:
 
-    root/files/<file_id>.json         a file's record (FileRecord)
     root/files/<file_id>.jsonl        an uploaded file's bytes
     root/uploads/<upload_id>.part     an upload in progress (removed on finish or abort)
-    root/batches/<batch_id>.json      a batch's record (BatchRecord)
     root/batches/<batch_id>/          the batch job's output.jsonl, errors.jsonl, progress.json
 
-Records are small JSON files replaced atomically (write, then rename), read once at start into
-memory: this class is their only writer. Every lookup is scoped to an owner; someone else's id
+Why records in SQL and bytes on disk: the records are what one backup, one retention sweep and
+PostgreSQL must cover with the runs and keys (a PostgreSQL deployment no longer keeps batch state
+only on the head's disk); the bytes are up to 200 MiB per file, written and read in 1 MiB pieces
+by the batch job and the downloads, which a file appends and seeks cheaply and a database row
+would copy whole (PostgreSQL's ``bytea`` is read and written as one value; large objects need
+their own backup and cleanup). A record names its bytes by a path under ``root``; so a backup is
+the database plus ``root`` (docs/operations/state.md).
+
+The BatchService opens its own connection to the database (``database``) rather than asking the
+TaskStore: no extra Ray hop per file or batch call, and no new hand-off between deployments; the
+two touch different tables, and both engines let two owners share one database (SQLite's
+``BEGIN IMMEDIATE`` with a busy timeout, PostgreSQL's row locks). Earlier releases kept each
+record as a JSON file beside its bytes; those are imported once at start and then removed.
+
+Every lookup is scoped to an owner; someone else's id
 answers exactly like an unknown one (404); the owner ``None`` is the admin's view of every owner.
 Directories are 0700 and files 0600. Quotas (``QuotasConfig``) bound what one owner may store and
 run, and how many batches run at all; ``expire`` removes what retention says has expired.
@@ -21,8 +34,8 @@ OpenAI batch status. Methods are synchronous and touch the disk: call them from 
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -35,23 +48,41 @@ from deployments.config import QuotasConfig
 from deployments.core.files import LineCounter
 from deployments.core.retention import Cutoffs, expired_batches, expired_files
 from deployments.errors import Conflict, InvalidRequest, NotFound, Overloaded, QuotaExceeded, RequestTooLarge
-from deployments.schemas import (
-    BatchErrorItem,
-    BatchErrors,
-    BatchProgress,
-    BatchRequestCounts,
-    BatchView,
-    FileView,
+from deployments.schemas import BatchProgress
+from deployments.store.batch_records import (
+    STATUSES,
+    TERMINAL,
+    UNFINISHED,
+    BatchRecord,
+    FileRecord,
+    page,
+    select_batches,
+    select_files,
+    write_batch,
+    write_file,
 )
+from deployments.store.database import Database, Location
+from deployments.store.migrations import DatabaseBacked
 from deployments.store.private import private_dir, write_private
+
+__all__ = [
+    "MAX_JOB_STARTS",
+    "PIECE_BYTES",
+    "STATUSES",
+    "TERMINAL",
+    "BatchRecord",
+    "BatchStore",
+    "FileRecord",
+    "JobState",
+    "advance",
+]
+
+logger = logging.getLogger(__name__)
 
 # The most bytes one handle call carries (a piece of an upload or a download): a quarter of the
 # 4 MiB that one Serve handle call's message may hold (deployments.gateway.files says why).
 PIECE_BYTES = 1024 * 1024
 MAX_JOB_STARTS = 3  # a batch whose job is lost (node or cluster restart) is resumed this often
-COMPLETION_WINDOW_S = 24 * 3600
-TERMINAL = frozenset({"completed", "failed", "cancelled", "expired"})
-STATUSES = ("validating", "in_progress", "cancelling", "completed", "failed", "cancelled", "expired")
 EXIT_SETUP = 3  # jobs.batch.EXIT_SETUP: could not start (no input, no app); retrying will not help
 
 Action = Literal["none", "submit", "finalize"]
@@ -69,80 +100,6 @@ class Upload:
     filename: str
     size: int = 0
     lines: LineCounter = field(default_factory=LineCounter)
-
-
-@dataclass
-class FileRecord:
-    id: str
-    owner: str
-    filename: str
-    purpose: Literal["batch", "batch_output"]
-    bytes: int
-    created_at: int
-    path: str  # relative to the store's root
-    lines: int = 0  # non-blank lines (input files)
-
-    def view(self) -> FileView:
-        return FileView(
-            id=self.id, bytes=self.bytes, created_at=self.created_at, filename=self.filename, purpose=self.purpose
-        )
-
-
-@dataclass
-class BatchRecord:
-    id: str
-    owner: str
-    input_file_id: str
-    endpoint: str
-    completion_window: str
-    created_at: int
-    total: int
-    metadata: dict[str, str] | None = None
-    status: str = "validating"
-    job_id: str | None = None
-    job_starts: int = 0
-    completed: int = 0
-    failed: int = 0
-    tokens: dict[str, int] = field(default_factory=dict)
-    output_file_id: str | None = None
-    error_file_id: str | None = None
-    errors: list[dict[str, Any]] = field(default_factory=list)
-    in_progress_at: int | None = None
-    finalizing_at: int | None = None
-    completed_at: int | None = None
-    failed_at: int | None = None
-    cancelling_at: int | None = None
-    cancelled_at: int | None = None
-
-    @property
-    def terminal(self) -> bool:
-        return self.status in TERMINAL
-
-    @property
-    def ended_at(self) -> int | None:
-        return self.completed_at or self.failed_at or self.cancelled_at
-
-    def view(self) -> BatchView:
-        return BatchView(
-            id=self.id,
-            endpoint=self.endpoint,
-            input_file_id=self.input_file_id,
-            completion_window=self.completion_window,
-            status=self.status,
-            output_file_id=self.output_file_id,
-            error_file_id=self.error_file_id,
-            errors=BatchErrors(data=[BatchErrorItem(**e) for e in self.errors]) if self.errors else None,
-            created_at=self.created_at,
-            in_progress_at=self.in_progress_at,
-            expires_at=self.created_at + COMPLETION_WINDOW_S,
-            finalizing_at=self.finalizing_at,
-            completed_at=self.completed_at,
-            failed_at=self.failed_at,
-            cancelling_at=self.cancelling_at,
-            cancelled_at=self.cancelled_at,
-            request_counts=BatchRequestCounts(total=self.total, completed=self.completed, failed=self.failed),
-            metadata=self.metadata,
-        )
 
 
 @dataclass(frozen=True)
@@ -194,9 +151,14 @@ def advance(batch: BatchRecord, job: JobState | None, progress: BatchProgress | 
     return "finalize"
 
 
-class BatchStore:
+class BatchStore(DatabaseBacked):
+    """Files and batches: records in the database at ``database`` (a SQLite path, a PostgreSQL URL
+    or an open ``Database``; by default a SQLite file in ``root``, for tests: the BatchService
+    passes the run store's), bytes under ``root``."""
+
     def __init__(
-        self, root: Path, max_file_bytes: int | None = None, quotas: QuotasConfig | None = None
+        self, root: Path, max_file_bytes: int | None = None, quotas: QuotasConfig | None = None,
+        database: Location | Database | None = None,
     ) -> None:
         self.root = root
         self.quotas = quotas or QuotasConfig()
@@ -205,32 +167,72 @@ class BatchStore:
         for sub in ("files", "uploads", "batches"):
             private_dir(root / sub)
         os.chmod(root, 0o700)
+        super().__init__(database if database is not None else root / "batches.sqlite3")
         for stale in (root / "uploads").glob("*.part"):
             stale.unlink()  # uploads do not survive a restart: their clients got an error
-        self.files: dict[str, FileRecord] = {r.id: r for r in self._load(root / "files", FileRecord)}
-        self.batches: dict[str, BatchRecord] = {r.id: r for r in self._load(root / "batches", BatchRecord)}
         self.uploads: dict[str, Upload] = {}
+        self.import_json_records()
 
-    @staticmethod
-    def _load(directory: Path, cls: Any) -> list[Any]:
-        records = []
-        for path in sorted(directory.glob("*.json")):
-            records.append(cls(**json.loads(path.read_text())))
-        return records
+    def import_json_records(self) -> int:
+        """Move the JSON records an earlier release kept in ``root`` into the database, once.
 
-    def _save(self, directory: str, record: FileRecord | BatchRecord) -> None:
-        path = self.root / directory / f"{record.id}.json"
-        tmp = path.with_suffix(".json.tmp")
-        write_private(tmp, json.dumps(dataclasses.asdict(record)).encode())
-        os.replace(tmp, path)
+        All in one transaction, then the JSON files are removed; a crash between the two imports
+        them again on the next start, which changes nothing (an id already stored is kept).
+        Returns how many records were imported."""
+        found = [(path, "files") for path in sorted((self.root / "files").glob("*.json"))]
+        found += [(path, "batches") for path in sorted((self.root / "batches").glob("*.json"))]
+        if not found:
+            return 0
+        with self._db.transaction() as tx:
+            for path, kind in found:
+                fields = json.loads(path.read_text())
+                if kind == "files":
+                    write_file(tx, FileRecord(**fields), replace=False)
+                else:
+                    write_batch(tx, BatchRecord(**fields), replace=False)
+        for path, _ in found:
+            path.unlink()
+        for stale in [*(self.root / "files").glob("*.json.tmp"), *(self.root / "batches").glob("*.json.tmp")]:
+            stale.unlink()  # an earlier release's write that never finished
+        logger.warning("imported %d file and batch records from %s into the database", len(found), self.root)
+        return len(found)
+
+    def _files_where(self, condition: str, *args: Any) -> list[FileRecord]:
+        with self._db.autocommit() as tx:
+            return select_files(tx, condition, *args)
+
+    def _batches_where(self, condition: str, *args: Any) -> list[BatchRecord]:
+        with self._db.autocommit() as tx:
+            return select_batches(tx, condition, *args)
+
+    @property
+    def files(self) -> dict[str, FileRecord]:
+        """Every file record by id (tests and tools; the service reads by query)."""
+        return {r.id: r for r in self._files_where("")}
+
+    @property
+    def batches(self) -> dict[str, BatchRecord]:
+        """Every batch record by id (tests and tools; the service reads by query)."""
+        return {r.id: r for r in self._batches_where("")}
+
+    def count_by_status(self) -> dict[str, int]:
+        with self._db.autocommit() as tx:
+            rows = tx.rows("SELECT status, COUNT(*) AS n FROM batches GROUP BY status")
+        return {r["status"]: int(r["n"]) for r in rows}
+
+    def all_unfinished(self) -> list[BatchRecord]:
+        """Every owner's unfinished batches (at most ``quotas.max_batches``), oldest first."""
+        return self._batches_where(f"WHERE {UNFINISHED} ORDER BY created_at, id")
 
     # -- quotas -----------------------------------------------------------------------------
 
     def stored(self, owner: str) -> tuple[int, int]:
         """Files and bytes ``owner`` holds, uploads in progress included."""
-        files = [r.bytes for r in self.files.values() if r.owner == owner]
+        with self._db.autocommit() as tx:
+            row = tx.one("SELECT COUNT(*) AS n, COALESCE(SUM(bytes), 0) AS size FROM files WHERE owner = ?", owner)
+        assert row is not None
         uploads = [upload.size for upload in self.uploads.values() if upload.owner == owner]
-        return len(files) + len(uploads), sum(files) + sum(uploads)
+        return int(row["n"]) + len(uploads), int(row["size"]) + sum(uploads)
 
     def _check_files_quota(self, owner: str) -> None:
         count, _ = self.stored(owner)
@@ -242,7 +244,7 @@ class BatchStore:
             )
 
     def _check_batch_quota(self, owner: str) -> None:
-        running = [b for b in self.batches.values() if not b.terminal]
+        running = self.all_unfinished()
         mine = sum(1 for b in running if b.owner == owner)
         if mine >= self.quotas.max_batches_per_key:
             raise QuotaExceeded(
@@ -296,8 +298,8 @@ class BatchStore:
         )
         record.path = f"files/{record.id}.jsonl"
         os.replace(part, self.root / record.path)
-        self._save("files", record)
-        self.files[record.id] = record
+        with self._db.transaction() as tx:
+            write_file(tx, record)
         return record
 
     def abort_upload(self, upload_id: str) -> None:
@@ -306,10 +308,10 @@ class BatchStore:
 
     def get_file(self, owner: str | None, file_id: str, param: str = "file_id") -> FileRecord:
         """The file, if ``owner`` owns it (anyone's for ``None``: the admin's console)."""
-        record = self.files.get(file_id)
-        if record is None or (owner is not None and record.owner != owner):
+        found = self._files_where("WHERE id = ?", file_id)
+        if not found or (owner is not None and found[0].owner != owner):
             raise NotFound(f"No file with id '{file_id}'.", param=param)
-        return record
+        return found[0]
 
     def read_file(self, owner: str | None, file_id: str, offset: int, size: int) -> bytes:
         """Up to ``min(size, PIECE_BYTES)`` bytes of the file from ``offset``.
@@ -327,13 +329,16 @@ class BatchStore:
     def list_files(
         self, owner: str, purpose: str | None, limit: int, after: str | None
     ) -> tuple[list[FileRecord], bool]:
-        mine = [r for r in self.files.values() if r.owner == owner and purpose in (None, r.purpose)]
-        return _page(sorted(mine, key=lambda r: (-r.created_at, r.id)), limit, after)
+        where, args = "WHERE owner = ?", [owner]
+        if purpose is not None:
+            where, args = where + " AND purpose = ?", [*args, purpose]
+        with self._db.autocommit() as tx:
+            return page(tx, select_files, where, args, limit, after)
 
     def delete_file(self, owner: str, file_id: str) -> None:
         record = self.get_file(owner, file_id)
-        for batch in self.batches.values():
-            if not batch.terminal and file_id in (batch.input_file_id, batch.output_file_id):
+        for batch in self.all_unfinished():
+            if file_id in (batch.input_file_id, batch.output_file_id):
                 raise Conflict(f"The file '{file_id}' is in use by the batch '{batch.id}'.", param="file_id")
         self._remove_file(record)
 
@@ -366,29 +371,30 @@ class BatchStore:
         """Absolute paths the batch job reads and writes."""
         work = self.batch_dir(batch.id)
         return {
-            "input": self.root / self.files[batch.input_file_id].path,
+            "input": self.root / self.get_file(None, batch.input_file_id).path,
             "output": work / "output.jsonl",
             "errors": work / "errors.jsonl",
             "progress": work / "progress.json",
         }
 
     def save_batch(self, batch: BatchRecord) -> None:
-        self._save("batches", batch)
-        self.batches[batch.id] = batch
+        with self._db.transaction() as tx:
+            write_batch(tx, batch)
 
     def get_batch(self, owner: str | None, batch_id: str) -> BatchRecord:
         """``owner``'s batch (any owner's for ``None``, the admin); otherwise ``NotFound``."""
-        batch = self.batches.get(batch_id)
-        if batch is None or owner not in (None, batch.owner):
+        found = self._batches_where("WHERE id = ?", batch_id)
+        if not found or owner not in (None, found[0].owner):
             raise NotFound(f"No batch with id '{batch_id}'.", param="batch_id")
-        return batch
+        return found[0]
 
     def list_batches(self, owner: str | None, limit: int, after: str | None) -> tuple[list[BatchRecord], bool]:
-        mine = [b for b in self.batches.values() if owner in (None, b.owner)]
-        return _page(sorted(mine, key=lambda b: (-b.created_at, b.id)), limit, after)
+        where, args = ("WHERE owner = ?", [owner]) if owner is not None else ("WHERE 1 = 1", [])
+        with self._db.autocommit() as tx:
+            return page(tx, select_batches, where, args, limit, after)
 
     def unfinished_batches(self, owner: str) -> list[BatchRecord]:
-        return [b for b in self.batches.values() if b.owner == owner and not b.terminal]
+        return [b for b in self.all_unfinished() if b.owner == owner]
 
     def read_progress(self, batch: BatchRecord) -> BatchProgress | None:
         try:
@@ -399,6 +405,7 @@ class BatchStore:
     def finalize(self, batch: BatchRecord, now: int | None = None) -> None:
         """Register the job's output (always) and error file (if it has lines) as files of the owner."""
         paths = self.job_paths(batch)
+        made: list[FileRecord] = []
         for kind, path in (("output", paths["output"]), ("errors", paths["errors"])):
             path.touch()
             path.chmod(0o600)  # the job wrote it with its umask's mode
@@ -410,42 +417,48 @@ class BatchStore:
                 purpose="batch_output", bytes=size, created_at=now or int(time.time()),
                 path=str(path.relative_to(self.root)),
             )
-            self._save("files", record)
-            self.files[record.id] = record
+            made.append(record)
             if kind == "output":
                 batch.output_file_id = record.id
             else:
                 batch.error_file_id = record.id
-        self.save_batch(batch)
+        with self._db.transaction() as tx:  # the batch ends and its files appear together
+            for record in made:
+                write_file(tx, record)
+            write_batch(tx, batch)
 
 
     # -- retention ----------------------------------------------------------------------------
 
     def expire(self, cutoffs: Cutoffs) -> tuple[int, int]:
         """Remove expired files and finished batches (records and bytes); returns how many of each."""
-        file_ids = expired_files(list(self.files.values()), list(self.batches.values()), cutoffs)
+        # The candidates come from the indexes (created before the cutoff; ended batches); which of
+        # them expire is core.retention's rule.
+        before = cutoffs.files_before
+        unfinished = self.all_unfinished()
+        old_files = self._files_where("WHERE created_at < ?", before)
+        file_ids = expired_files(old_files, unfinished, cutoffs)
+        by_id = {r.id: r for r in old_files}
         for file_id in file_ids:
-            self._remove_file(self.files[file_id])
-        batch_ids = expired_batches(list(self.batches.values()), cutoffs)
+            self._remove_file(by_id[file_id])
+        ended = self._batches_where(f"WHERE NOT ({UNFINISHED}) AND created_at < ?", before)
+        batch_ids = expired_batches(ended, cutoffs)
+        ended_by_id = {b.id: b for b in ended}
+        removed = set(file_ids)
         for batch_id in batch_ids:
-            batch = self.batches.pop(batch_id)
+            batch = ended_by_id[batch_id]
             for output_id in (batch.output_file_id, batch.error_file_id):
-                if output_id is not None and output_id in self.files:
-                    self._remove_file(self.files[output_id])  # its bytes live in the batch's directory
-            (self.root / "batches" / f"{batch_id}.json").unlink(missing_ok=True)
+                if output_id is not None and output_id not in removed:
+                    for output in self._files_where("WHERE id = ?", output_id):
+                        self._remove_file(output)  # its bytes live in the batch's directory
+            with self._db.transaction() as tx:
+                tx.run("DELETE FROM batches WHERE id = ?", batch_id)
             shutil.rmtree(self.batch_dir(batch_id), ignore_errors=True)
         return len(file_ids), len(batch_ids)
 
     def _remove_file(self, record: FileRecord) -> None:
-        del self.files[record.id]
-        (self.root / "files" / f"{record.id}.json").unlink(missing_ok=True)
+        # The record first: a crash between the two leaves bytes nobody names, never a record
+        # whose bytes are gone.
+        with self._db.transaction() as tx:
+            tx.run("DELETE FROM files WHERE id = ?", record.id)
         (self.root / record.path).unlink(missing_ok=True)
-
-
-def _page(records: list[Any], limit: int, after: str | None) -> tuple[list[Any], bool]:
-    start = 0
-    if after is not None:
-        ids = [r.id for r in records]
-        start = ids.index(after) + 1 if after in ids else len(records)
-    page = records[start : start + limit]
-    return page, start + limit < len(records)

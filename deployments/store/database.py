@@ -1,6 +1,6 @@
 """The one seam between the stores and their database: SQLite or PostgreSQL.
 
-``TaskStore`` and ``KeyStore`` hold all the logic (state machine, leases, idempotency, paging)
+The stores (``store.migrations.DatabaseBacked``) hold all the logic (state machine, leases, idempotency, paging)
 once, written against ``Database``; a backend only supplies connections, transactions and the
 few words of SQL in which the two engines differ (``Dialect``).
 
@@ -19,14 +19,13 @@ from __future__ import annotations
 
 import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Protocol, Self
+from typing import Any, Protocol
 
 from deployments.config import is_postgres_url
 
-__all__ = ["Database", "DatabaseBacked", "Dialect", "Location", "Row", "Tx", "open_database"]
+__all__ = ["Database", "Dialect", "Location", "Row", "Tx", "open_database"]
 
 Row = dict[str, Any]
 Location = str | os.PathLike[str]
@@ -93,37 +92,3 @@ def open_database(location: Location) -> Database:
     from deployments.store.sqlite import SqliteDatabase
 
     return SqliteDatabase(location)
-
-
-class DatabaseBacked:
-    """Base of the stores: a ``Database`` opened from a location (and closed with the store) or
-    shared with another store (and left open), and the store's tables created in it."""
-
-    def __init__(self, location: Location | Database, schema: Callable[[Dialect], list[str]]) -> None:
-        self._owns_db = not isinstance(location, Database)
-        self._db = open_database(location) if not isinstance(location, Database) else location
-        try:
-            with self._db.schema_transaction() as tx:
-                for statement in schema(self._db.dialect):
-                    tx.run(statement)
-                self._check_schema(tx)
-        except BaseException:
-            self.close()
-            raise
-
-    def _check_schema(self, tx: Tx) -> None:
-        """Hook run in the schema transaction after the tables exist (schema version checks)."""
-
-    @property
-    def database(self) -> Database:
-        return self._db
-
-    def close(self) -> None:
-        if self._owns_db:
-            self._db.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

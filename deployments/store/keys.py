@@ -14,9 +14,9 @@ then id; either direction) after a key id, as OpenAI's admin key list pages; usa
 
 A key's ``weight`` is its share of a model budget when keys wait for it
 together (``core.fairshare``). A key's ``scope`` is ``tenant`` (the API's normal use) or
-``prompts`` (also manages tasks: check, push, roll back, history; issue 14). Databases made
-before these existed get the columns (weight 1, scope tenant) when a store opens them:
-``ADD COLUMN`` on both engines.
+``prompts`` (also manages tasks: check, push, roll back, history; issue 14). The tables
+(``api_keys``, ``usage``, ``key_version``, ``key_tokens``, ``console_signouts``) are made and
+migrated by ``store.migrations``.
 """
 
 from __future__ import annotations
@@ -31,7 +31,8 @@ from typing import Any
 
 from deployments.errors import InvalidRequest, NotFound
 from deployments.store import usage as usage_rows
-from deployments.store.database import Database, DatabaseBacked, Dialect, Location, Row, Tx
+from deployments.store.database import Database, Location, Row, Tx
+from deployments.store.migrations import DatabaseBacked
 from deployments.store.records import UsageRecord, check_text
 
 KEY_PREFIX = "pf-"
@@ -43,49 +44,6 @@ _KEY_ID = re.compile(r"key_[0-9a-f]{16}")
 # (``metering.Meter(anonymous=...)``); it is no key id, but its usage can be read like one.
 ANONYMOUS_OWNER = "anonymous"
 _KEY_HASH = re.compile(r"[0-9a-f]{64}")
-
-
-def schema(d: Dialect) -> list[str]:
-    return [
-        f"""CREATE TABLE IF NOT EXISTS api_keys (
-            id            {d.text} PRIMARY KEY,
-            name          {d.text} NOT NULL,
-            key_hash      {d.text} NOT NULL UNIQUE,   -- sha256 hex of the plain key; the key is never stored
-            hint          {d.text} NOT NULL,          -- last 4 characters, to tell keys apart in listings
-            created_at    DOUBLE PRECISION NOT NULL,
-            revoked_at    DOUBLE PRECISION,
-            rpm           BIGINT,
-            tpm           BIGINT,
-            token_budget  BIGINT,
-            weight        DOUBLE PRECISION NOT NULL DEFAULT 1,
-            scope         {d.text} NOT NULL DEFAULT 'tenant'
-        )""",
-        f"""CREATE TABLE IF NOT EXISTS usage (
-            key_id             {d.text} NOT NULL,
-            model              {d.text} NOT NULL,
-            day                {d.text} NOT NULL,     -- UTC date, YYYY-MM-DD
-            requests           BIGINT NOT NULL DEFAULT 0,
-            prompt_tokens      BIGINT NOT NULL DEFAULT 0,
-            completion_tokens  BIGINT NOT NULL DEFAULT 0,
-            total_tokens       BIGINT NOT NULL DEFAULT 0,
-            PRIMARY KEY (key_id, model, day)
-        )""",
-        # One row: bumped by every create and revoke, so a Gateway replica's key index asks
-        # "did anything change?" with one primary-key read.
-        """CREATE TABLE IF NOT EXISTS key_version (
-            id       INTEGER PRIMARY KEY CHECK (id = 1),
-            version  BIGINT NOT NULL
-        )""",
-        # Console sessions signed out before they expired (``deployments.console.session``): kept until
-        # they would have expired, so a copied cookie is refused by every Gateway.
-        f"""CREATE TABLE IF NOT EXISTS console_signouts (
-            session_id  {d.text} PRIMARY KEY,
-            expires_at  DOUBLE PRECISION NOT NULL
-        )""",
-        # The listing's order: a page of keys is one index range, however many keys there are.
-        "CREATE INDEX IF NOT EXISTS api_keys_by_created ON api_keys (created_at, id)",
-        *usage_rows.INDEXES,
-    ]
 
 
 _KEY_COLUMNS = "SELECT id, name, key_hash, hint, created_at, revoked_at, rpm, tpm, token_budget, weight, scope"
@@ -149,22 +107,7 @@ class KeyStore(DatabaseBacked):
     ``TaskStore``."""
 
     def __init__(self, location: Location | Database) -> None:
-        super().__init__(location, schema)
-
-    def _check_schema(self, tx: Tx) -> None:
-        tx.run("INSERT INTO key_version (id, version) VALUES (1, 0) ON CONFLICT (id) DO NOTHING")
-        # Migrations: `weight` and `scope` came after the first release of the table.
-        columns = {"weight": "DOUBLE PRECISION NOT NULL DEFAULT 1", "scope": "TEXT NOT NULL DEFAULT 'tenant'"}
-        if self._db.dialect.name == "postgresql":
-            for column, ddl in columns.items():
-                tx.run(f"ALTER TABLE api_keys ADD COLUMN IF NOT EXISTS {column} {ddl}")
-        else:
-            present = {row["name"] for row in tx.rows("PRAGMA table_info(api_keys)")}
-            for column, ddl in columns.items():
-                if column not in present:
-                    tx.run(f"ALTER TABLE api_keys ADD COLUMN {column} {ddl}")
-        # And the per-key token totals, filled from the usage so far (``store.usage``).
-        usage_rows.add_key_tokens(tx, self._db.dialect)
+        super().__init__(location)
 
     @staticmethod
     def _bump(tx: Tx) -> None:

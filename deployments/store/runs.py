@@ -3,7 +3,7 @@
 Serves the TaskStore deployment (``task_store.TaskStore``, a thin shell around this
 class). The Gateway creates, reads, lists and cancels runs through it; workers claim runs under
 a lease, renew the lease, and complete, fail or release them. Calls nothing; owns the ``runs``
-and ``schema_version`` tables of its ``Database``.
+table of its ``Database`` (its shape: ``store.migrations``).
 
 Durability contract (docs/architecture.md, "Durability"): ``create_run`` has committed durably (SQLite: WAL fsynced with
 ``synchronous=FULL``; PostgreSQL: the server's WAL flush) before it returns, so the 202 the
@@ -34,7 +34,8 @@ from typing import Any
 
 from deployments.core.runstate import RunEvent, RunState, RunStatus, transition
 from deployments.errors import Conflict, InvalidRequest
-from deployments.store.database import Database, DatabaseBacked, Dialect, Location, Tx
+from deployments.store.database import Database, Location, Tx
+from deployments.store.migrations import DatabaseBacked
 from deployments.store.records import (
     COLUMNS,
     JSON_COLUMNS,
@@ -51,19 +52,12 @@ from deployments.store.records import (
     run_not_found,
 )
 
-__all__ = ["MAX_LIST_LIMIT", "SCHEMA_VERSION", "QueueStats", "RunMove", "RunStore"]
+__all__ = ["EXPIRE_STEP", "MAX_LIST_LIMIT", "QueueStats", "RunMove", "RunStore"]
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
-# Statements that bring a database of version N - 1 to version N (index N - 2).
-MIGRATIONS: list[list[str]] = [
-    # 2: a released run's "not before" time (a retryable failure backs off in the queue).
-    ["ALTER TABLE runs ADD COLUMN available_at DOUBLE PRECISION"],
-    # 3: the id of the request that submitted the run (X-Request-ID; empty for older runs).
-    ["ALTER TABLE runs ADD COLUMN request_id TEXT"],
-]
 MAX_LIST_LIMIT = 1000
+EXPIRE_STEP = 1000  # rows per retention call: one call holds the database briefly
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,56 +76,6 @@ class QueueStats:
 
     by_status: dict[str, int]
     oldest_queued_age_s: float
-
-
-def schema(d: Dialect) -> list[str]:
-    # DOUBLE PRECISION: an exact Python float in both engines (SQLite reads it as REAL).
-    return [
-        "CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)",
-        f"""CREATE TABLE IF NOT EXISTS runs (
-            seq              {d.serial_key},  -- queue order (ids are random)
-            id               {d.text} NOT NULL UNIQUE,
-            task             {d.text} NOT NULL,
-            owner            {d.text} NOT NULL,
-            status           {d.text} NOT NULL CHECK (status IN
-                                 ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
-            input            {d.text} NOT NULL,   -- JSON
-            request_hash     {d.text} NOT NULL,   -- sha256 of canonical JSON of (task, input)
-            idempotency_key  {d.text},
-            result           {d.text},            -- JSON
-            error            {d.text},            -- JSON: the client-safe error object
-            usage            {d.text},            -- JSON
-            attempt          INTEGER NOT NULL DEFAULT 0,
-            created_at       DOUBLE PRECISION NOT NULL,
-            started_at       DOUBLE PRECISION,
-            finished_at      DOUBLE PRECISION,
-            updated_at       DOUBLE PRECISION NOT NULL,
-            lease_token      {d.text},
-            lease_expires_at DOUBLE PRECISION,
-            worker_id        {d.text},
-            available_at     DOUBLE PRECISION,    -- a queued run is not claimed before this time
-            request_id       {d.text}             -- the submitting request's id (logs, X-Request-ID)
-        )""",
-        "CREATE UNIQUE INDEX IF NOT EXISTS runs_idempotency ON runs (owner, idempotency_key)"
-        " WHERE idempotency_key IS NOT NULL",
-        "CREATE INDEX IF NOT EXISTS runs_by_status ON runs (status, seq)",
-        "CREATE INDEX IF NOT EXISTS runs_by_owner ON runs (owner, created_at, id)",
-        # The admin's listings (every owner, newest first, maybe by status or task): keyset pages
-        # read one index range each, however many runs the store holds.
-        "CREATE INDEX IF NOT EXISTS runs_by_created ON runs (created_at, id)",
-        "CREATE INDEX IF NOT EXISTS runs_by_status_created ON runs (status, created_at, id)",
-        "CREATE INDEX IF NOT EXISTS runs_by_task_created ON runs (task, created_at, id)",
-    ]
-
-
-def _add_column(tx: Tx, dialect: Dialect, name: str, sql_type: str) -> None:
-    """A column added beside the schema version's migrations, like ``api_keys.weight``, so databases of
-    any version gain it once: ``task_version``, the task version a run is pinned to (issue 14; empty for
-    runs queued before), and ``messages``, what a succeeded run's first model call was sent (issue 19)."""
-    if dialect.name == "postgresql":
-        tx.run(f"ALTER TABLE runs ADD COLUMN IF NOT EXISTS {name} {sql_type}")
-    elif not any(row["name"] == name for row in tx.rows("PRAGMA table_info(runs)")):
-        tx.run(f"ALTER TABLE runs ADD COLUMN {name} {sql_type}")
 
 
 _WRITTEN_AS_JSON = JSON_COLUMNS | {"messages"}
@@ -158,24 +102,9 @@ class RunStore(DatabaseBacked):
         self.max_attempts_total = max_attempts_total
         self.observer = observer
         self._moves = threading.local()  # the status changes of the transaction in progress, per thread
-        super().__init__(location, schema)
+        super().__init__(location)
         dialect = self._db.dialect
         self._lock_rows, self._claim_rows = dialect.lock_rows, dialect.claim_rows
-
-    def _check_schema(self, tx: Tx) -> None:
-        row = tx.one("SELECT MAX(version) AS version FROM schema_version")
-        version = None if row is None else row["version"]
-        if version is None:
-            tx.run("INSERT INTO schema_version (version) VALUES (?)", SCHEMA_VERSION)
-        elif version > SCHEMA_VERSION:
-            raise RuntimeError(f"{self._db.location}: schema version {version} is newer than {SCHEMA_VERSION}")
-        elif version < SCHEMA_VERSION:
-            for statements in MIGRATIONS[version - 1 :]:
-                for statement in statements:
-                    tx.run(statement)
-            tx.run("UPDATE schema_version SET version = ?", SCHEMA_VERSION)
-        _add_column(tx, self._db.dialect, "task_version", "INTEGER")
-        _add_column(tx, self._db.dialect, "messages", self._db.dialect.text)
 
     def _load(self, tx: Tx, run_id: str, owner: str | None = None, *, lock: bool = False) -> RunRecord:
         sql, args = f"SELECT {COLUMNS} FROM runs WHERE id = ?", [run_id]
@@ -529,7 +458,7 @@ class RunStore(DatabaseBacked):
                 self._move(tx, run, RunEvent.CANCEL, now)
         return len(rows)
 
-    def expire(self, finished_before: float, idempotency_before: float, limit: int = 1000) -> tuple[int, int]:
+    def expire(self, finished_before: float, idempotency_before: float, limit: int = EXPIRE_STEP) -> tuple[int, int]:
         """Delete up to ``limit`` runs that finished before ``finished_before``, and forget the
         Idempotency-Keys of up to ``limit`` runs created before ``idempotency_before``.
 

@@ -1,7 +1,8 @@
 """SQLite backend of the stores: one file (WAL, ``synchronous=FULL``), one connection, one lock.
 
-The default: nothing to run, and the file lives on the node of its one owner (the TaskStore
-replica, pinned to the head node). ``":memory:"`` gives a private in-memory database (tests).
+The default: nothing to run, and the file lives on the head node, where its two owners run (the
+TaskStore and the BatchService replicas, each with its own connection; WAL lets them share it).
+``":memory:"`` gives a private in-memory database (tests).
 """
 
 from __future__ import annotations
@@ -60,11 +61,13 @@ class SqliteDatabase(Database):
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         self._conn.row_factory = _dict_row
         self._lock = threading.RLock()
+        # First: the TaskStore and the BatchService open one file, maybe at the same moment, and
+        # switching a new file to WAL takes a lock the other may hold for an instant.
+        self._conn.execute("PRAGMA busy_timeout=5000")
         self._conn.execute("PRAGMA journal_mode=WAL")
         # NORMAL may lose the last commits on power loss; FULL fsyncs the WAL at every commit,
         # which is what "in the store before the client hears 202" needs.
         self._conn.execute("PRAGMA synchronous=FULL")
-        self._conn.execute("PRAGMA busy_timeout=5000")
 
     @contextmanager
     def transaction(self) -> Iterator[_SqliteTx]:

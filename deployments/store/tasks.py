@@ -36,7 +36,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from deployments.errors import Conflict, NotFound
-from deployments.store.database import Database, DatabaseBacked, Dialect, Location, Row, Tx
+from deployments.store.database import Database, Location, Row, Tx
+from deployments.store.migrations import DatabaseBacked
 
 __all__ = [
     "MAX_PUSH_BYTES",
@@ -59,39 +60,6 @@ PAGE_COUNT = 256
 # for the largest definition (tasks.max_definition_bytes <= 2 MiB) and its file (<= 200 kB).
 MAX_PUSH_BYTES = 3 * 1024 * 1024
 _TASK_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")  # TaskDefinition.name: anything else names no task
-
-
-def schema(d: Dialect) -> list[str]:
-    return [
-        f"""CREATE TABLE IF NOT EXISTS task_versions (
-            name          {d.text} NOT NULL,
-            version       INTEGER NOT NULL,
-            content_hash  {d.text} NOT NULL,          -- sha256 of the canonical JSON definition
-            definition    {d.text} NOT NULL,          -- canonical JSON of the parsed definition
-            source        {d.text} NOT NULL,          -- the file text as pushed or deployed
-            author        {d.text} NOT NULL,          -- key id, 'admin', 'anonymous' or 'deploy'
-            created_at    DOUBLE PRECISION NOT NULL,
-            PRIMARY KEY (name, version)
-        )""",
-        f"""CREATE TABLE IF NOT EXISTS task_active (
-            name           {d.text} PRIMARY KEY,
-            version        INTEGER NOT NULL,
-            deployed_hash  {d.text}                   -- content hash of the file the last deploy saw
-        )""",
-        f"""CREATE TABLE IF NOT EXISTS task_activations (
-            seq      {d.serial_key},
-            name     {d.text} NOT NULL,
-            version  INTEGER NOT NULL,
-            action   {d.text} NOT NULL,               -- deploy, push, rollback
-            actor    {d.text} NOT NULL,
-            at       DOUBLE PRECISION NOT NULL,
-            catalogue_version BIGINT                  -- the task_catalogue version it made (0: before pages)
-        )""",
-        """CREATE TABLE IF NOT EXISTS task_catalogue (
-            id       INTEGER PRIMARY KEY CHECK (id = 1),
-            version  BIGINT NOT NULL
-        )""",
-    ]
 
 
 @dataclass(frozen=True)
@@ -174,21 +142,8 @@ class TaskVersionStore(DatabaseBacked):
     """Task versions in the database at ``location``, or in a ``Database`` shared with the other stores."""
 
     def __init__(self, location: Location | Database) -> None:
-        super().__init__(location, schema)
+        super().__init__(location)
         self._lock_rows = self._db.dialect.lock_rows
-
-    def _check_schema(self, tx: Tx) -> None:
-        tx.run("INSERT INTO task_catalogue (id, version) VALUES (1, 0) ON CONFLICT (id) DO NOTHING")
-        # Migration: activations stored before catalogue pages carry no catalogue version. They get 0,
-        # and ties among them go by seq (their order), so the latest is still each task's active one.
-        if self._db.dialect.name == "postgresql":
-            tx.run("ALTER TABLE task_activations ADD COLUMN IF NOT EXISTS catalogue_version BIGINT")
-        elif not any(r["name"] == "catalogue_version" for r in tx.rows("PRAGMA table_info(task_activations)")):
-            tx.run("ALTER TABLE task_activations ADD COLUMN catalogue_version BIGINT")
-        tx.run("UPDATE task_activations SET catalogue_version = 0 WHERE catalogue_version IS NULL")
-        tx.run("CREATE INDEX IF NOT EXISTS task_activations_by_name"
-               " ON task_activations (name, catalogue_version, seq)")
-        tx.run("CREATE INDEX IF NOT EXISTS task_activations_by_catalogue ON task_activations (catalogue_version)")
 
     # -- writing -----------------------------------------------------------------------------
 

@@ -1,6 +1,6 @@
 """Token usage per key, model and UTC day: pages, aggregates and per-key totals (pure SQL over a ``Tx``).
 
-The ``usage`` table (``keys.schema``) gains a row per key, model and day and never loses one, so
+The ``usage`` table (``store.migrations``) gains a row per key, model and day and never loses one, so
 nothing here reads it whole:
 
 - ``page``: rows newest day first, then by key and model, ``limit`` at a time, continued by an
@@ -33,7 +33,7 @@ from datetime import date, timedelta
 from typing import Any
 
 from deployments.errors import InvalidRequest
-from deployments.store.database import Dialect, Row, Tx
+from deployments.store.database import Row, Tx
 from deployments.store.records import check_text
 
 __all__ = [
@@ -41,7 +41,6 @@ __all__ = [
     "CSV_COLUMNS",
     "DEFAULT_LIMIT",
     "MAX_LIMIT",
-    "add_key_tokens",
     "check_day",
     "csv_text",
     "decode_cursor",
@@ -59,10 +58,9 @@ MAX_LIMIT = 1000
 MAX_CHART_DAYS = 366
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 
-# The listing's order, as an index: a page is one range of it, read in order (no sort). With
-# total_tokens in it the charts' sums read the index alone: 14 days of 300,000 rows took 26 ms
-# through the table and 3 ms from the index (bench.console).
-INDEXES = ["CREATE INDEX IF NOT EXISTS usage_by_day ON usage (day DESC, key_id, model, total_tokens)"]
+# The listing's order is the index usage_by_day (store.migrations, step 11): a page is one range
+# of it, read in order (no sort). With total_tokens in it the charts' sums read the index alone:
+# 14 days of 300,000 rows took 26 ms through the table and 3 ms from the index (bench.console).
 
 
 def check_day(value: str, param: str) -> str:
@@ -190,56 +188,3 @@ def today_by_model(tx: Tx, day: str) -> list[Row]:
 
 
 # -- per-key running totals ------------------------------------------------------------------
-
-# SET search_path FROM CURRENT: the function finds key_tokens in the schema it was made in, whatever
-# the search_path of the session that writes usage.
-_PG_FUNCTION = """CREATE OR REPLACE FUNCTION usage_key_tokens() RETURNS trigger LANGUAGE plpgsql
-SET search_path FROM CURRENT AS $$
-BEGIN
-    IF TG_OP IN ('UPDATE', 'DELETE') THEN
-        UPDATE key_tokens SET tokens = tokens - OLD.total_tokens WHERE key_id = OLD.key_id;
-    END IF;
-    IF TG_OP IN ('INSERT', 'UPDATE') THEN
-        INSERT INTO key_tokens (key_id, tokens) VALUES (NEW.key_id, NEW.total_tokens)
-        ON CONFLICT (key_id) DO UPDATE SET tokens = key_tokens.tokens + excluded.tokens;
-    END IF;
-    RETURN NULL;
-END $$"""
-_ADD_NEW = (
-    "INSERT INTO key_tokens (key_id, tokens) VALUES (NEW.key_id, NEW.total_tokens)"
-    " ON CONFLICT (key_id) DO UPDATE SET tokens = key_tokens.tokens + excluded.tokens;"
-)
-_TAKE_OLD = "UPDATE key_tokens SET tokens = tokens - OLD.total_tokens WHERE key_id = OLD.key_id;"
-
-
-def _key_tokens_exists(tx: Tx, dialect: Dialect) -> bool:
-    if dialect.name == "postgresql":  # the schema first on the search_path, like every unqualified name here
-        row = tx.one("SELECT to_regclass('key_tokens') IS NOT NULL AS present")
-        return bool(row and row["present"])
-    return tx.one("SELECT 1 AS present FROM sqlite_master WHERE type = 'table' AND name = 'key_tokens'") is not None
-
-
-def add_key_tokens(tx: Tx, dialect: Dialect) -> bool:
-    """Create ``key_tokens`` and its triggers, filled from the usage so far, unless they exist (a
-    migration: in the schema transaction). True if it created them."""
-    if _key_tokens_exists(tx, dialect):
-        return False
-    tx.run(f"CREATE TABLE key_tokens (key_id {dialect.text} PRIMARY KEY, tokens BIGINT NOT NULL)")
-    # Triggers before the fill: on PostgreSQL creating one locks out writers of usage until this
-    # transaction commits, so no row lands between the fill's read and the triggers (SQLite's
-    # BEGIN IMMEDIATE already excludes every writer).
-    if dialect.name == "postgresql":
-        tx.run(_PG_FUNCTION)
-        tx.run(
-            "CREATE TRIGGER usage_key_tokens AFTER INSERT OR UPDATE OR DELETE ON usage"
-            " FOR EACH ROW EXECUTE FUNCTION usage_key_tokens()"
-        )
-    else:
-        tx.run(f"CREATE TRIGGER usage_key_tokens_insert AFTER INSERT ON usage BEGIN {_ADD_NEW} END")
-        tx.run(
-            "CREATE TRIGGER usage_key_tokens_update AFTER UPDATE OF key_id, total_tokens ON usage"
-            f" BEGIN {_TAKE_OLD} {_ADD_NEW} END"
-        )
-        tx.run(f"CREATE TRIGGER usage_key_tokens_delete AFTER DELETE ON usage BEGIN {_TAKE_OLD} END")
-    tx.run("INSERT INTO key_tokens (key_id, tokens) SELECT key_id, SUM(total_tokens) FROM usage GROUP BY key_id")
-    return True

@@ -317,10 +317,12 @@ def test_status_follows_the_job(tmp_path: Path) -> None:
     assert advance(batch_, JobState("FAILED", exit_code=None), progress, 4) == "finalize"
     assert batch_.status == "failed" and batch_.errors[0]["code"] == "batch_job_failed"
     assert advance(batch_, JobState("SUCCEEDED"), progress, 5) == "none"  # terminal stays terminal
+    store.save_batch(batch_)  # as the BatchService does after each step: records are rows, not shared objects
 
     other = store.create_batch("o", batch_.input_file_id, "/v1/chat/completions", "24h", None)
     other.job_starts = 1
     assert advance(other, JobState("FAILED", exit_code=batch.EXIT_SETUP), None, 1) == "finalize"  # no retry
+    store.save_batch(other)
     third = store.create_batch("o", batch_.input_file_id, "/v1/chat/completions", "24h", None)
     third.status, third.cancelling_at = "cancelling", 5
     assert advance(third, JobState("RUNNING"), None, 6) == "none" and third.status == "cancelling"

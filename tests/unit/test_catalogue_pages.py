@@ -4,7 +4,6 @@ replica's follower moving from one consistent catalogue version to the next."""
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +14,8 @@ import pytest
 from deployments.catalogue import CatalogueFollower, stale_after_s
 from deployments.core.taskdefs import TaskDefinition
 from deployments.core.taskfile import canonical, content_hash
+from deployments.store import open_database
+from deployments.store.migrations import migrate
 from deployments.store.tasks import CatalogueEntry, CataloguePage, TaskVersionStore, VersionInput
 
 
@@ -113,17 +114,25 @@ def test_a_caller_ahead_of_the_store_gets_the_whole_catalogue(store: TaskVersion
 
 def test_activations_from_before_pages_still_name_the_active_versions(tmp_path: Path) -> None:
     path = tmp_path / "old.sqlite3"
-    with TaskVersionStore(path) as versions:
+    with TaskVersionStore(path) as versions:  # the versions a, b deployed; a pushed twice, rolled back to 2
         versions.seed([item("a"), item("b")])
         versions.push([item("a", "two {{ text }}")], author="admin")
         versions.push([item("a", "three {{ text }}")], author="admin")
         versions.rollback("a", 2, actor="admin")
-    conn = sqlite3.connect(path)  # as a database made before catalogue pages
-    conn.execute("DROP INDEX task_activations_by_name")
-    conn.execute("DROP INDEX task_activations_by_catalogue")
-    conn.execute("ALTER TABLE task_activations DROP COLUMN catalogue_version")
-    conn.commit()
-    conn.close()
+        with versions.database.autocommit() as tx:
+            stored = {table: tx.rows(f"SELECT * FROM {table}") for table in ("task_versions", "task_active")}
+            activations = tx.rows("SELECT name, version, action, actor, at FROM task_activations ORDER BY seq")
+    path.unlink()
+    old = open_database(path)  # the same history in a database made before catalogue pages
+    migrate(old, to=12)
+    with old.transaction() as tx:
+        for table, rows in stored.items():
+            for row in rows:
+                tx.run(f"INSERT INTO {table} ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", *row.values())
+        for row in activations:
+            tx.run("INSERT INTO task_activations (name, version, action, actor, at) VALUES (?, ?, ?, ?, ?)",
+                   *row.values())
+    old.close()
     with TaskVersionStore(path) as versions:
         pages, version = all_pages(versions, None)
         assert {n: e.version for n, e in entries(pages).items()} == {"a": 2, "b": 1}

@@ -13,6 +13,7 @@ import pytest
 from deployments.errors import InvalidRequest, NotFound
 from deployments.store import RunStore, open_database
 from deployments.store.keys import KeyStore, hash_key
+from deployments.store.migrations import migrate
 from deployments.store.records import UsageRecord
 
 
@@ -146,14 +147,8 @@ def test_weight_is_stored_and_an_old_table_gets_the_column(location: str) -> Non
     """A database made before keys had a weight: opening it adds the column, old keys weigh 1."""
     database = open_database(location)
     try:
+        migrate(database, to=4)  # the schema before keys had a weight (store.migrations)
         with database.transaction() as tx:
-            tx.run(
-                f"""CREATE TABLE api_keys (
-                    id {database.dialect.text} PRIMARY KEY, name {database.dialect.text} NOT NULL,
-                    key_hash {database.dialect.text} NOT NULL UNIQUE, hint {database.dialect.text} NOT NULL,
-                    created_at DOUBLE PRECISION NOT NULL, revoked_at DOUBLE PRECISION,
-                    rpm BIGINT, tpm BIGINT, token_budget BIGINT)"""
-            )
             tx.run(
                 "INSERT INTO api_keys (id, name, key_hash, hint, created_at) VALUES (?, ?, ?, ?, ?)",
                 "key_00000000000000aa", "old", "0" * 64, "abcd", 1.0,

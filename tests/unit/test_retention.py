@@ -140,7 +140,7 @@ def test_batch_quotas_per_key_and_in_total(tmp_path: Path) -> None:
 def test_admin_scope_sees_every_owners_batches(tmp_path: Path) -> None:
     store = BatchStore(tmp_path)
     batch = store.create_batch("alice", upload(store, "alice", b"{}\n"), "/v1/chat/completions", "24h", None)
-    assert store.get_batch(None, batch.id) is batch
+    assert store.get_batch(None, batch.id) == batch
     with pytest.raises(NotFound):
         store.get_batch("bob", batch.id)
     assert [b.id for b in store.list_batches(None, 10, None)[0]] == [batch.id]
@@ -224,16 +224,21 @@ def test_cancel_queued_ends_only_that_owners_queued_runs(fresh_location: Callabl
         store.close()
 
 
-def test_the_task_store_cleanup_runs_by_itself(tmp_path: Path) -> None:
-    """Built on a running event loop (as a Serve replica builds it), the TaskStore sweeps every
-    ``cleanup_interval_s`` without being asked: a finished run past ``runs_s`` disappears."""
+def test_the_one_retention_job_removes_runs_too(tmp_path: Path) -> None:
+    """Built on a running event loop (as a Serve replica builds it), the BatchService runs the one
+    retention job every ``cleanup_interval_s`` without being asked: a finished run past ``runs_s``
+    disappears from the run store's database, which the BatchService's records share."""
     retention = RetentionConfig(runs_s=0.5, cleanup_interval_s=1)
     config = TasksConfig(state_dir=str(tmp_path), retention=retention)
 
     async def scenario() -> None:
+        from deployments.batch_service import BatchService
+
         service = TaskStore(config)
+        batches = BatchService(config, app_name="test", jobs=NoJobs())
         try:
-            assert service.cleanup is not None
+            assert batches.cleanup is not None
+            assert batches.store.database.location == service.database.location  # one database
             done, _ = unwrap(await service.create_run("t", {}, "alice", None))
             unwrap(await service.cancel(done.id, "alice"))
             waiting, _ = unwrap(await service.create_run("t", {"n": 1}, "alice", None))
@@ -243,8 +248,8 @@ def test_the_task_store_cleanup_runs_by_itself(tmp_path: Path) -> None:
             await until(gone, timeout_s=10, interval_s=0.2, message="the finished run cleaned up")
             assert unwrap(await service.get(waiting.id, "alice")).status == "queued"  # unfinished: kept
         finally:
-            if service.cleanup is not None:
-                service.cleanup.cancel()
+            if batches.cleanup is not None:
+                batches.cleanup.cancel()
             service.database.close()
 
     asyncio.run(scenario())

@@ -54,10 +54,13 @@ def test_each_secret_reaches_only_its_deployment() -> None:
     assert env_of(app, "Gateway") == {"PROMPTFLEET_UPSTREAM_HOSTS": "api.example.com",
                                       "PROMPTFLEET_ADMIN_KEY": "admin-secret"}
     assert env_of(app, "TaskStore")["PROMPTFLEET_DATABASE_URL"] == ENVIRON["PROMPTFLEET_DATABASE_URL"]
+    # The BatchService keeps file and batch records in the same database: the URL, no other secret.
+    assert env_of(app, "BatchService") == {"PROMPTFLEET_UPSTREAM_HOSTS": "api.example.com",
+                                           "PROMPTFLEET_DATABASE_URL": ENVIRON["PROMPTFLEET_DATABASE_URL"]}
     assert env_of(app, "worker-a") == {"PROMPTFLEET_UPSTREAM_HOSTS": "api.example.com",
                                        "UPSTREAM_A_KEY": "upstream-a-secret"}
     assert "UPSTREAM_A_KEY" not in env_of(app, "worker-b")
-    for deployment in ("TaskRunner", "RateLimiter", "BatchService", "worker-local"):
+    for deployment in ("TaskRunner", "RateLimiter", "worker-local"):
         assert not set(SECRETS) & set(env_of(app, deployment).values()), deployment
     gateway = next(d for d in app["deployments"] if d["name"] == "Gateway")
     assert gateway["num_replicas"] == 1 and gateway["ray_actor_options"]["num_cpus"] == 0  # kept

@@ -389,42 +389,6 @@ def test_database_persists_across_reopen(fresh_location: Callable[[], str]) -> N
         database.close()
 
 
-def test_a_version_1_database_is_migrated(fresh_location: Callable[[], str]) -> None:
-    db = fresh_location()
-    with RunStore(db) as store:
-        run = new_run(store)
-    database = open_database(db)
-    with database.transaction() as tx:  # what version 1 looked like: no available_at, no request_id
-        tx.run("ALTER TABLE runs DROP COLUMN available_at")
-        tx.run("ALTER TABLE runs DROP COLUMN request_id")
-        tx.run("UPDATE schema_version SET version = 1")
-    database.close()
-    with RunStore(db) as store:
-        assert store.get(run.id, "alice") == run
-        token = claim_one(store, now=200.0).lease_token
-        assert token is not None and store.release(run.id, token, delay_s=5, now=201.0)
-        assert store.get(run.id, "alice").available_at == 206.0
-        with store.database.autocommit() as tx:
-            assert tx.rows("SELECT version FROM schema_version") == [{"version": SCHEMA_VERSION}]
-
-
-def test_a_version_2_database_gets_the_request_id_column(fresh_location: Callable[[], str]) -> None:
-    db = fresh_location()
-    with RunStore(db) as store:
-        old = new_run(store)
-    database = open_database(db)
-    with database.transaction() as tx:  # what version 2 looked like: no request_id
-        tx.run("ALTER TABLE runs DROP COLUMN request_id")
-        tx.run("UPDATE schema_version SET version = 2")
-    database.close()
-    with RunStore(db) as store:
-        assert store.get(old.id, "alice") == old and old.request_id is None and old.view().request_id is None
-        run, _ = store.create_run(task="t", input={}, owner="alice", idempotency_key=None, request_id="req-7")
-        assert store.get(run.id, "alice").view().request_id == "req-7"
-        with store.database.autocommit() as tx:
-            assert tx.rows("SELECT version FROM schema_version") == [{"version": SCHEMA_VERSION}]
-
-
 def test_a_repeated_submit_keeps_the_first_requests_id(fresh_location: Callable[[], str]) -> None:
     with RunStore(fresh_location()) as store:
         first, _ = store.create_run(task="t", input={}, owner="alice", idempotency_key="k", request_id="req-1")

@@ -17,6 +17,7 @@ import pytest
 from deployments.errors import InvalidRequest
 from deployments.store import open_database
 from deployments.store.keys import MAX_LIST_LIMIT, ApiKey, KeyStore
+from deployments.store.migrations import migrate
 from deployments.store.records import UsageRecord
 from deployments.store.usage import MAX_LIMIT, csv_text
 
@@ -263,19 +264,13 @@ def test_key_totals_follow_every_write_to_usage(store: KeyStore) -> None:
 def test_a_database_from_before_the_totals_gets_them_filled_once(location: str) -> None:
     database = open_database(location)
     try:
-        with KeyStore(database) as store:
-            seed_usage(store)
-            before = summed(store)
-        # As an older release left it: the usage, no totals table and no triggers.
+        migrate(database, to=10)  # as an older release left it: usage, no totals table, no triggers
         with database.transaction() as tx:
-            if database.dialect.name == "postgresql":
-                tx.run("DROP TABLE key_tokens")
-                tx.run("DROP TRIGGER usage_key_tokens ON usage")
-                tx.run("DROP FUNCTION usage_key_tokens")
-            else:
-                for trigger in ("insert", "update", "delete"):
-                    tx.run(f"DROP TRIGGER usage_key_tokens_{trigger}")
-                tx.run("DROP TABLE key_tokens")
+            for n, (key_id, model, day) in enumerate([("key_a", "m1", "1970-01-01"), ("key_a", "m2", "1970-01-02"),
+                                                      ("key_b", "m1", "1970-01-01")]):
+                tx.run("INSERT INTO usage (key_id, model, day, requests, total_tokens) VALUES (?, ?, ?, 1, ?)",
+                       key_id, model, day, 10 + n)
+        before = {"key_a": 10 + 11, "key_b": 12}
         with KeyStore(database) as store:
             assert store.snapshot().tokens_used == before
         with KeyStore(database) as store:  # opened again: filled once, not twice

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sqlite3
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from deployments.core.taskdefs import TaskDefinition
 from deployments.core.taskfile import canonical, content_hash
 from deployments.errors import Conflict, NotFound, Overloaded, TaskNotFound
 from deployments.store import RunStore, open_database
+from deployments.store.migrations import migrate
 from deployments.store.tasks import CataloguePage, TaskVersionStore, VersionInput
 from tests.waiting import until
 
@@ -123,12 +123,11 @@ def test_runs_record_their_task_version(fresh_location: Callable[[], str]) -> No
 
 def test_an_existing_runs_table_gains_the_column(tmp_path: Path) -> None:
     path = tmp_path / "old.sqlite3"
-    with RunStore(path):
-        pass
-    conn = sqlite3.connect(path)
-    conn.execute("ALTER TABLE runs DROP COLUMN task_version")  # as a database made before issue 14
-    conn.commit()
-    conn.close()
+    database = open_database(path)
+    migrate(database, to=6)  # as a database made before issue 14 (store.migrations)
+    with database.transaction() as tx:
+        assert "task_version" not in {r["name"] for r in tx.rows("SELECT name FROM pragma_table_info('runs')")}
+    database.close()
     with RunStore(path) as runs:
         run, _ = runs.create_run(task="t", input={}, owner="a", idempotency_key=None, task_version=2)
         assert runs.get(run.id, "a").task_version == 2
