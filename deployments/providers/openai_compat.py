@@ -34,7 +34,7 @@ from openai import AsyncOpenAI, AsyncStream, DefaultAioHttpClient
 
 from deployments.config import OpenAIModel
 from deployments.core.retry import BackoffPolicy, parse_retry_after
-from deployments.core.tokens import StreamCounter, completion_budget, prompt_tokens
+from deployments.core.tokens import StreamCounter, chat_prompt_tokens, completion_budget
 from deployments.errors import (
     InvalidRequest,
     PromptfleetError,
@@ -182,7 +182,7 @@ class OpenAIProvider:
     def estimate(self, body: dict[str, Any]) -> int:
         """Tokens to book on the model's tpm budget: the prompt, and the output asked for (bounded)."""
         requested = body.get("max_completion_tokens") or body.get("max_tokens")
-        return prompt_tokens(body.get("messages", ())) + completion_budget(requested, self.config.output_limit)
+        return chat_prompt_tokens(body) + completion_budget(requested, self.config.output_limit)
 
     def completion_estimate(self, body: dict[str, Any]) -> int:
         """Tokens to book for a /completions call: the prompts, and the output asked for each (bounded)."""
@@ -192,7 +192,7 @@ class OpenAIProvider:
 
     def stream(self, body: dict[str, Any], share: Share | None = None) -> AsyncIterator[dict[str, Any] | StreamEnd]:
         return self._sse("/chat/completions", body, self.estimate(body),
-                         prompt_tokens(body.get("messages", ())), share)
+                         chat_prompt_tokens(body), share)
 
     def complete_stream(
         self, body: dict[str, Any], share: Share | None = None
