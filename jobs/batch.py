@@ -72,7 +72,6 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from deployments import names
 from deployments.config import MetricsConfig
-from deployments.core import responses
 from deployments.core.requestids import is_sane, new_request_id
 from deployments.core.retry import BackoffPolicy
 from deployments.errors import Overloaded, PromptfleetError
@@ -192,10 +191,11 @@ class ServeBackend:
             payer = await self.meter.account(self.key_id) if self.meter is not None else None
             if isinstance(request, EmbeddingRequest):
                 return await calls.embed(request, payer, wait_s=LINE_WAIT_S, request_id=request_id, background=True)
-            if isinstance(request, ResponseCreate):  # a chat call, in the Responses shape (core.responses)
-                completion = await calls.complete(responses.to_chat(request), payer, wait_s=LINE_WAIT_S,
-                                                  request_id=request_id, background=True, capability="responses")
-                return responses.from_chat(request, completion)
+            if isinstance(request, ResponseCreate):  # forwarded, or made with a chat call (response_calls)
+                from deployments.response_calls import ResponseCalls
+
+                return await ResponseCalls(calls).create(request, payer, wait_s=LINE_WAIT_S, request_id=request_id,
+                                                         background=True)
             if isinstance(request, CompletionRequest):
                 return await calls.text_complete(request, payer, wait_s=LINE_WAIT_S, request_id=request_id,
                                                  background=True)
