@@ -17,8 +17,11 @@ Billing: with ``--key-id`` (the Batches API passes the batch owner's key id — 
 every line is metered to that key like an HTTP request of it: a spent token budget or a revoked
 key fails the remaining lines with a 403/401 error line, the key's rpm/tpm pace the lines (a
 line waits up to ``LINE_WAIT_S`` for its slot), and the tokens land in the key's usage
-(``/v1/usage``), written through the TaskStore. Without ``--key-id`` nothing is metered: the
-job was submitted with the cluster's own credentials (``ray job submit``), i.e. by the operator.
+(``/v1/usage``), written through the TaskStore. Without ``--key-id`` (a batch of the Batches API
+with authentication off, or a ``ray job submit`` with the cluster's own credentials) the lines are
+limited by nothing but the models' own limits, and recorded as the app records calls without a key:
+under ``anonymous`` when its authentication is off (``/v1/usage``, the console), not at all when it is
+on (the operator's own job).
 
 Contract:
 
@@ -176,9 +179,14 @@ class ServeBackend:
                 # The models' configs (fallbacks, output limits) from the workers themselves: this
                 # driver has no copy of the app's arguments.
                 models = await asyncio.gather(*(handle.describe.remote() for handle in workers.values()))
-                if self.key_id is not None:
+                # Lines without a key are recorded as the app records keyless calls: under `anonymous`
+                # with its authentication off, else not at all (the operator's own job). The TaskRunner
+                # knows which (it records keyless task lines the same way).
+                keyless = None if self.key_id is not None else await self.runner.keyless_owner.remote()
+                if self.key_id is not None or keyless is not None:
                     self.meter = Meter(serve.get_deployment_handle(names.TASK_STORE, self.app_name),
-                                       serve.get_deployment_handle(names.RATE_LIMITER, self.app_name))
+                                       serve.get_deployment_handle(names.RATE_LIMITER, self.app_name),
+                                       anonymous=keyless)
                 self.calls = ModelCalls(models, HandleTransport(workers), self.meter, self.metrics)
             return self.calls
 
