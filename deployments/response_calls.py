@@ -86,8 +86,8 @@ class ResponseCalls:
         if len(forwarding) < len(chain):
             plan.chat = _or_none(lambda: responses.to_chat(body), raise_it=chain[0] not in forwarding)
         plan.chain = [m for m in chain if (plan.body if m in forwarding else plan.chat) is not None]
-        plan.prompt = response_prompt_tokens(plan.body if plan.body is not None else
-                                             body.model_dump(exclude_none=True, by_alias=True))
+        # The forwarded body's own estimate, else the translated request's (no second dump of the body).
+        plan.prompt = response_prompt_tokens(plan.body) if plan.body is not None else chat_prompt_tokens(plan.chat)
         return plan
 
     def estimate(self, body: ResponseCreate, plan: Plan) -> int:

@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from jobs import batch
-from tests.fixtures import ServeApp
+from tests.fixtures import ADMIN_KEY, ServeApp
 from tests.jobs.test_batch_cluster import job_logs
 from tests.serve.test_tenant_metering import client, eventually, job_agent_ready, new_key, spend_budget, usage
 
@@ -178,3 +178,20 @@ def test_keyless_batch_lines_are_recorded_when_auth_is_off(app: ServeApp, tmp_pa
     assert done.request_counts.completed == 3, job_logs(app, created.id)
     eventually(lambda: grew_by(app, "fake-short", before["fake-short"], 2), what="the batch's chat usage")
     eventually(lambda: grew_by(app, "fake-responses", before["fake-responses"], 2), what="the batch's responses")
+
+
+def test_a_keyless_job_on_an_app_with_auth_on_is_the_operators_and_unrecorded(app: ServeApp,
+                                                                              tmp_path: Path) -> None:
+    """The other side: with authentication on, `ray job submit` without --key-id is the operator's own job
+    (the cluster's credentials), and its lines are recorded for nobody — as the admin's HTTP calls."""
+    lines = [line(f"c{i}", "/v1/chat/completions", {"model": "fake", "messages": [{"role": "user", "content": "hi"}]})
+             for i in range(2)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(item) + "\n" for item in lines))
+    code = batch.main(["--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"),
+                       "--app", "promptfleet-auth", "--progress-every", "5"])
+    assert code == 0
+    out = [json.loads(o) for o in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [o["response"]["status_code"] for o in out] == [200, 200]
+    rows = httpx.get(f"{app.auth_base_url}/usage", params={"key_id": "anonymous"}, timeout=30,
+                     headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    assert rows.status_code == 200 and rows.json()["data"] == []
