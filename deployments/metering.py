@@ -26,7 +26,8 @@ so it works the same in any process:
   failed or was cancelled gives its booking back with ``refund``.
 
 A budget can therefore be overrun by what the calls let in last spend beyond their estimates (the
-estimate counts the messages' text, not a chat template's tokens), in each process, and by what other
+estimate counts the messages' text and the tools' and output format's schemas, not a chat template's
+tokens; ``core.tokens``), in each process, and by what other
 processes recorded within the last second or so (each process holds only its own calls).
 """
 

@@ -53,7 +53,7 @@ from deployments import request_ids
 from deployments.clients.failures import WORKER_GONE, overloaded, unavailable
 from deployments.config import Capability, ModelConfig
 from deployments.core.capabilities import require_capability
-from deployments.core.tokens import StreamCounter, completion_budget, prompt_tokens, reply_tokens
+from deployments.core.tokens import StreamCounter, chat_prompt_tokens, completion_budget, reply_tokens
 from deployments.errors import InvalidRequest, ModelNotFound, PromptfleetError
 from deployments.metering import KeyEntry, Meter
 from deployments.schemas import ChatCompletionRequest, ChatReply, ModelCall, Share, StreamEnd, Usage
@@ -174,7 +174,7 @@ class ModelCalls:
     def estimate(self, request: ChatCompletionRequest) -> int:
         """Tokens booked on a key's tpm before the call: bounded by the model's output limit, per choice."""
         limit = self.models[request.model].output_limit
-        return prompt_tokens(request.messages) + request.n * completion_budget(request.effective_max_tokens, limit)
+        return chat_prompt_tokens(request) + request.n * completion_budget(request.effective_max_tokens, limit)
 
     async def _admit(self, payer: KeyEntry | None, tokens: int, wait_s: float) -> int:
         if self.meter is None:
@@ -288,7 +288,7 @@ class ModelCalls:
             self._refund(payer, booked)
             raise
         self.metrics.first_token(model, time.monotonic() - started)
-        return self._relay(chunks, first, model, lambda: prompt_tokens(request.messages), payer, booked)
+        return self._relay(chunks, first, model, lambda: chat_prompt_tokens(request), payer, booked)
 
     async def _open(
         self, chain: list[str], build: Callable[[str], Any], open_stream: Callable[[str, Any], WorkerStream]
@@ -445,7 +445,7 @@ def _body_usage(answer: dict[str, Any], estimate: int) -> Usage:
 
 def counted(request: ChatCompletionRequest, completion_tokens: int) -> Usage:
     """Usage counted on our side (the provider gave none): prompt estimate plus ``completion_tokens``."""
-    return estimated(prompt_tokens(request.messages), completion_tokens)
+    return estimated(chat_prompt_tokens(request), completion_tokens)
 
 
 def estimated(prompt: int, completion_tokens: int) -> Usage:

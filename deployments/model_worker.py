@@ -1,8 +1,9 @@
 """ModelWorker: one autoscaling Serve deployment per configured model.
 
 Serves: ``chat(call)`` and ``chat_stream(call)`` (a streaming handle method); ``embed(call)``,
-``complete(call)`` and ``complete_stream(call)`` for /v1/embeddings and /v1/completions (a
-``BodyCall``: same conventions, the answer body in a ``ChatReply``); and
+``complete(call)`` and ``complete_stream(call)`` for /v1/embeddings and /v1/completions, and
+``respond(call)`` and ``respond_stream(call)`` for /v1/responses forwarded to an upstream that
+speaks it (a ``BodyCall``: same conventions, the answer body in a ``ChatReply``); and
 ``describe()`` (its ``ModelConfig``, for batch drivers that build the model call path
 outside the Gateway); called through a ``DeploymentHandle`` by the one model call
 path, ``deployments.model_calls.ModelCalls`` (in the Gateway, the TaskRunner and
@@ -38,9 +39,10 @@ model, stream or not, outcome, latency. The prompt and the output are in that li
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -49,8 +51,8 @@ from ray.serve.handle import DeploymentHandle
 from deployments import logs as logs_module
 from deployments import request_ids
 from deployments.config import LogsConfig, MetricsConfig, ModelConfig, OpenAIModel
-from deployments.errors import PromptfleetError
-from deployments.providers import Provider, build_provider
+from deployments.errors import InvalidRequest, PromptfleetError
+from deployments.providers import Provider, ResponsesProvider, build_provider
 from deployments.schemas import ChatReply, ModelCall, ModelReadiness, StreamEnd
 from deployments.schemas.calls import BodyCall
 from deployments.telemetry import LOCAL_WORKER_METRICS, UPSTREAM_WORKER_METRICS, metrics_for
@@ -154,10 +156,10 @@ class ModelWorker:
 
     # -- embeddings and text completions: the same conventions as chat -------------------------
 
-    def _capped(self, call: BodyCall) -> dict[str, Any]:
+    def _capped(self, call: BodyCall, field: str = "max_tokens") -> dict[str, Any]:
         body = dict(call.body)
-        if body.get("max_tokens", 0) > self.model.output_limit:
-            body["max_tokens"] = self.model.output_limit
+        if body.get(field, 0) > self.model.output_limit:
+            body[field] = self.model.output_limit
         return body
 
     async def _reply(self, call: BodyCall, what: str, answer: Awaitable[dict[str, Any]]) -> ChatResult:
@@ -193,18 +195,53 @@ class ModelWorker:
 
     async def complete_stream(self, call: BodyCall) -> AsyncIterator[StreamItem]:
         """/v1/completions, streaming: ``text_completion`` chunks, then a ``StreamEnd`` (or an error last)."""
+        async with contextlib.aclosing(self._body_stream(call, "completions", lambda: self.provider.complete_stream(
+                self._capped(call), call.share))) as items:
+            async for item in items:
+                yield item
+
+    async def respond(self, call: BodyCall) -> ChatResult:
+        """/v1/responses forwarded to an upstream that speaks it: a ``ChatReply`` whose ``completion`` is
+        the upstream's ``response`` object."""
+        provider = self._forwarding()
+        if isinstance(provider, PromptfleetError):
+            return provider
+        return await self._reply(call, "responses", provider.respond(self._capped(call, "max_output_tokens"),
+                                                                     call.share))
+
+    async def respond_stream(self, call: BodyCall) -> AsyncIterator[StreamItem]:
+        """/v1/responses forwarded, streaming: the upstream's events, then a ``StreamEnd`` (or an error last)."""
+        provider = self._forwarding()
+        if isinstance(provider, PromptfleetError):
+            yield provider
+            return
+        async with contextlib.aclosing(self._body_stream(call, "responses", lambda: provider.respond_stream(
+                self._capped(call, "max_output_tokens"), call.share))) as items:
+            async for item in items:
+                yield item
+
+    def _forwarding(self) -> ResponsesProvider | PromptfleetError:
+        """The provider, if it forwards /v1/responses (only upstream models configured to are sent such calls)."""
+        if isinstance(self.provider, ResponsesProvider):
+            return self.provider
+        return InvalidRequest(f"The model '{self.model.name}' does not forward /v1/responses.", param="model")
+
+    async def _body_stream(
+        self, call: BodyCall, what: str, source: Callable[[], AsyncIterator[dict[str, Any] | StreamEnd]]
+    ) -> AsyncGenerator[StreamItem, None]:
+        """A streamed body call's items from ``source()``, its error last as a value, and its log line."""
         request_ids.use(call.request_id)
         started = time.perf_counter()
         outcome = "cancelled"
         try:
-            async for chunk in self.provider.complete_stream(self._capped(call), call.share):
+            async for chunk in source():
                 yield chunk
             outcome = "ok"
         except PromptfleetError as exc:
             outcome = exc.code
             yield exc
         finally:
-            self._served_body("completions", True, started, outcome)
+            self._served_body(what, True, started, outcome)
 
     async def describe(self) -> ModelConfig:
         return self.model

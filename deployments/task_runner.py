@@ -1,6 +1,7 @@
 """TaskRunner: executes prompt tasks — synchronously for the Gateway, and from the durable queue.
 
-Serves: ``run(task, input)`` (the synchronous API; nothing is stored), and, in
+Serves: ``run(task, input)`` (the synchronous API; nothing is stored), ``keyless_owner()`` (whom
+calls without a key are recorded for: batch drivers record theirs the same way), and, in
 the background of every replica, a ``RunLoop`` that leases queued runs from the
 TaskStore and executes them.
 Calls: ``ModelWorker`` handles (the task's model, then its fallbacks) through the
@@ -103,6 +104,12 @@ class TaskRunner:
             return result
 
         return await replying(execute())
+
+    async def keyless_owner(self) -> str | None:
+        """Whom work without a key is recorded for: ``anonymous`` with authentication off, None with it
+        on (the operator's own work, unrecorded). Batch drivers ask, to record their keyless lines as
+        this runner records keyless task runs."""
+        return self.meter.anonymous if self.meter is not None else None
 
     async def catalogue_status(self) -> tuple[str, CatalogueStatus]:
         """This replica's id and the task catalogue it holds (operators and tests, through a handle)."""

@@ -18,8 +18,11 @@ Billing: with ``--key-id`` (the Batches API passes the batch owner's key id — 
 every line is metered to that key like an HTTP request of it: a spent token budget or a revoked
 key fails the remaining lines with a 403/401 error line, the key's rpm/tpm pace the lines (a
 line waits up to ``LINE_WAIT_S`` for its slot), and the tokens land in the key's usage
-(``/v1/usage``), written through the TaskStore. Without ``--key-id`` nothing is metered: the
-job was submitted with the cluster's own credentials (``ray job submit``), i.e. by the operator.
+(``/v1/usage``), written through the TaskStore. Without ``--key-id`` (a batch of the Batches API
+with authentication off, or a ``ray job submit`` with the cluster's own credentials) the lines are
+limited by nothing but the models' own limits, and recorded as the app records calls without a key:
+under ``anonymous`` when its authentication is off (``/v1/usage``, the console), not at all when it is
+on (the operator's own job).
 
 Contract:
 
@@ -73,7 +76,6 @@ from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from deployments import names
 from deployments.config import MetricsConfig
-from deployments.core import responses
 from deployments.core.requestids import is_sane, new_request_id
 from deployments.core.retry import BackoffPolicy
 from deployments.errors import PromptfleetError
@@ -183,9 +185,14 @@ class ServeBackend:
                 # The models' configs (fallbacks, output limits) from the workers themselves: this
                 # driver has no copy of the app's arguments.
                 models = await asyncio.gather(*(WorkerClient(handle, m).describe() for m, handle in workers.items()))
-                if self.key_id is not None:
+                # Lines without a key are recorded as the app records keyless calls: under `anonymous`
+                # with its authentication off, else not at all (the operator's own job). The TaskRunner
+                # knows which (it records keyless task lines the same way).
+                keyless = None if self.key_id is not None else await self.runner.keyless_owner()
+                if self.key_id is not None or keyless is not None:
                     self.meter = Meter(KeysClient(serve.get_deployment_handle(names.TASK_STORE, self.app_name)),
-                                       serve.get_deployment_handle(names.RATE_LIMITER, self.app_name))
+                                       serve.get_deployment_handle(names.RATE_LIMITER, self.app_name),
+                                       anonymous=keyless)
                 self.calls = ModelCalls(models, HandleTransport(workers), self.meter, self.metrics)
             return self.calls
 
@@ -198,10 +205,11 @@ class ServeBackend:
             payer = await self.meter.account(self.key_id) if self.meter is not None else None
             if isinstance(request, EmbeddingRequest):
                 return await calls.embed(request, payer, wait_s=LINE_WAIT_S, request_id=request_id, background=True)
-            if isinstance(request, ResponseCreate):  # a chat call, in the Responses shape (core.responses)
-                completion = await calls.complete(responses.to_chat(request), payer, wait_s=LINE_WAIT_S,
-                                                  request_id=request_id, background=True, capability="responses")
-                return responses.from_chat(request, completion)
+            if isinstance(request, ResponseCreate):  # forwarded, or made with a chat call (response_calls)
+                from deployments.response_calls import ResponseCalls
+
+                return await ResponseCalls(calls).create(request, payer, wait_s=LINE_WAIT_S, request_id=request_id,
+                                                         background=True)
             if isinstance(request, CompletionRequest):
                 return await calls.text_complete(request, payer, wait_s=LINE_WAIT_S, request_id=request_id,
                                                  background=True)

@@ -87,6 +87,10 @@ def upstream_models(base_url: str) -> list[dict[str, Any]]:
          "breaker_cooldown_s": 2},
         # Capped Retry-After (issue 10): an upstream asking for hours (or `inf`) pauses it for 2 s.
         {**common, "name": "fake-capped", "timeout_s": 10, "max_retries": 0, "max_retry_after_s": 2},
+        # An upstream that speaks the Responses API itself: /v1/responses is forwarded, falling back to
+        # `fake` (translated through chat) when it fails.
+        {**common, "name": "fake-responses", "timeout_s": 10, "max_retries": 0, "capabilities": ["chat", "responses"],
+         "upstream_api": "responses", "fallback_models": ["fake"]},
         # An upstream that refuses connections, falling back to `fake`.
         {**common, "name": "fake-dead", "base_url": "http://127.0.0.1:9/v1", "timeout_s": 5, "max_retries": 0,
          "fallback_models": ["fake"]},

@@ -41,3 +41,9 @@ class RunnerClient(HandleClient):
         """The answering replica's id and the task catalogue it holds."""
         status: tuple[str, CatalogueStatus] = await self._answer(self.handle.catalogue_status.remote())
         return status
+
+    async def keyless_owner(self) -> str | None:
+        """Whom the app records keyless calls under: ``anonymous`` with authentication off, None
+        (not recorded) with it on. A batch job's keyless lines follow the same rule."""
+        owner: str | None = await self._answer(self.handle.keyless_owner.remote())
+        return owner

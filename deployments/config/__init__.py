@@ -208,11 +208,30 @@ class OpenAIModel(_ModelBase):
         description="Cap on an upstream's Retry-After (seconds or HTTP date; `inf`, negative or "
         "unparsable values count as the cap), and so on the model-wide pause a 429 starts.",
     )
+    upstream_api: Literal["chat", "responses"] = Field(
+        default="chat",
+        description="How /v1/responses reaches this upstream. `chat`: a response is made with a chat completion "
+        "(translated both ways, as for a local model). `responses`: the upstream serves `/responses` itself; the "
+        "request is forwarded as the client sent it (fields promptfleet does not translate, such as `reasoning` or "
+        "`include`, too) and its JSON or stream events are relayed as they come, billed by the upstream's usage. A "
+        "fallback model that speaks only chat still gets the translated call. Needs the `responses` capability.",
+    )
+
+    @model_validator(mode="after")
+    def _responses_api_is_served(self) -> OpenAIModel:
+        if self.upstream_api == "responses" and "responses" not in self.capabilities:
+            raise ValueError("upstream_api: responses needs `responses` in capabilities")
+        return self
 
     @property
     def output_limit(self) -> int:
         """The most output tokens a request may ask for."""
         return self.max_output_tokens
+
+    @property
+    def forwards_responses(self) -> bool:
+        """Whether /v1/responses calls go to the upstream's own `/responses` (``upstream_api``)."""
+        return self.upstream_api == "responses"
 
     @field_validator("base_url")
     @classmethod

@@ -16,6 +16,9 @@ turns ``chat.completion.chunk``s into the documented event sequence (``response.
 ``sequence_number``.
 
 ``param_of`` maps a chat field named in an error back to the Responses field the client sent.
+
+``forwarded(body)`` is the body sent instead to an upstream that speaks the Responses API itself
+(``upstream_api: responses``): as the client sent it, with ``store: false``.
 """
 
 from __future__ import annotations
@@ -84,6 +87,24 @@ def to_chat(body: ResponseCreate) -> ChatCompletionRequest:
         error = exc.errors()[0]
         where = ".".join(str(p) for p in error["loc"])
         raise InvalidRequest(f"{param_of(where)}: {error['msg']}", param=param_of(where)) from None
+
+
+# Fields that would have an upstream keep or read state (a stored response, a conversation, a response
+# run in the background): nothing is stored here, and every tenant's call reaches the upstream under the
+# one account the operator configured, so one tenant could read what another's call left there.
+STATEFUL = ("previous_response_id", "conversation", "background")
+
+
+def forwarded(body: ResponseCreate) -> dict[str, Any]:
+    """The body for an upstream's own ``/responses``: the fields the client set (unknown ones too), with
+    ``store: false``; a 400 naming a field that would keep or read state there (``STATEFUL``)."""
+    extra = body.model_extra or {}
+    for name in STATEFUL:
+        if extra.get(name):  # `background: false` and nulls are what not sending them means
+            raise InvalidRequest(f"'{name}' is not supported: responses are not stored here.", param=name)
+    sent = body.model_dump(exclude_unset=True, exclude_none=True, by_alias=True)
+    sent["store"] = False
+    return sent
 
 
 def _add_item(messages: list[dict[str, Any]], item: dict[str, Any], where: str) -> None:

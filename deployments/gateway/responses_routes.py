@@ -1,48 +1,45 @@
-"""The Gateway's Responses route: one model call through the chat path, in the Responses shape.
+"""The Gateway's Responses route: one model call on the one path, in the Responses shape.
 
     POST /v1/responses           JSON or SSE (`stream: true`)
     GET  /v1/responses/{id}      404 (nothing is stored; ``store: true`` is a 400 naming it)
 
-``core.responses`` translates the request into a chat request and the answer back; the call goes
-through ``deployments.model_calls.ModelCalls`` exactly as a chat call does (the caller's key,
-limits, admission, budget, fallbacks, metering, request id, metrics), so the two cannot drift
-apart; the model must declare the ``responses`` capability (else a 400 naming ``model``).
-An error naming a chat field is renamed to the Responses field the client sent.
+``deployments.response_calls.ResponseCalls`` makes the call through ``deployments.model_calls.ModelCalls``
+exactly as a chat call is made (the caller's key, limits, admission, budget, fallbacks, metering,
+request id, metrics), so the two cannot drift apart; the model must declare the ``responses``
+capability (else a 400 naming ``model``). A model whose upstream speaks the Responses API
+(``upstream_api: responses``) gets the request forwarded and its answer relayed as it comes; any
+other answers a chat call translated both ways (``core.responses``).
 
 A stream is SSE with one ``event:`` line per event (as OpenAI sends them); an error after the 200
-is an ``error`` event, and the stream ends without ``response.completed``.
+is an ``error`` event (numbered after the last event sent), and the stream ends without
+``response.completed``.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from deployments.core import responses
 from deployments.errors import NotFound, PromptfleetError
 from deployments.gateway import deadline
 from deployments.gateway.caller import get_caller
 from deployments.model_calls import ModelCalls
+from deployments.response_calls import Events, ResponseCalls
 from deployments.schemas.responses import ResponseCreate
 
 
-def _renamed(exc: PromptfleetError) -> PromptfleetError:
-    """``exc`` naming the Responses field for the chat field it names."""
-    exc.param = responses.param_of(exc.param)
-    return exc
-
-
 def _sse(event: dict[str, Any]) -> str:
-    return f"event: {event['type']}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n"
+    return f"event: {event.get('type', 'message')}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n"
 
 
 class ResponsesRoutes:
     def __init__(self, calls: ModelCalls) -> None:
         self.calls = calls
+        self.responses = ResponseCalls(calls)
 
     def router(self) -> APIRouter:
         router = APIRouter(prefix="/v1", tags=["openai"])
@@ -52,20 +49,12 @@ class ResponsesRoutes:
             caller = await get_caller(http)
             state = http.scope["state"]
             state["model"] = body.model  # for the access line and the metrics' model label
-            request = responses.to_chat(body)
             wait_s = self.calls.wait_s(body.model, deadline.client_timeout(http.headers))
-            try:
-                if body.stream:
-                    chunks = await self.calls.stream(request, caller.entry, wait_s=wait_s, capability="responses")
-                else:
-                    completion = await self.calls.complete(request, caller.entry, wait_s=wait_s,
-                                                           capability="responses")
-            except PromptfleetError as exc:
-                raise _renamed(exc) from None
             if body.stream:
-                return StreamingResponse(events(body, chunks, state.get("request_id")),
+                stream = await self.responses.stream(body, caller.entry, wait_s=wait_s)
+                return StreamingResponse(events(stream, state.get("request_id")),
                                          media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-            return JSONResponse(responses.from_chat(body, completion))
+            return JSONResponse(await self.responses.create(body, caller.entry, wait_s=wait_s))
 
         @router.get("/responses/{response_id}")
         async def get_response(response_id: str, http: Request) -> Response:
@@ -76,24 +65,18 @@ class ResponsesRoutes:
         return router
 
 
-async def events(
-    body: ResponseCreate, chunks: AsyncGenerator[dict[str, Any] | PromptfleetError, None],
-    request_id: str | None = None,
-) -> AsyncIterator[str]:
-    """The SSE events of a streamed response."""
-    sequence = responses.ResponseEvents(body)
+async def events(stream: Events, request_id: str | None = None) -> AsyncIterator[str]:
+    """The SSE lines of a streamed response's events; an error value becomes an ``error`` event."""
+    last = -1
     try:
-        for event in sequence.start():
-            yield _sse(event)
-        async for chunk in chunks:
-            if isinstance(chunk, PromptfleetError):
-                error = _renamed(chunk).to_body(request_id)["error"]
+        async for event in stream:
+            if isinstance(event, PromptfleetError):
+                error = event.to_body(request_id)["error"]
                 # OpenAI's error event: its fields at the top level; `error` too, which the client raises.
-                yield _sse({**error, "type": "error", "sequence_number": sequence.sequence, "error": error})
+                yield _sse({**error, "type": "error", "sequence_number": last + 1, "error": error})
                 return
-            for event in sequence.chunk(chunk):
-                yield _sse(event)
-        for event in sequence.end():
+            number = event.get("sequence_number")
+            last = number if isinstance(number, int) else last + 1
             yield _sse(event)
     finally:
-        await chunks.aclose()  # stops the worker's generation and bills what was produced
+        await stream.aclose()  # stops the worker's generation and bills what was produced

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit
 
 from ray.serve.handle import DeploymentHandle
@@ -43,6 +43,18 @@ class Provider(Protocol):
     ) -> AsyncIterator[dict[str, Any] | StreamEnd]: ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class ResponsesProvider(Protocol):
+    """A provider that can forward a /v1/responses body to an upstream speaking the Responses API
+    (``providers.openai_compat``): the ``response`` object, or its stream's events then a ``StreamEnd``."""
+
+    async def respond(self, body: dict[str, Any], share: Share | None = None) -> dict[str, Any]: ...
+
+    def respond_stream(
+        self, body: dict[str, Any], share: Share | None = None
+    ) -> AsyncIterator[dict[str, Any] | StreamEnd]: ...
 
 
 def build_provider(

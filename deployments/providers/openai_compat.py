@@ -11,7 +11,10 @@ Bodies pass through untouched except ``model`` (rewritten to the upstream's
 name) and, on streams, ``stream_options.include_usage`` (always asked for, so a
 stream is billed by the upstream's own count; the usage chunk reaches the client
 only if it asked): fields promptfleet does not know reach the upstream as the
-client sent them. ``client.post(..., cast_to=object)`` skips building typed
+client sent them. A /v1/responses body of a model whose upstream speaks that API
+(``upstream_api: responses``) goes to its ``/responses`` the same way (``respond``,
+``respond_stream``), billed by the usage of the upstream's response.
+``client.post(..., cast_to=object)`` skips building typed
 response objects we would only turn back into dicts. A ``Retry-After`` is parsed
 strictly and capped at the model's ``max_retry_after_s``.
 
@@ -34,7 +37,7 @@ from openai import AsyncOpenAI, AsyncStream, DefaultAioHttpClient
 
 from deployments.config import OpenAIModel
 from deployments.core.retry import BackoffPolicy, parse_retry_after
-from deployments.core.tokens import StreamCounter, completion_budget, prompt_tokens
+from deployments.core.tokens import StreamCounter, chat_prompt_tokens, completion_budget, response_prompt_tokens
 from deployments.errors import (
     InvalidRequest,
     PromptfleetError,
@@ -182,7 +185,7 @@ class OpenAIProvider:
     def estimate(self, body: dict[str, Any]) -> int:
         """Tokens to book on the model's tpm budget: the prompt, and the output asked for (bounded)."""
         requested = body.get("max_completion_tokens") or body.get("max_tokens")
-        return prompt_tokens(body.get("messages", ())) + completion_budget(requested, self.config.output_limit)
+        return chat_prompt_tokens(body) + completion_budget(requested, self.config.output_limit)
 
     def completion_estimate(self, body: dict[str, Any]) -> int:
         """Tokens to book for a /completions call: the prompts, and the output asked for each (bounded)."""
@@ -192,7 +195,7 @@ class OpenAIProvider:
 
     def stream(self, body: dict[str, Any], share: Share | None = None) -> AsyncIterator[dict[str, Any] | StreamEnd]:
         return self._sse("/chat/completions", body, self.estimate(body),
-                         prompt_tokens(body.get("messages", ())), share)
+                         chat_prompt_tokens(body), share)
 
     def complete_stream(
         self, body: dict[str, Any], share: Share | None = None
@@ -243,6 +246,57 @@ class OpenAIProvider:
             # Closing the response stops the upstream generation when our client went away.
             await upstream.close()
             used = usage.total_tokens if usage is not None else prompt_estimate + counter.completion_tokens
+            self.guard.settle(tokens, used)
+
+    # -- /v1/responses forwarded to an upstream that speaks it (``upstream_api: responses``) ---------
+
+    def response_estimate(self, body: dict[str, Any]) -> int:
+        """Tokens to book for a /responses call: its input, tools and format, and the output asked for."""
+        return response_prompt_tokens(body) + completion_budget(body.get("max_output_tokens"),
+                                                                self.config.output_limit)
+
+    async def respond(self, body: dict[str, Any], share: Share | None = None) -> dict[str, Any]:
+        """Forwarded to the upstream's /responses: its ``response`` object (``model`` renamed)."""
+        return await self._json("/responses", body, self.response_estimate(body), share)
+
+    async def respond_stream(
+        self, body: dict[str, Any], share: Share | None = None
+    ) -> AsyncIterator[dict[str, Any] | StreamEnd]:
+        """Forwarded to the upstream's /responses as a stream: its events as they come (the ``model`` of
+        the response they carry renamed), then a ``StreamEnd`` with the usage of its last
+        ``response.completed`` / ``response.incomplete``. An ``error`` or ``response.failed`` event
+        ends the stream with ``UpstreamError`` (our words, not the upstream's)."""
+        tokens = self.response_estimate(body)
+        payload = {**body, "model": self.upstream_model, "stream": True}
+
+        async def open_stream(remaining_s: float) -> AsyncStream[object]:
+            return await self.client.post(
+                "/responses", cast_to=object, body=payload, options={"timeout": self._timeout(remaining_s)},
+                stream=True, stream_cls=AsyncStream[object],
+            )
+
+        # As for chat: retries cover opening the stream only.
+        upstream = await self._call_with_retries(open_stream, tokens, share)
+        usage: Usage | None = None
+        counter = StreamCounter()
+        try:
+            async for event in upstream:
+                if not isinstance(event, dict):
+                    continue
+                response = event.get("response")
+                if isinstance(response, dict):
+                    response["model"] = self.config.name
+                    usage = Usage.of(response.get("usage")) or usage
+                if event.get("type") in ("error", "response.failed"):
+                    raise UpstreamError(f"The upstream for model '{self.config.name}' reported an error mid-stream.")
+                counter.add(event)
+                yield event
+            yield StreamEnd(usage=usage)
+        except Exception as exc:
+            raise translate_upstream_error(exc, self.config.name, self.config.max_retry_after_s) from None
+        finally:
+            await upstream.close()
+            used = usage.total_tokens if usage is not None else response_prompt_tokens(body) + counter.completion_tokens
             self.guard.settle(tokens, used)
 
     async def close(self) -> None:

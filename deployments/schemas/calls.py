@@ -22,10 +22,13 @@ class Usage(BaseModel):
 
     @classmethod
     def of(cls, usage: Any) -> Usage | None:
-        """A provider's usage dict as a ``Usage``; None if it has none (or not numbers)."""
+        """A provider's usage dict as a ``Usage`` (chat's names, or the Responses API's ``input_tokens`` and
+        ``output_tokens``); None if it has none (or not numbers)."""
         if not isinstance(usage, dict):
             return None
         prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if prompt is None and completion is None:
+            prompt, completion = usage.get("input_tokens"), usage.get("output_tokens")
         if not isinstance(prompt, int) or not isinstance(completion, int):
             return None
         return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)

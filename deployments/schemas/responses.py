@@ -1,10 +1,12 @@
 """The OpenAI Responses request body (`POST /v1/responses`), as far as promptfleet serves it.
 
-A response is one model call made through the chat path (``core.responses`` translates both ways),
-so it has what chat has: text, structured output (`text.format`), function tools, streaming.
-Nothing is stored: `store: true`, `previous_response_id` and `GET /v1/responses/{id}` are refused
-with a 400 naming the field, and so is every field not declared here (`include`, `reasoning`,
-`truncation`, …) — none is dropped silently.
+A response is one model call. For most models it is made through the chat path (``core.responses``
+translates both ways), so it has what chat has: text, structured output (`text.format`), function
+tools, streaming; every field not declared here (`include`, `reasoning`, `truncation`, …) is then
+refused with a 400 naming it — none is dropped silently. A model whose upstream speaks the Responses
+API (`upstream_api: responses`) gets the body forwarded as sent, undeclared fields included.
+Nothing is stored either way: `store: true`, `previous_response_id` (and `conversation`,
+`background`) and `GET /v1/responses/{id}` are refused with a 400 naming the field.
 """
 
 from __future__ import annotations
@@ -89,3 +91,12 @@ class ResponseCreate(OpenAIBody):
         if value:
             raise ValueError("responses are not stored here; send store: false (or leave it out)")
         return value
+
+    @property
+    def effective_max_tokens(self) -> int | None:
+        """The output length asked for (the model call path checks it against the model's limit)."""
+        return self.max_output_tokens
+
+    @property
+    def max_tokens_field(self) -> str:
+        return "max_output_tokens"

@@ -7,12 +7,17 @@ Serves, over real HTTP (raw ASGI under uvicorn; httptools + uvloop when installe
     POST /v1/embeddings        deterministic unit vectors (``fake_vector``; ``dimensions`` long,
                                default 8; ``encoding_format: base64`` as OpenAI encodes it)
     POST /v1/completions       ``"echo: " + <prompt>`` per prompt, JSON or SSE ``text_completion``
+    POST /v1/responses         the chat answer in the Responses shape: a ``response`` object, or SSE
+                               events in the documented order (``tests.fakes.responses_api``)
     GET  /v1/models[/<id>]     ``fake-model`` (a requested id is echoed back)
     POST /_control/config      ``{"mode": ..., **params}`` replaces the fault config (400 if bad)
     POST /_control/reset       back to the start-up config (mode ``ok``), zeroed stats
-    GET  /_control/stats       ``{"calls", "calls_by_mode", "in_flight", "max_in_flight",
-                                 "call_times", "last_authorization", "prompts"}`` (``prompts``:
-                                 the last user message of recent chat calls, oldest first)
+    GET  /_control/stats       ``{"calls", "calls_by_mode", "calls_by_route", "in_flight",
+                                 "max_in_flight", "call_times", "last_authorization", "prompts",
+                                 "last_bodies"}`` (``prompts``: the last user message of recent chat
+                                 calls, oldest first; ``calls_by_route``: calls per model route,
+                                 ``chat``, ``embeddings``, ``completions``, ``responses``;
+                                 ``last_bodies``: the last request body of each route)
 
 Answers are deterministic: ``"echo: " + <last user message>`` cut to 200 characters, or with
 ``response_format`` ``json_object`` / ``json_schema`` a JSON document (for a schema, the instance
@@ -25,7 +30,7 @@ Fault modes (:class:`FaultConfig`): ``ok`` (optional ``latency_ms``), ``rate_lim
 the client leaves or the server stops), ``drop_stream`` (two SSE chunks, then the connection is
 closed; a non-streaming call gets the 500 of ``error``), ``stall_stream`` (two SSE chunks, then
 silence until the client hangs up). ``fail_first_n`` limits the fault to the
-first N chat calls after configuring. ``api_key`` makes ``/v1`` calls without
+first N model calls after configuring. ``api_key`` makes ``/v1`` calls without
 ``Authorization: Bearer <api_key>`` answer 401. Error bodies have the OpenAI shape. Every chat
 call, 401s included, is counted in the stats (401s under the mode ``unauthorized``).
 
@@ -58,6 +63,7 @@ from typing import Any
 
 import uvicorn
 
+from tests.fakes import responses_api
 from tests.fakes.json_instances import minimal_instance
 
 Message = MutableMapping[str, Any]
@@ -80,7 +86,7 @@ class FaultConfig:
     latency_ms: float = 0.0  # sleep before answering (mode "ok")
     retry_after: float = 2  # Retry-After header, seconds (mode "rate_limit")
     delay_s: float = 1.0  # sleep before answering normally (mode "slow")
-    fail_first_n: int | None = None  # only the first N chat calls get the fault, then "ok"
+    fail_first_n: int | None = None  # only the first N model calls get the fault, then "ok"
     api_key: str | None = None  # if set, /v1 calls need "Authorization: Bearer <api_key>"
 
     def __post_init__(self) -> None:
@@ -110,13 +116,16 @@ class _Control:
     def _zero(self) -> None:
         self.calls = self.in_flight = self.max_in_flight = 0
         self.calls_by_mode: collections.Counter[str] = collections.Counter()
+        self.calls_by_route: collections.Counter[str] = collections.Counter()
+        self.last_bodies: dict[str, Any] = {}
         self.call_times: collections.deque[float] = collections.deque(maxlen=MAX_CALL_TIMES)
         self.last_authorization: str | None = None
         self.prompts: collections.deque[str] = collections.deque(maxlen=MAX_PROMPTS)
 
-    def record_prompt(self, prompt: str) -> None:
+    def record_prompt(self, prompt: str, route: str = "chat", body: Any = None) -> None:
         with self._lock:
             self.prompts.append(prompt)
+            self.last_bodies[route] = body
 
     def configure(self, config: FaultConfig) -> None:
         with self._lock:
@@ -129,8 +138,8 @@ class _Control:
             self._zero()
             self.in_flight = self.max_in_flight = in_flight
 
-    def begin_call(self, authorization: str | None, authorized: bool) -> FaultConfig:
-        """Count a chat call; return the config it runs under ("ok" once faults ran out)."""
+    def begin_call(self, authorization: str | None, authorized: bool, route: str = "chat") -> FaultConfig:
+        """Count a model call; return the config it runs under ("ok" once faults ran out)."""
         with self._lock:
             config = self.config
             if config.mode != "ok" and self._faults_left is not None:
@@ -139,6 +148,7 @@ class _Control:
                 else:
                     config = dataclasses.replace(config, mode="ok")
             self.calls += 1
+            self.calls_by_route[route] += 1
             self.calls_by_mode[config.mode if authorized else "unauthorized"] += 1
             self.call_times.append(time.time())
             self.last_authorization = authorization
@@ -153,9 +163,11 @@ class _Control:
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return {"calls": self.calls, "calls_by_mode": dict(self.calls_by_mode),
+                    "calls_by_route": dict(self.calls_by_route),
                     "in_flight": self.in_flight, "max_in_flight": self.max_in_flight,
                     "call_times": list(self.call_times),
-                    "last_authorization": self.last_authorization, "prompts": list(self.prompts)}
+                    "last_authorization": self.last_authorization, "prompts": list(self.prompts),
+                    "last_bodies": dict(self.last_bodies)}
 
 
 class FakeUpstreamApp:
@@ -219,7 +231,7 @@ class FakeUpstreamApp:
         self, receive: Receive, send: Send, authorization: str | None, authorized: bool, kind: str = "chat"
     ) -> None:
         body = await _read_body(receive)
-        config = self.control.begin_call(authorization, authorized)
+        config = self.control.begin_call(authorization, authorized, kind)
         try:
             if not authorized:
                 await _error(send, 401, "Incorrect API key provided.", "invalid_request_error",
@@ -233,7 +245,10 @@ class FakeUpstreamApp:
                 await _error(send, 400, "The body is not a JSON object.", "invalid_request_error",
                              "invalid_json")
                 return
-            self.control.record_prompt(_last_user_text(request) if kind == "chat" else _prompt_text(request))
+            self.control.record_prompt(
+                _last_user_text(request) if kind == "chat" else
+                _last_user_text(responses_api.as_chat(request)) if kind == "responses" else _prompt_text(request),
+                kind, request)
             stream, mode = bool(request.get("stream")), config.mode
             if mode == "rate_limit":
                 await _error(send, 429, "Rate limit reached (injected by the fake upstream).",
@@ -251,6 +266,10 @@ class FakeUpstreamApp:
                     await asyncio.sleep(config.latency_ms / 1000)
                 if kind == "embeddings":
                     await _embeddings(send, request)
+                elif kind == "responses":
+                    await _responses(send, request, stream, drop=mode in ("drop_stream", "stall_stream"))
+                    if stream and mode == "stall_stream":
+                        await self._wait(receive, None)
                 elif stream:
                     streamer = _stream if kind == "chat" else _text_stream
                     await streamer(send, request, drop=mode in ("drop_stream", "stall_stream"))
@@ -391,6 +410,11 @@ async def _stream(send: Send, request: dict[str, Any], drop: bool) -> None:
         last = {**head, "choices": [], "usage": _usage(request, content)}
         events.append(b"data: " + json.dumps(last).encode() + b"\n\n")
     events.append(b"data: [DONE]\n\n")
+    await _send_events(send, events, drop)
+
+
+async def _send_events(send: Send, events: list[bytes], drop: bool) -> None:
+    """An SSE answer; with ``drop``, its first two events and then a truncated body."""
     await send({"type": "http.response.start", "status": 200, "headers": _SSE})
     for data in events[:2] if drop else events:
         await send({"type": "http.response.body", "body": data, "more_body": True})
@@ -399,7 +423,8 @@ async def _stream(send: Send, request: dict[str, Any], drop: bool) -> None:
 
 
 # The model routes: each one answers in its own shape, with the same fault modes.
-_ROUTES = {"/v1/chat/completions": "chat", "/v1/embeddings": "embeddings", "/v1/completions": "completions"}
+_ROUTES = {"/v1/chat/completions": "chat", "/v1/embeddings": "embeddings", "/v1/completions": "completions",
+           "/v1/responses": "responses"}
 FAKE_DIMENSIONS = 8  # length of the fake's embedding vectors unless a request sets `dimensions`
 
 
@@ -475,11 +500,20 @@ async def _text_stream(send: Send, request: dict[str, Any], drop: bool) -> None:
         last = {**head, "choices": [], "usage": _text_usage(prompts, texts)}
         events.append(b"data: " + json.dumps(last).encode() + b"\n\n")
     events.append(b"data: [DONE]\n\n")
-    await send({"type": "http.response.start", "status": 200, "headers": _SSE})
-    for data in events[:2] if drop else events:
-        await send({"type": "http.response.body", "body": data, "more_body": True})
-    if not drop:
-        await send({"type": "http.response.body", "body": b""})
+    await _send_events(send, events, drop)
+
+
+async def _responses(send: Send, request: dict[str, Any], stream: bool, drop: bool) -> None:
+    """/v1/responses: the chat route's answer (text, JSON, or a tool call) in the Responses shape."""
+    chat = responses_api.as_chat(request)
+    call = _tool_call(chat)
+    text = _answer(chat) if call is None else ""
+    usage = _usage(chat, text if call is None else call["function"]["arguments"])
+    if not stream:
+        await _respond(send, 200, responses_api.complete(request, text, call, usage))
+        return
+    events = responses_api.events(request, text, call, usage)
+    await _send_events(send, events, drop)
 
 
 class _QuietDrop(logging.Filter):

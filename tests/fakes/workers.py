@@ -11,7 +11,11 @@ for each model a script of what its next calls do —
   a handle does when the call could not be delivered or its replica died;
 - ``"hang"``: never answers (until cancelled).
 
-Every call is kept in ``calls`` (model, ModelCall); streams record whether they were cancelled.
+The other routes' methods (``embed``, ``complete``, ``complete_stream``, ``respond``,
+``respond_stream``) answer in their route's shape; ``respond_stream``'s events are those of
+``response_events``.
+
+Every call is kept in ``calls`` (model, ModelCall or BodyCall); streams record whether they were cancelled.
 """
 
 from __future__ import annotations
@@ -109,7 +113,8 @@ class FakeWorkers:
         self.streams.append(stream)
         return stream
 
-    # The other routes (``embed``, ``complete``, ``complete_stream``), answered the same way.
+    # The other routes (``embed``, ``complete``, ``complete_stream``, ``respond``, ``respond_stream``),
+    # answered the same way.
 
     def send(self, model: str, method: str, call: Any) -> Awaitable[Any]:
         self.calls.append((model, call))
@@ -121,6 +126,8 @@ class FakeWorkers:
                 raise step
             if step != "ok":
                 return step
+            if method == "respond":
+                return ChatReply.of(response_object(model, "".join(self.chunks), self.usage))
             if method == "embed":
                 # As the workers answer: usage with prompt tokens only (no ``Usage`` on the reply).
                 data = [{"object": "embedding", "index": 0, "embedding": [0.6, 0.8]}]
@@ -135,9 +142,11 @@ class FakeWorkers:
     def open(self, model: str, method: str, call: Any) -> FakeStream:
         self.calls.append((model, call))
         step = self._next(model)
-        if step == "ok":
-            items: list[Any] = [{"id": "cmpl-fake", "object": "text_completion", "model": model,
-                                 "choices": [{"index": 0, "text": text}]} for text in self.chunks]
+        if step == "ok" and method == "respond_stream":
+            items: list[Any] = [*response_events(model, self.chunks, self.usage), StreamEnd(usage=self.usage)]
+        elif step == "ok":
+            items = [{"id": "cmpl-fake", "object": "text_completion", "model": model,
+                      "choices": [{"index": 0, "text": text}]} for text in self.chunks]
             items.append(StreamEnd(usage=self.usage))
         else:
             items = list(step) if isinstance(step, list) else [step]
@@ -147,6 +156,26 @@ class FakeWorkers:
 
     def models_called(self) -> list[str]:
         return [model for model, _ in self.calls]
+
+
+def response_object(model: str, text: str, usage: Usage | None) -> dict[str, Any]:
+    """A ``response`` as an upstream speaking the Responses API makes it (id ``resp_upstream``)."""
+    return {"id": "resp_upstream", "object": "response", "status": "completed", "model": model,
+            "output": [{"type": "message", "id": "msg_upstream", "role": "assistant", "status": "completed",
+                        "content": [{"type": "output_text", "text": text, "annotations": []}]}],
+            "usage": None if usage is None else {"input_tokens": usage.prompt_tokens,
+                                                 "output_tokens": usage.completion_tokens,
+                                                 "total_tokens": usage.total_tokens}}
+
+
+def response_events(model: str, chunks: tuple[str, ...], usage: Usage | None) -> list[dict[str, Any]]:
+    """The events of an upstream's streamed response: created, a delta per chunk, completed."""
+    done = response_object(model, "".join(chunks), usage)
+    events = [{"type": "response.created", "response": {**done, "status": "in_progress", "output": []}}]
+    events += [{"type": "response.output_text.delta", "item_id": "msg_upstream", "output_index": 0,
+                "content_index": 0, "delta": text} for text in chunks]
+    events.append({"type": "response.completed", "response": done})
+    return [{**event, "sequence_number": number} for number, event in enumerate(events)]
 
 
 class _Method:

@@ -15,7 +15,7 @@ import pytest
 
 from tests.fixtures import ServeApp
 from tests.serve.test_tenant_metering import client as tenant_client
-from tests.serve.test_tenant_metering import new_key, spend_budget
+from tests.serve.test_tenant_metering import eventually, new_key, spend_budget
 
 pytestmark = pytest.mark.serve
 
@@ -182,3 +182,105 @@ def test_responses_lines_in_a_mixed_batch(app: ServeApp, tmp_path: Path) -> None
     failed = {o["custom_id"]: o for o in map(json.loads, (tmp_path / "errors.jsonl").read_text().splitlines())}
     refused = failed["resp-refused"]["response"]
     assert refused["status_code"] == 400 and refused["body"]["error"]["param"] == "reasoning"
+
+
+# -- forwarded to an upstream that speaks the Responses API (`fake-responses`: upstream_api: responses) ----
+
+
+def keyless_usage(app: ServeApp, model: str) -> tuple[int, int, int]:
+    """Requests, input and output tokens recorded under `anonymous` (the main app has auth off)."""
+    rows = httpx.get(f"{app.base_url}/usage", params={"key_id": "anonymous", "limit": 1000}, timeout=30).json()["data"]
+    mine = [r for r in rows if r["model"] == model]
+    return (sum(r["requests"] for r in mine), sum(r["prompt_tokens"] for r in mine),
+            sum(r["completion_tokens"] for r in mine))
+
+
+def billed(app: ServeApp, before: tuple[int, int, int], usage: Any) -> bool | None:
+    """Whether one more call was recorded with at least the upstream's own counts (``usage``)."""
+    now = keyless_usage(app, "fake-responses")
+    grown = (now[0] - before[0], now[1] - before[1], now[2] - before[2])
+    return (grown[0] >= 1 and grown[1] >= usage.input_tokens and grown[2] >= usage.output_tokens) or None
+
+
+def test_forwarded_sync_relays_the_upstreams_response_and_bills_its_usage(app: ServeApp) -> None:
+    # 300 words: the fake counts 304 input tokens (a word a token, 4 a message); the settle probes between
+    # tests are far smaller, so the growth below is this call's.
+    words = " ".join(["word"] * 300)
+    before = keyless_usage(app, "fake-responses")
+    raw = app.client().responses.with_raw_response.create(model="fake-responses", input=words,
+                                                          reasoning={"effort": "low"}, metadata={"k": "v"})
+    response = raw.parse()
+    assert raw.headers["x-request-id"]
+    # The upstream's own object (its ids), relayed; the model named as configured.
+    assert response.id.startswith("resp_fake") and response.model == "fake-responses"
+    assert response.output_text == f"echo: {words}"[:200] and response.metadata == {"k": "v"}
+    assert response.usage is not None and response.usage.input_tokens == 304
+    stats = app.upstream.stats()
+    assert stats["calls_by_route"] == {"responses": 1}
+    sent = stats["last_bodies"]["responses"]
+    assert sent["reasoning"] == {"effort": "low"} and sent["store"] is False and sent["model"] == "fake-model"
+    eventually(lambda: billed(app, before, response.usage), what="the upstream's usage billed")
+
+
+def test_forwarded_stream_relays_the_event_order_async_and_bills_the_completed_usage(app: ServeApp) -> None:
+    words = " ".join(["word"] * 300)
+    before = keyless_usage(app, "fake-responses")
+
+    async def run() -> list[Any]:
+        async with openai.AsyncOpenAI(base_url=app.base_url, api_key="unused", max_retries=0, timeout=60) as client:
+            stream = await client.responses.create(model="fake-responses", input=words, stream=True)
+            return [event async for event in stream]
+
+    events = asyncio.run(run())
+    assert collapsed([e.type for e in events]) == TEXT_EVENTS
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    final = events[-1].response
+    assert final.id.startswith("resp_fake") and final.model == "fake-responses"
+    assert final.output_text == "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert app.upstream.stats()["calls_by_route"] == {"responses": 1}
+    eventually(lambda: billed(app, before, final.usage), what="the stream's usage billed")
+
+
+def test_forwarded_stream_with_the_sync_client_and_a_tool_call(app: ServeApp) -> None:
+    events = list(app.client().responses.create(model="fake-responses", input="Weather in Paris?", stream=True,
+                                                tools=[WEATHER], tool_choice="required"))  # type: ignore[list-item]
+    assert collapsed([e.type for e in events]) == [
+        "response.created", "response.in_progress", "response.output_item.added",
+        "response.function_call_arguments.delta", "response.function_call_arguments.done",
+        "response.output_item.done", "response.completed"]
+    item = events[-1].response.output[0]  # type: ignore[union-attr]
+    assert item.type == "function_call" and item.name == "get_weather"
+    jsonschema.validate(json.loads(item.arguments), WEATHER["parameters"])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_500_falls_back_to_a_chat_only_model_translated(app: ServeApp, stream: bool) -> None:
+    app.upstream.configure("error", fail_first_n=1)  # the forwarded call gets the 500; `fake`'s chat call, ok
+    client = app.client()
+    if stream:
+        events = list(client.responses.create(model="fake-responses", input="hello there", stream=True))
+        assert collapsed([e.type for e in events]) == TEXT_EVENTS
+        response = events[-1].response  # type: ignore[union-attr]
+    else:
+        response = client.responses.create(model="fake-responses", input="hello there")
+    assert response.model == "fake" and not response.id.startswith("resp_fake")  # made by translation
+    assert response.output_text == "echo: hello there"
+    assert app.upstream.stats()["calls_by_route"] == {"responses": 1, "chat": 1}
+
+
+def test_forwarded_errors_have_the_openai_shape(app: ServeApp) -> None:
+    client = app.client()
+    for field, value in (("previous_response_id", "resp_1"), ("conversation", "conv_1"), ("store", True)):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.responses.create(model="fake-responses", input="x", **{field: value})  # type: ignore[arg-type]
+        assert caught.value.body["param"] == field  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.create(model="fake-responses", input="x", max_output_tokens=10**6)
+    assert caught.value.body["param"] == "max_output_tokens"  # type: ignore[index]
+    assert app.upstream.stats()["calls"] == 0
+    # A field only the Responses API has cannot go to the chat-only fallback: the upstream's 500 is the answer.
+    app.upstream.configure("error", fail_first_n=1)
+    with pytest.raises(openai.APIStatusError) as failed:
+        client.responses.create(model="fake-responses", input="x", reasoning={"effort": "low"})
+    assert failed.value.status_code == 502 and failed.value.body["type"]  # type: ignore[index]
+    assert app.upstream.stats()["calls_by_route"] == {"responses": 1}

@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from jobs import batch
-from tests.fixtures import ServeApp
+from tests.fixtures import ADMIN_KEY, ServeApp
 from tests.jobs.test_batch_cluster import job_logs
 from tests.serve.test_tenant_metering import client, eventually, job_agent_ready, new_key, spend_budget, usage
 
@@ -124,3 +124,74 @@ def test_a_mixed_batch_through_the_batches_api_is_billed_to_its_key(app: ServeAp
     outputs = [json.loads(o) for o in tenant.files.content(done.output_file_id).text.splitlines()]
     assert {o["response"]["body"]["object"] for o in outputs} == {"chat.completion", "list", "text_completion"}
     assert eventually(lambda: [r for r in usage(app, key["key"]) if r["requests"] == 4] or None, what="batch usage")
+
+
+def anonymous_usage(app: ServeApp, model: str) -> tuple[int, int]:
+    """Requests and prompt tokens recorded today under `anonymous` for ``model``."""
+    rows = httpx.get(f"{app.base_url}/usage", params={"key_id": "anonymous", "limit": 1000}, timeout=30).json()["data"]
+    mine = [r for r in rows if r["model"] == model]
+    return sum(r["requests"] for r in mine), sum(r["prompt_tokens"] for r in mine)
+
+
+# 500 words: the fake upstream counts 504 prompt tokens for a message of it (a word a token, 4 a message),
+# far above what the probes `settle` sends between tests.
+WORDS = " ".join(["word"] * 500)
+
+
+def keyless_lines(chat_model: str) -> str:
+    lines = [line(f"c{i}", "/v1/chat/completions", {"model": chat_model, "max_tokens": 4,
+                                                     "messages": [{"role": "user", "content": WORDS}]})
+             for i in range(2)]
+    lines.append(line("r", "/v1/responses", {"model": "fake-responses", "input": WORDS}))
+    return "".join(json.dumps(item) + "\n" for item in lines)
+
+
+def grew_by(app: ServeApp, model: str, before: tuple[int, int], requests: int) -> bool | None:
+    """Whether `anonymous`' usage of ``model`` grew by at least ``requests`` lines of WORDS."""
+    now = anonymous_usage(app, model)
+    return (now[0] - before[0] >= requests and now[1] - before[1] >= requests * 504) or None
+
+
+def test_keyless_batch_lines_are_recorded_when_auth_is_off(app: ServeApp, tmp_path: Path) -> None:
+    """The main app has authentication off: a batch without a key is recorded under `anonymous`, as
+    keyless HTTP calls are — run by hand (`ray job submit -- python -m jobs.batch`, in-process here) and
+    through the Batches API (the BatchService's job). Its /v1/responses line is forwarded natively."""
+    before = {m: anonymous_usage(app, m) for m in ("fake-retry", "fake-short", "fake-responses")}
+    (tmp_path / "in.jsonl").write_text(keyless_lines("fake-retry"))
+    code = batch.main(["--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"),
+                       "--progress-every", "5"])
+    assert code == 0
+    out = [json.loads(o) for o in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [o["response"]["status_code"] for o in out] == [200, 200, 200]
+    assert next(o for o in out if o["custom_id"] == "r")["response"]["body"]["id"].startswith("resp_fake")
+    eventually(lambda: grew_by(app, "fake-retry", before["fake-retry"], 2), what="the job's chat usage")
+    eventually(lambda: grew_by(app, "fake-responses", before["fake-responses"], 1), what="the job's responses usage")
+
+    job_agent_ready(app)
+    client = app.client()
+    uploaded = client.files.create(file=("in.jsonl", keyless_lines("fake-short").encode()), purpose="batch")
+    created = client.batches.create(input_file_id=uploaded.id, endpoint="/v1/chat/completions",
+                                    completion_window="24h")
+    done = eventually(lambda: (b := client.batches.retrieve(created.id)).status in ("completed", "failed") and b,
+                      timeout=200, what="the batch to end")
+    assert done.status == "completed" and done.request_counts is not None, job_logs(app, created.id)
+    assert done.request_counts.completed == 3, job_logs(app, created.id)
+    eventually(lambda: grew_by(app, "fake-short", before["fake-short"], 2), what="the batch's chat usage")
+    eventually(lambda: grew_by(app, "fake-responses", before["fake-responses"], 2), what="the batch's responses")
+
+
+def test_a_keyless_job_on_an_app_with_auth_on_is_the_operators_and_unrecorded(app: ServeApp,
+                                                                              tmp_path: Path) -> None:
+    """The other side: with authentication on, `ray job submit` without --key-id is the operator's own job
+    (the cluster's credentials), and its lines are recorded for nobody — as the admin's HTTP calls."""
+    lines = [line(f"c{i}", "/v1/chat/completions", {"model": "fake", "messages": [{"role": "user", "content": "hi"}]})
+             for i in range(2)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(item) + "\n" for item in lines))
+    code = batch.main(["--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"),
+                       "--app", "promptfleet-auth", "--progress-every", "5"])
+    assert code == 0
+    out = [json.loads(o) for o in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [o["response"]["status_code"] for o in out] == [200, 200]
+    rows = httpx.get(f"{app.auth_base_url}/usage", params={"key_id": "anonymous"}, timeout=30,
+                     headers={"Authorization": f"Bearer {ADMIN_KEY}"})
+    assert rows.status_code == 200 and rows.json()["data"] == []

@@ -211,6 +211,53 @@ def test_fail_first_n_then_ok(fake: FakeUpstream, client: openai.OpenAI) -> None
     assert fake.stats()["calls_by_mode"] == {"error": 2, "ok": 2}
 
 
+RESPONSE_EVENTS = [
+    "response.created", "response.in_progress", "response.output_item.added", "response.content_part.added",
+    "response.output_text.delta", "response.output_text.done", "response.content_part.done",
+    "response.output_item.done", "response.completed",
+]
+
+
+def test_responses_json_stream_and_tools_through_the_official_client(fake: FakeUpstream,
+                                                                     client: openai.OpenAI) -> None:
+    response = client.responses.create(model="m", instructions="be brief", input="hello there")
+    assert response.id.startswith("resp_fake") and response.output_text == "echo: hello there"
+    assert response.usage is not None and response.usage.output_tokens == 3
+    events = list(client.responses.create(model="m", input="hello there", stream=True))
+    types = [e.type for e in events]
+    assert [t for i, t in enumerate(types) if not (t.endswith(".delta") and types[i - 1] == t)] == RESPONSE_EVENTS
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[-1].response.output_text == "echo: hello there"  # type: ignore[union-attr]
+    assert events[-1].response.usage.total_tokens > 0  # type: ignore[union-attr]
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+    called = client.responses.create(model="m", input="weather?", tool_choice="required", tools=[
+        {"type": "function", "name": "w", "parameters": schema, "strict": False}])
+    assert called.output[0].type == "function_call" and json.loads(called.output[0].arguments) == {"city": "x"}
+    assert fake.stats()["calls_by_route"] == {"responses": 3}
+    assert fake.stats()["last_bodies"]["responses"]["tool_choice"] == "required"
+
+
+def test_responses_get_the_fault_modes(fake: FakeUpstream, client: openai.OpenAI) -> None:
+    fake.configure("error", fail_first_n=1)
+    with pytest.raises(openai.InternalServerError):
+        client.responses.create(model="m", input="x")
+    assert client.responses.create(model="m", input="x").output_text == "echo: x"
+    fake.configure("rate_limit", retry_after=3)
+    with pytest.raises(openai.RateLimitError):
+        client.responses.create(model="m", input="x", stream=True)
+    fake.configure("drop_stream")
+    received = []
+    with pytest.raises((openai.APIError, httpx.HTTPError)):
+        for event in client.responses.create(model="m", input="x", stream=True):
+            received.append(event)
+    assert len(received) == 2
+    fake.configure("hang")
+    with openai.OpenAI(base_url=fake.base_url, api_key="t", max_retries=0, timeout=0.5) as c:
+        with pytest.raises(openai.APITimeoutError):
+            c.responses.create(model="m", input="x")
+    assert wait_until(lambda: fake.stats()["in_flight"] == 0)
+
+
 def test_control_over_http(fake: FakeUpstream, client: openai.OpenAI) -> None:
     with httpx.Client(base_url=fake.url) as http:
         response = http.post("/_control/config", json={"mode": "rate_limit", "retry_after": 5})

@@ -90,6 +90,47 @@ def test_max_tokens_above_the_models_limit_is_lowered_for_a_fallback() -> None:
     assert asyncio.run(Worker(CONFIG, provider=provider).describe()) == CONFIG
 
 
+class ForwardingProvider(FakeProvider):
+    """A provider that forwards /v1/responses (as ``providers.openai_compat`` does)."""
+
+    async def respond(self, body: dict[str, Any], share: Any = None) -> dict[str, Any]:
+        self.bodies.append(body)
+        if self.fail is not None:
+            raise self.fail
+        return {"object": "response", "output": [], "usage": {"input_tokens": 4, "output_tokens": 2}}
+
+    async def respond_stream(self, body: dict[str, Any], share: Any = None) -> AsyncIterator[Any]:
+        self.bodies.append(body)
+        yield {"type": "response.created", "sequence_number": 0}
+        if self.fail is not None:
+            raise self.fail
+        yield StreamEnd(usage=Usage(prompt_tokens=4, completion_tokens=2, total_tokens=6))
+
+
+def test_responses_are_forwarded_by_a_provider_that_can_and_refused_by_one_that_cannot() -> None:
+    from deployments.schemas.calls import BodyCall
+
+    body = BodyCall(body={"model": "m", "input": "hi", "max_output_tokens": 5000}, request_id="req-1")
+    provider = ForwardingProvider()
+    reply = asyncio.run(Worker(CONFIG, provider=provider).respond(body))
+    assert isinstance(reply, ChatReply) and reply.usage == Usage(prompt_tokens=4, completion_tokens=2, total_tokens=6)
+    assert provider.bodies[0]["max_output_tokens"] == 100  # lowered to the model's limit, as max_tokens is
+
+    async def items(worker: ModelWorker) -> list[Any]:
+        return [item async for item in worker.respond_stream(body)]
+
+    assert asyncio.run(items(Worker(CONFIG, provider=provider)))[-1] == StreamEnd(
+        usage=Usage(prompt_tokens=4, completion_tokens=2, total_tokens=6))
+    error = errors.UpstreamError("down")
+    streamed = asyncio.run(items(Worker(CONFIG, provider=ForwardingProvider(fail=error))))
+    assert streamed[0]["type"] == "response.created" and streamed[-1] is error
+    # A provider without /responses (the local model) answers a 400 naming `model`, as a value.
+    refused = asyncio.run(Worker(CONFIG, provider=FakeProvider()).respond(body))
+    assert isinstance(refused, errors.InvalidRequest) and refused.param == "model"
+    (only,) = asyncio.run(items(Worker(CONFIG, provider=FakeProvider())))
+    assert isinstance(only, errors.InvalidRequest)
+
+
 def test_replies_cross_the_handle_as_plain_data_and_arrive_equal() -> None:
     with_usage = ChatReply.of({"choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 1}})
     without = ChatReply.of({"choices": []})

@@ -195,3 +195,75 @@ def test_streams_always_ask_for_usage_and_hand_it_back_at_the_end(client_asked: 
     chunks = [i for i in items if isinstance(i, dict)]
     assert [bool(c.get("usage")) for c in chunks] == ([False, True] if client_asked else [False])
     assert all(c["model"] == "m" for c in chunks)
+
+
+# -- /v1/responses forwarded (upstream_api: responses) -------------------------------------------------
+
+RESPONSE = {"id": "resp_up", "object": "response", "model": "up", "status": "completed", "output": [],
+            "usage": {"input_tokens": 5, "output_tokens": 2, "total_tokens": 7}}
+RESPONSE_BODY = {"model": "m", "input": "hello", "reasoning": {"effort": "low"}, "store": False}
+
+
+def event_stream(*events: dict[str, object]) -> httpx2.Response:
+    body = "".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in events)
+    return httpx2.Response(200, headers={"content-type": "text/event-stream"}, content=body.encode())
+
+
+def respond(handler: Handler, stream: bool) -> object:
+    p = provider(handler, capabilities=["responses"], upstream_api="responses")
+
+    async def go() -> object:
+        try:
+            if stream:
+                return [item async for item in p.respond_stream({**RESPONSE_BODY, "stream": True})]
+            return await p.respond(dict(RESPONSE_BODY))
+        finally:
+            await p.close()
+
+    return asyncio.run(go())
+
+
+def test_a_response_is_forwarded_to_the_upstreams_responses_route() -> None:
+    seen: list[tuple[str, dict[str, object]]] = []
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        seen.append((request.url.path, json.loads(request.content)))
+        return httpx2.Response(200, json=RESPONSE)
+
+    answer = respond(handler, stream=False)
+    assert seen == [("/v1/responses", {**RESPONSE_BODY, "model": "up", "stream": False})]
+    assert isinstance(answer, dict) and answer["model"] == "m" and answer["usage"]["total_tokens"] == 7
+
+
+def test_a_forwarded_stream_relays_events_and_ends_with_the_completed_usage() -> None:
+    created = {"type": "response.created", "sequence_number": 0, "response": {**RESPONSE, "status": "in_progress",
+                                                                              "usage": None}}
+    delta = {"type": "response.output_text.delta", "sequence_number": 1, "delta": "hi"}
+    completed = {"type": "response.completed", "sequence_number": 2, "response": RESPONSE}
+    items = respond(lambda request: event_stream(created, delta, completed), stream=True)
+    assert isinstance(items, list) and [i["type"] for i in items[:-1]] == [
+        "response.created", "response.output_text.delta", "response.completed"]
+    assert items[0]["response"]["model"] == items[2]["response"]["model"] == "m"
+    assert items[1] == delta
+    assert items[-1] == StreamEnd(usage=Usage(prompt_tokens=5, completion_tokens=2, total_tokens=7))
+
+
+@pytest.mark.parametrize("kind", ["error", "response.failed"])
+def test_an_upstream_error_event_ends_the_stream_in_our_words(kind: str) -> None:
+    failed = {"type": kind, "sequence_number": 1, "message": "secret upstream detail",
+              "response": {**RESPONSE, "status": "failed", "error": {"message": "secret upstream detail"}}}
+    with pytest.raises(errors.UpstreamError) as caught:
+        respond(lambda request: event_stream({"type": "response.created", "sequence_number": 0}, failed), stream=True)
+    assert "secret" not in caught.value.message
+
+
+def test_a_forwarded_call_is_retried_like_chat() -> None:
+    answers = iter([httpx2.Response(500, json={"error": {"message": "boom"}}), httpx2.Response(200, json=RESPONSE)])
+    assert respond(lambda request: next(answers), stream=False)["id"] == "resp_up"  # type: ignore[index]
+
+
+def test_upstream_api_responses_needs_the_capability() -> None:
+    with pytest.raises(ValueError, match="needs `responses` in capabilities"):
+        OpenAIModel(provider="openai", name="m", base_url="http://h/v1", upstream_api="responses",
+                    capabilities=["chat"])
+    assert OpenAIModel(provider="openai", name="m", base_url="http://h/v1", upstream_api="responses").forwards_responses

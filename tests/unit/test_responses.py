@@ -156,13 +156,14 @@ def test_an_error_mid_stream_is_an_error_event_and_no_completed() -> None:
 
     from deployments.errors import Overloaded, PromptfleetError
     from deployments.gateway.responses_routes import events
+    from deployments.response_calls import _translated
 
     async def chunks() -> AsyncGenerator[dict[str, Any] | PromptfleetError, None]:
         yield chunk({"content": "Hel"})
         yield Overloaded("Model 'm' is temporarily unavailable; retry shortly.", retry_after=1)
 
     async def collect() -> list[str]:
-        return [text async for text in events(create(stream=True), chunks(), "req-1")]
+        return [text async for text in events(_translated(create(stream=True), chunks()), "req-1")]
 
     sent = asyncio.run(collect())
     names = [text.split("\n")[0] for text in sent]
