@@ -8,9 +8,9 @@ one is stopped, is tests/cluster/test_stop.py.
 from __future__ import annotations
 
 import os
+import select
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,17 +36,20 @@ def spawned() -> Iterator[list[subprocess.Popen[bytes]]]:
             if ownership.alive(pid):
                 os.kill(pid, 9)
         proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def start(procs: list[subprocess.Popen[bytes]], mark: str | None) -> subprocess.Popen[bytes]:
     env = {**os.environ, **({ownership.MARK_ENV: mark} if mark else {})}
     env.pop(ownership.MARK_ENV, None) if mark is None else None
-    proc = subprocess.Popen([sys.executable, "-c", TREE], env=env, start_new_session=True)
+    # The child prints a line once its SIGTERM handler is in place (it shares the parent's stdout).
+    proc = subprocess.Popen([sys.executable, "-c", TREE], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE)
     procs.append(proc)
-    deadline = time.monotonic() + 20
-    while not ownership.descendants({proc.pid}) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    time.sleep(0.3)  # the child installs its SIGTERM handler
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 20)
+    assert ready and proc.stdout.readline() == b"1\n", "the child did not start"
     return proc
 
 
