@@ -7,11 +7,13 @@ usage (``admin_routes``), ``/healthz`` and ``/readyz`` (``health``), the OpenAPI
 ``/docs`` (its Swagger UI files served from the ``fastapi-swagger`` package: no CDN) and the
 web console at ``/console`` (``deployments.console``) — on its own listener (``listener``) and through
 Serve's proxy.
-Calls: ``ModelWorker`` deployments (by model name), ``TaskRunner``,
-``TaskStore`` and ``RateLimiter``, through ``DeploymentHandle``s.
+Calls: upstream (OpenAI-compatible) models from its own process
+(``deployments.direct_transport``); ``ModelWorker`` deployments of local models (by model name),
+``TaskRunner``, ``TaskStore`` and ``RateLimiter``, through ``DeploymentHandle``s.
 Owns: an index of the active API keys and unflushed usage counts
-(``auth.Authenticator``, ``metering.Meter``), and its copy of the task catalogue
-(``deployments.catalogue``); any number of replicas can run.
+(``auth.Authenticator``, ``metering.Meter``), its copy of the task catalogue
+(``deployments.catalogue``), and a provider per upstream model (connection pool, breaker); any
+number of replicas can run.
 
 Every error leaves through ``render_error`` in the OpenAI shape; the status
 comes from the exception class, never from exception text; the body names the
@@ -42,12 +44,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments import request_ids
 from deployments.catalogue import CatalogueFollower
-from deployments.config import AppArgs
+from deployments.config import AppArgs, OpenAIModel
 from deployments.console.app import build_console
 from deployments.console.cluster import Deployments
 from deployments.console.overview import Overview
 from deployments.console.pages import Pages
 from deployments.console.prometheus import PROMETHEUS_ENV
+from deployments.direct_transport import DirectTransport
 from deployments.errors import (
     InvalidRequest,
     MethodNotAllowed,
@@ -74,9 +77,11 @@ from deployments.gateway.task_routes import build_task_router
 from deployments.logs import watch_serve_log
 from deployments.metering import Meter
 from deployments.model_calls import HandleTransport, ModelCalls
+from deployments.model_serving import ModelServing
+from deployments.providers import build_provider
 from deployments.schemas import CatalogueStatus, Liveness, Readiness
 from deployments.store.keys import ANONYMOUS_OWNER
-from deployments.telemetry import GATEWAY_METRICS, metrics_for
+from deployments.telemetry import GATEWAY_METRICS, UPSTREAM_WORKER_METRICS, metrics_for
 
 logger = logging.getLogger("ray.serve")
 
@@ -259,7 +264,7 @@ class Gateway:
         self.meter = Meter(store, limiter, args.admission,
                            anonymous=None if args.auth.enabled else ANONYMOUS_OWNER)
         self.metrics = metrics_for(args.metrics)
-        self.metrics.declare(*GATEWAY_METRICS)
+        self.metrics.declare(*GATEWAY_METRICS, *UPSTREAM_WORKER_METRICS)
         self.tasks = CatalogueFollower(
             store.task_changes.remote, store.task_version.remote, args.tasks.catalogue_poll_s
         )
@@ -270,7 +275,13 @@ class Gateway:
             catalogue=self.tasks.status,
         )
         self.liveness = Liveness(status="ok", node=self.health.node)
-        calls = ModelCalls(args.models, HandleTransport(workers), self.meter, self.metrics)
+        # Upstream models are called from here; their budgets and pauses stay shared through the limiter.
+        self.transport = DirectTransport(
+            {model.name: ModelServing(model, build_provider(model, limiter=limiter, metrics=self.metrics), args.logs)
+             for model in args.models if isinstance(model, OpenAIModel)},
+            HandleTransport(workers),
+        )
+        calls = ModelCalls(args.models, self.transport, self.meter, self.metrics)
         self.routers = [
             ChatRoutes(calls).router(),
             ResponsesRoutes(calls).router(),
@@ -334,6 +345,7 @@ class Gateway:
                 await listener.stop()
             await self.tasks.stop()
             await self.meter.close()
+            await self.transport.close()
 
     def build_api(self) -> FastAPI:
         api = FastAPI(

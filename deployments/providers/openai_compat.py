@@ -13,7 +13,8 @@ stream is billed by the upstream's own count; the usage chunk reaches the client
 only if it asked): fields promptfleet does not know reach the upstream as the
 client sent them. ``client.post(..., cast_to=object)`` skips building typed
 response objects we would only turn back into dicts. A ``Retry-After`` is parsed
-strictly and capped at the model's ``max_retry_after_s``.
+strictly and capped at the model's ``max_retry_after_s``. The id of the request a call serves goes
+upstream as ``X-Request-ID``.
 
 The token estimate booked on the model's ``tpm`` before each try is settled with the real
 usage, given back when the upstream refused or was never reached (429, 5xx, 4xx, connection
@@ -31,7 +32,9 @@ from typing import Any, TypeVar
 import httpx2
 import openai
 from openai import AsyncOpenAI, AsyncStream, DefaultAioHttpClient
+from openai._types import RequestOptions  # the type of `options=`; not re-exported at the top
 
+from deployments import request_ids
 from deployments.config import OpenAIModel
 from deployments.core.retry import BackoffPolicy, parse_retry_after
 from deployments.core.tokens import StreamCounter, completion_budget, prompt_tokens
@@ -166,7 +169,7 @@ class OpenAIProvider:
                 path,
                 cast_to=object,
                 body=payload,
-                options={"timeout": self._timeout(remaining_s)},
+                options=self._options(remaining_s),
             )
             if not isinstance(result, dict):
                 raise UpstreamError(f"The upstream for model '{self.config.name}' sent a non-JSON answer.")
@@ -217,7 +220,7 @@ class OpenAIProvider:
                 path,
                 cast_to=object,
                 body=payload,
-                options={"timeout": self._timeout(remaining_s)},
+                options=self._options(remaining_s),
                 stream=True,
                 stream_cls=AsyncStream[object],
             )
@@ -248,6 +251,15 @@ class OpenAIProvider:
     async def close(self) -> None:
         await self.guard.close()
         await self.client.close()
+
+    def _options(self, remaining: float) -> RequestOptions:
+        """Per-try request options: the try's timeout and, when the call serves a request, its id as
+        ``X-Request-ID`` (the upstream's logs can then be matched with ours)."""
+        options: RequestOptions = {"timeout": self._timeout(remaining)}
+        request_id = request_ids.current()
+        if request_id:
+            options["headers"] = {"X-Request-ID": request_id}
+        return options
 
     def _timeout(self, remaining: float) -> httpx2.Timeout:
         return httpx2.Timeout(max(remaining, 0.001), connect=min(self.config.connect_timeout_s, remaining))
