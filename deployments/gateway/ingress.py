@@ -21,7 +21,8 @@ request's id. Three ASGI layers run before any route: ``access.RequestIds`` (the
 request's id, ``X-Request-ID`` on every response, the access line), ``AuthGate``
 (the key, from the headers, before the body is read) and ``BodySizeLimit`` (413
 for a body over the limit, declared or chunked); around them all, ``RequestMetrics``
-counts and times every request (``deployments.telemetry``).
+counts and times every request (``deployments.telemetry``). Inside them, ``fast_chat``
+answers valid chat requests without FastAPI (the hot route; the rest goes on to FastAPI).
 """
 
 from __future__ import annotations
@@ -63,9 +64,10 @@ from deployments.gateway.access import RequestIds
 from deployments.gateway.admin_routes import KeyAdmin, build_admin_router
 from deployments.gateway.auth import Authenticator
 from deployments.gateway.batch_routes import FILES_PATH, build_batch_router
-from deployments.gateway.chat_routes import ChatRoutes
+from deployments.gateway.chat_routes import CHAT_PATH, ChatRoutes
 from deployments.gateway.completion_routes import build_completion_router
 from deployments.gateway.embedding_routes import build_embedding_router
+from deployments.gateway.fast_chat import FastChat
 from deployments.gateway.files import FORM_OVERHEAD_BYTES
 from deployments.gateway.health import HealthCheck
 from deployments.gateway.listener import Listener
@@ -73,6 +75,7 @@ from deployments.gateway.prompt_routes import build_prompt_router
 from deployments.gateway.protocol import ListenerLimits
 from deployments.gateway.request_metrics import RequestMetrics
 from deployments.gateway.responses_routes import ResponsesRoutes
+from deployments.gateway.scopes import route_path
 from deployments.gateway.task_routes import build_task_router
 from deployments.logs import watch_serve_log
 from deployments.metering import Meter
@@ -125,13 +128,6 @@ def validation_error(exc: RequestValidationError) -> InvalidRequest:
     if first.get("type") == "missing":
         message = "Field required"
     return InvalidRequest(f"{param}: {message}" if param else message, param=param)
-
-
-def route_path(scope: Scope) -> str:
-    """The path the app routes on: through Serve's proxy an app under a route prefix sees it as root_path."""
-    path: str = scope.get("path", "")
-    root: str = scope.get("root_path", "")
-    return path[len(root):] if root and path.startswith(root) else path
 
 
 def has_body(scope: Scope) -> bool:
@@ -282,8 +278,9 @@ class Gateway:
             HandleTransport(workers),
         )
         calls = ModelCalls(args.models, self.transport, self.meter, self.metrics)
+        self.chat = ChatRoutes(calls)
         self.routers = [
-            ChatRoutes(calls).router(),
+            self.chat.router(),
             ResponsesRoutes(calls).router(),
             build_embedding_router(calls),
             build_completion_router(calls),
@@ -306,11 +303,13 @@ class Gateway:
             self.auth,
         )
         # Outermost first: the metrics, the request's id, who is calling (headers only), the body's size,
-        # the routes.
+        # the hot route below FastAPI, the routes.
         api = self.build_api()
+        chat_route = next((r for r in api.routes if getattr(r, "path", None) == CHAT_PATH), None)
         max_file = args.tasks.quotas.max_file_bytes
         file_too_large = RequestTooLarge(f"file: larger than the limit of {max_file} bytes", param="file")
-        limited = BodySizeLimit(api, limit=args.gateway.max_body_bytes,
+        limited = BodySizeLimit(FastChat(api, self.chat, chat_route, render_error),
+                                limit=args.gateway.max_body_bytes,
                                 path_limits={FILES_PATH: (max_file + FORM_OVERHEAD_BYTES, file_too_large)})
         app_name = serve.get_replica_context().app_name
         self.asgi_app = RequestMetrics(
