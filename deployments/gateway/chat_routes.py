@@ -19,6 +19,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import BaseRoute
 
 from deployments.errors import ModelNotFound, PromptfleetError
 from deployments.gateway import deadline
@@ -39,6 +40,7 @@ def sse(item: dict[str, Any] | PromptfleetError, request_id: str | None = None) 
 class ChatRoutes:
     def __init__(self, calls: ModelCalls) -> None:
         self.calls = calls
+        self.route: BaseRoute | None = None  # the chat route, once ``router()`` made it
         started = int(time.time())
         self.cards = ModelList(
             data=[
@@ -68,6 +70,9 @@ class ChatRoutes:
             # rest (FastAPI's errors for them) and documents the route.
             return await self.respond(request, http)
 
+        # The route object FastAPI puts in the scope for this route (what the request metrics read);
+        # ``fast_chat`` puts it there too.
+        self.route = router.routes[-1]
         return router
 
     async def respond(self, request: ChatCompletionRequest, http: Request) -> Response:

@@ -64,7 +64,7 @@ from deployments.gateway.access import RequestIds
 from deployments.gateway.admin_routes import KeyAdmin, build_admin_router
 from deployments.gateway.auth import Authenticator
 from deployments.gateway.batch_routes import FILES_PATH, build_batch_router
-from deployments.gateway.chat_routes import CHAT_PATH, ChatRoutes
+from deployments.gateway.chat_routes import ChatRoutes
 from deployments.gateway.completion_routes import build_completion_router
 from deployments.gateway.embedding_routes import build_embedding_router
 from deployments.gateway.fast_chat import FastChat
@@ -305,10 +305,9 @@ class Gateway:
         # Outermost first: the metrics, the request's id, who is calling (headers only), the body's size,
         # the hot route below FastAPI, the routes.
         api = self.build_api()
-        chat_route = next((r for r in api.routes if getattr(r, "path", None) == CHAT_PATH), None)
         max_file = args.tasks.quotas.max_file_bytes
         file_too_large = RequestTooLarge(f"file: larger than the limit of {max_file} bytes", param="file")
-        limited = BodySizeLimit(FastChat(api, self.chat, chat_route, render_error),
+        limited = BodySizeLimit(FastChat(api, self.chat, self.chat.route, render_error),
                                 limit=args.gateway.max_body_bytes,
                                 path_limits={FILES_PATH: (max_file + FORM_OVERHEAD_BYTES, file_too_large)})
         app_name = serve.get_replica_context().app_name

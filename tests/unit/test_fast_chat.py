@@ -5,19 +5,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI
 from starlette.responses import JSONResponse
-from starlette.routing import BaseRoute
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from deployments import errors
 from deployments.config import OpenAIModel
 from deployments.gateway.caller import Caller
 from deployments.gateway.chat_routes import CHAT_PATH, ChatRoutes
 from deployments.gateway.fast_chat import FastChat
+from deployments.gateway.request_metrics import RequestMetrics
 from deployments.model_calls import ModelCalls
+from deployments.telemetry import REQUESTS, MemoryBackend
+from deployments.telemetry.recording import Metrics
 from tests.fakes.workers import FakeWorkers
 
 MODEL = OpenAIModel(provider="openai", name="m", base_url="http://127.0.0.1:1/v1")
@@ -45,15 +48,22 @@ def render(error: errors.PromptfleetError) -> JSONResponse:
     return JSONResponse(error.to_body(None), status_code=error.status_code)
 
 
+def chat_routes(workers: FakeWorkers | None = None) -> ChatRoutes:
+    chat = ChatRoutes(ModelCalls([MODEL], workers or FakeWorkers()))
+    chat.router()  # makes its route
+    return chat
+
+
 def serve(
     body: bytes | list[bytes], *, method: str = "POST", path: str = CHAT_PATH,
     content_type: bytes | None = b"application/json", workers: FakeWorkers | None = None,
-    route: BaseRoute | None = None,
+    wrap: Callable[[ASGIApp], ASGIApp] = lambda app: app,
 ) -> tuple[int, Any, Behind, Scope]:
-    """One request through ``FastChat``; its status, JSON answer (or SSE text), the app behind, the scope."""
+    """One request through ``FastChat`` (inside ``wrap``); its status, JSON answer (or SSE text), the app
+    behind, the scope."""
     behind = Behind()
-    calls = ModelCalls([MODEL], workers or FakeWorkers())
-    app = FastChat(behind, ChatRoutes(calls), route, render)
+    chat = chat_routes(workers)
+    app = wrap(FastChat(behind, chat, chat.route, render))
     headers = [(b"content-type", content_type)] if content_type is not None else []
     scope: Scope = {"type": "http", "method": method, "path": path, "root_path": "", "headers": headers,
                     "query_string": b"", "state": {"caller": Caller(owner="anonymous")}}
@@ -81,11 +91,20 @@ def serve(
 
 
 def test_a_valid_chat_request_is_answered_without_the_app_behind() -> None:
-    route = FastAPI().router.routes[0]
-    status, answer, behind, scope = serve(json.dumps(BODY).encode(), route=route)
+    status, answer, behind, scope = serve(json.dumps(BODY).encode())
     assert status == 200 and answer["model"] == "m" and behind.bodies == []
-    assert scope["route"] is route  # the request metrics read the route's template
+    assert scope["route"].path == CHAT_PATH  # the request metrics read the route's template
     assert scope["state"]["model"] == "m"  # the access line's model
+
+
+def test_the_request_metrics_label_it_with_the_routes_template_and_model() -> None:
+    backend = MemoryBackend()
+    metrics = Metrics("app", backend=backend)
+    api = FastAPI()
+    api.include_router(chat_routes().router())
+    status, *_ = serve(json.dumps(BODY).encode(), wrap=lambda app: RequestMetrics(app, metrics, ["m"], api.routes))
+    assert status == 200
+    assert backend.total(REQUESTS, route=CHAT_PATH, model="m", status_class="2xx") == 1
 
 
 def test_a_body_in_several_parts_and_a_charset_are_taken_too() -> None:
@@ -123,7 +142,8 @@ def test_errors_are_rendered_in_the_openai_shape() -> None:
 
 def test_a_client_that_leaves_mid_body_gets_nothing() -> None:
     behind = Behind()
-    app = FastChat(behind, ChatRoutes(ModelCalls([MODEL], FakeWorkers())), None, render)
+    chat = chat_routes()
+    app = FastChat(behind, chat, chat.route, render)
     messages: list[Message] = [{"type": "http.request", "body": b"{", "more_body": True}, {"type": "http.disconnect"}]
     sent: list[Message] = []
 
