@@ -313,7 +313,9 @@ class Gateway:
         app_name = serve.get_replica_context().app_name
         self.asgi_app = RequestMetrics(
             RequestIds(AuthGate(limited, self.auth), app_name, args.logs.access_log),
-            self.metrics, (m.name for m in args.models), api.routes,
+            # The routers' own routes: FastAPI (0.165) nests an included router's routes in one entry
+            # of ``api.routes`` that does not match a scope, which left refused requests "unmatched".
+            self.metrics, (m.name for m in args.models), [*(r for rt in self.routers for r in rt.routes), *api.routes],
         )
 
     async def catalogue_status(self) -> tuple[str, CatalogueStatus]:
