@@ -12,7 +12,9 @@ name) and, on streams, ``stream_options.include_usage`` (always asked for, so a
 stream is billed by the upstream's own count; the usage chunk reaches the client
 only if it asked): fields promptfleet does not know reach the upstream as the
 client sent them. ``client.post(..., cast_to=object)`` skips building typed
-response objects we would only turn back into dicts. A ``Retry-After`` is parsed
+response objects we would only turn back into dicts; in a replica the call goes out through
+``relay.Relay`` instead (a bare aiohttp POST: the SDK's request building cost more CPU than the rest
+of the call), which raises the SDK's exceptions, so everything below is the same for both. A ``Retry-After`` is parsed
 strictly and capped at the model's ``max_retry_after_s``. The id of the request a call serves goes
 upstream as ``X-Request-ID``.
 
@@ -46,6 +48,7 @@ from deployments.errors import (
     UpstreamTimeout,
 )
 from deployments.providers.admission import UpstreamGuard
+from deployments.providers.relay import Relay, RelayStream
 from deployments.schemas import Share, StreamEnd, Usage
 from deployments.schemas.completions import DEFAULT_MAX_TOKENS
 from deployments.schemas.inputs import item_tokens, items
@@ -147,6 +150,9 @@ class OpenAIProvider:
             # (py-spy: httpcore was a third of a worker's CPU under load).
             http_client=http_client or DefaultAioHttpClient(limits=limits),
         )
+        # Calls go out through the bare relay; the SDK's own path stays for an injected client (tests).
+        self.relay = None if http_client is not None else Relay(
+            self.client, config.base_url, api_key, config.max_concurrency, config.connect_timeout_s)
 
     async def chat(self, body: dict[str, Any], share: Share | None = None) -> dict[str, Any]:
         return await self._json("/chat/completions", body, self.estimate(body), share)
@@ -165,12 +171,10 @@ class OpenAIProvider:
             payload["stream"] = False
 
         async def attempt(remaining_s: float) -> dict[str, Any]:
-            result = await self.client.post(
-                path,
-                cast_to=object,
-                body=payload,
-                options=self._options(remaining_s),
-            )
+            if self.relay is not None:
+                result = await self.relay.post(path, payload, remaining_s, request_ids.current())
+            else:
+                result = await self.client.post(path, cast_to=object, body=payload, options=self._options(remaining_s))
             if not isinstance(result, dict):
                 raise UpstreamError(f"The upstream for model '{self.config.name}' sent a non-JSON answer.")
             return result
@@ -215,7 +219,9 @@ class OpenAIProvider:
             "stream_options": {**(body.get("stream_options") or {}), "include_usage": True},
         }
 
-        async def open_stream(remaining_s: float) -> AsyncStream[object]:
+        async def open_stream(remaining_s: float) -> AsyncStream[object] | RelayStream:
+            if self.relay is not None:
+                return await self.relay.stream(path, payload, remaining_s, request_ids.current())
             return await self.client.post(
                 path,
                 cast_to=object,
@@ -250,6 +256,8 @@ class OpenAIProvider:
 
     async def close(self) -> None:
         await self.guard.close()
+        if self.relay is not None:
+            await self.relay.close()
         await self.client.close()
 
     def _options(self, remaining: float) -> RequestOptions:

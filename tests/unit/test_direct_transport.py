@@ -187,3 +187,30 @@ def test_a_full_model_falls_back(fake: FakeUpstream) -> None:
 
     scenario(fake, go, model("c", fake.base_url, "b", max_concurrency=1, timeout_s=5))
 
+
+
+@pytest.mark.parametrize(("mode", "error"), [
+    ("drop_stream", errors.UpstreamError), ("stall_stream", errors.UpstreamTimeout),
+])
+def test_a_stream_that_breaks_after_its_first_chunks_ends_with_our_error(
+        fake: FakeUpstream, mode: str, error: type[errors.PromptfleetError]) -> None:
+    fake.configure(mode=mode)
+
+    async def go(calls: ModelCalls, *_: Any) -> None:
+        items = [item async for item in await calls.stream(request("b", stream=True))]
+        assert isinstance(items[0], dict) and items[0]["model"] == "b"
+        assert isinstance(items[-1], error) and all(isinstance(i, dict) for i in items[:-1])
+
+    scenario(fake, go, model("b", fake.base_url, timeout_s=1))
+
+
+def test_a_refused_key_is_our_error_without_the_upstreams_text(fake: FakeUpstream) -> None:
+    fake.configure(mode="ok", api_key="right-key")
+
+    async def go(calls: ModelCalls, *_: Any) -> None:
+        with pytest.raises(errors.UpstreamError) as refused:
+            await calls.complete(request("b"))
+        assert "401" in refused.value.message and "right-key" not in refused.value.message
+
+    scenario(fake, go)
+    assert fake.stats()["last_authorization"] == "Bearer unused"
