@@ -44,7 +44,11 @@ class Relay:
     def _session(self) -> aiohttp.ClientSession:
         # Made on first use: the session belongs to the running event loop.
         if self.session is None:
-            connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0)
+            # The connection settings of the SDK's aiohttp transport it replaces: httpx's TLS context
+            # (certifi, SSL_CERT_FILE), idle connections kept for httpx's 5 s.
+            connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0,
+                                             ssl=httpx2.create_ssl_context(),
+                                             keepalive_timeout=httpx2.Limits().keepalive_expiry)
             self.session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
         return self.session
 
