@@ -123,7 +123,7 @@ ROWS: list[Row] = [
               (Target(per_second(t.UPSTREAM_RETRIES, "model"), "retries {{model}}"),
                Target(per_second(t.FALLBACKS, "model, fallback"), "fallback {{model}} → {{fallback}}"),
                Target(per_second(t.BREAKER_OPENS, "model"), "breaker opened {{model}}"))),
-        Panel("Worker replicas with an open circuit", _why(t.BREAKER_STATE), "short",
+        Panel("Replicas with an open circuit", _why(t.BREAKER_STATE), "short",
               (Target(f"count by (model) ({t.BREAKER_STATE.exported}{_selector()} == 2)", "open {{model}}"),
                Target(f"count by (model) ({t.BREAKER_STATE.exported}{_selector()} == 1)", "half-open {{model}}"))),
     ]),

@@ -19,12 +19,15 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import BaseRoute
 
 from deployments.errors import ModelNotFound, PromptfleetError
 from deployments.gateway import deadline
 from deployments.gateway.caller import get_caller
 from deployments.model_calls import ModelCalls
 from deployments.schemas import ChatCompletionRequest, ModelCard, ModelList
+
+CHAT_PATH = "/v1/chat/completions"
 
 
 def sse(item: dict[str, Any] | PromptfleetError, request_id: str | None = None) -> str:
@@ -37,6 +40,7 @@ def sse(item: dict[str, Any] | PromptfleetError, request_id: str | None = None) 
 class ChatRoutes:
     def __init__(self, calls: ModelCalls) -> None:
         self.calls = calls
+        self.route: BaseRoute | None = None  # the chat route, once ``router()`` made it
         started = int(time.time())
         self.cards = ModelList(
             data=[
@@ -60,23 +64,31 @@ class ChatRoutes:
                     return card
             raise ModelNotFound(f"The model '{model_id}' does not exist.", param="model")
 
-        @router.post("/chat/completions", response_model=None, openapi_extra=deadline.OPENAPI)
+        @router.post(CHAT_PATH.removeprefix("/v1"), response_model=None, openapi_extra=deadline.OPENAPI)
         async def chat_completions(request: ChatCompletionRequest, http: Request) -> Response:
-            # The hot route reads its caller and deadline itself: as FastAPI dependencies they cost
-            # ~80 µs of the Gateway's ~2 ms CPU per request (dependency solving), for nothing.
-            caller = await get_caller(http)
-            state = http.scope["state"]
-            state["model"] = request.model  # for the access line (``access.RequestIds``)
-            wait_s = self.calls.wait_s(request.model, deadline.client_timeout(http.headers))
-            if request.stream:
-                chunks = await self.calls.stream(request, caller.entry, wait_s=wait_s)
-                return StreamingResponse(
-                    events(chunks, state.get("request_id")), media_type="text/event-stream",
-                    headers={"Cache-Control": "no-cache"},
-                )
-            return JSONResponse(await self.calls.complete(request, caller.entry, wait_s=wait_s))
+            # Valid bodies usually take ``gateway.fast_chat`` and never reach this route; it serves the
+            # rest (FastAPI's errors for them) and documents the route.
+            return await self.respond(request, http)
 
+        # The route object FastAPI puts in the scope for this route (what the request metrics read);
+        # ``fast_chat`` puts it there too.
+        self.route = router.routes[-1]
         return router
+
+    async def respond(self, request: ChatCompletionRequest, http: Request) -> Response:
+        """The answer to a validated chat request. It reads its caller and deadline itself: as FastAPI
+        dependencies they cost ~80 µs of the Gateway's ~2 ms CPU per request (dependency solving)."""
+        caller = await get_caller(http)
+        state = http.scope["state"]
+        state["model"] = request.model  # for the access line (``access.RequestIds``)
+        wait_s = self.calls.wait_s(request.model, deadline.client_timeout(http.headers))
+        if request.stream:
+            chunks = await self.calls.stream(request, caller.entry, wait_s=wait_s)
+            return StreamingResponse(
+                events(chunks, state.get("request_id")), media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
+        return JSONResponse(await self.calls.complete(request, caller.entry, wait_s=wait_s))
 
 
 async def events(

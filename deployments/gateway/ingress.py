@@ -7,13 +7,15 @@ usage (``admin_routes``), ``/healthz`` and ``/readyz`` (``health``), the OpenAPI
 ``/docs`` (its Swagger UI files served from the ``fastapi-swagger`` package: no CDN) and the
 web console at ``/console`` (``deployments.console``) — on its own listener (``listener``) and through
 Serve's proxy.
-Calls: ``ModelWorker`` deployments (by model name), ``TaskRunner``,
-``TaskStore``, ``BatchService`` and ``RateLimiter``, through their typed clients
+Calls: upstream (OpenAI-compatible) models from its own process
+(``deployments.direct_transport``); ``ModelWorker`` deployments of local models (by model name),
+``TaskRunner``, ``TaskStore``, ``BatchService`` and ``RateLimiter``, through their typed clients
 (``deployments.clients``, built here from the handles ``app.py`` binds) and, for model calls,
 ``model_calls.HandleTransport``.
 Owns: an index of the active API keys and unflushed usage counts
-(``auth.Authenticator``, ``metering.Meter``), and its copy of the task catalogue
-(``deployments.catalogue``); any number of replicas can run.
+(``auth.Authenticator``, ``metering.Meter``), its copy of the task catalogue
+(``deployments.catalogue``), and a provider per upstream model (connection pool, breaker); any
+number of replicas can run.
 
 Every error leaves through ``render_error`` in the OpenAI shape; the status
 comes from the exception class, never from exception text; the body names the
@@ -21,7 +23,8 @@ request's id. Three ASGI layers run before any route: ``access.RequestIds`` (the
 request's id, ``X-Request-ID`` on every response, the access line), ``AuthGate``
 (the key, from the headers, before the body is read) and ``BodySizeLimit`` (413
 for a body over the limit, declared or chunked); around them all, ``RequestMetrics``
-counts and times every request (``deployments.telemetry``).
+counts and times every request (``deployments.telemetry``). Inside them, ``fast_chat``
+answers valid chat requests without FastAPI (the hot route; the rest goes on to FastAPI).
 """
 
 from __future__ import annotations
@@ -52,12 +55,13 @@ from deployments.clients.runs import RunsClient
 from deployments.clients.sessions import SessionsClient
 from deployments.clients.task_versions import TaskVersionsClient
 from deployments.clients.workers import WorkerClient
-from deployments.config import AppArgs
+from deployments.config import AppArgs, OpenAIModel
 from deployments.console.app import build_console
 from deployments.console.cluster import Deployments
 from deployments.console.overview import Overview
 from deployments.console.pages import Pages
 from deployments.console.prometheus import PROMETHEUS_ENV
+from deployments.direct_transport import DirectTransport
 from deployments.errors import (
     InvalidRequest,
     MethodNotAllowed,
@@ -73,6 +77,7 @@ from deployments.gateway.batch_routes import FILES_PATH, build_batch_router
 from deployments.gateway.chat_routes import ChatRoutes
 from deployments.gateway.completion_routes import build_completion_router
 from deployments.gateway.embedding_routes import build_embedding_router
+from deployments.gateway.fast_chat import FastChat
 from deployments.gateway.files import FORM_OVERHEAD_BYTES
 from deployments.gateway.health import HealthCheck
 from deployments.gateway.listener import Listener
@@ -80,13 +85,16 @@ from deployments.gateway.prompt_routes import build_prompt_router
 from deployments.gateway.protocol import ListenerLimits
 from deployments.gateway.request_metrics import RequestMetrics
 from deployments.gateway.responses_routes import ResponsesRoutes
+from deployments.gateway.scopes import route_path
 from deployments.gateway.task_routes import build_task_router
 from deployments.logs import watch_serve_log
 from deployments.metering import Meter
 from deployments.model_calls import HandleTransport, ModelCalls
+from deployments.model_serving import ModelServing
+from deployments.providers import build_provider
 from deployments.schemas import CatalogueStatus, Liveness, Readiness
 from deployments.store.keys import ANONYMOUS_OWNER
-from deployments.telemetry import GATEWAY_METRICS, metrics_for
+from deployments.telemetry import GATEWAY_METRICS, UPSTREAM_WORKER_METRICS, metrics_for
 
 logger = logging.getLogger("ray.serve")
 
@@ -130,13 +138,6 @@ def validation_error(exc: RequestValidationError) -> InvalidRequest:
     if first.get("type") == "missing":
         message = "Field required"
     return InvalidRequest(f"{param}: {message}" if param else message, param=param)
-
-
-def route_path(scope: Scope) -> str:
-    """The path the app routes on: through Serve's proxy an app under a route prefix sees it as root_path."""
-    path: str = scope.get("path", "")
-    root: str = scope.get("root_path", "")
-    return path[len(root):] if root and path.startswith(root) else path
 
 
 def has_body(scope: Scope) -> bool:
@@ -272,7 +273,7 @@ class Gateway:
         self.meter = Meter(keys, limiter, args.admission,
                            anonymous=None if args.auth.enabled else ANONYMOUS_OWNER)
         self.metrics = metrics_for(args.metrics)
-        self.metrics.declare(*GATEWAY_METRICS)
+        self.metrics.declare(*GATEWAY_METRICS, *UPSTREAM_WORKER_METRICS)
         self.tasks = CatalogueFollower(versions.changes, versions.version, args.tasks.catalogue_poll_s)
         self.health = HealthCheck(
             store=runs.check_health,
@@ -281,10 +282,17 @@ class Gateway:
             catalogue=self.tasks.status,
         )
         self.liveness = Liveness(status="ok", node=self.health.node)
-        calls = ModelCalls(args.models, HandleTransport(workers), self.meter, self.metrics)
+        # Upstream models are called from here; their budgets and pauses stay shared through the limiter.
+        self.transport = DirectTransport(
+            {model.name: ModelServing(model, build_provider(model, limiter=limiter, metrics=self.metrics), args.logs)
+             for model in args.models if isinstance(model, OpenAIModel)},
+            HandleTransport(workers),
+        )
+        calls = ModelCalls(args.models, self.transport, self.meter, self.metrics)
+        self.chat = ChatRoutes(calls)
         key_admin = KeyAdmin(keys, runs, self.auth, batch_client)
         self.routers = [
-            ChatRoutes(calls).router(),
+            self.chat.router(),
             ResponsesRoutes(calls).router(),
             build_embedding_router(calls),
             build_completion_router(calls),
@@ -309,16 +317,19 @@ class Gateway:
             SessionsClient(store),
         )
         # Outermost first: the metrics, the request's id, who is calling (headers only), the body's size,
-        # the routes.
+        # the hot route below FastAPI, the routes.
         api = self.build_api()
         max_file = args.tasks.quotas.max_file_bytes
         file_too_large = RequestTooLarge(f"file: larger than the limit of {max_file} bytes", param="file")
-        limited = BodySizeLimit(api, limit=args.gateway.max_body_bytes,
+        limited = BodySizeLimit(FastChat(api, self.chat, self.chat.route, render_error),
+                                limit=args.gateway.max_body_bytes,
                                 path_limits={FILES_PATH: (max_file + FORM_OVERHEAD_BYTES, file_too_large)})
         app_name = serve.get_replica_context().app_name
         self.asgi_app = RequestMetrics(
             RequestIds(AuthGate(limited, self.auth), app_name, args.logs.access_log),
-            self.metrics, (m.name for m in args.models), api.routes,
+            # The routers' own routes: FastAPI (0.165) nests an included router's routes in one entry
+            # of ``api.routes`` that does not match a scope, which left refused requests "unmatched".
+            self.metrics, (m.name for m in args.models), [*(r for rt in self.routers for r in rt.routes), *api.routes],
         )
 
     async def catalogue_status(self) -> tuple[str, CatalogueStatus]:
@@ -348,6 +359,7 @@ class Gateway:
                 await listener.stop()
             await self.tasks.stop()
             await self.meter.close()
+            await self.transport.close()
 
     def build_api(self) -> FastAPI:
         api = FastAPI(

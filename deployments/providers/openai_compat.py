@@ -15,8 +15,11 @@ client sent them. A /v1/responses body of a model whose upstream speaks that API
 (``upstream_api: responses``) goes to its ``/responses`` the same way (``respond``,
 ``respond_stream``), billed by the usage of the upstream's response.
 ``client.post(..., cast_to=object)`` skips building typed
-response objects we would only turn back into dicts. A ``Retry-After`` is parsed
-strictly and capped at the model's ``max_retry_after_s``.
+response objects we would only turn back into dicts; in a replica the call goes out through
+``relay.Relay`` instead (a bare aiohttp POST: the SDK's request building cost more CPU than the rest
+of the call), which raises the SDK's exceptions, so everything below is the same for both. A ``Retry-After`` is parsed
+strictly and capped at the model's ``max_retry_after_s``. The id of the request a call serves goes
+upstream as ``X-Request-ID``.
 
 The token estimate booked on the model's ``tpm`` before each try is settled with the real
 usage, given back when the upstream refused or was never reached (429, 5xx, 4xx, connection
@@ -34,7 +37,9 @@ from typing import Any, TypeVar
 import httpx2
 import openai
 from openai import AsyncOpenAI, AsyncStream, DefaultAioHttpClient
+from openai._types import RequestOptions  # the type of `options=`; not re-exported at the top
 
+from deployments import request_ids
 from deployments.config import OpenAIModel
 from deployments.core.retry import BackoffPolicy, parse_retry_after
 from deployments.core.tokens import StreamCounter, chat_prompt_tokens, completion_budget, response_prompt_tokens
@@ -46,6 +51,7 @@ from deployments.errors import (
     UpstreamTimeout,
 )
 from deployments.providers.admission import UpstreamGuard
+from deployments.providers.relay import Relay, RelayStream
 from deployments.schemas import Share, StreamEnd, Usage
 from deployments.schemas.completions import DEFAULT_MAX_TOKENS
 from deployments.schemas.inputs import item_tokens, items
@@ -147,6 +153,9 @@ class OpenAIProvider:
             # (py-spy: httpcore was a third of a worker's CPU under load).
             http_client=http_client or DefaultAioHttpClient(limits=limits),
         )
+        # Calls go out through the bare relay; the SDK's own path stays for an injected client (tests).
+        self.relay = None if http_client is not None else Relay(
+            self.client, config.base_url, api_key, config.max_concurrency, config.connect_timeout_s)
 
     async def chat(self, body: dict[str, Any], share: Share | None = None) -> dict[str, Any]:
         return await self._json("/chat/completions", body, self.estimate(body), share)
@@ -165,12 +174,10 @@ class OpenAIProvider:
             payload["stream"] = False
 
         async def attempt(remaining_s: float) -> dict[str, Any]:
-            result = await self.client.post(
-                path,
-                cast_to=object,
-                body=payload,
-                options={"timeout": self._timeout(remaining_s)},
-            )
+            if self.relay is not None:
+                result = await self.relay.post(path, payload, remaining_s, request_ids.current())
+            else:
+                result = await self.client.post(path, cast_to=object, body=payload, options=self._options(remaining_s))
             if not isinstance(result, dict):
                 raise UpstreamError(f"The upstream for model '{self.config.name}' sent a non-JSON answer.")
             return result
@@ -215,12 +222,14 @@ class OpenAIProvider:
             "stream_options": {**(body.get("stream_options") or {}), "include_usage": True},
         }
 
-        async def open_stream(remaining_s: float) -> AsyncStream[object]:
+        async def open_stream(remaining_s: float) -> AsyncStream[object] | RelayStream:
+            if self.relay is not None:
+                return await self.relay.stream(path, payload, remaining_s, request_ids.current())
             return await self.client.post(
                 path,
                 cast_to=object,
                 body=payload,
-                options={"timeout": self._timeout(remaining_s)},
+                options=self._options(remaining_s),
                 stream=True,
                 stream_cls=AsyncStream[object],
             )
@@ -269,9 +278,11 @@ class OpenAIProvider:
         tokens = self.response_estimate(body)
         payload = {**body, "model": self.upstream_model, "stream": True}
 
-        async def open_stream(remaining_s: float) -> AsyncStream[object]:
+        async def open_stream(remaining_s: float) -> AsyncStream[object] | RelayStream:
+            if self.relay is not None:
+                return await self.relay.stream("/responses", payload, remaining_s, request_ids.current())
             return await self.client.post(
-                "/responses", cast_to=object, body=payload, options={"timeout": self._timeout(remaining_s)},
+                "/responses", cast_to=object, body=payload, options=self._options(remaining_s),
                 stream=True, stream_cls=AsyncStream[object],
             )
 
@@ -301,7 +312,18 @@ class OpenAIProvider:
 
     async def close(self) -> None:
         await self.guard.close()
+        if self.relay is not None:
+            await self.relay.close()
         await self.client.close()
+
+    def _options(self, remaining: float) -> RequestOptions:
+        """Per-try request options: the try's timeout and, when the call serves a request, its id as
+        ``X-Request-ID`` (the upstream's logs can then be matched with ours)."""
+        options: RequestOptions = {"timeout": self._timeout(remaining)}
+        request_id = request_ids.current()
+        if request_id:
+            options["headers"] = {"X-Request-ID": request_id}
+        return options
 
     def _timeout(self, remaining: float) -> httpx2.Timeout:
         return httpx2.Timeout(max(remaining, 0.001), connect=min(self.config.connect_timeout_s, remaining))

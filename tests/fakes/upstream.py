@@ -14,10 +14,12 @@ Serves, over real HTTP (raw ASGI under uvicorn; httptools + uvloop when installe
     POST /_control/reset       back to the start-up config (mode ``ok``), zeroed stats
     GET  /_control/stats       ``{"calls", "calls_by_mode", "calls_by_route", "in_flight",
                                  "max_in_flight", "call_times", "last_authorization", "prompts",
-                                 "last_bodies"}`` (``prompts``: the last user message of recent chat
-                                 calls, oldest first; ``calls_by_route``: calls per model route,
-                                 ``chat``, ``embeddings``, ``completions``, ``responses``;
-                                 ``last_bodies``: the last request body of each route)
+                                 "last_bodies", "request_ids"}`` (``prompts``: the last user message
+                                 of recent chat calls, oldest first; ``calls_by_route``: calls per
+                                 model route, ``chat``, ``embeddings``, ``completions``,
+                                 ``responses``; ``last_bodies``: the last request body of each route;
+                                 ``request_ids``: the calls' ``X-Request-ID`` headers, None where
+                                 there was none)
 
 Answers are deterministic: ``"echo: " + <last user message>`` cut to 200 characters, or with
 ``response_format`` ``json_object`` / ``json_schema`` a JSON document (for a schema, the instance
@@ -121,6 +123,7 @@ class _Control:
         self.call_times: collections.deque[float] = collections.deque(maxlen=MAX_CALL_TIMES)
         self.last_authorization: str | None = None
         self.prompts: collections.deque[str] = collections.deque(maxlen=MAX_PROMPTS)
+        self.request_ids: collections.deque[str | None] = collections.deque(maxlen=MAX_PROMPTS)
 
     def record_prompt(self, prompt: str, route: str = "chat", body: Any = None) -> None:
         with self._lock:
@@ -138,9 +141,11 @@ class _Control:
             self._zero()
             self.in_flight = self.max_in_flight = in_flight
 
-    def begin_call(self, authorization: str | None, authorized: bool, route: str = "chat") -> FaultConfig:
+    def begin_call(self, authorization: str | None, authorized: bool, route: str = "chat",
+                   request_id: str | None = None) -> FaultConfig:
         """Count a model call; return the config it runs under ("ok" once faults ran out)."""
         with self._lock:
+            self.request_ids.append(request_id)
             config = self.config
             if config.mode != "ok" and self._faults_left is not None:
                 if self._faults_left > 0:
@@ -167,7 +172,7 @@ class _Control:
                     "in_flight": self.in_flight, "max_in_flight": self.max_in_flight,
                     "call_times": list(self.call_times),
                     "last_authorization": self.last_authorization, "prompts": list(self.prompts),
-                    "last_bodies": dict(self.last_bodies)}
+                    "last_bodies": dict(self.last_bodies), "request_ids": list(self.request_ids)}
 
 
 class FakeUpstreamApp:
@@ -194,12 +199,12 @@ class FakeUpstreamApp:
             return
         method, path = scope["method"], scope["path"].rstrip("/")
         if path.startswith("/v1/"):
-            authorization = next(
-                (v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
+            authorization = _header(scope, b"authorization")
             key = self.control.config.api_key
             authorized = key is None or authorization == f"Bearer {key}"
             if method == "POST" and path in _ROUTES:
-                await self._chat(receive, send, authorization, authorized, _ROUTES[path])
+                await self._chat(receive, send, authorization, authorized, _ROUTES[path],
+                                 _header(scope, b"x-request-id"))
             elif not authorized:
                 await _error(send, 401, "Incorrect API key provided.", "invalid_request_error",
                              "invalid_api_key")
@@ -228,10 +233,11 @@ class FakeUpstreamApp:
                          "not_found")
 
     async def _chat(
-        self, receive: Receive, send: Send, authorization: str | None, authorized: bool, kind: str = "chat"
+        self, receive: Receive, send: Send, authorization: str | None, authorized: bool, kind: str = "chat",
+        request_id: str | None = None,
     ) -> None:
         body = await _read_body(receive)
-        config = self.control.begin_call(authorization, authorized, kind)
+        config = self.control.begin_call(authorization, authorized, kind, request_id)
         try:
             if not authorized:
                 await _error(send, 401, "Incorrect API key provided.", "invalid_request_error",
@@ -293,6 +299,10 @@ class FakeUpstreamApp:
         finally:
             for waiter in waiters:
                 waiter.cancel()
+
+
+def _header(scope: Message, name: bytes) -> str | None:
+    return next((v.decode("latin-1") for k, v in scope["headers"] if k == name), None)
 
 
 def _model(model_id: str) -> dict[str, Any]:

@@ -23,10 +23,11 @@ def test_a_sane_client_id_comes_back_and_is_in_the_serving_workers_log(app: Serv
         )
         assert raw.headers["x-request-id"] == "client-id_1.2:3"
         assert raw.parse().choices[0].message.content == "echo: hello"
-    # The worker replica that served the call logged it under the id (its own log file).
-    wait_for(lambda: logged("promptfleet_worker-fake_", "client-id_1.2:3 -- served fake"), 30,
-             message="the worker's log line")
-    (worker_log,) = logged("promptfleet_worker-fake_", "client-id_1.2:3 -- served fake")
+    # The process that made the call logged it under the id: for an upstream model, the Gateway
+    # replica itself (deployments/direct_transport.py).
+    wait_for(lambda: logged("promptfleet_Gateway_", "client-id_1.2:3 -- served fake"), 30,
+             message="the call's log line")
+    (worker_log,) = logged("promptfleet_Gateway_", "client-id_1.2:3 -- served fake")
     line = next(x for x in worker_log.read_text().splitlines() if "client-id_1.2:3 -- served fake" in x)
     assert "hello" not in line  # no prompt in logs unless logs.content
     # And the Gateway wrote its access line for it: method, route, status, model, key id.
@@ -111,6 +112,6 @@ def test_no_prompt_output_or_key_reaches_any_replica_log(app: ServeApp) -> None:
     reply = httpx.post(f"{app.auth_base_url}/chat/completions", json=body, headers=headers, timeout=30)
     assert reply.status_code == 200 and "zebra-prompt-7731" in reply.text
     wait_for(lambda: logged("promptfleet-auth_Gateway_", "quiet-1 -- POST"), 30, message="the access line")
-    wait_for(lambda: logged("promptfleet-auth_worker-fake_", "quiet-1 -- served fake"), 30, message="the worker's line")
+    wait_for(lambda: logged("promptfleet-auth_Gateway_", "quiet-1 -- served fake"), 30, message="the call's line")
     for secret in ("zebra-prompt-7731", ADMIN_KEY):
         assert not logged("", secret), secret  # no replica's log, of either app, holds it

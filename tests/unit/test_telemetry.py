@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import httpx2
 import pytest
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from deployments import errors, telemetry
@@ -195,6 +195,30 @@ def test_requests_are_counted_by_route_template_model_status_and_error_code(memo
     assert total(telemetry.REQUESTS, route="unmatched", status_class="4xx") == 1
     assert len(memory.observations(telemetry.REQUEST_DURATION)) == 6
     assert all(0 <= s < 5 for s in memory.observations(telemetry.REQUEST_DURATION))
+
+
+def test_a_request_refused_before_routing_is_named_by_an_included_routers_template(memory: MemoryBackend) -> None:
+    router = APIRouter(prefix="/v1")
+
+    @router.get("/runs/{run_id}")
+    async def get_run(run_id: str) -> JSONResponse:
+        return JSONResponse({"id": run_id})
+
+    api = FastAPI()
+    api.include_router(router)
+
+    async def refuse(scope: Any, receive: Any, send: Any) -> None:
+        await JSONResponse(errors.AuthenticationFailed("no key").to_body(), status_code=401)(scope, receive, send)
+
+    async def go(routes: Any) -> None:
+        app = RequestMetrics(refuse, Metrics("app"), [], routes)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            assert (await client.get("/v1/runs/run_xyz")).status_code == 401
+
+    run(go(api.routes))  # FastAPI nests the router's routes: not found there
+    assert memory.total(telemetry.REQUESTS, route="unmatched", status_class="4xx") == 1
+    run(go([*router.routes, *api.routes]))  # what the Gateway passes
+    assert memory.total(telemetry.REQUESTS, route="/v1/runs/{run_id}", status_class="4xx") == 1
 
 
 def test_error_codes_are_bounded() -> None:

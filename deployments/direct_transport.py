@@ -1,0 +1,137 @@
+"""DirectTransport: the Gateway's calls to upstream models, made from the Gateway's own process.
+
+Used by the Gateway's ``model_calls.ModelCalls`` (chat, streams, embeddings, text completions) in
+place of a bare ``HandleTransport``. Calls: for an upstream (``openai``) model, that model's
+provider in this process, served with the worker's conventions (``model_serving.ModelServing``:
+errors as values, ``StreamEnd``, bounded ``max_tokens``, the call's log line); for every other
+model (llama.cpp), its ``ModelWorker`` through ``HandleTransport``. Owns: one provider per upstream
+model (its connection pool, its circuit breaker) and a count of the calls in flight to each.
+
+Why: a call that went Gateway → worker → upstream paid for two Python processes, a handle round
+trip and the worker's gRPC server per request, while the worker only relayed the upstream's JSON
+(docs/performance.md, issue 22's profile). Everything the worker did for an upstream model is the
+provider's (``providers.openai_compat``: retries, timeouts, error translation;
+``providers.admission``: the model's shared rpm/tpm budget and 429 pause through the RateLimiter,
+the breaker), so it runs unchanged here: the budgets and pauses stay shared by every process on
+every node, since they live in the RateLimiter actor; the breaker, as before, is per process.
+
+The upstream concurrency cap: the provider's pool opens at most ``max_concurrency`` connections
+(as each worker replica did); beyond it calls wait for a connection, and past
+``QUEUE_FACTOR × max_concurrency`` calls in flight to a model (the worker replica's
+``max_queued_requests`` was 4 × its ``max_ongoing_requests``) a call is refused with ``Overloaded``
+(503, Retry-After, transient: the next fallback model is tried), as a worker's backpressure was.
+
+The ``ModelWorker`` of an upstream model keeps serving task runs and batch jobs (their
+``ModelCalls`` use ``HandleTransport``) and the Gateway's readiness probe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from typing import Any
+
+from deployments.clients.failures import overloaded
+from deployments.model_calls import Transport, WorkerStream
+from deployments.model_serving import ChatResult, ModelServing, StreamItem
+from deployments.schemas import ModelCall
+from deployments.schemas.calls import BodyCall
+
+# Calls in flight to one model allowed per process, as a multiple of its ``max_concurrency``:
+# the worker's ``max_ongoing_requests`` plus its ``max_queued_requests`` (``app.worker_defaults``).
+QUEUE_FACTOR = 5
+
+
+class LocalStream:
+    """A stream served in this process, as ``ModelCalls`` reads a worker's (``WorkerStream``)."""
+
+    def __init__(
+        self, items: AsyncIterator[StreamItem], release: Callable[[], None], closing: set[asyncio.Task[None]]
+    ) -> None:
+        self.items = items
+        self.release = release
+        self.closing = closing
+        self.cancelled = False
+
+    def __anext__(self) -> Awaitable[StreamItem]:
+        return self.items.__anext__()
+
+    def cancel(self) -> None:
+        """Stop the generation (its ``finally`` closes the upstream response and settles the model's
+        token booking) and free the call's place; ``ModelCalls`` calls it once the stream is done
+        with, however it ended."""
+        if self.cancelled:
+            return
+        self.cancelled = True
+        self.release()
+        aclose = getattr(self.items, "aclose", None)
+        if aclose is not None:
+            task = asyncio.get_running_loop().create_task(aclose())
+            self.closing.add(task)  # held until done: the loop keeps only weak references to tasks
+            task.add_done_callback(self.closing.discard)
+
+
+class DirectTransport:
+    """Upstream models served here (``served``, by model name); the rest through ``workers``."""
+
+    def __init__(self, served: Mapping[str, ModelServing], workers: Transport) -> None:
+        self.served = dict(served)
+        self.workers = workers
+        self.limits = {name: QUEUE_FACTOR * getattr(s.model, "max_concurrency", 1) for name, s in self.served.items()}
+        self.in_flight = dict.fromkeys(self.served, 0)
+        self.closing: set[asyncio.Task[None]] = set()
+
+    def _enter(self, model: str) -> bool:
+        if self.in_flight[model] >= self.limits[model]:
+            return False
+        self.in_flight[model] += 1
+        return True
+
+    def _leave(self, model: str) -> None:
+        self.in_flight[model] -= 1
+
+    def chat(self, model: str, call: ModelCall) -> Awaitable[Any]:
+        served = self.served.get(model)
+        if served is None:
+            return self.workers.chat(model, call)
+        return self._call(model, served.chat(call))
+
+    def send(self, model: str, method: str, call: BodyCall) -> Awaitable[Any]:
+        served = self.served.get(model)
+        if served is None:
+            return self.workers.send(model, method, call)
+        return self._call(model, getattr(served, method)(call))
+
+    async def _call(self, model: str, answer: Coroutine[Any, Any, ChatResult]) -> ChatResult:
+        if not self._enter(model):
+            answer.close()  # never awaited: close it, or Python warns
+            return overloaded(model)
+        try:
+            return await answer
+        finally:
+            self._leave(model)
+
+    def stream(self, model: str, call: ModelCall) -> WorkerStream:
+        served = self.served.get(model)
+        if served is None:
+            return self.workers.stream(model, call)
+        return self._open(model, served.chat_stream(call))
+
+    def open(self, model: str, method: str, call: BodyCall) -> WorkerStream:
+        served = self.served.get(model)
+        if served is None:
+            return self.workers.open(model, method, call)
+        return self._open(model, getattr(served, method)(call))
+
+    def _open(self, model: str, items: AsyncIterator[StreamItem]) -> WorkerStream:
+        if not self._enter(model):
+            return LocalStream(_only(overloaded(model)), lambda: None, self.closing)
+        return LocalStream(items, lambda: self._leave(model), self.closing)
+
+    async def close(self) -> None:
+        for served in self.served.values():
+            await served.provider.close()
+
+
+async def _only(item: StreamItem) -> AsyncIterator[StreamItem]:
+    yield item

@@ -1,0 +1,142 @@
+"""The Gateway calls upstream models from its own process (``deployments.direct_transport``), on a
+running cluster: an application of this module only, with two Gateway replicas on one listener
+(SO_REUSEPORT spreads new connections over both), models on the fake upstream falling back to one
+another, and one with an ``rpm`` limit that both Gateways must share through the RateLimiter.
+Streams billed when the client leaves early are ``test_tenant_metering``'s (the auth app's
+Gateway takes the same path)."""
+
+from __future__ import annotations
+
+import bisect
+import concurrent.futures
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from deployments.core.limits import window_capacity
+from tests.fixtures import ServeApp, beside, free_port, logged
+from tests.waiting import wait_for
+
+pytestmark = pytest.mark.serve
+
+APP = "promptfleet-direct"
+RPM = 120
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+def direct_app(upstream_base_url: str, state: Path, port: int) -> dict[str, Any]:
+    (state / "tasks").mkdir(parents=True, exist_ok=True)
+    common = {"provider": "openai", "base_url": upstream_base_url, "upstream_model": "fake-model",
+              "breaker_threshold": 1000, "max_retries": 0}
+    zero = {"ray_actor_options": {"num_cpus": 0}}
+    return {
+        "name": APP,
+        "route_prefix": "/direct",
+        "import_path": "deployments.app:build_app",
+        "runtime_env": {"env_vars": {"PROMPTFLEET_UPSTREAM_HOSTS": "127.0.0.1"}},
+        "args": {
+            "gateway": {"listen_host": "127.0.0.1", "listen_port": port},
+            "logs": {"access_log": True},
+            "tasks": {"definitions_dir": str(state / "tasks"), "state_dir": str(state / "db")},
+            "models": [
+                {**common, "name": "direct-a", "timeout_s": 2, "fallback_models": ["direct-b"]},
+                {**common, "name": "direct-b", "timeout_s": 10},
+                {**common, "name": "direct-limited", "timeout_s": 30, "rpm": RPM},
+            ],
+        },
+        "deployments": [
+            {"name": "Gateway", "num_replicas": 2, "max_ongoing_requests": 1000, **zero},
+            {"name": "TaskRunner", "num_replicas": 1, "max_ongoing_requests": 1000, **zero},
+            {"name": "TaskStore", **zero}, {"name": "BatchService", **zero}, {"name": "RateLimiter", **zero},
+        ],
+    }
+
+
+@pytest.fixture(scope="module")
+def direct(serve_app: ServeApp, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    application = direct_app(serve_app.upstream.base_url, tmp_path_factory.mktemp("direct"), port)
+    with beside(serve_app, application, f"http://127.0.0.1:{port}/healthz"):
+        yield f"http://127.0.0.1:{port}/v1"
+
+
+@pytest.fixture
+def fake(app: ServeApp) -> Any:
+    """The session's fake upstream, reset before the test and settled after it (``app``)."""
+    return app.upstream
+
+
+def chat(base_url: str, model: str, request_id: str | None = None, **body: Any) -> httpx.Response:
+    # A new connection every time, so both Gateway replicas take calls.
+    headers = {"X-Request-ID": request_id} if request_id else {}
+    return httpx.post(f"{base_url}/chat/completions", headers=headers, timeout=60,
+                      json={"model": model, "messages": HELLO, **body})
+
+
+@pytest.mark.parametrize(("mode", "params"), [
+    ("rate_limit", {"retry_after": 0}), ("error", {}), ("hang", {}),
+])
+def test_a_transient_upstream_failure_before_the_first_byte_falls_back(
+        direct: str, fake: Any, mode: str, params: dict[str, Any]) -> None:
+    for tries, stream in enumerate((False, True), start=1):
+        fake.configure(mode=mode, fail_first_n=1, **params)
+        response = chat(direct, "direct-a", stream=stream)
+        assert response.status_code == 200, response.text
+        if stream:
+            assert '"model":"direct-b"' in response.text and response.text.endswith("data: [DONE]\n\n")
+        else:
+            assert response.json()["model"] == "direct-b"
+        assert fake.stats()["calls_by_mode"].get(mode) == tries
+
+
+def test_without_a_fallback_the_failure_has_the_openai_shape(direct: str, fake: Any) -> None:
+    fake.configure(mode="error")
+    client = openai.OpenAI(base_url=direct, api_key="unused", max_retries=0)
+    with pytest.raises(openai.InternalServerError) as caught:
+        client.chat.completions.create(model="direct-b", messages=HELLO, extra_headers={"X-Request-ID": "d-500"})
+    body = caught.value.body
+    assert isinstance(body, dict) and body["code"] == "upstream_error" and body["request_id"] == "d-500"
+    assert "Traceback" not in caught.value.response.text
+
+
+def test_the_request_id_reaches_the_upstream_and_the_gateways_log(direct: str, fake: Any) -> None:
+    assert chat(direct, "direct-b", "direct-id-1").status_code == 200
+    assert chat(direct, "direct-b", "direct-id-2", stream=True).status_code == 200
+    assert fake.stats()["request_ids"] == ["direct-id-1", "direct-id-2"]
+    # The call's line is written by the process that made it: a Gateway replica of this app.
+    wait_for(lambda: logged(f"{APP}_Gateway_", "direct-id-1 -- served direct-b"), 30,
+             message="the call's line in a Gateway log")
+
+
+def test_an_upstream_rpm_holds_across_two_gateway_replicas(direct: str, fake: Any) -> None:
+    """~3× the limit offered through both Gateways: every window stays within the one shared budget."""
+    fake.configure(mode="ok", latency_ms=20)
+    started = time.time()
+    stop_at = time.monotonic() + 10
+
+    def client(n: int) -> list[int]:
+        statuses = []
+        while time.monotonic() < stop_at:
+            statuses.append(chat(direct, "direct-limited", f"lim-{n}-{len(statuses)}").status_code)
+        return statuses
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        statuses = [s for result in pool.map(client, range(12)) for s in result]
+    calls = sorted(t for t in fake.stats()["call_times"] if t >= started)
+    assert set(statuses) == {200}  # waiting for a slot is not an error
+    rate = RPM / 60
+    for window in (1.0, 5.0):
+        assert max_in_window(calls, window) <= window_capacity(RPM) + rate * window + 1, window
+    assert len(calls) >= rate * 10 * 0.7  # the limit is used, not wasted
+    # Both replicas called the upstream (each wrote call lines into its own log).
+    wait_for(lambda: len(logged(f"{APP}_Gateway_", "served direct-limited")) == 2, 30,
+             message="both Gateway replicas to have served the limited model")
+
+
+def max_in_window(times: list[float], window: float) -> int:
+    return max((bisect.bisect_left(times, t + window) - i for i, t in enumerate(times)), default=0)
