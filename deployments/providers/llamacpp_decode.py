@@ -1,0 +1,290 @@
+"""Continuous batching for a local GGUF model: one thread, one llama.cpp context, many sequences.
+
+``Decoder`` owns a llama.cpp context of ``slots`` sequences (``n_seq_max``), each with its own
+``n_ctx`` tokens of KV cache (llama.cpp's per-sequence cache, not one shared pool: a long answer in
+one slot never evicts another's). One thread owns the context. Between steps it admits waiting
+``Job``s into free slots, in arrival order; each step is one ``llama_decode`` of every running
+sequence's next tokens — the prompt (in chunks of at most ``n_batch`` tokens a step) of the ones
+just admitted, the last sampled token of the others — and then samples each sequence with its own
+sampler chain (``llamacpp_sampling``). A step of eight sequences costs little more than a step of
+one (the weights are read once), where llama-cpp-python's ``Llama`` runs one generation at a time.
+
+A slot keeps its KV cache when its job ends: a new job goes to the free slot whose cached tokens
+share the longest prefix with its prompt and decodes only the rest (llama-cpp-python's prompt
+reuse, per slot; a tool-call probe and the answer after it share the whole prompt).
+
+A job hands ``Piece``s, then one ``Finished`` (or a ``PromptfleetError``), to its ``emit``, on the
+decoder thread; ``Decoder.run`` makes that an async iterator. When its consumer goes away (the
+client hung up, a generator closed) the job is marked cancelled and the thread frees its slot
+before the next step. The thread runs with the generation stack (``core.grammar``): llama.cpp
+parses a job's grammar there, when its sampler chain is built.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from deployments.core.grammar import GENERATION_STACK_BYTES
+from deployments.errors import InvalidRequest, PromptfleetError
+from deployments.providers.llamacpp_sampling import GrammarError, Sampler, Sampling, Text, entry, top_entries
+
+logger = logging.getLogger("ray.serve")
+
+
+@dataclass
+class Piece:
+    """Text of a sequence (maybe empty) and the logprob entries of its tokens, if asked for."""
+
+    text: str
+    logprobs: list[dict[str, Any]]
+
+
+@dataclass
+class Finished:
+    reason: str  # "stop" (end of generation or a stop string), "length", "text" (``until_text``)
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Job:
+    prompt: list[int]
+    sampling: Sampling
+    max_tokens: int
+    stop: list[str]
+    top_logprobs: int | None = None  # None: no log probabilities
+    until_text: bool = False  # end at the first non-blank text (tool_choice auto's probe)
+    emit: Callable[[Any], object] = print
+    cancelled: bool = False  # set by the consumer's side; read by the decoder thread
+
+
+@dataclass
+class _Slot:
+    seq: int
+    tokens: list[int] = field(default_factory=list)  # what its KV cache holds
+    busy: bool = False
+
+
+@dataclass
+class _Running:
+    job: Job
+    slot: _Slot
+    sampler: Sampler
+    feed: list[int]  # tokens to decode next
+    text: Text
+    generated: int = 0
+
+
+class Decoder:
+    """Continuous batching over one llama.cpp context (see the module docstring)."""
+
+    def __init__(self, llm: Any, *, slots: int, n_ctx: int, n_batch: int, n_threads: int, name: str) -> None:
+        import llama_cpp  # heavy import, only in worker replicas
+        from llama_cpp import _internals
+
+        self.lib, self.llm, self.name = llama_cpp, llm, name
+        self.n_ctx = n_ctx
+        self.n_batch = max(n_batch, slots)
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = n_ctx * slots
+        params.n_batch = self.n_batch
+        params.n_ubatch = min(self.n_batch, 512)
+        params.n_seq_max = slots
+        params.n_threads = params.n_threads_batch = n_threads
+        params.kv_unified = False  # each sequence its own n_ctx cells
+        # As llama-cpp-python's Llama (flash_attn=False): greedy answers stay what they were.
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        params.no_perf = True
+        self.context = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
+        self.ctx = self.context.ctx
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.vocab = llm._model.vocab
+        self.n_vocab = llm.n_vocab()
+        self.batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self.pieces: dict[int, bytes] = {}
+        self.slots = [_Slot(seq) for seq in range(slots)]
+        self.running: list[_Running] = []
+        self.waiting: deque[Job] = deque()
+        self.wake = threading.Condition()
+        self.closed = False
+        previous = threading.stack_size(GENERATION_STACK_BYTES)
+        try:
+            self.thread = threading.Thread(target=self._loop, name=f"decode-{name}", daemon=True)
+            self.thread.start()
+        finally:
+            threading.stack_size(previous)
+
+    # -- the event loop's side ------------------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        with self.wake:
+            self.waiting.append(job)
+            self.wake.notify()
+
+    async def run(self, job: Job) -> AsyncIterator[Piece | Finished]:
+        """Submit ``job`` and yield what it emits up to its ``Finished``; its error is raised here.
+        Leaving early (the consumer closed this generator) cancels the job and frees its slot."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        job.emit = lambda item: loop.call_soon_threadsafe(queue.put_nowait, item)
+        self.submit(job)
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if isinstance(item, Finished):
+                    return
+        finally:
+            job.cancelled = True
+
+    def close(self) -> None:
+        with self.wake:
+            self.closed = True
+            self.wake.notify()
+        self.thread.join(timeout=10)
+        if not self.thread.is_alive():
+            self.lib.llama_batch_free(self.batch)
+            self.context.close()  # type: ignore[no-untyped-call]
+
+    # -- the decoder thread -----------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self.wake:
+                while not self.closed and not self.running and not self.waiting:
+                    self.wake.wait()
+                if self.closed:
+                    return
+                admitted: list[Job] = []
+                free = sum(not s.busy for s in self.slots)
+                while self.waiting and len(admitted) < free:
+                    job = self.waiting.popleft()
+                    if not job.cancelled:
+                        admitted.append(job)
+            for job in admitted:
+                self._admit(job)
+            for running in [r for r in self.running if r.job.cancelled]:
+                self._release(running)
+            if self.running:
+                try:
+                    self._step()
+                except Exception as exc:  # a failed decode: every running job gets the error, the cache is reset
+                    logger.exception("llama.cpp decode failed")
+                    failed = PromptfleetError(f"The local model '{self.name}' failed: {type(exc).__name__}.")
+                    for running in list(self.running):
+                        running.job.emit(failed)
+                        self._release(running)
+                    self.lib.llama_memory_clear(self.memory, True)
+                    for slot in self.slots:
+                        slot.tokens = []
+
+    def _admit(self, job: Job) -> None:
+        def shared(slot: _Slot) -> int:
+            n = 0
+            for a, b in zip(slot.tokens, job.prompt, strict=False):
+                if a != b:
+                    break
+                n += 1
+            return n
+
+        slot = max((s for s in self.slots if not s.busy), key=shared)
+        # At least the prompt's last token is decoded again: its logits are the first sample's.
+        keep = min(shared(slot), len(job.prompt) - 1)
+        if not self.lib.llama_memory_seq_rm(self.memory, slot.seq, keep, -1):
+            self.lib.llama_memory_seq_rm(self.memory, slot.seq, -1, -1)
+            keep = 0
+        slot.tokens = slot.tokens[:keep]
+        try:
+            sampler = Sampler(job.sampling, self.vocab, self.n_vocab, job.top_logprobs is not None)
+        except GrammarError:
+            job.emit(InvalidRequest(f"Model '{self.name}' could not use the grammar of this request.",
+                                    param="response_format"))
+            return
+        slot.busy = True
+        self.running.append(_Running(job, slot, sampler, job.prompt[keep:], Text(job.stop)))
+
+    def _release(self, running: _Running) -> None:
+        running.sampler.close()
+        running.slot.busy = False
+        self.running.remove(running)
+
+    def _step(self) -> None:
+        """One decode of every running sequence's next tokens, then one sample of each that is due."""
+        batch, n = self.batch, 0
+        outputs: list[tuple[_Running, int]] = []
+        # Sequences that are generating first: a long prompt fills only what is left of the batch.
+        for running in sorted(self.running, key=lambda r: len(r.feed) > 1):
+            if n >= self.n_batch:
+                break
+            slot = running.slot
+            take = running.feed[: self.n_batch - n]
+            for token in take:
+                batch.token[n], batch.pos[n], batch.n_seq_id[n] = token, len(slot.tokens), 1
+                batch.seq_id[n][0], batch.logits[n] = slot.seq, False
+                slot.tokens.append(token)
+                n += 1
+            running.feed = running.feed[len(take):]
+            if not running.feed:
+                batch.logits[n - 1] = True
+                outputs.append((running, n - 1))
+        batch.n_tokens = n
+        code = self.lib.llama_decode(self.ctx, batch)
+        if code != 0:
+            raise RuntimeError(f"llama_decode returned {code}")
+        for running, index in outputs:
+            self._sample(running, index)
+
+    def _piece(self, token: int) -> bytes:
+        """The bytes of ``token`` as text (special tokens are none), cached per token."""
+        piece = self.pieces.get(token)
+        if piece is None:
+            buffer = ctypes.create_string_buffer(64)
+            n = self.lib.llama_token_to_piece(self.vocab, token, buffer, len(buffer), 0, False)
+            if n < 0:
+                buffer = ctypes.create_string_buffer(-n)
+                n = self.lib.llama_token_to_piece(self.vocab, token, buffer, len(buffer), 0, False)
+            piece = self.pieces[token] = buffer.raw[:n]
+        return piece
+
+    def _sample(self, running: _Running, index: int) -> None:
+        job = running.job
+        logprob = None
+        if job.top_logprobs is None:
+            token = running.sampler.sample(self.ctx, index)
+        else:
+            token, logprobs = running.sampler.sample_with_logprobs(self.ctx, index)
+            logprob = {**entry(token, float(logprobs[token]), self._piece(token)),
+                       "top_logprobs": top_entries(logprobs, job.top_logprobs, self._piece)}
+        if self.lib.llama_vocab_is_eog(self.vocab, token):
+            self._finish(running, "stop")
+            return
+        running.generated += 1
+        text, logprobs_ready = running.text.add(self._piece(token), logprob)
+        if running.text.stopped:
+            self._finish(running, "stop", text, logprobs_ready)
+        elif job.until_text and running.text.text.strip():
+            self._finish(running, "text", text, logprobs_ready)
+        elif running.generated >= job.max_tokens or len(running.slot.tokens) + 1 >= self.n_ctx:
+            self._finish(running, "length", text, logprobs_ready)
+        else:
+            running.feed = [token]
+            if text or logprobs_ready:
+                job.emit(Piece(text, logprobs_ready))
+
+    def _finish(self, running: _Running, reason: str, text: str = "",
+                logprobs: list[dict[str, Any]] | None = None) -> None:
+        rest, more = running.text.finish()
+        text, logprobs = text + rest, (logprobs or []) + more
+        if text or logprobs:
+            running.job.emit(Piece(text, logprobs))
+        running.job.emit(Finished(reason, len(running.job.prompt), running.generated))
+        self._release(running)
