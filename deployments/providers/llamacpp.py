@@ -20,7 +20,7 @@ An embedding model (``capabilities: [embeddings]``) has no decoder: its requests
 on a single thread (``llamacpp_embed``).
 
 Metrics: requests queued or running on the model (``promptfleet_local_queue_length``), and the
-completion tokens and seconds of each request (tokens per second, on the dashboard).
+tokens and busy seconds of the decoder's steps (tokens per second, on the dashboard).
 """
 
 from __future__ import annotations
@@ -101,20 +101,19 @@ class LlamaCppProvider(LlamaCppCompletions):
             return
         self.formatter = _formatter(self.llm)
         self.decoder = Decoder(self.llm, slots=config.slots, n_ctx=config.n_ctx, n_batch=config.n_batch,
-                               n_threads=config.n_threads, name=config.name)
+                               n_threads=config.n_threads, name=config.name,
+                               record=lambda tokens, seconds: metrics.local_generation(config.name, tokens, seconds))
 
     @contextlib.contextmanager
-    def _request(self, completion_tokens: list[int]) -> Iterator[None]:
-        """Count a request as queued or running while it lasts; its tokens and seconds at the end."""
+    def _request(self) -> Iterator[None]:
+        """Count a request as queued or running while it lasts (the decoder records tokens and busy time)."""
         self.queued += 1
         self.metrics.local_queue(self.config.name, self.queued)
-        started = time.monotonic()
         try:
             yield
         finally:
             self.queued -= 1
             self.metrics.local_queue(self.config.name, self.queued)
-            self.metrics.local_generation(self.config.name, sum(completion_tokens), time.monotonic() - started)
 
     def _plan(self, body: dict[str, Any]) -> LocalChat:
         """The generations ``body`` asks for; 400 naming a field this model cannot honour."""
@@ -180,7 +179,7 @@ class LlamaCppProvider(LlamaCppCompletions):
         chat = self._plan(body)
         prompt, stop = self._chat_prompt(chat)
         counts = [0] * len(chat.kwargs)
-        with self._request(counts):
+        with self._request():
             choices = await asyncio.gather(*(self._answer(chat, i, prompt, stop, counts)
                                              for i in range(len(chat.kwargs))))
         usage = {"prompt_tokens": len(prompt), "completion_tokens": sum(counts),
@@ -197,7 +196,7 @@ class LlamaCppProvider(LlamaCppCompletions):
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
                 "model": self.config.name}
         counts = [0] * len(chat.kwargs)
-        with self._request(counts):
+        with self._request():
             # Choices one after another, as OpenAI's chunks of a choice come in order.
             for index, kwargs in enumerate(chat.kwargs):
                 job = await self._choice_job(chat, kwargs, prompt, stop)
@@ -261,8 +260,15 @@ class LlamaCppProvider(LlamaCppCompletions):
             vectors = llamacpp_embed.embed(self.llm, sequences, n_batch, self.llm.context_params.n_seq_max)
             return vectors, sum(len(s) for s in sequences)
 
-        with self._request([0]):
-            vectors, tokens = await asyncio.get_running_loop().run_in_executor(self.executor, compute)
+        def timed() -> tuple[Any, int]:
+            started = time.monotonic()
+            try:
+                return compute()
+            finally:
+                self.metrics.local_generation(self.config.name, 0, time.monotonic() - started)
+
+        with self._request():
+            vectors, tokens = await asyncio.get_running_loop().run_in_executor(self.executor, timed)
         return {
             "object": "list",
             "data": llamacpp_embed.encode(vectors, body.get("encoding_format") or "float"),

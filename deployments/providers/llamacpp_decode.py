@@ -32,6 +32,7 @@ import asyncio
 import ctypes
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -91,11 +92,14 @@ class _Running:
 class Decoder:
     """Continuous batching over one llama.cpp context (see the module docstring)."""
 
-    def __init__(self, llm: Any, *, slots: int, n_ctx: int, n_batch: int, n_threads: int, name: str) -> None:
+    def __init__(self, llm: Any, *, slots: int, n_ctx: int, n_batch: int, n_threads: int, name: str,
+                 record: Callable[[int, float], object] = lambda tokens, seconds: None) -> None:
+        """``record(tokens, seconds)``: called on the thread after each step with the tokens it
+        generated and the seconds it took (the model's busy time)."""
         import llama_cpp  # heavy import, only in worker replicas
         from llama_cpp import _internals
 
-        self.lib, self.llm, self.name = llama_cpp, llm, name
+        self.lib, self.llm, self.name, self.record = llama_cpp, llm, name, record
         self.n_ctx = n_ctx
         self.n_batch = max(n_batch, slots)
         params = llama_cpp.llama_context_default_params()
@@ -235,6 +239,7 @@ class Decoder:
         generating sequences go in their own batch of one token each: llama.cpp's sums for a token
         then do not depend on which other requests ran beside it, so batching leaves a greedy
         answer as it is alone (tests/serve/test_local_batching.py checks that)."""
+        started = time.monotonic()
         for running in [r for r in self.running if len(r.feed) > 1]:
             chunk = running.feed[: self.n_batch]
             running.feed = running.feed[len(chunk):]
@@ -243,10 +248,11 @@ class Decoder:
             else:
                 self._feed_last(running, chunk)
         due = [r for r in self.running if len(r.feed) == 1]
+        generated = 0
         if due:
             self._decode([(r, r.feed, True) for r in due])
-            for index, running in enumerate(due):
-                self._sample(running, index)
+            generated = sum(self._sample(running, index) for index, running in enumerate(due))
+        self.record(generated, time.monotonic() - started)
 
     def _feed_last(self, running: _Running, chunk: list[int]) -> None:
         """Decode all but the last token of a prompt's last chunk; the last goes with the step's batch."""
@@ -282,7 +288,8 @@ class Decoder:
             piece = self.pieces[token] = buffer.raw[:n]
         return piece
 
-    def _sample(self, running: _Running, index: int) -> None:
+    def _sample(self, running: _Running, index: int) -> int:
+        """Sample the sequence's next token and hand out its text; 1 if it generated one (not the end)."""
         job = running.job
         logprob = None
         if job.top_logprobs is None:
@@ -293,7 +300,7 @@ class Decoder:
                        "top_logprobs": top_entries(logprobs, job.top_logprobs, self._piece)}
         if self.lib.llama_vocab_is_eog(self.vocab, token):
             self._finish(running, "stop")
-            return
+            return 0
         running.generated += 1
         text, logprobs_ready = running.text.add(self._piece(token), logprob)
         if running.text.stopped:
@@ -306,6 +313,7 @@ class Decoder:
             running.feed = [token]
             if text or logprobs_ready:
                 job.emit(Piece(text, logprobs_ready))
+        return 1
 
     def _finish(self, running: _Running, reason: str, text: str = "",
                 logprobs: list[dict[str, Any]] | None = None) -> None:

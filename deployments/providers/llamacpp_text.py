@@ -66,7 +66,7 @@ class LlamaCppCompletions:
     config: LlamaCppModel
     llm: Llama
     decoder: Decoder
-    _request: Callable[[list[int]], contextlib.AbstractContextManager[None]]
+    _request: Callable[[], contextlib.AbstractContextManager[None]]
 
     def _completion_jobs(self, body: dict[str, Any]) -> list[tuple[str, Job]]:
         """Each prompt's text (for ``echo``) and job; 400 naming what this model cannot honour."""
@@ -120,7 +120,7 @@ class LlamaCppCompletions:
             return {"text": echo + text, "index": index, "finish_reason": finished.reason,
                     "logprobs": legacy_logprobs(logprobs, len(echo)) if job.top_logprobs is not None else None}
 
-        with self._request(counts):
+        with self._request():
             choices = await asyncio.gather(*(one(i, echo, job) for i, (echo, job) in enumerate(jobs)))
         prompt_tokens = sum(len(job.prompt) for _, job in jobs)
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
@@ -138,7 +138,7 @@ class LlamaCppCompletions:
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": self.config.name}
         counts = [0] * len(jobs)
-        with self._request(counts):
+        with self._request():
             for index, (echo, job) in enumerate(jobs):
                 offset = len(echo)
                 if echo:
