@@ -157,7 +157,7 @@ class LlamaCppProvider(LlamaCppCompletions):
         unconstrained, opens its answer with ``{`` (its slot keeps the prompt for the answer)."""
         if chat.tools.probes:
             probe = self._chat_job(kwargs, prompt, stop, None, until_text=True)
-            text = "".join([item.text async for item in self.decoder.run(probe) if isinstance(item, Piece)])
+            text, _, _ = await collect(self.decoder, probe)
             grammar = chat.tools.call_gbnf() if text.lstrip().startswith("{") else None
         else:
             grammar = chat.tools.gbnf() or _format_grammar(kwargs.get("response_format"))
@@ -221,19 +221,20 @@ class LlamaCppProvider(LlamaCppCompletions):
                                  "finish_reason": finish_reason}]}
 
         yield chunk({"role": "assistant", "content": "" if not chat.tools.calls else None})
-        async for item in self.decoder.run(job):
-            if isinstance(item, Piece):
-                deltas = calls.feed(item.text)
-                if item.logprobs and not deltas:
-                    deltas = [{}]  # the text is held back (a call being read): its logprobs go now
-                for number, delta in enumerate(deltas):
-                    yield chunk(delta, item.logprobs if number == 0 else None)
-            else:
-                counts[index] = item.completion_tokens
-                pieces, reason = calls.finish(item.reason)
-                for piece in pieces:
-                    yield chunk(piece)
-                yield chunk({}, None, reason)
+        async with contextlib.aclosing(self.decoder.run(job)) as items:
+            async for item in items:
+                if isinstance(item, Piece):
+                    deltas = calls.feed(item.text)
+                    if item.logprobs and not deltas:
+                        deltas = [{}]  # the text is held back (a call being read): its logprobs go now
+                    for number, delta in enumerate(deltas):
+                        yield chunk(delta, item.logprobs if number == 0 else None)
+                else:
+                    counts[index] = item.completion_tokens
+                    pieces, reason = calls.finish(item.reason)
+                    for piece in pieces:
+                        yield chunk(piece)
+                    yield chunk({}, None, reason)
 
     async def close(self) -> None:
         if self.embedding:
@@ -281,11 +282,12 @@ async def collect(decoder: Decoder, job: Job) -> tuple[str, list[dict[str, Any]]
     """The whole text of ``job``, its logprob entries and how it finished."""
     text: list[str] = []
     logprobs: list[dict[str, Any]] = []
-    async for item in decoder.run(job):
-        if isinstance(item, Finished):
-            return "".join(text), logprobs, item
-        text.append(item.text)
-        logprobs.extend(item.logprobs)
+    async with contextlib.aclosing(decoder.run(job)) as items:
+        async for item in items:
+            if isinstance(item, Finished):
+                return "".join(text), logprobs, item
+            text.append(item.text)
+            logprobs.extend(item.logprobs)
     raise RuntimeError("the decoder ended a job without finishing it")
 
 

@@ -34,7 +34,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,7 +140,7 @@ class Decoder:
             self.waiting.append(job)
             self.wake.notify()
 
-    async def run(self, job: Job) -> AsyncIterator[Piece | Finished]:
+    async def run(self, job: Job) -> AsyncGenerator[Piece | Finished, None]:
         """Submit ``job`` and yield what it emits up to its ``Finished``; its error is raised here.
         Leaving early (the consumer closed this generator) cancels the job and frees its slot."""
         loop = asyncio.get_running_loop()

@@ -143,17 +143,18 @@ class LlamaCppCompletions:
                 offset = len(echo)
                 if echo:
                     yield {**head, "choices": [{"text": echo, "index": index, "logprobs": None, "finish_reason": None}]}
-                async for piece in self.decoder.run(job):
-                    wanted = job.top_logprobs is not None
-                    if isinstance(piece, Finished):
-                        counts[index] = piece.completion_tokens
-                        yield {**head, "choices": [{"text": "", "index": index, "logprobs": None,
-                                                    "finish_reason": piece.reason}]}
-                        continue
-                    logprobs = legacy_logprobs(piece.logprobs, offset) if wanted else None
-                    offset += len(piece.text)
-                    yield {**head, "choices": [{"text": piece.text, "index": index, "logprobs": logprobs,
-                                                "finish_reason": None}]}
+                async with contextlib.aclosing(self.decoder.run(job)) as pieces:
+                    async for piece in pieces:
+                        wanted = job.top_logprobs is not None
+                        if isinstance(piece, Finished):
+                            counts[index] = piece.completion_tokens
+                            yield {**head, "choices": [{"text": "", "index": index, "logprobs": None,
+                                                        "finish_reason": piece.reason}]}
+                            continue
+                        logprobs = legacy_logprobs(piece.logprobs, offset) if wanted else None
+                        offset += len(piece.text)
+                        yield {**head, "choices": [{"text": piece.text, "index": index, "logprobs": logprobs,
+                                                    "finish_reason": None}]}
         prompt_tokens = sum(len(job.prompt) for _, job in jobs)
         usage = {"prompt_tokens": prompt_tokens, "completion_tokens": sum(counts),
                  "total_tokens": prompt_tokens + sum(counts)}
