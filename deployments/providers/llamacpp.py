@@ -32,7 +32,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -200,8 +200,9 @@ class LlamaCppProvider(LlamaCppCompletions):
             # Choices one after another, as OpenAI's chunks of a choice come in order.
             for index, kwargs in enumerate(chat.kwargs):
                 job = await self._choice_job(chat, kwargs, prompt, stop)
-                async for chunk in self._stream_choice(index, job, chat, counts):
-                    yield {**head, **chunk}
+                async with contextlib.aclosing(self._stream_choice(index, job, chat, counts)) as chunks:
+                    async for chunk in chunks:
+                        yield {**head, **chunk}
         usage = {"prompt_tokens": len(prompt), "completion_tokens": sum(counts),
                  "total_tokens": len(prompt) + sum(counts)}
         if include_usage:
@@ -209,7 +210,7 @@ class LlamaCppProvider(LlamaCppCompletions):
         yield StreamEnd(usage=Usage.of(usage))
 
     async def _stream_choice(self, index: int, job: Job, chat: LocalChat,
-                             counts: list[int]) -> AsyncIterator[dict[str, Any]]:
+                             counts: list[int]) -> AsyncGenerator[dict[str, Any], None]:
         """Choice ``index`` as OpenAI chunks (text, or tool-call deltas, with their logprobs)."""
         calls = toolcalls.CallStream(chat.tools)
         wanted = job.top_logprobs is not None
