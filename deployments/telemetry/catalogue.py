@@ -105,12 +105,13 @@ LOCAL_TOKENS = _spec(
 LOCAL_SECONDS = _spec(
     "local_generation_seconds", C, ("model",),
     "Seconds local (llama.cpp) models spent generating.",
-    "Busy time of the local model's generation thread; rate() near 1 per replica means saturated.",
+    "Busy time of the local model's decoder thread (a step decodes every running request); "
+    "rate() near 1 per replica means saturated.",
     unit="s")
 LOCAL_QUEUE = _spec(
     "local_queue_length", G, ("model",),
-    "Generations waiting or running in a local model replica (one runs at a time).",
-    "Queued generations are latency clients pay; scale the worker out when it stays above 1.",
+    "Requests waiting or running in a local model replica (up to the model's `slots` run together).",
+    "Requests beyond the slots are latency clients pay; scale the worker out when it stays above `slots`.",
     unit="short")
 LIMITER_WAIT = _spec(
     "limiter_wait_seconds", H, ("budget", "model", "key"),

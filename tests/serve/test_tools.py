@@ -165,8 +165,7 @@ def test_n_choices_and_seed_reproducibility(app: ServeApp) -> None:
 
 
 @pytest.mark.parametrize(("extra", "param"), [
-    ({"logprobs": True}, "logprobs"),
-    ({"logprobs": True, "top_logprobs": 2}, "logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"),
     ({"logit_bias": {"1": 5}}, "logit_bias"),
     ({"top_k": 4}, "top_k"),
     ({"audio": {"voice": "alloy"}}, "audio"),

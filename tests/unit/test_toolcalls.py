@@ -71,8 +71,8 @@ def test_hostile_parameters_are_a_400_naming_them() -> None:
 
 
 @pytest.mark.parametrize(("fields", "param"), [
-    ({"logprobs": True}, "logprobs"),
-    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"top_logprobs": 2}, "top_logprobs"),  # without logprobs: true, as OpenAI
+    ({"logprobs": False, "top_logprobs": 2}, "top_logprobs"),
     ({"logit_bias": {"1": 2}}, "logit_bias"),
     ({"top_k": 5}, "top_k"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
