@@ -8,7 +8,8 @@ whatever Ray's own defaults are:
   join command the head prints carries it to the other machines as ``RAY_AUTH_TOKEN``, and
   ``join`` stores it in the same file there so later ``promptfleet``/``ray`` commands find it;
 - the **throughput settings** Serve reads from the environment of ``ray start``
-  (``local.RAY_START_ENV``);
+  (``local.RAY_START_ENV``), and the **idle settings** (``local.RAY_IDLE_ENV``: Serve's control loop
+  and metrics export intervals; a value already in the shell wins);
 - this interpreter's ``bin`` directory **first on PATH**, so the ``python`` of
   ``ray job submit -- python -m jobs.batch …`` is the project's interpreter (Ray runs a job's
   entrypoint in a shell that inherits the node's environment);
@@ -113,6 +114,7 @@ def node_env(environ: Mapping[str, str]) -> dict[str, str]:
     return {
         **environ,
         **local.RAY_START_ENV,
+        **{name: environ[name] for name in local.RAY_IDLE_ENV if name in environ},
         "RAY_AUTH_MODE": "token",
         "PATH": os.pathsep.join([bin_dir, *path]),
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 from deployments.config import MetricsConfig
@@ -46,10 +47,26 @@ from deployments.telemetry.catalogue import (
 logger = logging.getLogger("ray.serve")
 
 MAX_LABEL_SETS = 10_000  # cached label dicts per process (a plain cache: cleared when full)
-GAUGE_KEEPALIVE_S = 1.0  # below two of Ray's metrics report intervals (1 s at the least)
+GAUGE_KEEPALIVE_S = 1.0  # outside a Ray worker; in one, half of Ray's metrics report interval (keepalive_s)
 
 _backend: Backend = RayBackend()
 _metrics: dict[tuple[str, bool, bool], Metrics] = {}
+
+
+def keepalive_s() -> float:
+    """How often a process sets its gauges again: half of Ray's metrics report interval in a Ray worker
+    (``metrics_report_interval_ms``, 10 s unless the cluster was started with another; so 5 s), below
+    the two intervals after which the agent forgets a gauge; ``GAUGE_KEEPALIVE_S`` elsewhere. Waking
+    every second instead cost each replica CPU at idle for no fresher number (docs/performance.md)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return GAUGE_KEEPALIVE_S
+    try:
+        from ray._raylet import Config  # type: ignore[attr-defined]
+
+        return max(GAUGE_KEEPALIVE_S, float(Config.metrics_report_interval_ms()) / 2000)
+    except Exception:  # Ray's private config moved: the safe, busier interval
+        return GAUGE_KEEPALIVE_S
 
 
 def use_backend(backend: Backend) -> None:
@@ -147,7 +164,7 @@ class Metrics:
     def _set(self, spec: MetricSpec, value: float, *values: str) -> None:
         """Set a gauge, and keep it set: Ray's metrics agent forgets a gauge that its process has not
         set again for two report intervals, so this process sets its gauges again every
-        ``GAUGE_KEEPALIVE_S`` (while an event loop runs in it)."""
+        ``keepalive_s()`` (while an event loop runs in it)."""
         self._record(spec)(value, self._tags(spec, *values))
         self.gauges[(spec.name, *values)] = (spec, value, values)
         if self.keepalive is None or self.keepalive.done():
@@ -158,8 +175,9 @@ class Metrics:
             self.keepalive = loop.create_task(self._keep_gauges(), name="metrics-gauges")
 
     async def _keep_gauges(self) -> None:
+        interval_s = keepalive_s()
         while True:
-            await asyncio.sleep(GAUGE_KEEPALIVE_S)
+            await asyncio.sleep(interval_s)
             for spec, value, values in list(self.gauges.values()):
                 self._record(spec)(value, self._tags(spec, *values))
 

@@ -168,3 +168,12 @@ def test_a_token_file_others_can_read_is_made_private(tmp_path: Path, capsys: py
     assert path.stat().st_mode & 0o777 == 0o600 and "readable by other users" in capsys.readouterr().err
     nodes.ensure_token({"RAY_AUTH_TOKEN_PATH": str(path)})  # already private: nothing said
     assert capsys.readouterr().err == ""
+
+
+def test_idle_settings_from_the_shell_win_and_the_throughput_settings_do_not() -> None:
+    """An operator who wants Serve's faster control loop back sets it in the shell (docs/performance.md)."""
+    env = nodes.node_env({"PATH": "/bin", "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.1",
+                          "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"})
+    assert env["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.1"
+    assert env["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"] == local.RAY_IDLE_ENV["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"]
+    assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
