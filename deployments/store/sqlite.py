@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -64,7 +65,7 @@ class SqliteDatabase(Database):
         # First: the TaskStore and the BatchService open one file, maybe at the same moment, and
         # switching a new file to WAL takes a lock the other may hold for an instant.
         self._conn.execute("PRAGMA busy_timeout=5000")
-        self._conn.execute("PRAGMA journal_mode=WAL")
+        _switch_to_wal(self._conn)
         # NORMAL may lose the last commits on power loss; FULL fsyncs the WAL at every commit,
         # which is what "in the store before the client hears 202" needs.
         self._conn.execute("PRAGMA synchronous=FULL")
@@ -98,3 +99,19 @@ class SqliteDatabase(Database):
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+def _switch_to_wal(conn: sqlite3.Connection, timeout_s: float = 5.0) -> None:
+    """``PRAGMA journal_mode=WAL``, tried again while another connection holds the lock it needs:
+    SQLite can answer "database is locked" to it at once, without waiting out ``busy_timeout``."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.005
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.1)
