@@ -21,8 +21,8 @@ from deployments.batch_service import BatchService
 from deployments.config import AppArgs, LlamaCppModel, ModelConfig, OpenAIModel
 from deployments.core.taskfile import canonical, content_hash, load_task_files
 from deployments.gateway.ingress import Gateway
+from deployments.limits.rate_limiter import RateLimiter
 from deployments.model_worker import ModelWorker
-from deployments.rate_limiter import RateLimiter
 from deployments.store.keys import ANONYMOUS_OWNER
 from deployments.store.tasks import VersionInput
 from deployments.task_runner import TaskRunner

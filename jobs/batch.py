@@ -83,7 +83,7 @@ from deployments.schemas.responses import ResponseCreate
 from deployments.telemetry import BATCH_DRIVER_METRICS, NULL, Metrics, metrics_for
 
 if TYPE_CHECKING:
-    from deployments.metering import Meter
+    from deployments.limits.metering import Meter
     from deployments.model_calls import ModelCalls
 from jobs.batchlines import (
     BatchItem,
@@ -168,7 +168,7 @@ class ServeBackend:
         (with RAY_SERVE_THROUGHPUT_OPTIMIZED their router runs on the caller's loop)."""
         from ray import serve
 
-        from deployments.metering import Meter
+        from deployments.limits.metering import Meter
         from deployments.model_calls import HandleTransport, ModelCalls
 
         async with self.connecting:

@@ -32,7 +32,7 @@ from deployments.core.replies import unwrap
 from deployments.errors import InvalidRequest, PromptfleetError
 from deployments.gateway.admin_routes import KeyAdmin
 from deployments.gateway.files import file_response
-from deployments.metering import KeyEntry, Meter
+from deployments.limits.metering import KeyEntry, Meter
 from deployments.schemas import (
     BatchView,
     DayTokens,

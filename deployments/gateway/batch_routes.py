@@ -32,7 +32,7 @@ from ray.serve.handle import DeploymentHandle
 from deployments.core.replies import unwrap
 from deployments.gateway.caller import Caller, get_caller, list_scope, run_scope
 from deployments.gateway.files import file_response, receive_upload
-from deployments.metering import Meter
+from deployments.limits.metering import Meter
 from deployments.schemas import BatchCreate, BatchList, BatchView, FileDeleted, FileList, FileView
 
 FILES_PATH = "/v1/files"  # the one route whose body may exceed gateway.max_body_bytes

@@ -71,8 +71,8 @@ from deployments.gateway.protocol import ListenerLimits
 from deployments.gateway.request_metrics import RequestMetrics
 from deployments.gateway.responses_routes import ResponsesRoutes
 from deployments.gateway.task_routes import build_task_router
+from deployments.limits.metering import Meter
 from deployments.logs import watch_serve_log
-from deployments.metering import Meter
 from deployments.model_calls import HandleTransport, ModelCalls
 from deployments.schemas import CatalogueStatus, Liveness, Readiness
 from deployments.store.keys import ANONYMOUS_OWNER

@@ -36,7 +36,7 @@ from deployments.core.replies import unwrap
 from deployments.errors import InvalidRequest, Overloaded
 from deployments.gateway.auth import require_prompts
 from deployments.gateway.caller import Caller, get_caller, list_scope, run_scope
-from deployments.metering import Meter
+from deployments.limits.metering import Meter
 from deployments.schemas import RunList, RunView, TaskInfo, TaskList, TaskResult, TaskRunRequest
 from deployments.task_executor import check_input
 

@@ -63,8 +63,8 @@ def build_provider(
         path = config.model_path or embedded_model_path()
         return LlamaCppProvider(config, model_path=Path(path), metrics=metrics)
 
-    from deployments.core.limits import Budget, CircuitBreaker
-    from deployments.providers.admission import UpstreamGuard
+    from deployments.limits.guard import UpstreamGuard
+    from deployments.limits.pacing import Budget, CircuitBreaker
     from deployments.providers.openai_compat import OpenAIProvider
 
     env = os.environ if environ is None else environ

@@ -1,5 +1,5 @@
-"""What crosses the RateLimiter's handle (``deployments.rate_limiter``), booked through
-``deployments.core.booking.BudgetClient``.
+"""What crosses the RateLimiter's handle (``deployments.limits.rate_limiter``), booked through
+``deployments.limits.booking.BudgetClient``.
 """
 
 from __future__ import annotations

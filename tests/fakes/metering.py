@@ -11,8 +11,8 @@ from typing import Any
 
 from deployments.config import TasksConfig
 from deployments.core.replies import unwrap
-from deployments.metering import KeyEntry, Meter
-from deployments.rate_limiter import RateLimiter
+from deployments.limits.metering import KeyEntry, Meter
+from deployments.limits.rate_limiter import RateLimiter
 from deployments.schemas import BookingAnswer, ReserveRequest, UsageList
 from deployments.task_store import TaskStore
 from tests.fakes.workers import Handle

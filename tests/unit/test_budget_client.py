@@ -13,10 +13,10 @@ from typing import Any
 
 import pytest
 
-from deployments.core.booking import RETRY_INTERVAL_S, BudgetClient, answered_at_once
-from deployments.core.limits import Budget, window_capacity
 from deployments.errors import Overloaded
-from deployments.rate_limiter import RateLimiter
+from deployments.limits.booking import RETRY_INTERVAL_S, BudgetClient, answered_at_once
+from deployments.limits.pacing import Budget, window_capacity
+from deployments.limits.rate_limiter import RateLimiter
 from deployments.schemas import BookingAnswer, BookingAsk, ReserveRequest, Share
 from tests.waiting import until
 

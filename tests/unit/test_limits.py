@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deployments.core.limits import (
+from deployments.limits.pacing import (
     BreakerState,
     Budget,
     CircuitBreaker,

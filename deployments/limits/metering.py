@@ -42,9 +42,9 @@ from dataclasses import dataclass
 from ray.serve.handle import DeploymentHandle
 
 from deployments.config import DEFAULT_ADMISSION_WAIT_S, AdmissionConfig
-from deployments.core.booking import BudgetClient, answered_at_once
 from deployments.core.replies import unwrap
 from deployments.errors import AuthenticationFailed, PermissionDenied, RateLimited
+from deployments.limits.booking import BudgetClient, answered_at_once
 from deployments.schemas import Budget, Share, Usage
 from deployments.store.keys import ApiKey
 from deployments.store.records import UsageRecord

@@ -27,9 +27,9 @@ import time
 
 from ray.serve.handle import DeploymentHandle
 
-from deployments.core.booking import BudgetClient
-from deployments.core.limits import BreakerState, Budget, CircuitBreaker
 from deployments.errors import CircuitOpen, ModelRateLimited
+from deployments.limits.booking import BudgetClient
+from deployments.limits.pacing import BreakerState, Budget, CircuitBreaker
 from deployments.schemas import Share
 from deployments.telemetry import NULL, Metrics
 

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from deployments.core.fairshare import FairQueue, Waiter
+from deployments.limits.fair_queue import FairQueue, Waiter
 from deployments.schemas import BookingAsk, Budget, BudgetState, LimiterState, PacerState
 
 __all__ = ["Budget", "CircuitBreaker", "Pacer", "RateLimiterCore", "WaitTooLong", "window_capacity"]

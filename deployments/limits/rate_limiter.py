@@ -30,7 +30,7 @@ Metrics (``deployments.telemetry``): every booking it grants is observed with th
 (queued ones from when they were booked), every refusal and every pause started is counted;
 pauses in force and fair-queue lengths are sampled every ``metrics.sample_interval_s``.
 
-Cost: callers go through ``deployments.core.booking.BudgetClient``, which puts
+Cost: callers go through ``deployments.limits.booking.BudgetClient``, which puts
 all of a replica's concurrent bookings on a budget into one call. Unlimited
 models and keys never call it.
 """
@@ -43,8 +43,8 @@ import time
 from collections.abc import AsyncIterator
 
 from deployments.config import AdmissionConfig, MetricsConfig
-from deployments.core.fairshare import Waiter
-from deployments.core.limits import Granted, Queued, RateLimiterCore, Refused
+from deployments.limits.fair_queue import Waiter
+from deployments.limits.pacing import Granted, Queued, RateLimiterCore, Refused
 from deployments.schemas import BookingAnswer, LimiterState, ReserveRequest
 from deployments.telemetry import LIMITER_METRICS, metrics_for, start_sampling
 

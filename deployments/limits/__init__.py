@@ -1,0 +1,1 @@
+"""Admission and limits (glossary: see below)."""
