@@ -62,7 +62,7 @@ def build_app(args: AppArgs) -> Application:
     seed = seed_tasks(args)
     limiter = (
         serve.deployment(RateLimiter)
-        # Budgets live in one place; waiting acquires and pause watchers each hold a request slot.
+        # Budgets live in one place; queued bookings and pause watchers each hold a request slot.
         .options(name=names.RATE_LIMITER, num_replicas=1, max_ongoing_requests=100_000)
         .bind(args.admission, args.metrics)
     )

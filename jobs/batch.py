@@ -209,7 +209,7 @@ class ServeBackend:
         await self._calls()
         assert self.meter is not None
         try:
-            self.meter.check_budget(await self.meter.account(self.key_id))
+            self.meter.check_token_budget(await self.meter.account(self.key_id))
         except PromptfleetError as exc:
             raise SetupError(f"--key-id {self.key_id}: {exc.message}") from None
 

@@ -3,7 +3,7 @@
 Every page is rendered on the server from the same handles and functions the JSON API uses: runs
 through the TaskStore (``list_details``/``run_detail`` are ``list_runs``/``get`` with the owner and
 input the admin may see), keys through ``admin_routes.KeyAdmin``, batches and their files through
-the BatchService with the admin's scope (``None``), budgets through ``Meter.check_budget``. Lists
+the BatchService with the admin's scope (``None``), budgets through ``Meter.check_token_budget``. Lists
 are keyset-paginated (the store's cursor), so a page costs the same with 100,000 runs as with 10:
 runs, keys (newest first) and usage rows alike. Nothing loads a whole table: the usage chart is
 summed by the database over the days it shows, and the CSV export streams the rows page by page
@@ -216,7 +216,7 @@ class Pages:
                 key = unwrap(await self.store.get_key.remote(old.owner))
                 if key is None:
                     raise InvalidRequest(f"The key {old.owner} of this run no longer exists.")
-                Meter.check_budget(KeyEntry(key=key, fetched_at=time.monotonic()))
+                Meter.check_token_budget(KeyEntry(key=key, fetched_at=time.monotonic()))
             view, _ = unwrap(await self.store.create_run.remote(
                 old.task, old.input, old.owner, None, entry.version, request_ids.current()
             ))

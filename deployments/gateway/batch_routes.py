@@ -93,7 +93,7 @@ def build_batch_router(batches: DeploymentHandle[Any], max_file_bytes: int) -> A
     @router.post("/batches", response_model=BatchView)
     async def create_batch(body: BatchCreate, caller: Owner) -> BatchView:
         # A key whose budget is spent starts no new work (its lines are billed to it as they run).
-        Meter.check_budget(caller.entry)
+        Meter.check_token_budget(caller.entry)
         result: BatchView = unwrap(await batches.create_batch.remote(caller.owner, body))
         return result
 

@@ -81,7 +81,7 @@ def build_task_router(
         check_input(entry.definition, body.input)
         if body.model is not None:
             require_prompts(caller, auth_enabled)
-        meter.check_budget(caller.entry)
+        meter.check_token_budget(caller.entry)
         try:
             result = await runner.run.remote(name, body.input, caller.key_id, False, entry.version, body.model)
         except BackPressureError:
@@ -100,7 +100,7 @@ def build_task_router(
         check_input(entry.definition, body.input)
         if body.model is not None:
             raise InvalidRequest("model: only POST /v1/tasks/{name}/run takes a model.", param="model")
-        meter.check_budget(caller.entry)
+        meter.check_token_budget(caller.entry)
         view, created = unwrap(
             await store.create_run.remote(
                 name, body.input, caller.owner, idempotency_key, entry.version, request_ids.current()

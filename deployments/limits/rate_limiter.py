@@ -21,7 +21,7 @@ next slot or deadline (no polling), and the caller's stream stays open. A
 caller that goes away closes its stream, which frees its queued places.
 
 If this replica dies, Serve starts a new one; what it may grant is the restart
-rule of ``core.limits`` (every budget counts as empty at the restart), so no
+rule of ``pacing`` (every budget counts as empty at the restart), so no
 window sees more than the documented burst on top of the rate. Callers whose
 streams broke book again on the new replica within their own deadline (they
 fail closed, never open).
@@ -30,7 +30,7 @@ Metrics (``deployments.telemetry``): every booking it grants is observed with th
 (queued ones from when they were booked), every refusal and every pause started is counted;
 pauses in force and fair-queue lengths are sampled every ``metrics.sample_interval_s``.
 
-Cost: callers go through ``deployments.limits.booking.BudgetClient``, which puts
+Cost: callers go through ``deployments.limits.booking.BookingClient``, which puts
 all of a replica's concurrent bookings on a budget into one call. Unlimited
 models and keys never call it.
 """
@@ -55,6 +55,8 @@ _Outcome = tuple[int, bool, float]
 
 
 class RateLimiter:
+    """The deployment: books, pauses and reports every budget (module doc)."""
+
     def __init__(self, config: AdmissionConfig | None = None, metrics: MetricsConfig | None = None) -> None:
         config = config or AdmissionConfig()
         self.metrics = metrics_for(metrics)

@@ -59,7 +59,7 @@ class Metered:
     async def settled(self, key: KeyEntry) -> int:
         """Tokens left booked on the key's tpm once corrections went out."""
         for _ in range(100):
-            if not self.meter.budgets.unsettled and not self.meter.budgets.senders:
+            if not self.meter.bookings.unsettled and not self.meter.bookings.senders:
                 break
             await asyncio.sleep(0.05)
         return self.limiter.net.get(f"key:{key.key.id}", 0)

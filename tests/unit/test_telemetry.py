@@ -22,8 +22,8 @@ from deployments import errors, telemetry
 from deployments.config import AdmissionConfig, MetricsConfig, OpenAIModel
 from deployments.core.retry import BackoffPolicy
 from deployments.gateway.request_metrics import RequestMetrics, error_code, note_model
+from deployments.limits.breaker import CircuitBreaker
 from deployments.limits.guard import UpstreamGuard
-from deployments.limits.pacing import CircuitBreaker
 from deployments.limits.rate_limiter import RateLimiter
 from deployments.model_calls import ModelCalls
 from deployments.providers.openai_compat import OpenAIProvider
