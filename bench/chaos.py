@@ -48,7 +48,7 @@ from typing import Any
 import httpx
 
 from bench.kit import fake_upstream
-from deployments.core.limits import window_capacity
+from deployments.limits.pacing import window_capacity
 from tests.cluster.harness import (
     HEAD_HOST,
     WORKER_HOSTS,

@@ -22,8 +22,8 @@ from deployments.batch_service import BatchService
 from deployments.config import AppArgs, LlamaCppModel, ModelConfig, OpenAIModel
 from deployments.core.taskfile import canonical, content_hash, load_task_files
 from deployments.gateway.ingress import Gateway
+from deployments.limits.rate_limiter import RateLimiter
 from deployments.model_worker import ModelWorker
-from deployments.rate_limiter import RateLimiter
 from deployments.store.keys import ANONYMOUS_OWNER
 from deployments.store.tasks import VersionInput
 from deployments.task_runner import TaskRunner
@@ -63,7 +63,7 @@ def build_app(args: AppArgs) -> Application:
     seed = seed_tasks(args)
     limiter = (
         serve.deployment(RateLimiter)
-        # Budgets live in one place; waiting acquires and pause watchers each hold a request slot.
+        # Budgets live in one place; queued bookings and pause watchers each hold a request slot.
         .options(name=names.RATE_LIMITER, num_replicas=1, max_ongoing_requests=100_000)
         .bind(args.admission, args.metrics)
     )

@@ -11,7 +11,7 @@ Why: a call that went Gateway → worker → upstream paid for two Python proces
 trip and the worker's gRPC server per request, while the worker only relayed the upstream's JSON
 (docs/performance.md, issue 22's profile). Everything the worker did for an upstream model is the
 provider's (``providers.openai_compat``: retries, timeouts, error translation;
-``providers.admission``: the model's shared rpm/tpm budget and 429 pause through the RateLimiter,
+``limits.guard``: the model's shared rpm/tpm budget and 429 pause through the RateLimiter,
 the breaker), so it runs unchanged here: the budgets and pauses stay shared by every process on
 every node, since they live in the RateLimiter actor; the breaker, as before, is per process.
 

@@ -55,7 +55,7 @@ from deployments.config import Capability, ModelConfig
 from deployments.core.capabilities import require_capability
 from deployments.core.tokens import StreamCounter, chat_prompt_tokens, completion_budget, reply_tokens
 from deployments.errors import InvalidRequest, ModelNotFound, PromptfleetError
-from deployments.metering import KeyEntry, Meter
+from deployments.limits.metering import KeyEntry, Meter
 from deployments.schemas import ChatCompletionRequest, ChatReply, ModelCall, Share, StreamEnd, Usage
 from deployments.schemas.calls import BodyCall
 from deployments.schemas.completions import DEFAULT_MAX_TOKENS, CompletionRequest

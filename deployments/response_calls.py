@@ -40,7 +40,7 @@ from deployments.core.tokens import (
     text_tokens,
 )
 from deployments.errors import InvalidRequest, PromptfleetError
-from deployments.metering import KeyEntry
+from deployments.limits.metering import KeyEntry
 from deployments.model_calls import ModelCalls, WorkerStream, estimated
 from deployments.schemas import ChatCompletionRequest, ChatReply, ModelCall, Share
 from deployments.schemas.calls import BodyCall

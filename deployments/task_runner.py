@@ -37,8 +37,8 @@ from deployments.core.prompting import TemplateRenderer
 from deployments.core.replies import Reply, replying
 from deployments.core.runloop import RunLoop
 from deployments.errors import PromptfleetError
+from deployments.limits.metering import Meter
 from deployments.logs import watch_serve_log
-from deployments.metering import Meter
 from deployments.model_calls import HandleTransport, ModelCalls
 from deployments.schemas import CatalogueStatus
 from deployments.task_executor import TaskExecutor

@@ -87,7 +87,7 @@ from deployments.telemetry import BATCH_DRIVER_METRICS, NULL, Metrics, metrics_f
 
 if TYPE_CHECKING:
     from deployments.clients.runner import RunnerClient
-    from deployments.metering import Meter
+    from deployments.limits.metering import Meter
     from deployments.model_calls import ModelCalls
 from jobs.batchlines import (
     BatchItem,
@@ -176,7 +176,7 @@ class ServeBackend:
 
         from deployments.clients.keys import KeysClient
         from deployments.clients.workers import WorkerClient
-        from deployments.metering import Meter
+        from deployments.limits.metering import Meter
         from deployments.model_calls import HandleTransport, ModelCalls
 
         async with self.connecting:
@@ -223,7 +223,7 @@ class ServeBackend:
         await self._calls()
         assert self.meter is not None
         try:
-            self.meter.check_budget(await self.meter.account(self.key_id))
+            self.meter.check_token_budget(await self.meter.account(self.key_id))
         except PromptfleetError as exc:
             raise SetupError(f"--key-id {self.key_id}: {exc.message}") from None
 

@@ -21,8 +21,8 @@ same way everywhere (``failures``: the mapping table):
 The TaskStore is one actor with four clients, named for what each holds, rather than four
 deployments: ``deployments.task_store`` says why. Two typed adapters also call handles and are the
 only other places that may: ``model_calls.HandleTransport`` (model calls, with the same failure
-mapping) and the limiter's booking adapters (``core.booking.BudgetClient`` fed by
-``metering.Meter`` and ``providers.admission.UpstreamGuard``). ``tests/unit/test_layers.py``
+mapping) and the limiter's booking adapters (``limits.booking.BookingClient`` fed by
+``limits.metering.Meter`` and ``limits.guard.UpstreamGuard``). ``tests/unit/test_layers.py``
 checks that nothing else touches ``.remote``, and ``tests/unit/test_clients.py`` that each client's
 calls fit its shell's signatures.
 

@@ -1,7 +1,7 @@
 """The RateLimiter's state, for the console: ``LimiterClient``.
 
 Bookings and pauses — the limiter's hot path — go through the typed adapters that own them
-(``core.booking.BudgetClient`` built by ``metering.Meter`` and ``providers.admission.UpstreamGuard``);
+(``limits.booking.BookingClient`` built by ``limits.metering.Meter`` and ``limits.guard.UpstreamGuard``);
 this client is the rest: the budgets and queues the console's overview shows. Ray's failures
 become ``Overloaded`` naming the rate limiter (``clients.failures``).
 """

@@ -28,7 +28,7 @@ from deployments.console.charts import bar_chart, day_points
 from deployments.console.cluster import Deployments, Snapshot
 from deployments.console.prometheus import Rates, query_rates
 from deployments.gateway.health import HealthCheck
-from deployments.metering import Meter
+from deployments.limits.metering import Meter
 from deployments.schemas import LimiterState, Readiness
 
 logger = logging.getLogger("ray.serve")

@@ -4,7 +4,7 @@ Every page is rendered on the server from the same clients and functions the JSO
 (``deployments.clients``): runs through ``RunsClient`` (``list_details``/``detail`` are
 ``list_runs``/``get`` with the owner and input the admin may see), keys and usage through
 ``admin_routes.KeyAdmin`` and its ``KeysClient``, batches and their files through ``BatchClient``
-with the admin's scope (``None``), budgets through ``Meter.check_budget``. Lists
+with the admin's scope (``None``), budgets through ``Meter.check_token_budget``. Lists
 are keyset-paginated (the store's cursor), so a page costs the same with 100,000 runs as with 10:
 runs, keys (newest first) and usage rows alike. Nothing loads a whole table: the usage chart is
 summed by the database over the days it shows, and the CSV export streams the rows page by page
@@ -33,7 +33,7 @@ from deployments.console.overview import Overview
 from deployments.errors import InvalidRequest, PromptfleetError
 from deployments.gateway.admin_routes import KeyAdmin
 from deployments.gateway.files import file_response
-from deployments.metering import KeyEntry, Meter
+from deployments.limits.metering import KeyEntry, Meter
 from deployments.schemas import (
     BatchView,
     KeyCreate,
@@ -210,7 +210,7 @@ class Pages:
                 key = await self.keys.keys.get(old.owner)
                 if key is None:
                     raise InvalidRequest(f"The key {old.owner} of this run no longer exists.")
-                Meter.check_budget(KeyEntry(key=key, fetched_at=time.monotonic()))
+                Meter.check_token_budget(KeyEntry(key=key, fetched_at=time.monotonic()))
             view, _ = await self.runs.create(task=old.task, task_input=old.input, owner=old.owner,
                                              task_version=entry.version, request_id=request_ids.current())
             return back(request, f"/runs/{view.id}")

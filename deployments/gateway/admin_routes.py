@@ -28,7 +28,7 @@ from deployments.clients.keys import KeysClient
 from deployments.clients.runs import RunsClient
 from deployments.gateway.auth import Authenticator, checked_caller, require_admin
 from deployments.gateway.caller import Caller, get_caller
-from deployments.metering import Meter
+from deployments.limits.metering import Meter
 from deployments.schemas import KeyCreate, KeyCreated, KeyLimits, KeyList, KeyView, UsageList
 from deployments.store import usage as usage_rows
 from deployments.store.keys import DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT, ApiKey

@@ -3,7 +3,7 @@
 With ``auth.enabled`` every /v1 request needs ``Authorization: Bearer <key>``.
 The admin key comes from the environment variable ``auth.admin_key_env``;
 other keys live hashed in the TaskStore. What a key may spend is
-``deployments.metering``'s business.
+``deployments.limits.metering``'s business.
 
 Each Gateway replica keeps an index of every *active* key, by digest (``KeyIndex``),
 so authenticating a request is a hash and a dict lookup — no store round trip, and
@@ -41,7 +41,7 @@ from deployments.clients.keys import KeysClient
 from deployments.config import AuthConfig
 from deployments.errors import AuthenticationFailed, Overloaded, PermissionDenied
 from deployments.gateway.caller import ANONYMOUS, Caller, get_caller
-from deployments.metering import KeyEntry
+from deployments.limits.metering import KeyEntry
 from deployments.store.keys import KeySnapshot, hash_key
 
 logger = logging.getLogger("ray.serve")

@@ -32,7 +32,7 @@ from fastapi.responses import Response, StreamingResponse
 from deployments.clients.batches import BatchClient
 from deployments.gateway.caller import Caller, get_caller, list_scope, run_scope
 from deployments.gateway.files import file_response, receive_upload
-from deployments.metering import Meter
+from deployments.limits.metering import Meter
 from deployments.schemas import BatchCreate, BatchList, BatchView, FileDeleted, FileList, FileView
 
 FILES_PATH = "/v1/files"  # the one route whose body may exceed gateway.max_body_bytes
@@ -91,7 +91,7 @@ def build_batch_router(batches: BatchClient, max_file_bytes: int) -> APIRouter:
     @router.post("/batches", response_model=BatchView)
     async def create_batch(body: BatchCreate, caller: Owner) -> BatchView:
         # A key whose budget is spent starts no new work (its lines are billed to it as they run).
-        Meter.check_budget(caller.entry)
+        Meter.check_token_budget(caller.entry)
         return await batches.create_batch(caller.owner, body)
 
     @router.get("/batches/{batch_id}", response_model=BatchView)

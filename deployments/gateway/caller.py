@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from deployments.errors import AuthenticationFailed, PermissionDenied
-from deployments.metering import KeyEntry
+from deployments.limits.metering import KeyEntry
 
 
 @dataclass(frozen=True)

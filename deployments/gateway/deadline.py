@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from deployments.errors import InvalidRequest
-from deployments.metering import admission_wait
+from deployments.limits.metering import admission_wait
 
 __all__ = ["OPENAPI", "admission_wait", "client_timeout"]
 

@@ -87,8 +87,8 @@ from deployments.gateway.request_metrics import RequestMetrics
 from deployments.gateway.responses_routes import ResponsesRoutes
 from deployments.gateway.scopes import route_path
 from deployments.gateway.task_routes import build_task_router
+from deployments.limits.metering import Meter
 from deployments.logs import watch_serve_log
-from deployments.metering import Meter
 from deployments.model_calls import HandleTransport, ModelCalls
 from deployments.model_serving import ModelServing
 from deployments.providers import build_provider

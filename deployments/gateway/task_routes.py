@@ -37,7 +37,7 @@ from deployments.clients.runs import RunsClient
 from deployments.errors import InvalidRequest
 from deployments.gateway.auth import require_prompts
 from deployments.gateway.caller import Caller, get_caller, list_scope, run_scope
-from deployments.metering import Meter
+from deployments.limits.metering import Meter
 from deployments.schemas import RunList, RunView, TaskInfo, TaskList, TaskResult, TaskRunRequest
 from deployments.task_executor import check_input
 
@@ -82,7 +82,7 @@ def build_task_router(
         check_input(entry.definition, body.input)
         if body.model is not None:
             require_prompts(caller, auth_enabled)
-        meter.check_budget(caller.entry)
+        meter.check_token_budget(caller.entry)
         return await runner.run(name, body.input, payer=caller.key_id, version=entry.version, model=body.model)
 
     @router.post("/tasks/{name}/submit", status_code=202, response_model=RunView)
@@ -96,7 +96,7 @@ def build_task_router(
         check_input(entry.definition, body.input)
         if body.model is not None:
             raise InvalidRequest("model: only POST /v1/tasks/{name}/run takes a model.", param="model")
-        meter.check_budget(caller.entry)
+        meter.check_token_budget(caller.entry)
         view, created = await runs.create(
             task=name, task_input=body.input, owner=caller.owner, idempotency_key=idempotency_key,
             task_version=entry.version, request_id=request_ids.current(),

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 from ray.serve.handle import DeploymentHandle
 
 from deployments.config import LlamaCppModel, ModelConfig, embedded_model_path
-from deployments.schemas import Share, StreamEnd
+from deployments.schemas import Budget, Share, StreamEnd
 from deployments.telemetry import NULL, Metrics
 
 
@@ -75,8 +75,8 @@ def build_provider(
         path = config.model_path or embedded_model_path()
         return LlamaCppProvider(config, model_path=Path(path), metrics=metrics)
 
-    from deployments.core.limits import Budget, CircuitBreaker
-    from deployments.providers.admission import UpstreamGuard
+    from deployments.limits.breaker import CircuitBreaker
+    from deployments.limits.guard import UpstreamGuard
     from deployments.providers.openai_compat import OpenAIProvider
 
     env = os.environ if environ is None else environ

@@ -50,7 +50,7 @@ from deployments.errors import (
     UpstreamRateLimited,
     UpstreamTimeout,
 )
-from deployments.providers.admission import UpstreamGuard
+from deployments.limits.guard import UpstreamGuard
 from deployments.providers.relay import Relay, RelayStream
 from deployments.schemas import Share, StreamEnd, Usage
 from deployments.schemas.completions import DEFAULT_MAX_TOKENS

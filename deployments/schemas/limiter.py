@@ -1,5 +1,6 @@
-"""What crosses the RateLimiter's handle (``deployments.rate_limiter``), booked through
-``deployments.core.booking.BudgetClient``.
+"""What crosses the RateLimiter's handle (``deployments.limits.rate_limiter``), booked through
+``deployments.limits.booking.BookingClient``. The words (budget, booking, share, pacer, pause) are
+those of the glossary in ``deployments.limits``.
 """
 
 from __future__ import annotations

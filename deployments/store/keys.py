@@ -13,7 +13,7 @@ Listings are keyset pages, whatever the number of keys: keys in creation order (
 then id; either direction) after a key id, as OpenAI's admin key list pages; usage by cursor.
 
 A key's ``weight`` is its share of a model budget when keys wait for it
-together (``core.fairshare``). A key's ``scope`` is ``tenant`` (the API's normal use) or
+together (``limits.fair_queue``). A key's ``scope`` is ``tenant`` (the API's normal use) or
 ``prompts`` (also manages tasks: check, push, roll back, history; issue 14). The tables
 (``api_keys``, ``usage``, ``key_version``, ``key_tokens``, ``console_signouts``) are made and
 migrated by ``store.migrations``.

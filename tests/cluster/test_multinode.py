@@ -20,7 +20,7 @@ import httpx
 import openai
 import pytest
 
-from deployments.core.limits import window_capacity
+from deployments.limits.pacing import window_capacity
 from tests.cluster.harness import HEAD_HOST, WORKER_HOSTS, LoopbackCluster, submit_batch_job
 from tests.fakes.upstream import FakeUpstream
 from tests.fixtures import LIMITED_RPM

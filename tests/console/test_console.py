@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 
-from deployments.metering import KEY_TTL_S
+from deployments.limits.metering import KEY_TTL_S
 from tests.console.browser import Browser
 from tests.fixtures import ADMIN_KEY, ServeApp
 from tests.security.tenants import ADMIN, Tenant, call

@@ -12,8 +12,8 @@ from typing import Any
 from deployments.clients.keys import KeysClient
 from deployments.config import TasksConfig
 from deployments.core.replies import unwrap
-from deployments.metering import KeyEntry, Meter
-from deployments.rate_limiter import RateLimiter
+from deployments.limits.metering import KeyEntry, Meter
+from deployments.limits.rate_limiter import RateLimiter
 from deployments.schemas import BookingAnswer, ReserveRequest, UsageList
 from deployments.task_store import TaskStore
 from tests.fakes.workers import Handle
@@ -60,7 +60,7 @@ class Metered:
     async def settled(self, key: KeyEntry) -> int:
         """Tokens left booked on the key's tpm once corrections went out."""
         for _ in range(100):
-            if not self.meter.budgets.unsettled and not self.meter.budgets.senders:
+            if not self.meter.bookings.unsettled and not self.meter.bookings.senders:
                 break
             await asyncio.sleep(0.05)
         return self.limiter.net.get(f"key:{key.key.id}", 0)

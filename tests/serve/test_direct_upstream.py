@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from deployments.core.limits import window_capacity
+from deployments.limits.pacing import window_capacity
 from tests.fixtures import ServeApp, beside, free_port, logged
 from tests.waiting import wait_for
 

@@ -9,7 +9,7 @@ import time
 import openai
 import pytest
 
-from deployments.core.limits import window_capacity
+from deployments.limits.pacing import window_capacity
 from tests.fixtures import LIMITED_RPM, ServeApp
 from tests.waiting import wait_for
 

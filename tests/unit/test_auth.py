@@ -21,7 +21,7 @@ from deployments.core.replies import Reply
 from deployments.errors import AuthenticationFailed, Overloaded, PermissionDenied, PromptfleetError
 from deployments.gateway.auth import ADMIN, MISS_RECHECK_S, Authenticator, require_admin, require_prompts
 from deployments.gateway.caller import ANONYMOUS, Caller
-from deployments.metering import KeyEntry
+from deployments.limits.metering import KeyEntry
 from deployments.store.keys import ApiKey, KeySnapshot, KeyStore
 from deployments.store.records import UsageRecord
 

@@ -41,8 +41,8 @@ from deployments.clients.runs import LeasesClient, RunsClient
 from deployments.clients.sessions import SessionsClient
 from deployments.clients.task_versions import TaskVersionsClient
 from deployments.clients.workers import WorkerClient
+from deployments.limits.rate_limiter import RateLimiter
 from deployments.model_worker import ModelWorker
-from deployments.rate_limiter import RateLimiter
 from deployments.task_runner import TaskRunner
 from deployments.task_store import TaskStore
 

@@ -30,9 +30,9 @@ from deployments.console.pages import (
     parse_json_object,
 )
 from deployments.console.prometheus import DURATION, QUERIES, REQUESTS, TOKENS, query_rates
-from deployments.core.limits import RateLimiterCore
 from deployments.errors import InvalidRequest, NotFound
 from deployments.gateway.auth import Authenticator
+from deployments.limits.pacing import RateLimiterCore
 from deployments.schemas import BatchRequestCounts, BatchView, Budget, DayTokens, KeyLimits
 from deployments.store import RunStore
 from deployments.store.keys import KeyStore

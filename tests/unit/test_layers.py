@@ -5,7 +5,10 @@
   one, e.g. the PostgreSQL driver).
 - The Gateway's HTTP layer (``deployments/gateway``) imports no deployment shell module: it talks
   to the shells through handles and the schema/record types, never their classes.
-- Pure logic (``deployments/core``) imports neither Ray nor a shell nor the HTTP layer.
+- Pure logic (``deployments/core`` and the pure modules of ``deployments/limits``) imports neither
+  Ray nor a shell nor the HTTP layer.
+- Admission and limits live in ``deployments/limits`` alone: its ``__init__`` is the glossary (it
+  imports nothing) and names every module of the package; no module there imports the HTTP layer.
 - Handles are called only by the typed clients (``deployments/clients``) and the typed adapters
   listed in ``ADAPTERS``: nothing else touches a handle's ``.remote`` (docs/architecture.md
   "Clients"), so mypy checks every call site and Ray's failures are mapped in one place.
@@ -25,15 +28,19 @@ CLIENTS = "deployments.clients"
 # The typed adapters that call a handle themselves, by the last part of their module's name (so the
 # list survives a move to another package): the class that may, and a word its handle's expression
 # must contain. model_calls' HandleTransport: the model workers (the one model-call path); the
-# UpstreamGuard and the Meter: the RateLimiter's bookings and pauses (``core.booking.BudgetClient``).
+# UpstreamGuard and the Meter: the RateLimiter's bookings and pauses (``limits.booking.BookingClient``).
 ADAPTERS = {
     "model_calls": ("HandleTransport", "self."),
-    "admission": ("UpstreamGuard", "limiter"),
+    "guard": ("UpstreamGuard", "limiter"),
     "metering": ("Meter", "limiter"),
 }
 SHELLS = frozenset(
-    f"deployments.{name}" for name in ("model_worker", "task_runner", "task_store", "rate_limiter", "batch_service")
+    f"deployments.{name}"
+    for name in ("model_worker", "task_runner", "task_store", "limits.rate_limiter", "batch_service")
 )
+LIMITS = "deployments.limits"
+# The modules of ``deployments/limits`` that run without Ray (the rest hold handles).
+PURE_LIMITS = frozenset(f"{LIMITS}.{name}" for name in ("pacing", "fair_queue", "breaker", "booking"))
 
 
 def module_name(path: Path) -> str:
@@ -151,7 +158,7 @@ def test_the_http_layer_imports_no_deployment_shell() -> None:
     assert {name: shells for name, shells in offenders.items() if shells} == {}
 
 
-@pytest.mark.parametrize("name", sorted(n for n in MODULES if n.startswith("deployments.core")))
+@pytest.mark.parametrize("name", sorted(n for n in MODULES if n.startswith("deployments.core.") or n in PURE_LIMITS))
 def test_pure_logic_imports_no_ray_shell_or_http_layer(name: str) -> None:
     tree = ast.parse(MODULES[name].read_text())
     external = {
@@ -217,7 +224,7 @@ def test_the_handle_check_finds_calls_and_references_outside_clients() -> None:
         "        parser.remote, task.remote()\n"  # a CLI flag, a Ray task: not handles
         "class Meter:\n"
         "    def __init__(self, store, limiter):\n"
-        "        self.budgets = BudgetClient(limiter.reserve_now.remote)\n"  # the adapter's own handle: fine
+        "        self.bookings = BookingClient(limiter.reserve_now.remote)\n"  # the adapter's own handle: fine
         "        self.key = store.get_key.remote('key_1')\n"  # but not the store's
     )
     assert stray_handle_calls("deployments.gateway.task_routes", code) == [
@@ -232,3 +239,21 @@ def test_the_handle_check_finds_calls_and_references_outside_clients() -> None:
         "deployments.limits.metering:9: store.get_key.remote",
     ]
     assert stray_handle_calls("deployments.clients.runs", code) == []
+
+
+def test_the_limits_glossary_imports_nothing_and_names_every_module() -> None:
+    init = MODULES[LIMITS]
+    tree = ast.parse(init.read_text())
+    assert list(_statements(tree, top_level=False)) == []  # importing a pure module must not load Ray
+    docstring = ast.get_docstring(tree) or ""
+    # The module list: indented lines that start with a file name.
+    words = [line.split() for line in docstring.splitlines() if line.startswith("    ")]
+    listed = {first for first, *_ in words if first.endswith(".py")}
+    package = {path.name for path in init.parent.glob("*.py") if path.name != "__init__.py"}
+    assert listed == package
+    assert PURE_LIMITS <= {f"{LIMITS}.{name.removesuffix('.py')}" for name in package}
+
+
+@pytest.mark.parametrize("name", sorted(n for n in MODULES if n.startswith(f"{LIMITS}.")))
+def test_limits_import_no_http_layer(name: str) -> None:
+    assert not {m for m in imports(name, top_level=False) if m.startswith("deployments.gateway")}

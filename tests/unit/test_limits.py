@@ -9,15 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deployments.core.limits import (
-    BreakerState,
-    Budget,
-    CircuitBreaker,
-    Pacer,
-    RateLimiterCore,
-    WaitTooLong,
-    window_capacity,
-)
+from deployments.limits.breaker import BreakerState, CircuitBreaker
+from deployments.limits.pacing import Pacer, RateLimiterCore, WaitTooLong, window_capacity
+from deployments.schemas import Budget
 
 
 def most_in_window(starts: list[float], window: float) -> int:

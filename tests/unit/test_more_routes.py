@@ -16,7 +16,7 @@ from deployments.config import LlamaCppModel, OpenAIModel
 from deployments.core.capabilities import require_capability
 from deployments.core.replies import unwrap
 from deployments.core.tokens import StreamCounter
-from deployments.metering import Meter
+from deployments.limits.metering import Meter
 from deployments.model_calls import ModelCalls
 from deployments.schemas import ChatCompletionRequest
 from deployments.schemas.completions import CompletionRequest

@@ -20,13 +20,13 @@ from fastapi.responses import JSONResponse
 
 from deployments import errors, telemetry
 from deployments.config import AdmissionConfig, MetricsConfig, OpenAIModel
-from deployments.core.limits import CircuitBreaker
 from deployments.core.retry import BackoffPolicy
 from deployments.gateway.request_metrics import RequestMetrics, error_code, note_model
+from deployments.limits.breaker import CircuitBreaker
+from deployments.limits.guard import UpstreamGuard
+from deployments.limits.rate_limiter import RateLimiter
 from deployments.model_calls import ModelCalls
-from deployments.providers.admission import UpstreamGuard
 from deployments.providers.openai_compat import OpenAIProvider
-from deployments.rate_limiter import RateLimiter
 from deployments.schemas import BookingAsk, Budget, ChatCompletionRequest, ReserveRequest, Share
 from deployments.store import RunStore
 from deployments.telemetry import CATALOGUE, Kind, MemoryBackend, Metrics

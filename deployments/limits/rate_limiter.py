@@ -21,7 +21,7 @@ next slot or deadline (no polling), and the caller's stream stays open. A
 caller that goes away closes its stream, which frees its queued places.
 
 If this replica dies, Serve starts a new one; what it may grant is the restart
-rule of ``core.limits`` (every budget counts as empty at the restart), so no
+rule of ``pacing`` (every budget counts as empty at the restart), so no
 window sees more than the documented burst on top of the rate. Callers whose
 streams broke book again on the new replica within their own deadline (they
 fail closed, never open).
@@ -30,7 +30,7 @@ Metrics (``deployments.telemetry``): every booking it grants is observed with th
 (queued ones from when they were booked), every refusal and every pause started is counted;
 pauses in force and fair-queue lengths are sampled every ``metrics.sample_interval_s``.
 
-Cost: callers go through ``deployments.core.booking.BudgetClient``, which puts
+Cost: callers go through ``deployments.limits.booking.BookingClient``, which puts
 all of a replica's concurrent bookings on a budget into one call. Unlimited
 models and keys never call it.
 """
@@ -43,8 +43,8 @@ import time
 from collections.abc import AsyncIterator
 
 from deployments.config import AdmissionConfig, MetricsConfig
-from deployments.core.fairshare import Waiter
-from deployments.core.limits import Granted, Queued, RateLimiterCore, Refused
+from deployments.limits.fair_queue import Waiter
+from deployments.limits.pacing import Granted, Queued, RateLimiterCore, Refused
 from deployments.schemas import BookingAnswer, LimiterState, ReserveRequest
 from deployments.telemetry import LIMITER_METRICS, metrics_for, start_sampling
 
@@ -55,6 +55,8 @@ _Outcome = tuple[int, bool, float]
 
 
 class RateLimiter:
+    """The deployment: books, pauses and reports every budget (module doc)."""
+
     def __init__(self, config: AdmissionConfig | None = None, metrics: MetricsConfig | None = None) -> None:
         config = config or AdmissionConfig()
         self.metrics = metrics_for(metrics)

@@ -1,4 +1,4 @@
-"""Pure rate-limiting and failure-isolation logic, tested without Ray.
+"""Pacing: the GCRA token bucket of every budget and the RateLimiter's logic (pure, tested without Ray).
 
 ``Pacer`` is a token bucket written in the GCRA form ("virtual scheduling",
 ITU-T I.371): instead of counting tokens it keeps the theoretical arrival time
@@ -19,21 +19,20 @@ units — the bound of one limiter that never died (the old limiter's grants
 within the window, plus the new one's refill). A budget whose limit changes
 starts empty.
 
-``CircuitBreaker`` is the classic closed → open → half-open breaker (one probe
-at a time once the cool-down has passed).
+``RateLimiterCore`` is the RateLimiter's logic over the pacers of every
+budget, their pauses and the fair queues of shared budgets (``fair_queue``).
+Words as in the glossary of ``deployments.limits``.
 """
 
 from __future__ import annotations
 
 import heapq
-import time
-from dataclasses import dataclass, field
-from enum import StrEnum
+from dataclasses import dataclass
 
-from deployments.core.fairshare import FairQueue, Waiter
+from deployments.limits.fair_queue import FairQueue, Waiter
 from deployments.schemas import BookingAsk, Budget, BudgetState, LimiterState, PacerState
 
-__all__ = ["Budget", "CircuitBreaker", "Pacer", "RateLimiterCore", "WaitTooLong", "window_capacity"]
+__all__ = ["Decision", "Granted", "Pacer", "Queued", "RateLimiterCore", "Refused", "WaitTooLong", "window_capacity"]
 
 
 class Pacer:
@@ -88,46 +87,6 @@ def window_capacity(per_minute: int, tolerance_fraction: float = 0.005) -> float
     capacity at ~0.5 % of the limit keeps every window within 1 % of it.
     """
     return max(1.0, per_minute * tolerance_fraction)
-
-
-class BreakerState(StrEnum):
-    CLOSED = "closed"
-    OPEN = "open"
-    HALF_OPEN = "half_open"
-
-
-@dataclass
-class CircuitBreaker:
-    """Opens after ``threshold`` consecutive failures; after ``cooldown_s`` lets one probe through."""
-
-    threshold: int = 5
-    cooldown_s: float = 10.0
-    state: BreakerState = BreakerState.CLOSED
-    failures: int = 0
-    opened_at: float = 0.0
-    probing: bool = field(default=False)
-
-    def allow(self, now: float | None = None) -> float | None:
-        """None if a call may go ahead; otherwise seconds until a probe will be allowed."""
-        now = time.monotonic() if now is None else now
-        if self.state is BreakerState.CLOSED:
-            return None
-        remaining = self.opened_at + self.cooldown_s - now
-        if self.state is BreakerState.OPEN and remaining > 0:
-            return remaining
-        if self.probing:  # half-open: one probe at a time
-            return max(remaining, 1.0)
-        self.state, self.probing = BreakerState.HALF_OPEN, True
-        return None
-
-    def success(self) -> None:
-        self.state, self.failures, self.probing = BreakerState.CLOSED, 0, False
-
-    def failure(self, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
-        self.failures += 1
-        if self.state is BreakerState.HALF_OPEN or self.failures >= self.threshold:
-            self.state, self.opened_at, self.probing = BreakerState.OPEN, now, False
 
 
 @dataclass(frozen=True)

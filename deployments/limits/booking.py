@@ -54,7 +54,9 @@ class _Booking:
     )
 
 
-class BudgetClient:
+class BookingClient:
+    """One replica's bookings on the RateLimiter, per budget: sent together, answered per call."""
+
     def __init__(self, reserve: Reserve) -> None:
         self.reserve = reserve
         self.waiting: dict[str, list[_Booking]] = {}
@@ -64,7 +66,7 @@ class BudgetClient:
         self.followers: set[asyncio.Task[None]] = set()
         self.calls = 0  # limiter calls made (for benchmarks and tests)
 
-    async def acquire(
+    async def book(
         self, name: str, budget: Budget, requests: int, tokens: int, deadline: float, share: Share | None = None
     ) -> float | None:
         """Return once the call may start; or return the Retry-After seconds if it could not start

@@ -1,10 +1,10 @@
-"""Admission control for one upstream model, as seen from one worker replica.
+"""The upstream guard: admission of calls to one upstream model, in one worker replica.
 
 Before each upstream call: the replica's circuit breaker (fail fast while the
 upstream is failing), the model-wide pause (an upstream 429 with Retry-After,
 shared by every replica through the RateLimiter), and, if the model has
 ``rpm``/``tpm`` limits, a booking on the shared budget (coalesced with the
-replica's other bookings by ``BudgetClient``). The booking carries the call's
+replica's other bookings by ``BookingClient``). The booking carries the call's
 ``Share`` (its key, weight and priority), so when calls of several keys wait
 for the model the RateLimiter hands out slots by fair share, not arrival. After the call: the
 breaker learns the outcome and the token estimate is settled with real usage.
@@ -27,10 +27,10 @@ import time
 
 from ray.serve.handle import DeploymentHandle
 
-from deployments.core.booking import BudgetClient
-from deployments.core.limits import BreakerState, Budget, CircuitBreaker
 from deployments.errors import CircuitOpen, ModelRateLimited
-from deployments.schemas import Share
+from deployments.limits.booking import BookingClient
+from deployments.limits.breaker import BreakerState, CircuitBreaker
+from deployments.schemas import Budget, Share
 from deployments.telemetry import NULL, Metrics
 
 logger = logging.getLogger("ray.serve")
@@ -40,6 +40,8 @@ ANONYMOUS_SHARE = Share(tenant="anonymous")
 
 
 class UpstreamGuard:
+    """Upstream admission for one model in this worker replica: breaker, pause, model budget."""
+
     def __init__(
         self,
         name: str,
@@ -56,8 +58,8 @@ class UpstreamGuard:
         self.budget_name = f"model:{name}"
         self.budget = budget if budget and (budget.rpm or budget.tpm) else None
         self.limiter = limiter
-        self.budgets = (
-            BudgetClient(limiter.options(stream=True).reserve.remote) if limiter is not None and self.budget else None
+        self.bookings = (
+            BookingClient(limiter.options(stream=True).reserve.remote) if limiter is not None and self.budget else None
         )
         self.breaker = breaker or CircuitBreaker()
         self.breaker_seen: BreakerState | None = None  # the state the metrics last heard of
@@ -70,8 +72,8 @@ class UpstreamGuard:
             self.watcher = asyncio.get_running_loop().create_task(self._watch())
 
     async def close(self) -> None:
-        if self.budgets is not None:
-            await self.budgets.close()
+        if self.bookings is not None:
+            await self.bookings.close()
         if self.watcher is not None:
             self.watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -102,10 +104,10 @@ class UpstreamGuard:
                 f"The upstream for model '{self.name}' is failing; not calling it for now.", retry_after=wait
             )
         await self._wait_out_pause(deadline)
-        if self.budget is None or self.budgets is None:
+        if self.budget is None or self.bookings is None:
             return
         tokens = tokens if self.budget.tpm else 0
-        retry_after = await self.budgets.acquire(
+        retry_after = await self.bookings.book(
             self.budget_name, self.budget, 1, tokens, deadline, share or ANONYMOUS_SHARE
         )
         if retry_after is not None:
@@ -148,6 +150,6 @@ class UpstreamGuard:
 
     def settle(self, estimated: int, actual: int) -> None:
         """Replace a booked token estimate by what the call used (0 for a call that was refused)."""
-        if self.budget is None or self.budget.tpm is None or self.budgets is None:
+        if self.budget is None or self.budget.tpm is None or self.bookings is None:
             return
-        self.budgets.settle(self.budget_name, self.budget, actual - estimated)
+        self.bookings.settle(self.budget_name, self.budget, actual - estimated)

@@ -1,4 +1,4 @@
-"""BudgetClient: a replica's bookings coalesced into few limiter calls, paced, failing closed.
+"""BookingClient: a replica's bookings coalesced into few limiter calls, paced, failing closed.
 
 The limiter here is the real ``RateLimiter`` class, called in-process (its ``reserve`` is what
 the Serve handle calls remotely); only the transport is left out.
@@ -13,11 +13,11 @@ from typing import Any
 
 import pytest
 
-from deployments.core.booking import RETRY_INTERVAL_S, BudgetClient, answered_at_once
-from deployments.core.limits import Budget, window_capacity
 from deployments.errors import Overloaded
-from deployments.rate_limiter import RateLimiter
-from deployments.schemas import BookingAnswer, BookingAsk, ReserveRequest, Share
+from deployments.limits.booking import RETRY_INTERVAL_S, BookingClient, answered_at_once
+from deployments.limits.pacing import window_capacity
+from deployments.limits.rate_limiter import RateLimiter
+from deployments.schemas import BookingAnswer, BookingAsk, Budget, ReserveRequest, Share
 from tests.waiting import until
 
 
@@ -49,9 +49,9 @@ def max_in_window(times: list[float], window: float) -> int:
     return best
 
 
-async def start_times(client: BudgetClient, budget: Budget, n: int, deadline_s: float = 30.0) -> list[Any]:
+async def start_times(client: BookingClient, budget: Budget, n: int, deadline_s: float = 30.0) -> list[Any]:
     async def one() -> float | None:
-        retry_after = await client.acquire("model:m", budget, 1, 0, time.monotonic() + deadline_s)
+        retry_after = await client.book("model:m", budget, 1, 0, time.monotonic() + deadline_s)
         return time.monotonic() if retry_after is None else None
 
     return list(await asyncio.gather(*(one() for _ in range(n))))
@@ -59,7 +59,7 @@ async def start_times(client: BudgetClient, budget: Budget, n: int, deadline_s: 
 
 def test_concurrent_bookings_share_one_limiter_call_and_are_paced() -> None:
     limiter = CountingLimiter()
-    client = BudgetClient(limiter.reserve)
+    client = BookingClient(limiter.reserve)
     budget = Budget(rpm=6000)  # 100/s, capacity 30
 
     started = asyncio.run(start_times(client, budget, 80))
@@ -73,13 +73,13 @@ def test_concurrent_bookings_share_one_limiter_call_and_are_paced() -> None:
 
 def test_bookings_arriving_while_a_call_is_out_leave_together_in_the_next() -> None:
     limiter = CountingLimiter()
-    client = BudgetClient(limiter.reserve)
+    client = BookingClient(limiter.reserve)
     budget = Budget(rpm=600_000)
 
     async def main() -> None:
-        first = asyncio.ensure_future(client.acquire("model:m", budget, 1, 0, time.monotonic() + 5))
+        first = asyncio.ensure_future(client.book("model:m", budget, 1, 0, time.monotonic() + 5))
         await asyncio.sleep(0)  # the first call is now out
-        rest = [client.acquire("model:m", budget, 1, 0, time.monotonic() + 5) for _ in range(20)]
+        rest = [client.book("model:m", budget, 1, 0, time.monotonic() + 5) for _ in range(20)]
         assert await asyncio.gather(first, *rest) == [None] * 21
 
     asyncio.run(main())
@@ -88,15 +88,15 @@ def test_bookings_arriving_while_a_call_is_out_leave_together_in_the_next() -> N
 
 def test_over_the_deadline_answers_retry_after_and_books_nothing() -> None:
     limiter = CountingLimiter()
-    client = BudgetClient(limiter.reserve)
+    client = BookingClient(limiter.reserve)
     budget = Budget(rpm=60)  # 1/s, capacity 1: a new budget starts empty, so the first waits ~1 s
 
     async def main() -> None:
-        retry_after = await client.acquire("key:k", budget, 1, 0, time.monotonic())
+        retry_after = await client.book("key:k", budget, 1, 0, time.monotonic())
         assert retry_after is not None and 0.5 < retry_after <= 1.0
         # Nothing was booked: the next caller that may wait gets the same slot, not a later one.
         begun = time.monotonic()
-        assert await client.acquire("key:k", budget, 1, 0, time.monotonic() + 5) is None
+        assert await client.book("key:k", budget, 1, 0, time.monotonic() + 5) is None
         assert time.monotonic() - begun <= 1.0 + 0.2
 
     asyncio.run(main())
@@ -104,13 +104,13 @@ def test_over_the_deadline_answers_retry_after_and_books_nothing() -> None:
 
 def test_settle_rides_along_with_the_next_booking() -> None:
     limiter = CountingLimiter()
-    client = BudgetClient(limiter.reserve)
+    client = BookingClient(limiter.reserve)
     budget = Budget(tpm=600_000)
 
     async def main() -> None:
         client.settle("model:m", budget, -40)
         client.settle("model:m", budget, 15)
-        assert await client.acquire("model:m", budget, 1, 100, time.monotonic() + 5) is None
+        assert await client.book("model:m", budget, 1, 100, time.monotonic() + 5) is None
 
     asyncio.run(main())
     assert limiter.calls == [(1, -25)]
@@ -118,7 +118,7 @@ def test_settle_rides_along_with_the_next_booking() -> None:
 
 def test_a_lone_settle_is_sent_too() -> None:
     limiter = CountingLimiter()
-    client = BudgetClient(limiter.reserve)
+    client = BookingClient(limiter.reserve)
 
     async def main() -> None:
         client.settle("model:m", Budget(tpm=1000), 7)
@@ -131,13 +131,13 @@ def test_a_lone_settle_is_sent_too() -> None:
 def test_limiter_down_fails_closed_then_recovers() -> None:
     """Bookings retry while the limiter is down; those whose deadline comes first get Overloaded."""
     limiter = CountingLimiter(down_for_calls=2)
-    client = BudgetClient(limiter.reserve)
+    client = BookingClient(limiter.reserve)
     budget = Budget(rpm=600_000)
 
     async def main() -> None:
         now = time.monotonic()
-        patient = asyncio.ensure_future(client.acquire("model:m", budget, 1, 0, now + 10))
-        hasty = asyncio.ensure_future(client.acquire("model:m", budget, 1, 0, now + RETRY_INTERVAL_S / 2))
+        patient = asyncio.ensure_future(client.book("model:m", budget, 1, 0, now + 10))
+        hasty = asyncio.ensure_future(client.book("model:m", budget, 1, 0, now + RETRY_INTERVAL_S / 2))
         with pytest.raises(Overloaded):
             await hasty
         assert await patient is None
@@ -149,17 +149,17 @@ def test_limiter_down_fails_closed_then_recovers() -> None:
 
 def test_a_cancelled_caller_does_not_stall_the_others() -> None:
     limiter = CountingLimiter()
-    client = BudgetClient(limiter.reserve)
+    client = BookingClient(limiter.reserve)
     budget = Budget(rpm=60)  # slots 1 s apart
 
     async def main() -> None:
         deadline = time.monotonic() + 10
-        waiting = asyncio.ensure_future(client.acquire("model:m", budget, 1, 0, deadline))
+        waiting = asyncio.ensure_future(client.book("model:m", budget, 1, 0, deadline))
         await until(lambda: client.calls == 1 and not client.senders, message="the booking answered")
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiting
-        assert await asyncio.wait_for(client.acquire("model:m", budget, 1, 0, deadline), 5) is None
+        assert await asyncio.wait_for(client.book("model:m", budget, 1, 0, deadline), 5) is None
 
     asyncio.run(main())
 
@@ -168,7 +168,7 @@ def test_queued_bookings_of_two_tenants_alternate_through_the_real_limiter() -> 
     """A floods with 30 bookings, B has 2 at a time: B still gets about every other slot (fair queue
     in the limiter, answers streamed back as each turn comes), not the slots after A's 30."""
     limiter = CountingLimiter()
-    client = BudgetClient(limiter.reserve)
+    client = BookingClient(limiter.reserve)
     budget = Budget(rpm=600)  # 10/s: 100 ms for a B client to book again, even on a busy machine
     a, b = Share(tenant="A"), Share(tenant="B")
 
@@ -176,7 +176,7 @@ def test_queued_bookings_of_two_tenants_alternate_through_the_real_limiter() -> 
         order: list[str] = []
 
         async def one(share: Share) -> None:
-            assert await client.acquire("model:m", budget, 1, 0, time.monotonic() + 60, share) is None
+            assert await client.book("model:m", budget, 1, 0, time.monotonic() + 60, share) is None
             order.append(share.tenant)
 
         async def b_client() -> None:
@@ -214,13 +214,13 @@ def test_a_stream_broken_while_queued_books_again() -> None:
                 yield answers
 
     limiter = DyingLimiter()
-    client = BudgetClient(limiter.reserve)
+    client = BookingClient(limiter.reserve)
     budget = Budget(rpm=600)  # 10/s; the first one at once, the rest queued
 
     async def main() -> list[float | None]:
         deadline = time.monotonic() + 20
         return list(await asyncio.gather(*(
-            client.acquire("model:m", budget, 1, 0, deadline, Share(tenant="A")) for _ in range(5)
+            client.book("model:m", budget, 1, 0, deadline, Share(tenant="A")) for _ in range(5)
         )))
 
     assert asyncio.run(main()) == [None] * 5
@@ -229,7 +229,7 @@ def test_a_stream_broken_while_queued_books_again() -> None:
 
 def test_a_fresh_keys_burst_starts_at_once_and_the_rest_is_paced() -> None:
     limiter = CountingLimiter(started_at=time.monotonic() - 3600)  # up for an hour: the key is fresh
-    client = BudgetClient(limiter.reserve)
+    client = BookingClient(limiter.reserve)
     budget = Budget(rpm=600, rpm_burst=10)
 
     async def main() -> list[float]:
@@ -244,13 +244,13 @@ def test_a_fresh_keys_burst_starts_at_once_and_the_rest_is_paced() -> None:
 
 def test_closing_the_client_answers_its_queued_bookings() -> None:
     limiter = CountingLimiter()
-    client = BudgetClient(limiter.reserve)
+    client = BookingClient(limiter.reserve)
     budget = Budget(rpm=60)  # 1/s: the second booking waits in the fair queue
 
     async def main() -> None:
         deadline = time.monotonic() + 30
-        first = asyncio.ensure_future(client.acquire("model:m", budget, 1, 0, deadline, Share(tenant="A")))
-        queued = asyncio.ensure_future(client.acquire("model:m", budget, 1, 0, deadline, Share(tenant="A")))
+        first = asyncio.ensure_future(client.book("model:m", budget, 1, 0, deadline, Share(tenant="A")))
+        queued = asyncio.ensure_future(client.book("model:m", budget, 1, 0, deadline, Share(tenant="A")))
         await until(lambda: limiter.limiter.core.queues.get("model:m"), message="a booking in the fair queue")
         assert not queued.done()
         await client.close()
@@ -266,12 +266,12 @@ def test_a_keys_bookings_go_in_one_plain_call_answered_at_once() -> None:
     """The Gateway books a key's budget with ``reserve_now`` (no stream): paced and refused the same."""
     limiter = RateLimiter()
     limiter.core.started_at = time.monotonic() - 3600  # the key is fresh: its burst is available
-    client = BudgetClient(answered_at_once(limiter.reserve_now))
+    client = BookingClient(answered_at_once(limiter.reserve_now))
     budget = Budget(rpm=60, rpm_burst=2)
 
     async def main() -> list[float | None]:
         now = time.monotonic()
-        return list(await asyncio.gather(*(client.acquire("key:k", budget, 1, 0, now + 1.5) for _ in range(4))))
+        return list(await asyncio.gather(*(client.book("key:k", budget, 1, 0, now + 1.5) for _ in range(4))))
 
     answers = asyncio.run(main())
     assert answers[:3] == [None] * 3  # the burst of 2, then one paced within the 1.5 s deadline

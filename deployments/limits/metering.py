@@ -44,8 +44,8 @@ from ray.serve.handle import DeploymentHandle
 
 from deployments.clients.keys import KeysClient
 from deployments.config import DEFAULT_ADMISSION_WAIT_S, AdmissionConfig
-from deployments.core.booking import BudgetClient, answered_at_once
 from deployments.errors import AuthenticationFailed, PermissionDenied, RateLimited
+from deployments.limits.booking import BookingClient, answered_at_once
 from deployments.schemas import Budget, Share, Usage
 from deployments.store.keys import ApiKey
 from deployments.store.records import UsageRecord
@@ -76,6 +76,8 @@ def admission_wait(client_timeout_s: float | None, default_wait_s: float, max_wa
 
 
 class Meter:
+    """A process's metering of API keys: key admission before a call, usage after (module doc)."""
+
     def __init__(
         self,
         keys: KeysClient,
@@ -92,7 +94,7 @@ class Meter:
         self.admission = admission or AdmissionConfig()
         # A key's own budget never queues (one tenant): its bookings are answered at once, so a plain
         # call does (cheaper than the stream a shared model budget needs).
-        self.budgets = BudgetClient(answered_at_once(limiter.reserve_now.remote))
+        self.bookings = BookingClient(answered_at_once(limiter.reserve_now.remote))
         self.key_ttl_s = key_ttl_s
         self.accounts: dict[str, KeyEntry] = {}
         self.pending: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
@@ -148,7 +150,7 @@ class Meter:
         return budget
 
     @staticmethod
-    def check_budget(entry: KeyEntry | None) -> None:
+    def check_token_budget(entry: KeyEntry | None) -> None:
         """Refuse new work for a revoked key or one whose token budget is spent (403)."""
         if entry is None:
             return
@@ -162,10 +164,10 @@ class Meter:
             )
 
     async def admit(self, entry: KeyEntry | None, tokens: int, wait_s: float = 0.0) -> int:
-        """Enforce the key's budget and rpm/tpm before a model call of about ``tokens``; return the
-        tokens held for it (to pass to ``record`` or ``refund``, which settle the tpm booking and
-        release the budget hold)."""
-        self.check_budget(entry)
+        """Admit a model call of about ``tokens`` for the key: its token budget, then its rpm/tpm (a
+        booking on ``key:<id>``); return the tokens held for it (to pass to ``record`` or ``refund``,
+        which settle the tpm booking and release the token budget hold)."""
+        self.check_token_budget(entry)
         if entry is None:
             return 0
         key = entry.key
@@ -174,7 +176,7 @@ class Meter:
         if key.rpm is None and key.tpm is None:
             return held
         try:
-            retry_after = await self.budgets.acquire(
+            retry_after = await self.bookings.book(
                 f"key:{key.id}", self._budget(key), 1, tokens if key.tpm else 0, deadline
             )
         except asyncio.CancelledError:
@@ -199,7 +201,7 @@ class Meter:
         if key.token_budget is None:
             return tokens if key.tpm else 0
         while True:
-            self.check_budget(entry)
+            self.check_token_budget(entry)
             in_flight = self.held.get(key.id, 0)
             if not in_flight or entry.tokens_used + in_flight < key.token_budget:
                 self.held[key.id] = in_flight + tokens
@@ -239,7 +241,7 @@ class Meter:
         entry.tokens_since_fetch += usage.prompt_tokens + usage.completion_tokens
         self._release(key, booked)
         if booked and key.tpm:
-            self.budgets.settle(f"key:{key.id}", self._budget(key), usage.total_tokens - booked)
+            self.bookings.settle(f"key:{key.id}", self._budget(key), usage.total_tokens - booked)
 
     def _pend(self, key_id: str, model: str, usage: Usage) -> None:
         """Add a call's usage to the rows written about once a second."""
@@ -258,7 +260,7 @@ class Meter:
         key = entry.key
         self._release(key, booked)
         if key.tpm:
-            self.budgets.settle(f"key:{key.id}", self._budget(key), -booked)
+            self.bookings.settle(f"key:{key.id}", self._budget(key), -booked)
 
     async def _flush_soon(self) -> None:
         await asyncio.sleep(FLUSH_INTERVAL_S)
@@ -285,4 +287,4 @@ class Meter:
             with contextlib.suppress(asyncio.CancelledError):
                 await self.flusher
         await self.flush()
-        await self.budgets.close()
+        await self.bookings.close()

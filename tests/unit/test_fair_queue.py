@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deployments.config import AdmissionConfig
-from deployments.core.fairshare import REBASE_AT, FairQueue, Waiter, clamp_weight
-from deployments.core.limits import Granted, Queued, RateLimiterCore, Refused
+from deployments.limits.fair_queue import REBASE_AT, FairQueue, Waiter, clamp_weight
+from deployments.limits.pacing import Granted, Queued, RateLimiterCore, Refused
 from deployments.schemas import BookingAsk, Budget, KeyLimits, Share
 from deployments.schemas.keys import MAX_WEIGHT, MIN_WEIGHT
 
