@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import unquote
@@ -21,6 +20,7 @@ import pytest
 from deployments.core.files import content_disposition
 from tests.fixtures import ADMIN_KEY, MAX_UPLOAD_BYTES, ServeApp
 from tests.security.tenants import ADMIN, Tenant, call, new_tenant, openai_client
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.serve
 MB = 1_000_000
@@ -119,11 +119,11 @@ def test_past_the_upload_limit_is_413_and_a_file_at_it_is_stored(app: ServeApp) 
 
 
 def wait_batch(client: openai.OpenAI, batch_id: str, timeout: float) -> Any:
-    deadline = time.monotonic() + timeout
-    while (batch := client.batches.retrieve(batch_id)).status not in ("completed", "failed", "cancelled"):
-        assert time.monotonic() < deadline, f"batch {batch_id} still {batch.status}"
-        time.sleep(2)
-    return batch
+    def ended() -> Any:
+        batch = client.batches.retrieve(batch_id)
+        return batch if batch.status in ("completed", "failed", "cancelled") else None
+
+    return wait_for(ended, timeout, interval_s=2, message=lambda: f"batch {batch_id} still running")
 
 
 @pytest.mark.timeout(900)

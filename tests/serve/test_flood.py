@@ -26,6 +26,7 @@ import httpx
 import pytest
 
 from tests.fixtures import ADMIN_KEY, ServeApp
+from tests.waiting import until
 
 pytestmark = pytest.mark.serve
 
@@ -83,15 +84,18 @@ async def flood(app: ServeApp, key: str) -> tuple[list[dict[str, Any]], Counter[
                 assert response.status_code == 200, response.text
 
         async def watch() -> list[dict[str, Any]]:
-            deadline = time.monotonic() + 180
-            while time.monotonic() < deadline:
+            runs: list[dict[str, Any]] = []
+
+            async def finished() -> list[dict[str, Any]] | None:
+                nonlocal runs
                 runs = [(await client.get(f"/runs/{i}", headers=valid)).json() for i in ids]
-                if all(r["status"] in ("succeeded", "failed", "cancelled") for r in runs):
-                    done.set()
-                    return runs
-                await asyncio.sleep(0.5)
-            done.set()
-            raise AssertionError(f"runs unfinished: {Counter(r['status'] for r in runs)}")
+                return runs if all(r["status"] in ("succeeded", "failed", "cancelled") for r in runs) else None
+
+            try:
+                return await until(finished, 180, interval_s=0.5,
+                                   message=lambda: f"runs unfinished: {Counter(r['status'] for r in runs)}")
+            finally:
+                done.set()
 
         tasks = [asyncio.create_task(bogus_caller(n)) for n in range(BOGUS_CONCURRENCY)]
         tasks += [asyncio.create_task(long_poller(i)) for i in ids for _ in range(LONG_POLLS_PER_RUN)]
