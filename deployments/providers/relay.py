@@ -26,6 +26,9 @@ import httpx2
 import openai
 from openai import AsyncOpenAI
 
+# What a reused connection that the server had already closed fails with (before any answer).
+STALE_CONNECTION = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+
 
 class Relay:
     """POSTs to ``base_url`` (``…/v1``) with at most ``max_connections`` open connections."""
@@ -60,9 +63,17 @@ class Relay:
         # of any later part of a stream) waits longer than the call's remaining deadline.
         timeout = aiohttp.ClientTimeout(total=None, sock_connect=min(self.connect_timeout_s, remaining_s),
                                         sock_read=max(remaining_s, 0.001))
+        data = json.dumps(payload, separators=(",", ":"))
         try:
-            response = await self._session().post(url, data=json.dumps(payload, separators=(",", ":")),
-                                                  headers=headers, timeout=timeout)
+            try:
+                response = await self._session().post(url, data=data, headers=headers, timeout=timeout)
+            except STALE_CONNECTION as exc:
+                if isinstance(exc, aiohttp.ClientConnectorError):
+                    raise  # no connection was made: nothing stale about it
+                # A pooled connection the server closed just as it was reused (its keep-alive ran out
+                # as ours did not: uvicorn's is 5 s, like ours): the request never reached a handler.
+                # Once more, on a new connection, as httpx and urllib3 do with a stale connection.
+                response = await self._session().post(url, data=data, headers=headers, timeout=timeout)
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise openai.APITimeoutError(request=_request(url)) from exc
         except aiohttp.ClientError as exc:
