@@ -33,7 +33,8 @@ import dataclasses
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Protocol
 
 from fastapi import Depends, Request
 
@@ -48,6 +49,14 @@ logger = logging.getLogger("ray.serve")
 
 ADMIN = Caller(owner="admin", key_id=None, is_admin=True)
 MISS_RECHECK_S = 0.25
+
+
+class UnwrittenUsage(Protocol):
+    """Usage this process recorded that a key snapshot may not include (``limits.metering.Meter``)."""
+
+    def mark(self) -> int: ...
+
+    def unwritten_since(self, mark: int) -> Mapping[str, int]: ...
 
 
 class KeyIndex:
@@ -65,13 +74,22 @@ class KeyIndex:
     def get(self, digest: str) -> KeyEntry | None:
         return self.entries.get(digest)
 
-    def apply(self, snapshot: KeySnapshot, now: float) -> None:
-        """Take a snapshot: its key list if it has one (the list changed), its token counts if any."""
+    def apply(self, snapshot: KeySnapshot, now: float, unwritten: Mapping[str, int] | None = None) -> None:
+        """Take a snapshot: its key list if it has one (the list changed), its token counts if any.
+        ``unwritten``: tokens per key this process recorded that the snapshot may not include
+        (``Meter.unwritten_since``); without token counts, the entries keep what they had counted."""
         keys = snapshot.keys if snapshot.keys is not None else {d: e.key for d, e in self.entries.items()}
         if snapshot.tokens_used is not None:
             tokens = snapshot.tokens_used
             keys = {d: dataclasses.replace(k, tokens_used=tokens.get(k.id, 0)) for d, k in keys.items()}
-        self.entries = {digest: KeyEntry(key=key, fetched_at=now) for digest, key in keys.items()}
+            since = unwritten or {}
+            self.entries = {digest: KeyEntry(key=key, fetched_at=now, tokens_since_fetch=since.get(key.id, 0))
+                            for digest, key in keys.items()}
+        else:
+            old = self.entries
+            self.entries = {digest: KeyEntry(key=key, fetched_at=now,
+                                             tokens_since_fetch=old[digest].tokens_since_fetch if digest in old else 0)
+                            for digest, key in keys.items()}
         self.digests = {key.id: digest for digest, key in keys.items()}
         self.version = snapshot.version
 
@@ -91,8 +109,10 @@ class Authenticator:
         admin_key: str | None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        usage: UnwrittenUsage | None = None,
     ) -> None:
         self.config = config
+        self.usage = usage  # the Gateway's Meter: its usage a refresh may not see yet
         self.keys = keys
         self.admin_key = admin_key
         self.clock, self.sleep = clock, sleep
@@ -181,6 +201,7 @@ class Authenticator:
             raise Overloaded("Authentication is unavailable; retry shortly.", retry_after=1)
 
     async def _refresh(self, started: float) -> None:
+        mark = self.usage.mark() if self.usage is not None else 0
         try:
             snapshot = await self.keys.snapshot(known_version=self.index.version, with_usage=True)
         except Exception:
@@ -188,7 +209,7 @@ class Authenticator:
             # ask again before the next period: a down store is not hammered by every request.
             logger.warning("could not refresh the key index; keeping the last one", exc_info=True)
         else:
-            self.index.apply(snapshot, started)
+            self.index.apply(snapshot, started, self.usage.unwritten_since(mark) if self.usage is not None else None)
         self.checked_at = started
 
 

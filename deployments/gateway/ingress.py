@@ -269,9 +269,10 @@ class Gateway:
         # The TaskStore's surfaces, each named for what it holds (one actor: deployments.task_store).
         runs, keys, versions = RunsClient(store), KeysClient(store), TaskVersionsClient(store)
         batch_client = BatchClient(batches) if batches is not None else None
-        self.auth = Authenticator(args.auth, keys, admin_key)
         self.meter = Meter(keys, limiter, args.admission,
                            anonymous=None if args.auth.enabled else ANONYMOUS_OWNER)
+        # A refresh of the key index counts what this replica's meter recorded and has not written.
+        self.auth = Authenticator(args.auth, keys, admin_key, usage=self.meter)
         self.metrics = metrics_for(args.metrics)
         self.metrics.declare(*GATEWAY_METRICS, *UPSTREAM_WORKER_METRICS)
         self.tasks = CatalogueFollower(versions.changes, versions.version, args.tasks.catalogue_poll_s)

@@ -23,7 +23,11 @@ so it works the same in any process:
   of concurrent requests cannot spend the budget many times over;
 - after the call, ``record`` adds a usage row (accumulated here, written to the TaskStore about
   once a second) and settles the tpm booking with the real count; a call that was refused,
-  failed or was cancelled gives its booking back with ``refund``.
+  failed or was cancelled gives its booking back with ``refund``;
+- a key record fetched again (``account`` here, the ``Authenticator``'s index refresh) starts from
+  the tokens this process recorded that the fetch may not have seen: rows not yet written, rows
+  being written, and rows written after the fetch began (``mark``, ``unwritten_since``). Without
+  them a refresh that raced a write forgot up to a second of the key's spending.
 
 A budget can therefore be overrun by what the calls let in last spend beyond their estimates (the
 estimate counts the messages' text and the tools' and output format's schemas, not a chat template's
@@ -37,7 +41,8 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ray.serve.handle import DeploymentHandle
@@ -53,6 +58,9 @@ from deployments.store.records import UsageRecord
 logger = logging.getLogger("ray.serve")
 
 FLUSH_INTERVAL_S = 1.0
+# Writes of usage remembered for key refreshes still in flight (``unwritten_since``): far more than a
+# refresh outlasts, at one write a second.
+WRITES_REMEMBERED = 64
 KEY_TTL_S = 5.0  # how long ``account`` trusts a key record fetched from the TaskStore
 MAX_CACHED = 10_000  # per-key budgets and shares kept ready (a plain cache: cleared when full)
 
@@ -99,6 +107,11 @@ class Meter:
         self.accounts: dict[str, KeyEntry] = {}
         self.pending: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
         self.flusher: asyncio.Task[None] | None = None
+        # What a key refresh may not have seen yet (``unwritten_since``): rows being written, and the
+        # tokens per key of the last writes, numbered by ``flushes``.
+        self.flushes = 0
+        self.writing: list[list[UsageRecord]] = []
+        self.written: deque[tuple[int, dict[str, int]]] = deque(maxlen=WRITES_REMEMBERED)
         self.key_budgets: dict[tuple[str, int | None, int | None], Budget] = {}
         self.shares: dict[tuple[str, float, bool], Share] = {}
         self.held: dict[str, int] = {}  # key id -> token estimates of its calls in flight (keys with a budget)
@@ -112,12 +125,12 @@ class Meter:
         now = time.monotonic()
         entry = self.accounts.get(key_id)
         if entry is None or now - entry.fetched_at > self.key_ttl_s:
+            mark = self.mark()
             key = await self.keys.get(key_id)
             if key is None:
                 raise AuthenticationFailed("The API key this work is billed to does not exist.")
-            # Tokens this process recorded but has not yet written are still ours to count.
-            unwritten = sum(row[1] + row[2] for (kid, _), row in self.pending.items() if kid == key_id)
-            entry = KeyEntry(key=key, fetched_at=now, tokens_since_fetch=unwritten)
+            # Tokens this process recorded that the record may not include are still ours to count.
+            entry = KeyEntry(key=key, fetched_at=now, tokens_since_fetch=self.unwritten_since(mark).get(key_id, 0))
             self.accounts[key_id] = entry
         return entry
 
@@ -271,6 +284,7 @@ class Meter:
             return
         rows = [UsageRecord(key_id, model, *r) for (key_id, model), r in self.pending.items()]
         self.pending.clear()
+        self.writing.append(rows)
         try:
             await self.keys.record_usage(rows)
         except Exception:
@@ -280,6 +294,31 @@ class Meter:
                 row[0] += usage.requests
                 row[1] += usage.prompt_tokens
                 row[2] += usage.completion_tokens
+        else:
+            self.flushes += 1
+            self.written.append((self.flushes, _tokens_by_key(rows)))
+        finally:
+            self.writing.remove(rows)
+
+    def mark(self) -> int:
+        """Taken before a key record is fetched, for ``unwritten_since``."""
+        return self.flushes
+
+    def unwritten_since(self, mark: int) -> Mapping[str, int]:
+        """Tokens per key that this process recorded and a key record fetched after ``mark`` may not
+        include: not yet written, being written, or written since the mark. A write that landed
+        before the fetch read is counted twice until the next fetch: a budget errs on refusing."""
+        unwritten: dict[str, int] = defaultdict(int)
+        for (key_id, _), row in self.pending.items():
+            unwritten[key_id] += row[1] + row[2]
+        for rows in self.writing:
+            for key_id, tokens in _tokens_by_key(rows).items():
+                unwritten[key_id] += tokens
+        for number, tokens_by_key in self.written:
+            if number > mark:
+                for key_id, tokens in tokens_by_key.items():
+                    unwritten[key_id] += tokens
+        return unwritten
 
     async def close(self) -> None:
         if self.flusher is not None:
@@ -288,3 +327,10 @@ class Meter:
                 await self.flusher
         await self.flush()
         await self.bookings.close()
+
+
+def _tokens_by_key(rows: list[UsageRecord]) -> dict[str, int]:
+    tokens: dict[str, int] = defaultdict(int)
+    for row in rows:
+        tokens[row.key_id] += row.prompt_tokens + row.completion_tokens
+    return dict(tokens)

@@ -290,3 +290,66 @@ def test_task_management_needs_the_admin_or_a_prompts_key() -> None:
     with pytest.raises(PermissionDenied):  # and a prompts key is still no admin
         require_admin(caller("prompts"), True)
     assert caller("prompts").author == "key_1" and ADMIN.author == "admin" and ANONYMOUS.author == "anonymous"
+
+
+class SlowWrites:
+    """``record_usage.remote`` over the real KeyStore, whose write lands only when the test lets it."""
+
+    def __init__(self, keys: KeyStore) -> None:
+        self.keys = keys
+        self.land = asyncio.Event()
+        self.record_usage = self
+
+    async def remote(self, rows: list[UsageRecord]) -> None:
+        await self.land.wait()
+        self.keys.record_usage(rows)
+
+
+class NoLimiter:
+    """The RateLimiter handle's shape; these keys have no rpm/tpm, so it is never called."""
+
+    def __init__(self) -> None:
+        self.reserve_now = self
+
+    async def remote(self, *args: Any) -> None:
+        raise AssertionError("no booking expected")
+
+
+def test_a_refresh_during_a_usage_write_keeps_counting_the_tokens_being_written(
+    handle: StoreHandle, keys: KeyStore, clock: Clock
+) -> None:
+    """The index refresh and the meter's write of the same tokens race: whichever lands first, the
+    tokens count once the write began and are never forgotten in between (a budget spent on this
+    replica stays spent through the refresh)."""
+    from deployments.limits.metering import Meter
+    from deployments.schemas import Usage
+
+    key, plain = keys.create("a", token_budget=10)
+    writes = SlowWrites(keys)
+    meter = Meter(KeysClient(writes), NoLimiter())  # type: ignore[arg-type]
+    auth = Authenticator(AuthConfig(enabled=True, cache_ttl_s=TTL), KeysClient(handle), ADMIN_KEY,
+                         clock=clock, sleep=clock.sleep, usage=meter)
+
+    async def scenario() -> list[int]:
+        seen = []
+        entry = (await auth.authenticate(request(f"Bearer {plain}"))).entry
+        assert entry is not None
+        meter.record(entry, "m", Usage(prompt_tokens=6, completion_tokens=5))  # spent: 11 of 10
+        seen.append(entry.tokens_used)
+        writing = asyncio.create_task(meter.flush())  # the write is under way, not landed
+        await asyncio.sleep(0)
+        clock.now += TTL + 0.1
+        seen.append(await used_after_refresh())  # refreshed while the write is in flight
+        writes.land.set()
+        await writing
+        seen.append(await used_after_refresh())  # refreshed after it landed: counted once
+        return seen
+
+    async def used_after_refresh() -> int:
+        clock.now += TTL + 0.1
+        entry = (await auth.authenticate(request(f"Bearer {plain}"))).entry
+        assert entry is not None
+        return entry.tokens_used
+
+    assert asyncio.run(scenario()) == [11, 11, 11]
+    assert keys.get(key.id) is not None and keys.get(key.id).tokens_used == 11  # type: ignore[union-attr]
