@@ -222,20 +222,9 @@ class OpenAIProvider:
             "stream_options": {**(body.get("stream_options") or {}), "include_usage": True},
         }
 
-        async def open_stream(remaining_s: float) -> AsyncStream[object] | RelayStream:
-            if self.relay is not None:
-                return await self.relay.stream(path, payload, remaining_s, request_ids.current())
-            return await self.client.post(
-                path,
-                cast_to=object,
-                body=payload,
-                options=self._options(remaining_s),
-                stream=True,
-                stream_cls=AsyncStream[object],
-            )
-
         # Retries cover opening the stream only: once a chunk went out, a retry would duplicate text.
-        upstream = await self._call_with_retries(open_stream, tokens, share)
+        upstream = await self._call_with_retries(
+            lambda remaining_s: self._open_stream(path, payload, remaining_s), tokens, share)
         usage: Usage | None = None
         counter = StreamCounter()
         try:
@@ -278,16 +267,9 @@ class OpenAIProvider:
         tokens = self.response_estimate(body)
         payload = {**body, "model": self.upstream_model, "stream": True}
 
-        async def open_stream(remaining_s: float) -> AsyncStream[object] | RelayStream:
-            if self.relay is not None:
-                return await self.relay.stream("/responses", payload, remaining_s, request_ids.current())
-            return await self.client.post(
-                "/responses", cast_to=object, body=payload, options=self._options(remaining_s),
-                stream=True, stream_cls=AsyncStream[object],
-            )
-
         # As for chat: retries cover opening the stream only.
-        upstream = await self._call_with_retries(open_stream, tokens, share)
+        upstream = await self._call_with_retries(
+            lambda remaining_s: self._open_stream("/responses", payload, remaining_s), tokens, share)
         usage: Usage | None = None
         counter = StreamCounter()
         try:
@@ -315,6 +297,15 @@ class OpenAIProvider:
         if self.relay is not None:
             await self.relay.close()
         await self.client.close()
+
+    async def _open_stream(
+        self, path: str, payload: dict[str, Any], remaining_s: float
+    ) -> AsyncStream[object] | RelayStream:
+        """One try at opening an SSE answer: through the relay, or the SDK for an injected client."""
+        if self.relay is not None:
+            return await self.relay.stream(path, payload, remaining_s, request_ids.current())
+        return await self.client.post(path, cast_to=object, body=payload, options=self._options(remaining_s),
+                                      stream=True, stream_cls=AsyncStream[object])
 
     def _options(self, remaining: float) -> RequestOptions:
         """Per-try request options: the try's timeout and, when the call serves a request, its id as
