@@ -176,7 +176,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         f"  curl {urls.api}/chat/completions -H 'Content-Type: application/json'{auth_header(config)} \\\n"
         f"    -d '{{\"model\": \"smollm2\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n\n"
         + ("Ctrl-C (or SIGTERM to this command) stops this node." if head is not None
-           else "Stop with `promptfleet stop --ray`.")
+           else f"Stop with `{local.promptfleet_executable()} stop --ray`.")
     )
     if join_hint:
         say(f"\n{JOIN_ADVICE}\n  {join_hint}")

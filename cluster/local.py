@@ -215,5 +215,14 @@ def endpoints(config: dict[str, Any], dashboard: str, node_host: str = "127.0.0.
 
 def ray_executable() -> str:
     # The `ray` next to this interpreter, so a venv's Ray is used even when the venv is not activated.
-    candidate = Path(sys.executable).with_name("ray")
-    return str(candidate) if candidate.exists() else (shutil.which("ray") or "ray")
+    return _beside_interpreter("ray")
+
+
+def promptfleet_executable() -> str:
+    """This `promptfleet`, as a command a shell without the venv on its PATH can run (printed hints)."""
+    return _beside_interpreter("promptfleet")
+
+
+def _beside_interpreter(name: str) -> str:
+    candidate = Path(sys.executable).with_name(name)
+    return str(candidate) if candidate.exists() else (shutil.which(name) or name)

@@ -215,7 +215,7 @@ def auth_app(main: dict[str, Any], upstream_base_url: str, state: Path) -> dict[
                 # Small, so tests/security can reach every quota and fill the runners (queued runs).
                 "runner_concurrency": 4,
                 "quotas": {"max_files_per_key": 4, "max_file_bytes_per_key": 1_000_000, "max_batches_per_key": 1,
-                           "max_batches": 2},
+                           "max_batches": 2, "max_batch_lines": 400},
             },
             "models": [
                 *(m for m in upstream_models(upstream_base_url) if m["name"] in ("fake", "fake-capped")),

@@ -432,6 +432,15 @@ class QuotasConfig(_Strict):
     max_batches: int = Field(
         default=8, ge=1, le=10000, description="Batch jobs that may be unfinished at once, over all keys."
     )
+    max_batch_lines: int = Field(
+        default=50_000,
+        ge=1,
+        le=100_000_000,
+        description="Lines one batch's input file may hold (OpenAI's limit is 50,000 requests per batch); a larger "
+        "file is refused with 400 (`param: input_file_id`) when the batch is created. Every line costs an output "
+        "line (an error line is ~70 times the smallest input line), so this also bounds what one batch writes to "
+        "the head node's disk.",
+    )
 
 
 class RetentionConfig(_Strict):

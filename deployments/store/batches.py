@@ -355,6 +355,12 @@ class BatchStore(DatabaseBacked):
                 f"input_file_id: the file '{input_file_id}' was not uploaded with purpose 'batch'",
                 param="input_file_id",
             )
+        if source.lines > self.quotas.max_batch_lines:
+            raise InvalidRequest(
+                f"input_file_id: the file '{input_file_id}' has {source.lines} lines; a batch may have at most"
+                f" {self.quotas.max_batch_lines}: split it into several batches",
+                param="input_file_id",
+            )
         batch = BatchRecord(
             id=_new_id("batch_"), owner=owner, input_file_id=input_file_id, endpoint=endpoint,
             completion_window=completion_window, created_at=now or int(time.time()), total=source.lines,

@@ -1,16 +1,17 @@
 """Issue 10, item 6: one tenant cannot exhaust the head node.
 
 The auth app's quotas (tests/fixtures.py): 4 files and 1 MB of files per key, 1 unfinished batch
-per key, 2 unfinished batches in all. Each limit is tested on both sides: it holds, and traffic
-under it (another key, or after freeing room) flows.
+per key, 2 unfinished batches in all, 400 lines per batch. Each limit is tested on both sides: it
+holds, and traffic under it (another key, or after freeing room) flows.
 """
 
 from __future__ import annotations
 
+import openai
 import pytest
 
 from tests.fixtures import ServeApp
-from tests.security.tenants import Tenant, assert_openai_error, call, new_tenant, upload
+from tests.security.tenants import Tenant, assert_openai_error, call, new_tenant, openai_client, upload
 from tests.security.test_tenants import BATCH, LINE, LONG, SLOW_S, create_batch, end_batch
 
 pytestmark = pytest.mark.serve
@@ -62,3 +63,17 @@ def test_concurrent_batches_per_key_and_in_total(app: ServeApp) -> None:
         app.upstream.reset()
         for owner, batch_id in started:
             end_batch(app, owner, batch_id)
+
+
+def test_a_batch_over_the_line_limit_is_refused_with_the_field_named(app: ServeApp) -> None:
+    # LONG is 400 lines, the limit; one more is a 400 naming input_file_id before any job starts.
+    ivan = new_tenant(app)
+    over = upload(app, ivan, LONG + LINE.replace(b'"1"', b'"400"'))
+    client = openai_client(app, ivan)
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.batches.create(input_file_id=over, endpoint="/v1/chat/completions", completion_window="24h")
+    error = refused.value.body
+    assert isinstance(error, dict) and error["param"] == "input_file_id" and "at most 400" in error["message"]
+    assert call(app, ivan, "GET", "/batches").json()["data"] == []  # no batch, no job
+    at_limit = upload(app, ivan, LONG)
+    end_batch(app, ivan, create_batch(app, ivan, at_limit)["id"])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -148,16 +149,33 @@ def test_the_printed_dashboard_token_command_prints_the_clusters_token(
     assert printed.stdout == token
 
 
-def test_start_prints_how_to_get_the_dashboard_token(monkeypatch: pytest.MonkeyPatch,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(local, "ray_is_running", lambda address: True)  # an already running local cluster
+def start_output(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> str:
+    """What `promptfleet start` prints once an already running local cluster has the app running."""
+    monkeypatch.setattr(local, "ray_is_running", lambda address: True)
     monkeypatch.setattr(nodes, "refuse_insecure", lambda dashboard, allow: None)
     monkeypatch.setattr(local, "deploy", lambda config, dashboard: None)
     monkeypatch.setattr(local, "wait_until_running", lambda dashboard, names, timeout: None)
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
     assert cli.main(["start"]) == 0
-    out = capsys.readouterr().out
+    return capsys.readouterr().out
+
+
+def test_start_prints_how_to_get_the_dashboard_token(monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    out = start_output(monkeypatch, capsys)
     assert f"print it with `{nodes.token_command(os.environ)}`" in out
+
+
+def test_start_prints_a_stop_command_a_shell_without_the_venv_can_run(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stop = re.search(r"Stop with `(.+) --ray`", start_output(monkeypatch, capsys))
+    assert stop is not None
+    # `make start` runs without the venv activated: a bare `promptfleet` is "command not found".
+    plain = {"HOME": os.environ.get("HOME", "/"), "PATH": "/usr/bin:/bin"}
+    shown = subprocess.run(["bash", "-c", f"{stop.group(1)} --help"], env=plain, capture_output=True, text=True,
+                           timeout=120)
+    assert shown.returncode == 0 and "--ray" in shown.stdout, shown.stderr
 
 
 def test_a_token_file_others_can_read_is_made_private(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

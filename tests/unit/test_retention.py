@@ -20,7 +20,7 @@ from deployments.config import QuotasConfig, RetentionConfig, TasksConfig
 from deployments.core.replies import unwrap
 from deployments.core.retention import Cutoffs, expired_batches, expired_files
 from deployments.core.runstate import RunStatus
-from deployments.errors import NotFound, Overloaded, QuotaExceeded, RunNotFound
+from deployments.errors import InvalidRequest, NotFound, Overloaded, QuotaExceeded, RunNotFound
 from deployments.store import RunStore
 from deployments.store.batches import BatchStore
 from deployments.task_store import TaskStore
@@ -135,6 +135,18 @@ def test_batch_quotas_per_key_and_in_total(tmp_path: Path) -> None:
     first.status = "completed"  # an ended batch no longer counts
     store.save_batch(first)
     store.create_batch("carol", carol, "/v1/chat/completions", "24h", None)
+
+
+def test_a_batch_of_more_lines_than_the_limit_is_refused_before_it_starts(tmp_path: Path) -> None:
+    store = BatchStore(tmp_path, quotas=QuotasConfig(max_batch_lines=3))
+    at_limit = upload(store, "alice", b"{}\n" * 3 + b"\n\n")  # blank lines are not lines
+    over = upload(store, "alice", b"{}\n" * 4)
+    with pytest.raises(InvalidRequest) as refused:
+        store.create_batch("alice", over, "/v1/chat/completions", "24h", None)
+    assert refused.value.status_code == 400 and refused.value.param == "input_file_id"
+    assert "4 lines" in refused.value.message and "at most 3" in refused.value.message
+    assert store.batches == {} and not list((tmp_path / "batches").iterdir())  # nothing half-made
+    store.create_batch("alice", at_limit, "/v1/chat/completions", "24h", None)
 
 
 def test_admin_scope_sees_every_owners_batches(tmp_path: Path) -> None:
