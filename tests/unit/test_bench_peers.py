@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.peers import procs, profile, report, wrk
+from bench.peers import clients, procs, profile, report, wrk
 
 # Recorded from Debian's wrk 4.1.0 (-t1 --latency) against the fake upstream.
 WRK_OK = """Running 2s test @ http://127.0.0.1:19100/v1/chat/completions
@@ -221,3 +221,12 @@ def test_py_spy_stacks_summed_per_request() -> None:
                                                            ("dumps (json/__init__.py:5)", 1.5)]
     total = dict(profile.top_frames(raw, requests=10, total=True))
     assert total["run (asyncio/base_events.py:1)"] == 10.0 and total["chat (gateway/chat.py:10)"] == 4.0
+
+
+def test_answer_tokens_count_for_their_share_of_the_window() -> None:
+    share_inside = clients.share_inside
+    assert share_inside(2.0, 4.0, 0.0, 10.0) == 1.0
+    assert share_inside(-1.0, 1.0, 0.0, 10.0) == 0.5  # begun in the warm-up
+    assert share_inside(9.0, 13.0, 0.0, 10.0) == 0.25  # cut by the window's end
+    assert share_inside(10.0, 12.0, 0.0, 10.0) == 0.0
+    assert share_inside(-1.0, 11.0, 0.0, 10.0) == 10 / 12
