@@ -202,6 +202,18 @@ def test_markdown_report_says_when_where_and_what_failed() -> None:
     assert "- promptfleet: twin idles beside it" in text and "- portkey: not measured: npm: no" in text
 
 
+def test_embedded_report_puts_the_baseline_beside_this_checkout() -> None:
+    results = _results()
+    results["embedded"]["baseline"] = {
+        "name": "85e30fa", "one": {"tokens_per_s": 40.0, "requests": 8, "p50_ms": 1500.0, "errors": {}},
+        "eight": {"tokens_per_s": 60.0, "requests": 12, "p50_ms": 8000.0, "errors": {}},
+        "ratio_8_vs_1": 1.5, "one_vs_raw": 0.67}
+    text = report.markdown(results)
+    assert "| previous release (85e30fa), 8 concurrent | 60.0 | 12 | 8,000 | 0 |" in text
+    assert ("8 concurrent / 1 concurrent: **1.10×**; one stream / raw llama.cpp: **0.83**; previous release: "
+            "8 concurrent / 1 concurrent: **1.50×**; previous release: one stream / raw llama.cpp: **0.67**.") in text
+
+
 def test_report_without_optional_parts() -> None:
     results = _results()
     for key in ("ttft", "idle", "embedded", "systems", "failures"):
