@@ -41,7 +41,17 @@ import yaml
 
 from bench.kit import REPO
 from bench.peers import clients, install, procs, profile, report, wrk
-from bench.peers.systems import STARTERS, Context, Running, Target, cluster, start_upstream, upstreams, wait_chat
+from bench.peers.systems import (
+    STARTERS,
+    Context,
+    Running,
+    Target,
+    checkout_name,
+    cluster,
+    start_upstream,
+    upstreams,
+    wait_chat,
+)
 
 ALL_SYSTEMS = ["upstream", *STARTERS]
 PARTS = ["load", "ttft", "idle", "embedded"]
@@ -155,7 +165,8 @@ def measure_system(running: Running, args: argparse.Namespace, tools: dict[str, 
 
 
 def embedded_and_idle(args: argparse.Namespace, logs: Path, results: dict[str, Any]) -> None:
-    """The default single-node cluster (embedded model on): idle cost, then tokens/s; raw llama.cpp first."""
+    """The default single-node cluster (embedded model on): idle cost, then tokens/s; raw llama.cpp first,
+    and the previous release's cluster last when ``--baseline`` names one."""
     config = yaml.safe_load((REPO / "configs/serve.yaml").read_text())
     local = next(m for m in config["applications"][0]["args"]["models"] if m["provider"] == "llamacpp")
     threads = int(local.get("n_threads", 1))
@@ -191,15 +202,31 @@ def embedded_and_idle(args: argparse.Namespace, logs: Path, results: dict[str, A
             print(f"  idle: {results['idle']['cpu_pct']} % of a core, {results['idle']['rss_mib']} MiB RSS, "
                   f"{len(pids)} processes", file=sys.stderr, flush=True)
         if "embedded" in args.parts:
-            url = f"{api}/chat/completions"
-            for key, concurrency in (("one", 1), ("eight", 8)):
-                rate = clients.tokens_per_s(url, body, concurrency, args.embedded_seconds)
-                embedded[key] = rate.summary()
-                print(f"  embedded {concurrency} concurrent: {embedded[key]}", file=sys.stderr, flush=True)
-            one, eight, raw = (embedded[k]["tokens_per_s"] for k in ("one", "eight", "raw"))
-            embedded["ratio_8_vs_1"] = round(eight / one, 2) if one else None
-            embedded["one_vs_raw"] = round(one / raw, 2) if raw else None
-            results["embedded"] = embedded
+            embedded |= tokens_at_1_and_8(f"{api}/chat/completions", body, args.embedded_seconds, "")
+    if "embedded" in args.parts and args.baseline is not None:
+        spec = {"state": str(logs / "embedded-baseline-state"), "models": None, "local_models": True}
+        with cluster(args.baseline, spec, logs / "embedded-baseline.log") as (_, ready):
+            api = next(iter(ready["apps"].values()))
+            wait_chat(Target(f"{api}/chat/completions", local["name"]), 300)
+            embedded["baseline"] = {"name": checkout_name(args.baseline), **tokens_at_1_and_8(
+                f"{api}/chat/completions", body, args.embedded_seconds, "previous release ")}
+    if "embedded" in args.parts:
+        raw = embedded["raw"]["tokens_per_s"]
+        for rates in (embedded, embedded.get("baseline") or {}):
+            if rates:
+                rates["one_vs_raw"] = round(rates["one"]["tokens_per_s"] / raw, 2) if raw else None
+        results["embedded"] = embedded
+
+
+def tokens_at_1_and_8(url: str, body: dict[str, Any], seconds: float, label: str) -> dict[str, Any]:
+    """Tokens/s of one closed-loop client, then of eight, and their ratio."""
+    rates: dict[str, Any] = {}
+    for key, concurrency in (("one", 1), ("eight", 8)):
+        rates[key] = clients.tokens_per_s(url, body, concurrency, seconds).summary()
+        print(f"  {label}embedded {concurrency} concurrent: {rates[key]}", file=sys.stderr, flush=True)
+    one, eight = rates["one"]["tokens_per_s"], rates["eight"]["tokens_per_s"]
+    rates["ratio_8_vs_1"] = round(eight / one, 2) if one else None
+    return rates
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,8 @@
 TTFT: one stream at a time (no queueing, so the number is the system's own added latency), time
 from sending the request to the first ``data:`` event of the answer; the stream must then end with
 ``data: [DONE]`` or the request counts as an error. Tokens/s: closed-loop chat completions at a given
-concurrency; the completion tokens (``usage``) of the answers finished inside the window, per second.
+concurrency, after one unmeasured answer per client: the completion tokens (``usage``) generated in the
+window, per second, an answer that straddles an edge of the window counted for its share of time inside.
 """
 
 from __future__ import annotations
@@ -82,8 +83,8 @@ def ttft(target: Target, seconds: float, max_requests: int = 2000) -> Ttft:
 class TokenRate:
     concurrency: int
     seconds: float
-    tokens: int = 0
-    requests: int = 0
+    tokens: float = 0.0  # completion tokens; an answer cut by an edge of the window counts in part
+    requests: int = 0  # answers finished inside the window
     errors: dict[str, int] = field(default_factory=dict)
     latencies_ms: list[float] = field(default_factory=list)
 
@@ -92,47 +93,64 @@ class TokenRate:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
 
     def summary(self) -> dict[str, Any]:
-        return {"concurrency": self.concurrency, "seconds": self.seconds, "tokens": self.tokens,
+        return {"concurrency": self.concurrency, "seconds": self.seconds, "tokens": round(self.tokens),
                 "requests": self.requests, "tokens_per_s": round(self.tokens_per_s, 2), "errors": self.errors,
                 "p50_ms": round(statistics.median(self.latencies_ms), 1) if self.latencies_ms else None}
 
 
-async def _tokens(url: str, body: dict[str, Any], concurrency: int, seconds: float, warmup: float) -> TokenRate:
+def share_inside(sent: float, done: float, start: float, end: float) -> float:
+    """The share of an answer's time (``sent`` to ``done``) inside the window ``start``–``end``.
+
+    Its tokens count for that share: counting only whole answers finished inside the window made the
+    total jump by a whole round of answers (eight same-length answers finish together), up or down
+    with where the window's edges fell among the rounds."""
+    if done <= sent:
+        return 1.0 if start <= done < end else 0.0
+    return max(0.0, min(done, end) - max(sent, start)) / (done - sent)
+
+
+async def _tokens(url: str, body: dict[str, Any], concurrency: int, seconds: float) -> TokenRate:
     rate = TokenRate(concurrency, seconds)
     payload = json.dumps(body).encode()
-    begun = time.perf_counter()
-    start, end = begun + warmup, begun + warmup + seconds
 
-    async def worker(session: aiohttp.ClientSession) -> None:
+    async def ask(session: aiohttp.ClientSession) -> tuple[int, str]:
+        """The answer's completion tokens, or why there is none."""
+        try:
+            async with session.post(url, data=payload, headers={"Content-Type": "application/json"}) as answer:
+                data = await answer.read()
+                if answer.status != 200:
+                    return 0, str(answer.status)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            await asyncio.sleep(0.1)
+            return 0, type(exc).__name__
+        return int(json.loads(data)["usage"]["completion_tokens"]), ""
+
+    async def worker(session: aiohttp.ClientSession, start: float, end: float) -> None:
         while (sent := time.perf_counter()) < end:
-            try:
-                async with session.post(url, data=payload, headers={"Content-Type": "application/json"}) as answer:
-                    data = await answer.read()
-                    status = answer.status
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                rate.errors[type(exc).__name__] = rate.errors.get(type(exc).__name__, 0) + 1
-                await asyncio.sleep(0.1)
-                continue
+            tokens, error = await ask(session)
             done = time.perf_counter()
-            if not start <= done < end:
+            if error:
+                rate.errors[error] = rate.errors.get(error, 0) + 1
                 continue
-            if status != 200:
-                rate.errors[str(status)] = rate.errors.get(str(status), 0) + 1
-                continue
-            rate.tokens += int(json.loads(data)["usage"]["completion_tokens"])
-            rate.requests += 1
-            rate.latencies_ms.append((done - sent) * 1000)
+            rate.tokens += tokens * share_inside(sent, done, start, end)
+            if done < end:
+                rate.requests += 1
+                rate.latencies_ms.append((done - sent) * 1000)
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
-        tasks = [asyncio.create_task(worker(session)) for _ in range(concurrency)]
-        await asyncio.sleep(max(0.0, end - time.perf_counter()))
-        _, pending = await asyncio.wait(tasks, timeout=60)
+        # Warm-up: one answer per client, so a model's slots hold the prompt before the window opens
+        # (a closed loop of one prompt measures decoding with the prompt cached, not the first fill).
+        await asyncio.gather(*(ask(session) for _ in range(concurrency)))
+        start = time.perf_counter()
+        end = start + seconds
+        tasks = [asyncio.create_task(worker(session, start, end)) for _ in range(concurrency)]
+        _, pending = await asyncio.wait(tasks, timeout=seconds + 60)
         for task in pending:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     return rate
 
 
-def tokens_per_s(url: str, body: dict[str, Any], concurrency: int, seconds: float, warmup: float = 2) -> TokenRate:
-    """Closed-loop chat completions on ``url``: completion tokens finished inside the window, per second."""
-    return asyncio.run(_tokens(url, body, concurrency, seconds, warmup))
+def tokens_per_s(url: str, body: dict[str, Any], concurrency: int, seconds: float) -> TokenRate:
+    """Closed-loop chat completions on ``url``: completion tokens generated inside the window, per second."""
+    return asyncio.run(_tokens(url, body, concurrency, seconds))

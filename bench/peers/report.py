@@ -123,18 +123,22 @@ def embedded_text(results: dict[str, Any]) -> str:
     lines = [f"Embedded model `{emb['model']}` (max_tokens {emb['max_tokens']}, n_threads {emb['n_threads']}), "
              "completion tokens per second:", "",
              "| | tokens/s | requests | p50 ms | errors |", "|---|---|---|---|---|"]
-    for label, key in (("promptfleet, 1 concurrent", "one"), ("promptfleet, 8 concurrent", "eight"),
-                       ("raw llama.cpp (llama-cpp-python), one stream, same threads", "raw")):
-        r = emb.get(key)
+    base = emb.get("baseline") or {}
+    rows = [("promptfleet, 1 concurrent", emb.get("one")), ("promptfleet, 8 concurrent", emb.get("eight")),
+            (f"previous release ({base.get('name')}), 1 concurrent", base.get("one")),
+            (f"previous release ({base.get('name')}), 8 concurrent", base.get("eight")),
+            ("raw llama.cpp (llama-cpp-python), one stream, same threads", emb.get("raw"))]
+    for label, r in rows:
         if r:
             errors = ", ".join(f"{k}: {v}" for k, v in (r.get("errors") or {}).items()) or "0"
             lines.append(f"| {label} | {num(r['tokens_per_s'], 1)} | {r.get('requests', DASH)} | "
                          f"{num(r.get('p50_ms'), 0)} | {errors} |")
     ratios = []
-    if emb.get("ratio_8_vs_1") is not None:
-        ratios.append(f"8 concurrent / 1 concurrent: **{emb['ratio_8_vs_1']:.2f}×**")
-    if emb.get("one_vs_raw") is not None:
-        ratios.append(f"one stream / raw llama.cpp: **{emb['one_vs_raw']:.2f}**")
+    for who, rates in (("", emb), ("previous release: ", base)):
+        if rates.get("ratio_8_vs_1") is not None:
+            ratios.append(f"{who}8 concurrent / 1 concurrent: **{rates['ratio_8_vs_1']:.2f}×**")
+        if rates.get("one_vs_raw") is not None:
+            ratios.append(f"{who}one stream / raw llama.cpp: **{rates['one_vs_raw']:.2f}**")
     return "\n".join(lines + (["", "; ".join(ratios) + "."] if ratios else []))
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.peers import procs, profile, report, wrk
+from bench.peers import clients, procs, profile, report, wrk
 
 # Recorded from Debian's wrk 4.1.0 (-t1 --latency) against the fake upstream.
 WRK_OK = """Running 2s test @ http://127.0.0.1:19100/v1/chat/completions
@@ -202,6 +202,18 @@ def test_markdown_report_says_when_where_and_what_failed() -> None:
     assert "- promptfleet: twin idles beside it" in text and "- portkey: not measured: npm: no" in text
 
 
+def test_embedded_report_puts_the_baseline_beside_this_checkout() -> None:
+    results = _results()
+    results["embedded"]["baseline"] = {
+        "name": "85e30fa", "one": {"tokens_per_s": 40.0, "requests": 8, "p50_ms": 1500.0, "errors": {}},
+        "eight": {"tokens_per_s": 60.0, "requests": 12, "p50_ms": 8000.0, "errors": {}},
+        "ratio_8_vs_1": 1.5, "one_vs_raw": 0.67}
+    text = report.markdown(results)
+    assert "| previous release (85e30fa), 8 concurrent | 60.0 | 12 | 8,000 | 0 |" in text
+    assert ("8 concurrent / 1 concurrent: **1.10×**; one stream / raw llama.cpp: **0.83**; previous release: "
+            "8 concurrent / 1 concurrent: **1.50×**; previous release: one stream / raw llama.cpp: **0.67**.") in text
+
+
 def test_report_without_optional_parts() -> None:
     results = _results()
     for key in ("ttft", "idle", "embedded", "systems", "failures"):
@@ -221,3 +233,12 @@ def test_py_spy_stacks_summed_per_request() -> None:
                                                            ("dumps (json/__init__.py:5)", 1.5)]
     total = dict(profile.top_frames(raw, requests=10, total=True))
     assert total["run (asyncio/base_events.py:1)"] == 10.0 and total["chat (gateway/chat.py:10)"] == 4.0
+
+
+def test_answer_tokens_count_for_their_share_of_the_window() -> None:
+    share_inside = clients.share_inside
+    assert share_inside(2.0, 4.0, 0.0, 10.0) == 1.0
+    assert share_inside(-1.0, 1.0, 0.0, 10.0) == 0.5  # begun in the warm-up
+    assert share_inside(9.0, 13.0, 0.0, 10.0) == 0.25  # cut by the window's end
+    assert share_inside(10.0, 12.0, 0.0, 10.0) == 0.0
+    assert share_inside(-1.0, 11.0, 0.0, 10.0) == 10 / 12
