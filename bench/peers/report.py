@@ -1,8 +1,9 @@
 """The bench's results as markdown tables ready for the docs (pure: a results dict in, text out).
 
 The results dict is what ``python -m bench.peers --json`` writes: ``meta`` (date, commit, machine,
-levels, latencies, duration), ``load`` (one row per system × upstream latency × concurrency),
-``ttft``, ``idle``, ``embedded``, ``failures`` (system → why it was not measured).
+levels, latencies, duration), ``load`` (one row per system × kind × upstream latency × concurrency;
+``kind``: chat, stream or task, streams with ``cpu_us_per_chunk``), ``ttft``, ``idle``, ``embedded``,
+``failures`` (system → why it was not measured).
 """
 
 from __future__ import annotations
@@ -88,6 +89,30 @@ def group_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def flat_table(results: dict[str, Any]) -> str:
+    """Issue 22's flat cost: CPU per request (streams: µs per chunk too) at each level, and the highest
+    level's against the lowest's, per system, kind and upstream latency."""
+    meta, load = results["meta"], results["load"]
+    levels: list[int] = meta["levels"]
+    if len(levels) < 2:
+        return ""
+    slash = " / ".join(str(c) for c in levels)
+    lines = [f"| system | upstream | CPU ms per request at {slash} | µs per chunk | {levels[-1]} vs {levels[0]} |",
+             "|---|---|---|---|---|"]
+    for system in _systems(load):
+        for latency in meta["latencies"]:
+            cells = _cells(load, system, latency)
+            if not cells:
+                continue
+            cpu = [cells.get(c, {}).get("cpu_ms_per_request") for c in levels]
+            chunk = [cells.get(c, {}).get("cpu_us_per_chunk") for c in levels]
+            ratio = f"{cpu[-1] / cpu[0]:.2f}×" if cpu[0] and cpu[-1] else DASH
+            chunks = " / ".join(num(v, 2) for v in chunk) if any(chunk) else DASH
+            lines.append(f"| {system} | {latency:g} ms | " + " / ".join(num(v, _cpu_digits(v)) for v in cpu)
+                         + f" | {chunks} | {ratio} |")
+    return "\n".join(lines)
+
+
 def ttft_table(results: dict[str, Any]) -> str:
     rows = results.get("ttft") or []
     if not rows:
@@ -148,7 +173,8 @@ def markdown(results: dict[str, Any]) -> str:
              "### Throughput and CPU per request", summary_table(results),
              "### Latency (wrk)", latency_table(results),
              "### CPU per request by process group", group_table(results)]
-    for title, text in (("### Streaming: time to first token", ttft_table(results)),
+    for title, text in (("### Flat cost: CPU per request by concurrency", flat_table(results)),
+                        ("### Streaming: time to first token", ttft_table(results)),
                         ("### Idle", idle_text(results)), ("### Embedded model", embedded_text(results))):
         if text:
             parts += [title, text]

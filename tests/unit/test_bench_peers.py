@@ -6,8 +6,11 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 
 from bench.peers import procs, profile, report, wrk
+from bench.peers.systems import PROMPT, TASK_INPUT, Running, Target, write_tasks
+from deployments.core.taskdefs import TaskDefinition
 
 # Recorded from Debian's wrk 4.1.0 (-t1 --latency) against the fake upstream.
 WRK_OK = """Running 2s test @ http://127.0.0.1:19100/v1/chat/completions
@@ -221,3 +224,29 @@ def test_py_spy_stacks_summed_per_request() -> None:
                                                            ("dumps (json/__init__.py:5)", 1.5)]
     total = dict(profile.top_frames(raw, requests=10, total=True))
     assert total["run (asyncio/base_events.py:1)"] == 10.0 and total["chat (gateway/chat.py:10)"] == 4.0
+
+
+def test_flat_cost_table_sets_each_level_against_the_lowest() -> None:
+    results = _results()
+    results["meta"]["levels"] = [16, 64, 256]
+    results["load"] = [{"system": "pf · stream (500 chunks)", "kind": "stream", "latency_ms": 0.0, "concurrency": c,
+                        "cpu_ms_per_request": cpu, "cpu_us_per_chunk": cpu * 2} for c, cpu in ((16, 10.0),
+                                                                                               (64, 11.0),
+                                                                                               (256, 12.5))]
+    lines = report.flat_table(results).splitlines()
+    assert lines[0] == "| system | upstream | CPU ms per request at 16 / 64 / 256 | µs per chunk | 256 vs 16 |"
+    assert lines[2] == "| pf · stream (500 chunks) | 0 ms | 10.00 / 11.00 / 12.50 | 20.00 / 22.00 / 25.00 | 1.25× |"
+    assert "### Flat cost" in report.markdown(results)
+
+
+def test_targets_of_each_kind(tmp_path: Path) -> None:
+    chat = Target("http://h/v1/chat/completions", "fake")
+    assert chat.body() == {"model": "fake", "messages": PROMPT, "max_tokens": 16}
+    task = Target("http://h/v1/tasks/bench-fake/run", "fake", payload={"input": TASK_INPUT})
+    assert task.body() == {"input": TASK_INPUT}
+    running = Running("pf", {0.0: chat}, [1], lambda _: "x", kinds={"task": {0.0: task}})
+    assert running.targets_of("chat") == {0.0: chat} and running.targets_of("stream") is None
+    write_tasks(tmp_path, {0.0: "fake", 500.0: "fake-500ms"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench-fake-500ms.yaml", "bench-fake.yaml"]
+    definition = TaskDefinition.model_validate(yaml.safe_load((tmp_path / "bench-fake.yaml").read_text()))
+    assert definition.model == "fake" and definition.output_schema["additionalProperties"] is False
