@@ -81,6 +81,9 @@ def parser() -> argparse.ArgumentParser:
                         "(default: chat)")
     p.add_argument("--stream-chunks", type=int, default=500, help="content chunks per streamed answer of the "
                    "fake upstreams (default: %(default)s)")
+    p.add_argument("--idle-baseline", type=float, default=4, help="seconds of each system's idle CPU, measured "
+                   "before its load cells and subtracted from them for CPU per request above idle (default: 4; "
+                   "0: not measured)")
     p.add_argument("--duration", type=float, default=8, help="seconds per cell (default: %(default)s)")
     p.add_argument("--warmup", type=float, default=2, help="unmeasured wrk seconds before each cell (default: 2)")
     p.add_argument("--ttft-seconds", type=float, default=4, help="streams one at a time, per system (default: 4)")
@@ -125,8 +128,18 @@ def row_name(running: Running, kind: str, chunks: int) -> str:
             "task": f"{running.name} · task run"}[kind]
 
 
+def idle_rate(running: Running, seconds: float) -> float:
+    """CPU seconds per second that the system's processes spend with no request at all."""
+    before, started = procs.snapshot(), time.monotonic()
+    time.sleep(seconds)
+    after = procs.snapshot()
+    groups = procs.cpu_by_group(before, after, procs.descendants(after, running.roots, running.include_roots),
+                                running.classify)
+    return sum(groups.values()) / (time.monotonic() - started)
+
+
 def measure_cell(running: Running, latency: float, concurrency: int, args: argparse.Namespace, tools: dict[str, Any],
-                 upstream_pids: list[int], kind: str = "chat") -> dict[str, Any]:
+                 upstream_pids: list[int], kind: str = "chat", idle: float | None = None) -> dict[str, Any]:
     """One wrk run on one system: req/s, latency, and the CPU of the system's process groups per request."""
     target = (running.targets_of(kind) or {})[latency]
     script = tools["scripts"] / f"{abs(hash((target.url, target.model))) % 10**8}.lua"
@@ -134,12 +147,12 @@ def measure_cell(running: Running, latency: float, concurrency: int, args: argpa
     binary, env = tools["wrk"]
     if args.warmup > 0:
         wrk.run(wrk.command(binary, target.url, script, concurrency, args.warmup), env)
-    before = procs.snapshot()
+    before, started = procs.snapshot(), time.monotonic()
     with profile.recording(_profiled(running, before) if args.profile else {}, args.duration, tools["profiles"],
                            f"{re.sub(r'[^a-z0-9]+', '-', running.name.lower())}-{kind}-{latency:g}ms-{concurrency}",
                            tools.get("samples")):
         result = wrk.run(wrk.command(binary, target.url, script, concurrency, args.duration), env)
-    after = procs.snapshot()
+    after, window = procs.snapshot(), time.monotonic() - started
     groups = procs.cpu_by_group(before, after, procs.descendants(after, running.roots, running.include_roots),
                                 running.classify)
     upstream = procs.cpu_by_group(before, after, procs.descendants(after, upstream_pids), procs.everything("up"))
@@ -149,12 +162,16 @@ def measure_cell(running: Running, latency: float, concurrency: int, args: argpa
         return round(seconds * 1000 / answers, 4) if result.requests else None
 
     cpu = per_request(sum(groups.values()))
-    per_chunk = {"cpu_us_per_chunk": round(cpu * 1000 / args.stream_chunks, 2)} if kind == "stream" and cpu else {}
+    # What the requests cost beyond the system's own idle work (health checks, metrics, Ray), which a
+    # cell of few requests (slow upstream, low concurrency) would otherwise spread over them.
+    above = per_request(max(0.0, sum(groups.values()) - idle * window)) if idle is not None else None
+    per_chunk = {"cpu_us_per_chunk": round((above or cpu) * 1000 / args.stream_chunks, 2)} if (
+        kind == "stream" and cpu) else {}
     return {"system": row_name(running, kind, args.stream_chunks), "kind": kind, "base_system": running.name,
             "latency_ms": latency, "concurrency": concurrency, "rps": round(result.ok_rps, 1), **per_chunk,
             "p50_ms": result.latency_ms.get("50"),
             "p99_ms": result.latency_ms.get("99"), "errors": result.errors,
-            "cpu_ms_per_request": cpu,
+            "cpu_ms_per_request": cpu, "cpu_ms_above_idle": above, "idle_cpu_s_per_s": idle,
             "cpu_ms_by_group": {g: per_request(s) for g, s in sorted(groups.items()) if result.requests},
             "upstream_cpu_ms_per_request": per_request(sum(upstream.values())),
             "wrk": result.to_json()}
@@ -163,10 +180,13 @@ def measure_cell(running: Running, latency: float, concurrency: int, args: argpa
 def measure_system(running: Running, args: argparse.Namespace, tools: dict[str, Any], upstream_pids: list[int],
                    results: dict[str, Any]) -> None:
     if "load" in args.parts:
+        idle = idle_rate(running, args.idle_baseline) if args.idle_baseline > 0 else None
+        if idle is not None:
+            print(f"  {running.name[:56]:<56} idle: {idle:.3f} CPU s/s", file=sys.stderr, flush=True)
         for kind in (k for k in args.kinds if running.targets_of(k)):
             for latency in args.latencies:
                 for concurrency in args.concurrency:
-                    row = measure_cell(running, latency, concurrency, args, tools, upstream_pids, kind)
+                    row = measure_cell(running, latency, concurrency, args, tools, upstream_pids, kind, idle)
                     results["load"].append(row)
                     print(f"  {row['system'][:56]:<56} {latency:>5g} ms {concurrency:>4} conc: "
                           f"{row['rps']:>9,.1f} req/s "
@@ -250,10 +270,12 @@ def main(argv: list[str] | None = None) -> int:
     tools: dict[str, Any] = {"scripts": Path(tempfile.mkdtemp(prefix="wrk-", dir=logs)), "profiles": out / "profiles"}
     if needs_wrk:
         tools["wrk"] = install.wrk(args.cache)
+    if args.profile:
+        tools["py_spy"] = profile.py_spy()
     with contextlib.ExitStack() as stack:
         bases, upstream_pids = (stack.enter_context(upstreams(args.latencies, logs, args.stream_chunks))
                                 if args.systems else ({}, []))
-        samples = out / "samples" if args.profile and profile.py_spy() is None else None
+        samples = out / "samples" if args.profile and not tools.get("py_spy") else None
         ctx = Context(args.cache, logs, bases, args.baseline, samples)
         tools["samples"] = samples
         for name in args.systems:

@@ -91,25 +91,34 @@ def group_table(results: dict[str, Any]) -> str:
 
 def flat_table(results: dict[str, Any]) -> str:
     """Issue 22's flat cost: CPU per request (streams: µs per chunk too) at each level, and the highest
-    level's against the lowest's, per system, kind and upstream latency."""
+    level's against the lowest's, per system, kind and upstream latency; also above the system's idle
+    CPU (with a slow upstream and few requests in flight, idle work is most of a request's share)."""
     meta, load = results["meta"], results["load"]
     levels: list[int] = meta["levels"]
     if len(levels) < 2:
         return ""
     slash = " / ".join(str(c) for c in levels)
-    lines = [f"| system | upstream | CPU ms per request at {slash} | µs per chunk | {levels[-1]} vs {levels[0]} |",
-             "|---|---|---|---|---|"]
+    lines = [f"| system | upstream | CPU ms per request at {slash} | above idle | µs per chunk (above idle) "
+             f"| {levels[-1]} vs {levels[0]} | above idle, {levels[-1]} vs {levels[0]} |",
+             "|---|---|---|---|---|---|---|"]
     for system in _systems(load):
         for latency in meta["latencies"]:
             cells = _cells(load, system, latency)
             if not cells:
                 continue
             cpu = [cells.get(c, {}).get("cpu_ms_per_request") for c in levels]
+            above = [cells.get(c, {}).get("cpu_ms_above_idle") for c in levels]
             chunk = [cells.get(c, {}).get("cpu_us_per_chunk") for c in levels]
-            ratio = f"{cpu[-1] / cpu[0]:.2f}×" if cpu[0] and cpu[-1] else DASH
+
+            def ratio(values: list[float | None]) -> str:
+                return f"{values[-1] / values[0]:.2f}×" if values[0] and values[-1] else DASH
+
+            def row(values: list[float | None]) -> str:
+                return " / ".join(num(v, _cpu_digits(v)) for v in values) if any(values) else DASH
+
             chunks = " / ".join(num(v, 2) for v in chunk) if any(chunk) else DASH
-            lines.append(f"| {system} | {latency:g} ms | " + " / ".join(num(v, _cpu_digits(v)) for v in cpu)
-                         + f" | {chunks} | {ratio} |")
+            lines.append(f"| {system} | {latency:g} ms | {row(cpu)} | {row(above)} | {chunks} | {ratio(cpu)} | "
+                         f"{ratio(above)} |")
     return "\n".join(lines)
 
 

@@ -230,12 +230,15 @@ def test_flat_cost_table_sets_each_level_against_the_lowest() -> None:
     results = _results()
     results["meta"]["levels"] = [16, 64, 256]
     results["load"] = [{"system": "pf · stream (500 chunks)", "kind": "stream", "latency_ms": 0.0, "concurrency": c,
-                        "cpu_ms_per_request": cpu, "cpu_us_per_chunk": cpu * 2} for c, cpu in ((16, 10.0),
+                        "cpu_ms_per_request": cpu, "cpu_ms_above_idle": cpu - 1,
+                        "cpu_us_per_chunk": cpu * 2} for c, cpu in ((16, 10.0),
                                                                                                (64, 11.0),
                                                                                                (256, 12.5))]
     lines = report.flat_table(results).splitlines()
-    assert lines[0] == "| system | upstream | CPU ms per request at 16 / 64 / 256 | µs per chunk | 256 vs 16 |"
-    assert lines[2] == "| pf · stream (500 chunks) | 0 ms | 10.00 / 11.00 / 12.50 | 20.00 / 22.00 / 25.00 | 1.25× |"
+    assert lines[0] == ("| system | upstream | CPU ms per request at 16 / 64 / 256 | above idle | µs per chunk "
+                        "(above idle) | 256 vs 16 | above idle, 256 vs 16 |")
+    assert lines[2] == ("| pf · stream (500 chunks) | 0 ms | 10.00 / 11.00 / 12.50 | 9.00 / 10.00 / 11.50 | "
+                        "20.00 / 22.00 / 25.00 | 1.25× | 1.28× |")
     assert "### Flat cost" in report.markdown(results)
 
 
