@@ -98,6 +98,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true", help="py-spy record/dump promptfleet's Gateway and worker "
                    "replicas during each of their cells (into OUT/profiles; py-spy's CPU perturbs those cells); "
                    "without py-spy, an in-process sampler (bench/peers/sampling)")
+    p.add_argument("--sampler", action="store_true", help="with --profile: the in-process sampler even where py-spy "
+                   "works (it also times the garbage collector per generation)")
     p.add_argument("--note", default="A shared, loaded machine (other jobs ran beside the bench): the absolute "
                    "numbers move between runs; compare rows within this run.", help="printed under the tables")
     return p
@@ -271,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     if needs_wrk:
         tools["wrk"] = install.wrk(args.cache)
     if args.profile:
-        tools["py_spy"] = profile.py_spy()
+        tools["py_spy"] = None if args.sampler else profile.py_spy()
     with contextlib.ExitStack() as stack:
         bases, upstream_pids = (stack.enter_context(upstreams(args.latencies, logs, args.stream_chunks))
                                 if args.systems else ({}, []))

@@ -126,6 +126,7 @@ def test_cpu_accounted_per_group_over_the_tree_only() -> None:
 
 @pytest.mark.parametrize(("cmdline", "group"), [
     ("ray::ServeReplica:promptfleet:Gateway", "Gateway"),
+    ("ray::ServeReplica:promptfleet:Gateway.check_health", "Gateway"),  # titled with the running method
     ("ray::ServeReplica:promptfleet:worker-fake-500ms", "worker"),
     ("ray::ServeReplica:promptfleet:RateLimiter", "limiter"),
     ("ray::ServeReplica:promptfleet:TaskStore", "store"),
