@@ -4,6 +4,8 @@
     python -m bench.peers --quick               a smoke run: 2 s cells, 16 and 256 concurrent
     python -m bench.peers --systems upstream,promptfleet --parts load --concurrency 256 --latencies 500
     python -m bench.peers --baseline ../promptfleet-previous   the previous release too, in the same run
+    python -m bench.peers --systems promptfleet,baseline --baseline ../prev --kinds chat,stream,task --parts load
+                                                 flat cost: CPU per request (per chunk) of each kind by level
 
 Starts two fake upstreams (``tests.fakes.upstream``: 0 ms and 500 ms), then one system after the
 other (``bench.peers.systems``: the upstream itself, nginx, SGLang Model Gateway, TensorZero, Portkey,
@@ -12,7 +14,10 @@ use in its own environment under ``--cache`` (``bench.peers.install``). For ever
 latency and concurrency it runs wrk (one thread, closed loop) for ``--duration`` seconds after a short
 warm-up, and reads from /proc the CPU that every process of the system spent meanwhile, by group
 (Gateway, worker, limiter, Serve proxy, Ray core …; ``bench.peers.procs``): CPU per request is that
-over the answers wrk read. Then TTFT of one stream at a time. Last, the default single-node cluster
+over the answers wrk read. ``--kinds`` adds, on the systems that serve them, streamed chat
+completions (``--stream-chunks`` content chunks each: CPU per chunk too) and synchronous task runs
+(promptfleet's, through its TaskRunner); the flat-cost table sets each level's CPU per request
+against the lowest level's. Then TTFT of one stream at a time. Last, the default single-node cluster
 (embedded model on): its idle cost, and the embedded model's tokens/s at 1 and 8 concurrent beside
 raw llama.cpp on the same threads.
 
@@ -42,6 +47,7 @@ import yaml
 from bench.kit import REPO
 from bench.peers import clients, install, procs, profile, report, wrk
 from bench.peers.systems import (
+    KINDS,
     STARTERS,
     Context,
     Running,
@@ -81,6 +87,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--parts", type=_csv(str, PARTS), default=PARTS, help=f"default: {','.join(PARTS)}")
     p.add_argument("--concurrency", type=_csv(int), default=[16, 64, 256], help="levels (default: 16,64,256)")
     p.add_argument("--latencies", type=_csv(float), default=[0.0, 500.0], help="upstream ms (default: 0,500)")
+    p.add_argument("--kinds", type=_csv(str, KINDS), default=["chat"],
+                   help=f"requests to measure under load, each where a system serves it: {','.join(KINDS)} "
+                        "(default: chat)")
+    p.add_argument("--stream-chunks", type=int, default=500, help="content chunks per streamed answer of the "
+                   "fake upstreams (default: %(default)s)")
+    p.add_argument("--idle-baseline", type=float, default=4, help="seconds of each system's idle CPU, measured "
+                   "before its load cells and subtracted from them for CPU per request above idle (default: 4; "
+                   "0: not measured)")
     p.add_argument("--duration", type=float, default=8, help="seconds per cell (default: %(default)s)")
     p.add_argument("--warmup", type=float, default=2, help="unmeasured wrk seconds before each cell (default: 2)")
     p.add_argument("--ttft-seconds", type=float, default=4, help="streams one at a time, per system (default: 4)")
@@ -93,7 +107,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="directory for results.json, report.md and logs (default: a new one "
                    "under the cache's results/)")
     p.add_argument("--profile", action="store_true", help="py-spy record/dump promptfleet's Gateway and worker "
-                   "replicas during each of their cells (into OUT/profiles; py-spy's CPU perturbs those cells)")
+                   "replicas during each of their cells (into OUT/profiles; py-spy's CPU perturbs those cells); "
+                   "without py-spy, an in-process sampler (bench/peers/sampling)")
+    p.add_argument("--sampler", action="store_true", help="with --profile: the in-process sampler even where py-spy "
+                   "works (it also times the garbage collector per generation)")
     p.add_argument("--note", default="A shared, loaded machine (other jobs ran beside the bench): the absolute "
                    "numbers move between runs; compare rows within this run.", help="printed under the tables")
     return p
@@ -112,25 +129,43 @@ def _commit(path: Path) -> str:
 
 
 def _profiled(running: Running, now: dict[int, procs.Proc]) -> dict[int, str]:
-    """The Gateway and worker replicas of a promptfleet system: pid → group."""
+    """The Gateway, worker and TaskRunner replicas of a promptfleet system: pid → group."""
     tree = procs.descendants(now, running.roots, running.include_roots)
-    return {pid: group for pid in tree if (group := running.classify(now[pid].cmdline)) in ("Gateway", "worker")}
+    wanted = ("Gateway", "worker", "runner")
+    return {pid: group for pid in tree if (group := running.classify(now[pid].cmdline)) in wanted}
+
+
+def row_name(running: Running, kind: str, chunks: int) -> str:
+    """The system's name in the tables: chat rows as before, other kinds named after it."""
+    return {"chat": running.name, "stream": f"{running.name} · stream ({chunks} chunks)",
+            "task": f"{running.name} · task run"}[kind]
+
+
+def idle_rate(running: Running, seconds: float) -> float:
+    """CPU seconds per second that the system's processes spend with no request at all."""
+    before, started = procs.snapshot(), time.monotonic()
+    time.sleep(seconds)
+    after = procs.snapshot()
+    groups = procs.cpu_by_group(before, after, procs.descendants(after, running.roots, running.include_roots),
+                                running.classify)
+    return sum(groups.values()) / (time.monotonic() - started)
 
 
 def measure_cell(running: Running, latency: float, concurrency: int, args: argparse.Namespace, tools: dict[str, Any],
-                 upstream_pids: list[int]) -> dict[str, Any]:
+                 upstream_pids: list[int], kind: str = "chat", idle: float | None = None) -> dict[str, Any]:
     """One wrk run on one system: req/s, latency, and the CPU of the system's process groups per request."""
-    target = running.targets[latency]
+    target = (running.targets_of(kind) or {})[latency]
     script = tools["scripts"] / f"{abs(hash((target.url, target.model))) % 10**8}.lua"
     script.write_text(wrk.lua_script(target.body(), target.headers))
     binary, env = tools["wrk"]
     if args.warmup > 0:
         wrk.run(wrk.command(binary, target.url, script, concurrency, args.warmup), env)
-    before = procs.snapshot()
+    before, started = procs.snapshot(), time.monotonic()
     with profile.recording(_profiled(running, before) if args.profile else {}, args.duration, tools["profiles"],
-                           f"{re.sub(r'[^a-z0-9]+', '-', running.name.lower())}-{latency:g}ms-{concurrency}"):
+                           f"{re.sub(r'[^a-z0-9]+', '-', running.name.lower())}-{kind}-{latency:g}ms-{concurrency}",
+                           tools.get("samples")):
         result = wrk.run(wrk.command(binary, target.url, script, concurrency, args.duration), env)
-    after = procs.snapshot()
+    after, window = procs.snapshot(), time.monotonic() - started
     groups = procs.cpu_by_group(before, after, procs.descendants(after, running.roots, running.include_roots),
                                 running.classify)
     upstream = procs.cpu_by_group(before, after, procs.descendants(after, upstream_pids), procs.everything("up"))
@@ -139,10 +174,17 @@ def measure_cell(running: Running, latency: float, concurrency: int, args: argpa
     def per_request(seconds: float) -> float | None:
         return round(seconds * 1000 / answers, 4) if result.requests else None
 
-    return {"system": running.name, "latency_ms": latency, "concurrency": concurrency,
-            "rps": round(result.ok_rps, 1), "p50_ms": result.latency_ms.get("50"),
+    cpu = per_request(sum(groups.values()))
+    # What the requests cost beyond the system's own idle work (health checks, metrics, Ray), which a
+    # cell of few requests (slow upstream, low concurrency) would otherwise spread over them.
+    above = per_request(max(0.0, sum(groups.values()) - idle * window)) if idle is not None else None
+    per_chunk = {"cpu_us_per_chunk": round((above or cpu) * 1000 / args.stream_chunks, 2)} if (
+        kind == "stream" and cpu) else {}
+    return {"system": row_name(running, kind, args.stream_chunks), "kind": kind, "base_system": running.name,
+            "latency_ms": latency, "concurrency": concurrency, "rps": round(result.ok_rps, 1), **per_chunk,
+            "p50_ms": result.latency_ms.get("50"),
             "p99_ms": result.latency_ms.get("99"), "errors": result.errors,
-            "cpu_ms_per_request": per_request(sum(groups.values())),
+            "cpu_ms_per_request": cpu, "cpu_ms_above_idle": above, "idle_cpu_s_per_s": idle,
             "cpu_ms_by_group": {g: per_request(s) for g, s in sorted(groups.items()) if result.requests},
             "upstream_cpu_ms_per_request": per_request(sum(upstream.values())),
             "wrk": result.to_json()}
@@ -151,13 +193,18 @@ def measure_cell(running: Running, latency: float, concurrency: int, args: argpa
 def measure_system(running: Running, args: argparse.Namespace, tools: dict[str, Any], upstream_pids: list[int],
                    results: dict[str, Any]) -> None:
     if "load" in args.parts:
-        for latency in args.latencies:
-            for concurrency in args.concurrency:
-                row = measure_cell(running, latency, concurrency, args, tools, upstream_pids)
-                results["load"].append(row)
-                print(f"  {running.name[:44]:<44} {latency:>5g} ms {concurrency:>4} conc: {row['rps']:>9,.1f} req/s "
-                      f"p50 {row['p50_ms']} p99 {row['p99_ms']} ms, CPU {row['cpu_ms_per_request']} ms/req "
-                      f"{row['cpu_ms_by_group']} errors {row['errors']}", file=sys.stderr, flush=True)
+        idle = idle_rate(running, args.idle_baseline) if args.idle_baseline > 0 else None
+        if idle is not None:
+            print(f"  {running.name[:56]:<56} idle: {idle:.3f} CPU s/s", file=sys.stderr, flush=True)
+        for kind in (k for k in args.kinds if running.targets_of(k)):
+            for latency in args.latencies:
+                for concurrency in args.concurrency:
+                    row = measure_cell(running, latency, concurrency, args, tools, upstream_pids, kind, idle)
+                    results["load"].append(row)
+                    print(f"  {row['system'][:56]:<56} {latency:>5g} ms {concurrency:>4} conc: "
+                          f"{row['rps']:>9,.1f} req/s "
+                          f"p50 {row['p50_ms']} p99 {row['p99_ms']} ms, CPU {row['cpu_ms_per_request']} ms/req "
+                          f"{row['cpu_ms_by_group']} errors {row['errors']}", file=sys.stderr, flush=True)
     if "ttft" in args.parts and running.streams:
         measured = clients.ttft(running.targets[min(args.latencies)], args.ttft_seconds)
         results["ttft"].append({"system": running.name, **measured.summary()})
@@ -244,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "meta": {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"), "commit": _commit(REPO),
                  "levels": args.concurrency, "latencies": args.latencies, "duration_s": args.duration,
+                 "kinds": args.kinds, "stream_chunks": args.stream_chunks,
                  "quick": args.quick, "baseline": str(args.baseline) if args.baseline else None,
                  "machine": {"cores": len(os.sched_getaffinity(0)), "loadavg_start": _loadavg(),
                              "note": args.note}},
@@ -252,9 +300,14 @@ def main(argv: list[str] | None = None) -> int:
     tools: dict[str, Any] = {"scripts": Path(tempfile.mkdtemp(prefix="wrk-", dir=logs)), "profiles": out / "profiles"}
     if needs_wrk:
         tools["wrk"] = install.wrk(args.cache)
+    if args.profile:
+        tools["py_spy"] = None if args.sampler else profile.py_spy()
     with contextlib.ExitStack() as stack:
-        bases, upstream_pids = stack.enter_context(upstreams(args.latencies, logs)) if args.systems else ({}, [])
-        ctx = Context(args.cache, logs, bases, args.baseline)
+        bases, upstream_pids = (stack.enter_context(upstreams(args.latencies, logs, args.stream_chunks))
+                                if args.systems else ({}, []))
+        samples = out / "samples" if args.profile and not tools.get("py_spy") else None
+        ctx = Context(args.cache, logs, bases, args.baseline, samples)
+        tools["samples"] = samples
         for name in args.systems:
             print(f"{name} …", file=sys.stderr, flush=True)
             try:

@@ -110,7 +110,8 @@ def ray_group(cmdline: str, app: str | None = None) -> str | None:
     if match := _REPLICA.search(cmdline):
         if app is not None and match.group(1) != app:
             return None
-        deployment = match.group(2)
+        # Ray titles a replica process with the method it runs at the moment (``Gateway.check_health``).
+        deployment = match.group(2).split(".", 1)[0]
         if deployment.startswith("worker-") or "Worker" in deployment:
             return "worker"
         return _DEPLOYMENT_GROUPS.get(deployment, deployment)

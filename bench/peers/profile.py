@@ -7,11 +7,17 @@ mid-cell. :func:`top_frames` then turns a recording into samples per request by 
 the innermost frame; "total": anywhere on the stack), so a cell at 16 concurrent and one at 256 can
 be compared: what costs more per request with more requests in flight grows with them.
 py-spy itself costs CPU: cells measured with ``--profile`` are not comparable with others.
+
+Where py-spy cannot attach (it cannot read the Python of this machine's interpreters), the bench
+starts promptfleet's clusters with ``sampler_env`` instead: ``sampling/sitecustomize.py`` runs in
+each of their processes and samples its own main thread when asked (a trigger file), writing the
+same raw format.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import subprocess
 import sys
@@ -27,9 +33,45 @@ def py_spy() -> str | None:
     return str(beside) if beside.exists() else shutil.which("py-spy")
 
 
+SAMPLER = Path(__file__).resolve().parent / "sampling"
+
+
+def sampler_env(folder: Path, pythonpath: str) -> dict[str, str]:
+    """Environment for a cluster whose processes sample themselves on request (into ``folder``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return {"PROMPTFLEET_BENCH_SAMPLES": str(folder), "PYTHONPATH": f"{pythonpath}{os.pathsep}{SAMPLER}"}
+
+
 @contextlib.contextmanager
-def recording(pids: dict[int, str], seconds: float, out: Path, label: str) -> Iterator[None]:
-    """``py-spy record`` on each pid (→ ``out/LABEL-GROUP-PID.txt``) for ``seconds``; one dump mid-way."""
+def sampled(pids: dict[int, str], seconds: float, folder: Path, out: Path, label: str) -> Iterator[None]:
+    """The in-process sampler on each pid for ``seconds`` (→ ``out/LABEL-GROUP-PID.txt``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for pid in pids:
+        (folder / f"{pid}.txt").unlink(missing_ok=True)
+        (folder / f"{pid}.start").write_text(f"{seconds:g}")
+    try:
+        yield
+    finally:
+        deadline = time.monotonic() + 5
+        for pid, group in pids.items():
+            result = folder / f"{pid}.txt"
+            while not result.exists() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if result.exists():
+                result.replace(out / f"{label}-{group}-{pid}.txt")
+            if (gc_times := folder / f"{pid}.gc.json").exists():
+                gc_times.replace(out / f"{label}-{group}-{pid}.gc.json")
+
+
+@contextlib.contextmanager
+def recording(pids: dict[int, str], seconds: float, out: Path, label: str,
+              samples: Path | None = None) -> Iterator[None]:
+    """``py-spy record`` on each pid (→ ``out/LABEL-GROUP-PID.txt``) for ``seconds``; one dump mid-way.
+    With ``samples`` (the clusters run with ``sampler_env(samples)``): the in-process sampler instead."""
+    if samples is not None and pids:
+        with sampled(pids, seconds, samples, out, label):
+            yield
+        return
     binary = py_spy()
     if binary is None or not pids:
         yield

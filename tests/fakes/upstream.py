@@ -26,6 +26,8 @@ Answers are deterministic: ``"echo: " + <last user message>`` cut to 200 charact
 built by :func:`minimal_instance`). With ``tools`` (and ``tool_choice`` not ``none``; for ``auto``,
 unless the last message is a tool result) the answer is one call of the named or first function,
 its arguments the minimal instance of its parameters (streamed as OpenAI streams tool calls).
+A chat stream carries the answer in at most 4 content chunks, or with ``stream_chunks`` N (config,
+``--stream-chunks``) in exactly N one-character chunks, the answer repeated to fill them.
 
 Fault modes (:class:`FaultConfig`): ``ok`` (optional ``latency_ms``), ``rate_limit`` (429 with
 ``Retry-After``), ``error`` (500), ``slow`` (``delay_s``, then normal), ``hang`` (no answer until
@@ -90,6 +92,9 @@ class FaultConfig:
     delay_s: float = 1.0  # sleep before answering normally (mode "slow")
     fail_first_n: int | None = None  # only the first N model calls get the fault, then "ok"
     api_key: str | None = None  # if set, /v1 calls need "Authorization: Bearer <api_key>"
+    # Content chunks of a chat stream: 0 cuts the answer into at most 4 pieces; N > 0 sends exactly
+    # N one-character chunks (the answer repeated), so a bench can price a long stream per chunk.
+    stream_chunks: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -98,6 +103,9 @@ class FaultConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"{name} must be a number >= 0")
+        chunks = self.stream_chunks
+        if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 0:
+            raise ValueError("stream_chunks must be an integer >= 0")
         n = self.fail_first_n
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 0):
             raise ValueError("fail_first_n must be an integer >= 0")
@@ -277,8 +285,11 @@ class FakeUpstreamApp:
                     if stream and mode == "stall_stream":
                         await self._wait(receive, None)
                 elif stream:
-                    streamer = _stream if kind == "chat" else _text_stream
-                    await streamer(send, request, drop=mode in ("drop_stream", "stall_stream"))
+                    drop = mode in ("drop_stream", "stall_stream")
+                    if kind == "chat":
+                        await _stream(send, request, drop, config.stream_chunks)
+                    else:
+                        await _text_stream(send, request, drop)
                     if mode == "stall_stream":
                         # Two chunks, then nothing until the client hangs up (counted in in_flight).
                         await self._wait(receive, None)
@@ -393,7 +404,7 @@ async def _complete(send: Send, request: dict[str, Any]) -> None:
                                "usage": _usage(request, content)})
 
 
-async def _stream(send: Send, request: dict[str, Any], drop: bool) -> None:
+async def _stream(send: Send, request: dict[str, Any], drop: bool, chunks: int = 0) -> None:
     content = _answer(request)
     include_usage = bool((request.get("stream_options") or {}).get("include_usage"))
     head = _head(request, "chat.completion.chunk")
@@ -413,8 +424,12 @@ async def _stream(send: Send, request: dict[str, Any], drop: bool) -> None:
         half = len(arguments) // 2
         events += [event({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
                    for piece in (arguments[:half], arguments[half:]) if piece]
-    step = max(1, -(-len(content) // 4))  # ceil: at most 4 content pieces
-    events += [event({"content": content[i:i + step]}) for i in range(0, len(content), step)]
+    if chunks and call is None:
+        content = (content * (chunks // max(1, len(content)) + 1))[:chunks] if content else " " * chunks
+        events += [event({"content": char}) for char in content]
+    else:
+        step = max(1, -(-len(content) // 4))  # ceil: at most 4 content pieces
+        events += [event({"content": content[i:i + step]}) for i in range(0, len(content), step)]
     events.append(event({}, "stop" if call is None else "tool_calls"))
     if include_usage:
         last = {**head, "choices": [], "usage": _usage(request, content)}
@@ -564,8 +579,9 @@ class FakeUpstream:
     thread-safe and do what the ``/_control`` endpoints do.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, latency_ms: float = 0.0) -> None:
-        self.control = _Control(FaultConfig(latency_ms=latency_ms))
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, latency_ms: float = 0.0,
+                 stream_chunks: int = 0) -> None:
+        self.control = _Control(FaultConfig(latency_ms=latency_ms, stream_chunks=stream_chunks))
         self.app = FakeUpstreamApp(self.control)
         self.host, self.port = host, port
         self._server: _Server | None = None
@@ -671,12 +687,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="0 picks a free port (default: %(default)s)")
     parser.add_argument("--latency-ms", type=float, default=0.0,
                         help="latency of mode ok, in ms (default: %(default)s)")
+    parser.add_argument("--stream-chunks", type=int, default=0,
+                        help="content chunks per chat stream; 0: the answer in at most 4 (default: %(default)s)")
     args = parser.parse_args(argv)
     # uvicorn re-raises the signal it caught once it has shut down, under the handlers that were
     # in place before it ran; with these no-ops the program then returns 0 instead of dying of it.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda _sig, _frame: None)
-    FakeUpstream(args.host, args.port, args.latency_ms).serve_forever()
+    FakeUpstream(args.host, args.port, args.latency_ms, args.stream_chunks).serve_forever()
     return 0
 
 

@@ -6,8 +6,11 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 
 from bench.peers import clients, procs, profile, report, wrk
+from bench.peers.systems import PROMPT, TASK_INPUT, Running, Target, write_tasks
+from deployments.core.taskdefs import TaskDefinition
 
 # Recorded from Debian's wrk 4.1.0 (-t1 --latency) against the fake upstream.
 WRK_OK = """Running 2s test @ http://127.0.0.1:19100/v1/chat/completions
@@ -123,6 +126,7 @@ def test_cpu_accounted_per_group_over_the_tree_only() -> None:
 
 @pytest.mark.parametrize(("cmdline", "group"), [
     ("ray::ServeReplica:promptfleet:Gateway", "Gateway"),
+    ("ray::ServeReplica:promptfleet:Gateway.check_health", "Gateway"),  # titled with the running method
     ("ray::ServeReplica:promptfleet:worker-fake-500ms", "worker"),
     ("ray::ServeReplica:promptfleet:RateLimiter", "limiter"),
     ("ray::ServeReplica:promptfleet:TaskStore", "store"),
@@ -242,3 +246,32 @@ def test_answer_tokens_count_for_their_share_of_the_window() -> None:
     assert share_inside(9.0, 13.0, 0.0, 10.0) == 0.25  # cut by the window's end
     assert share_inside(10.0, 12.0, 0.0, 10.0) == 0.0
     assert share_inside(-1.0, 11.0, 0.0, 10.0) == 10 / 12
+
+
+def test_flat_cost_table_sets_each_level_against_the_lowest() -> None:
+    results = _results()
+    results["meta"]["levels"] = [16, 64, 256]
+    results["load"] = [{"system": "pf · stream (500 chunks)", "kind": "stream", "latency_ms": 0.0, "concurrency": c,
+                        "cpu_ms_per_request": cpu, "cpu_ms_above_idle": cpu - 1,
+                        "cpu_us_per_chunk": cpu * 2} for c, cpu in ((16, 10.0),
+                                                                                               (64, 11.0),
+                                                                                               (256, 12.5))]
+    lines = report.flat_table(results).splitlines()
+    assert lines[0] == ("| system | upstream | CPU ms per request at 16 / 64 / 256 | above idle | µs per chunk "
+                        "(above idle) | 256 vs 16 | above idle, 256 vs 16 |")
+    assert lines[2] == ("| pf · stream (500 chunks) | 0 ms | 10.00 / 11.00 / 12.50 | 9.00 / 10.00 / 11.50 | "
+                        "20.00 / 22.00 / 25.00 | 1.25× | 1.28× |")
+    assert "### Flat cost" in report.markdown(results)
+
+
+def test_targets_of_each_kind(tmp_path: Path) -> None:
+    chat = Target("http://h/v1/chat/completions", "fake")
+    assert chat.body() == {"model": "fake", "messages": PROMPT, "max_tokens": 16}
+    task = Target("http://h/v1/tasks/bench-fake/run", "fake", payload={"input": TASK_INPUT})
+    assert task.body() == {"input": TASK_INPUT}
+    running = Running("pf", {0.0: chat}, [1], lambda _: "x", kinds={"task": {0.0: task}})
+    assert running.targets_of("chat") == {0.0: chat} and running.targets_of("stream") is None
+    write_tasks(tmp_path, {0.0: "fake", 500.0: "fake-500ms"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench-fake-500ms.yaml", "bench-fake.yaml"]
+    definition = TaskDefinition.model_validate(yaml.safe_load((tmp_path / "bench-fake.yaml").read_text()))
+    assert definition.model == "fake" and definition.output_schema["additionalProperties"] is False

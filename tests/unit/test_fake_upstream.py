@@ -94,6 +94,16 @@ def test_stream_reassembles_and_ends_with_usage(client: openai.OpenAI) -> None:
     assert all(c.usage is None for c in chunks[:-1])
 
 
+def test_stream_chunks_sets_the_number_of_content_chunks(fake: FakeUpstream, client: openai.OpenAI) -> None:
+    fake.configure(stream_chunks=25)
+    with client.chat.completions.create(model="m", messages=HELLO, stream=True) as stream:
+        pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
+    assert len(pieces) == 25 and all(len(p) == 1 for p in pieces)
+    assert "".join(pieces) == ("echo: hello" * 3)[:25]
+    with pytest.raises(ValueError, match="stream_chunks"):
+        fake.configure(stream_chunks=-1)
+
+
 def test_stream_without_usage_option_has_no_usage_chunk(client: openai.OpenAI) -> None:
     with client.chat.completions.create(model="m", messages=HELLO, stream=True) as stream:
         chunks = list(stream)

@@ -118,6 +118,19 @@ def test_streams_are_answered_as_sse() -> None:
     assert status == 200 and text.endswith("data: [DONE]\n\n") and behind.bodies == []
 
 
+def test_a_chunk_is_one_compact_utf8_sse_event() -> None:
+    from deployments.errors import Overloaded
+    from deployments.gateway.chat_routes import sse
+
+    chunk = {"id": "c", "choices": [{"index": 0, "delta": {"content": "h\u00e9 \u2603"}, "finish_reason": None}]}
+    event = sse(chunk)
+    assert event == b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"h\xc3\xa9 \xe2\x98\x83"},' \
+                    b'"finish_reason":null}]}\n\n'
+    assert json.loads(event.removeprefix(b"data: ")) == chunk
+    error = json.loads(sse(Overloaded("busy", retry_after=1), "req-1").removeprefix(b"data: "))
+    assert error["error"]["code"] == "overloaded" and error["error"]["request_id"] == "req-1"
+
+
 def test_invalid_bodies_reach_the_app_behind_with_the_bytes_read() -> None:
     for body in (b"{not json", b"[]", json.dumps({"model": "m"}).encode(), b""):
         status, _, behind, _ = serve(body)

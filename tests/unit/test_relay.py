@@ -82,3 +82,53 @@ def test_an_upstream_that_refuses_connections_is_not_tried_twice() -> None:
 
     with pytest.raises(openai.APIConnectionError):
         asyncio.run(scenario())
+
+
+SSE_BODY = ('data: {"id":"c","choices":[{"delta":{"content":"h\u00e9"}}]}\r\n\r\n'
+            ': a comment\n\n'
+            'data: {"id":"c",\ndata: "choices":[]}\n\n'
+            'data: [DONE]\n\n').encode()
+
+
+def test_a_stream_is_parsed_from_its_bytes_however_they_are_cut() -> None:
+    """Events split anywhere (inside a UTF-8 character too), CRLF lines, comments, multi-line data."""
+
+    served = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        await reader.readexactly(length)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        cut = SSE_BODY.index("\u00e9".encode()) + 1  # between the two bytes of the é
+        for piece in (SSE_BODY[:cut], SSE_BODY[cut:cut + 7], SSE_BODY[cut + 7:]):
+            writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await writer.drain()
+            await asyncio.sleep(0.01)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        await reader.read()  # until the client closes its end (the session is closed at the end)
+        writer.close()
+        await writer.wait_closed()
+        served.set()
+
+    async def go() -> list[object]:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        relay = Relay(AsyncOpenAI(api_key="unused", base_url=f"http://127.0.0.1:{port}/v1"),
+                      f"http://127.0.0.1:{port}/v1", None, 4, 5.0)
+        try:
+            stream = await relay.stream("/chat/completions", {"stream": True}, 5.0, None)
+            events = [event async for event in stream]
+            assert stream.done
+            await stream.close()
+            return events
+        finally:
+            await relay.close()
+            await asyncio.wait_for(served.wait(), 5)
+            server.close()
+            await server.wait_closed()
+
+    assert asyncio.run(go()) == [{"id": "c", "choices": [{"delta": {"content": "h\u00e9"}}]},
+                                 {"id": "c", "choices": []}]
