@@ -300,7 +300,7 @@ def _stop_nodes(args: argparse.Namespace) -> int:
         return 1
     print(f"Stopping {len(mine)} Ray node(s) of {mine[0].gcs_address} started here…", flush=True)
     terminated, killed = ownership.stop_nodes(mine, os.environ, args.timeout)
-    print(f"Ray stopped: {terminated} process(es) ended on SIGTERM, {killed} killed after {args.timeout:.0f}s.")
+    print(f"Ray stopped: {terminated} process(es) ended on SIGTERM, {killed} killed (SIGKILL) after waiting.")
     return 0
 
 
