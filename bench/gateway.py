@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             state = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="pf-bench-")))
             twins = ({NO_METRICS: {"metrics": {"enabled": False}}, METRICS_TWIN: {"metrics": {"enabled": True}}}
                      if args.metrics_cost else None)
-            cluster = stack.enter_context(private_cluster(models, state, twins=twins))
+            cluster = stack.enter_context(
+                private_cluster(models, state, twins=twins, serve_proxy=args.with_serve_proxy))
             promptfleet_url, proxy_url = cluster.api, cluster.proxy_api
         model = args.model
         targets: dict[str, tuple[str, str]] = {}

@@ -98,7 +98,7 @@ def fake_model(name: str, upstream_base: str, **settings: Any) -> dict[str, Any]
 @dataclass
 class BenchCluster:
     api: str  # the Gateway's own listener, …/v1
-    proxy_api: str  # the same app through Serve's HTTP proxy, …/v1
+    proxy_api: str | None  # the same app through Serve's HTTP proxy, …/v1 (with ``serve_proxy``)
     dashboard: str
     app_name: str
     db: Path  # the TaskStore's SQLite file
@@ -109,7 +109,7 @@ class BenchCluster:
 def private_cluster(
     models: list[dict[str, Any]], state: Path, *, tasks_dir: Path | None = None,
     app_args: dict[str, Any] | None = None, env_vars: dict[str, str] | None = None,
-    twins: dict[str, dict[str, Any]] | None = None, **tasks: Any
+    twins: dict[str, dict[str, Any]] | None = None, serve_proxy: bool = False, **tasks: Any
 ) -> Iterator[BenchCluster]:
     """A Ray cluster in this process running configs/serve.yaml with ``models`` only.
 
@@ -118,6 +118,7 @@ def private_cluster(
     sections of ``args`` (e.g. ``auth``); ``env_vars`` reach the replicas (runtime_env).
     ``twins``: more applications beside it, by name, the same but for these ``args`` sections
     (e.g. ``{"metrics": {"enabled": False}}``), each on a listener of its own: A/B in one cluster.
+    ``serve_proxy``: Serve's HTTP proxy on as well (off in configs/serve.yaml), for ``proxy_api``.
     """
     import ray
     from ray import serve
@@ -136,6 +137,8 @@ def private_cluster(
     try:
         config = local.load_serve_config(REPO / "configs" / "serve.yaml")
         config["http_options"]["port"] = http_port
+        if serve_proxy:
+            config["proxy_location"] = "HeadOnly"
         app = config["applications"][0]
         app["args"]["models"] = models
         app["args"]["gateway"]["listen_port"] = listen_port
@@ -157,8 +160,9 @@ def private_cluster(
         dashboard = f"http://127.0.0.1:{dashboard_port}"
         local.deploy(config, dashboard)
         local.wait_until_running(dashboard, [a["name"] for a in config["applications"]], timeout_s=300, echo=False)
-        yield BenchCluster(f"http://127.0.0.1:{listen_port}/v1", f"http://127.0.0.1:{http_port}/v1",
-                           dashboard, str(app["name"]), state / "db" / "tasks.sqlite3", twin_apis)
+        proxy_api = f"http://127.0.0.1:{http_port}/v1" if serve_proxy else None
+        yield BenchCluster(f"http://127.0.0.1:{listen_port}/v1", proxy_api, dashboard, str(app["name"]),
+                           state / "db" / "tasks.sqlite3", twin_apis)
     finally:
         serve.shutdown()
         ray.shutdown()

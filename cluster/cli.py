@@ -260,7 +260,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("Ray is running; no Serve application is deployed.")
         return 0
     http = details.get("http_options") or {}
-    print(f"Serve proxy: http://{http.get('host')}:{http.get('port')}   dashboard: {args.dashboard}")
+    proxy = (f"http://{http.get('host')}:{http.get('port')}" if details.get("proxy_location") != "Disabled"
+             else "off")
+    print(f"Serve proxy: {proxy}   dashboard: {args.dashboard}")
     for name, app in apps.items():
         gateway = ((app.get("deployed_app_config") or {}).get("args") or {}).get("gateway") or {}
         host = gateway.get("listen_host", "127.0.0.1")
@@ -298,7 +300,7 @@ def _stop_nodes(args: argparse.Namespace) -> int:
         return 1
     print(f"Stopping {len(mine)} Ray node(s) of {mine[0].gcs_address} started here…", flush=True)
     terminated, killed = ownership.stop_nodes(mine, os.environ, args.timeout)
-    print(f"Ray stopped: {terminated} process(es) ended on SIGTERM, {killed} killed after {args.timeout:.0f}s.")
+    print(f"Ray stopped: {terminated} process(es) ended on SIGTERM, {killed} killed (SIGKILL) after waiting.")
     return 0
 
 

@@ -7,8 +7,9 @@
     kubectl apply -f rayservice.yaml
 
 One source of truth: ``spec.serveConfigV2`` is the Serve config ``promptfleet start`` deploys,
-with one change a pod needs (``k8s_serve_config``): the Gateway listens on the pod's own address
-(``listen_host: node-ip``), because a pod's loopback is unreachable from its Service. Secrets stay
+with the changes a pod needs (``k8s_serve_config``): the Gateway listens on the pod's own address
+(``listen_host: node-ip``), because a pod's loopback is unreachable from its Service, and Serve's
+proxy is on. Secrets stay
 out of it, as on a laptop: the admin key, upstream keys and the database URL reach the Ray
 containers as env from the Secret ``<name>-secrets`` (each entry optional), and replicas inherit
 the container's environment.
@@ -75,8 +76,14 @@ _ManifestDumper.add_representer(str, _str)
 
 
 def k8s_serve_config(config: dict[str, Any]) -> dict[str, Any]:
-    """The Serve config deployed on Kubernetes: ``config`` with each Gateway on its pod's address."""
+    """The Serve config deployed on Kubernetes: ``config`` with each Gateway on its pod's address.
+
+    Serve's proxy, off in configs/serve.yaml, runs on every pod: KubeRay's health checks of a
+    RayService ask it.
+    """
     config = copy.deepcopy(config)
+    if config.get("proxy_location") == "Disabled":
+        config["proxy_location"] = "EveryNode"
     for app in config["applications"]:
         app.setdefault("args", {}).setdefault("gateway", {})["listen_host"] = NODE_IP
     return config

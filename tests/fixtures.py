@@ -172,6 +172,7 @@ MAX_UPLOAD_BYTES = 16 * 1024**2  # tasks.quotas.max_file_bytes of the main test 
 def make_config(http_port: int, listen_port: int, upstream_base_url: str, state: Path) -> dict[str, Any]:
     config = copy.deepcopy(local.load_serve_config(REPO / "configs" / "serve.yaml"))
     config["http_options"]["port"] = http_port
+    config["proxy_location"] = "HeadOnly"  # off by default; the tests keep its route working (proxy_url)
     app = config["applications"][0]
     app["args"]["gateway"]["listen_port"] = listen_port
     app["args"]["tasks"].update(

@@ -88,8 +88,20 @@ class LlamaCppModel(_ModelBase):
         le=64,
         description="Requests a replica decodes together, in one llama.cpp batch per token (continuous "
         "batching; more wait in arrival order). Each slot has its own `n_ctx` of KV cache (SmolLM2-135M: "
-        "about 23 KB a token, so 8 × 2048 is ~370 MB). Its worker takes twice as many requests at once "
-        "(`max_ongoing_requests`) unless serve.yaml says otherwise. Ignored by an embedding model.",
+        "about 18 KB a token with keys in `q8_0`, so 8 × 2048 is ~280 MB). Its worker takes twice as "
+        "many requests at once (`max_ongoing_requests`) unless serve.yaml says otherwise. Ignored by an "
+        "embedding model.",
+    )
+    cache_type_k: Literal["f16", "q8_0"] = Field(
+        default="q8_0",
+        description="How the KV cache stores keys (llama.cpp's `--cache-type-k`): `q8_0` in about half the "
+        "memory of `f16` (SmolLM2-135M, 8 slots × 2048: ~185 MB less for keys and values both), decoding "
+        "as fast (docs/performance.md). Answers are the same alone and batched either way.",
+    )
+    cache_type_v: Literal["f16", "q8_0"] = Field(
+        default="f16",
+        description="How the KV cache stores values (`--cache-type-v`). `q8_0` saves as much again as for "
+        "keys, but 8 sequences decode ~10 % slower on a CPU (dequantizing values in attention).",
     )
     n_threads: int = Field(
         default=1,

@@ -102,6 +102,7 @@ class LlamaCppProvider(LlamaCppCompletions):
         self.formatter = _formatter(self.llm)
         self.decoder = Decoder(self.llm, slots=config.slots, n_ctx=config.n_ctx, n_batch=config.n_batch,
                                n_threads=config.n_threads, name=config.name,
+                               cache_types=(config.cache_type_k, config.cache_type_v),
                                record=lambda tokens, seconds: metrics.local_generation(config.name, tokens, seconds))
 
     @contextlib.contextmanager

@@ -67,11 +67,12 @@ def test_serve_config_v2_round_trips_to_the_deployed_serve_config(
     deployed = yaml.safe_load(manifest["spec"]["serveConfigV2"])
     assert deployed == kuberay.k8s_serve_config(serve_config)
     ServeDeploySchema.model_validate(deployed)
-    # The one change from configs/serve.yaml: each Gateway listens on its pod's address.
+    # The changes from configs/serve.yaml: each Gateway listens on its pod's address; Serve's proxy is on.
     for app in deployed["applications"]:
         assert app["args"]["gateway"]["listen_host"] == NODE_IP
         app["args"]["gateway"]["listen_host"] = "127.0.0.1"
-    assert deployed == serve_config
+    assert deployed.pop("proxy_location") == "EveryNode"
+    assert deployed == {k: v for k, v in serve_config.items() if k != "proxy_location"}
 
 
 def test_ray_containers_carry_the_node_environment_and_gateway_port(
@@ -93,6 +94,12 @@ def test_ray_containers_carry_the_node_environment_and_gateway_port(
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports["serve"] == port  # the port KubeRay's serve Service exposes
         assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": port}
+
+
+def test_k8s_turns_serves_proxy_on_where_the_shipped_config_has_it_off(serve_config: dict[str, Any]) -> None:
+    assert serve_config["proxy_location"] == "Disabled"  # an idle node does without it
+    assert kuberay.k8s_serve_config(serve_config)["proxy_location"] == "EveryNode"
+    assert kuberay.k8s_serve_config({**serve_config, "proxy_location": "HeadOnly"})["proxy_location"] == "HeadOnly"
 
 
 def test_k8s_needs_the_gateway_listener(serve_config: dict[str, Any]) -> None:

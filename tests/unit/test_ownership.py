@@ -78,6 +78,42 @@ def test_stop_ends_the_marked_node_and_its_stubborn_child_and_leaves_another_clu
     assert ownership.records(environ) == []  # the record went with the node
 
 
+# Stands in for Ray's GCS (its file is named gcs_server): on SIGTERM it writes whether the node's
+# other process was still alive, then stays, as the real one can while flushing to agents gone.
+LAST_ONE = (
+    "import signal, sys, time\n"
+    "from cluster import ownership\n"
+    "other, out = int(sys.argv[1]), sys.argv[2]\n"
+    "def on_term(*_):\n"
+    "    open(out, 'w').write('other alive' if ownership.alive(other) else 'other gone')\n"
+    "signal.signal(signal.SIGTERM, on_term)\n"
+    "print(1, flush=True)\n"
+    "while True: time.sleep(1)\n"
+)
+
+
+def test_the_gcs_is_told_to_stop_after_the_rest_of_its_node_and_killed_soon_after(
+    spawned: list[subprocess.Popen[bytes]], tmp_path: Path
+) -> None:
+    environ = {ownership.STATE_DIR_ENV: str(tmp_path)}
+    node = ownership.NodeRecord(mark=ownership.new_mark(), role="head", dashboard="http://127.0.0.1:9",
+                                gcs_address="127.0.0.9:1", temp_dir=str(tmp_path))
+    other = start(spawned, node.mark)  # a parent and its SIGTERM-ignoring child
+    gcs, said = tmp_path / "gcs_server", tmp_path / "said"
+    gcs.write_text(LAST_ONE)
+    env = {**os.environ, ownership.MARK_ENV: node.mark, "PYTHONPATH": str(Path(cli.__file__).parents[1])}
+    last = subprocess.Popen([sys.executable, str(gcs), str(other.pid), str(said)], env=env,
+                            start_new_session=True, stdout=subprocess.PIPE)
+    spawned.append(last)
+    assert last.stdout is not None and last.stdout.readline() == b"1\n"
+    ownership.save(node, environ)
+
+    terminated, killed = ownership.stop_nodes([node], environ, timeout_s=1.0)
+    assert said.read_text() == "other gone"  # told to stop only once the rest had ended
+    assert (terminated, killed) == (1, 2)  # the parent on SIGTERM; the stubborn child and the GCS by SIGKILL
+    assert last.wait(timeout=5) is not None and other.wait(timeout=5) is not None
+
+
 def test_a_recorded_pid_reused_by_another_process_is_left_alone(
     spawned: list[subprocess.Popen[bytes]], tmp_path: Path
 ) -> None:
