@@ -173,6 +173,11 @@ def terminate(pids: set[int], timeout_s: float) -> tuple[int, int]:
     for pid in left:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+    # A killed process is not gone the instant the signal is sent: wait for it, or a second look
+    # (stop_nodes' stragglers) finds it still running and counts it again.
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline and any(alive(pid) for pid in left):
+        time.sleep(0.02)
     return len(pids) - len(left), len(left)
 
 

@@ -53,6 +53,13 @@ def start(procs: list[subprocess.Popen[bytes]], mark: str | None) -> subprocess.
     return proc
 
 
+def head_node(state: Path) -> tuple[dict[str, str], ownership.NodeRecord]:
+    """The environment of a `promptfleet` whose records live in ``state``, and a new head's record."""
+    return {ownership.STATE_DIR_ENV: str(state)}, ownership.NodeRecord(
+        mark=ownership.new_mark(), role="head", dashboard="http://127.0.0.1:9", gcs_address="127.0.0.9:1",
+        temp_dir=str(state))
+
+
 def tree(proc: subprocess.Popen[bytes]) -> set[int]:
     return {pid for pid in ownership.descendants({proc.pid}) | {proc.pid} if ownership.alive(pid)}
 
@@ -60,9 +67,7 @@ def tree(proc: subprocess.Popen[bytes]) -> set[int]:
 def test_stop_ends_the_marked_node_and_its_stubborn_child_and_leaves_another_cluster(
     spawned: list[subprocess.Popen[bytes]], tmp_path: Path
 ) -> None:
-    environ = {ownership.STATE_DIR_ENV: str(tmp_path)}
-    mine = ownership.NodeRecord(mark=ownership.new_mark(), role="head", dashboard="http://127.0.0.1:9",
-                                gcs_address="127.0.0.9:1", temp_dir=str(tmp_path))
+    environ, mine = head_node(tmp_path)
     ours = start(spawned, mine.mark)
     other = start(spawned, None)  # another Ray cluster of the same user: no mark of ours
     ownership.save(mine, environ)
@@ -95,9 +100,7 @@ LAST_ONE = (
 def test_the_gcs_is_told_to_stop_after_the_rest_of_its_node_and_killed_soon_after(
     spawned: list[subprocess.Popen[bytes]], tmp_path: Path
 ) -> None:
-    environ = {ownership.STATE_DIR_ENV: str(tmp_path)}
-    node = ownership.NodeRecord(mark=ownership.new_mark(), role="head", dashboard="http://127.0.0.1:9",
-                                gcs_address="127.0.0.9:1", temp_dir=str(tmp_path))
+    environ, node = head_node(tmp_path)
     other = start(spawned, node.mark)  # a parent and its SIGTERM-ignoring child
     gcs, said = tmp_path / "gcs_server", tmp_path / "said"
     gcs.write_text(LAST_ONE)
