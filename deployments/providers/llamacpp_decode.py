@@ -93,7 +93,7 @@ class Decoder:
     """Continuous batching over one llama.cpp context (see the module docstring)."""
 
     def __init__(self, llm: Any, *, slots: int, n_ctx: int, n_batch: int, n_threads: int, name: str,
-                 cache_types: tuple[str, str] = ("f16", "f16"),
+                 cache_types: tuple[str, str],
                  record: Callable[[int, float], object] = lambda tokens, seconds: None) -> None:
         """``record(tokens, seconds)``: called on the thread after each step with the tokens it
         generated and the seconds it took (the model's busy time)."""
