@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -163,24 +164,32 @@ def cmd_start(args: argparse.Namespace) -> int:
                 ownership.forget(record, os.environ)
         raise
     urls = local.endpoints(config, dashboard, node_host)
-    token_hint = (f"                           (it asks for the cluster token; print it with "
-                  f"`{nodes.token_command(os.environ)}`)\n" if os.environ.get("RAY_AUTH_MODE") == "token" else "")
     # Next to Ray's own Grafana dashboards, when the head node (its session directory) is this machine.
     installed = grafana.install_for(dashboard)
-    say(
+    say(ready_message(config, urls, installed, os.environ, blocking=head is not None))
+    if join_hint:
+        say(f"\n{JOIN_ADVICE}\n  {join_hint}")
+    return _wait_if_blocking(head, record)
+
+
+def ready_message(config: dict[str, Any], urls: local.Endpoints, grafana_dashboard: Path | None,
+                  environ: Mapping[str, str], blocking: bool) -> str:
+    """What `promptfleet start` prints once the application runs: where it answers, how to call it and how
+    to stop it. ``grafana_dashboard``: where the dashboard was installed (None: the checkout's copy);
+    ``blocking``: this command holds the node it started (``--block``)."""
+    token_hint = (f"                           (it asks for the cluster token; print it with "
+                  f"`{nodes.token_command(environ)}`)\n" if environ.get("RAY_AUTH_MODE") == "token" else "")
+    return (
         f"\npromptfleet is running.\n"
         f"  API (OpenAI-compatible): {urls.api}\n"
         f"  Ray dashboard:           {urls.dashboard}\n"
         f"{token_hint}"
-        f"  Grafana dashboard:       {installed or grafana.DASHBOARD} (docs/reference/metrics.md)\n\n"
+        f"  Grafana dashboard:       {grafana_dashboard or grafana.DASHBOARD} (docs/reference/metrics.md)\n\n"
         f"  curl {urls.api}/chat/completions -H 'Content-Type: application/json'{auth_header(config)} \\\n"
         f"    -d '{{\"model\": \"smollm2\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello!\"}}]}}'\n\n"
-        + ("Ctrl-C (or SIGTERM to this command) stops this node." if head is not None
+        + ("Ctrl-C (or SIGTERM to this command) stops this node." if blocking
            else f"Stop with `{local.promptfleet_executable()} stop --ray`.")
     )
-    if join_hint:
-        say(f"\n{JOIN_ADVICE}\n  {join_hint}")
-    return _wait_if_blocking(head, record)
 
 
 def _node_record(role: str, spec: nodes.NodeSpec, gcs_address: str, dashboard: str | None) -> ownership.NodeRecord:

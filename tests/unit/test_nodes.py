@@ -9,7 +9,7 @@ import stat
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -149,27 +149,19 @@ def test_the_printed_dashboard_token_command_prints_the_clusters_token(
     assert printed.stdout == token
 
 
-def start_output(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> str:
-    """What `promptfleet start` prints once an already running local cluster has the app running."""
-    monkeypatch.setattr(local, "ray_is_running", lambda address: True)
-    monkeypatch.setattr(nodes, "refuse_insecure", lambda dashboard, allow: None)
-    monkeypatch.setattr(local, "deploy", lambda config, dashboard: None)
-    monkeypatch.setattr(local, "wait_until_running", lambda dashboard, names, timeout: None)
-    assert cli.main(["start"]) == 0
-    return capsys.readouterr().out
+def start_output(environ: Mapping[str, str]) -> str:
+    """What `promptfleet start` prints once the application runs on a cluster it did not start."""
+    config = local.load_serve_config(local.DEFAULT_CONFIG)
+    return cli.ready_message(config, local.endpoints(config, local.DEFAULT_DASHBOARD), None, environ, blocking=False)
 
 
-def test_start_prints_how_to_get_the_dashboard_token(monkeypatch: pytest.MonkeyPatch,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setenv("RAY_AUTH_MODE", "token")
-    out = start_output(monkeypatch, capsys)
-    assert f"print it with `{nodes.token_command(os.environ)}`" in out
+def test_start_prints_how_to_get_the_dashboard_token() -> None:
+    environ = {**os.environ, "RAY_AUTH_MODE": "token"}
+    assert f"print it with `{nodes.token_command(environ)}`" in start_output(environ)
 
 
-def test_start_prints_a_stop_command_a_shell_without_the_venv_can_run(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    stop = re.search(r"Stop with `(.+) --ray`", start_output(monkeypatch, capsys))
+def test_start_prints_a_stop_command_a_shell_without_the_venv_can_run() -> None:
+    stop = re.search(r"Stop with `(.+) --ray`", start_output(os.environ))
     assert stop is not None
     # `make start` runs without the venv activated: a bare `promptfleet` is "command not found".
     plain = {"HOME": os.environ.get("HOME", "/"), "PATH": "/usr/bin:/bin"}
