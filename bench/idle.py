@@ -13,7 +13,8 @@ request). After ``--settle`` seconds it reads from /proc every process carrying 
 waits ``--seconds``, reads again, and stops the cluster with ``promptfleet stop --ray``.
 
 Prints a table per process (what it is, CPU % of one core, RSS, PSS) and per group, and a summary
-line per system; ``--out`` writes the JSON. Run it under the Ray lock (docs/development.md).
+line per system (``--threads``: also each process's CPU per thread name, from /proc/PID/task);
+``--out`` writes the JSON. Run it under the Ray lock (docs/development.md).
 A variant is ``NAME=VAR=VALUE[,VAR=VALUE…]``: this checkout with those variables in the environment
 of ``promptfleet start`` (and so of ``ray start`` and every Ray process).
 """
@@ -169,18 +170,37 @@ def first_chat(api: str, model: str, timeout_s: float = 300) -> float:
         time.sleep(1)
 
 
+def thread_cpu(pid: int, before: dict[int, tuple[str, int]], after: dict[int, tuple[str, int]],
+               seconds: float) -> dict[str, float]:
+    """CPU % of a core per thread name of one process between two ``procs.threads`` readings.
+
+    Threads of one name are summed (gRPC and Ray name their pools' threads alike); the process's first
+    thread is ``main`` (its name is the process title's first 15 characters)."""
+    spent: dict[str, float] = {}
+    for tid, (name, ticks) in after.items():
+        label = "main" if tid == pid else name
+        base = before[tid][1] if tid in before and before[tid][0] == name else 0
+        spent[label] = spent.get(label, 0.0) + 100 * (ticks - base) / procs.TICKS_PER_S / seconds
+    return {k: round(v, 2) for k, v in sorted(spent.items(), key=lambda kv: -kv[1])}
+
+
 def measure(roots: set[int], seconds: float) -> list[dict[str, Any]]:
-    """Every process of the cluster (the marked ones and their descendants): CPU % of a core, RSS, PSS."""
+    """Every process of the cluster (the marked ones and their descendants): CPU % of a core, RSS, PSS,
+    and CPU % per thread name."""
     before = procs.snapshot()
+    threads_before = {pid: procs.threads(pid) for pid in procs.descendants(before, roots)}
     time.sleep(seconds)
     after = procs.snapshot()
     rows = []
     for pid in procs.descendants(after, roots):
         now, then = after[pid], before.get(pid)
-        base = then.ticks if then is not None and then.start == now.start else 0
+        same = then is not None and then.start == now.start
+        base = then.ticks if same and then is not None else 0
         rows.append({"pid": pid, "role": role(now.cmdline), "group": group(now.cmdline), "cmdline": now.cmdline[:300],
                      "cpu_pct": round(100 * (now.ticks - base) / procs.TICKS_PER_S / seconds, 2),
-                     "rss_mib": round(now.rss_kib / 1024, 1), "pss_mib": round(procs.pss_kib(pid) / 1024, 1)})
+                     "rss_mib": round(now.rss_kib / 1024, 1), "pss_mib": round(procs.pss_kib(pid) / 1024, 1),
+                     "threads": thread_cpu(pid, threads_before.get(pid, {}) if same else {}, procs.threads(pid),
+                                           seconds)})
     return sorted(rows, key=lambda r: (r["group"], r["role"]))
 
 
@@ -209,7 +229,7 @@ def run_system(system: System, args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
-def markdown(results: list[dict[str, Any]], seconds: float) -> str:
+def markdown(results: list[dict[str, Any]], seconds: float, threads: bool = False) -> str:
     names = [r["name"] for r in results]
     lines = [f"Idle {seconds:g} s; CPU % of one core / PSS MiB (RSS MiB) per group, processes in brackets.", "",
              "| group | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
@@ -229,6 +249,10 @@ def markdown(results: list[dict[str, Any]], seconds: float) -> str:
                   "| process | group | CPU % | RSS MiB | PSS MiB |", "|---|---|---|---|---|"]
         lines += [f"| {x['role']} | {x['group']} | {x['cpu_pct']:.2f} | {x['rss_mib']:.0f} | {x['pss_mib']:.0f} |"
                   for x in r["rows"]]
+        if threads:
+            lines += ["", "| process | CPU % per thread name (≥ 0.05 %) |", "|---|---|"]
+            lines += [f"| {x['role']} | " + ", ".join(f"{n} {v:.2f}" for n, v in x["threads"].items() if v >= 0.05)
+                      + " |" for x in sorted(r["rows"], key=lambda x: -x["cpu_pct"])]
     return "\n".join(lines) + "\n"
 
 
@@ -253,6 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variant", type=parse_variant, action="append", default=[], help="NAME=VAR=VALUE[,…]")
     p.add_argument("--no-current", action="store_true", help="leave this checkout's own defaults out")
     p.add_argument("--out", type=Path, help="write the results as JSON here")
+    p.add_argument("--threads", action="store_true", help="also print each process's CPU per thread name")
     args = p.parse_args(argv)
     systems = ([System(f"baseline {args.baseline.name}", args.baseline.resolve())] if args.baseline else [])
     systems += [] if args.no_current else [System("this checkout", REPO)]
@@ -260,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     results = [run_system(s, args) for s in systems]
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(markdown(results, args.seconds))
+    print(markdown(results, args.seconds, args.threads))
     return 0
 
 

@@ -46,10 +46,17 @@ RAY_START_ENV = {
 # the node list from the GCS), and every replica and every handle exporting its cached request
 # metrics every 0.1 s. A new replica, an autoscaling decision or a dead replica's replacement now
 # waits up to 0.5 s longer for its tick; the metrics reach Ray's metrics agent, which reports every
-# 10 s anyway, at most 1 s later. A value set in the shell of `promptfleet start`/`join` wins.
+# 10 s anyway, at most 1 s later. Ray's log monitor globs the session's log directory for new files
+# on every 0.1 s round while it watches fewer than RAY_LOG_MONITOR_MANY_FILES_THRESHOLD (1000)
+# files, else every LOG_NAME_UPDATE_INTERVAL_S (0.5 s) (ray/_private/log_monitor.py): a threshold
+# of 0 makes that 0.5 s always. A new worker's log file is then streamed to drivers up to 0.4 s
+# later, from its first line as before; files it already follows are still read every 0.1 s, and
+# the dashboard's log view reads the files itself. A value set in the shell of
+# `promptfleet start`/`join` wins.
 RAY_IDLE_ENV = {
     "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
     "RAY_SERVE_METRICS_EXPORT_INTERVAL_MS": "1000",
+    "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0",
 }
 RAY_START_ENV.update(RAY_IDLE_ENV)
 

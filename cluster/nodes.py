@@ -9,7 +9,8 @@ whatever Ray's own defaults are:
   ``join`` stores it in the same file there so later ``promptfleet``/``ray`` commands find it;
 - the **throughput settings** Serve reads from the environment of ``ray start``
   (``local.RAY_START_ENV``), and the **idle settings** (``local.RAY_IDLE_ENV``: Serve's control loop
-  and metrics export intervals; a value already in the shell wins);
+  and metrics export intervals, how often Ray's log monitor looks for new files; a value already in
+  the shell wins);
 - this interpreter's ``bin`` directory **first on PATH**, so the ``python`` of
   ``ray job submit -- python -m jobs.batch …`` is the project's interpreter (Ray runs a job's
   entrypoint in a shell that inherits the node's environment);

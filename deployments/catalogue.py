@@ -2,15 +2,19 @@
 
 Used by the Gateway (the catalogue, input checks, the version a submitted run is pinned to) and
 the TaskRunner (the definition of the version a run executes). A background loop asks the
-TaskStore every ``tasks.catalogue_poll_s`` what changed since this replica's catalogue version
-(``task_changes``: one primary-key read when nothing did). A change comes in pages (at most
+TaskStore what changed since this replica's catalogue version (``task_changes``: one primary-key
+read when nothing did). Between changes it waits in a long poll (``task_changes_wait``) that the
+store answers as soon as a push or rollback moves the catalogue, and after ``WAIT_S`` at the latest;
+after a change, or while the long poll fails (a store of an older release), it asks again
+``tasks.catalogue_poll_s`` later. A change comes in pages (at most
 ``store.tasks.PAGE_COUNT`` tasks and ``PAGE_BYTES`` of definitions each, all of one catalogue
 version) and is applied whole once its last page is in, so a replica moves from one consistent
 version to the next and never holds half a push; a new replica pages in the whole catalogue the
 same way. No call carries the whole catalogue, so a catalogue of any size reaches every replica.
-A push or rollback therefore shows on every replica within ``catalogue_poll_s`` plus the time to
-fetch and parse its pages (milliseconds for a push; seconds for a first load of 50 MB). The
-replica that served a push refreshes before answering.
+A push or rollback therefore shows on every replica within the store's answer to the long poll
+(a second change within ``catalogue_poll_s`` of the first: within that) plus the time to fetch and
+parse its pages (milliseconds for a push; seconds for a first load of 50 MB); an idle replica makes
+one call every ``WAIT_S``. The replica that served a push refreshes before answering.
 
 Versions are immutable, so definitions of other versions than the active one (a queued run pinned
 before a push) are fetched once from the store and cached. Before the first load has finished,
@@ -34,11 +38,15 @@ from deployments.errors import Overloaded, TaskNotFound
 from deployments.schemas import CatalogueStatus
 from deployments.store.tasks import CatalogueEntry, CataloguePage, TaskVersion
 
-__all__ = ["ActiveTask", "Catalogue", "CatalogueFollower", "stale_after_s"]
+__all__ = ["WAIT_S", "ActiveTask", "Catalogue", "CatalogueFollower", "stale_after_s"]
 
 logger = logging.getLogger("ray.serve")
 Changes = Callable[[int | None, int | None, str], Awaitable[CataloguePage]]
 Fetch = Callable[[str, int], Awaitable[TaskVersion]]
+Wait = Callable[[int | None, float], Awaitable[int]]
+# The long poll's bound: an answer every WAIT_S proves the store alive and the catalogue current, well
+# inside ``stale_after_s`` (30 s + 10 × catalogue_poll_s).
+WAIT_S = 20.0
 MAX_CACHED_VERSIONS = 256
 MAX_PAGES = 100_000  # a change of more pages than this is a store that keeps answering "more": give up on it
 
@@ -112,9 +120,11 @@ class Catalogue:
 class CatalogueFollower:
     """A ``Catalogue`` kept fresh from the TaskStore (see the module docstring)."""
 
-    def __init__(self, changes: Changes, fetch: Fetch, poll_s: float) -> None:
-        # ``changes``/``fetch``: ``clients.task_versions.TaskVersionsClient``'s ``changes``/``version``.
-        self.changes, self.fetch, self.poll_s = changes, fetch, poll_s
+    def __init__(self, changes: Changes, fetch: Fetch, poll_s: float, wait: Wait | None = None) -> None:
+        # ``changes``/``fetch``/``wait``: ``clients.task_versions.TaskVersionsClient``'s ``changes``/``version``/
+        # ``wait_changed``; without ``wait`` the follower polls every ``poll_s``.
+        self.changes, self.fetch, self.poll_s, self.wait = changes, fetch, poll_s, wait
+        self.wait_failed = False  # the last long poll failed: poll until one answers again
         self.catalogue = Catalogue()
         self.loop: asyncio.Task[None] | None = None
         self.refreshing: asyncio.Task[None] | None = None
@@ -135,6 +145,8 @@ class CatalogueFollower:
 
     async def _follow(self) -> None:
         while True:
+            if await self._unchanged():
+                continue
             try:
                 await self.refresh()
             except asyncio.CancelledError:
@@ -142,6 +154,27 @@ class CatalogueFollower:
             except Exception:
                 logger.warning("could not refresh the task catalogue; keeping the last one", exc_info=True)
             await asyncio.sleep(self.poll_s)
+
+    async def _unchanged(self) -> bool:
+        """Wait in the store's long poll; True if it answered that nothing changed (this replica is current)."""
+        if self.wait is None or not self.catalogue.loaded:
+            return False
+        since = self.catalogue.version
+        try:
+            version = await self.wait(since, WAIT_S)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            if not self.wait_failed:  # once per failing stretch; the poll below keeps the catalogue fresh
+                logger.warning("could not long-poll the task catalogue; polling instead", exc_info=True)
+            self.wait_failed = True
+            return False
+        self.wait_failed = False
+        if version != since:
+            return False
+        self.refreshed_at = time.monotonic()
+        self.last_error = None
+        return True
 
     async def refresh(self) -> None:
         """Ask the store now (concurrent callers share one call)."""

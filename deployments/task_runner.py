@@ -9,8 +9,8 @@ one model call path (``deployments.model_calls``), metered to the run's key (the
 ``RateLimiter`` for its rpm/tpm, the ``TaskStore`` for its budget and usage), and
 the ``TaskStore`` (its runners' side: ``clients.runs.LeasesClient``).
 Owns: only the runs it currently holds a lease on, and its copy of the task catalogue
-(``deployments.catalogue``: followed from the TaskStore, so a push reaches it within
-``tasks.catalogue_poll_s``; a queued run executes the version it was pinned to at submit). A replica that dies simply
+(``deployments.catalogue``: followed from the TaskStore by a long poll, so a push reaches it at
+once; a queued run executes the version it was pinned to at submit). A replica that dies simply
 stops renewing; its leases expire and the runs are queued again (at-least-once
 model calls; the store accepts one result per run, from the current lease).
 
@@ -69,7 +69,8 @@ class TaskRunner:
         # ``anonymous``: record runs without a key under this owner (authentication off).
         self.meter = Meter(KeysClient(store), limiter, admission, anonymous=anonymous) if limiter is not None else None
         versions = TaskVersionsClient(store)
-        self.tasks = CatalogueFollower(versions.changes, versions.version, config.catalogue_poll_s)
+        self.tasks = CatalogueFollower(versions.changes, versions.version, config.catalogue_poll_s,
+                                       wait=versions.wait_changed)
         self.tasks.start()
         recorder = metrics_for(metrics)
         recorder.declare(*RUNNER_METRICS)

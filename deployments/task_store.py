@@ -42,6 +42,7 @@ its first name: renaming it would rename a part of every operator's running appl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -109,6 +110,9 @@ class TaskStore:
         self.user_lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="taskstore-user")
         self.work_available = asyncio.Event()
         self.finished: dict[str, asyncio.Event] = {}
+        # Set (and replaced) when a push or rollback may have moved the catalogue: wakes the replicas
+        # long-polling ``task_changes_wait``. Every change goes through this one replica.
+        self.catalogue_moved = asyncio.Event()
         interval = (metrics or MetricsConfig()).sample_interval_s
         self.sampler = start_sampling(self.metrics, interval, self.sample_metrics, "run queue")
         logger.info("task store at %s", self.database.location)
@@ -426,12 +430,37 @@ class TaskStore:
     async def task_version(self, name: str, version: int) -> Reply[TaskVersion]:
         return await replying(self._user(self.tasks.get, name, version))
 
+    async def task_changes_wait(self, since: int | None, wait_s: float) -> Reply[int]:
+        """The catalogue's version once it is not ``since``, or after ``wait_s`` (then ``since``): the long
+        poll each replica's catalogue follows, so that an idle cluster asks nothing and a push is seen at once."""
+        return await replying(self._task_changes_wait(since, wait_s))
+
+    async def _task_changes_wait(self, since: int | None, wait_s: float) -> int:
+        moved = self.catalogue_moved  # taken before the read: a change committed after it sets this one
+        version = await self._user(self.tasks.catalogue_version)
+        if version != since:
+            return version
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(moved.wait(), timeout=wait_s)
+            version = await self._user(self.tasks.catalogue_version)
+        return version
+
+    def _catalogue_may_have_moved(self) -> None:
+        self.catalogue_moved.set()
+        self.catalogue_moved = asyncio.Event()
+
     async def push_tasks(self, items: list[VersionInput], author: str) -> Reply[list[tuple[str, int, bool]]]:
         """Store and activate checked definitions, all or none: ``(name, active version, changed)``."""
-        return await replying(self._user(self.tasks.push, items, author))
+        try:
+            return await replying(self._user(self.tasks.push, items, author))
+        finally:
+            self._catalogue_may_have_moved()
 
     async def rollback_task(self, name: str, version: int, actor: str) -> Reply[TaskVersion]:
-        return await replying(self._user(self.tasks.rollback, name, version, actor))
+        try:
+            return await replying(self._user(self.tasks.rollback, name, version, actor))
+        finally:
+            self._catalogue_may_have_moved()
 
     async def task_history(self, name: str) -> Reply[tuple[list[TaskVersion], list[TaskActivation]]]:
         return await replying(self._user(self.tasks.history, name))

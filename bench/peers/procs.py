@@ -60,6 +60,18 @@ def snapshot(proc: Path = Path("/proc")) -> dict[int, Proc]:
     return found
 
 
+def threads(pid: int, proc: Path = Path("/proc")) -> dict[int, tuple[str, int]]:
+    """The threads of ``pid`` now: thread id → (its name, utime + stime ticks)."""
+    found: dict[int, tuple[str, int]] = {}
+    with contextlib.suppress(OSError):
+        for entry in os.listdir(proc / str(pid) / "task"):
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                text = (proc / str(pid) / "task" / entry / "stat").read_text()
+                name = text[text.index("(") + 1:text.rindex(")")]
+                found[int(entry)] = (name, parse_stat(text)[1])
+    return found
+
+
 def descendants(procs: dict[int, Proc], roots: Iterable[int], include_roots: bool = True) -> set[int]:
     """The pids below ``roots`` (and the roots themselves if ``include_roots``) in ``procs``."""
     children: dict[int, list[int]] = {}

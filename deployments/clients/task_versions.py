@@ -21,6 +21,11 @@ class TaskVersionsClient(HandleClient):
         page: CataloguePage = await self._answer(self.handle.task_changes.remote(since, version, after))
         return page
 
+    async def wait_changed(self, since: int | None, wait_s: float) -> int:
+        """The catalogue's version once it is not ``since``, or ``since`` after ``wait_s`` (a long poll)."""
+        version: int = await self._answer(self.handle.task_changes_wait.remote(since, wait_s))
+        return version
+
     async def version(self, name: str, version: int) -> TaskVersion:
         stored: TaskVersion = await self._answer(self.handle.task_version.remote(name, version))
         return stored

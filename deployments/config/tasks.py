@@ -126,9 +126,11 @@ class TasksConfig(_Strict):
     )
     catalogue_poll_s: float = Field(
         default=1.0, gt=0, le=60,
-        description="How often every Gateway and TaskRunner replica asks the store whether the task catalogue "
-        "changed (one primary-key read); a `promptfleet tasks push` or `rollback` reaches every replica within it "
-        "plus the time to fetch the change in pages of at most 1 MiB.",
+        description="Every Gateway and TaskRunner replica waits in a long poll that the store answers as soon as "
+        "the task catalogue changes (else after 20 s), so a `promptfleet tasks push` or `rollback` reaches every "
+        "replica at once plus the time to fetch the change in pages of at most 1 MiB; this is the pause after a "
+        "change before the next wait (a second push within it waits for it) and the poll interval while the long "
+        "poll fails.",
     )
     max_definition_bytes: int = Field(
         default=512 * 1024, ge=4096, le=2 * 1024 * 1024,

@@ -275,7 +275,8 @@ class Gateway:
         self.auth = Authenticator(args.auth, keys, admin_key, usage=self.meter)
         self.metrics = metrics_for(args.metrics)
         self.metrics.declare(*GATEWAY_METRICS, *UPSTREAM_WORKER_METRICS)
-        self.tasks = CatalogueFollower(versions.changes, versions.version, args.tasks.catalogue_poll_s)
+        self.tasks = CatalogueFollower(versions.changes, versions.version, args.tasks.catalogue_poll_s,
+                                       wait=versions.wait_changed)
         self.health = HealthCheck(
             store=runs.check_health,
             models={name: WorkerClient(handle, name).readiness for name, handle in workers.items()},

@@ -2,8 +2,8 @@
 
     POST /v1/tasks/check                   check task files (the same checks as a push), store nothing
     POST /v1/tasks/push                    check and publish task files: new versions become active on
-                                           every Gateway and TaskRunner replica within
-                                           ``tasks.catalogue_poll_s`` plus one paged fetch (``catalogue``);
+                                           every Gateway and TaskRunner replica once the store
+                                           answers their long poll, plus one paged fetch (``catalogue``);
                                            refused whole if any file has an error
     GET  /v1/tasks/{name}/versions         every version (hash, author, time, active) and activation
     GET  /v1/tasks/{name}/versions/{v}     one version, with its file text
@@ -75,8 +75,8 @@ def build_prompt_router(args: AppArgs, tasks: CatalogueFollower, versions: TaskV
     renderer = TemplateRenderer(limits)
 
     async def refresh() -> None:
-        """This replica follows a change it made at once (the others within catalogue_poll_s). The change
-        is stored whatever happens here: a failed refresh only waits for the next poll."""
+        """This replica follows a change it made at once (the others on the store's answer to their long
+        poll). The change is stored whatever happens here: a failed refresh only waits for the next poll."""
         try:
             await tasks.refresh()
         except Exception:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from typing import Any
 
 import pytest
@@ -46,3 +47,16 @@ def test_config_paths_reach_args_and_deployments_by_name() -> None:
     assert app["args"]["tasks"] == {"lease_s": 15, "catalogue_poll_s": 10}
     assert app["deployments"] == [{"name": "TaskRunner", "num_replicas": 2},
                                   {"name": "worker-x", "autoscaling_config": {"min_replicas": 0}}]
+
+
+def test_cpu_is_put_on_thread_names_with_the_first_thread_as_main() -> None:
+    ticks_per_s = idle.procs.TICKS_PER_S
+    before = {10: ("ray::IDLE", 0), 11: ("worker.io", 5), 12: ("client.poll0", 0)}
+    after = {10: ("ray::IDLE", ticks_per_s), 11: ("worker.io", 5 + ticks_per_s // 2),
+             12: ("client.poll0", 0), 13: ("client.poll0", ticks_per_s)}  # 13: a thread started meanwhile
+    assert idle.thread_cpu(10, before, after, 10) == {"main": 10.0, "client.poll0": 10.0, "worker.io": 5.0}
+
+
+def test_a_thread_of_this_process_is_read() -> None:
+    threads = idle.procs.threads(os.getpid())
+    assert os.getpid() in threads and threads[os.getpid()][1] >= 0

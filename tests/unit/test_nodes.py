@@ -187,3 +187,10 @@ def test_idle_settings_from_the_shell_win_and_the_throughput_settings_do_not() -
     assert env["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.1"
     assert env["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"] == local.RAY_IDLE_ENV["RAY_SERVE_METRICS_EXPORT_INTERVAL_MS"]
     assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+
+
+def test_the_log_monitor_setting_reaches_ray_start() -> None:
+    """Ray's log monitor reads it from the environment `ray start` gives it (docs/performance.md)."""
+    assert nodes.node_env({"PATH": "/bin"})["RAY_LOG_MONITOR_MANY_FILES_THRESHOLD"] == "0"
+    assert nodes.node_env({"PATH": "/bin", "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "1000"})[
+        "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD"] == "1000"  # the shell's value wins, as for the others

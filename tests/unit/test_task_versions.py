@@ -4,20 +4,25 @@ and runs pinned to their version."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from deployments.catalogue import CatalogueFollower
+from deployments.catalogue import WAIT_S, CatalogueFollower
+from deployments.config import TasksConfig
+from deployments.core.replies import unwrap
 from deployments.core.taskdefs import TaskDefinition
 from deployments.core.taskfile import canonical, content_hash
 from deployments.errors import Conflict, NotFound, Overloaded, TaskNotFound
 from deployments.store import RunStore, open_database
 from deployments.store.migrations import migrate
 from deployments.store.tasks import CataloguePage, TaskVersionStore, VersionInput
+from deployments.task_store import TaskStore
 from tests.waiting import until
 
 
@@ -232,3 +237,80 @@ def test_names_no_task_can_have_are_not_found_before_any_sql(store: TaskVersionS
     for call in (lambda: store.get(name, 1), lambda: store.history(name), lambda: store.rollback(name, 1, "a")):
         with pytest.raises(NotFound):
             call()
+
+
+def test_an_idle_follower_waits_in_the_long_poll_and_sees_a_push_at_once(tmp_path: Path) -> None:
+    """Between changes a replica asks nothing but the long poll; a push ends the wait (docs/performance.md)."""
+    versions = TaskVersionStore(tmp_path / "db.sqlite3")
+    versions.seed([item()])
+    fake = FakeStore(versions)
+    moved = asyncio.Event()
+    waits: list[tuple[int | None, float]] = []
+
+    async def wait(since: int | None, wait_s: float) -> int:
+        waits.append((since, wait_s))
+        if versions.catalogue_version() == since:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(moved.wait(), timeout=0.2)  # the store's bound, shortened
+            moved.clear()
+        return versions.catalogue_version()
+
+    follower = CatalogueFollower(fake.changes, fake.fetch, poll_s=60, wait=wait)
+
+    async def scenario() -> None:
+        assert (await follower.active("label")).version == 1
+        follower.start()
+        await until(lambda: len(waits) >= 3, message="the follower kept waiting")
+        assert fake.pages == 1 and all(w == (waits[0][0], WAIT_S) for w in waits)  # no poll while idle
+        assert follower.status().state == "current"
+        versions.push([item("v2: {{ text }}")], author="admin")
+        moved.set()  # the store answers the long poll: seen now, not poll_s (60 s) later
+        await until(lambda: follower.catalogue.tasks["label"].version == 2, timeout_s=10, message="push seen")
+        await follower.stop()
+
+    asyncio.run(scenario())
+    versions.close()
+
+
+def test_a_follower_whose_long_poll_fails_polls_instead(tmp_path: Path) -> None:
+    """A store of an older release has no long poll: the follower keeps polling every poll_s."""
+    versions = TaskVersionStore(tmp_path / "db.sqlite3")
+    versions.seed([item()])
+    fake = FakeStore(versions)
+
+    async def wait(since: int | None, wait_s: float) -> int:
+        raise AttributeError("task_changes_wait")
+
+    follower = CatalogueFollower(fake.changes, fake.fetch, poll_s=0.01, wait=wait)
+
+    async def scenario() -> None:
+        assert (await follower.active("label")).version == 1
+        follower.start()
+        versions.push([item("v2: {{ text }}")], author="admin")
+        await until(lambda: follower.catalogue.tasks["label"].version == 2, timeout_s=10, message="push seen")
+        assert follower.wait_failed
+        await follower.stop()
+
+    asyncio.run(scenario())
+    versions.close()
+
+
+def test_the_stores_long_poll_answers_when_a_push_moves_the_catalogue(tmp_path: Path) -> None:
+    config = TasksConfig(state_dir=str(tmp_path))
+
+    async def scenario() -> None:
+        service = TaskStore(config, seed=[item()])
+        try:
+            since = unwrap(await service.task_changes_wait(None, 5))  # behind: answered at once
+            began = time.monotonic()
+            assert unwrap(await service.task_changes_wait(since, 0.2)) == since  # idle: the bound
+            assert time.monotonic() - began >= 0.15
+            waiting = asyncio.create_task(service.task_changes_wait(since, 30))
+            await asyncio.sleep(0.1)
+            assert not waiting.done()
+            unwrap(await service.push_tasks([item("v2: {{ text }}")], "admin"))
+            assert unwrap(await asyncio.wait_for(waiting, timeout=5)) == since + 1
+        finally:
+            service.close()
+
+    asyncio.run(scenario())
