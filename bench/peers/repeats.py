@@ -13,7 +13,7 @@ it: when the upstream, a bare uvicorn process, grows alike, the growth is the ma
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -25,6 +25,7 @@ RATIO_DIGITS = 3  # ratios are rounded before the verdict, so 0.44 / 0.40 is 1.1
 MEDIAN_FIELDS = ("rps", "p50_ms", "p99_ms", "cpu_ms_per_request", "cpu_ms_above_idle", "cpu_us_per_chunk",
                  "idle_cpu_s_per_s", "upstream_cpu_ms_per_request")
 SUMMED_FIELDS = ("errors",)
+UPSTREAM = "upstream_cpu_ms_per_request"  # the fake upstream's own CPU in the same cell (not above idle)
 
 
 def order(levels: list[int], repeat: int) -> list[int]:
@@ -98,6 +99,14 @@ def _by_cell(load: list[dict[str, Any]]) -> dict[tuple[str, float], dict[int, di
     return cells
 
 
+def _per_level(by_repeat: dict[int, dict[int, dict[str, Any]]], levels: list[int],
+               value: Callable[[dict[str, Any]], float | None]) -> dict[str, dict[str, Any] | None]:
+    """Level → the spread of ``value`` over the repeats that measured it (JSON: the level as a string)."""
+    spreads = {level: spread(value(cells[level]) for cells in by_repeat.values() if level in cells)
+               for level in levels}
+    return {str(level): asdict(s) if s else None for level, s in spreads.items()}
+
+
 def flat_cost(load: list[dict[str, Any]], levels: list[int], repeats: int) -> list[dict[str, Any]]:
     """Per system (with its kind) and upstream latency: each level's CPU ms per request over the repeats,
     the highest level's against the lowest's per repeat (ours and the fake upstream's) and the verdict.
@@ -106,15 +115,14 @@ def flat_cost(load: list[dict[str, Any]], levels: list[int], repeats: int) -> li
     low, high = min(levels), max(levels)
     out = []
     for (system, latency), by_repeat in _by_cell(load).items():
-        ours = [ratio(cpu_of(c[high]), cpu_of(c[low])) for c in by_repeat.values() if low in c and high in c]
-        theirs = [ratio(c[high].get("upstream_cpu_ms_per_request"), c[low].get("upstream_cpu_ms_per_request"))
-                  for c in by_repeat.values() if low in c and high in c]
-        first = next(iter(next(iter(by_repeat.values())).values()))
-        per_level = {level: spread(cpu_of(c[level]) for c in by_repeat.values() if level in c) for level in levels}
+        pairs = [cells for cells in by_repeat.values() if low in cells and high in cells]
+        ours = [ratio(cpu_of(c[high]), cpu_of(c[low])) for c in pairs]
+        theirs = [ratio(c[high].get(UPSTREAM), c[low].get(UPSTREAM)) for c in pairs]
+        kind = next(row.get("kind", "chat") for cells in by_repeat.values() for row in cells.values())
         ratios, upstream = spread(ours, RATIO_DIGITS), spread(theirs, RATIO_DIGITS)
-        out.append({"system": system, "kind": first.get("kind", "chat"), "latency_ms": latency,
-                    "repeats": repeats, "low": low, "high": high,
-                    "cpu_ms": {str(level): asdict(s) if s else None for level, s in per_level.items()},
+        out.append({"system": system, "kind": kind, "latency_ms": latency, "repeats": repeats, "low": low,
+                    "high": high, "cpu_ms": _per_level(by_repeat, levels, cpu_of),
+                    "upstream_cpu_ms": _per_level(by_repeat, levels, lambda row: row.get(UPSTREAM)),
                     "ratios": ours, "ratio": asdict(ratios) if ratios else None, "verdict": verdict(ratios),
                     "upstream_ratios": theirs, "upstream_ratio": asdict(upstream) if upstream else None})
     return out

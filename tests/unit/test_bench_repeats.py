@@ -68,6 +68,7 @@ def test_flat_cost_over_repeats_with_one_missing() -> None:
     assert row["cpu_ms"]["16"] == {"median": 4.0, "low": 4.0, "high": 5.0, "n": 3}
     assert row["cpu_ms"]["256"]["n"] == 2
     assert row["upstream_ratios"] == [1.5, 1.2] and row["upstream_ratio"]["median"] == 1.35
+    assert row["upstream_cpu_ms"]["256"] == {"median": 1.35, "low": 1.2, "high": 1.5, "n": 2}
 
 
 def test_flat_cost_without_idle_uses_all_cpu() -> None:
