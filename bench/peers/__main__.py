@@ -7,7 +7,7 @@
     python -m bench.peers --systems promptfleet,baseline --baseline ../prev --kinds chat,stream,task --parts load
                                                  flat cost: CPU per request (per chunk) of each kind by level
     python -m bench.peers --systems upstream,promptfleet,promptfleet-keyed --parts load --kinds chat,stream,task \
-        --concurrency 16,256 --repeats 3        flat cost decided: each cell 3 times, ratios' median and range
+        --concurrency 16,256 --repeats 3 --warmup 10   flat cost: each cell 3 times, ratios' median and range
 
 Starts two fake upstreams (``tests.fakes.upstream``: 0 ms and 500 ms), then one system after the
 other (``bench.peers.systems``: the upstream itself, nginx, SGLang Model Gateway, TensorZero, Portkey,
@@ -112,7 +112,9 @@ def parser() -> argparse.ArgumentParser:
                    "repeat after its own idle baseline with the levels in a rotated order; the flat-cost table "
                    "then gives per cell the median and range, the highest level against the lowest as the "
                    "median and range of the repeats' ratios, and a verdict (default: %(default)s)")
-    p.add_argument("--warmup", type=float, default=2, help="unmeasured wrk seconds before each cell (default: 2)")
+    p.add_argument("--warmup", type=float, default=2, help="unmeasured wrk seconds before each cell (default: 2); "
+                   "Ray reports metrics every 10 s, so below that a cell's window still pays for the cell "
+                   "before it (for --repeats, where cells are compared across positions: 10)")
     p.add_argument("--ttft-seconds", type=float, default=4, help="streams one at a time, per system (default: 4)")
     p.add_argument("--idle-seconds", type=float, default=20, help="idle window (default: 20)")
     p.add_argument("--settle", type=float, default=20, help="seconds after start-up before the idle window")
