@@ -6,6 +6,8 @@
     python -m bench.peers --baseline ../promptfleet-previous   the previous release too, in the same run
     python -m bench.peers --systems promptfleet,baseline --baseline ../prev --kinds chat,stream,task --parts load
                                                  flat cost: CPU per request (per chunk) of each kind by level
+    python -m bench.peers --systems upstream,promptfleet,promptfleet-keyed --parts load --kinds chat,stream,task \
+        --concurrency 16,256 --repeats 3 --warmup 10   flat cost: each cell 3 times, ratios' median and range
 
 Starts two fake upstreams (``tests.fakes.upstream``: 0 ms and 500 ms), then one system after the
 other (``bench.peers.systems``: the upstream itself, nginx, SGLang Model Gateway, TensorZero, Portkey,
@@ -17,8 +19,13 @@ warm-up, and reads from /proc the CPU that every process of the system spent mea
 over the answers wrk read. ``--kinds`` adds, on the systems that serve them, streamed chat
 completions (``--stream-chunks`` content chunks each: CPU per chunk too) and synchronous task runs
 (promptfleet's, through its TaskRunner); the flat-cost table sets each level's CPU per request
-against the lowest level's. Then TTFT of one stream at a time. Last, the default single-node cluster
-(embedded model on): its idle cost, and the embedded model's tokens/s at 1 and 8 concurrent beside
+against the lowest level's. ``--repeats`` measures every system's load cells that many times (each
+repeat after its own idle baseline, the levels in an order rotated per repeat); the tables then show
+each cell's median, and the flat-cost table each level's median [min–max], the highest level against
+the lowest as the median [min–max] of the repeats' ratios, a verdict against issue 22's 1.10 ("flat",
+"grows" or "undecided") and the fake upstream's own ratio in the same cells. Then TTFT of one stream
+at a time. Last, the default single-node cluster (embedded model on): its idle cost, and the embedded
+model's tokens/s at 1 and 8 concurrent beside
 raw llama.cpp on the same threads.
 
 Prints the markdown report (``bench.peers.report``) and writes it with the JSON of every number
@@ -45,7 +52,7 @@ from typing import Any
 import yaml
 
 from bench.kit import REPO
-from bench.peers import clients, install, procs, profile, report, wrk
+from bench.peers import clients, install, procs, profile, repeats, report, wrk
 from bench.peers.systems import (
     KINDS,
     STARTERS,
@@ -63,6 +70,11 @@ ALL_SYSTEMS = ["upstream", *STARTERS]
 PARTS = ["load", "ttft", "idle", "embedded"]
 EMBEDDED_PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 EMBEDDED_MAX_TOKENS = 64
+# A later repeat's idle baseline waits for the previous cell's work to end: wrk stops with requests in
+# flight, which the server still finishes (256 task runs or 500-chunk streams: seconds), and that tail
+# counted as idle work (0.87 CPU s/s of a keyed cluster right after its task runs, against 0.18 before
+# them) would be taken off every cell of the repeat. Waited for in 1 s windows, at most this long.
+DRAIN_MAX_S = 20.0
 
 
 def _csv(kind: type, allowed: list[str] | None = None) -> Any:
@@ -96,7 +108,13 @@ def parser() -> argparse.ArgumentParser:
                    "before its load cells and subtracted from them for CPU per request above idle (default: 4; "
                    "0: not measured)")
     p.add_argument("--duration", type=float, default=8, help="seconds per cell (default: %(default)s)")
-    p.add_argument("--warmup", type=float, default=2, help="unmeasured wrk seconds before each cell (default: 2)")
+    p.add_argument("--repeats", type=int, default=1, help="times each system's load cells are measured, each "
+                   "repeat after its own idle baseline with the levels in a rotated order; the flat-cost table "
+                   "then gives per cell the median and range, the highest level against the lowest as the "
+                   "median and range of the repeats' ratios, and a verdict (default: %(default)s)")
+    p.add_argument("--warmup", type=float, default=2, help="unmeasured wrk seconds before each cell (default: 2); "
+                   "Ray reports metrics every 10 s, so below that a cell's window still pays for the cell "
+                   "before it (for --repeats, where cells are compared across positions: 10)")
     p.add_argument("--ttft-seconds", type=float, default=4, help="streams one at a time, per system (default: 4)")
     p.add_argument("--idle-seconds", type=float, default=20, help="idle window (default: 20)")
     p.add_argument("--settle", type=float, default=20, help="seconds after start-up before the idle window")
@@ -151,6 +169,15 @@ def idle_rate(running: Running, seconds: float) -> float:
     return sum(groups.values()) / (time.monotonic() - started)
 
 
+def drain(running: Running, first_idle: float) -> float:
+    """Wait until the system's CPU rate is back near its idle rate of the first repeat (within a quarter
+    and 0.05 CPU s/s) or DRAIN_MAX_S have passed; the seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < DRAIN_MAX_S and idle_rate(running, 1.0) > first_idle * 1.25 + 0.05:
+        pass
+    return time.monotonic() - started
+
+
 def measure_cell(running: Running, latency: float, concurrency: int, args: argparse.Namespace, tools: dict[str, Any],
                  upstream_pids: list[int], kind: str = "chat", idle: float | None = None) -> dict[str, Any]:
     """One wrk run on one system: req/s, latency, and the CPU of the system's process groups per request."""
@@ -192,16 +219,25 @@ def measure_cell(running: Running, latency: float, concurrency: int, args: argpa
 
 def measure_system(running: Running, args: argparse.Namespace, tools: dict[str, Any], upstream_pids: list[int],
                    results: dict[str, Any]) -> None:
-    if "load" in args.parts:
+    # Each repeat measures its own idle rate and then every cell once, the levels in an order rotated per
+    # repeat: a repeat's cells of one kind and latency lie close in time, and drift of the shared machine
+    # over the run hits every level alike (bench.peers.repeats).
+    first_idle: float | None = None
+    for repeat in range(args.repeats if "load" in args.parts else 0):
+        waited = drain(running, first_idle) if repeat and first_idle is not None else 0.0
         idle = idle_rate(running, args.idle_baseline) if args.idle_baseline > 0 else None
+        first_idle = idle if not repeat else first_idle
+        label = f"repeat {repeat + 1}/{args.repeats} " if args.repeats > 1 else ""
         if idle is not None:
-            print(f"  {running.name[:56]:<56} idle: {idle:.3f} CPU s/s", file=sys.stderr, flush=True)
+            print(f"  {running.name[:56]:<56} {label}idle: {idle:.3f} CPU s/s"
+                  + (f" (after {waited:.0f} s for the last cell's requests to end)" if repeat else ""),
+                  file=sys.stderr, flush=True)
         for kind in (k for k in args.kinds if running.targets_of(k)):
             for latency in args.latencies:
-                for concurrency in args.concurrency:
+                for concurrency in repeats.order(args.concurrency, repeat):
                     row = measure_cell(running, latency, concurrency, args, tools, upstream_pids, kind, idle)
-                    results["load"].append(row)
-                    print(f"  {row['system'][:56]:<56} {latency:>5g} ms {concurrency:>4} conc: "
+                    results["load"].append(row | {"repeat": repeat})
+                    print(f"  {label}{row['system'][:56]:<56} {latency:>5g} ms {concurrency:>4} conc: "
                           f"{row['rps']:>9,.1f} req/s "
                           f"p50 {row['p50_ms']} p99 {row['p99_ms']} ms, CPU {row['cpu_ms_per_request']} ms/req "
                           f"{row['cpu_ms_by_group']} errors {row['errors']}", file=sys.stderr, flush=True)
@@ -278,6 +314,8 @@ def tokens_at_1_and_8(url: str, body: dict[str, Any], seconds: float, label: str
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.repeats < 1:
+        parser().error("--repeats: at least 1")
     if args.quick:
         args.duration, args.warmup, args.ttft_seconds = min(args.duration, 2), min(args.warmup, 1), 1
         args.idle_seconds, args.settle, args.embedded_seconds = 5, 5, 5
@@ -291,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "meta": {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"), "commit": _commit(REPO),
                  "levels": args.concurrency, "latencies": args.latencies, "duration_s": args.duration,
+                 "repeats": args.repeats,
                  "kinds": args.kinds, "stream_chunks": args.stream_chunks,
                  "quick": args.quick, "baseline": str(args.baseline) if args.baseline else None,
                  "machine": {"cores": len(os.sched_getaffinity(0)), "loadavg_start": _loadavg(),
@@ -327,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
             results["failures"]["idle/embedded"] = f"{type(exc).__name__}: {str(exc)[:300]}"
             print(traceback.format_exc(), file=sys.stderr, flush=True)
     results["meta"]["machine"]["loadavg_end"] = _loadavg()
+    if args.repeats > 1 and len(args.concurrency) > 1:
+        results["flat_repeats"] = repeats.flat_cost(results["load"], args.concurrency, args.repeats)
     text = report.markdown(results)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "report.md").write_text(text)

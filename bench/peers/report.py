@@ -3,12 +3,16 @@
 The results dict is what ``python -m bench.peers --json`` writes: ``meta`` (date, commit, machine,
 levels, latencies, duration), ``load`` (one row per system × kind × upstream latency × concurrency;
 ``kind``: chat, stream or task, streams with ``cpu_us_per_chunk``), ``ttft``, ``idle``, ``embedded``,
-``failures`` (system → why it was not measured).
+``failures`` (system → why it was not measured). With ``meta.repeats`` above 1, ``load`` holds every
+repeat's rows (``repeat``: 0, 1 …): the tables of one number per cell show the medians
+(``bench.peers.repeats``), and the flat-cost table the spread over the repeats and a verdict.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from bench.peers import repeats
 
 DASH = "—"
 
@@ -122,6 +126,37 @@ def flat_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def flat_repeats_table(results: dict[str, Any]) -> str:
+    """Issue 22's flat cost over ``--repeats``: per system, kind and upstream latency, each level's CPU ms
+    per request above idle (median [min–max]), the highest level's against the lowest's as the median
+    [min–max] of the per-repeat ratios, its verdict against 1.10, and the fake upstream's own ratio in
+    the same cells (growth it shares is the machine's)."""
+    meta = results["meta"]
+    levels: list[int] = sorted(meta["levels"])
+    if len(levels) < 2:
+        return ""
+    rows = repeats.flat_cost(results["load"], levels, meta.get("repeats", 1))
+    low, high = levels[0], levels[-1]
+    lines = ["| system | upstream | " + " | ".join(f"CPU ms per request at {c}, above idle" for c in levels)
+             + f" | {high} vs {low} | verdict (≤ {repeats.FLAT_LIMIT:.2f}× in every repeat) "
+             f"| fake upstream's {high} vs {low} |", "|---|---|" + "---|" * (len(levels) + 3)]
+
+    def shown(value: dict[str, Any] | None, digits: int, unit: str = "") -> str:
+        if value is None:
+            return DASH
+        s = repeats.Spread(**value)
+        missing = f", {s.n} of {meta.get('repeats', 1)}" if s.n < meta.get("repeats", 1) else ""
+        return s.text(digits, unit) + missing
+
+    for row in rows:
+        cpu = [row["cpu_ms"][str(c)] for c in levels]
+        lines.append(f"| {row['system']} | {row['latency_ms']:g} ms | "
+                     + " | ".join(shown(v, _cpu_digits(v and v["median"])) for v in cpu)
+                     + f" | {shown(row['ratio'], 2, '×')} | {row['verdict']} | "
+                     f"{shown(row['upstream_ratio'], 2, '×')} |")
+    return "\n".join(lines)
+
+
 def ttft_table(results: dict[str, Any]) -> str:
     rows = results.get("ttft") or []
     if not rows:
@@ -180,13 +215,20 @@ def markdown(results: dict[str, Any]) -> str:
     """The whole report: a header saying when, on what and how loaded, then every table."""
     meta = results["meta"]
     machine = meta["machine"]
+    times = meta.get("repeats", 1)
+    # One number per cell in the tables below: with repeats, the median of them.
+    cells = results if times == 1 else {**results, "load": repeats.collapse(results["load"])}
+    each = "" if times == 1 else (f" Each system's cells {times} times, the levels in an order rotated per "
+                                  "repeat; one number per cell: the median.")
     parts = [f"Measured {meta['date']} on commit `{meta['commit']}`: {machine['cores']} cores, load average "
              f"{machine['loadavg_start']} at the start and {machine['loadavg_end']} at the end. "
-             f"{machine['note']} wrk, one thread, {meta['duration_s']:g} s per cell.",
-             "### Throughput and CPU per request", summary_table(results),
-             "### Latency (wrk)", latency_table(results),
-             "### CPU per request by process group", group_table(results)]
-    for title, text in (("### Flat cost: CPU per request by concurrency", flat_table(results)),
+             f"{machine['note']} wrk, one thread, {meta['duration_s']:g} s per cell.{each}",
+             "### Throughput and CPU per request", summary_table(cells),
+             "### Latency (wrk)", latency_table(cells),
+             "### CPU per request by process group", group_table(cells)]
+    flat = (("### Flat cost: CPU per request by concurrency", flat_table(results)) if times == 1 else
+            (f"### Flat cost: CPU per request by concurrency, {times} repeats", flat_repeats_table(results)))
+    for title, text in (flat,
                         ("### Streaming: time to first token", ttft_table(results)),
                         ("### Idle", idle_text(results)), ("### Embedded model", embedded_text(results))):
         if text:
