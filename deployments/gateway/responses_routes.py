@@ -17,10 +17,10 @@ is an ``error`` event (numbered after the last event sent), and the stream ends 
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pydantic_core
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -33,7 +33,11 @@ from deployments.schemas.responses import ResponseCreate
 
 
 def _sse(event: dict[str, Any]) -> bytes:
-    return f"event: {event.get('type', 'message')}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n".encode()
+    # pydantic's serializer, as chat's ``sse``: the compact JSON ``json.dumps`` wrote (non-ASCII as
+    # UTF-8 rather than \u escapes, the same text to a JSON parser).
+    kind = event.get("type", "message")
+    return b"event: " + (kind if isinstance(kind, str) else str(kind)).encode() + b"\ndata: " + \
+        pydantic_core.to_json(event) + b"\n\n"
 
 
 class ResponsesRoutes:

@@ -183,3 +183,13 @@ def test_batch_progress_counts_response_usage() -> None:
     progress.add_usage({"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5})
     progress.add_usage(responses.usage_of({"prompt_tokens": 4, "completion_tokens": 1}))
     assert (progress.prompt_tokens, progress.completion_tokens, progress.total_tokens) == (7, 3, 10)
+
+
+def test_an_event_is_encoded_as_compact_json_with_non_ascii_as_utf8() -> None:
+    from deployments.gateway.responses_routes import _sse
+
+    event = {"type": "response.output_text.delta", "sequence_number": 3, "delta": "h\u00e9llo \u2713",
+             "logprobs": [{"logprob": -0.25, "bytes": [104]}], "obfuscation": None}
+    compact = json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
+    assert _sse(event) == b"event: response.output_text.delta\ndata: " + compact + b"\n\n"
+    assert json.loads(_sse(event).split(b"data: ")[1]) == event
