@@ -108,8 +108,8 @@ def test_a_long_stream_arrives_whole_and_in_order_and_a_stalled_one_at_once(dire
     """500 chunks the upstream wrote at once travel in few writes (``chat_routes.events``): the client
     still gets every event, in order; a stream whose upstream stalls after two chunks gets them now."""
     fake.configure(stream_chunks=500)
-    client = openai.OpenAI(base_url=direct, api_key="unused", max_retries=0)
-    chunks = list(client.chat.completions.create(model="direct-b", messages=HELLO, stream=True))
+    with openai.OpenAI(base_url=direct, api_key="unused", max_retries=0) as client:  # its pool closed after
+        chunks = list(client.chat.completions.create(model="direct-b", messages=HELLO, stream=True))
     assert len(chunks) == 502 and {c.model for c in chunks} == {"direct-b"}
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == ("echo: hello" * 46)[:500]
 
