@@ -56,7 +56,7 @@ from deployments.core.capabilities import require_capability
 from deployments.core.tokens import StreamCounter, chat_prompt_tokens, completion_budget, reply_tokens
 from deployments.errors import InvalidRequest, ModelNotFound, PromptfleetError
 from deployments.limits.metering import KeyEntry, Meter
-from deployments.schemas import ChatCompletionRequest, ChatReply, ModelCall, Share, StreamEnd, Usage
+from deployments.schemas import ChatCompletionRequest, ChatReply, Chunks, ModelCall, Share, StreamEnd, Usage
 from deployments.schemas.calls import BodyCall
 from deployments.schemas.completions import DEFAULT_MAX_TOKENS, CompletionRequest
 from deployments.schemas.embeddings import EmbeddingRequest
@@ -66,7 +66,8 @@ from deployments.telemetry import NULL, Metrics
 logger = logging.getLogger("ray.serve")
 
 class WorkerStream(Protocol):
-    """A worker's streamed answer: chunk dicts, then a ``StreamEnd``, or an error value last."""
+    """A worker's streamed answer: ``Chunks`` (lists of chunk dicts: what an upstream delivered
+    together, or a local model's chunks one by one), then a ``StreamEnd``, or an error value last."""
 
     def __anext__(self) -> Awaitable[Any]: ...
 
@@ -272,10 +273,11 @@ class ModelCalls:
         request_id: str | None = None,
         background: bool = False,
         capability: Capability = "chat",
-    ) -> AsyncGenerator[dict[str, Any] | PromptfleetError, None]:
+    ) -> AsyncGenerator[Chunks | PromptfleetError, None]:
         """Open the stream; errors before its first chunk raise (so they get their status code, or
-        a fallback). Returns the chunks to relay, ending with an error value if one happens later.
-        The usage is recorded when the returned iterator ends, however it ends."""
+        a fallback). Returns the chunks to relay in ``Chunks`` as the worker sent them (relay each
+        list as one write), ending with an error value if one happens later. The usage is recorded
+        when the returned iterator ends, however it ends."""
         started = time.monotonic()
         chain = self.chain(request, capability=capability)
         estimate = self.estimate(request)
@@ -305,7 +307,7 @@ class ModelCalls:
             except BaseException:
                 chunks.cancel()
                 raise
-            if isinstance(first, (dict, StreamEnd)):
+            if isinstance(first, (list, StreamEnd)):
                 return True, (chunks, first)
             chunks.cancel()
             return False, first
@@ -321,9 +323,9 @@ class ModelCalls:
         prompt: Callable[[], int],
         payer: KeyEntry | None,
         booked: int,
-    ) -> AsyncGenerator[dict[str, Any] | PromptfleetError, None]:
-        """Relay a stream's chunks; record its usage at the end (counted from what was relayed, with
-        the ``prompt()`` estimate, when the worker's ``StreamEnd`` did not come)."""
+    ) -> AsyncGenerator[Chunks | PromptfleetError, None]:
+        """Relay a stream's ``Chunks`` as they came; record its usage at the end (counted from what was
+        relayed, with the ``prompt()`` estimate, when the worker's ``StreamEnd`` did not come)."""
         counter = StreamCounter()
         usage: Usage | None = None
         item = first
@@ -335,10 +337,11 @@ class ModelCalls:
                 if isinstance(item, PromptfleetError):
                     yield item  # the error event ends the stream
                     return
-                if not isinstance(item, dict):
+                if not isinstance(item, list):
                     yield unexpected(model, item)
                     return
-                counter.add(item)
+                for chunk in item:
+                    counter.add(chunk)
                 yield item
                 try:
                     item = await chunks.__anext__()
@@ -376,7 +379,7 @@ class ModelCalls:
     async def text_stream(
         self, request: CompletionRequest, payer: KeyEntry | None = None, *, wait_s: float = 0.0,
         request_id: str | None = None, background: bool = False,
-    ) -> AsyncGenerator[dict[str, Any] | PromptfleetError, None]:
+    ) -> AsyncGenerator[Chunks | PromptfleetError, None]:
         """Open a /v1/completions stream, as ``stream`` does for chat."""
         started = time.monotonic()
         chain = self.chain(request, capability="completions")

@@ -11,8 +11,9 @@ One convention for every method (what ``model_calls.ModelCalls`` expects of a ``
   ``Share`` — or, for /v1/embeddings, /v1/completions and /v1/responses forwarded to an upstream that
   speaks it (``respond``, ``respond_stream``), a ``BodyCall``;
 - out, JSON: a ``ChatReply`` (the completion and its ``Usage``);
-- out, streaming: chunk dicts (the OpenAI ``chat.completion.chunk`` bodies, sent to the client as
-  they are), then one ``StreamEnd`` with the generation's usage;
+- out, streaming: ``Chunks`` — lists of chunk dicts (the OpenAI ``chat.completion.chunk`` bodies,
+  sent to the client as they are): those an upstream delivered together, or one of a provider that
+  yields chunk by chunk — then one ``StreamEnd`` with the generation's usage;
 - expected failures (a 429 upstream, a bad request) are *values*: the method returns — or, when
   streaming, yields last — the ``PromptfleetError`` instead of raising it. Across a handle a raised
   exception would be wrapped in a ``RayTaskError``, carry a formatted traceback across processes and
@@ -42,13 +43,14 @@ from deployments import request_ids
 from deployments.config import LogsConfig, ModelConfig
 from deployments.errors import InvalidRequest, PromptfleetError
 from deployments.providers import Provider, ResponsesProvider
-from deployments.schemas import ChatReply, ModelCall, StreamEnd
+from deployments.providers import StreamItem as ProviderItem
+from deployments.schemas import ChatReply, Chunks, ModelCall, StreamEnd
 from deployments.schemas.calls import BodyCall
 
 logger = logging.getLogger("ray.serve")
 
 ChatResult = ChatReply | PromptfleetError
-StreamItem = dict[str, Any] | StreamEnd | PromptfleetError
+StreamItem = Chunks | StreamEnd | PromptfleetError
 
 
 class ModelServing:
@@ -106,10 +108,11 @@ class ModelServing:
         outcome = "cancelled"  # stays if the caller stops reading (client gone, fallback) before the end
         parts: list[str] | None = [] if self.log_content else None
         try:
-            async for chunk in self.provider.stream(self.body(call), call.share):
-                if parts is not None and isinstance(chunk, dict):
-                    parts.append(_delta(chunk))
-                yield chunk
+            async for item in self.provider.stream(self.body(call), call.share):
+                chunks = _chunks(item)
+                if parts is not None and isinstance(chunks, list):
+                    parts += map(_delta, chunks)
+                yield chunks
             outcome = "ok"
         except PromptfleetError as exc:
             outcome = exc.code
@@ -190,21 +193,26 @@ class ModelServing:
         return InvalidRequest(f"The model '{self.model.name}' does not forward /v1/responses.", param="model")
 
     async def _body_stream(
-        self, call: BodyCall, what: str, source: Callable[[], AsyncIterator[dict[str, Any] | StreamEnd]]
+        self, call: BodyCall, what: str, source: Callable[[], AsyncIterator[ProviderItem]]
     ) -> AsyncGenerator[StreamItem, None]:
         """A streamed body call's items from ``source()``, its error last as a value, and its log line."""
         request_ids.use(call.request_id)
         started = time.perf_counter()
         outcome = "cancelled"
         try:
-            async for chunk in source():
-                yield chunk
+            async for item in source():
+                yield _chunks(item)
             outcome = "ok"
         except PromptfleetError as exc:
             outcome = exc.code
             yield exc
         finally:
             self._served_body(what, True, started, outcome)
+
+
+def _chunks(item: ProviderItem) -> Chunks | StreamEnd:
+    """A provider's item as served: a chunk on its own in a list of one."""
+    return [item] if isinstance(item, dict) else item
 
 
 def _text(completion: dict[str, Any]) -> str | None:

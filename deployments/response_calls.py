@@ -42,11 +42,12 @@ from deployments.core.tokens import (
 from deployments.errors import InvalidRequest, PromptfleetError
 from deployments.limits.metering import KeyEntry
 from deployments.model_calls import ModelCalls, WorkerStream, estimated
-from deployments.schemas import ChatCompletionRequest, ChatReply, ModelCall, Share
+from deployments.schemas import ChatCompletionRequest, ChatReply, Chunks, ModelCall, Share
 from deployments.schemas.calls import BodyCall
 from deployments.schemas.responses import ResponseCreate
 
-Events = AsyncGenerator[dict[str, Any] | PromptfleetError, None]
+# A streamed response's events in lists (each list one write to the client), an error value last.
+Events = AsyncGenerator[Chunks | PromptfleetError, None]
 
 
 @dataclass
@@ -199,18 +200,20 @@ def _output_tokens(response: dict[str, Any]) -> int:
 
 
 async def _translated(body: ResponseCreate, chunks: Events) -> Events:
-    """The Responses events of a streamed chat completion; an error value ends them."""
+    """The Responses events of a streamed chat completion, those of chunks that came together in one
+    list; an error value ends them."""
     sequence = responses.ResponseEvents(body)
     try:
-        for event in sequence.start():
-            yield event
-        async for chunk in chunks:
-            if isinstance(chunk, PromptfleetError):
-                yield _renamed(chunk)
+        yield sequence.start()
+        async for batch in chunks:
+            if isinstance(batch, PromptfleetError):
+                yield _renamed(batch)
                 return
-            for event in sequence.chunk(chunk):
-                yield event
-        for event in sequence.end():
-            yield event
+            events = [event for chunk in batch for event in sequence.chunk(chunk)]
+            if events:
+                yield events
+        events = sequence.end()
+        if events:
+            yield events
     finally:
         await chunks.aclose()  # stops the worker's generation and bills what was produced

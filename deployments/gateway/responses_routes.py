@@ -17,10 +17,10 @@ is an ``error`` event (numbered after the last event sent), and the stream ends 
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
+import pydantic_core
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
@@ -32,8 +32,12 @@ from deployments.response_calls import Events, ResponseCalls
 from deployments.schemas.responses import ResponseCreate
 
 
-def _sse(event: dict[str, Any]) -> str:
-    return f"event: {event.get('type', 'message')}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n"
+def _sse(event: dict[str, Any]) -> bytes:
+    # pydantic's serializer, as chat's ``sse``: the compact JSON ``json.dumps`` wrote (non-ASCII as
+    # UTF-8 rather than \u escapes, the same text to a JSON parser).
+    kind = event.get("type", "message")
+    return b"event: " + (kind if isinstance(kind, str) else str(kind)).encode() + b"\ndata: " + \
+        pydantic_core.to_json(event) + b"\n\n"
 
 
 class ResponsesRoutes:
@@ -65,18 +69,22 @@ class ResponsesRoutes:
         return router
 
 
-async def events(stream: Events, request_id: str | None = None) -> AsyncIterator[str]:
-    """The SSE lines of a streamed response's events; an error value becomes an ``error`` event."""
+async def events(stream: Events, request_id: str | None = None) -> AsyncIterator[bytes]:
+    """The SSE lines of a streamed response's events, those that came together in one write; an error
+    value becomes an ``error`` event."""
     last = -1
     try:
-        async for event in stream:
-            if isinstance(event, PromptfleetError):
-                error = event.to_body(request_id)["error"]
+        async for batch in stream:
+            if isinstance(batch, PromptfleetError):
+                error = batch.to_body(request_id)["error"]
                 # OpenAI's error event: its fields at the top level; `error` too, which the client raises.
                 yield _sse({**error, "type": "error", "sequence_number": last + 1, "error": error})
                 return
-            number = event.get("sequence_number")
-            last = number if isinstance(number, int) else last + 1
-            yield _sse(event)
+            lines = []
+            for event in batch:
+                number = event.get("sequence_number")
+                last = number if isinstance(number, int) else last + 1
+                lines.append(_sse(event))
+            yield b"".join(lines)
     finally:
         await stream.aclose()  # stops the worker's generation and bills what was produced

@@ -1,8 +1,8 @@
 """Providers: what a worker holds to produce completions.
 
 A provider turns an OpenAI-shaped chat body into a completion dict or a stream
-of chunk dicts ended by one ``schemas.StreamEnd`` (and likewise a /v1/completions body;
-an embeddings body into an embedding response) (the usage of the generation,
+of chunk dicts (or lists of them: ``StreamItem``) ended by one ``schemas.StreamEnd``
+(and likewise a /v1/completions body; an embeddings body into an embedding response) (the usage of the generation,
 whether or not the client asked for a usage chunk), and raises only
 ``deployments.errors`` exceptions. The body's ``max_tokens`` is within the
 model's ``output_limit`` (``ModelWorker`` sees to it).
@@ -19,8 +19,13 @@ from urllib.parse import urlsplit
 from ray.serve.handle import DeploymentHandle
 
 from deployments.config import LlamaCppModel, ModelConfig, embedded_model_path
-from deployments.schemas import Budget, Share, StreamEnd
+from deployments.schemas import Budget, Chunks, Share, StreamEnd
 from deployments.telemetry import NULL, Metrics
+
+# What a provider's stream yields: a chunk dict, or ``Chunks`` that arrived together (an upstream's
+# stream, ``providers.relay``), then one ``StreamEnd``. ``model_serving.ModelServing`` hands both on
+# as ``Chunks``, so a local model's per-token chunks need no list of their own.
+StreamItem = dict[str, Any] | Chunks | StreamEnd
 
 
 class Provider(Protocol):
@@ -28,7 +33,7 @@ class Provider(Protocol):
 
     async def chat(self, body: dict[str, Any], share: Share | None = None) -> dict[str, Any]: ...
 
-    def stream(self, body: dict[str, Any], share: Share | None = None) -> AsyncIterator[dict[str, Any] | StreamEnd]: ...
+    def stream(self, body: dict[str, Any], share: Share | None = None) -> AsyncIterator[StreamItem]: ...
 
     async def embed(self, body: dict[str, Any], share: Share | None = None) -> dict[str, Any]:
         """An OpenAI embedding response (``list`` of ``embedding`` objects, usage) for a validated body."""
@@ -40,7 +45,7 @@ class Provider(Protocol):
 
     def complete_stream(
         self, body: dict[str, Any], share: Share | None = None
-    ) -> AsyncIterator[dict[str, Any] | StreamEnd]: ...
+    ) -> AsyncIterator[StreamItem]: ...
 
     async def close(self) -> None: ...
 
@@ -54,7 +59,7 @@ class ResponsesProvider(Protocol):
 
     def respond_stream(
         self, body: dict[str, Any], share: Share | None = None
-    ) -> AsyncIterator[dict[str, Any] | StreamEnd]: ...
+    ) -> AsyncIterator[StreamItem]: ...
 
 
 def build_provider(

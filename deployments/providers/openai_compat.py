@@ -52,7 +52,7 @@ from deployments.errors import (
 )
 from deployments.limits.guard import UpstreamGuard
 from deployments.providers.relay import Relay, RelayStream
-from deployments.schemas import Share, StreamEnd, Usage
+from deployments.schemas import Chunks, Share, StreamEnd, Usage
 from deployments.schemas.completions import DEFAULT_MAX_TOKENS
 from deployments.schemas.inputs import item_tokens, items
 from deployments.telemetry import NULL, Metrics
@@ -200,20 +200,22 @@ class OpenAIProvider:
         per_prompt = completion_budget(body.get("max_tokens") or DEFAULT_MAX_TOKENS, self.config.output_limit)
         return sum(item_tokens(p) for p in prompts) + per_prompt * max(len(prompts), 1) * (body.get("n") or 1)
 
-    def stream(self, body: dict[str, Any], share: Share | None = None) -> AsyncIterator[dict[str, Any] | StreamEnd]:
+    def stream(self, body: dict[str, Any], share: Share | None = None) -> AsyncIterator[Chunks | StreamEnd]:
+        """The stream's chunks in lists (those that arrived together: ``relay.RelayStream``), then a
+        ``StreamEnd``."""
         return self._sse("/chat/completions", body, self.estimate(body),
                          chat_prompt_tokens(body), share)
 
     def complete_stream(
         self, body: dict[str, Any], share: Share | None = None
-    ) -> AsyncIterator[dict[str, Any] | StreamEnd]:
+    ) -> AsyncIterator[Chunks | StreamEnd]:
         """Forwarded to the upstream's /completions as a stream."""
         prompt = sum(item_tokens(p) for p in items(body["prompt"]))
         return self._sse("/completions", body, self.completion_estimate(body), prompt, share)
 
     async def _sse(
         self, path: str, body: dict[str, Any], tokens: int, prompt_estimate: int, share: Share | None
-    ) -> AsyncIterator[dict[str, Any] | StreamEnd]:
+    ) -> AsyncIterator[Chunks | StreamEnd]:
         client_wants_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         payload = {
             **body,
@@ -228,15 +230,19 @@ class OpenAIProvider:
         usage: Usage | None = None
         counter = StreamCounter()
         try:
-            async for chunk in upstream:
-                if isinstance(chunk, dict):
-                    if chunk.get("usage"):
-                        usage = Usage.of(chunk["usage"]) or usage
-                        if not chunk.get("choices") and not client_wants_usage:
-                            continue  # the usage chunk we asked for on our own account
-                    counter.add(chunk)
-                    chunk["model"] = self.config.name
-                    yield chunk
+            async for events in upstream:
+                chunks: Chunks = []
+                for chunk in events:
+                    if isinstance(chunk, dict):
+                        if chunk.get("usage"):
+                            usage = Usage.of(chunk["usage"]) or usage
+                            if not chunk.get("choices") and not client_wants_usage:
+                                continue  # the usage chunk we asked for on our own account
+                        counter.add(chunk)
+                        chunk["model"] = self.config.name
+                        chunks.append(chunk)
+                if chunks:
+                    yield chunks
             yield StreamEnd(usage=usage)
         except Exception as exc:
             raise translate_upstream_error(exc, self.config.name, self.config.max_retry_after_s) from None
@@ -259,11 +265,12 @@ class OpenAIProvider:
 
     async def respond_stream(
         self, body: dict[str, Any], share: Share | None = None
-    ) -> AsyncIterator[dict[str, Any] | StreamEnd]:
-        """Forwarded to the upstream's /responses as a stream: its events as they come (the ``model`` of
-        the response they carry renamed), then a ``StreamEnd`` with the usage of its last
-        ``response.completed`` / ``response.incomplete``. An ``error`` or ``response.failed`` event
-        ends the stream with ``UpstreamError`` (our words, not the upstream's)."""
+    ) -> AsyncIterator[Chunks | StreamEnd]:
+        """Forwarded to the upstream's /responses as a stream: its events as they come, in lists as
+        they arrived together (the ``model`` of the response they carry renamed), then a ``StreamEnd``
+        with the usage of its last ``response.completed`` / ``response.incomplete``. An ``error`` or
+        ``response.failed`` event ends the stream with ``UpstreamError`` (our words, not the
+        upstream's)."""
         tokens = self.response_estimate(body)
         payload = {**body, "model": self.upstream_model, "stream": True}
 
@@ -273,17 +280,25 @@ class OpenAIProvider:
         usage: Usage | None = None
         counter = StreamCounter()
         try:
-            async for event in upstream:
-                if not isinstance(event, dict):
-                    continue
-                response = event.get("response")
-                if isinstance(response, dict):
-                    response["model"] = self.config.name
-                    usage = Usage.of(response.get("usage")) or usage
-                if event.get("type") in ("error", "response.failed"):
+            async for received in upstream:
+                events: Chunks = []
+                failed = False
+                for event in received:
+                    if not isinstance(event, dict):
+                        continue
+                    response = event.get("response")
+                    if isinstance(response, dict):
+                        response["model"] = self.config.name
+                        usage = Usage.of(response.get("usage")) or usage
+                    if event.get("type") in ("error", "response.failed"):
+                        failed = True
+                        break
+                    counter.add(event)
+                    events.append(event)
+                if events:  # those before the error event still go out, as they did one by one
+                    yield events
+                if failed:
                     raise UpstreamError(f"The upstream for model '{self.config.name}' reported an error mid-stream.")
-                counter.add(event)
-                yield event
             yield StreamEnd(usage=usage)
         except Exception as exc:
             raise translate_upstream_error(exc, self.config.name, self.config.max_retry_after_s) from None
@@ -300,12 +315,13 @@ class OpenAIProvider:
 
     async def _open_stream(
         self, path: str, payload: dict[str, Any], remaining_s: float
-    ) -> AsyncStream[object] | RelayStream:
+    ) -> SDKStream | RelayStream:
         """One try at opening an SSE answer: through the relay, or the SDK for an injected client."""
         if self.relay is not None:
             return await self.relay.stream(path, payload, remaining_s, request_ids.current())
-        return await self.client.post(path, cast_to=object, body=payload, options=self._options(remaining_s),
-                                      stream=True, stream_cls=AsyncStream[object])
+        return SDKStream(await self.client.post(path, cast_to=object, body=payload,
+                                                options=self._options(remaining_s), stream=True,
+                                                stream_cls=AsyncStream[object]))
 
     def _options(self, remaining: float) -> RequestOptions:
         """Per-try request options: the try's timeout and, when the call serves a request, its id as
@@ -362,3 +378,17 @@ class OpenAIProvider:
                 self.metrics.upstream_call(name, "ok", time.monotonic() - started)
                 self.guard.success()
                 return result
+
+
+class SDKStream:
+    """The SDK's stream (an injected client's) read as the relay's: its events in lists (of one)."""
+
+    def __init__(self, stream: AsyncStream[object]) -> None:
+        self.stream = stream
+
+    async def __aiter__(self) -> AsyncIterator[list[Any]]:
+        async for event in self.stream:
+            yield [event]
+
+    async def close(self) -> None:
+        await self.stream.close()

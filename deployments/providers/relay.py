@@ -5,7 +5,7 @@ Why: the OpenAI SDK builds, per call, request options, httpx ``Headers`` and ``U
 response wrapper, ~0.6 ms of CPU per call on top of the HTTP client's own ~0.2 ms (in-process,
 256 concurrent; docs/performance.md) — most of the CPU a Gateway spends on an upstream call. A
 relay needs none of it: the body goes out as JSON bytes, the answer comes back as a dict (JSON) or
-chunk dicts (SSE), nothing else is built.
+lists of chunk dicts (SSE: the events of one read together), nothing else is built.
 
 Failures are raised as the SDK would raise them (``openai.RateLimitError``,
 ``InternalServerError``, ``APIStatusError``, ``APIConnectionError``, ``APITimeoutError``, and
@@ -115,14 +115,22 @@ class Relay:
 
 
 class RelayStream:
-    """The events of an SSE answer as parsed JSON, ending at ``[DONE]`` or the end of the body."""
+    """The events of an SSE answer as parsed JSON, ending at ``[DONE]`` or the end of the body.
+
+    Iterated, it yields lists of events: all the complete events of one read from the connection,
+    in order (never empty). A read returns whatever has arrived, so an event is yielded as soon as
+    it is read (nothing waits for a batch to fill), and the events that piled up while the event
+    loop served other streams travel on as one batch: each layer above pays its hop, and the client
+    its ``send`` and socket write, once per batch rather than once per event — a busier process
+    spends less per event (docs/performance.md, "Flat cost").
+    """
 
     def __init__(self, response: aiohttp.ClientResponse, url: str) -> None:
         self.response = response
         self.url = url
         self.done = False
 
-    async def __aiter__(self) -> AsyncIterator[Any]:
+    async def __aiter__(self) -> AsyncIterator[list[Any]]:
         # Bytes throughout: each event's data is parsed from the bytes it arrived in (a stream's
         # hundreds of chunks each paid a decode, a join and the stdlib's parser before).
         data: list[bytes] = []
@@ -131,6 +139,8 @@ class RelayStream:
             # Lines split here, not by aiohttp's readline (which refuses lines over its buffer size).
             async for received in self.response.content.iter_any():
                 *lines, pending = (pending + received).split(b"\n")
+                batch: list[Any] = []
+                failure: Exception | None = None
                 for raw in lines:
                     line = raw.rstrip(b"\r")
                     if line:
@@ -143,8 +153,19 @@ class RelayStream:
                     data = []
                     if text.startswith(b"[DONE]"):
                         self.done = True
-                        return
-                    yield _event(text, self.url)
+                        break
+                    event = _event(text, self.url)
+                    if isinstance(event, Exception):
+                        failure = event
+                        break
+                    batch.append(event)
+                # The events before a failed one (or [DONE]) go out first, as they did one by one.
+                if batch:
+                    yield batch
+                if failure is not None:
+                    raise failure
+                if self.done:
+                    return
             if pending.strip().startswith(b"data:"):
                 data.append(pending.strip()[5:].removeprefix(b" "))
             if data:  # a last event without the blank line after it
@@ -152,7 +173,10 @@ class RelayStream:
                 if text.startswith(b"[DONE]"):
                     self.done = True
                     return
-                yield _event(text, self.url)
+                event = _event(text, self.url)
+                if isinstance(event, Exception):
+                    raise event
+                yield [event]
             self.done = True
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise openai.APITimeoutError(request=_request(self.url)) from exc
@@ -169,14 +193,20 @@ class RelayStream:
 
 
 def _event(text: bytes, url: str) -> Any:
+    """The event's data parsed, or the exception its stream ends with (returned, so that the events
+    read before it are yielded first): ``ValueError`` for invalid JSON or UTF-8, as before, or
+    ``openai.APIError`` for an event carrying an ``error``."""
     # pydantic's parser (already a dependency): ~0.9 µs for a chat chunk against ~2.2 µs for
-    # ``json.loads`` of the decoded text; invalid JSON or UTF-8 is a ``ValueError`` as before.
-    data = pydantic_core.from_json(text)
+    # ``json.loads`` of the decoded text.
+    try:
+        data = pydantic_core.from_json(text)
+    except ValueError as exc:
+        return exc
     if isinstance(data, dict) and data.get("error"):
         error = data["error"]
         message = error.get("message") if isinstance(error, dict) else None
-        raise openai.APIError(message if isinstance(message, str) and message else
-                              "An error occurred during streaming", _request(url), body=error)
+        return openai.APIError(message if isinstance(message, str) and message else
+                               "An error occurred during streaming", _request(url), body=error)
     return data
 
 

@@ -30,7 +30,7 @@ from deployments.schemas.batches import (
     FileList,
     FileView,
 )
-from deployments.schemas.calls import ChatReply, ModelCall, StreamEnd, Usage
+from deployments.schemas.calls import ChatReply, Chunks, ModelCall, StreamEnd, Usage
 from deployments.schemas.chat import (
     INT64_MAX,
     MAX_TOKENS_LIMIT,
@@ -111,6 +111,7 @@ __all__ = [
     "ChatCompletionRequest",
     "ChatMessage",
     "ChatReply",
+    "Chunks",
     "DayTokens",
     "FileDeleted",
     "FileList",

@@ -1,7 +1,7 @@
 """What crosses the ModelWorker handle.
 
 ``deployments.model_calls`` sends a ``ModelCall``; the worker answers a ``ChatReply`` (JSON) or a
-stream of chunk dicts ended by one ``StreamEnd``; expected errors come back as values (a
+stream of ``Chunks`` (lists of chunk dicts) ended by one ``StreamEnd``; expected errors come back as values (a
 ``PromptfleetError`` returned, or yielded last). See ``deployments.model_worker``.
 """
 
@@ -98,6 +98,12 @@ def _chat_reply(completion: dict[str, Any], usage: tuple[int, int] | None) -> Ch
     return ChatReply(completion=completion, usage=counted)
 
 
+# A stream's chunk dicts that travel together, in order (never empty): those an upstream's answer
+# delivered in one read, or one chunk of a local model. Each layer from the provider to the client's
+# socket then pays its step once per list, not once per chunk (docs/performance.md, "Flat cost").
+Chunks = list[dict[str, Any]]
+
+
 class StreamEnd(BaseModel):
     """The last item of a worker's stream: what the generation used (None if the provider did not say)."""
 
@@ -109,7 +115,7 @@ class BodyCall(BaseModel):
     ``complete_stream``): the OpenAI body the Gateway validated (``EmbeddingRequest`` /
     ``CompletionRequest``, only the fields the client set; ``model`` is the configured model the call
     is for, after fallbacks), its request id and payer. The answer is a ``ChatReply`` (its
-    ``completion`` is the route's response body) or, streaming, chunk dicts then a ``StreamEnd``."""
+    ``completion`` is the route's response body) or, streaming, ``Chunks`` then a ``StreamEnd``."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -5,11 +5,15 @@ Serve-handle-shaped wrappers around plain objects (the RateLimiter and TaskStore
 for each model a script of what its next calls do —
 
 - ``"ok"`` (the default once a script is used up): a ``ChatReply`` / a stream of ``chunks`` text
-  pieces ending with a ``StreamEnd`` carrying ``usage``;
+  pieces ending with a ``StreamEnd`` carrying ``usage``; the pieces come as a worker relaying an
+  upstream sends them: the first in a list of its own, the rest in one list (they arrived together);
 - a ``PromptfleetError`` instance: returned (or yielded, streaming) as a value, like a worker does;
 - any other exception instance (Ray's ``BackPressureError``, ``ActorDiedError``, …): raised, like
   a handle does when the call could not be delivered or its replica died;
 - ``"hang"``: never answers (until cancelled).
+
+A scripted stream (a list of steps) is sent item by item, a chunk dict in a list of one (as a local
+model's chunks); a list in it is sent as it is (chunks that came together).
 
 The other routes' methods (``embed``, ``complete``, ``complete_stream``, ``respond``,
 ``respond_stream``) answer in their route's shape; ``respond_stream``'s events are those of
@@ -32,7 +36,7 @@ USAGE = Usage(prompt_tokens=7, completion_tokens=3, total_tokens=10)
 
 class FakeStream:
     def __init__(self, items: list[Any]) -> None:
-        self.items = items
+        self.items = [[item] if isinstance(item, dict) else item for item in items]
         self.cancelled = False
         self.taken = 0
 
@@ -53,6 +57,16 @@ class FakeStream:
 
     def cancel(self) -> None:
         self.cancelled = True
+
+
+def together(chunks: list[dict[str, Any]]) -> list[Any]:
+    """A stream's chunks as a relaying worker sends them: the first alone, the rest in one list."""
+    return [chunks[:1], chunks[1:]] if len(chunks) > 1 else [chunks] if chunks else []
+
+
+def relayed(items: list[Any]) -> list[Any]:
+    """A relayed stream's items one by one: the chunks of each list in order, an error value as it is."""
+    return [chunk for item in items for chunk in (item if isinstance(item, list) else [item])]
 
 
 class FakeWorkers:
@@ -99,11 +113,11 @@ class FakeWorkers:
         self.calls.append((model, call))
         step = self._next(model)
         if step == "ok":
-            items: list[Any] = [
+            items: list[Any] = together([
                 {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "model": model,
                  "choices": [{"index": 0, "delta": {"content": text}}]}
                 for text in self.chunks
-            ]
+            ])
             items.append(StreamEnd(usage=self.usage))
         elif isinstance(step, list):
             items = list(step)  # a scripted stream, item by item
@@ -143,10 +157,11 @@ class FakeWorkers:
         self.calls.append((model, call))
         step = self._next(model)
         if step == "ok" and method == "respond_stream":
-            items: list[Any] = [*response_events(model, self.chunks, self.usage), StreamEnd(usage=self.usage)]
+            items: list[Any] = [*together(response_events(model, self.chunks, self.usage)),
+                                StreamEnd(usage=self.usage)]
         elif step == "ok":
-            items = [{"id": "cmpl-fake", "object": "text_completion", "model": model,
-                      "choices": [{"index": 0, "text": text}]} for text in self.chunks]
+            items = together([{"id": "cmpl-fake", "object": "text_completion", "model": model,
+                               "choices": [{"index": 0, "text": text}]} for text in self.chunks])
             items.append(StreamEnd(usage=self.usage))
         else:
             items = list(step) if isinstance(step, list) else [step]

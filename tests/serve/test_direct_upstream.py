@@ -104,6 +104,23 @@ def test_without_a_fallback_the_failure_has_the_openai_shape(direct: str, fake: 
     assert "Traceback" not in caught.value.response.text
 
 
+def test_a_long_stream_arrives_whole_and_in_order_and_a_stalled_one_at_once(direct: str, fake: Any) -> None:
+    """500 chunks the upstream wrote at once travel in few writes (``chat_routes.events``): the client
+    still gets every event, in order; a stream whose upstream stalls after two chunks gets them now."""
+    fake.configure(stream_chunks=500)
+    with openai.OpenAI(base_url=direct, api_key="unused", max_retries=0) as client:  # its pool closed after
+        chunks = list(client.chat.completions.create(model="direct-b", messages=HELLO, stream=True))
+    assert len(chunks) == 502 and {c.model for c in chunks} == {"direct-b"}
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == ("echo: hello" * 46)[:500]
+
+    fake.configure(mode="stall_stream")
+    body = {"model": "direct-b", "messages": HELLO, "stream": True}
+    # The read timeout guards against a hang; the upstream sends nothing after its two chunks.
+    with httpx.stream("POST", f"{direct}/chat/completions", json=body, timeout=httpx.Timeout(60, read=5)) as answer:
+        events = (line for line in answer.iter_lines() if line.startswith("data: "))
+        assert '"model":"direct-b"' in next(events) and '"model":"direct-b"' in next(events)
+
+
 def test_the_request_id_reaches_the_upstream_and_the_gateways_log(direct: str, fake: Any) -> None:
     assert chat(direct, "direct-b", "direct-id-1").status_code == 200
     assert chat(direct, "direct-b", "direct-id-2", stream=True).status_code == 200

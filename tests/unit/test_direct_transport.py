@@ -8,17 +8,19 @@ import asyncio
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
+import pydantic_core
 import pytest
 
 from deployments import errors, request_ids
 from deployments.config import OpenAIModel
 from deployments.direct_transport import QUEUE_FACTOR, DirectTransport
+from deployments.gateway.chat_routes import events, sse
 from deployments.model_calls import ModelCalls
 from deployments.model_serving import ModelServing
 from deployments.providers.openai_compat import OpenAIProvider
 from deployments.schemas import ChatCompletionRequest
 from tests.fakes.upstream import FakeUpstream
-from tests.fakes.workers import FakeWorkers
+from tests.fakes.workers import FakeWorkers, relayed
 from tests.waiting import until
 
 
@@ -117,13 +119,49 @@ def test_a_stream_relays_the_upstream_chunks_and_a_fallback_streams_too(fake: Fa
     fake.configure(mode="error", fail_first_n=1)
 
     async def go(calls: ModelCalls, *_: Any) -> None:
-        chunks = [c async for c in await calls.stream(request("a", stream=True))]
+        chunks = relayed([c async for c in await calls.stream(request("a", stream=True))])
         assert {c["model"] for c in chunks if isinstance(c, dict)} == {"b"}
         text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c.get("choices"))
         assert text == "echo: hi"
         assert not any(isinstance(c, dict) and c.get("usage") and not c.get("choices") for c in chunks)
 
     scenario(fake, go)
+
+
+def test_chunks_read_together_are_relayed_together_whole_and_in_order(fake: FakeUpstream) -> None:
+    """The fake upstream writes its 500 chunks at once: they reach the Gateway in few reads, and each
+    read's chunks go on as one list, then as one write of the same SSE bytes, one event per chunk."""
+    fake.configure(stream_chunks=500)
+
+    async def go(calls: ModelCalls, *_: Any) -> None:
+        writes = [w async for w in events(await calls.stream(request("b", stream=True)), "r-1")]
+        sent = b"".join(writes)
+        assert sent.endswith(b"data: [DONE]\n\n")
+        chunks = [pydantic_core.from_json(e[len(b"data: "):]) for e in sent.split(b"\n\n")[:-2]]
+        assert all(c["model"] == "b" for c in chunks)
+        assert sent == b"".join(sse(c) for c in chunks) + b"data: [DONE]\n\n"  # the bytes of one by one
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+        assert text == ("echo: hi" * 63)[:500] and len(chunks) == 502  # the role chunk, 500, the finish
+        assert len(writes) < len(chunks) // 2  # most writes carried several events
+
+    scenario(fake, go)
+
+
+def test_a_stalled_stream_relays_its_first_chunks_without_waiting_for_more(fake: FakeUpstream) -> None:
+    """The fake sends two chunks, then nothing: they are written at once, not held for company."""
+    fake.configure(mode="stall_stream")
+
+    async def go(calls: ModelCalls, *_: Any) -> None:
+        writes = events(await calls.stream(request("b", stream=True)))
+        try:
+            received = b""
+            while received.count(b"\n\n") < 2:  # the upstream's two chunks, in one write or two
+                received += await asyncio.wait_for(anext(writes), 5)  # a guard against a hang, not a timing
+            assert received.startswith(b"data: ") and b'"model":"b"' in received
+        finally:
+            await writes.aclose()
+
+    scenario(fake, go, timeout_s=30)
 
 
 def test_the_request_id_goes_upstream(fake: FakeUpstream) -> None:
@@ -146,7 +184,7 @@ def test_a_stream_left_early_stops_the_upstream_and_frees_its_place(fake: FakeUp
 
     async def go(calls: ModelCalls, transport: DirectTransport, _: FakeWorkers) -> None:
         chunks = await calls.stream(request("a", stream=True))
-        assert isinstance(await chunks.__anext__(), dict)
+        assert isinstance(await chunks.__anext__(), list)
         assert transport.in_flight["a"] == 1
         await chunks.aclose()  # the client hung up
         assert transport.in_flight["a"] == 0
@@ -197,7 +235,7 @@ def test_a_stream_that_breaks_after_its_first_chunks_ends_with_our_error(
     fake.configure(mode=mode)
 
     async def go(calls: ModelCalls, *_: Any) -> None:
-        items = [item async for item in await calls.stream(request("b", stream=True))]
+        items = relayed([item async for item in await calls.stream(request("b", stream=True))])
         assert isinstance(items[0], dict) and items[0]["model"] == "b"
         assert isinstance(items[-1], error) and all(isinstance(i, dict) for i in items[:-1])
 

@@ -22,7 +22,7 @@ from deployments.config import OpenAIModel
 from deployments.model_calls import ModelCalls
 from deployments.schemas import ChatCompletionRequest, StreamEnd, Usage
 from tests.fakes.metering import Metered, metered
-from tests.fakes.workers import USAGE, FakeWorkers
+from tests.fakes.workers import USAGE, FakeWorkers, relayed
 from tests.waiting import until
 
 
@@ -137,7 +137,7 @@ def test_ray_failures_fall_back_json_and_streaming(failure: Exception) -> None:
     assert run(calls.complete(request("a")))["model"] == "b"
 
     async def stream() -> list[Any]:
-        return [chunk async for chunk in await calls.stream(request("a", stream=True))]
+        return relayed([chunk async for chunk in await calls.stream(request("a", stream=True))])
 
     chunks = run(stream())
     assert workers.models_called()[-2:] == ["a", "b"] and chunks[0]["model"] == "b"
@@ -165,8 +165,10 @@ def test_stream_errors_before_the_first_chunk_raise_and_after_it_are_values() ->
     async def relay() -> list[Any]:
         return [c async for c in await ModelCalls(MODELS, late).stream(request("b", stream=True))]
 
+    # The chunk in its list as the worker sent it, then the error value.
+
     items = run(relay())
-    assert items[0] == chunk and isinstance(items[1], errors.UpstreamError) and len(items) == 2
+    assert items[0] == [chunk] and isinstance(items[1], errors.UpstreamError) and len(items) == 2
 
 
 # -- metering -------------------------------------------------------------------------------------
@@ -323,8 +325,8 @@ def test_a_keys_rpm_refuses_at_once_or_waits_when_asked(tmp_path: Path) -> None:
 def test_a_stream_without_include_usage_is_billed_with_the_workers_count(tmp_path: Path) -> None:
     async def scenario(m: Metered) -> None:
         key = await m.key(tpm=100_000)
-        chunks = [c async for c in await ModelCalls(MODELS, FakeWorkers(), m.meter).stream(
-            request("b", stream=True), key, wait_s=1)]
+        chunks = relayed([c async for c in await ModelCalls(MODELS, FakeWorkers(), m.meter).stream(
+            request("b", stream=True), key, wait_s=1)])
         assert all(isinstance(c, dict) and "usage" not in c for c in chunks) and len(chunks) == 3
         (row,) = await m.usage(key)
         assert row["total_tokens"] == USAGE.total_tokens
@@ -339,12 +341,12 @@ def test_an_abandoned_stream_is_cancelled_and_billed_what_was_relayed(tmp_path: 
         workers = FakeWorkers(chunks=("x" * 40, "y", "z", "w"))
         calls = ModelCalls(MODELS, workers, m.meter)
         relay = await calls.stream(request("b", stream=True), key, wait_s=1)
-        assert isinstance(await relay.__anext__(), dict)
-        assert isinstance(await relay.__anext__(), dict)
-        await relay.aclose()  # the client hung up after two chunks
+        assert len(await relay.__anext__()) == 1
+        assert len(await relay.__anext__()) == 3  # the rest, as the worker sent them: together
+        await relay.aclose()  # the client hung up before the end
         assert workers.streams[0].cancelled
         (row,) = await m.usage(key)
-        # Counted conservatively: 40 characters -> 10 tokens, and 1 for the second chunk.
+        # Counted conservatively: 43 characters -> 11 tokens (more than the 4 chunks).
         assert row["completion_tokens"] == 11
         assert row["prompt_tokens"] == calls.estimate(request("b")) - 256  # the prompt estimate
         assert await m.settled(key) == row["total_tokens"]

@@ -27,9 +27,10 @@ class FakeProvider:
             raise self.fail
         return {"model": "m", "choices": [], "usage": {"prompt_tokens": 2, "completion_tokens": 1}}
 
-    async def stream(self, body: dict[str, Any], share: Any = None) -> AsyncIterator[dict[str, Any] | StreamEnd]:
+    async def stream(self, body: dict[str, Any], share: Any = None) -> AsyncIterator[Any]:
         self.bodies.append(body)
-        yield {"choices": [{"delta": {"content": "a"}}]}
+        yield {"choices": [{"delta": {"content": "a"}}]}  # a chunk on its own, as a local model's
+        yield [{"choices": [{"delta": {"content": "b"}}]}, {"choices": [{"delta": {"content": "c"}}]}]  # together
         if self.fail is not None:
             raise self.fail
         yield StreamEnd(usage=Usage(prompt_tokens=2, completion_tokens=1, total_tokens=3))
@@ -73,14 +74,17 @@ def test_expected_errors_come_back_as_values() -> None:
         return [item async for item in worker.chat_stream(call(stream=True))]
 
     streamed = asyncio.run(items())
-    assert isinstance(streamed[0], dict) and streamed[-1] is error
+    assert isinstance(streamed[0], list) and streamed[-1] is error
 
 
 def test_a_stream_ends_with_its_usage() -> None:
     async def items() -> list[Any]:
         return [item async for item in Worker(CONFIG, provider=FakeProvider()).chat_stream(call(stream=True))]
 
-    assert asyncio.run(items())[-1] == StreamEnd(usage=Usage(prompt_tokens=2, completion_tokens=1, total_tokens=3))
+    streamed = asyncio.run(items())
+    # Served as Chunks: the chunk yielded on its own in a list of one, those yielded together as they came.
+    assert [[c["choices"][0]["delta"]["content"] for c in chunks] for chunks in streamed[:-1]] == [["a"], ["b", "c"]]
+    assert streamed[-1] == StreamEnd(usage=Usage(prompt_tokens=2, completion_tokens=1, total_tokens=3))
 
 
 def test_max_tokens_above_the_models_limit_is_lowered_for_a_fallback() -> None:
@@ -123,7 +127,7 @@ def test_responses_are_forwarded_by_a_provider_that_can_and_refused_by_one_that_
         usage=Usage(prompt_tokens=4, completion_tokens=2, total_tokens=6))
     error = errors.UpstreamError("down")
     streamed = asyncio.run(items(Worker(CONFIG, provider=ForwardingProvider(fail=error))))
-    assert streamed[0]["type"] == "response.created" and streamed[-1] is error
+    assert streamed[0][0]["type"] == "response.created" and streamed[-1] is error
     # A provider without /responses (the local model) answers a 400 naming `model`, as a value.
     refused = asyncio.run(Worker(CONFIG, provider=FakeProvider()).respond(body))
     assert isinstance(refused, errors.InvalidRequest) and refused.param == "model"

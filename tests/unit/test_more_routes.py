@@ -24,7 +24,7 @@ from deployments.schemas.embeddings import EmbeddingRequest
 from deployments.store.keys import ANONYMOUS_OWNER
 from jobs.batchlines import LineError, parse_line
 from tests.fakes.metering import Metered, metered
-from tests.fakes.workers import FakeWorkers, Handle
+from tests.fakes.workers import FakeWorkers, Handle, relayed
 from tests.unit.test_model_calls import run
 
 
@@ -123,7 +123,7 @@ def test_completions_json_and_stream_through_the_path() -> None:
 
     async def stream() -> list[Any]:
         chunks = await calls.text_stream(completion(stream=True))
-        return [c async for c in chunks]
+        return relayed([c async for c in chunks])
 
     assert [c["choices"][0]["text"] for c in run(stream())] == ["Hel", "lo", "!"]
 

@@ -192,7 +192,7 @@ def test_streams_always_ask_for_usage_and_hand_it_back_at_the_end(client_asked: 
     items = asyncio.run(go())
     assert seen[0]["stream_options"] == {"include_usage": True}
     assert items[-1] == StreamEnd(usage=Usage(prompt_tokens=5, completion_tokens=1, total_tokens=6))
-    chunks = [i for i in items if isinstance(i, dict)]
+    chunks = [c for i in items if isinstance(i, list) for c in i]
     assert [bool(c.get("usage")) for c in chunks] == ([False, True] if client_asked else [False])
     assert all(c["model"] == "m" for c in chunks)
 
@@ -240,8 +240,10 @@ def test_a_forwarded_stream_relays_events_and_ends_with_the_completed_usage() ->
                                                                               "usage": None}}
     delta = {"type": "response.output_text.delta", "sequence_number": 1, "delta": "hi"}
     completed = {"type": "response.completed", "sequence_number": 2, "response": RESPONSE}
-    items = respond(lambda request: event_stream(created, delta, completed), stream=True)
-    assert isinstance(items, list) and [i["type"] for i in items[:-1]] == [
+    streamed = respond(lambda request: event_stream(created, delta, completed), stream=True)
+    assert isinstance(streamed, list)
+    items = [*(event for events in streamed[:-1] for event in events), streamed[-1]]
+    assert [i["type"] for i in items[:-1]] == [
         "response.created", "response.output_text.delta", "response.completed"]
     assert items[0]["response"]["model"] == items[2]["response"]["model"] == "m"
     assert items[1] == delta

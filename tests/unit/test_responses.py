@@ -158,14 +158,17 @@ def test_an_error_mid_stream_is_an_error_event_and_no_completed() -> None:
     from deployments.gateway.responses_routes import events
     from deployments.response_calls import _translated
 
-    async def chunks() -> AsyncGenerator[dict[str, Any] | PromptfleetError, None]:
-        yield chunk({"content": "Hel"})
+    async def chunks() -> AsyncGenerator[list[dict[str, Any]] | PromptfleetError, None]:
+        yield [chunk({"content": "Hel"}), chunk({"content": "lo"})]
         yield Overloaded("Model 'm' is temporarily unavailable; retry shortly.", retry_after=1)
 
-    async def collect() -> list[str]:
+    async def collect() -> list[bytes]:
         return [text async for text in events(_translated(create(stream=True), chunks()), "req-1")]
 
-    sent = asyncio.run(collect())
+    writes = asyncio.run(collect())
+    # One write for the start, one for the events of the two chunks that came together, one for the error.
+    assert len(writes) == 3
+    sent = [event.decode() for event in b"".join(writes).split(b"\n\n")[:-1]]
     names = [text.split("\n")[0] for text in sent]
     assert names[-1] == "event: error" and "event: response.completed" not in names
     last = json.loads(sent[-1].split("\n")[1][len("data: "):])
@@ -180,3 +183,13 @@ def test_batch_progress_counts_response_usage() -> None:
     progress.add_usage({"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5})
     progress.add_usage(responses.usage_of({"prompt_tokens": 4, "completion_tokens": 1}))
     assert (progress.prompt_tokens, progress.completion_tokens, progress.total_tokens) == (7, 3, 10)
+
+
+def test_an_event_is_encoded_as_compact_json_with_non_ascii_as_utf8() -> None:
+    from deployments.gateway.responses_routes import _sse
+
+    event = {"type": "response.output_text.delta", "sequence_number": 3, "delta": "h\u00e9llo \u2713",
+             "logprobs": [{"logprob": -0.25, "bytes": [104]}], "obfuscation": None}
+    compact = json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
+    assert _sse(event) == b"event: response.output_text.delta\ndata: " + compact + b"\n\n"
+    assert json.loads(_sse(event).split(b"data: ")[1]) == event
