@@ -104,6 +104,9 @@ def parser() -> argparse.ArgumentParser:
                         "(default: chat)")
     p.add_argument("--stream-chunks", type=int, default=500, help="content chunks per streamed answer of the "
                    "fake upstreams (default: %(default)s)")
+    p.add_argument("--chunk-interval-ms", type=float, default=0.0, help="ms between a streamed answer's events "
+                   "(a model's token cadence); 0 writes them all at once, so every read carries many "
+                   "(default: %(default)s)")
     p.add_argument("--idle-baseline", type=float, default=4, help="seconds of each system's idle CPU, measured "
                    "before its load cells and subtracted from them for CPU per request above idle (default: 4; "
                    "0: not measured)")
@@ -331,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                  "levels": args.concurrency, "latencies": args.latencies, "duration_s": args.duration,
                  "repeats": args.repeats,
                  "kinds": args.kinds, "stream_chunks": args.stream_chunks,
+                 "chunk_interval_ms": args.chunk_interval_ms,
                  "quick": args.quick, "baseline": str(args.baseline) if args.baseline else None,
                  "machine": {"cores": len(os.sched_getaffinity(0)), "loadavg_start": _loadavg(),
                              "note": args.note}},
@@ -342,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         tools["py_spy"] = None if args.sampler else profile.py_spy()
     with contextlib.ExitStack() as stack:
-        bases, upstream_pids = (stack.enter_context(upstreams(args.latencies, logs, args.stream_chunks))
+        bases, upstream_pids = (stack.enter_context(upstreams(args.latencies, logs, args.stream_chunks,
+                                                                 args.chunk_interval_ms))
                                 if args.systems else ({}, []))
         samples = out / "samples" if args.profile and not tools.get("py_spy") else None
         ctx = Context(args.cache, logs, bases, args.baseline, samples)

@@ -220,6 +220,8 @@ def markdown(results: dict[str, Any]) -> str:
     cells = results if times == 1 else {**results, "load": repeats.collapse(results["load"])}
     each = "" if times == 1 else (f" Each system's cells {times} times, the levels in an order rotated per "
                                   "repeat; one number per cell: the median.")
+    if "stream" in meta.get("kinds", []) and meta.get("chunk_interval_ms"):
+        each += f" The fake upstream spaces a stream's events {meta['chunk_interval_ms']:g} ms apart."
     parts = [f"Measured {meta['date']} on commit `{meta['commit']}`: {machine['cores']} cores, load average "
              f"{machine['loadavg_start']} at the start and {machine['loadavg_end']} at the end. "
              f"{machine['note']} wrk, one thread, {meta['duration_s']:g} s per cell.{each}",

@@ -188,8 +188,9 @@ def per_upstream(stack: contextlib.ExitStack, ctx: Context, argv: Callable[[str,
 
 @contextlib.contextmanager
 def upstreams(latencies: list[float], logs: Path,
-              stream_chunks: int = 0) -> Iterator[tuple[dict[float, str], list[int]]]:
-    """One fake upstream per latency (``stream_chunks`` content chunks per stream): base URLs, and pids."""
+              stream_chunks: int = 0, chunk_interval_ms: float = 0.0) -> Iterator[tuple[dict[float, str], list[int]]]:
+    """One fake upstream per latency (``stream_chunks`` content chunks per stream, ``chunk_interval_ms``
+    apart): base URLs, and pids."""
     with contextlib.ExitStack() as stack:
         bases: dict[float, str] = {}
         pids: list[int] = []
@@ -197,7 +198,7 @@ def upstreams(latencies: list[float], logs: Path,
             port = free_port()
             proc = stack.enter_context(spawn(
                 [sys.executable, "-m", "tests.fakes.upstream", "--port", str(port), "--latency-ms", str(latency),
-                 "--stream-chunks", str(stream_chunks)],
+                 "--stream-chunks", str(stream_chunks), "--chunk-interval-ms", str(chunk_interval_ms)],
                 logs / "upstream.log"))
             bases[latency], pids = f"http://127.0.0.1:{port}/v1", [*pids, proc.pid]
         for base in bases.values():

@@ -7,6 +7,7 @@ Plain ASGI, no framework, keeps the fake cheap on the hot path. Error bodies hav
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -45,10 +46,13 @@ async def respond_error(send: Send, status: int, message: str, type_: str, code:
     await respond(send, status, {"error": error}, headers)
 
 
-async def respond_events(send: Send, events: list[bytes], drop: bool) -> None:
-    """An SSE answer; with ``drop``, its first two events and then a truncated body."""
+async def respond_events(send: Send, events: list[bytes], drop: bool, interval_s: float = 0.0) -> None:
+    """An SSE answer, ``interval_s`` between events; with ``drop``, its first two events and then a
+    truncated body."""
     await send({"type": "http.response.start", "status": 200, "headers": _SSE})
-    for data in events[:2] if drop else events:
+    for i, data in enumerate(events[:2] if drop else events):
+        if interval_s and i:
+            await asyncio.sleep(interval_s)
         await send({"type": "http.response.body", "body": data, "more_body": True})
     if not drop:  # returning mid-body makes uvicorn close the connection: a truncated stream
         await send({"type": "http.response.body", "body": b""})

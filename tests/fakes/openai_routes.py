@@ -6,7 +6,8 @@ built by :func:`minimal_instance`). With ``tools`` (and ``tool_choice`` not ``no
 unless the last message is a tool result) the answer is one call of the named or first function,
 its arguments the minimal instance of its parameters (streamed as OpenAI streams tool calls).
 A chat stream carries the answer in at most 4 content chunks, or with ``stream_chunks`` N (config,
-``--stream-chunks``) in exactly N one-character chunks, the answer repeated to fill them.
+``--stream-chunks``) in exactly N one-character chunks, the answer repeated to fill them; with
+``chunk_interval_ms`` (``--chunk-interval-ms``) its events are spaced as a model's tokens are.
 Embeddings are deterministic unit vectors (:func:`fake_vector`). Usage counts whitespace words.
 
 Each answer is written to an ASGI ``send``; faults are decided before (``tests.fakes.upstream_app``).
@@ -91,7 +92,8 @@ async def chat_complete(send: Send, request: dict[str, Any]) -> None:
                               "usage": _usage(request, content)})
 
 
-async def chat_stream(send: Send, request: dict[str, Any], drop: bool, chunks: int = 0) -> None:
+async def chat_stream(send: Send, request: dict[str, Any], drop: bool, chunks: int = 0,
+                      interval_s: float = 0.0) -> None:
     content = _answer(request)
     include_usage = bool((request.get("stream_options") or {}).get("include_usage"))
     head = _head(request, "chat.completion.chunk")
@@ -122,7 +124,7 @@ async def chat_stream(send: Send, request: dict[str, Any], drop: bool, chunks: i
         last = {**head, "choices": [], "usage": _usage(request, content)}
         events.append(b"data: " + json.dumps(last).encode() + b"\n\n")
     events.append(b"data: [DONE]\n\n")
-    await respond_events(send, events, drop)
+    await respond_events(send, events, drop, interval_s)
 
 
 def prompt_text(request: dict[str, Any]) -> str:

@@ -107,8 +107,9 @@ class FakeUpstream:
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, latency_ms: float = 0.0,
-                 stream_chunks: int = 0) -> None:
-        self.control = Control(FaultConfig(latency_ms=latency_ms, stream_chunks=stream_chunks))
+                 stream_chunks: int = 0, chunk_interval_ms: float = 0.0) -> None:
+        self.control = Control(FaultConfig(latency_ms=latency_ms, stream_chunks=stream_chunks,
+                                           chunk_interval_ms=chunk_interval_ms))
         self.app = FakeUpstreamApp(self.control)
         self.host, self.port = host, port
         self._server: _Server | None = None
@@ -216,12 +217,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="latency of mode ok, in ms (default: %(default)s)")
     parser.add_argument("--stream-chunks", type=int, default=0,
                         help="content chunks per chat stream; 0: the answer in at most 4 (default: %(default)s)")
+    parser.add_argument("--chunk-interval-ms", type=float, default=0.0,
+                        help="pause between a chat stream's events, in ms (default: %(default)s)")
     args = parser.parse_args(argv)
     # uvicorn re-raises the signal it caught once it has shut down, under the handlers that were
     # in place before it ran; with these no-ops the program then returns 0 instead of dying of it.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda _sig, _frame: None)
-    FakeUpstream(args.host, args.port, args.latency_ms, args.stream_chunks).serve_forever()
+    FakeUpstream(args.host, args.port, args.latency_ms, args.stream_chunks, args.chunk_interval_ms).serve_forever()
     return 0
 
 

@@ -134,7 +134,8 @@ class FakeUpstreamApp:
                 elif stream:
                     drop = mode in ("drop_stream", "stall_stream")
                     if kind == "chat":
-                        await chat_stream(send, request, drop, config.stream_chunks)
+                        await chat_stream(send, request, drop, config.stream_chunks,
+                                          config.chunk_interval_ms / 1000)
                     else:
                         await text_stream(send, request, drop)
                     if mode == "stall_stream":

@@ -39,11 +39,14 @@ class FaultConfig:
     # Content chunks of a chat stream: 0 cuts the answer into at most 4 pieces; N > 0 sends exactly
     # N one-character chunks (the answer repeated), so a bench can price a long stream per chunk.
     stream_chunks: int = 0
+    # Pause between a chat stream's events, as a model's token cadence: 0 writes them all at once
+    # (the bench's worst case for per-chunk cost); > 0 spaces them, one event per read downstream.
+    chunk_interval_ms: float = 0.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"unknown mode {self.mode!r}; expected one of {', '.join(MODES)}")
-        for name in ("latency_ms", "retry_after", "delay_s"):
+        for name in ("latency_ms", "retry_after", "delay_s", "chunk_interval_ms"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"{name} must be a number >= 0")

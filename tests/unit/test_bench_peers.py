@@ -206,6 +206,13 @@ def test_markdown_report_says_when_where_and_what_failed() -> None:
     assert "- promptfleet: twin idles beside it" in text and "- portkey: not measured: npm: no" in text
 
 
+def test_report_says_when_streams_were_paced() -> None:
+    results = _results()
+    assert "spaces a stream's events" not in report.markdown(results)
+    results["meta"].update(kinds=["chat", "stream"], chunk_interval_ms=20.0)
+    assert "The fake upstream spaces a stream's events 20 ms apart." in report.markdown(results)
+
+
 def test_embedded_report_puts_the_baseline_beside_this_checkout() -> None:
     results = _results()
     results["embedded"]["baseline"] = {

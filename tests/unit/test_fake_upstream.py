@@ -104,6 +104,19 @@ def test_stream_chunks_sets_the_number_of_content_chunks(fake: FakeUpstream, cli
         fake.configure(stream_chunks=-1)
 
 
+def test_chunk_interval_spaces_a_streams_events(fake: FakeUpstream, client: openai.OpenAI) -> None:
+    # A lower bound only: the fake sleeps between its 7 events (role, 4 contents, stop, [DONE]),
+    # so the whole stream cannot take less than 6 intervals; without the pauses it takes ~ms.
+    fake.configure(stream_chunks=4, chunk_interval_ms=40)
+    started = time.monotonic()
+    with client.chat.completions.create(model="m", messages=HELLO, stream=True) as stream:
+        pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
+    assert pieces == list("echo")
+    assert time.monotonic() - started >= 6 * 0.040
+    with pytest.raises(ValueError, match="chunk_interval_ms"):
+        fake.configure(chunk_interval_ms=-1)
+
+
 def test_stream_without_usage_option_has_no_usage_chunk(client: openai.OpenAI) -> None:
     with client.chat.completions.create(model="m", messages=HELLO, stream=True) as stream:
         chunks = list(stream)
