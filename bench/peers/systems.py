@@ -259,7 +259,7 @@ def start_sglang(ctx: Context) -> Iterator[list[Running]]:
         targets, pids = per_upstream(stack, ctx, lambda base, port: [
             str(bin_dir / "smg"), "launch", "--host", "127.0.0.1", "--port", str(port), "--backend", "openai",
             "--worker-urls", base.removesuffix("/v1"), "--policy", "round_robin", "--log-level", "warn",
-            # its metrics listener (default 0.0.0.0:29000) on loopback, one port per instance
+            # its metrics listener defaults to every interface (port 29000): loopback, one port per instance
             "--prometheus-host", "127.0.0.1", "--prometheus-port", str(free_port())], "sglang.log", "fake-model")
         yield ready("SGLang Model Gateway (Rust; PyPI sglang-router)", targets, pids, everything("smg"), 90)
 
