@@ -31,11 +31,15 @@ import pytest
 from tests.fixtures import free_port
 
 REQUIRE_ENV = "PROMPTFLEET_REQUIRE_PROMETHEUS"
-SCRAPE_INTERVAL_S = 1
+# Also the scrape timeout (Prometheus allows none longer than the interval). Late in a long tier the
+# agent's exposition has thousands of series, and a loaded 2-core machine can take over a second to
+# serve it: with a 1 s interval every scrape timed out and each series read as absent (0).
+SCRAPE_INTERVAL_S = 2
 
 CONFIG = """\
 global:
   scrape_interval: {interval}s
+  scrape_timeout: {interval}s
   evaluation_interval: {interval}s
 scrape_configs:
   - job_name: ray
@@ -122,6 +126,13 @@ class PrometheusServer:
 
     def targets(self) -> list[dict[str, Any]]:
         return list(self._get("/api/v1/targets")["activeTargets"])
+
+    def unhealthy_targets(self) -> list[str]:
+        """The targets whose last scrape failed, with Prometheus's reason: while any is down, its series
+        read as absent."""
+        return [f"{t['scrapeUrl']} {t['health']}: {t.get('lastError') or 'no error'} "
+                f"(last scrape took {float(t.get('lastScrapeDuration') or 0):.2f} s)"
+                for t in self.targets() if t["health"] != "up"]
 
     def stop(self) -> None:
         if self.process.poll() is None:

@@ -9,8 +9,9 @@ every counter and histogram moved by exactly that much. Isolation on a shared cl
 alone), and every query is pinned to this cluster's ``SessionName``; the batch-line counter, which
 has no model label, is compared before/after once it is still.
 
-The processes of the test cluster report their metrics every ``METRICS_REPORT_INTERVAL_MS`` and
-Prometheus scrapes every second, so values are polled until they arrive, never slept for.
+The processes of the test cluster report their metrics every ``METRICS_REPORT_INTERVAL_MS``,
+Prometheus scrapes every ``SCRAPE_INTERVAL_S``, and values are polled until they arrive, never slept
+for; while a scrape fails (the target is down) nothing is read.
 """
 
 from __future__ import annotations
@@ -77,23 +78,31 @@ class Queries:
     def bucket(self, spec: MetricSpec, le: str, **labels: str) -> str:
         return f"sum({self.selector(spec.exported + '_bucket', le=le, **labels)})"
 
-    def values(self, queries: dict[str, str]) -> dict[str, float]:
+    def values(self, queries: dict[str, str]) -> dict[str, float] | None:
+        """The queries' values; None while a target's last scrape failed, when every series it
+        exports reads as absent (0) and no value means anything."""
+        if self.prometheus.unhealthy_targets():
+            return None
         return {name: self.prometheus.value(q) for name, q in queries.items()}
 
     def settled(self, queries: dict[str, str], timeout_s: float = 60) -> dict[str, float]:
         """The values once they have stopped moving (everything recorded so far has arrived): the
-        same in two reads ``SETTLE_S`` apart."""
-        last: list[dict[str, float]] = []
+        same in two reads ``SETTLE_S`` apart, every target up in both."""
+        last: list[dict[str, float] | None] = []
 
         def unchanged() -> dict[str, float] | None:
             now = self.values(queries)
-            if last and now == last[0]:
+            if now is not None and last and now == last[0]:
                 return now
             last[:] = [now]
             return None
 
         return wait_for(unchanged, timeout_s=timeout_s, interval_s=SETTLE_S,
-                        message=lambda: f"metrics still moving: {last}")
+                        message=lambda: f"metrics still moving: {last}; {self.scrapes()}")
+
+    def scrapes(self) -> str:
+        down = self.prometheus.unhealthy_targets()
+        return f"targets down: {down}" if down else "every target up"
 
 
 def session_name(app: ServeApp) -> str:
@@ -197,7 +206,7 @@ def test_counters_and_histograms_move_by_exactly_what_was_sent(app: ServeApp, pr
     expected = {name: before[name] + delta for name, delta in sent.items()}
     assert prompt > 0 and completion > 0
     wait_for(lambda: q.values(queries) == expected, timeout_s=90, interval_s=0.5,
-             message=lambda: f"metrics moved by {_delta(q.values(queries), before)}; sent {sent}")
+             message=lambda: f"metrics moved by {_delta(q.values(queries), before)}; sent {sent}; {q.scrapes()}")
     # And nothing more arrives after them.
     assert q.settled(queries) == expected
 
@@ -208,7 +217,9 @@ def test_counters_and_histograms_move_by_exactly_what_was_sent(app: ServeApp, pr
     wait_for(lambda: prometheus.value(completed) >= 1, 60, 0.5, "the completed batch in the gauge")
 
 
-def _delta(now: dict[str, float], before: dict[str, float]) -> dict[str, float]:
+def _delta(now: dict[str, float] | None, before: dict[str, float]) -> dict[str, float] | str:
+    if now is None:
+        return "(not read: a target is down)"
     return {name: now[name] - before[name] for name in now}
 
 
