@@ -65,6 +65,7 @@ from bench.peers.systems import (
     upstreams,
     wait_chat,
 )
+from bench.peers.wrk import SLOW_ROUNDS
 
 ALL_SYSTEMS = ["upstream", *STARTERS]
 PARTS = ["load", "ttft", "idle", "embedded"]
@@ -111,6 +112,9 @@ def parser() -> argparse.ArgumentParser:
                    "before its load cells and subtracted from them for CPU per request above idle (default: 4; "
                    "0: not measured)")
     p.add_argument("--duration", type=float, default=8, help="seconds per cell (default: %(default)s)")
+    p.add_argument("--slow-rounds", type=float, default=SLOW_ROUNDS, help="a cell runs at least this many "
+                   "upstream latencies (500 ms: 20 s), so that the window's last unfinished round costs little "
+                   "of its req/s (default: %(default)s; --quick: 0)")
     p.add_argument("--repeats", type=int, default=1, help="times each system's load cells are measured, each "
                    "repeat after its own idle baseline with the levels in a rotated order; the flat-cost table "
                    "then gives per cell the median and range, the highest level against the lowest as the "
@@ -194,7 +198,8 @@ def measure_cell(running: Running, latency: float, concurrency: int, args: argpa
     with profile.recording(_profiled(running, before) if args.profile else {}, args.duration, tools["profiles"],
                            f"{re.sub(r'[^a-z0-9]+', '-', running.name.lower())}-{kind}-{latency:g}ms-{concurrency}",
                            tools.get("samples")):
-        result = wrk.run(wrk.command(binary, target.url, script, concurrency, args.duration), env)
+        seconds = wrk.cell_seconds(args.duration, latency, args.slow_rounds)
+        result = wrk.run(wrk.command(binary, target.url, script, concurrency, seconds), env)
     after, window = procs.snapshot(), time.monotonic() - started
     groups = procs.cpu_by_group(before, after, procs.descendants(after, running.roots, running.include_roots),
                                 running.classify)
@@ -321,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         parser().error("--repeats: at least 1")
     if args.quick:
         args.duration, args.warmup, args.ttft_seconds = min(args.duration, 2), min(args.warmup, 1), 1
+        args.slow_rounds = 0
         args.idle_seconds, args.settle, args.embedded_seconds = 5, 5, 5
         if args.concurrency == [16, 64, 256]:
             args.concurrency = [16, 256]
@@ -332,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, Any] = {
         "meta": {"date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"), "commit": _commit(REPO),
                  "levels": args.concurrency, "latencies": args.latencies, "duration_s": args.duration,
+                 "slow_rounds": args.slow_rounds,
                  "repeats": args.repeats,
                  "kinds": args.kinds, "stream_chunks": args.stream_chunks,
                  "chunk_interval_ms": args.chunk_interval_ms,

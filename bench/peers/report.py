@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bench.peers import repeats
+from bench.peers import repeats, wrk
 
 DASH = "—"
 
@@ -54,8 +54,10 @@ def summary_table(results: dict[str, Any]) -> str:
         if slow != fast:
             slow_cells = _cells(load, system, slow)
             row.append(" / ".join(num(slow_cells.get(c, {}).get("rps")) for c in levels))
-            top = slow_cells.get(levels[-1], {}).get("rps")
-            row.append(DASH if top is None else f"{100 * top / (levels[-1] * 1000 / slow):.0f} %")
+            top_cell = slow_cells.get(levels[-1], {})
+            top, cap = top_cell.get("rps"), wrk.round_cap(top_cell.get("wrk", {}).get("seconds", 0), slow)
+            row.append(DASH if top is None else f"{100 * top / (levels[-1] * 1000 / slow):.0f} %"
+                       + ("" if cap is None else f" (the window allows {100 * cap:.1f} %)"))
         lines.append(f"| {system} | " + " | ".join(row) + " |")
     return "\n".join(lines)
 

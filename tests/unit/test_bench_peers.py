@@ -77,6 +77,24 @@ def test_wrk_script_and_command() -> None:
                     "http://h/v1/chat/completions"]
 
 
+def test_slow_cells_run_enough_rounds_that_the_last_costs_little() -> None:
+    # With a 500 ms upstream a 4 s window holds 7 of the 8 rounds an ideal one would, for any system
+    # slower than exactly 500 ms: 87.5 % of ideal at best. 40 rounds (20 s) cap it at 97.5 %.
+    assert wrk.round_cap(4, 500) == 7 / 8
+    assert wrk.round_cap(8, 500) == 15 / 16
+    assert wrk.cell_seconds(4, 500) == 20 and wrk.round_cap(20, 500) == 39 / 40
+    assert wrk.cell_seconds(8, 0) == 8 and wrk.round_cap(8, 0) is None  # no rounds to count
+    assert wrk.cell_seconds(30, 500) == 30  # a longer --duration stays
+    assert wrk.cell_seconds(2, 500, rounds=0) == 2  # --quick
+
+
+def test_summary_says_what_the_window_allows() -> None:
+    results = _results()
+    for row in results["load"]:  # type: ignore[attr-defined]
+        row["wrk"] = {"seconds": 20.0}
+    assert report.summary_table(results).splitlines()[3].endswith("| 5 % (the window allows 97.5 %) |")
+
+
 def _stat(pid: int, name: str, ppid: int, utime: int, stime: int, start: int, rss: int = 10) -> str:
     fields = ["S", ppid, *[0] * 9, utime, stime, *[0] * 6, start, 0, rss]
     return f"{pid} ({name}) " + " ".join(str(f) for f in fields)
