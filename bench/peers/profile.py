@@ -10,7 +10,7 @@ py-spy itself costs CPU: cells measured with ``--profile`` are not comparable wi
 
 Where py-spy cannot attach (it cannot read the Python of this machine's interpreters), the bench
 starts promptfleet's clusters with ``sampler_env`` instead: ``sampling/sitecustomize.py`` runs in
-each of their processes and samples its own main thread when asked (a trigger file), writing the
+each of their processes and samples its own busy threads when asked (a trigger file), writing the
 same raw format.
 """
 
