@@ -29,6 +29,7 @@ from urllib.parse import urlsplit
 from ray.serve.handle import DeploymentHandle
 
 from deployments import logs as logs_module
+from deployments.collector import raise_first_generation
 from deployments.config import LogsConfig, MetricsConfig, ModelConfig, OpenAIModel
 from deployments.model_serving import ModelServing
 from deployments.providers import Provider, build_provider
@@ -63,6 +64,7 @@ class ModelWorker(ModelServing):
         metrics: MetricsConfig | None = None,
     ) -> None:
         logs_module.watch_serve_log()
+        raise_first_generation()
         self.model = model
         recorder = metrics_for(metrics)
         recorder.declare(*(UPSTREAM_WORKER_METRICS if isinstance(model, OpenAIModel) else LOCAL_WORKER_METRICS))

@@ -32,6 +32,7 @@ from deployments.catalogue import CatalogueFollower
 from deployments.clients.keys import KeysClient
 from deployments.clients.runs import LeasesClient
 from deployments.clients.task_versions import TaskVersionsClient
+from deployments.collector import raise_first_generation
 from deployments.config import AdmissionConfig, MetricsConfig, ModelConfig, TasksConfig
 from deployments.core.prompting import TemplateRenderer
 from deployments.core.replies import Reply, replying
@@ -66,6 +67,7 @@ class TaskRunner:
         anonymous: str | None = None,
     ) -> None:
         watch_serve_log()
+        raise_first_generation()
         # ``anonymous``: record runs without a key under this owner (authentication off).
         self.meter = Meter(KeysClient(store), limiter, admission, anonymous=anonymous) if limiter is not None else None
         versions = TaskVersionsClient(store)

@@ -52,6 +52,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from deployments.cleanup import in_steps
+from deployments.collector import raise_first_generation
 from deployments.config import MetricsConfig, TasksConfig
 from deployments.core.replies import Reply, replying
 from deployments.core.retention import Cutoffs
@@ -91,6 +92,7 @@ class TaskStore:
         metrics: MetricsConfig | None = None,
     ) -> None:
         watch_serve_log()
+        raise_first_generation()
         self.config = config
         self.metrics = metrics_for(metrics)
         # The replica's environment is where a database URL with a password may come from.

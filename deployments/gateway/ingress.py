@@ -55,6 +55,7 @@ from deployments.clients.runs import RunsClient
 from deployments.clients.sessions import SessionsClient
 from deployments.clients.task_versions import TaskVersionsClient
 from deployments.clients.workers import WorkerClient
+from deployments.collector import raise_first_generation
 from deployments.config import AppArgs, OpenAIModel
 from deployments.console.app import build_console
 from deployments.console.cluster import Deployments
@@ -260,6 +261,7 @@ class Gateway:
         batches: DeploymentHandle | None = None,
     ) -> None:
         watch_serve_log()
+        raise_first_generation()
         self.args = args
         self.workers = workers
         # The admin key is read once, here, from the variable the config names.

@@ -42,6 +42,7 @@ import contextlib
 import time
 from collections.abc import AsyncIterator
 
+from deployments.collector import raise_first_generation
 from deployments.config import AdmissionConfig, MetricsConfig
 from deployments.limits.fair_queue import Waiter
 from deployments.limits.pacing import Granted, Queued, RateLimiterCore, Refused
@@ -58,6 +59,7 @@ class RateLimiter:
     """The deployment: books, pauses and reports every budget (module doc)."""
 
     def __init__(self, config: AdmissionConfig | None = None, metrics: MetricsConfig | None = None) -> None:
+        raise_first_generation()
         config = config or AdmissionConfig()
         self.metrics = metrics_for(metrics)
         self.metrics.declare(*LIMITER_METRICS)
