@@ -83,7 +83,7 @@ def build_app(args: AppArgs) -> Application:
         serve.deployment(TaskRunner)
         .options(name=names.TASK_RUNNER, max_ongoing_requests=1000)
         .bind(workers, store, args.tasks, args.models, limiter, args.admission, args.metrics,
-              anonymous=None if args.auth.enabled else ANONYMOUS_OWNER)
+              anonymous=None if args.auth.enabled else ANONYMOUS_OWNER, logs=args.logs)
     )
     batches = (
         serve.deployment(BatchService)

@@ -1,8 +1,8 @@
-"""DirectTransport: the Gateway's calls to upstream models, made from the Gateway's own process.
+"""DirectTransport: the calls to upstream models, made from the caller's own process.
 
-Used by the Gateway's ``model_calls.ModelCalls`` (chat, streams, embeddings, text completions) in
-place of a bare ``HandleTransport``. Calls: for an upstream (``openai``) model, that model's
-provider in this process, served with the worker's conventions (``model_serving.ModelServing``:
+Used by the Gateway's ``model_calls.ModelCalls`` (chat, streams, embeddings, text completions), and
+the TaskRunner's, in place of a bare ``HandleTransport``. Calls: for an upstream (``openai``) model,
+that model's provider in this process, served with the worker's conventions (``model_serving.ModelServing``:
 errors as values, ``StreamEnd``, bounded ``max_tokens``, the call's log line); for every other
 model (llama.cpp), its ``ModelWorker`` through ``HandleTransport``. Owns: one provider per upstream
 model (its connection pool, its circuit breaker) and a count of the calls in flight to each.
@@ -21,21 +21,28 @@ The upstream concurrency cap: the provider's pool opens at most ``max_concurrenc
 ``max_queued_requests`` was 4 × its ``max_ongoing_requests``) a call is refused with ``Overloaded``
 (503, Retry-After, transient: the next fallback model is tried), as a worker's backpressure was.
 
-The ``ModelWorker`` of an upstream model keeps serving task runs and batch jobs (their
-``ModelCalls`` use ``HandleTransport``) and the Gateway's readiness probe.
+The TaskRunner calls upstream models the same way for task runs (``for_upstreams``): a run went
+Gateway → TaskRunner → worker → upstream, three Python processes, and the worker only relayed.
+The ``ModelWorker`` of an upstream model keeps serving batch jobs (their ``ModelCalls`` use
+``HandleTransport``) and the Gateway's readiness probe.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
+from ray.serve.handle import DeploymentHandle
+
 from deployments.clients.failures import overloaded
+from deployments.config import LogsConfig, ModelConfig, OpenAIModel
 from deployments.model_calls import Transport, WorkerStream
 from deployments.model_serving import ChatResult, ModelServing, StreamItem
+from deployments.providers import build_provider
 from deployments.schemas import ModelCall
 from deployments.schemas.calls import BodyCall
+from deployments.telemetry.recording import Metrics
 
 # Calls in flight to one model allowed per process, as a multiple of its ``max_concurrency``:
 # the worker's ``max_ongoing_requests`` plus its ``max_queued_requests`` (``app.worker_defaults``).
@@ -131,6 +138,16 @@ class DirectTransport:
     async def close(self) -> None:
         for served in self.served.values():
             await served.provider.close()
+
+    @classmethod
+    def for_upstreams(
+        cls, models: Sequence[ModelConfig], workers: Transport, limiter: DeploymentHandle | None, metrics: Metrics,
+        logs: LogsConfig | None,
+    ) -> DirectTransport:
+        """Every upstream model of ``models`` served in this process (their budgets and pauses shared
+        through ``limiter``), every other one through ``workers``."""
+        return cls({model.name: ModelServing(model, build_provider(model, limiter=limiter, metrics=metrics), logs)
+                    for model in models if isinstance(model, OpenAIModel)}, workers)
 
 
 async def _only(item: StreamItem) -> AsyncIterator[StreamItem]:

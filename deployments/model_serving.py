@@ -1,8 +1,8 @@
 """ModelServing: how a model's provider serves one call — the conventions of the model call path.
 
 Served by two shells: the ``ModelWorker`` deployment (every model; the only path of local models and
-of calls from task runs and batch jobs) and, for upstream models, the Gateway itself
-(``deployments.direct_transport``: the Gateway calls the upstream from its own process). Calls its
+of calls from batch jobs) and, for upstream models, the Gateway and the TaskRunner themselves
+(``deployments.direct_transport``: they call the upstream from their own process). Calls its
 provider (``deployments.providers``). Owns nothing but the provider it was given.
 
 One convention for every method (what ``model_calls.ModelCalls`` expects of a ``Transport``):

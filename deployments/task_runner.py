@@ -4,11 +4,13 @@ Serves: ``run(task, input)`` (the synchronous API; nothing is stored), ``keyless
 calls without a key are recorded for: batch drivers record theirs the same way), and, in
 the background of every replica, a ``RunLoop`` that leases queued runs from the
 TaskStore and executes them.
-Calls: ``ModelWorker`` handles (the task's model, then its fallbacks) through the
-one model call path (``deployments.model_calls``), metered to the run's key (the
-``RateLimiter`` for its rpm/tpm, the ``TaskStore`` for its budget and usage), and
-the ``TaskStore`` (its runners' side: ``clients.runs.LeasesClient``).
-Owns: only the runs it currently holds a lease on, and its copy of the task catalogue
+Calls: the task's model, then its fallbacks, through the one model call path
+(``deployments.model_calls``), metered to the run's key (the ``RateLimiter`` for its rpm/tpm,
+the ``TaskStore`` for its budget and usage): an upstream model from this process, a local one
+through its ``ModelWorker`` handle (``deployments.direct_transport``); and the ``TaskStore``
+(its runners' side: ``clients.runs.LeasesClient``).
+Owns: the runs it currently holds a lease on, a provider per upstream model (connection pool,
+circuit breaker), and its copy of the task catalogue
 (``deployments.catalogue``: followed from the TaskStore by a long poll, so a push reaches it at
 once; a queued run executes the version it was pinned to at submit). A replica that dies simply
 stops renewing; its leases expire and the runs are queued again (at-least-once
@@ -33,17 +35,18 @@ from deployments.clients.keys import KeysClient
 from deployments.clients.runs import LeasesClient
 from deployments.clients.task_versions import TaskVersionsClient
 from deployments.collector import raise_first_generation
-from deployments.config import AdmissionConfig, MetricsConfig, ModelConfig, TasksConfig
+from deployments.config import AdmissionConfig, LogsConfig, MetricsConfig, ModelConfig, TasksConfig
 from deployments.core.prompting import TemplateRenderer
 from deployments.core.replies import Reply, replying
 from deployments.core.runloop import RunLoop
+from deployments.direct_transport import DirectTransport
 from deployments.errors import PromptfleetError
 from deployments.limits.metering import Meter
 from deployments.logs import watch_serve_log
 from deployments.model_calls import HandleTransport, ModelCalls
 from deployments.schemas import CatalogueStatus
 from deployments.task_executor import TaskExecutor
-from deployments.telemetry import RUNNER_METRICS, metrics_for
+from deployments.telemetry import RUNNER_METRICS, UPSTREAM_WORKER_METRICS, metrics_for
 
 logger = logging.getLogger("ray.serve")
 
@@ -65,6 +68,7 @@ class TaskRunner:
         admission: AdmissionConfig | None = None,
         metrics: MetricsConfig | None = None,
         anonymous: str | None = None,
+        logs: LogsConfig | None = None,
     ) -> None:
         watch_serve_log()
         raise_first_generation()
@@ -75,8 +79,11 @@ class TaskRunner:
                                        wait=versions.wait_changed)
         self.tasks.start()
         recorder = metrics_for(metrics)
-        recorder.declare(*RUNNER_METRICS)
-        calls = ModelCalls(models or [], HandleTransport(workers), self.meter, recorder)
+        recorder.declare(*RUNNER_METRICS, *UPSTREAM_WORKER_METRICS)
+        # Upstream models are called from here, as from the Gateway (deployments.direct_transport):
+        # a run's call skips the worker's process; local models go through their workers.
+        self.transport = DirectTransport.for_upstreams(models or [], HandleTransport(workers), limiter, recorder, logs)
+        calls = ModelCalls(models or [], self.transport, self.meter, recorder)
         self.executor = TaskExecutor(self.tasks, calls, TemplateRenderer(config.render_limits()))
         self.loop = RunLoop(
             LeasesClient(store),  # the TaskStore's lease lane
@@ -123,5 +130,6 @@ class TaskRunner:
         instead of leaving them to wait out their leases (``lease_s``) on a runner that is gone."""
         await self.loop.stop()
         await self.tasks.stop()
+        await self.transport.close()
         if self.meter is not None:
             await self.meter.close()  # the usage of the calls made so far

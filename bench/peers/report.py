@@ -55,7 +55,10 @@ def summary_table(results: dict[str, Any]) -> str:
             slow_cells = _cells(load, system, slow)
             row.append(" / ".join(num(slow_cells.get(c, {}).get("rps")) for c in levels))
             top_cell = slow_cells.get(levels[-1], {})
-            top, cap = top_cell.get("rps"), wrk.round_cap(top_cell.get("wrk", {}).get("seconds", 0), slow)
+            # wrk's own run time; the cell's planned window where repeats were collapsed into medians.
+            seconds = top_cell.get("wrk", {}).get("seconds") or wrk.cell_seconds(
+                meta["duration_s"], slow, meta.get("slow_rounds", 0))
+            top, cap = top_cell.get("rps"), wrk.round_cap(seconds, slow)
             row.append(DASH if top is None else f"{100 * top / (levels[-1] * 1000 / slow):.0f} %"
                        + ("" if cap is None else f" (the window allows {100 * cap:.1f} %)"))
         lines.append(f"| {system} | " + " | ".join(row) + " |")

@@ -172,8 +172,9 @@ class OpenAIModel(_ModelBase):
         ge=1,
         le=10000,
         description="Concurrent upstream calls (open connections) per process that calls the upstream: "
-        "each Gateway replica (HTTP calls; past 5 × this many in flight a call gets 503) and each worker "
-        "replica (task runs, batches; its `max_ongoing_requests` unless serve.yaml overrides it).",
+        "each Gateway replica (HTTP calls) and TaskRunner replica (task runs), past 5 × this many in flight "
+        "a call gets 503; and each worker replica (batches; its `max_ongoing_requests` unless serve.yaml "
+        "overrides it).",
     )
 
     rpm: int | None = Field(

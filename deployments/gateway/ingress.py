@@ -56,7 +56,7 @@ from deployments.clients.sessions import SessionsClient
 from deployments.clients.task_versions import TaskVersionsClient
 from deployments.clients.workers import WorkerClient
 from deployments.collector import raise_first_generation
-from deployments.config import AppArgs, OpenAIModel
+from deployments.config import AppArgs
 from deployments.console.app import build_console
 from deployments.console.cluster import Deployments
 from deployments.console.overview import Overview
@@ -91,8 +91,6 @@ from deployments.gateway.task_routes import build_task_router
 from deployments.limits.metering import Meter
 from deployments.logs import watch_serve_log
 from deployments.model_calls import HandleTransport, ModelCalls
-from deployments.model_serving import ModelServing
-from deployments.providers import build_provider
 from deployments.schemas import CatalogueStatus, Liveness, Readiness
 from deployments.store.keys import ANONYMOUS_OWNER
 from deployments.telemetry import GATEWAY_METRICS, UPSTREAM_WORKER_METRICS, metrics_for
@@ -287,11 +285,8 @@ class Gateway:
         )
         self.liveness = Liveness(status="ok", node=self.health.node)
         # Upstream models are called from here; their budgets and pauses stay shared through the limiter.
-        self.transport = DirectTransport(
-            {model.name: ModelServing(model, build_provider(model, limiter=limiter, metrics=self.metrics), args.logs)
-             for model in args.models if isinstance(model, OpenAIModel)},
-            HandleTransport(workers),
-        )
+        self.transport = DirectTransport.for_upstreams(args.models, HandleTransport(workers), limiter, self.metrics,
+                                                       args.logs)
         calls = ModelCalls(args.models, self.transport, self.meter, self.metrics)
         self.chat = ChatRoutes(calls)
         key_admin = KeyAdmin(keys, runs, self.auth, batch_client)

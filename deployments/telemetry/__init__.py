@@ -17,8 +17,8 @@ Who records what (each process records its own part; nothing crosses a process t
 - the Gateway's ASGI layer (``gateway.request_metrics``): requests and their latency;
 - the model call path (``model_calls``, in the Gateway, the TaskRunner and batch drivers): tokens,
   fallbacks, time to first token of streams;
-- whoever calls an upstream (``providers``: the Gateway for HTTP calls, workers for task runs and
-  batches): upstream calls, retries, 429s, timeouts, circuit breakers; the
+- whoever calls an upstream (``providers``: the Gateway for HTTP calls, the TaskRunner for task
+  runs, workers for batch lines): upstream calls, retries, 429s, timeouts, circuit breakers; the
   local model's generation speed and queue;
 - the RateLimiter: booked waits, refusals, pauses (and, sampled, pauses in force and queues);
 - the TaskStore: runs submitted, attempts, lease expiries and final statuses as they happen, and,

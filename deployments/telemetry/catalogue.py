@@ -88,13 +88,13 @@ UPSTREAM_LATENCY = _spec(
     buckets=LATENCY_BUCKETS, unit="s")
 BREAKER_STATE = _spec(
     "circuit_breaker_state", G, ("model",),
-    "The circuit breaker of a process calling the upstream (a Gateway or worker replica): 0 closed, "
+    "The circuit breaker of a process calling the upstream (a Gateway, TaskRunner or worker replica): 0 closed, "
     "1 half-open, 2 open.",
     "Replicas failing fast (503 circuit_open) because their upstream kept failing.",
     unit="short")
 BREAKER_OPENS = _spec(
     "circuit_breaker_opens", C, ("model",),
-    "Times the circuit breaker of a process calling the upstream (a Gateway or worker replica) opened.",
+    "Times the circuit breaker of a process calling the upstream (a Gateway, TaskRunner or worker replica) opened.",
     "How often an upstream was declared down.",
     unit="short")
 LOCAL_TOKENS = _spec(
