@@ -72,11 +72,12 @@ def test_bad_lines_get_error_lines_and_good_lines_run(app: ServeApp, tmp_path: P
     assert run_batch(tmp_path, "--errors", str(tmp_path / "err.jsonl"), "--request-id-prefix", "bt") == 0
     ok = {line["custom_id"]: line["response"] for line in read_jsonl(tmp_path / "out.jsonl")}
     assert set(ok) == {"good-1", "good-2", "task-1"}
-    # Line N went by the request id bt-N, to the worker that served it (a task line through the runner).
+    # Line N went by the request id bt-N, to the process that called the model: a chat line's call
+    # through the model's worker, a task line's from the TaskRunner (an upstream model is called there).
     assert (ok["good-2"]["request_id"], ok["task-1"]["request_id"]) == ("bt-9", "bt-6")
-    for request_id in ("bt-9", "bt-6"):
-        wait_for(lambda: logged("promptfleet_worker-fake_", f"{request_id} -- served fake"), 30,  # noqa: B023
-                 message=f"{request_id} in the worker's log")
+    for request_id, caller in (("bt-9", "worker-fake"), ("bt-6", "TaskRunner")):
+        wait_for(lambda: logged(f"promptfleet_{caller}_", f"{request_id} -- served fake"), 30,  # noqa: B023
+                 message=f"{request_id} in the {caller} log")
     assert ok["task-1"]["body"]["output"] == {"label": "a"} and ok["task-1"]["body"]["model"] == "fake"
     errors = read_jsonl(tmp_path / "err.jsonl")
     by_line = {e["error"]["line"]: e["error"] for e in errors if e["error"]}

@@ -87,7 +87,9 @@ def test_a_runs_record_and_its_model_calls_carry_the_submitting_requests_id(app:
         assert submitted.status_code == 202 and submitted.json()["request_id"] == "run-req-1"
         run = client.get(f"/runs/{submitted.json()['id']}", params={"wait": 30}).json()
     assert run["request_id"] == "run-req-1" and run["status"] in ("succeeded", "failed")
-    wait_for(lambda: logged("promptfleet_worker-fake_", "run-req-1"), 30, message="the run's call in the log")
+    # An upstream model's call is made (and logged) by the TaskRunner that ran the run.
+    wait_for(lambda: logged("promptfleet_TaskRunner_", "run-req-1 -- served fake"), 30,
+             message="the run's call in the TaskRunner's log")
 
 
 def test_liveness_is_cheap_and_readiness_says_per_model_and_store(app: ServeApp) -> None:
