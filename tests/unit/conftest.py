@@ -1,4 +1,4 @@
-"""Fixtures shared by the unit tests: the run store's backends, the replica log's records."""
+"""Fixtures shared by the unit tests: the run store's backends and stores, the replica log's records."""
 
 from __future__ import annotations
 
@@ -6,8 +6,12 @@ import itertools
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from deployments.store import RunStore
+from tests.unit.runstores import OpenStore
 
 BACKENDS = ["sqlite", "postgres"]
 
@@ -21,6 +25,25 @@ def fresh_location(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[
         return fresh_url
     numbers = itertools.count()
     return lambda: str(tmp_path / f"db{next(numbers)}" / "tasks.sqlite3")
+
+
+@pytest.fixture
+def open_store(fresh_location: Callable[[], str]) -> Iterator[OpenStore]:
+    """Opens a RunStore on a new database (or on ``location``, to reopen one); closes them all."""
+    stores: list[RunStore] = []
+
+    def open_(location: str | None = None, **kwargs: Any) -> RunStore:
+        stores.append(RunStore(location or fresh_location(), **kwargs))
+        return stores[-1]
+
+    yield open_
+    for opened in stores:
+        opened.close()
+
+
+@pytest.fixture
+def store(open_store: OpenStore) -> RunStore:
+    return open_store()
 
 
 class Records(logging.Handler):
