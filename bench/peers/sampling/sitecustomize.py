@@ -30,7 +30,7 @@ from pathlib import Path
 from types import FrameType
 
 INTERVAL_S = 0.004
-IDLE = ("select", "poll", "run_forever", "_run_once", "wait", "sleep", "epoll", "main_loop")
+IDLE = ("select", "poll", "run_forever", "_run_once", "wait", "sleep", "epoll")
 
 
 def _frame(code: object) -> str:
