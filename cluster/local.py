@@ -84,7 +84,9 @@ def load_serve_config(path: Path) -> dict[str, Any]:
 def secrets_by_deployment(args: AppArgs) -> dict[str, set[str]]:
     """The environment variables holding secrets, by the deployments that read each: the admin key
     (the Gateway), the database URL (the TaskStore and the BatchService, which keep their records in
-    that one database), each model's API key (its worker)."""
+    that one database), each upstream model's API key (every process that calls the upstream: the
+    Gateway for HTTP calls and the TaskRunner for task runs, ``deployments.direct_transport``, and the
+    model's worker for batch lines)."""
     secrets: dict[str, set[str]] = {
         names.GATEWAY: {args.auth.admin_key_env},
         names.TASK_STORE: {DATABASE_URL_ENV},
@@ -93,7 +95,8 @@ def secrets_by_deployment(args: AppArgs) -> dict[str, set[str]]:
     for model in args.models:
         key_env = getattr(model, "api_key_env", None)
         if key_env:
-            secrets.setdefault(names.worker(model.name), set()).add(key_env)
+            for caller in (names.GATEWAY, names.TASK_RUNNER, names.worker(model.name)):
+                secrets.setdefault(caller, set()).add(key_env)
     return secrets
 
 
@@ -101,7 +104,8 @@ def with_secrets(config: dict[str, Any], environ: Mapping[str, str]) -> dict[str
     """Copy of ``config`` carrying, from ``environ``, each secret to the deployments that need it.
 
     The admin key (``auth.admin_key_env``) goes to the Gateway, ``PROMPTFLEET_DATABASE_URL`` to the
-    TaskStore and the BatchService, a model's ``api_key_env`` to that model's worker — each in the deployment's own
+    TaskStore and the BatchService, a model's ``api_key_env`` to the Gateway, the TaskRunner and that
+    model's worker (``secrets_by_deployment``) — each in the deployment's own
     ``ray_actor_options.runtime_env`` (Serve merges it with the application's ``env_vars``), so no
     other replica has them. Other ``PROMPTFLEET_*`` settings go to the whole application.
     """
@@ -109,6 +113,9 @@ def with_secrets(config: dict[str, Any], environ: Mapping[str, str]) -> dict[str
     for app in config["applications"]:
         args = AppArgs.model_validate(app.get("args") or {})
         secrets = secrets_by_deployment(args)
+        from deployments.app import worker_defaults  # the app's imports, only when deploying
+
+        worker_options = {names.worker(m.name): worker_defaults(m)["ray_actor_options"] for m in args.models}
         for model in args.models:
             key_env = getattr(model, "api_key_env", None)
             if key_env and key_env not in environ:
@@ -129,7 +136,11 @@ def with_secrets(config: dict[str, Any], environ: Mapping[str, str]) -> dict[str
             if entry is None:
                 entry = {"name": deployment_name}
                 deployments.append(entry)
-            runtime_env = entry.setdefault("ray_actor_options", {}).setdefault("runtime_env", {})
+            if "ray_actor_options" not in entry:
+                # Serve takes a config's ray_actor_options whole, in place of the code's: a model's
+                # worker keeps the CPUs its code gives it (an upstream model's: none), not Serve's 1.
+                entry["ray_actor_options"] = dict(worker_options.get(deployment_name, {}))
+            runtime_env = entry["ray_actor_options"].setdefault("runtime_env", {})
             runtime_env.setdefault("env_vars", {}).update(present)
     return config
 

@@ -17,9 +17,11 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import yaml
 
+from cluster import local
 from deployments.limits.pacing import window_capacity
-from tests.fixtures import ServeApp, beside, free_port, logged
+from tests.fixtures import TEST_TASKS, ServeApp, beside, free_port, logged
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.serve
@@ -27,12 +29,18 @@ pytestmark = pytest.mark.serve
 APP = "promptfleet-direct"
 RPM = 120
 HELLO = [{"role": "user", "content": "hello"}]
+# The models' upstream key, as a user's shell holds it: `promptfleet start` copies it into the
+# deployments that call the upstream (``cluster.local.with_secrets``); this module deploys the same way.
+KEY_ENV, KEY = "PF_TEST_DIRECT_KEY", "direct-upstream-secret"
+TASK = "label_direct"
 
 
 def direct_app(upstream_base_url: str, state: Path, port: int) -> dict[str, Any]:
     (state / "tasks").mkdir(parents=True, exist_ok=True)
+    (state / "tasks" / f"{TASK}.yaml").write_text(
+        yaml.safe_dump({**TEST_TASKS["label_fake"], "name": TASK, "model": "direct-b"}))
     common = {"provider": "openai", "base_url": upstream_base_url, "upstream_model": "fake-model",
-              "breaker_threshold": 1000, "max_retries": 0}
+              "breaker_threshold": 1000, "max_retries": 0, "api_key_env": KEY_ENV}
     zero = {"ray_actor_options": {"num_cpus": 0}}
     return {
         "name": APP,
@@ -61,6 +69,7 @@ def direct_app(upstream_base_url: str, state: Path, port: int) -> dict[str, Any]
 def direct(serve_app: ServeApp, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
     application = direct_app(serve_app.upstream.base_url, tmp_path_factory.mktemp("direct"), port)
+    (application,) = local.with_secrets({"applications": [application]}, {KEY_ENV: KEY})["applications"]
     with beside(serve_app, application, f"http://127.0.0.1:{port}/healthz"):
         yield f"http://127.0.0.1:{port}/v1"
 
@@ -92,6 +101,19 @@ def test_a_transient_upstream_failure_before_the_first_byte_falls_back(
         else:
             assert response.json()["model"] == "direct-b"
         assert fake.stats()["calls_by_mode"].get(mode) == tries
+
+
+def test_the_upstream_key_reaches_every_process_that_calls_the_upstream(direct: str, fake: Any) -> None:
+    """The Gateway (a chat) and the TaskRunner (a task run) call the upstream themselves, so both need
+    the model's key; an upstream that requires it answers 401 to a call without it."""
+    fake.configure(api_key=KEY)
+    assert chat(direct, "direct-b").status_code == 200
+    ran = httpx.post(f"{direct}/tasks/{TASK}/run", json={"input": {"text": "x"}}, timeout=60)
+    assert ran.status_code == 200, ran.text
+    assert ran.json()["output"] == {"label": "a"} and ran.json()["model"] == "direct-b"
+    assert fake.stats()["last_authorization"] == f"Bearer {KEY}"
+    # Both calls reached the upstream: a call without the key would have been refused.
+    assert fake.stats()["calls"] == 2
 
 
 def test_without_a_fallback_the_failure_has_the_openai_shape(direct: str, fake: Any) -> None:

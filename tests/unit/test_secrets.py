@@ -51,8 +51,12 @@ def env_of(app: dict[str, Any], deployment: str) -> dict[str, str]:
 
 def test_each_secret_reaches_only_its_deployment() -> None:
     app = local.with_secrets(config(), ENVIRON)["applications"][0]
+    # Upstream keys go to every process that calls the upstream: the Gateway (HTTP calls), the
+    # TaskRunner (task runs) and the model's own worker (batch lines).
+    upstream_keys = {"UPSTREAM_A_KEY": "upstream-a-secret", "UPSTREAM_B_KEY": ENVIRON["UPSTREAM_B_KEY"]}
     assert env_of(app, "Gateway") == {"PROMPTFLEET_UPSTREAM_HOSTS": "api.example.com",
-                                      "PROMPTFLEET_ADMIN_KEY": "admin-secret"}
+                                      "PROMPTFLEET_ADMIN_KEY": "admin-secret", **upstream_keys}
+    assert env_of(app, "TaskRunner") == {"PROMPTFLEET_UPSTREAM_HOSTS": "api.example.com", **upstream_keys}
     assert env_of(app, "TaskStore")["PROMPTFLEET_DATABASE_URL"] == ENVIRON["PROMPTFLEET_DATABASE_URL"]
     # The BatchService keeps file and batch records in the same database: the URL, no other secret.
     assert env_of(app, "BatchService") == {"PROMPTFLEET_UPSTREAM_HOSTS": "api.example.com",
@@ -60,10 +64,14 @@ def test_each_secret_reaches_only_its_deployment() -> None:
     assert env_of(app, "worker-a") == {"PROMPTFLEET_UPSTREAM_HOSTS": "api.example.com",
                                        "UPSTREAM_A_KEY": "upstream-a-secret"}
     assert "UPSTREAM_A_KEY" not in env_of(app, "worker-b")
-    for deployment in ("TaskRunner", "RateLimiter", "worker-local"):
+    for deployment in ("RateLimiter", "worker-local"):
         assert not set(SECRETS) & set(env_of(app, deployment).values()), deployment
     gateway = next(d for d in app["deployments"] if d["name"] == "Gateway")
     assert gateway["num_replicas"] == 1 and gateway["ray_actor_options"]["num_cpus"] == 0  # kept
+    # Serve takes a config's ray_actor_options whole: a worker's entry made for its key keeps the
+    # CPUs the app gives an upstream model's worker (none), not Serve's default of one.
+    worker_a = next(d for d in app["deployments"] if d["name"] == "worker-a")
+    assert worker_a["ray_actor_options"]["num_cpus"] == 0
 
 
 def test_a_missing_upstream_key_fails_the_start() -> None:
