@@ -29,6 +29,11 @@ from openai import AsyncOpenAI
 
 # What a reused connection that the server had already closed fails with (before any answer).
 STALE_CONNECTION = (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)
+# How long an idle upstream connection is kept: below uvicorn's 5 s keep-alive (vLLM, SGLang and our
+# fake upstream serve with it), so we drop it first. At httpx's 5 s both sides expired it together:
+# calls that waited 5 s in a key's rpm queue reused connections the server was closing, several
+# stale at once, and one failed twice (502) in the serve tier's CI.
+IDLE_KEEPALIVE_S = 4.0
 
 
 class Relay:
@@ -48,11 +53,10 @@ class Relay:
     def _session(self) -> aiohttp.ClientSession:
         # Made on first use: the session belongs to the running event loop.
         if self.session is None:
-            # The connection settings of the SDK's aiohttp transport it replaces: httpx's TLS context
-            # (certifi, SSL_CERT_FILE), idle connections kept for httpx's 5 s.
+            # The TLS settings of the SDK's transport it replaces: httpx's context (certifi,
+            # SSL_CERT_FILE). Idle connections are kept IDLE_KEEPALIVE_S, under the servers' own.
             connector = aiohttp.TCPConnector(limit=self.max_connections, limit_per_host=0,
-                                             ssl=httpx2.create_ssl_context(),
-                                             keepalive_timeout=httpx2.Limits().keepalive_expiry)
+                                             ssl=httpx2.create_ssl_context(), keepalive_timeout=IDLE_KEEPALIVE_S)
             self.session = aiohttp.ClientSession(connector=connector, auto_decompress=True)
         return self.session
 
