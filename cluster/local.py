@@ -113,9 +113,9 @@ def with_secrets(config: dict[str, Any], environ: Mapping[str, str]) -> dict[str
     for app in config["applications"]:
         args = AppArgs.model_validate(app.get("args") or {})
         secrets = secrets_by_deployment(args)
-        from deployments.app import worker_defaults  # the app's imports, only when deploying
-
-        worker_options = {names.worker(m.name): worker_defaults(m)["ray_actor_options"] for m in args.models}
+        # Only upstream models have keys, and their workers take no CPU (deployments.app.worker_defaults;
+        # not imported here: its Ray imports would fix Ray's auth mode before `start` sets it).
+        worker_options = {names.worker(m.name): {"num_cpus": 0} for m in args.models if hasattr(m, "api_key_env")}
         for model in args.models:
             key_env = getattr(model, "api_key_env", None)
             if key_env and key_env not in environ:
