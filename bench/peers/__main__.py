@@ -46,13 +46,14 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from bench.kit import REPO
-from bench.peers import clients, install, procs, profile, repeats, report, wrk
+from bench.peers import clients, install, perf, procs, profile, repeats, report, wrk
 from bench.peers.systems import (
     KINDS,
     STARTERS,
@@ -134,6 +135,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true", help="py-spy record/dump promptfleet's Gateway and worker "
                    "replicas during each of their cells (into OUT/profiles; py-spy's CPU perturbs those cells); "
                    "without py-spy, an in-process sampler (bench/peers/sampling)")
+    p.add_argument("--perf", action="store_true", help="Linux perf over every CPU during each cell: µs per request "
+                   "by process group and by symbol below Python (kernel, interpreter, allocator, extensions); "
+                   "compare levels with `python -m bench.peers.perf OUT`")
     p.add_argument("--sampler", action="store_true", help="with --profile: the in-process sampler even where py-spy "
                    "works (it also times the garbage collector per generation)")
     p.add_argument("--note", default="A shared, loaded machine (other jobs ran beside the bench): the absolute "
@@ -158,6 +162,22 @@ def _profiled(running: Running, now: dict[int, procs.Proc]) -> dict[int, str]:
     tree = procs.descendants(now, running.roots, running.include_roots)
     wanted = ("Gateway", "worker", "runner")
     return {pid: group for pid in tree if (group := running.classify(now[pid].cmdline)) in wanted}
+
+
+def _group_of(running: Running, now: dict[int, procs.Proc], upstream_pids: list[int]) -> Callable[[str, int], str]:
+    """(command name, pid) → the system's group, ``upstream`` (the fake upstreams), ``wrk`` (gone by the time of
+    ``now``: known by its name) or ``other`` (the rest of the machine)."""
+    system = procs.descendants(now, running.roots, running.include_roots)
+    upstream = procs.descendants(now, upstream_pids)
+
+    def group_of(comm: str, pid: int) -> str:
+        proc = now.get(pid)
+        if pid in system and proc is not None:
+            return running.classify(proc.cmdline) or "other"
+        if pid in upstream:
+            return "upstream"
+        return "wrk" if comm == "wrk" else "other"
+    return group_of
 
 
 def row_name(running: Running, kind: str, chunks: int) -> str:
@@ -195,10 +215,11 @@ def measure_cell(running: Running, latency: float, concurrency: int, args: argpa
     if args.warmup > 0:
         wrk.run(wrk.command(binary, target.url, script, concurrency, args.warmup), env)
     before, started = procs.snapshot(), time.monotonic()
+    label = f"{re.sub(r'[^a-z0-9]+', '-', running.name.lower())}-{kind}-{latency:g}ms-{concurrency}"
+    seconds = wrk.cell_seconds(args.duration, latency, args.slow_rounds)
+    perf_data = tools["profiles"] / f"{label}.perf.data" if args.perf else None
     with profile.recording(_profiled(running, before) if args.profile else {}, args.duration, tools["profiles"],
-                           f"{re.sub(r'[^a-z0-9]+', '-', running.name.lower())}-{kind}-{latency:g}ms-{concurrency}",
-                           tools.get("samples")):
-        seconds = wrk.cell_seconds(args.duration, latency, args.slow_rounds)
+                           label, tools.get("samples")), perf.recording(seconds, perf_data):
         result = wrk.run(wrk.command(binary, target.url, script, concurrency, seconds), env)
     after, window = procs.snapshot(), time.monotonic() - started
     groups = procs.cpu_by_group(before, after, procs.descendants(after, running.roots, running.include_roots),
@@ -213,6 +234,8 @@ def measure_cell(running: Running, latency: float, concurrency: int, args: argpa
     # What the requests cost beyond the system's own idle work (health checks, metrics, Ray), which a
     # cell of few requests (slow upstream, low concurrency) would otherwise spread over them.
     above = per_request(max(0.0, sum(groups.values()) - idle * window)) if idle is not None else None
+    perf_rows = {"perf": perf.attribute(perf_data, _group_of(running, after, upstream_pids), answers)} if (
+        perf_data is not None and perf_data.exists()) else {}
     per_chunk = {"cpu_us_per_chunk": round((above or cpu) * 1000 / args.stream_chunks, 2)} if (
         kind == "stream" and cpu) else {}
     return {"system": row_name(running, kind, args.stream_chunks), "kind": kind, "base_system": running.name,
@@ -222,7 +245,7 @@ def measure_cell(running: Running, latency: float, concurrency: int, args: argpa
             "cpu_ms_per_request": cpu, "cpu_ms_above_idle": above, "idle_cpu_s_per_s": idle,
             "cpu_ms_by_group": {g: per_request(s) for g, s in sorted(groups.items()) if result.requests},
             "upstream_cpu_ms_per_request": per_request(sum(upstream.values())),
-            "wrk": result.to_json()}
+            "wrk": result.to_json(), **perf_rows}
 
 
 def measure_system(running: Running, args: argparse.Namespace, tools: dict[str, Any], upstream_pids: list[int],
