@@ -20,6 +20,10 @@ The upstream concurrency cap: the provider's pool opens at most ``max_concurrenc
 ``QUEUE_FACTOR × max_concurrency`` calls in flight to a model (the worker replica's
 ``max_queued_requests`` was 4 × its ``max_ongoing_requests``) a call is refused with ``Overloaded``
 (503, Retry-After, transient: the next fallback model is tried), as a worker's backpressure was.
+A queued run's call (``queued_run``, set by the TaskRunner's executor) waits for a place instead,
+first come first served: a refusal would cost the run one of its ``max_run_starts``, and a burst of
+runs on a slow upstream with a small ``max_concurrency`` used them all up in seconds. Its wait is
+bounded by the runner's slots (``runner_concurrency``) and the task's ``timeout_s``.
 
 The TaskRunner calls upstream models the same way for task runs (``for_upstreams``): a run went
 Gateway → TaskRunner → worker → upstream, three Python processes, and the worker only relayed.
@@ -30,6 +34,9 @@ The ``ModelWorker`` of an upstream model keeps serving batch jobs (their ``Model
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
@@ -47,6 +54,9 @@ from deployments.telemetry.recording import Metrics
 # Calls in flight to one model allowed per process, as a multiple of its ``max_concurrency``:
 # the worker's ``max_ongoing_requests`` plus its ``max_queued_requests`` (``app.worker_defaults``).
 QUEUE_FACTOR = 5
+
+# Set (True) in the context of a queued run: its calls wait for a place in a full model.
+queued_run: contextvars.ContextVar[bool] = contextvars.ContextVar("queued_run", default=False)
 
 
 class LocalStream:
@@ -86,6 +96,8 @@ class DirectTransport:
         self.workers = workers
         self.limits = {name: QUEUE_FACTOR * getattr(s.model, "max_concurrency", 1) for name, s in self.served.items()}
         self.in_flight = dict.fromkeys(self.served, 0)
+        # Queued runs waiting for a place, oldest first; a place that frees passes to the first.
+        self.waiting: dict[str, deque[asyncio.Future[None]]] = {name: deque() for name in self.served}
         self.closing: set[asyncio.Task[None]] = set()
 
     def _enter(self, model: str) -> bool:
@@ -94,7 +106,27 @@ class DirectTransport:
         self.in_flight[model] += 1
         return True
 
+    async def _wait_for_place(self, model: str) -> None:
+        place = asyncio.get_running_loop().create_future()
+        waiting = self.waiting[model]
+        waiting.append(place)
+        try:
+            await place
+        except asyncio.CancelledError:
+            if place.done() and not place.cancelled():
+                self._leave(model)  # handed a place as it was cancelled: pass it on
+            else:
+                with contextlib.suppress(ValueError):
+                    waiting.remove(place)
+            raise
+
     def _leave(self, model: str) -> None:
+        waiting = self.waiting[model]
+        while waiting:
+            place = waiting.popleft()
+            if not place.done():
+                place.set_result(None)  # the place passes on: calls in flight stay as many
+                return
         self.in_flight[model] -= 1
 
     def chat(self, model: str, call: ModelCall) -> Awaitable[Any]:
@@ -111,8 +143,14 @@ class DirectTransport:
 
     async def _call(self, model: str, answer: Coroutine[Any, Any, ChatResult]) -> ChatResult:
         if not self._enter(model):
-            answer.close()  # never awaited: close it, or Python warns
-            return overloaded(model)
+            if not queued_run.get():
+                answer.close()  # never awaited: close it, or Python warns
+                return overloaded(model)
+            try:
+                await self._wait_for_place(model)
+            except BaseException:
+                answer.close()
+                raise
         try:
             return await answer
         finally:

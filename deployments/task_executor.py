@@ -21,6 +21,7 @@ from deployments import request_ids
 from deployments.core.output import run_with_repair
 from deployments.core.prompting import TemplateRenderer, response_format_for, validate_input
 from deployments.core.taskdefs import TaskDefinition
+from deployments.direct_transport import queued_run
 from deployments.errors import TRANSIENT, InvalidRequest, TaskNotFound, UpstreamTimeout
 from deployments.model_calls import ModelCalls
 from deployments.schemas import ChatCompletionRequest
@@ -80,6 +81,8 @@ class TaskExecutor:
         if request_id is not None:
             # The run's lines in this replica (fallbacks, failures) and its model calls carry it.
             request_ids.use(request_id)
+        if background:
+            queued_run.set(True)  # its calls wait for a place in a full model (direct_transport)
         defn, version = await self.tasks.definition(name, version)
         if model is not None:
             defn = defn.model_copy(update={"model": model, "fallback_models": []})

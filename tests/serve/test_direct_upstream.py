@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from cluster import local
+from deployments.direct_transport import QUEUE_FACTOR
 from deployments.limits.pacing import window_capacity
 from tests.fixtures import TEST_TASKS, ServeApp, beside, free_port, logged
 from tests.waiting import wait_for
@@ -53,7 +54,8 @@ def direct_app(upstream_base_url: str, state: Path, port: int) -> dict[str, Any]
             "tasks": {"definitions_dir": str(state / "tasks"), "state_dir": str(state / "db")},
             "models": [
                 {**common, "name": "direct-a", "timeout_s": 2, "fallback_models": ["direct-b"]},
-                {**common, "name": "direct-b", "timeout_s": 10},
+                # Two connections: a queue of runs on a slow upstream fills its places (QUEUE_FACTOR × 2).
+                {**common, "name": "direct-b", "timeout_s": 10, "max_concurrency": 2},
                 {**common, "name": "direct-limited", "timeout_s": 30, "rpm": RPM},
             ],
         },
@@ -114,6 +116,24 @@ def test_the_upstream_key_reaches_every_process_that_calls_the_upstream(direct: 
     assert fake.stats()["last_authorization"] == f"Bearer {KEY}"
     # Both calls reached the upstream: a call without the key would have been refused.
     assert fake.stats()["calls"] == 2
+
+
+def test_queued_runs_past_a_models_places_wait_for_them_and_use_no_extra_start(direct: str, fake: Any) -> None:
+    """Three times as many queued runs as the TaskRunner has places for the model, on a slow upstream:
+    every one succeeds at its first start, and the upstream never sees more than max_concurrency."""
+    fake.configure(mode="slow", delay_s=0.4)
+    runs = 3 * QUEUE_FACTOR * 2
+    with httpx.Client(base_url=direct, timeout=30) as http:
+        ids = [http.post(f"/tasks/{TASK}/submit", json={"input": {"text": f"q{i}"}}).json()["id"] for i in range(runs)]
+
+        def ended(run_id: str) -> dict[str, Any]:
+            return http.get(f"/runs/{run_id}", params={"wait": 30}).json()
+
+        done = [ended(run_id) for run_id in ids]
+    assert [(r["status"], r["attempt"]) for r in done] == [("succeeded", 1)] * runs, [
+        (r["status"], r["attempt"], r.get("error")) for r in done]
+    stats = fake.stats()
+    assert stats["calls"] == runs and stats["max_in_flight"] <= 2
 
 
 def test_without_a_fallback_the_failure_has_the_openai_shape(direct: str, fake: Any) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from deployments import errors, request_ids
 from deployments.config import OpenAIModel
-from deployments.direct_transport import QUEUE_FACTOR, DirectTransport
+from deployments.direct_transport import QUEUE_FACTOR, DirectTransport, queued_run
 from deployments.gateway.chat_routes import events, sse
 from deployments.model_calls import ModelCalls
 from deployments.model_serving import ModelServing
@@ -225,6 +225,50 @@ def test_a_full_model_falls_back(fake: FakeUpstream) -> None:
 
     scenario(fake, go, model("c", fake.base_url, "b", max_concurrency=1, timeout_s=5))
 
+
+
+async def as_queued_run(call: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+    """``call`` as the TaskRunner makes it for a queued run (its own task, ``queued_run`` set)."""
+    queued_run.set(True)
+    return await call
+
+
+def test_a_queued_runs_calls_wait_for_a_place_in_a_full_model_first_come_first_served(
+        fake: FakeUpstream) -> None:
+    fake.configure(mode="slow", delay_s=0.3)
+    runs = 3 * QUEUE_FACTOR
+
+    async def go(calls: ModelCalls, transport: DirectTransport, _: FakeWorkers) -> None:
+        queued = [asyncio.ensure_future(as_queued_run(calls.complete(request("c", user=f"r{i}"))))
+                  for i in range(runs)]
+        await until(lambda: len(transport.waiting["c"]) == runs - QUEUE_FACTOR, message="the runs to queue")
+        assert transport.in_flight["c"] == QUEUE_FACTOR
+        with pytest.raises(errors.Overloaded):  # a client's call is still refused at once
+            await calls.complete(request("c"))
+        answers = await asyncio.gather(*queued)
+        assert [a["model"] for a in answers] == ["c"] * runs
+        assert transport.in_flight["c"] == 0 and not transport.waiting["c"]
+        stats = fake.stats()
+        assert stats["calls"] == runs and stats["max_in_flight"] == 1  # the pool's max_concurrency held
+
+    scenario(fake, go, model("c", fake.base_url, max_concurrency=1, timeout_s=5))
+
+
+def test_a_queued_run_cancelled_while_waiting_leaves_no_place_behind(fake: FakeUpstream) -> None:
+    fake.configure(mode="slow", delay_s=0.3)
+
+    async def go(calls: ModelCalls, transport: DirectTransport, _: FakeWorkers) -> None:
+        holding = [asyncio.ensure_future(as_queued_run(calls.complete(request("c")))) for _ in range(QUEUE_FACTOR)]
+        await until(lambda: transport.in_flight["c"] == QUEUE_FACTOR, message="the places to fill")
+        gone, kept = (asyncio.ensure_future(as_queued_run(calls.complete(request("c")))) for _ in range(2))
+        await until(lambda: len(transport.waiting["c"]) == 2, message="two runs to wait")
+        gone.cancel()
+        assert (await kept)["model"] == "c"
+        await asyncio.gather(*holding)
+        assert transport.in_flight["c"] == 0 and not transport.waiting["c"]
+        assert gone.cancelled() and fake.stats()["calls"] == QUEUE_FACTOR + 1
+
+    scenario(fake, go, model("c", fake.base_url, max_concurrency=1, timeout_s=5))
 
 
 @pytest.mark.parametrize(("mode", "error"), [
