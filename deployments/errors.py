@@ -49,6 +49,8 @@ survive ``pickle``: all state lives in ``__init__`` keyword arguments that
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Iterable
 from typing import Any
 
 
@@ -104,6 +106,17 @@ class PromptfleetError(Exception):
             "Retry-After": str(max(1, math.ceil(self.retry_after))),
             "retry-after-ms": str(max(1, math.ceil(self.retry_after * 1000))),
         }
+
+
+# The labels pydantic puts in an error's location for the member of a union it tried
+# (``str``, ``list[…]``, ``literal['none','auto']``, ``function-after[…]``, a model's class name):
+# not fields, so not part of the ``param`` a client is told.
+_UNION_LABEL = re.compile(r"^(?:str|int|float|bool|bytes|none|[A-Z][A-Za-z0-9_]*|[a-z-]+\[.*\])$", re.DOTALL)
+
+
+def field_path(loc: Iterable[str | int]) -> str:
+    """A pydantic error location as the dotted field path a client sent (``messages.0.content``)."""
+    return ".".join(str(part) for part in loc if not (isinstance(part, str) and _UNION_LABEL.match(part)))
 
 
 def _rebuild(

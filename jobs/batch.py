@@ -228,16 +228,23 @@ class BatchRun:
         kind = "task" if isinstance(item, BatchTaskLine) else LINE_KINDS.get(item.url, "chat")
         try:
             result = await self._call_with_retries(item, request_id)
-            if isinstance(result, PromptfleetError):
-                body = result.to_body(request_id)
-                writer.write(response_line(item.custom_id, result.status_code, body, request_id), ok=False)
-                progress.failed += 1
-                self.metrics.batch_line(kind, ok=False)
-            else:
-                progress.add_usage(result.get("usage"))
-                writer.write(response_line(item.custom_id, 200, result, request_id), ok=True)
-                progress.completed += 1
-                self.metrics.batch_line(kind, ok=True)
+            if not isinstance(result, PromptfleetError):
+                try:
+                    answer = response_line(item.custom_id, 200, result, request_id)
+                except ValueError:  # pydantic's serialization error, e.g. a lone surrogate in the answer
+                    logger.exception("request %s (%r): its answer cannot be written as JSON", request_id,
+                                     item.custom_id)
+                    result = PromptfleetError("The model's answer could not be written as JSON.")
+                else:
+                    progress.add_usage(result.get("usage"))
+                    writer.write(answer, ok=True)
+                    progress.completed += 1
+                    self.metrics.batch_line(kind, ok=True)
+                    return
+            body = result.to_body(request_id)
+            writer.write(response_line(item.custom_id, result.status_code, body, request_id), ok=False)
+            progress.failed += 1
+            self.metrics.batch_line(kind, ok=False)
         finally:
             slots.release()
 

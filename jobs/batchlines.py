@@ -29,8 +29,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import pydantic_core
 from pydantic import ValidationError
 
+from deployments.errors import field_path
 from deployments.schemas import (
     BATCH_CHAT_URL,
     BatchChatLine,
@@ -82,9 +84,11 @@ def parse_line(raw: bytes | str | None, line: int, default_task: str | None = No
     if raw is None:
         return LineError(line, "line_too_large", f"Line {line} is longer than {MAX_LINE_BYTES} bytes.")
     try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
-        return LineError(line, "invalid_json_line", f"Line {line} is not valid JSON.")
+        # pydantic's parser, as the Gateway's: it refuses a lone UTF-16 surrogate ("\ud800"), which
+        # json.loads takes and no output line could hold.
+        data = pydantic_core.from_json(raw)
+    except ValueError as exc:
+        return LineError(line, "invalid_json_line", f"Line {line} is not valid JSON: {str(exc)[:200]}.")
     if not isinstance(data, dict):
         return LineError(line, "invalid_json_line", f"Line {line} is not a JSON object.")
     custom_id = data.get("custom_id") if isinstance(data.get("custom_id"), str) else None
@@ -102,7 +106,7 @@ def parse_line(raw: bytes | str | None, line: int, default_task: str | None = No
         return MODEL_LINES.get(url, BatchChatLine).model_validate(data)  # type: ignore[arg-type]
     except ValidationError as exc:
         first = exc.errors()[0]
-        param = ".".join(str(part) for part in first["loc"]) or None
+        param = field_path(first["loc"]) or None
         message = "Field required" if first["type"] == "missing" else first["msg"]
         text = f"Line {line}: {param}: {message}" if param else f"Line {line}: {message}"
         return LineError(line, "invalid_request", text, param, custom_id)

@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from deployments.clients.sessions import SessionsClient
 from deployments.console import session
-from deployments.errors import AuthenticationFailed, NotFound, PermissionDenied, PromptfleetError
+from deployments.errors import AuthenticationFailed, NotFound, PermissionDenied, PromptfleetError, field_path
 from deployments.gateway.auth import Authenticator
 
 logger = logging.getLogger("ray.serve")
@@ -216,7 +216,7 @@ def build_console(pages: PageSet, auth: Authenticator, sessions: SessionsClient)
     @console.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> Response:
         first = exc.errors()[0] if exc.errors() else {}
-        field = ".".join(str(p) for p in first.get("loc", ())[1:]) or "request"
+        field = field_path(first.get("loc", ())[1:]) or "request"
         return gate.refuse(request, 400, f"{field}: {first.get('msg', 'invalid')}")
 
     @console.get("/static/{name}")

@@ -30,7 +30,7 @@ from deployments.clients.batches import BatchClient
 from deployments.clients.runs import RunsClient
 from deployments.console.charts import bar_chart, day_points
 from deployments.console.overview import Overview
-from deployments.errors import InvalidRequest, PromptfleetError
+from deployments.errors import InvalidRequest, PromptfleetError, field_path
 from deployments.gateway.admin_routes import KeyAdmin
 from deployments.gateway.files import file_response
 from deployments.limits.metering import KeyEntry, Meter
@@ -335,5 +335,5 @@ class Pages:
 
 def _first_error(exc: ValidationError) -> str:
     first = exc.errors()[0]
-    field = ".".join(str(p) for p in first.get("loc", ()))
+    field = field_path(first.get("loc", ()))
     return f"{field}: {first.get('msg', 'invalid')}".removeprefix(": ")

@@ -30,7 +30,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from deployments.errors import InvalidRequest
+from deployments.errors import InvalidRequest, field_path
 from deployments.schemas import ChatCompletionRequest
 from deployments.schemas.responses import ResponseCreate
 
@@ -85,7 +85,7 @@ def to_chat(body: ResponseCreate) -> ChatCompletionRequest:
         return ChatCompletionRequest.model_validate(chat)
     except ValidationError as exc:
         error = exc.errors()[0]
-        where = ".".join(str(p) for p in error["loc"])
+        where = field_path(error["loc"])
         raise InvalidRequest(f"{param_of(where)}: {error['msg']}", param=param_of(where)) from None
 
 

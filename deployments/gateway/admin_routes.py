@@ -28,6 +28,7 @@ from deployments.clients.keys import KeysClient
 from deployments.clients.runs import RunsClient
 from deployments.gateway.auth import Authenticator, checked_caller, require_admin
 from deployments.gateway.caller import Caller, get_caller
+from deployments.gateway.json_body import v1_router
 from deployments.limits.metering import Meter
 from deployments.schemas import KeyCreate, KeyCreated, KeyLimits, KeyList, KeyView, UsageList
 from deployments.store import usage as usage_rows
@@ -83,7 +84,7 @@ class KeyAdmin:
 
 
 def build_admin_router(key_admin: KeyAdmin, meter: Meter) -> APIRouter:
-    router = APIRouter(prefix="/v1", tags=["keys"])
+    router = v1_router("keys")
     enabled = key_admin.auth.config.enabled
     admin = Depends(checked_caller(require_admin, enabled))  # a default, not Annotated: see auth.checked_caller
 

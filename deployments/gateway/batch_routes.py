@@ -32,6 +32,7 @@ from fastapi.responses import Response, StreamingResponse
 from deployments.clients.batches import BatchClient
 from deployments.gateway.caller import Caller, get_caller, list_scope, run_scope
 from deployments.gateway.files import file_response, receive_upload
+from deployments.gateway.json_body import v1_router
 from deployments.limits.metering import Meter
 from deployments.schemas import BatchCreate, BatchList, BatchView, FileDeleted, FileList, FileView
 
@@ -53,7 +54,7 @@ UPLOAD_BODY: dict[str, Any] = {"requestBody": {"required": True, "content": {"mu
 
 
 def build_batch_router(batches: BatchClient, max_file_bytes: int) -> APIRouter:
-    router = APIRouter(prefix="/v1", tags=["batches"])
+    router = v1_router("batches")
 
     @router.post("/files", response_model=FileView, openapi_extra=UPLOAD_BODY)
     async def upload_file(caller: Owner, request: Request) -> FileView:

@@ -24,6 +24,7 @@ from starlette.routing import BaseRoute
 from deployments.errors import ModelNotFound, PromptfleetError
 from deployments.gateway import deadline
 from deployments.gateway.caller import get_caller
+from deployments.gateway.json_body import v1_router
 from deployments.model_calls import ModelCalls
 from deployments.schemas import ChatCompletionRequest, Chunks, ModelCard, ModelList
 
@@ -54,7 +55,7 @@ class ChatRoutes:
         )
 
     def router(self) -> APIRouter:
-        router = APIRouter(prefix="/v1", tags=["openai"])
+        router = v1_router("openai")
 
         @router.get("/models", response_model=ModelList)
         async def list_models() -> ModelList:

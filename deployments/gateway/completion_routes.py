@@ -15,12 +15,13 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from deployments.gateway import deadline
 from deployments.gateway.caller import get_caller
 from deployments.gateway.chat_routes import events
+from deployments.gateway.json_body import v1_router
 from deployments.model_calls import ModelCalls
 from deployments.schemas.completions import CompletionRequest
 
 
 def build_completion_router(calls: ModelCalls) -> APIRouter:
-    router = APIRouter(prefix="/v1", tags=["openai"])
+    router = v1_router("openai")
 
     @router.post("/completions", response_model=None, openapi_extra=deadline.OPENAPI)
     async def completions(request: CompletionRequest, http: Request) -> Response:

@@ -14,12 +14,13 @@ from fastapi.responses import JSONResponse, Response
 
 from deployments.gateway import deadline
 from deployments.gateway.caller import get_caller
+from deployments.gateway.json_body import v1_router
 from deployments.model_calls import ModelCalls
 from deployments.schemas.embeddings import EmbeddingRequest
 
 
 def build_embedding_router(calls: ModelCalls) -> APIRouter:
-    router = APIRouter(prefix="/v1", tags=["openai"])
+    router = v1_router("openai")
 
     @router.post("/embeddings", response_model=None, openapi_extra=deadline.OPENAPI)
     async def embeddings(request: EmbeddingRequest, http: Request) -> Response:

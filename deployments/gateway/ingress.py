@@ -70,6 +70,7 @@ from deployments.errors import (
     Overloaded,
     PromptfleetError,
     RequestTooLarge,
+    field_path,
 )
 from deployments.gateway.access import RequestIds
 from deployments.gateway.admin_routes import KeyAdmin, build_admin_router
@@ -116,15 +117,21 @@ def http_error(request: Request, exc: StarletteHTTPException) -> PromptfleetErro
     return PromptfleetError("Internal error.")
 
 
-def validation_error(exc: RequestValidationError) -> InvalidRequest:
-    """The first pydantic error as a 400 whose ``param`` is the dotted field path."""
+def validation_error(exc: RequestValidationError, content_type: str | None = None) -> InvalidRequest:
+    """The first pydantic error as a 400 whose ``param`` is the dotted field path (``content_type``: the
+    request's, named when a body that is not JSON was refused)."""
     first = exc.errors()[0] if exc.errors() else {}
     # FastAPI prefixes the location ("body", "query", …); the param is the field itself.
-    loc = [str(part) for part in first.get("loc", ())]
+    loc = field_path(first.get("loc", ())).split(".") if first.get("loc") else []
     # The body as a whole: none at all, or not a JSON object (a list, a form). (A model validator's
     # error sits at ["body"] too: it keeps its own message.)
     if loc == ["body"] and first.get("type") in ("missing", "model_attributes_type", "dict_type", "model_type"):
-        what = "is missing" if first.get("type") == "missing" else "is not a JSON object"
+        if first.get("type") == "missing":
+            what = "is missing"
+        elif isinstance(exc.body, (bytes, bytearray)):  # FastAPI reads JSON only when the content type says so
+            what = f"was sent as {(content_type or 'no content type')[:100]}, not JSON"
+        else:
+            what = "is not a JSON object"
         return InvalidRequest(f"The request body {what}: send a JSON object with Content-Type: application/json.",
                               param=None)
     if loc and loc[0] in ("body", "query", "path", "header"):
@@ -133,7 +140,9 @@ def validation_error(exc: RequestValidationError) -> InvalidRequest:
     # pydantic prefixes messages of custom validators with "Value error, "; clients need only the reason.
     message = str(first.get("msg", "Invalid request body.")).removeprefix("Value error, ")
     if first.get("type") == "json_invalid":
-        return InvalidRequest("The request body is not valid JSON.", param=None)
+        reason = (first.get("ctx") or {}).get("error")
+        return InvalidRequest(f"The request body is not valid JSON: {str(reason)[:200]}." if reason
+                              else "The request body is not valid JSON.", param=None)
     if first.get("type") == "missing":
         message = "Field required"
     return InvalidRequest(f"{param}: {message}" if param else message, param=param)
@@ -375,8 +384,8 @@ class Gateway:
             return render_error(exc)
 
         @api.exception_handler(RequestValidationError)
-        async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-            return render_error(validation_error(exc))
+        async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+            return render_error(validation_error(exc, request.headers.get("content-type")))
 
         @api.exception_handler(StarletteHTTPException)
         async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

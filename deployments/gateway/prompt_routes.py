@@ -36,6 +36,7 @@ from deployments.core.taskfile import CheckedTask, Problem, canonical, check_sou
 from deployments.errors import InvalidRequest
 from deployments.gateway.auth import checked_caller, require_prompts
 from deployments.gateway.caller import Caller
+from deployments.gateway.json_body import v1_router
 from deployments.schemas import (
     TaskActivationView,
     TaskCheckResult,
@@ -67,7 +68,7 @@ def version_view(version: TaskVersion, with_source: bool = False) -> TaskVersion
 
 
 def build_prompt_router(args: AppArgs, tasks: CatalogueFollower, versions: TaskVersionsClient) -> APIRouter:
-    router = APIRouter(prefix="/v1", tags=["task management"])
+    router = v1_router("task management")
     enabled = args.auth.enabled
     models = args.task_models()
     prompts = Depends(checked_caller(require_prompts, enabled))  # a default, not Annotated: see auth.checked_caller

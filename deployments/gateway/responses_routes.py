@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from deployments.errors import NotFound, PromptfleetError
 from deployments.gateway import deadline
 from deployments.gateway.caller import get_caller
+from deployments.gateway.json_body import v1_router
 from deployments.model_calls import ModelCalls
 from deployments.response_calls import Events, ResponseCalls
 from deployments.schemas.responses import ResponseCreate
@@ -46,7 +47,7 @@ class ResponsesRoutes:
         self.responses = ResponseCalls(calls)
 
     def router(self) -> APIRouter:
-        router = APIRouter(prefix="/v1", tags=["openai"])
+        router = v1_router("openai")
 
         @router.post("/responses", response_model=None, openapi_extra=deadline.OPENAPI)
         async def create_response(body: ResponseCreate, http: Request) -> Response:

@@ -37,6 +37,7 @@ from deployments.clients.runs import RunsClient
 from deployments.errors import InvalidRequest
 from deployments.gateway.auth import require_prompts
 from deployments.gateway.caller import Caller, get_caller, list_scope, run_scope
+from deployments.gateway.json_body import v1_router
 from deployments.limits.metering import Meter
 from deployments.schemas import RunList, RunView, TaskInfo, TaskList, TaskResult, TaskRunRequest
 from deployments.task_executor import check_input
@@ -65,7 +66,7 @@ def task_list(catalogue: Catalogue) -> TaskList:
 def build_task_router(
     tasks: CatalogueFollower, runs: RunsClient, runner: RunnerClient, meter: Meter, auth_enabled: bool
 ) -> APIRouter:
-    router = APIRouter(prefix="/v1", tags=["tasks"])
+    router = v1_router("tasks")
     listed: dict[int | None, TaskList] = {}  # the catalogue page, built once per catalogue version
 
     @router.get("/tasks", response_model=TaskList)

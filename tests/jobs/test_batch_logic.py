@@ -101,6 +101,8 @@ def test_parse_line_names_line_and_field() -> None:
     cases = {
         "{not json": ("invalid_json_line", None),
         "[1, 2]": ("invalid_json_line", None),
+        # A lone UTF-16 surrogate: json.loads would take it, and no output line could hold it.
+        json.dumps(chat("a", text="x")).replace('"x"', '"\\ud800"'): ("invalid_json_line", None),
         json.dumps({**chat("a"), "method": "GET"}): ("invalid_request", "method"),
         json.dumps({k: v for k, v in chat("a").items() if k != "body"}): ("invalid_request", "body"),
         json.dumps({**chat("a"), "body": {"model": "fake", "messages": []}}): ("invalid_request", "body.messages"),
@@ -117,6 +119,17 @@ def test_parse_line_names_line_and_field() -> None:
         assert error.message.startswith("Line 7")
         if param:
             assert param in error.message
+
+
+def test_an_answer_that_cannot_be_written_is_a_failed_line_not_a_lost_one(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "in.jsonl", [chat("bad", text="odd"), chat("good", text="fine")])
+    odd = {"id": "chatcmpl-odd", "model": "fake", "choices": [{"message": {"role": "assistant", "content": "\ud800"}}]}
+    assert run(tmp_path, FakeBackend(script={"odd": [odd]})) == 0
+    lines = {line["custom_id"]: line for line in read_jsonl(tmp_path / "out.jsonl")}
+    assert set(lines) == {"bad", "good"}
+    assert lines["good"]["response"]["status_code"] == 200
+    failed = lines["bad"]["response"]
+    assert failed["status_code"] == 500 and "could not be written as JSON" in failed["body"]["error"]["message"]
 
 
 def test_bad_lines_become_error_lines_and_the_rest_runs(tmp_path: Path) -> None:

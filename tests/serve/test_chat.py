@@ -138,12 +138,32 @@ def test_not_json_is_a_clear_400(app: ServeApp) -> None:
     assert "not valid JSON" in response.json()["error"]["message"]
 
 
+@pytest.mark.parametrize(("route", "body"), [
+    ("/chat/completions", b'{"model": "fake", "messages": [{"role": "user", "content": "\\ud800 hello"}]}'),
+    ("/completions", b'{"model": "fake", "prompt": "\\udfff"}'),
+    ("/responses", b'{"model": "fake", "input": "\\ud800"}'),
+])
+def test_a_lone_surrogate_is_a_400_before_any_model_call(app: ServeApp, route: str, body: bytes) -> None:
+    """json.loads takes "\\ud800"; no answer could be written with it. Refused before the upstream is
+    called (nothing billed), and the connection stays usable."""
+    with httpx.Client(base_url=app.base_url, timeout=30) as client:
+        response = client.post(route, content=body, headers={"content-type": "application/json"})
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        assert error["type"] == "invalid_request_error" and "not valid JSON" in error["message"]
+        assert app.upstream.stats()["calls"] == 0
+        assert client.post("/chat/completions", json={"model": "fake", "messages": HELLO}).status_code == 200
+
+
 @pytest.mark.parametrize(
     ("content", "headers", "words"),
     [
         (b"[1, 2]", {"content-type": "application/json"}, "is not a JSON object"),
         (b"", {"content-type": "application/json"}, "is missing"),
-        (b"model=fake", {"content-type": "application/x-www-form-urlencoded"}, "is not a JSON object"),
+        (b"model=fake", {"content-type": "application/x-www-form-urlencoded"},
+         "was sent as application/x-www-form-urlencoded, not JSON"),
+        # A JSON object under another content type: the content type is what is wrong.
+        (b'{"model": "fake"}', {"content-type": "text/plain"}, "was sent as text/plain, not JSON"),
     ],
 )
 def test_a_body_that_is_not_a_json_object_says_so(

@@ -56,3 +56,15 @@ def test_retry_after_is_whole_seconds_rounded_up() -> None:
     assert errors.Overloaded("x", retry_after=0.2).headers() == {"Retry-After": "1", "retry-after-ms": "200"}
     assert errors.RateLimited("x", retry_after=2.01).headers() == {"Retry-After": "3", "retry-after-ms": "2010"}
     assert errors.UpstreamError("x").headers() == {}
+
+
+@pytest.mark.parametrize(("loc", "path"), [
+    (("messages", 0, "content", "str"), "messages.0.content"),
+    (("tool_choice", "literal['none','auto','required']"), "tool_choice"),
+    (("body", "input", "list[union[str,EasyInputMessage]]", 2, "EasyInputMessage", "role"), "body.input.2.role"),
+    (("body", "response_format", "function-after[check(), dict[str,any]]"), "body.response_format"),
+    (("metadata", "team"), "metadata.team"),  # a key the client chose stays
+    ((), ""),
+])
+def test_a_field_path_leaves_out_the_labels_pydantic_gives_union_members(loc: tuple[str | int, ...], path: str) -> None:
+    assert errors.field_path(loc) == path
