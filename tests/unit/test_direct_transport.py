@@ -5,6 +5,8 @@ with its fallbacks, and a fake worker for the models not served here."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import types
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
@@ -296,3 +298,37 @@ def test_a_refused_key_is_our_error_without_the_upstreams_text(fake: FakeUpstrea
 
     scenario(fake, go)
     assert fake.stats()["last_authorization"] == "Bearer unused"
+
+
+@pytest.mark.parametrize(("mode", "stream"), [
+    ("rate_limit", False), ("rate_limit", True), ("error", False), ("error", True),
+])
+def test_a_refused_call_leaves_no_reference_cycle_through_our_frames(
+        fake: FakeUpstream, mode: str, stream: bool) -> None:
+    """An error raised from a local that names it keeps its own frame alive through its traceback:
+    garbage only the collector frees, tens of objects a failed call under an error storm."""
+    fake.configure(mode=mode, retry_after=0)
+
+    async def go(calls: ModelCalls, *_: Any) -> None:
+        async def refused() -> None:
+            with pytest.raises(errors.PromptfleetError):
+                if stream:
+                    await calls.stream(request("b", stream=True))
+                else:
+                    await calls.complete(request("b"))
+
+        await refused()  # first calls build caches, pools and the breaker's state
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for _ in range(5):
+                await refused()
+            gc.collect()
+            ours = {f"{f.f_code.co_filename}:{f.f_code.co_name}" for f in gc.garbage
+                    if isinstance(f, types.FrameType) and "/deployments/" in f.f_code.co_filename}
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+        assert ours == set()
+
+    scenario(fake, go, breaker_threshold=1000)
