@@ -80,12 +80,12 @@ def child_process(module_args: list[str], ready_url: str) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def fake_upstream(latency_ms: float = 0) -> Iterator[str]:
+def fake_upstream(latency_ms: float = 0, stream_chunks: int = 0) -> Iterator[str]:
     """A ``tests.fakes.upstream`` server in a child process; yields its API base URL (…/v1)."""
     port = free_port()
     base = f"http://127.0.0.1:{port}/v1"
-    with child_process(["tests.fakes.upstream", "--port", str(port), "--latency-ms", str(latency_ms)],
-                       f"{base}/models"):
+    with child_process(["tests.fakes.upstream", "--port", str(port), "--latency-ms", str(latency_ms),
+                        "--stream-chunks", str(stream_chunks)], f"{base}/models"):
         yield base
 
 
