@@ -20,9 +20,10 @@ The upstream concurrency cap: the provider's pool opens at most ``max_concurrenc
 ``QUEUE_FACTOR × max_concurrency`` calls in flight to a model (the worker replica's
 ``max_queued_requests`` was 4 × its ``max_ongoing_requests``) a call is refused with ``Overloaded``
 (503, Retry-After, transient: the next fallback model is tried), as a worker's backpressure was.
-A queued run's call (``queued_run``, set by the TaskRunner's executor) waits for a place instead,
-first come first served: a refusal would cost the run one of its ``max_run_starts``, and a burst of
-runs on a slow upstream with a small ``max_concurrency`` used them all up in seconds. Its wait is
+A background call — a queued run's, or a batch's task line's (``queued_run``, set by the TaskRunner's
+executor for ``background`` work) — waits for a place instead, first come first served: a refusal
+would cost a run one of its ``max_run_starts`` (a batch line one of its tries), and a burst of runs
+on a slow upstream with a small ``max_concurrency`` used them all up in seconds. Its wait is
 bounded by the runner's slots (``runner_concurrency``) and the task's ``timeout_s``.
 
 The TaskRunner calls upstream models the same way for task runs (``for_upstreams``): a run went
@@ -55,7 +56,8 @@ from deployments.telemetry.recording import Metrics
 # the worker's ``max_ongoing_requests`` plus its ``max_queued_requests`` (``app.worker_defaults``).
 QUEUE_FACTOR = 5
 
-# Set (True) in the context of a queued run: its calls wait for a place in a full model.
+# Set (True) in the context of background work (a queued run, a batch's task line): its calls wait
+# for a place in a full model.
 queued_run: contextvars.ContextVar[bool] = contextvars.ContextVar("queued_run", default=False)
 
 

@@ -82,7 +82,7 @@ class TaskExecutor:
             # The run's lines in this replica (fallbacks, failures) and its model calls carry it.
             request_ids.use(request_id)
         if background:
-            queued_run.set(True)  # its calls wait for a place in a full model (direct_transport)
+            queued_run.set(True)  # no client waits: its calls wait for a full model's place (direct_transport)
         defn, version = await self.tasks.definition(name, version)
         if model is not None:
             defn = defn.model_copy(update={"model": model, "fallback_models": []})

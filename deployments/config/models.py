@@ -173,8 +173,8 @@ class OpenAIModel(_ModelBase):
         le=10000,
         description="Concurrent upstream calls (open connections) per process that calls the upstream: "
         "each Gateway replica (HTTP calls) and TaskRunner replica (task runs), past 5 × this many in flight "
-        "a call gets 503 (a queued run's call waits for a place instead); and each worker replica (batches; "
-        "its `max_ongoing_requests` unless serve.yaml overrides it).",
+        "a call gets 503 (a queued run's or batch task line's call waits for a place instead); and each "
+        "worker replica (batches; its `max_ongoing_requests` unless serve.yaml overrides it).",
     )
 
     rpm: int | None = Field(
