@@ -122,7 +122,7 @@ def validation_error(exc: RequestValidationError, content_type: str | None = Non
     request's, named when a body that is not JSON was refused)."""
     first = exc.errors()[0] if exc.errors() else {}
     # FastAPI prefixes the location ("body", "query", …); the param is the field itself.
-    loc = field_path(first.get("loc", ())).split(".") if first.get("loc") else []
+    loc = [str(part) for part in first.get("loc", ())]
     # The body as a whole: none at all, or not a JSON object (a list, a form). (A model validator's
     # error sits at ["body"] too: it keeps its own message.)
     if loc == ["body"] and first.get("type") in ("missing", "model_attributes_type", "dict_type", "model_type"):
@@ -136,7 +136,7 @@ def validation_error(exc: RequestValidationError, content_type: str | None = Non
                               param=None)
     if loc and loc[0] in ("body", "query", "path", "header"):
         loc = loc[1:]
-    param = ".".join(loc) or None
+    param = field_path(loc) or None
     # pydantic prefixes messages of custom validators with "Value error, "; clients need only the reason.
     message = str(first.get("msg", "Invalid request body.")).removeprefix("Value error, ")
     if first.get("type") == "json_invalid":

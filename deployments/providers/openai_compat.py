@@ -341,47 +341,47 @@ class OpenAIProvider:
         deadline = time.monotonic() + self.config.timeout_s
         attempt = 0
         name = self.config.name
-        error: PromptfleetError | None = None
-        try:
-            while True:
-                attempt += 1
-                await self.guard.admit(tokens, deadline, share)
-                started = time.monotonic()
-                remaining = deadline - started
-                try:
-                    # asyncio.timeout backs up httpx's per-phase timeouts with a hard total deadline.
-                    async with asyncio.timeout(max(remaining, 0.001)):
-                        result = await call(remaining)
-                except _RETRYABLE as exc:
-                    error = translate_upstream_error(exc, name, self.config.max_retry_after_s)
-                    self.metrics.upstream_call(name, outcome(error), time.monotonic() - started)
-                    self.guard.settle(tokens, 0)  # refused or never reached: nothing was generated
-                    if isinstance(exc, openai.RateLimitError):
-                        # Not a failure of the upstream: pause every replica, do not trip the breaker.
-                        self.guard.rate_limited(error.retry_after or 1.0)
-                    else:
-                        self.guard.failure()
-                    if attempt > self.config.max_retries or isinstance(exc, openai.APITimeoutError):
-                        raise error from None
-                    delay = self.backoff.delay(attempt, error.retry_after)
-                    if time.monotonic() + delay >= deadline:
-                        raise error from None
-                    self.metrics.upstream_retry(name)
-                    await asyncio.sleep(delay)
-                except Exception as exc:
-                    error = translate_upstream_error(exc, name, self.config.max_retry_after_s)
-                    self.metrics.upstream_call(name, outcome(error), time.monotonic() - started)
-                    if not isinstance(error, UpstreamTimeout):
-                        self.guard.settle(tokens, 0)  # a timed-out call may have generated; keep its booking
-                    if not isinstance(error, InvalidRequest):
-                        self.guard.failure()
-                    raise error from None
+        while True:
+            attempt += 1
+            await self.guard.admit(tokens, deadline, share)
+            started = time.monotonic()
+            remaining = deadline - started
+            try:
+                # asyncio.timeout backs up httpx's per-phase timeouts with a hard total deadline.
+                async with asyncio.timeout(max(remaining, 0.001)):
+                    result = await call(remaining)
+            except _RETRYABLE as exc:
+                error = translate_upstream_error(exc, name, self.config.max_retry_after_s)
+                self.metrics.upstream_call(name, outcome(error), time.monotonic() - started)
+                self.guard.settle(tokens, 0)  # refused or never reached: nothing was generated
+                if isinstance(exc, openai.RateLimitError):
+                    # Not a failure of the upstream: pause every replica, do not trip the breaker.
+                    self.guard.rate_limited(error.retry_after or 1.0)
                 else:
-                    self.metrics.upstream_call(name, "ok", time.monotonic() - started)
-                    self.guard.success()
-                    return result
+                    self.guard.failure()
+                if attempt > self.config.max_retries or isinstance(exc, openai.APITimeoutError):
+                    break
+                delay = self.backoff.delay(attempt, error.retry_after)
+                if time.monotonic() + delay >= deadline:
+                    break
+                self.metrics.upstream_retry(name)
+                await asyncio.sleep(delay)
+            except Exception as exc:
+                error = translate_upstream_error(exc, name, self.config.max_retry_after_s)
+                self.metrics.upstream_call(name, outcome(error), time.monotonic() - started)
+                if not isinstance(error, UpstreamTimeout):
+                    self.guard.settle(tokens, 0)  # a timed-out call may have generated; keep its booking
+                if not isinstance(error, InvalidRequest):
+                    self.guard.failure()
+                break
+            else:
+                self.metrics.upstream_call(name, "ok", time.monotonic() - started)
+                self.guard.success()
+                return result
+        try:
+            raise error
         finally:
-            # A raised error's traceback holds this frame: the local naming it would make a reference
+            # The error's traceback holds this frame: the local naming it would make a reference
             # cycle, which only the collector frees (84 objects a call the upstream refused with 429).
             del error
 
